@@ -1,0 +1,3 @@
+from gputel.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The operator CLI: thin typer commands over library functions."""

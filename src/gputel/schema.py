@@ -1,0 +1,457 @@
+"""The one table that describes every telemetry field, and the plain data that carries them.
+
+Each field is described once: its attribute (unit in the name), CSV column, Prometheus metric and
+help, the factor to the metric's base unit, and the source that provides it. The CSV header, the
+exposition and ``docs/csv.md`` are all generated from these tuples, so a field cannot be added to
+one sink and forgotten in another. A value the hardware does not give is ``None`` - never ``0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Literal
+
+MetricType = Literal["gauge", "counter"]
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    attr: str
+    """Attribute on the reading, with its unit in the name (``power_w``)."""
+    csv: str
+    """CSV column name; equal to ``attr`` unless there is a reason."""
+    type: type
+    unit: str
+    help: str
+    source: str
+    """Which source provides it: ``gpu`` (nvml or sim), ``host``, ``rapl``, ``hwmon``."""
+    metric: str | None = None
+    """Prometheus metric name in base units, or None when the field is a label or CSV-only."""
+    metric_type: MetricType = "gauge"
+    scale: float = 1.0
+    """Multiply the field's value by this to get the metric's base unit."""
+
+
+# Bits of nvmlDeviceGetCurrentClocksEventReasons, named as operators know them. The CSV keeps the
+# raw bitmask (column ``clock_event_reasons``); the exposition gives one 0/1 series per reason.
+CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
+    (0x0000000000000001, "gpu_idle"),
+    (0x0000000000000002, "applications_clocks_setting"),
+    (0x0000000000000004, "sw_power_cap"),
+    (0x0000000000000008, "hw_slowdown"),
+    (0x0000000000000010, "sync_boost"),
+    (0x0000000000000020, "sw_thermal_slowdown"),
+    (0x0000000000000040, "hw_thermal_slowdown"),
+    (0x0000000000000080, "hw_power_brake_slowdown"),
+    (0x0000000000000100, "display_clock_setting"),
+)
+
+MIB = 1024 * 1024
+
+GPU_FIELDS: tuple[Field, ...] = (
+    Field(
+        "utilization_gpu_pct",
+        "utilization_gpu_pct",
+        float,
+        "%",
+        "Fraction of time a kernel was running on the GPU over the driver's sample period.",
+        "gpu",
+        "gputel_gpu_utilization_ratio",
+        scale=0.01,
+    ),
+    Field(
+        "utilization_memory_pct",
+        "utilization_memory_pct",
+        float,
+        "%",
+        "Fraction of time device memory was being read or written.",
+        "gpu",
+        "gputel_gpu_memory_utilization_ratio",
+        scale=0.01,
+    ),
+    Field(
+        "memory_used_mib",
+        "memory_used_mib",
+        float,
+        "MiB",
+        "Device memory in use.",
+        "gpu",
+        "gputel_gpu_memory_used_bytes",
+        scale=MIB,
+    ),
+    Field(
+        "memory_total_mib",
+        "memory_total_mib",
+        float,
+        "MiB",
+        "Device memory installed.",
+        "gpu",
+        "gputel_gpu_memory_total_bytes",
+        scale=MIB,
+    ),
+    Field(
+        "temperature_c",
+        "temperature_c",
+        float,
+        "°C",
+        "GPU core temperature.",
+        "gpu",
+        "gputel_gpu_temperature_celsius",
+    ),
+    Field(
+        "power_w",
+        "power_w",
+        float,
+        "W",
+        "Power draw of the GPU board.",
+        "gpu",
+        "gputel_gpu_power_watts",
+    ),
+    Field(
+        "power_limit_w",
+        "power_limit_w",
+        float,
+        "W",
+        "Enforced power limit.",
+        "gpu",
+        "gputel_gpu_power_limit_watts",
+    ),
+    Field(
+        "energy_j",
+        "energy_j",
+        float,
+        "J",
+        "Energy consumed; in CSV joules since the file began, in Prometheus a counter.",
+        "gpu",
+        "gputel_gpu_energy_joules_total",
+        "counter",
+    ),
+    Field(
+        "sm_clock_mhz",
+        "sm_clock_mhz",
+        float,
+        "MHz",
+        "Streaming multiprocessor clock.",
+        "gpu",
+        "gputel_gpu_sm_clock_hertz",
+        scale=1e6,
+    ),
+    Field(
+        "memory_clock_mhz",
+        "memory_clock_mhz",
+        float,
+        "MHz",
+        "Memory clock.",
+        "gpu",
+        "gputel_gpu_memory_clock_hertz",
+        scale=1e6,
+    ),
+    Field(
+        "fan_speed_pct",
+        "fan_speed_pct",
+        float,
+        "%",
+        "Intended fan speed (empty for passively cooled boards).",
+        "gpu",
+        "gputel_gpu_fan_speed_ratio",
+        scale=0.01,
+    ),
+    Field(
+        "performance_state",
+        "performance_state",
+        int,
+        "P-state",
+        "Performance state, 0 (maximum) to 15 (minimum).",
+        "gpu",
+        "gputel_gpu_performance_state",
+    ),
+    Field(
+        "clock_event_reasons",
+        "clock_event_reasons",
+        int,
+        "bitmask",
+        "Active clock event (throttle) reasons as NVML's bitmask; see CLOCK_EVENT_REASONS.",
+        "gpu",
+        None,
+    ),
+    Field(
+        "pcie_rx_bytes_per_s",
+        "pcie_rx_bytes_per_s",
+        float,
+        "B/s",
+        "PCIe receive throughput over the driver's 20 ms sample.",
+        "gpu",
+        "gputel_gpu_pcie_rx_bytes_per_second",
+    ),
+    Field(
+        "pcie_tx_bytes_per_s",
+        "pcie_tx_bytes_per_s",
+        float,
+        "B/s",
+        "PCIe transmit throughput over the driver's 20 ms sample.",
+        "gpu",
+        "gputel_gpu_pcie_tx_bytes_per_second",
+    ),
+    Field(
+        "ecc_corrected_volatile",
+        "ecc_corrected_volatile",
+        int,
+        "errors",
+        "Corrected ECC errors since the driver loaded.",
+        "gpu",
+        "gputel_gpu_ecc_corrected_errors_total",
+        "counter",
+    ),
+    Field(
+        "ecc_uncorrected_volatile",
+        "ecc_uncorrected_volatile",
+        int,
+        "errors",
+        "Uncorrected ECC errors since the driver loaded.",
+        "gpu",
+        "gputel_gpu_ecc_uncorrected_errors_total",
+        "counter",
+    ),
+)
+
+HOST_FIELDS: tuple[Field, ...] = (
+    Field(
+        "cpu_util_pct",
+        "cpu_util_pct",
+        float,
+        "%",
+        "CPU utilization over all cores.",
+        "host",
+        "gputel_host_cpu_utilization_ratio",
+        scale=0.01,
+    ),
+    Field(
+        "load_1m", "load_1m", float, "", "Load average over 1 minute.", "host", "gputel_host_load1"
+    ),
+    Field(
+        "load_5m", "load_5m", float, "", "Load average over 5 minutes.", "host", "gputel_host_load5"
+    ),
+    Field(
+        "load_15m",
+        "load_15m",
+        float,
+        "",
+        "Load average over 15 minutes.",
+        "host",
+        "gputel_host_load15",
+    ),
+    Field(
+        "memory_used_mib",
+        "memory_used_mib",
+        float,
+        "MiB",
+        "Host memory in use.",
+        "host",
+        "gputel_host_memory_used_bytes",
+        scale=MIB,
+    ),
+    Field(
+        "memory_available_mib",
+        "memory_available_mib",
+        float,
+        "MiB",
+        "Host memory available for new work.",
+        "host",
+        "gputel_host_memory_available_bytes",
+        scale=MIB,
+    ),
+    Field(
+        "swap_used_mib",
+        "swap_used_mib",
+        float,
+        "MiB",
+        "Swap in use.",
+        "host",
+        "gputel_host_swap_used_bytes",
+        scale=MIB,
+    ),
+    Field(
+        "disk_read_bytes",
+        "disk_read_bytes",
+        int,
+        "B",
+        "Bytes read from all disks since boot.",
+        "host",
+        "gputel_host_disk_read_bytes_total",
+        "counter",
+    ),
+    Field(
+        "disk_write_bytes",
+        "disk_write_bytes",
+        int,
+        "B",
+        "Bytes written to all disks since boot.",
+        "host",
+        "gputel_host_disk_written_bytes_total",
+        "counter",
+    ),
+    Field(
+        "net_rx_bytes",
+        "net_rx_bytes",
+        int,
+        "B",
+        "Bytes received on all non-loopback interfaces since boot.",
+        "host",
+        "gputel_host_network_receive_bytes_total",
+        "counter",
+    ),
+    Field(
+        "net_tx_bytes",
+        "net_tx_bytes",
+        int,
+        "B",
+        "Bytes sent on all non-loopback interfaces since boot.",
+        "host",
+        "gputel_host_network_transmit_bytes_total",
+        "counter",
+    ),
+    Field(
+        "cpu_package_power_w",
+        "cpu_package_power_w",
+        float,
+        "W",
+        "CPU package power from RAPL, summed over packages (empty when RAPL is unreadable).",
+        "rapl",
+        "gputel_host_cpu_package_power_watts",
+    ),
+    Field(
+        "cpu_package_energy_j",
+        "cpu_package_energy_j",
+        float,
+        "J",
+        "CPU package energy from RAPL since the recorder started, summed over packages.",
+        "rapl",
+        "gputel_host_cpu_package_energy_joules_total",
+        "counter",
+    ),
+    Field(
+        "dram_power_w",
+        "dram_power_w",
+        float,
+        "W",
+        "DRAM power from RAPL where the platform exposes it.",
+        "rapl",
+        "gputel_host_dram_power_watts",
+    ),
+    Field(
+        "cpu_temperature_c",
+        "cpu_temperature_c",
+        float,
+        "°C",
+        "Hottest CPU package sensor from hwmon (coretemp, k10temp, zenpower).",
+        "hwmon",
+        "gputel_host_cpu_temperature_celsius",
+    ),
+)
+
+#: Labelled series with no CSV column (variable per node): hwmon sensors keyed (chip, sensor).
+HWMON_METRIC = "gputel_host_hwmon_temperature_celsius"
+HWMON_HELP = "Temperature of each hwmon sensor."
+
+
+@dataclass(slots=True)
+class GpuReading:
+    """One GPU at one tick. Identity fields are always set; every measurement may be None."""
+
+    index: int
+    uuid: str
+    name: str
+    lost: bool = False
+    utilization_gpu_pct: float | None = None
+    utilization_memory_pct: float | None = None
+    memory_used_mib: float | None = None
+    memory_total_mib: float | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    energy_j: float | None = None
+    """Cumulative joules from an arbitrary origin (driver load for NVML); sinks take deltas."""
+    sm_clock_mhz: float | None = None
+    memory_clock_mhz: float | None = None
+    fan_speed_pct: float | None = None
+    performance_state: int | None = None
+    clock_event_reasons: int | None = None
+    pcie_rx_bytes_per_s: float | None = None
+    pcie_tx_bytes_per_s: float | None = None
+    ecc_corrected_volatile: int | None = None
+    ecc_uncorrected_volatile: int | None = None
+
+
+@dataclass(slots=True)
+class HostReading:
+    """The host at one tick; every value may be None when its source could not read it."""
+
+    cpu_util_pct: float | None = None
+    load_1m: float | None = None
+    load_5m: float | None = None
+    load_15m: float | None = None
+    memory_used_mib: float | None = None
+    memory_available_mib: float | None = None
+    swap_used_mib: float | None = None
+    disk_read_bytes: int | None = None
+    disk_write_bytes: int | None = None
+    net_rx_bytes: int | None = None
+    net_tx_bytes: int | None = None
+    cpu_package_power_w: float | None = None
+    cpu_package_energy_j: float | None = None
+    dram_power_w: float | None = None
+    cpu_temperature_c: float | None = None
+    hwmon_temperatures_c: dict[tuple[str, str], float] = field(default_factory=dict)
+    """(chip, sensor label) -> °C, for the labelled exposition series only."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStatus:
+    """How one source fared this tick; exported as gputel_source_up / _duration_seconds."""
+
+    name: str
+    up: bool
+    duration_s: float
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Sample:
+    """Everything read in one tick, handed unchanged to every sink."""
+
+    timestamp: datetime
+    """Wall clock, UTC, when the tick's reads began."""
+    monotonic: float
+    gpus: list[GpuReading]
+    host: HostReading
+    sources: list[SourceStatus]
+    allocations: tuple[str, ...] = ()
+    """Ids of the allocations open at this tick (tags every GPU row)."""
+    gpu_allocations: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    """Per GPU index, the open allocations that claim it; GPUs absent here use ``allocations``."""
+
+
+GPU_CSV_COLUMNS: tuple[str, ...] = (
+    "timestamp",
+    "gpu",
+    "uuid",
+    "name",
+    "lost",
+    *(f.csv for f in GPU_FIELDS),
+    "allocations",
+)
+HOST_CSV_COLUMNS: tuple[str, ...] = ("timestamp", *(f.csv for f in HOST_FIELDS))
+
+
+def _check_table() -> None:
+    """Fail at import if the table and the dataclasses disagree (cheap, runs once)."""
+    gpu_attrs = {f.name for f in fields(GpuReading)}
+    host_attrs = {f.name for f in fields(HostReading)}
+    for f in GPU_FIELDS:
+        assert f.attr in gpu_attrs, f.attr
+    for f in HOST_FIELDS:
+        assert f.attr in host_attrs, f.attr
+
+
+_check_table()

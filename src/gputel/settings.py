@@ -1,0 +1,406 @@
+"""Every setting of gputel: one environment name, one flag, one parser, validated up front.
+
+The table ``SETTINGS`` is the single list of names: the CLI builds its flags from it, the shipped
+``/etc/default/gputel`` is checked against it, and the docs' configuration table mirrors it. A bad
+value raises :class:`SettingsError` naming the setting, which the CLI turns into one line and exit
+code 2, before anything starts or any file is touched.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gputel.sources.simpattern import PatternError, parse_pattern
+
+AUTOSTART_ENV = "GPU_TELEMETRY_AUTOSTART"
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
+BACKENDS = ("auto", "nvml", "sim", "none")
+
+
+class SettingsError(ValueError):
+    """An invalid setting. ``str()`` is the one-line message shown to the user."""
+
+    def __init__(self, name: str, value: object, reason: str) -> None:
+        self.name = name
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid {name}={value!r}: {reason}")
+
+
+# ---------------------------------------------------------------------------------- parsers
+_DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"5"``, ``"0.5"``, ``"250ms"``, ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"``."""
+    m = _DURATION_RE.match(str(text))
+    if not m:
+        raise ValueError("expected a duration such as 5, 0.5, 90s, 15m, 2h")
+    value = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if not math.isfinite(value):
+        raise ValueError("duration is not finite")
+    return value
+
+
+def _interval(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be > 0 seconds")
+    if value > 3600:
+        raise ValueError("must be at most 3600 seconds")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = parse_duration(text)
+    if value > 7 * 86400:
+        raise ValueError("must be at most 7 days")
+    return value
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a percentage 0-100") from None
+    if not math.isfinite(value) or not 0 <= value <= 100:
+        raise ValueError("expected a percentage 0-100")
+    return value
+
+
+def _backend(text: str) -> str:
+    value = text.strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"expected one of {', '.join(BACKENDS)}")
+    return value
+
+
+def parse_gpu_list(text: str) -> tuple[int, ...]:
+    """``"0,1,3"`` → ``(0, 1, 3)``; refuses negatives, duplicates and junk."""
+    out: list[int] = []
+    for part in text.split(","):
+        p = part.strip()
+        if not p.isdigit():
+            raise ValueError(f"{p!r} is not a GPU index (expected e.g. 0,1,3)")
+        idx = int(p)
+        if idx > 1023:
+            raise ValueError(f"GPU index {idx} is out of range")
+        if idx in out:
+            raise ValueError(f"GPU index {idx} is listed twice")
+        out.append(idx)
+    return tuple(out)
+
+
+def _gpus(text: str) -> tuple[int, ...] | None:
+    value = text.strip().lower()
+    if value in ("", "all"):
+        return None
+    return parse_gpu_list(value)
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    if "\x00" in text:
+        raise ValueError("must not contain NUL")
+    return Path(text).expanduser()
+
+
+def _address(text: str) -> str:
+    value = text.strip()
+    if value == "localhost":
+        return value
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError("expected an IP address such as 0.0.0.0, 127.0.0.1 or ::") from None
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError("expected a TCP port 0-65535 (0 disables the exporter)")
+    value = int(text)
+    if value > 65535:
+        raise ValueError("expected a TCP port 0-65535 (0 disables the exporter)")
+    return value
+
+
+def _sim_gpus(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError("expected a whole number of GPUs 1-256")
+    value = int(text)
+    if not 1 <= value <= 256:
+        raise ValueError("expected a whole number of GPUs 1-256")
+    return value
+
+
+def _sim_pattern(text: str) -> str:
+    try:
+        parse_pattern(text)
+    except PatternError as exc:
+        raise ValueError(str(exc)) from None
+    return text.strip()
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    raise ValueError("expected 1/true/yes/on or 0/false/no/off")
+
+
+def default_run_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``/run/gputel`` for root; a per-user runtime directory otherwise."""
+    env = os.environ if env is None else env
+    if os.geteuid() == 0:
+        return Path("/run/gputel")
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg and Path(xdg).is_dir():
+        return Path(xdg) / "gputel"
+    return Path(f"/tmp/gputel-{os.geteuid()}")
+
+
+# ---------------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class SettingSpec:
+    """One setting: its environment name, CLI flag, default text and meaning."""
+
+    env: str
+    attr: str
+    flag: str
+    default: str
+    help: str
+    parse: Callable[[str], Any]
+    #: "agent" settings are read by gputel itself; "orchestrator" ones by the caller of the hooks.
+    scope: str = "agent"
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec(
+        "GPUTEL_BACKEND",
+        "backend",
+        "--backend",
+        "auto",
+        "GPU source: auto (NVML if loadable, else none), nvml, sim, none",
+        _backend,
+    ),
+    SettingSpec(
+        "GPUTEL_INTERVAL",
+        "interval_s",
+        "--interval",
+        "1",
+        "seconds between ticks (agent poll and recorder sample)",
+        _interval,
+    ),
+    SettingSpec(
+        "GPUTEL_START_UTIL",
+        "start_util_pct",
+        "--start-util",
+        "20",
+        "start telemetry when utilization >= this percentage ...",
+        _percent,
+    ),
+    SettingSpec(
+        "GPUTEL_START_SECONDS",
+        "start_seconds",
+        "--start-seconds",
+        "5",
+        "... continuously for this many seconds",
+        _seconds,
+    ),
+    SettingSpec(
+        "GPUTEL_STOP_UTIL",
+        "stop_util_pct",
+        "--stop-util",
+        "10",
+        "stop telemetry when utilization < this percentage ...",
+        _percent,
+    ),
+    SettingSpec(
+        "GPUTEL_STOP_SECONDS",
+        "stop_seconds",
+        "--stop-seconds",
+        "15",
+        "... continuously for this many seconds",
+        _seconds,
+    ),
+    SettingSpec(
+        "GPUTEL_GPUS",
+        "gpus",
+        "--gpus",
+        "all",
+        "GPU indices that count for activity and are recorded (e.g. 0,1)",
+        _gpus,
+    ),
+    SettingSpec(
+        "GPUTEL_LOG_DIR",
+        "log_dir",
+        "--log-dir",
+        "/var/log/gputel",
+        "directory for the CSV files",
+        _path,
+    ),
+    SettingSpec(
+        "GPUTEL_RUN_DIR",
+        "run_dir",
+        "--run-dir",
+        "",
+        "control socket and runtime state (default /run/gputel as root, "
+        "$XDG_RUNTIME_DIR/gputel or /tmp/gputel-UID otherwise)",
+        _path,
+    ),
+    SettingSpec(
+        "GPUTEL_EXPORTER_ADDR",
+        "exporter_addr",
+        "--exporter-addr",
+        "0.0.0.0",
+        "address that serves Prometheus /metrics",
+        _address,
+    ),
+    SettingSpec(
+        "GPUTEL_EXPORTER_PORT",
+        "exporter_port",
+        "--exporter-port",
+        "9118",
+        "port that serves Prometheus /metrics (0 disables it)",
+        _port,
+    ),
+    SettingSpec(
+        "GPUTEL_SYSFS_ROOT",
+        "sysfs_root",
+        "--sysfs-root",
+        "/sys",
+        "root for powercap (RAPL) and hwmon reads",
+        _path,
+    ),
+    SettingSpec(
+        "GPUTEL_SIM_GPUS",
+        "sim_gpus",
+        "--sim-gpus",
+        "2",
+        "simulated GPU count (backend sim)",
+        _sim_gpus,
+    ),
+    SettingSpec(
+        "GPUTEL_SIM_PATTERN",
+        "sim_pattern",
+        "--sim-pattern",
+        "0:5,80:20,0:30",
+        "simulated utilization timeline: UTIL:SECONDS,... ; ';' per GPU",
+        _sim_pattern,
+    ),
+    SettingSpec(
+        AUTOSTART_ENV,
+        "autostart",
+        "",
+        "",
+        "in the orchestrator's environment: 1/true/yes/on enables the hook API",
+        parse_bool,
+        scope="orchestrator",
+    ),
+)
+
+SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
+SETTINGS_BY_ATTR = {s.attr: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings; build with :func:`load_settings`."""
+
+    backend: str = "auto"
+    interval_s: float = 1.0
+    start_util_pct: float = 20.0
+    start_seconds: float = 5.0
+    stop_util_pct: float = 10.0
+    stop_seconds: float = 15.0
+    gpus: tuple[int, ...] | None = None
+    log_dir: Path = Path("/var/log/gputel")
+    run_dir: Path = field(default_factory=default_run_dir)
+    exporter_addr: str = "0.0.0.0"
+    exporter_port: int = 9118
+    sysfs_root: Path = Path("/sys")
+    sim_gpus: int = 2
+    sim_pattern: str = "0:5,80:20,0:30"
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        out: dict[str, str] = {}
+        for spec in SETTINGS:
+            if spec.scope != "agent":
+                continue
+            value = getattr(self, spec.attr)
+            if value is None:
+                text = "all"
+            elif isinstance(value, tuple):
+                text = ",".join(str(v) for v in value)
+            else:
+                text = str(value)
+            out[spec.env] = text
+        return out
+
+
+def _check_consistency(values: dict[str, Any], sources: dict[str, str]) -> None:
+    if values["stop_util_pct"] > values["start_util_pct"]:
+        spec = SETTINGS_BY_ATTR["stop_util_pct"]
+        raise SettingsError(
+            spec.env,
+            sources["stop_util_pct"],
+            f"must not exceed GPUTEL_START_UTIL ({values['start_util_pct']:g}): "
+            "telemetry would start and stop on the same reading",
+        )
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str | None] | None = None,
+) -> Settings:
+    """Read settings from ``env`` (default ``os.environ``), then apply ``overrides``.
+
+    ``overrides`` maps attribute names (``interval_s``) to the raw flag text; ``None`` means the
+    flag was not given. Every value is validated; the first bad one raises SettingsError.
+    """
+    env = os.environ if env is None else env
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    raw: dict[str, str] = {}
+    for spec in SETTINGS:
+        if spec.scope != "agent":
+            continue
+        text = overrides.get(spec.attr)
+        name = spec.flag if text is not None else spec.env
+        if text is None:
+            text = env.get(spec.env)
+        if text is None or (text == "" and spec.attr != "gpus"):
+            if spec.attr == "run_dir":
+                values[spec.attr] = default_run_dir(env)
+                raw[spec.attr] = str(values[spec.attr])
+                continue
+            text = spec.default
+            name = spec.env
+        try:
+            values[spec.attr] = spec.parse(text)
+        except ValueError as exc:
+            label = spec.env if name == spec.env else f"{spec.flag} ({spec.env})"
+            raise SettingsError(label, text, str(exc)) from None
+        raw[spec.attr] = text
+    _check_consistency(values, raw)
+    return Settings(**values)
+
+
+def autostart_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``GPU_TELEMETRY_AUTOSTART`` is true in the caller's environment (junk is false)."""
+    env = os.environ if env is None else env
+    return env.get(AUTOSTART_ENV, "").strip().lower() in TRUE_WORDS

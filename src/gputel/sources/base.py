@@ -1,0 +1,59 @@
+"""What every source promises, so the sampler, the agent and the CLI can use any of them.
+
+A GPU source (nvml, sim, none) answers for the selected GPUs; a host source (host, rapl, hwmon)
+returns a partial ``HostReading`` as a dict. Sources fail alone: a host source that raises costs
+its own fields for that tick, never the sample; a GPU source reports a lost GPU in its reading and
+keeps reporting the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gputel.schema import GpuReading
+
+
+class GpuSourceError(RuntimeError):
+    """A GPU source could not start. ``str()`` is one line with the likely fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuIdentity:
+    index: int
+    uuid: str
+    name: str
+
+
+class GpuSource(Protocol):
+    """A set of GPUs, already filtered to ``GPUTEL_GPUS``."""
+
+    #: "nvml", "sim" or "none": the ``source`` label of its gputel_source_* series.
+    name: str
+
+    def devices(self) -> list[GpuIdentity]:
+        """The selected GPUs, by index; static for the life of the source."""
+        ...
+
+    def read_utilization(self) -> dict[int, float | None]:
+        """The light read the agent makes every tick: GPU utilization % per selected GPU."""
+        ...
+
+    def read(self) -> list[GpuReading]:
+        """The full read the recorder makes every tick, one reading per selected GPU."""
+        ...
+
+    def read_energy_j(self) -> dict[int, float | None]:
+        """Cumulative energy per selected GPU in joules (for per-allocation energy)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class HostSource(Protocol):
+    #: "host", "rapl" or "hwmon".
+    name: str
+
+    def read(self) -> dict[str, Any]:
+        """HostReading attribute -> value for the fields this source provides."""
+        ...
