@@ -1,0 +1,42 @@
+"""Suite-wide test settings: marker handling and an environment free of the host's gputel config."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+
+def _nvml_available() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        return True
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_gpu_tests = any("gpu" in item.keywords for item in items)
+    nvml = _nvml_available() if has_gpu_tests else False
+    is_root = os.geteuid() == 0
+    for item in items:
+        if "gpu" in item.keywords and not nvml:
+            item.add_marker(pytest.mark.skip(reason="no NVIDIA GPU: NVML could not initialise"))
+        if "root" in item.keywords and not is_root:
+            item.add_marker(pytest.mark.skip(reason="needs root"))
+
+
+@pytest.fixture(autouse=True)
+def _clean_gputel_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tests never see a GPUTEL_* or GPU_TELEMETRY_AUTOSTART value from the machine running them."""
+    for name in list(os.environ):
+        if name.startswith(("GPUTEL_", "_GPUTEL_")) or name == "GPU_TELEMETRY_AUTOSTART":
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    yield
