@@ -1,0 +1,137 @@
+"""Settings: defaults, environment, flags, and a one-line error naming the setting for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gputel.settings import (
+    SETTINGS,
+    Settings,
+    SettingsError,
+    autostart_enabled,
+    load_settings,
+    parse_duration,
+)
+
+
+def test_defaults_match_contract() -> None:
+    s = load_settings({})
+    assert s.backend == "auto"
+    assert s.interval_s == 1.0
+    assert (s.start_util_pct, s.start_seconds) == (20.0, 5.0)
+    assert (s.stop_util_pct, s.stop_seconds) == (10.0, 15.0)
+    assert s.gpus is None
+    assert s.log_dir == Path("/var/log/gputel")
+    assert (s.exporter_addr, s.exporter_port) == ("0.0.0.0", 9118)
+    assert s.sysfs_root == Path("/sys")
+    assert (s.sim_gpus, s.sim_pattern) == (2, "0:5,80:20,0:30")
+
+
+def test_every_default_text_parses_to_the_dataclass_default() -> None:
+    s = Settings()
+    for spec in SETTINGS:
+        if spec.scope != "agent" or spec.attr == "run_dir":
+            continue
+        assert spec.parse(spec.default) == getattr(s, spec.attr), spec.env
+
+
+def test_environment_and_flags() -> None:
+    env = {"GPUTEL_INTERVAL": "0.25", "GPUTEL_GPUS": "1, 0", "GPUTEL_BACKEND": "SIM"}
+    s = load_settings(env, {"interval_s": "2s", "stop_seconds": "1m"})
+    assert s.interval_s == 2.0
+    assert s.stop_seconds == 60.0
+    assert s.gpus == (1, 0)
+    assert s.backend == "sim"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("5", 5.0), ("0.5", 0.5), ("250ms", 0.25), ("90s", 90.0), ("15m", 900.0), ("2h", 7200.0)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"GPUTEL_BACKEND": "cuda"}, "GPUTEL_BACKEND"),
+        ({"GPUTEL_INTERVAL": "0"}, "GPUTEL_INTERVAL"),
+        ({"GPUTEL_INTERVAL": "-1"}, "GPUTEL_INTERVAL"),
+        ({"GPUTEL_INTERVAL": "fast"}, "GPUTEL_INTERVAL"),
+        ({"GPUTEL_START_UTIL": "101"}, "GPUTEL_START_UTIL"),
+        ({"GPUTEL_START_UTIL": "nan"}, "GPUTEL_START_UTIL"),
+        ({"GPUTEL_START_SECONDS": "soon"}, "GPUTEL_START_SECONDS"),
+        ({"GPUTEL_STOP_UTIL": "-5"}, "GPUTEL_STOP_UTIL"),
+        ({"GPUTEL_STOP_UTIL": "50"}, "GPUTEL_STOP_UTIL"),
+        ({"GPUTEL_GPUS": "0,x"}, "GPUTEL_GPUS"),
+        ({"GPUTEL_GPUS": "0,0"}, "GPUTEL_GPUS"),
+        ({"GPUTEL_GPUS": "-1"}, "GPUTEL_GPUS"),
+        ({"GPUTEL_EXPORTER_ADDR": "not-an-ip"}, "GPUTEL_EXPORTER_ADDR"),
+        ({"GPUTEL_EXPORTER_PORT": "70000"}, "GPUTEL_EXPORTER_PORT"),
+        ({"GPUTEL_EXPORTER_PORT": "http"}, "GPUTEL_EXPORTER_PORT"),
+        ({"GPUTEL_SIM_GPUS": "0"}, "GPUTEL_SIM_GPUS"),
+        ({"GPUTEL_SIM_PATTERN": "0:5,eighty:20"}, "GPUTEL_SIM_PATTERN"),
+        ({"GPUTEL_SIM_PATTERN": "0:5,80"}, "GPUTEL_SIM_PATTERN"),
+    ],
+)
+def test_bad_values_name_the_setting(env: dict[str, str], name: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    message = str(info.value)
+    assert name in message
+    assert "\n" not in message
+
+
+def test_bad_pattern_names_the_segment() -> None:
+    with pytest.raises(SettingsError, match=r"'eighty:20'"):
+        load_settings({"GPUTEL_SIM_PATTERN": "0:5,eighty:20,0:30"})
+
+
+def test_flag_error_names_flag_and_env() -> None:
+    with pytest.raises(SettingsError, match=r"--interval \(GPUTEL_INTERVAL\)"):
+        load_settings({}, {"interval_s": "zero"})
+
+
+def test_to_env_round_trips() -> None:
+    s = load_settings({"GPUTEL_GPUS": "2,3", "GPUTEL_INTERVAL": "0.2", "GPUTEL_BACKEND": "sim"})
+    assert load_settings(s.to_env()) == s
+
+
+def test_run_dir_default_when_root_or_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    s = load_settings({"XDG_RUNTIME_DIR": str(tmp_path)})
+    if os.geteuid() == 0:
+        assert s.run_dir == Path("/run/gputel")
+    else:
+        assert s.run_dir == tmp_path / "gputel"
+
+
+@pytest.mark.parametrize("word", ["1", "true", "TRUE", "Yes", "on"])
+def test_autostart_true_words(word: str) -> None:
+    assert autostart_enabled({"GPU_TELEMETRY_AUTOSTART": word})
+
+
+@pytest.mark.parametrize("word", ["", "0", "false", "off", "maybe"])
+def test_autostart_other_words(word: str) -> None:
+    assert not autostart_enabled({"GPU_TELEMETRY_AUTOSTART": word})
+
+
+def test_cli_bad_setting_exits_2_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "GPUTEL_INTERVAL": "abc", "GPUTEL_RUN_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gputel", "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "GPUTEL_INTERVAL" in lines[0]
+    assert "Traceback" not in proc.stderr
