@@ -1,9 +1,324 @@
-"""Commands of this group are registered here (work in progress)."""
+"""``gputel report``, ``gputel replay`` and ``gputel plot``: answers from the recorded CSVs."""
 
 from __future__ import annotations
 
+import csv
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from gputel.cli.options import EXIT_USAGE, fail, settings_options
+from gputel.csv_read import CsvReadError
+from gputel.report import ReportFilter
+from gputel.settings import Settings, parse_duration, parse_gpu_list
+
+PathsArg = Annotated[
+    list[Path] | None,
+    typer.Argument(help="CSV files or directories (default: GPUTEL_LOG_DIR)", show_default=False),
+]
+SinceOpt = Annotated[
+    str | None,
+    typer.Option("--since", help="start: ISO time (2026-11-22T10:00Z) or a duration ago (2h)"),
+]
+UntilOpt = Annotated[
+    str | None,
+    typer.Option("--until", help="end: ISO time or a duration ago"),
+]
+GpuOpt = Annotated[str | None, typer.Option("--gpu", help="GPU indices, e.g. 0,1")]
+
+
+def parse_when(text: str, now: float | None = None) -> float:
+    """An ISO-8601 time (UTC unless it says otherwise) or a duration meaning that long ago."""
+    now = time.time() if now is None else now
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an ISO time nor a duration such as 2h") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _filter(
+    since: str | None, until: str | None, gpu: str | None, allocation: str | None = None
+) -> ReportFilter:
+    try:
+        s = parse_when(since) if since else None
+    except ValueError as exc:
+        fail(f"invalid --since: {exc}", EXIT_USAGE)
+    try:
+        u = parse_when(until) if until else None
+    except ValueError as exc:
+        fail(f"invalid --until: {exc}", EXIT_USAGE)
+    try:
+        gpus = frozenset(parse_gpu_list(gpu)) if gpu else None
+    except ValueError as exc:
+        fail(f"invalid --gpu {gpu!r}: {exc}", EXIT_USAGE)
+    return ReportFilter(since=s, until=u, gpus=gpus, allocation=allocation)
+
+
+def _paths(paths: list[Path] | None, settings: Settings) -> list[Path]:
+    return list(paths) if paths else [settings.log_dir]
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not report["sessions"] and not report["allocations"]:
+        console.print("no telemetry rows in the given files and time range")
+        return
+    for s in report["sessions"]:
+        host = s.get("host_stats") or {}
+        title = (
+            f"session {s['session']} {s['host']}  {s['start']} → {s['end']}  "
+            f"({_fmt(s['duration_s'])} s)"
+        )
+        if host:
+            title += (
+                f"  host CPU {_fmt(host.get('cpu_util_mean_pct'))} %"
+                f"  RAPL {_fmt(host.get('rapl_energy_j'), 0)} J"
+            )
+        table = Table(title=title, title_justify="left")
+        for col in (
+            "GPU",
+            "samples",
+            "missing",
+            "util mean/p95/max %",
+            "mem peak MiB",
+            "temp max °C",
+            "energy J (kWh)",
+            "power mean/peak W",
+            "throttled s",
+        ):
+            table.add_column(col)
+        for g in s["gpus"]:
+            throttle = ", ".join(
+                f"{k} {_fmt(v, 0)}" for k, v in g["throttle_s"].items() if k != "gpu_idle"
+            )
+            table.add_row(
+                f"{g['gpu']} {g['name']}",
+                str(g["samples"]),
+                str(g["missing"]),
+                f"{_fmt(g['util_mean_pct'])}/{_fmt(g['util_p95_pct'])}/{_fmt(g['util_max_pct'])}",
+                _fmt(g["memory_peak_mib"], 0),
+                _fmt(g["temperature_max_c"]),
+                f"{_fmt(g['energy_j'], 0)} ({_fmt(g['energy_kwh'], 4)})",
+                f"{_fmt(g['power_mean_w'])}/{_fmt(g['power_peak_w'])}",
+                throttle,
+            )
+        console.print(table)
+    if report["allocations"]:
+        table = Table(title="allocations", title_justify="left")
+        for col in (
+            "id",
+            "GPUs",
+            "start",
+            "duration s",
+            "util mean/max %",
+            "mem peak MiB",
+            "temp max °C",
+            "energy J",
+        ):
+            table.add_column(col)
+        for a in report["allocations"]:
+            table.add_row(
+                a["id"],
+                ",".join(str(g) for g in a["gpus"]),
+                str(a["start"]),
+                _fmt(a["duration_s"]),
+                f"{_fmt(a['util_mean_pct'])}/{_fmt(a['util_max_pct'])}",
+                _fmt(a["memory_peak_mib"], 0),
+                _fmt(a["temperature_max_c"]),
+                _fmt(a["energy_j"], 0),
+            )
+        console.print(table)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``report``, ``replay`` and ``plot``."""
+
+    @app.command()
+    @settings_options
+    def report(
+        paths: PathsArg = None,
+        since: SinceOpt = None,
+        until: UntilOpt = None,
+        gpu: GpuOpt = None,
+        allocation: Annotated[
+            str | None, typer.Option("--allocation", help="only rows of this allocation id")
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+        as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
+        *,
+        settings: Settings,
+    ) -> None:
+        """Summarise recorded sessions, GPUs and allocations (plain or .gz CSVs)."""
+        from gputel.report import CSV_COLUMNS, build_report, report_rows
+
+        if as_json and as_csv:
+            fail("choose one of --json and --csv", EXIT_USAGE)
+        flt = _filter(since, until, gpu, allocation)
+        try:
+            result = build_report(_paths(paths, settings), flt)
+        except CsvReadError as exc:
+            fail(str(exc), EXIT_USAGE)
+        except OSError as exc:
+            fail(f"cannot read: {exc}")
+        if as_json:
+            json.dump(result, sys.stdout, indent=2)
+            print()
+        elif as_csv:
+            writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            for row in report_rows(result):
+                writer.writerow(row)
+        else:
+            _print_report(result)
+
+    @app.command()
+    @settings_options
+    def replay(
+        paths: PathsArg = None,
+        since: SinceOpt = None,
+        until: UntilOpt = None,
+        gpu: GpuOpt = None,
+        sweep: Annotated[
+            bool, typer.Option("--sweep", help="replay a small grid of thresholds")
+        ] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+        *,
+        settings: Settings,
+    ) -> None:
+        """Replay recorded utilization through the agent's state machine with given thresholds.
+
+        Thresholds come from the usual settings (--start-util, --start-seconds, --stop-util,
+        --stop-seconds or GPUTEL_*), so the answer is what the agent would do with them.
+        """
+        from gputel.replay import load_series
+        from gputel.replay import replay as run_replay
+        from gputel.replay import sweep as run_sweep
+        from gputel.states import Thresholds
+
+        flt = _filter(since, until, gpu)
+        try:
+            series = load_series(_paths(paths, settings), flt)
+        except CsvReadError as exc:
+            fail(str(exc), EXIT_USAGE)
+        except OSError as exc:
+            fail(f"cannot read: {exc}")
+        if not len(series.ts):
+            fail("no GPU rows in the given files and time range")
+        base = Thresholds(
+            settings.start_util_pct,
+            settings.start_seconds,
+            settings.stop_util_pct,
+            settings.stop_seconds,
+        )
+        results = run_sweep(series, base) if sweep else [run_replay(series, base)]
+        if as_json:
+            out: Any = [r.to_dict() for r in results] if sweep else results[0].to_dict()
+            json.dump(out, sys.stdout, indent=2)
+            print()
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
+
+        def iso(ts: float) -> str:
+            return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%fZ")
+
+        if not sweep:
+            r = results[0]
+            console.print(
+                f"{len(series.ts)} ticks at {series.interval:g} s; thresholds: start "
+                f"≥{base.start_util_pct:g}% for {base.start_seconds:g}s, stop "
+                f"<{base.stop_util_pct:g}% for {base.stop_seconds:g}s"
+            )
+            for t in r.transitions:
+                console.print(
+                    f"{iso(t.at)}  {t.from_state.value:>7} → {t.to_state.value:<7} {t.reason}"
+                )
+            ratio = r.capture_ratio
+            console.print(
+                f"telemetry would run {len(r.telemetry_spans)} time(s), {r.recorded_s:.0f} s in "
+                f"all; busy {r.busy_s:.0f} s, captured {r.captured_busy_s:.0f} s"
+                + (f" ({ratio * 100:.1f} %)" if ratio is not None else "")
+            )
+            return
+        table = Table(title="threshold sweep", title_justify="left")
+        for col in (
+            "start %",
+            "start s",
+            "stop %",
+            "stop s",
+            "starts",
+            "recorded s",
+            "captured busy %",
+        ):
+            table.add_column(col, justify="right")
+        for r in results:
+            th = r.thresholds
+            ratio = r.capture_ratio
+            table.add_row(
+                f"{th.start_util_pct:g}",
+                f"{th.start_seconds:g}",
+                f"{th.stop_util_pct:g}",
+                f"{th.stop_seconds:g}",
+                str(len(r.telemetry_spans)),
+                f"{r.recorded_s:.0f}",
+                "" if ratio is None else f"{ratio * 100:.1f}",
+            )
+        console.print(table)
+
+    @app.command()
+    @settings_options
+    def plot(
+        paths: PathsArg = None,
+        output: Annotated[
+            Path, typer.Option("-o", "--output", help="image file (.png, .svg or .pdf)")
+        ] = Path("gputel.png"),
+        since: SinceOpt = None,
+        until: UntilOpt = None,
+        gpu: GpuOpt = None,
+        allocation: Annotated[
+            str | None, typer.Option("--allocation", help="only this allocation's span")
+        ] = None,
+        *,
+        settings: Settings,
+    ) -> None:
+        """Draw a timeline per GPU: utilization, power, temperature, throttling, allocations."""
+        from gputel.plot import PlotUnavailable
+        from gputel.plot import plot as draw
+
+        if output.suffix.lower() not in (".png", ".svg", ".pdf"):
+            fail(f"invalid --output {output}: use a .png, .svg or .pdf file", EXIT_USAGE)
+        flt = _filter(since, until, gpu, allocation)
+        try:
+            n = draw(_paths(paths, settings), output, flt)
+        except PlotUnavailable as exc:
+            fail(str(exc))
+        except CsvReadError as exc:
+            fail(str(exc), EXIT_USAGE)
+        except ValueError as exc:
+            fail(str(exc))
+        print(f"wrote {output} ({n} GPU{'s' if n != 1 else ''})")

@@ -38,10 +38,29 @@ def settings_or_exit(overrides: dict[str, str | None]) -> Settings:
 
 def settings_options(func: F) -> F:
     """Add one ``--flag`` per agent setting; the command receives ``settings: Settings``."""
-    specs = [s for s in SETTINGS if s.scope == "agent"]
-    sig = inspect.signature(func)
+    return _with_settings_options(func, ())
+
+
+def settings_options_except(*attrs: str) -> Callable[[F], F]:
+    """Like :func:`settings_options`, without the flags of ``attrs``.
+
+    For a command whose own option has a setting's flag name (``hook allocate --gpus`` names the
+    allocation's GPUs, not ``GPUTEL_GPUS``); the setting is then read from the environment only.
+    """
+
+    def decorate(func: F) -> F:
+        return _with_settings_options(func, attrs)
+
+    return decorate
+
+
+def _with_settings_options(func: F, exclude: tuple[str, ...]) -> F:
+    specs = [s for s in SETTINGS if s.scope == "agent" and s.attr not in exclude]
+    # Resolve postponed (string) annotations against the command's own module, so typer sees
+    # the real Annotated[...] metadata on the wrapper.
+    sig = inspect.signature(func, eval_str=True)
     params = [p for p in sig.parameters.values() if p.name != "settings"]
-    annotations = {k: v for k, v in func.__annotations__.items() if k != "settings"}
+    annotations = {p.name: p.annotation for p in params}
     for spec in specs:
         name = f"opt_{spec.attr}"
         annotation = Annotated[

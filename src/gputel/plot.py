@@ -1,0 +1,191 @@
+"""``gputel plot``: a timeline figure per GPU from recorded CSVs.
+
+Utilization, power and temperature per GPU on a shared time axis, with throttling shaded and
+allocation spans drawn as bands, so the slow minute of a job can be seen at a glance. Long
+recordings are decimated while streaming (buckets double in width whenever there are too many),
+so a week of data plots in constant memory. matplotlib is an optional extra (``gputel[plot]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gputel.csv_read import as_float, find_csv_files, first_timestamp, parse_timestamp, read_csv
+from gputel.report import ReportFilter
+
+#: clock_event_reasons bits that mean real slowdown (not idle or application/user settings).
+THROTTLE_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+MAX_BUCKETS = 4000
+
+
+class PlotUnavailable(RuntimeError):
+    """matplotlib is not installed."""
+
+
+@dataclass
+class _Series:
+    """Bucketed (time, mean) points; merges neighbours whenever the bucket count doubles."""
+
+    width: float
+    buckets: dict[int, list[float]] = field(default_factory=dict)  # index -> [sum, n]
+
+    def add(self, ts: float, value: float | None) -> None:
+        if value is None:
+            return
+        b = self.buckets.setdefault(int(ts // self.width), [0.0, 0])
+        b[0] += value
+        b[1] += 1
+        if len(self.buckets) > MAX_BUCKETS:
+            self._coarsen()
+
+    def _coarsen(self) -> None:
+        merged: dict[int, list[float]] = {}
+        for idx, (s, n) in self.buckets.items():
+            m = merged.setdefault(idx // 2, [0.0, 0])
+            m[0] += s
+            m[1] += n
+        self.buckets = merged
+        self.width *= 2
+
+    def points(self) -> tuple[list[float], list[float]]:
+        """Bucket centres and means; a NaN where buckets are missing, so lines break at gaps."""
+        xs: list[float] = []
+        ys: list[float] = []
+        prev: int | None = None
+        for idx in sorted(self.buckets):
+            if prev is not None and idx > prev + 1:
+                xs.append((prev + 1.5) * self.width)
+                ys.append(float("nan"))
+            s, n = self.buckets[idx]
+            xs.append((idx + 0.5) * self.width)
+            ys.append(s / n)
+            prev = idx
+        return xs, ys
+
+
+@dataclass
+class _Gpu:
+    name: str = ""
+    util: _Series = field(default_factory=lambda: _Series(1.0))
+    power: _Series = field(default_factory=lambda: _Series(1.0))
+    temp: _Series = field(default_factory=lambda: _Series(1.0))
+    throttle: _Series = field(default_factory=lambda: _Series(1.0))
+
+
+def collect(
+    paths: Iterable[Path], flt: ReportFilter | None = None
+) -> tuple[dict[int, _Gpu], dict[str, list[float]]]:
+    """Per-GPU decimated series and allocation spans (id → [first, last])."""
+    flt = flt or ReportFilter()
+    files = sorted((first_timestamp(p) or 0.0, p) for p in find_csv_files(list(paths), "gpu"))
+    gpus: dict[int, _Gpu] = {}
+    spans: dict[str, list[float]] = {}
+    for _, path in files:
+        for f in read_csv(path, required=("timestamp", "gpu", "utilization_gpu_pct")):
+            c = f.columns
+            i_ts, i_gpu, i_util = c["timestamp"], c["gpu"], c["utilization_gpu_pct"]
+            i_pow, i_temp = c.get("power_w"), c.get("temperature_c")
+            i_rsn, i_alloc, i_name = (
+                c.get("clock_event_reasons"),
+                c.get("allocations"),
+                c.get("name"),
+            )
+            for row in f.rows:
+                ts = parse_timestamp(row[i_ts])
+                if not flt.keeps_time(ts):
+                    continue
+                idx = int(row[i_gpu])
+                if flt.gpus is not None and idx not in flt.gpus:
+                    continue
+                g = gpus.get(idx)
+                if g is None:
+                    g = gpus[idx] = _Gpu(name=row[i_name] if i_name is not None else "")
+                g.util.add(ts, as_float(row[i_util]))
+                if i_pow is not None:
+                    g.power.add(ts, as_float(row[i_pow]))
+                if i_temp is not None:
+                    g.temp.add(ts, as_float(row[i_temp]))
+                if i_rsn is not None and row[i_rsn]:
+                    g.throttle.add(ts, 1.0 if int(row[i_rsn]) & THROTTLE_MASK else 0.0)
+                if i_alloc is not None and row[i_alloc]:
+                    for alloc_id in row[i_alloc].split(";"):
+                        if flt.allocation is not None and alloc_id != flt.allocation:
+                            continue
+                        s = spans.setdefault(alloc_id, [ts, ts])
+                        s[0] = min(s[0], ts)
+                        s[1] = max(s[1], ts)
+    return gpus, spans
+
+
+def _load_matplotlib() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.dates as mdates
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable("gputel plot needs matplotlib: pip install 'gputel[plot]'") from None
+    return plt, mdates
+
+
+def plot(paths: Iterable[Path], output: Path, flt: ReportFilter | None = None) -> int:
+    """Write the figure to ``output`` (PNG, SVG or PDF by suffix); returns the GPU count."""
+    plt, mdates = _load_matplotlib()
+    gpus, spans = collect(paths, flt)
+    if not gpus:
+        raise ValueError("no GPU rows in the given files and time range")
+
+    def dt(xs: list[float]) -> list[datetime]:
+        return [datetime.fromtimestamp(x, timezone.utc) for x in xs]
+
+    rows = len(gpus)
+    fig, axes = plt.subplots(rows, 1, figsize=(12, 3.2 * rows), sharex=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (idx, g) in zip(axes[:, 0], sorted(gpus.items()), strict=True):
+        xs, ys = g.util.points()
+        ax.plot(dt(xs), ys, color="tab:blue", lw=1, label="utilization %")
+        ax.set_ylim(0, 105)
+        ax.set_ylabel(f"GPU {idx} util %")
+        ax.set_title(f"GPU {idx} {g.name}".strip(), fontsize=9, loc="left")
+        tx, ty = g.throttle.points()
+        for x, y in zip(tx, ty, strict=True):
+            if y > 0:  # NaN (a gap) compares False
+                half = g.throttle.width / 2
+                ax.axvspan(
+                    datetime.fromtimestamp(x - half, timezone.utc),
+                    datetime.fromtimestamp(x + half, timezone.utc),
+                    color="tab:red",
+                    alpha=0.15 * y,
+                    lw=0,
+                )
+        for n, (alloc_id, (a, b)) in enumerate(sorted(spans.items())):
+            ax.axvspan(
+                datetime.fromtimestamp(a, timezone.utc),
+                datetime.fromtimestamp(b, timezone.utc),
+                ymin=0.96,
+                ymax=1.0,
+                color=colors[n % len(colors)],
+                alpha=0.8,
+                label=f"allocation {alloc_id}",
+            )
+        right = ax.twinx()
+        px, py = g.power.points()
+        right.plot(dt(px), py, color="tab:orange", lw=1, label="power W")
+        qx, qy = g.temp.points()
+        right.plot(dt(qx), qy, color="tab:green", lw=1, ls="--", label="temperature °C")
+        right.set_ylabel("W / °C")
+        handles = ax.get_legend_handles_labels()
+        rhandles = right.get_legend_handles_labels()
+        ax.legend(handles[0] + rhandles[0], handles[1] + rhandles[1], fontsize=7, loc="upper left")
+    axes[-1, 0].xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M:%S"))
+    axes[-1, 0].set_xlabel("time (UTC); red shading: throttled (power/thermal/slowdown)")
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return rows

@@ -1,0 +1,171 @@
+"""``gputel replay``: run the agent's own state machine over recorded utilization.
+
+An operator tuning ``/etc/default/gputel`` wants to know, from real data, when telemetry would
+have started and stopped under other thresholds and how much of the busy time it would have
+caught. This feeds recorded per-tick utilization (the maximum over the selected GPUs, exactly as
+the agent computes it) through :func:`gputel.states.step` - the same code, not a copy.
+
+Where the recording has a gap (telemetry was off, or rows are missing) the agent's reading is
+unknown, so replay feeds a single missing reading at the first absent tick, which is what the live
+agent does with a reading that hit its deadline: it breaks any pending condition.
+"""
+
+from __future__ import annotations
+
+import itertools
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gputel.csv_read import as_float, find_csv_files, first_timestamp, parse_timestamp, read_csv
+from gputel.report import ReportFilter
+from gputel.states import ActivityState, Machine, Thresholds, Transition, step
+
+
+@dataclass
+class UtilSeries:
+    """Per-tick utilization: parallel arrays of timestamps and max utilization (NaN = none)."""
+
+    ts: array
+    util: array
+    interval: float
+
+
+def load_series(paths: Iterable[Path], flt: ReportFilter | None = None) -> UtilSeries:
+    """Max utilization per tick over the selected GPUs, in time order, from ``gpu-*.csv``."""
+    flt = flt or ReportFilter()
+    files = find_csv_files(list(paths), "gpu")
+    ordered = sorted((first_timestamp(p) or 0.0, p) for p in files)
+    ts_out = array("d")
+    util_out = array("d")
+    nan = float("nan")
+    for _, path in ordered:
+        for f in read_csv(path, required=("timestamp", "gpu", "utilization_gpu_pct")):
+            i_ts, i_gpu = f.columns["timestamp"], f.columns["gpu"]
+            i_util = f.columns["utilization_gpu_pct"]
+            cur_text: str | None = None
+            cur_ts = 0.0
+            cur_max = nan
+            for row in f.rows:
+                text = row[i_ts]
+                if text != cur_text:
+                    if cur_text is not None and flt.keeps_time(cur_ts):
+                        _append(ts_out, util_out, cur_ts, cur_max)
+                    cur_text = text
+                    cur_ts = parse_timestamp(text)
+                    cur_max = nan
+                if flt.gpus is not None and int(row[i_gpu]) not in flt.gpus:
+                    continue
+                u = as_float(row[i_util])
+                if u is not None and not (u <= cur_max):  # NaN-aware max
+                    cur_max = u
+            if cur_text is not None and flt.keeps_time(cur_ts):
+                _append(ts_out, util_out, cur_ts, cur_max)
+    spacings = sorted(b - a for a, b in itertools.pairwise(ts_out) if b > a)
+    interval = spacings[len(spacings) // 2] if spacings else 1.0
+    return UtilSeries(ts_out, util_out, interval)
+
+
+def _append(ts_out: array, util_out: array, ts: float, util: float) -> None:
+    if ts_out and ts <= ts_out[-1]:
+        return  # a duplicated tick (overlapping files) counts once
+    ts_out.append(ts)
+    util_out.append(util)
+
+
+@dataclass
+class ReplayResult:
+    thresholds: Thresholds
+    transitions: list[Transition]
+    telemetry_spans: list[tuple[float, float]]
+    busy_s: float
+    captured_busy_s: float
+    recorded_s: float
+
+    @property
+    def capture_ratio(self) -> float | None:
+        return self.captured_busy_s / self.busy_s if self.busy_s else None
+
+    def to_dict(self) -> dict[str, Any]:
+        th = self.thresholds
+        return {
+            "thresholds": {
+                "start_util_pct": th.start_util_pct,
+                "start_seconds": th.start_seconds,
+                "stop_util_pct": th.stop_util_pct,
+                "stop_seconds": th.stop_seconds,
+            },
+            "transitions": [
+                {
+                    "at": t.at,
+                    "from_state": t.from_state.value,
+                    "to_state": t.to_state.value,
+                    "reason": t.reason,
+                }
+                for t in self.transitions
+            ],
+            "telemetry_spans": [{"start": a, "end": b} for a, b in self.telemetry_spans],
+            "starts": len(self.telemetry_spans),
+            "busy_s": round(self.busy_s, 3),
+            "captured_busy_s": round(self.captured_busy_s, 3),
+            "capture_ratio": None if self.capture_ratio is None else round(self.capture_ratio, 4),
+            "recorded_s": round(self.recorded_s, 3),
+        }
+
+
+_ON = (ActivityState.ACTIVE, ActivityState.COOLING)
+
+
+def replay(series: UtilSeries, th: Thresholds) -> ReplayResult:
+    """Run the state machine over ``series``; busy means utilization ≥ the start threshold."""
+    interval = series.interval
+    gap = 1.5 * interval
+    machine: Machine | None = None
+    transitions: list[Transition] = []
+    spans: list[tuple[float, float]] = []
+    on_since: float | None = None
+    busy = captured = recorded = 0.0
+    prev_ts: float | None = None
+    for ts, u in zip(series.ts, series.util, strict=True):
+        util = None if u != u else u
+        if machine is None:
+            machine = Machine(ActivityState.IDLE, ts)
+        elif prev_ts is not None and ts - prev_ts > gap:
+            machine, tr = step(machine, None, prev_ts + interval, th)
+            if tr:
+                transitions.append(tr)
+        machine, tr = step(machine, util, ts, th)
+        if tr:
+            transitions.append(tr)
+        on = machine.state in _ON
+        if on and on_since is None:
+            on_since = ts
+        elif not on and on_since is not None:
+            spans.append((on_since, ts))
+            on_since = None
+        if util is not None and util >= th.start_util_pct:
+            busy += interval
+            if on:
+                captured += interval
+        if on:
+            recorded += interval
+        prev_ts = ts
+    if on_since is not None and prev_ts is not None:
+        spans.append((on_since, prev_ts + interval))
+    return ReplayResult(th, transitions, spans, busy, captured, recorded)
+
+
+SWEEP_START_UTIL = (10.0, 20.0, 40.0)
+SWEEP_START_SECONDS = (1.0, 5.0, 15.0)
+SWEEP_STOP_SECONDS = (5.0, 15.0, 60.0)
+
+
+def sweep(series: UtilSeries, base: Thresholds) -> list[ReplayResult]:
+    """Replay a small grid around ``base``: start util × start seconds × stop seconds."""
+    out = []
+    for su, ss, ps in itertools.product(SWEEP_START_UTIL, SWEEP_START_SECONDS, SWEEP_STOP_SECONDS):
+        th = Thresholds(su, ss, min(base.stop_util_pct, su), ps)
+        out.append(replay(series, th))
+    return out
