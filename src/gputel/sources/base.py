@@ -18,6 +18,10 @@ class GpuSourceError(RuntimeError):
     """A GPU source could not start. ``str()`` is one line with the likely fix."""
 
 
+class GpuSelectionError(GpuSourceError):
+    """``GPUTEL_GPUS`` names a GPU that does not exist: a configuration error, never a fallback."""
+
+
 @dataclass(frozen=True, slots=True)
 class GpuIdentity:
     index: int

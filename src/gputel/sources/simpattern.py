@@ -9,6 +9,7 @@ naming the bad segment, rather than silently simulating something else.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 
@@ -48,7 +49,13 @@ class Timeline:
         return out
 
 
+# Plain decimal numbers only: float() alone would also take "nan", "inf" and "1_0".
+_NUMBER = re.compile(r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
+
+
 def _parse_number(text: str) -> float:
+    if not _NUMBER.match(text.strip()):
+        raise ValueError(text)
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(text)
@@ -58,10 +65,10 @@ def _parse_number(text: str) -> float:
 def parse_timeline(text: str) -> Timeline:
     """Parse one GPU's ``UTIL:SECONDS,...`` pattern."""
     segments: list[Segment] = []
-    for raw in text.split(","):
+    for position, raw in enumerate(text.split(","), start=1):
         seg = raw.strip()
         if not seg:
-            raise PatternError(f"empty segment in {text!r}")
+            raise PatternError(f"segment {position} of {text!r} is empty (expected UTIL:SECONDS)")
         parts = seg.split(":")
         if len(parts) != 2:
             raise PatternError(f"segment {seg!r} is not UTIL:SECONDS")
@@ -85,7 +92,12 @@ def parse_pattern(text: str) -> tuple[Timeline, ...]:
     """Parse a full pattern: one timeline per ``;``-separated part."""
     if not text.strip():
         raise PatternError("pattern is empty")
-    return tuple(parse_timeline(part) for part in text.split(";"))
+    timelines: list[Timeline] = []
+    for gpu, part in enumerate(text.split(";")):
+        if not part.strip():
+            raise PatternError(f"the pattern for GPU {gpu} in {text!r} is empty")
+        timelines.append(parse_timeline(part))
+    return tuple(timelines)
 
 
 def timeline_for_gpu(timelines: tuple[Timeline, ...], index: int) -> Timeline:

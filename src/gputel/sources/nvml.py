@@ -1,0 +1,533 @@
+"""NVIDIA GPUs through NVML: the only module that imports ``pynvml``.
+
+Everything NVML can do wrong is decided here, once, so the rest of gputel sees plain readings:
+
+- initialisation failures become one :class:`GpuSourceError` line that names the likely fix, because
+  an operator reading a journal needs "reload the nvidia module", not an error code;
+- every field read goes through :meth:`NvmlGpuSource._ask`: a field the hardware or the binding
+  does not offer is ``None`` and never asked again (an unsupported call still costs a driver
+  round-trip every tick), a GPU that fell off the bus is marked lost once and left alone while the
+  other GPUs keep reporting, and any other error costs that field for that tick only;
+- ``pynvml`` is imported inside :func:`open_nvml`, never at import time, so ``gputel`` imports on
+  machines without the binding and tests can put a fake in ``sys.modules``.
+
+No thread, timeout or retry lives here: NVML calls can block in the kernel and only the caller
+(the agent's deadline-guarded read) can decide what waiting too long means. Reads of one source are
+serialised by a lock, so a caller that gave up on a hung read and asks again waits for it instead
+of piling more calls onto a wedged driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from gputel.schema import MIB, GpuReading
+from gputel.sources.base import GpuIdentity, GpuSelectionError, GpuSourceError
+
+log = logging.getLogger("gputel.nvml")
+
+# NVML return codes are part of its C ABI; literals keep classification working with bindings
+# (or fakes) that lack a constant.
+_NOT_SUPPORTED = 3
+_NO_PERMISSION = 4
+_DRIVER_NOT_LOADED = 9
+_LIBRARY_NOT_FOUND = 12
+_FUNCTION_NOT_FOUND = 13
+_GPU_IS_LOST = 15
+_LIB_RM_VERSION_MISMATCH = 18
+_ARGUMENT_VERSION_MISMATCH = 25
+_UNKNOWN = 999
+_PSTATE_UNKNOWN = 32
+
+#: Permanent for this driver and binding: stop asking.
+_UNSUPPORTED_CODES = frozenset({_NOT_SUPPORTED, _FUNCTION_NOT_FOUND, _ARGUMENT_VERSION_MISMATCH})
+#: The GPU itself stopped answering (Xid 79 and friends): stop asking it anything.
+_LOST_CODES = frozenset({_GPU_IS_LOST, _UNKNOWN})
+
+_OR_OTHER_BACKEND = "or use GPUTEL_BACKEND=sim/none"
+_LIBRARY_MISSING = (
+    "NVIDIA driver library libnvidia-ml.so.1 not found: install the NVIDIA driver, "
+    + _OR_OTHER_BACKEND
+)
+_INIT_FIXES: dict[int, str] = {
+    _LIBRARY_NOT_FOUND: _LIBRARY_MISSING,
+    _LIB_RM_VERSION_MISMATCH: (
+        "NVIDIA driver/library version mismatch (libnvidia-ml.so.1 differs from the loaded "
+        "kernel module): reboot or reload the nvidia kernel module after a driver upgrade"
+    ),
+    _NO_PERMISSION: (
+        "no permission to use the NVIDIA devices: give the gputel user read/write access to the "
+        "device nodes /dev/nvidia* (check their permissions, or the container's device list)"
+    ),
+    _DRIVER_NOT_LOADED: (
+        "NVIDIA kernel driver is not loaded: load it (modprobe nvidia) or install the NVIDIA "
+        "driver, " + _OR_OTHER_BACKEND
+    ),
+}
+
+#: PCIe throughput comes in KB/s, where NVML's KB is 1024 bytes.
+_KIB = 1024
+
+# The three values fetched in one nvmlDeviceGetFieldValues call instead of three calls:
+# (field key, binding constant name, its value in NVML's ABI).
+_BATCH_FIELDS: tuple[tuple[str, str, int], ...] = (
+    ("ecc_corrected_volatile", "NVML_FI_DEV_ECC_SBE_VOL_TOTAL", 3),
+    ("ecc_uncorrected_volatile", "NVML_FI_DEV_ECC_DBE_VOL_TOTAL", 4),
+    ("energy_j", "NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 83),
+)
+# nvmlValue_t members by nvmlValueType_t.
+_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+
+
+# ------------------------------------------------------------------- process-wide initialisation
+_state_lock = threading.Lock()
+_initialised: ModuleType | None = None
+_users = 0
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _init_error(exc: BaseException) -> GpuSourceError:
+    """Classify a failure to start NVML into the one line an operator can act on."""
+    if isinstance(exc, OSError):
+        return GpuSourceError(_LIBRARY_MISSING)
+    fix = _INIT_FIXES.get(getattr(exc, "value", None))
+    if fix is not None:
+        return GpuSourceError(fix)
+    return GpuSourceError(
+        f"NVML could not start ({_one_line(exc) or type(exc).__name__}): check that nvidia-smi "
+        f"works on this node, {_OR_OTHER_BACKEND}"
+    )
+
+
+def _import_pynvml() -> ModuleType:
+    try:
+        import pynvml
+    except Exception as exc:  # ImportError, or a broken binding failing while it loads
+        raise GpuSourceError(
+            f"cannot import the NVML Python binding pynvml ({_one_line(exc)}): install "
+            f"nvidia-ml-py, {_OR_OTHER_BACKEND}"
+        ) from None
+    return pynvml
+
+
+def _acquire(nv: ModuleType) -> None:
+    """Initialise NVML once per process; later sources share it."""
+    global _initialised, _users
+    with _state_lock:
+        if _initialised is not nv:
+            try:
+                nv.nvmlInit()
+            except Exception as exc:
+                raise _init_error(exc) from None
+            _initialised, _users = nv, 0
+        _users += 1
+
+
+def _release(nv: ModuleType) -> None:
+    """Shut NVML down when the last source using it closes."""
+    global _initialised, _users
+    with _state_lock:
+        if _initialised is not nv:
+            return
+        _users -= 1
+        if _users > 0:
+            return
+        _initialised, _users = None, 0
+    try:
+        nv.nvmlShutdown()
+    except Exception as exc:  # nothing useful to do at shutdown; the driver frees it at exit
+        log.debug("nvmlShutdown failed: %s", exc)
+
+
+def reset_nvml_state() -> None:
+    """Forget the process-wide initialisation (for tests that install a fresh fake binding)."""
+    global _initialised, _users
+    with _state_lock:
+        _initialised, _users = None, 0
+
+
+# ------------------------------------------------------------------------------------ the source
+class _GpuLost(Exception):
+    """Unwinds one GPU's read as soon as it turns out to be lost."""
+
+
+@dataclass(eq=False)
+class _Gpu:
+    index: int
+    handle: Any
+    uuid: str = ""
+    name: str = ""
+    lost: bool = False
+    unsupported: set[str] = field(default_factory=set)
+    warned: set[str] = field(default_factory=set)
+    energy_j: float = 0.0
+    """Integrated joules, used only where the driver has no energy counter."""
+    last_power: tuple[float, float] | None = None
+    """(monotonic seconds, watts) of the last power sample the integration used."""
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return "" if value is None else str(value)
+
+
+def _field_value(value: Any) -> Any:
+    """The number inside an nvmlFieldValue_t, by its declared type."""
+    kind = getattr(value, "valueType", 3)
+    member = _VALUE_MEMBERS[kind] if 0 <= kind < len(_VALUE_MEMBERS) else "ullVal"
+    return getattr(value.value, member)
+
+
+class NvmlGpuSource:
+    """The selected NVIDIA GPUs; build with :func:`open_nvml`."""
+
+    name = "nvml"
+
+    def __init__(self, nv: ModuleType, gpus: list[_Gpu], clock: Callable[[], float]) -> None:
+        self._nv = nv
+        self._gpus = gpus
+        self._clock = clock
+        self._error: type[BaseException] = getattr(nv, "NVMLError", Exception)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._batch = [
+            (key, int(getattr(nv, const, default))) for key, const, default in _BATCH_FIELDS
+        ]
+
+    # ---------------------------------------------------------------- the one way to ask NVML
+    def _ask(self, gpu: _Gpu, key: str, fn_name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn_name(handle, *args)`` for ``key``; None when it gives no value.
+
+        Raises _GpuLost when the GPU is (or just became) lost.
+        """
+        if gpu.lost:
+            raise _GpuLost
+        if key in gpu.unsupported:
+            return None
+        fn = getattr(self._nv, fn_name, None)
+        if fn is None:
+            self._failed(gpu, key, _FUNCTION_NOT_FOUND, f"this pynvml has no {fn_name}")
+            return None
+        try:
+            return fn(gpu.handle, *args, **kwargs)
+        except self._error as exc:
+            self._failed(gpu, key, getattr(exc, "value", None), _one_line(exc))
+            return None
+
+    def _failed(self, gpu: _Gpu, key: str, code: int | None, detail: str) -> None:
+        """Decide what an NVML failure means; shared by single calls and batched values."""
+        if code in _UNSUPPORTED_CODES:
+            gpu.unsupported.add(key)
+            log.debug("GPU %d: %s not supported (%s); not asking again", gpu.index, key, detail)
+            return
+        if code in _LOST_CODES:
+            gpu.lost = True
+            log.warning(
+                "GPU %d (%s) is lost (%s reading %s): reporting it as lost from now on while the "
+                "other GPUs keep reporting; check dmesg for Xid errors, a GPU reset or reboot is "
+                "needed",
+                gpu.index,
+                gpu.uuid or "uuid unknown",
+                detail,
+                key,
+            )
+            raise _GpuLost
+        if key not in gpu.warned:
+            gpu.warned.add(key)
+            log.warning(
+                "GPU %d: reading %s failed (%s); leaving it empty while it fails (logged once)",
+                gpu.index,
+                key,
+                detail,
+            )
+
+    def _first(
+        self, gpu: _Gpu, options: list[tuple[str, str, tuple[Any, ...], dict[str, Any]]]
+    ) -> Any:
+        """The first of several ways to read one value; the next is tried only when one is
+        unsupported, so a transient failure does not double the calls."""
+        for key, fn_name, args, kwargs in options:
+            if key in gpu.unsupported:
+                continue
+            value = self._ask(gpu, key, fn_name, *args, **kwargs)
+            if value is not None or key not in gpu.unsupported:
+                return value
+        return None
+
+    def _const(self, name: str, default: int) -> int:
+        return int(getattr(self._nv, name, default))
+
+    # ------------------------------------------------------------------------------- fields
+    def _utilization(self, gpu: _Gpu) -> tuple[float | None, float | None]:
+        rates = self._ask(gpu, "utilization", "nvmlDeviceGetUtilizationRates")
+        if rates is None:
+            return None, None
+        return float(rates.gpu), float(rates.memory)
+
+    def _memory(self, gpu: _Gpu) -> tuple[float | None, float | None]:
+        # v2 reports "used" without the driver's reserved memory, which is what a job sees.
+        options: list[tuple[str, str, tuple[Any, ...], dict[str, Any]]] = []
+        v2 = getattr(self._nv, "nvmlMemory_v2", None)
+        if v2 is not None:
+            options.append(("memory_v2", "nvmlDeviceGetMemoryInfo", (), {"version": v2}))
+        options.append(("memory", "nvmlDeviceGetMemoryInfo", (), {}))
+        info = self._first(gpu, options)
+        if info is None:
+            return None, None
+        return info.used / MIB, info.total / MIB
+
+    def _temperature(self, gpu: _Gpu) -> float | None:
+        sensor = self._const("NVML_TEMPERATURE_GPU", 0)
+        value = self._first(
+            gpu,
+            [
+                ("temperature_v", "nvmlDeviceGetTemperatureV", (sensor,), {}),
+                ("temperature", "nvmlDeviceGetTemperature", (sensor,), {}),
+            ],
+        )
+        return None if value is None else float(value)
+
+    def _power(self, gpu: _Gpu) -> float | None:
+        # nvmlDeviceGetPowerUsage, not the FI_DEV_POWER_INSTANT field: on Ampere and later it is
+        # the average over the last second, which suits one sample per second (and the energy
+        # integration) better than a single instant.
+        mw = self._ask(gpu, "power_w", "nvmlDeviceGetPowerUsage")
+        return None if mw is None else mw / 1000.0
+
+    def _batch_values(self, gpu: _Gpu) -> dict[str, Any] | None:
+        """ECC counts and the energy counter in one call; None when the caller must ask one by
+        one (the binding or driver has no nvmlDeviceGetFieldValues)."""
+        if "field_values" in gpu.unsupported:
+            return None
+        wanted = [(key, fid) for key, fid in self._batch if key not in gpu.unsupported]
+        if not wanted:
+            return {}
+        values = self._ask(gpu, "field_values", "nvmlDeviceGetFieldValues", [f for _, f in wanted])
+        if values is None:
+            return None if "field_values" in gpu.unsupported else {}
+        out: dict[str, Any] = {}
+        for (key, fid), value in zip(wanted, values, strict=False):
+            status = getattr(value, "nvmlReturn", 0)
+            if status == 0:
+                out[key] = _field_value(value)
+            else:
+                self._failed(gpu, key, status, f"field value {fid} returned {status}")
+        return out
+
+    def _ecc(self, gpu: _Gpu, kind: str, batch: dict[str, Any] | None) -> int | None:
+        key = f"ecc_{kind}_volatile"
+        if batch is not None:
+            value = batch.get(key)
+        else:
+            default = {"corrected": 0, "uncorrected": 1}[kind]
+            error_type = self._const(f"NVML_MEMORY_ERROR_TYPE_{kind.upper()}", default)
+            value = self._ask(
+                gpu,
+                key,
+                "nvmlDeviceGetTotalEccErrors",
+                error_type,
+                self._const("NVML_VOLATILE_ECC", 0),
+            )
+        return None if value is None else int(value)
+
+    def _energy(
+        self, gpu: _Gpu, batch: dict[str, Any] | None, power_w: float | None, now: float
+    ) -> float | None:
+        """Cumulative joules: the driver's counter, else the integral of power since open."""
+        if "energy_j" not in gpu.unsupported:
+            if batch is not None:
+                mj = batch.get("energy_j")
+            else:
+                mj = self._ask(gpu, "energy_j", "nvmlDeviceGetTotalEnergyConsumption")
+            if mj is not None:
+                return mj / 1000.0
+            if "energy_j" not in gpu.unsupported:
+                return None
+        return self._integrate(gpu, power_w, now)
+
+    @staticmethod
+    def _integrate(gpu: _Gpu, power_w: float | None, now: float) -> float | None:
+        """Trapezoid over the monotonic clock; a gap in power bridges to the next sample."""
+        if power_w is None:
+            return gpu.energy_j if gpu.last_power is not None else None
+        if gpu.last_power is not None:
+            then, before = gpu.last_power
+            if now > then:
+                gpu.energy_j += (before + power_w) / 2.0 * (now - then)
+        gpu.last_power = (now, power_w)
+        return gpu.energy_j
+
+    def _energy_only(self, gpu: _Gpu) -> float | None:
+        if "energy_j" not in gpu.unsupported:
+            mj = self._ask(gpu, "energy_j", "nvmlDeviceGetTotalEnergyConsumption")
+            if mj is not None:
+                return mj / 1000.0
+            if "energy_j" not in gpu.unsupported:
+                return None
+        return self._integrate(gpu, self._power(gpu), self._clock())
+
+    def _fill(self, gpu: _Gpu, r: GpuReading) -> None:
+        nv = self._nv
+        r.utilization_gpu_pct, r.utilization_memory_pct = self._utilization(gpu)
+        r.memory_used_mib, r.memory_total_mib = self._memory(gpu)
+        r.temperature_c = self._temperature(gpu)
+        r.power_w = self._power(gpu)
+        now = self._clock()
+        limit = self._ask(gpu, "power_limit_w", "nvmlDeviceGetEnforcedPowerLimit")
+        r.power_limit_w = None if limit is None else limit / 1000.0
+        batch = self._batch_values(gpu)
+        r.ecc_corrected_volatile = self._ecc(gpu, "corrected", batch)
+        r.ecc_uncorrected_volatile = self._ecc(gpu, "uncorrected", batch)
+        r.energy_j = self._energy(gpu, batch, r.power_w, now)
+        sm = self._ask(
+            gpu, "sm_clock_mhz", "nvmlDeviceGetClockInfo", self._const("NVML_CLOCK_SM", 1)
+        )
+        r.sm_clock_mhz = None if sm is None else float(sm)
+        mem = self._ask(
+            gpu, "memory_clock_mhz", "nvmlDeviceGetClockInfo", self._const("NVML_CLOCK_MEM", 2)
+        )
+        r.memory_clock_mhz = None if mem is None else float(mem)
+        fan = self._ask(gpu, "fan_speed_pct", "nvmlDeviceGetFanSpeed")
+        r.fan_speed_pct = None if fan is None else float(fan)
+        pstate = self._ask(gpu, "performance_state", "nvmlDeviceGetPerformanceState")
+        unknown = getattr(nv, "NVML_PSTATE_UNKNOWN", _PSTATE_UNKNOWN)
+        r.performance_state = None if pstate is None or pstate == unknown else int(pstate)
+        reasons = self._first(
+            gpu,
+            [
+                ("clock_event_reasons", "nvmlDeviceGetCurrentClocksEventReasons", (), {}),
+                ("clock_throttle_reasons", "nvmlDeviceGetCurrentClocksThrottleReasons", (), {}),
+            ],
+        )
+        r.clock_event_reasons = None if reasons is None else int(reasons)
+        # Each throughput call samples the bus for ~20 ms inside the driver.
+        rx = self._ask(
+            gpu,
+            "pcie_rx_bytes_per_s",
+            "nvmlDeviceGetPcieThroughput",
+            self._const("NVML_PCIE_UTIL_RX_BYTES", 1),
+        )
+        r.pcie_rx_bytes_per_s = None if rx is None else float(rx) * _KIB
+        tx = self._ask(
+            gpu,
+            "pcie_tx_bytes_per_s",
+            "nvmlDeviceGetPcieThroughput",
+            self._const("NVML_PCIE_UTIL_TX_BYTES", 0),
+        )
+        r.pcie_tx_bytes_per_s = None if tx is None else float(tx) * _KIB
+
+    # --------------------------------------------------------------------------- GpuSource
+    def devices(self) -> list[GpuIdentity]:
+        return [GpuIdentity(g.index, g.uuid, g.name) for g in self._gpus]
+
+    def read_utilization(self) -> dict[int, float | None]:
+        """One call per GPU: the agent polls this every tick, busy or idle."""
+        out: dict[int, float | None] = {}
+        with self._lock:
+            for gpu in self._gpus:
+                try:
+                    out[gpu.index] = self._utilization(gpu)[0]
+                except _GpuLost:
+                    out[gpu.index] = None
+        return out
+
+    def read(self) -> list[GpuReading]:
+        readings: list[GpuReading] = []
+        with self._lock:
+            for gpu in self._gpus:
+                reading = GpuReading(index=gpu.index, uuid=gpu.uuid, name=gpu.name)
+                try:
+                    self._fill(gpu, reading)
+                except _GpuLost:
+                    # Values read before the loss are dropped: they belong to a GPU now gone.
+                    reading = GpuReading(gpu.index, gpu.uuid, gpu.name, lost=True)
+                readings.append(reading)
+        return readings
+
+    def read_energy_j(self) -> dict[int, float | None]:
+        out: dict[int, float | None] = {}
+        with self._lock:
+            for gpu in self._gpus:
+                try:
+                    out[gpu.index] = self._energy_only(gpu)
+                except _GpuLost:
+                    out[gpu.index] = None
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        _release(self._nv)
+
+
+def open_nvml(
+    selected: tuple[int, ...] | None, clock: Callable[[], float] = time.monotonic
+) -> NvmlGpuSource:
+    """Start NVML (once per process) and open the selected GPUs (all when ``None``).
+
+    Raises GpuSourceError with one line naming the likely fix when NVML cannot start, finds no
+    GPU, or a selected index does not exist. A GPU that is already lost is opened as lost.
+    """
+    nv = _import_pynvml()
+    _acquire(nv)
+    try:
+        return _open(nv, selected, clock)
+    except BaseException:
+        _release(nv)
+        raise
+
+
+def _open(
+    nv: ModuleType, selected: tuple[int, ...] | None, clock: Callable[[], float]
+) -> NvmlGpuSource:
+    try:
+        count = int(nv.nvmlDeviceGetCount())
+    except Exception as exc:
+        raise _init_error(exc) from None
+    if count == 0:
+        raise GpuSourceError(
+            "NVML found no NVIDIA GPU on this node: check nvidia-smi and that the GPU is seated "
+            f"and powered, {_OR_OTHER_BACKEND}"
+        )
+    indices = list(range(count)) if selected is None else sorted(set(selected))
+    missing = [i for i in indices if i >= count]
+    if missing:
+        names = ", ".join(str(i) for i in missing)
+        raise GpuSelectionError(
+            f"GPUTEL_GPUS selects GPU {names}, but this node has {count} GPU(s) "
+            f"(indices 0-{count - 1}): fix GPUTEL_GPUS"
+        )
+    error: type[BaseException] = getattr(nv, "NVMLError", Exception)
+    gpus: list[_Gpu] = []
+    for index in indices:
+        try:
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+        except error as exc:
+            if getattr(exc, "value", None) not in _LOST_CODES:
+                raise _init_error(exc) from None
+            log.warning("GPU %d is lost at start (%s); reporting it as lost", index, _one_line(exc))
+            gpus.append(_Gpu(index, None, lost=True))
+            continue
+        gpus.append(_Gpu(index, handle))
+    source = NvmlGpuSource(nv, gpus, clock)
+    for gpu in gpus:
+        try:
+            gpu.uuid = _text(source._ask(gpu, "uuid", "nvmlDeviceGetUUID"))
+            gpu.name = _text(source._ask(gpu, "name", "nvmlDeviceGetName"))
+            # Starts the power integration at 0 now where the driver has no energy counter.
+            source._energy_only(gpu)
+        except _GpuLost:
+            pass
+    return source

@@ -1,0 +1,124 @@
+"""Choosing the GPU source (``GPUTEL_BACKEND``) and building the host sources.
+
+``auto`` must never stop a node agent from starting: a node without a driver, or with a broken
+one, still gets host telemetry, and the operator gets one line saying why there are no GPUs and
+how to get simulated ones. An explicit ``nvml`` is a promise that there is a GPU, so its failure
+propagates. ``gputel.sources.nvml`` is imported only when NVML is wanted, so a missing or broken
+``pynvml`` can never break ``sim`` or ``none``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+
+from gputel.runtime import SIM_EPOCH_ENV
+from gputel.settings import Settings
+from gputel.sources.base import GpuSelectionError, GpuSource, GpuSourceError, HostSource
+from gputel.sources.host import PsutilHostSource
+from gputel.sources.hwmon import HwmonSource
+from gputel.sources.rapl import RaplSource
+from gputel.sources.sim import NoneGpuSource, SimGpuSource
+
+__all__ = [
+    "NoneGpuSource",
+    "auto_fallback_notice",
+    "open_gpu_source",
+    "open_host_sources",
+    "sim_epoch_from_env",
+]
+
+NVML_BINDINGS_MISSING = "the NVML Python bindings are not installed (pip install nvidia-ml-py)"
+
+
+def auto_fallback_notice(reason: str) -> str:
+    """The one line an operator sees when ``auto`` found no usable GPU."""
+    return (
+        f"no GPU telemetry: {reason}; recording host telemetry only "
+        "(set GPUTEL_BACKEND=sim for simulated GPUs)"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return first or type(exc).__name__
+
+
+def _open_nvml(settings: Settings) -> GpuSource:
+    try:
+        from gputel.sources.nvml import open_nvml
+    except ImportError as exc:
+        if getattr(exc, "name", None) in ("pynvml", "gputel.sources.nvml"):
+            raise GpuSourceError(NVML_BINDINGS_MISSING) from exc
+        raise GpuSourceError(f"cannot load the NVML source: {_one_line(exc)}") from exc
+    return open_nvml(settings.gpus)
+
+
+def sim_epoch_from_env(
+    env: Mapping[str, str], clock: Callable[[], float] = time.monotonic
+) -> tuple[float | None, str | None]:
+    """The inherited timeline epoch, or ``(None, notice)`` when the variable is unusable.
+
+    An epoch in the future cannot come from a parent on this machine (CLOCK_MONOTONIC is
+    system-wide), so it is refused rather than producing a timeline that has not started.
+    """
+    text = env.get(SIM_EPOCH_ENV)
+    if text is None or not text.strip():
+        return None, None
+    try:
+        epoch = float(text)
+    except ValueError:
+        epoch = math.nan
+    if not math.isfinite(epoch) or epoch < 0 or epoch > clock():
+        return None, (
+            f"ignoring {SIM_EPOCH_ENV}={text!r} (not a past CLOCK_MONOTONIC value); "
+            "the simulated timeline starts now"
+        )
+    return epoch, None
+
+
+def open_gpu_source(
+    settings: Settings,
+    env: Mapping[str, str] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[GpuSource, str | None]:
+    """The GPU source for ``settings.backend`` and an optional one-line notice for the log.
+
+    Raises GpuSourceError for ``nvml`` without a usable NVML, and for selected GPUs that do not
+    exist (with ``sim`` or ``nvml``).
+    """
+    env = os.environ if env is None else env
+    backend = settings.backend
+    if backend == "sim":
+        epoch, notice = sim_epoch_from_env(env, clock)
+        source = SimGpuSource(
+            settings.sim_gpus, settings.sim_pattern, settings.gpus, epoch=epoch, clock=clock
+        )
+        return source, notice
+    if backend == "none":
+        return NoneGpuSource(), None
+    if backend == "nvml":
+        return _open_nvml(settings), None
+    if backend != "auto":
+        raise GpuSourceError(f"unknown GPUTEL_BACKEND {backend!r}")
+    try:
+        return _open_nvml(settings), None
+    except GpuSelectionError:
+        raise  # a typo in GPUTEL_GPUS on a GPU node must not silently record no GPUs
+    except GpuSourceError as exc:
+        reason = _one_line(exc)
+    except Exception as exc:
+        reason = f"NVML failed unexpectedly ({type(exc).__name__}: {_one_line(exc)})"
+    return NoneGpuSource(), auto_fallback_notice(reason)
+
+
+def open_host_sources(settings: Settings) -> list[HostSource]:
+    """psutil, RAPL and hwmon; each reports None fields where its hardware is absent."""
+    return [
+        PsutilHostSource(),
+        RaplSource(settings.sysfs_root),
+        HwmonSource(settings.sysfs_root),
+    ]
