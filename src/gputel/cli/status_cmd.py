@@ -1,9 +1,331 @@
-"""Commands of this group are registered here (work in progress)."""
+"""``gputel status``: what the agent is doing, or, with no agent, what this node looks like now.
+
+With an agent, its own status object is shown (one socket round trip, no GPU read here, so it
+stays fast). Without one, a local snapshot is taken: the GPU read runs on a daemon thread with a
+deadline, because a wedged driver can block an NVML call forever and status must still answer.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sys
+import threading
+import time
+from dataclasses import asdict, fields
+from typing import Any
+
 import typer
+
+from gputel.cli.operator_cmd import human_time
+from gputel.cli.options import EXIT_FAILURE, EXIT_OK, fail, settings_options
+from gputel.settings import Settings
+
+GPU_READ_DEADLINE_S = 2.0
+HOST_CPU_WINDOW_S = 0.1
+"""Gap between two host reads, so CPU utilization and RAPL power have a delta to work with."""
+
+
+# ---------------------------------------------------------------------------------- local snapshot
+def _gpu_snapshot(settings: Settings) -> tuple[list[dict[str, Any]], str | None, str | None, bool]:
+    """(gpus, source name, notice, failed): one read with a deadline; never hangs, never raises."""
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            from gputel.sources.select import open_gpu_source
+
+            source, notice = open_gpu_source(settings)
+            box["name"] = getattr(source, "name", None)
+            box["notice"] = notice
+            try:
+                box["gpus"] = [_reading_dict(r) for r in source.read()]
+            finally:
+                source.close()
+        except Exception as exc:
+            box["error"] = _one_line(exc)
+
+    thread = threading.Thread(target=work, name="gputel-status-gpu", daemon=True)
+    thread.start()
+    thread.join(GPU_READ_DEADLINE_S)
+    if thread.is_alive():
+        return (
+            [],
+            None,
+            f"the GPU read did not finish within {GPU_READ_DEADLINE_S:g}s (a hung driver or GPU?); "
+            "no GPU values shown",
+            True,
+        )
+    if "error" in box:
+        return [], None, f"no GPU telemetry: {box['error']}", True
+    return box.get("gpus", []), box.get("name"), box.get("notice"), False
+
+
+def _reading_dict(reading: Any) -> dict[str, Any]:
+    return {f.name: getattr(reading, f.name) for f in fields(reading)}
+
+
+def _host_snapshot(settings: Settings) -> tuple[dict[str, Any], str | None]:
+    try:
+        from gputel.schema import HostReading
+        from gputel.sources.select import open_host_sources
+
+        sources = open_host_sources(settings)
+    except Exception as exc:
+        return {}, f"no host telemetry: {_one_line(exc)}"
+    values: dict[str, Any] = {}
+    for attempt in range(2):
+        if attempt:
+            time.sleep(HOST_CPU_WINDOW_S)
+        for source in sources:
+            try:
+                values.update(source.read())
+            except Exception:
+                continue  # a source fails alone; its fields stay null
+    known = {f.name for f in fields(HostReading)}
+    host = asdict(HostReading(**{k: v for k, v in values.items() if k in known}))
+    hwmon = host.pop("hwmon_temperatures_c", {}) or {}
+    host["hwmon_temperatures_c"] = {f"{chip}/{label}": t for (chip, label), t in hwmon.items()}
+    for source in sources:
+        close = getattr(source, "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                close()
+    return host, None
+
+
+def local_status(settings: Settings) -> tuple[dict[str, Any], bool]:
+    """The status object when no agent runs, and whether an explicitly wanted GPU source failed."""
+    result: dict[str, Any] = {}
+    gpu_thread = threading.Thread(
+        target=lambda: result.update(gpu=_gpu_snapshot(settings)), daemon=True
+    )
+    gpu_thread.start()
+    host, host_notice = _host_snapshot(settings)
+    gpu_thread.join(GPU_READ_DEADLINE_S + 0.5)
+    gpus, source, notice, failed = result.get(
+        "gpu", ([], None, "the GPU read did not finish in time", True)
+    )
+    notices = [n for n in (notice, host_notice) if n]
+    status = {
+        "agent": "not running",
+        "state": None,
+        "mode": None,
+        "mode_until": None,
+        "telemetry_active": False,
+        "allocations": [],
+        "gpus": gpus,
+        "host": host,
+        "backend": settings.backend,
+        "source": source,
+        "run_dir": str(settings.run_dir),
+        "notice": "; ".join(notices) if notices else None,
+    }
+    return status, failed and settings.backend != "auto"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------- rendering
+def _fmt(value: Any, digits: int = 0, unit: str = "") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        text = f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+        return f"{text}{unit}"
+    return str(value)
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "–"
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+_GPU_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("util", ("utilization_gpu_pct",)),
+    ("memory (MiB)", ("memory_used_mib", "memory_total_mib")),
+    ("temp", ("temperature_c",)),
+    ("power", ("power_w",)),
+    ("clock", ("sm_clock_mhz",)),
+)
+
+
+def _gpu_cell(title: str, g: dict[str, Any]) -> str:
+    if title == "util":
+        return _fmt(g.get("utilization_gpu_pct"), 0, " %")
+    if title == "memory (MiB)":
+        return f"{_fmt(g.get('memory_used_mib'))} / {_fmt(g.get('memory_total_mib'))}"
+    if title == "temp":
+        return _fmt(g.get("temperature_c"), 0, " °C")
+    if title == "power":
+        return _fmt(g.get("power_w"), 0, " W")
+    return _fmt(g.get("sm_clock_mhz"), 0, " MHz")
+
+
+def _gpu_table(table_cls: Any, gpus: list[dict[str, Any]]) -> Any:
+    """Index and name, then only the value columns some GPU has (the agent sends utilization)."""
+    shown = [
+        title
+        for title, keys in _GPU_COLUMNS
+        if any(g.get(k) is not None for g in gpus for k in keys)
+    ]
+    table = table_cls(title="GPUs", title_justify="left")
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("name", no_wrap=True, overflow="ellipsis", max_width=28)
+    for title in shown:
+        table.add_column(title, justify="right", no_wrap=True)
+    for g in gpus:
+        name = str(g.get("name") or "")
+        if g.get("lost"):
+            name += " [red](lost)[/red]"
+        table.add_row(_fmt(g.get("index")), name, *(_gpu_cell(t, g) for t in shown))
+    return table
+
+
+def render_human(status: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    out = console.print
+    agent = status.get("agent", "not running")
+    if agent != "running":
+        out(f"agent: {agent}")
+    else:
+        bits = ["agent: running"]
+        if status.get("pid"):
+            bits.append(f"pid {status['pid']}")
+        if status.get("uptime_s") is not None:
+            bits.append(f"up {_duration(status.get('uptime_s'))}")
+        out(", ".join(bits))
+        mode = status.get("mode")
+        until = human_time(status.get("mode_until"))
+        out(
+            f"state: {status.get('state') or '–'}   mode: {mode or '–'}"
+            + (f" until {until}" if until else "")
+        )
+        active = status.get("telemetry_active")
+        reason = status.get("telemetry_reason") or status.get("reason")
+        out(f"telemetry: {'on' if active else 'off'}" + (f" ({reason})" if reason else ""))
+        child = status.get("child")
+        if isinstance(child, dict) and child.get("pid"):
+            out(f"recorder: pid {child['pid']}, up {_duration(child.get('uptime_s'))}")
+            files = child.get("files")
+            if isinstance(files, dict):
+                for kind, path in files.items():
+                    if path:
+                        out(f"  {kind} file: {path}")
+        degraded = status.get("degraded")
+        if degraded:
+            items = degraded if isinstance(degraded, list) else [degraded]
+            for item in items:
+                out(f"[yellow]degraded:[/yellow] {item}")
+    gpus = status.get("gpus") or []
+    if status.get("notice") and (gpus or agent == "running"):
+        out(f"[yellow]notice:[/yellow] {status['notice']}")
+    if gpus:
+        console.print(_gpu_table(Table, [g for g in gpus if isinstance(g, dict)]))
+    elif agent == "running":
+        out("GPUs: none")
+    else:
+        out(f"no GPU found: {status.get('notice') or 'none present or selected'}")
+
+    allocations = status.get("allocations") or []
+    if allocations:
+        table = Table(title="allocations", title_justify="left")
+        for col in ("id", "gpus", "pid", "since"):
+            table.add_column(col)
+        for a in allocations:
+            if isinstance(a, dict):
+                gl = a.get("gpus")
+                table.add_row(
+                    str(a.get("id")),
+                    "all" if gl is None else ",".join(str(x) for x in gl),
+                    _fmt(a.get("pid")),
+                    _fmt(a.get("start")),
+                )
+        console.print(table)
+    elif agent == "running":
+        out("allocations: none")
+
+    transitions = status.get("transitions") or status.get("recent_transitions") or []
+    if transitions:
+        table = Table(title="recent transitions", title_justify="left")
+        for col in ("time", "from", "to", "reason"):
+            table.add_column(col)
+        for t in transitions[-10:]:
+            if isinstance(t, dict):
+                table.add_row(
+                    _fmt(human_time(t.get("timestamp") or t.get("at"))),
+                    _fmt(t.get("from_state") or t.get("from")),
+                    _fmt(t.get("to_state") or t.get("to")),
+                    _fmt(t.get("reason")),
+                )
+        console.print(table)
+
+    host = status.get("host")
+    if isinstance(host, dict) and host:
+        out(
+            "host: "
+            f"cpu {_fmt(host.get('cpu_util_pct'), 0, ' %')}, "
+            f"load {_fmt(host.get('load_1m'), 2)}, "
+            f"memory used {_fmt(host.get('memory_used_mib'), 0, ' MiB')}, "
+            f"cpu package {_fmt(host.get('cpu_package_power_w'), 0, ' W')}"
+        )
+
+
+# ---------------------------------------------------------------------------------- command
+def status_command(settings: Settings, as_json: bool) -> int:
+    from gputel.control import AgentTimeout, AgentUnavailable, ControlError, request
+
+    try:
+        reply = request(settings.run_dir, {"op": "status"}, timeout=2.0)
+    except AgentUnavailable as exc:
+        if exc.reason not in ("missing", "refused"):
+            fail(str(exc))
+        status, failed = local_status(settings)
+        code = EXIT_FAILURE if failed else EXIT_OK
+    except AgentTimeout as exc:
+        fail(f"{exc}: the agent is running but stuck (see journalctl -u gputel or agent.log)")
+    except ControlError as exc:
+        fail(str(exc))
+    else:
+        if not reply.get("ok", False):
+            fail(f"the agent refused status: {reply.get('error', 'no reason given')}")
+        status = {k: v for k, v in reply.items() if k != "ok"}
+        status.setdefault("agent", "running")
+        code = EXIT_OK
+    if as_json:
+        sys.stdout.write(json.dumps(status, indent=2, default=str) + "\n")
+    else:
+        render_human(status)
+    if code != EXIT_OK and status.get("notice"):
+        print(f"gputel: {status['notice']}", file=sys.stderr)
+    return code
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``gputel status`` to ``app``."""
+
+    @app.command("status")
+    @settings_options
+    def status(
+        settings: Settings,
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ) -> None:
+        """Agent, state, mode, GPUs, recorder child and allocations (a local snapshot when no
+        agent runs)."""
+        code = status_command(settings, as_json)
+        if code:
+            raise typer.Exit(code)
