@@ -1,9 +1,221 @@
-"""Commands of this group are registered here (work in progress)."""
+"""``gputel hook allocate | release | list``: the hook API for shell callers (Slurm prolog/epilog).
+
+An explicit command needs no ``GPU_TELEMETRY_AUTOSTART``: whoever runs it asked for it. Input is
+checked here before the agent is contacted, so a bad id or GPU list exits 2 without side effects;
+the agent checks that the GPUs exist, and its refusal exits 2 as well.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+from typing import Any
+
 import typer
+
+from gputel.allocations import AllocationError, parse_gpus_text, validate_id
+from gputel.cli.options import EXIT_USAGE, fail, settings_options, settings_options_except
+from gputel.settings import Settings
+
+hook_app = typer.Typer(
+    name="hook",
+    help="Open and close GPU allocations (orchestrators, Slurm prolog/epilog).",
+    no_args_is_help=True,
+)
+
+_STARTABLE = ("missing", "refused")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.add_typer(hook_app, name="hook")
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text)
+
+
+def _checked_id(ident: str) -> str:
+    try:
+        return validate_id(ident)
+    except AllocationError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def _ask(settings: Settings, message: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
+    """The agent's reply; no agent → exit 1 with the reason."""
+    from gputel.control import ControlError, request
+
+    try:
+        return request(settings.run_dir, message, timeout=timeout)
+    except ControlError as exc:
+        fail(str(exc))
+
+
+def _transient(reply: dict[str, Any]) -> bool:
+    """A refusal from an agent that is coming up or going down, worth asking again."""
+    error = reply.get("error")
+    return (
+        reply.get("ok") is not True
+        and isinstance(error, str)
+        and ("try again" in error or "shutting down" in error)
+    )
+
+
+def _allocate_with_start(
+    settings: Settings, message: dict[str, Any], wait_s: float, quiet: bool
+) -> dict[str, Any]:
+    """Register, starting an agent first when none answers, within ``wait_s`` seconds."""
+    from gputel.agent_launch import AgentStartError, ensure_agent
+    from gputel.control import AgentTimeout, AgentUnavailable, ControlError, request
+
+    deadline = time.monotonic() + wait_s
+    started = False
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            reply = request(settings.run_dir, message, timeout=max(0.2, min(3.0, left)))
+            if not _transient(reply) or deadline - time.monotonic() <= 0.1:
+                return reply
+            time.sleep(0.1)
+        except AgentUnavailable as exc:
+            if exc.reason not in _STARTABLE:
+                fail(str(exc))
+            if left <= 0:
+                fail(f"the gputel agent did not come up within {wait_s:g}s ({exc})")
+            if not started:
+                started = True
+                try:
+                    how = ensure_agent(settings, wait_s=max(0.1, min(left, 2.0)))
+                except AgentStartError as start_exc:
+                    fail(f"no gputel agent is running and none could be started: {start_exc}")
+                if not quiet:
+                    print(f"gputel: {how}", file=sys.stderr)
+            else:
+                time.sleep(0.1)
+        except AgentTimeout as exc:
+            fail(str(exc))
+        except ControlError as exc:
+            fail(str(exc))
+
+
+@hook_app.command("allocate")
+@settings_options_except("gpus")
+def allocate(
+    id: str = typer.Argument(..., help="allocation id: 1-128 of A-Z a-z 0-9 . _ : @ -"),
+    gpus: str | None = typer.Option(
+        None, "--gpus", help="GPU indices of the allocation, e.g. 0,1 (default: all)"
+    ),
+    pid: int | None = typer.Option(
+        None, "--pid", help="owner process: the allocation closes when it exits"
+    ),
+    wait: float = typer.Option(
+        3.0, "--wait", help="seconds to wait for a starting agent", hidden=True
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing on success"),
+    as_json: bool = typer.Option(False, "--json", help="print the agent's reply"),
+    *,
+    settings: Settings,
+) -> None:
+    """Open an allocation: telemetry runs while any allocation is open (starts the agent)."""
+    ident = _checked_id(id)
+    try:
+        wanted = parse_gpus_text(gpus)
+    except AllocationError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if pid is not None and pid <= 0:
+        fail(f"--pid {pid} is not a process id", EXIT_USAGE)
+    message = {"op": "allocate", "id": ident, "gpus": wanted, "pid": pid}
+    reply = _allocate_with_start(settings, message, max(0.0, wait), quiet)
+    if reply.get("ok") is not True:
+        fail(str(reply.get("error") or "the agent refused the allocation"), EXIT_USAGE)
+    if as_json:
+        print(json.dumps(reply, sort_keys=True))
+        return
+    alloc = reply.get("allocation") or {}
+    shown = alloc.get("gpus")
+    where = "all GPUs" if shown is None else "GPUs " + ",".join(str(g) for g in shown)
+    verb = "opened" if reply.get("created") else "already open:"
+    _say(quiet, f"allocation {verb} {ident} ({where})")
+
+
+@hook_app.command("release")
+@settings_options
+def release(
+    id: str = typer.Argument(..., help="allocation id"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing on success"),
+    as_json: bool = typer.Option(False, "--json", help="print the agent's reply"),
+    *,
+    settings: Settings,
+) -> None:
+    """Close an allocation and print its summary (duration, energy, utilization)."""
+    ident = _checked_id(id)
+    reply = _ask(settings, {"op": "release", "id": ident})
+    if reply.get("ok") is not True:
+        fail(str(reply.get("error") or "the agent refused the release"), EXIT_USAGE)
+    if as_json:
+        print(json.dumps(reply, sort_keys=True))
+        return
+    summary = reply.get("summary")
+    if not reply.get("released") or not isinstance(summary, dict):
+        _say(quiet, f"allocation {ident} was not open")
+        return
+    _say(quiet, format_summary(summary))
+
+
+def _num(value: object, unit: str, fmt: str = "{:.1f}") -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt.format(value) + unit
+    return "n/a"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    gpus = summary.get("gpus") or []
+    lines = [
+        f"released {summary.get('id')}",
+        f"  gpus         {','.join(str(g) for g in gpus) or 'none'}",
+        f"  start        {summary.get('start')}",
+        f"  end          {summary.get('end')}",
+        f"  duration     {_num(summary.get('duration_s'), ' s')}",
+        f"  energy       {_num(summary.get('energy_j'), ' J')}",
+        f"  utilization  mean {_num(summary.get('util_mean_pct'), ' %')}, "
+        f"max {_num(summary.get('util_max_pct'), ' %')}",
+        f"  temperature  max {_num(summary.get('temperature_max_c'), ' °C')}",
+        f"  memory       max {_num(summary.get('memory_max_mib'), ' MiB', '{:.0f}')}",
+    ]
+    reason = summary.get("release_reason")
+    if reason and reason != "released":
+        lines.append(f"  reason       {reason}")
+    return "\n".join(lines)
+
+
+@hook_app.command("list")
+@settings_options
+def list_(
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    *,
+    settings: Settings,
+) -> None:
+    """List the open allocations."""
+    reply = _ask(settings, {"op": "list"})
+    if reply.get("ok") is not True:
+        fail(str(reply.get("error") or "the agent refused the request"))
+    allocations = reply.get("allocations")
+    if not isinstance(allocations, list):
+        allocations = []
+    if as_json:
+        print(json.dumps({"allocations": allocations}, sort_keys=True))
+        return
+    if not allocations:
+        print("no open allocations")
+        return
+    print(f"{'ID':<40} {'GPUS':<12} {'PID':<8} START")
+    for a in allocations:
+        if not isinstance(a, dict):
+            continue
+        g = a.get("gpus")
+        gpus = "all" if g is None else ",".join(str(x) for x in g)
+        pid = a.get("pid")
+        print(f"{a.get('id')!s:<40} {gpus:<12} {'' if pid is None else pid!s:<8} {a.get('start')}")

@@ -1,0 +1,580 @@
+"""GPU allocations: validated ids, the agent's persistent store, and per-allocation summaries.
+
+An orchestrator opens an allocation when GPU work is handed out and closes it when the work ends;
+telemetry runs while any is open and every recorded row names the open ones. The store lives in
+the agent, which serialises all changes, and is persisted in ``RUN_DIR/allocations.json`` so an
+agent restart (a crash, an upgrade) does not forget work that is still running. When an
+allocation closes, one summary row goes to ``LOG_DIR/allocations.csv``.
+
+Ids come from outside (a Slurm job id, a scheduler's name for a model run) and end up in CSV
+cells, JSON and log lines, so they are restricted to a small character set and never used to
+build a path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from gputel.runtime import ALLOCATIONS_FILE, RECORDER_STATE_FILE, atomic_write_json, read_json
+from gputel.settings import parse_gpu_list
+
+log = logging.getLogger(__name__)
+
+ID_MAX_LEN = 128
+_ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+STORE_VERSION = 1
+SUMMARY_FILE = "allocations.csv"
+SUMMARY_COLUMNS = (
+    "id",
+    "gpus",
+    "start",
+    "end",
+    "duration_s",
+    "energy_j",
+    "util_mean_pct",
+    "util_max_pct",
+    "temperature_max_c",
+    "memory_max_mib",
+    "release_reason",
+)
+_STAT_KEYS = ("util_mean_pct", "util_max_pct", "temperature_max_c", "memory_max_mib")
+#: psutil derives a process's start time from boot time and clock ticks; two reads of the same
+#: process agree far better than this, while a reused pid almost never starts within it.
+_START_TIME_TOLERANCE_S = 1.0
+_PID_MAX = 2**22
+
+
+class AllocationError(ValueError):
+    """A refused request. ``str()`` is the one-line reason returned to the caller."""
+
+
+# ---------------------------------------------------------------------------------- validation
+def validate_id(value: object) -> str:
+    """The id itself, or AllocationError saying why it is unusable."""
+    if not isinstance(value, str):
+        raise AllocationError("allocation id must be a string")
+    if not value:
+        raise AllocationError("allocation id must not be empty")
+    if len(value) > ID_MAX_LEN:
+        raise AllocationError(
+            f"allocation id is {len(value)} characters long; at most {ID_MAX_LEN} are allowed"
+        )
+    if not _ID_RE.fullmatch(value):
+        bad = next(c for c in value if not _ID_RE.fullmatch(c))
+        raise AllocationError(
+            f"allocation id {value[:40]!r} contains {bad!r}; "
+            "allowed are letters, digits and . _ : @ -"
+        )
+    return value
+
+
+def parse_gpus_text(text: str | None) -> list[int] | None:
+    """``"0,1"`` → ``[0, 1]``; None, empty or ``all`` → None (every selected GPU)."""
+    if text is None:
+        return None
+    stripped = text.strip()
+    if stripped.lower() in ("", "all"):
+        return None
+    try:
+        return list(parse_gpu_list(stripped))
+    except ValueError as exc:
+        raise AllocationError(f"invalid GPU list {text[:40]!r}: {exc}") from None
+
+
+def validate_gpus(gpus: object, known_gpus: Iterable[int] | None = None) -> list[int] | None:
+    """Check shape (a list of distinct non-negative ints, or None) and, if known, existence."""
+    if gpus is None:
+        return None
+    if not isinstance(gpus, (list, tuple)):
+        raise AllocationError("gpus must be a list of GPU indices or null")
+    if not gpus:
+        raise AllocationError("GPU list is empty; omit it to mean every GPU")
+    out: list[int] = []
+    for g in gpus:
+        if isinstance(g, bool) or not isinstance(g, int):
+            raise AllocationError(f"GPU index {g!r} is not a whole number")
+        if g < 0 or g > 1023:
+            raise AllocationError(f"GPU index {g} is out of range")
+        if g in out:
+            raise AllocationError(f"GPU index {g} is listed twice")
+        out.append(g)
+    if known_gpus is not None:
+        known = sorted(set(known_gpus))
+        missing = [g for g in out if g not in known]
+        if missing:
+            have = ",".join(str(k) for k in known) or "none"
+            noun = "GPU" if len(missing) == 1 else "GPUs"
+            raise AllocationError(
+                f"{noun} {','.join(str(m) for m in missing)} not present on this node "
+                f"(GPUs known to the agent: {have})"
+            )
+    return out
+
+
+def validate_pid(pid: object) -> int | None:
+    if pid is None:
+        return None
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise AllocationError("pid must be a whole number or null")
+    if not 1 <= pid <= _PID_MAX:
+        raise AllocationError(f"pid {pid} is out of range")
+    return pid
+
+
+# ---------------------------------------------------------------------------------- time
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso_utc(moment: datetime) -> str:
+    """ISO 8601 UTC with milliseconds, the form every gputel file uses."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _parse_iso(text: str) -> datetime:
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment
+
+
+# ---------------------------------------------------------------------------------- owners
+def process_start_time(pid: int) -> float | None:
+    """The process's creation time (epoch seconds), or None when unknown or gone."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
+def owner_alive(pid: int, start_time: float | None) -> bool:
+    """Whether the owner still runs: the pid exists, is not a zombie, and is the same process.
+
+    A pid we may not signal (another user's process) still counts as alive; only "no such
+    process", a zombie, or a different start time (the pid was reused) counts as dead.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    except OSError:
+        return True
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if start_time is not None:
+            return abs(proc.create_time() - start_time) <= _START_TIME_TOLERANCE_S
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, OSError):
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------- records
+@dataclass
+class Allocation:
+    id: str
+    gpus: list[int] | None
+    pid: int | None
+    start: str
+    start_energy_j: dict[int, float | None] = field(default_factory=dict)
+    pid_start_time: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "gpus": None if self.gpus is None else list(self.gpus),
+            "pid": self.pid,
+            "start": self.start,
+            "start_energy_j": {str(k): v for k, v in sorted(self.start_energy_j.items())},
+            "pid_start_time": self.pid_start_time,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> Allocation:
+        """Rebuild from the store file; anything malformed raises AllocationError."""
+        if not isinstance(obj, dict):
+            raise AllocationError("entry is not an object")
+        ident = validate_id(obj.get("id"))
+        gpus = validate_gpus(obj.get("gpus"))
+        pid = validate_pid(obj.get("pid"))
+        start = obj.get("start")
+        if not isinstance(start, str):
+            raise AllocationError("start is not a timestamp")
+        try:
+            _parse_iso(start)
+        except ValueError:
+            raise AllocationError(f"start {start[:40]!r} is not a timestamp") from None
+        energy: dict[int, float | None] = {}
+        raw_energy = obj.get("start_energy_j") or {}
+        if not isinstance(raw_energy, dict):
+            raise AllocationError("start_energy_j is not an object")
+        for k, v in raw_energy.items():
+            try:
+                idx = int(k)
+            except (TypeError, ValueError):
+                raise AllocationError(f"start_energy_j key {k!r} is not a GPU index") from None
+            energy[idx] = _finite_or_none(v)
+        pst = obj.get("pid_start_time")
+        return cls(ident, gpus, pid, start, energy, _finite_or_none(pst))
+
+
+def _finite_or_none(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def _energy_snapshot(
+    energy_j: Mapping[int, float | None] | None, gpus: Iterable[int]
+) -> dict[int, float | None]:
+    energy_j = energy_j or {}
+    return {g: _finite_or_none(energy_j.get(g)) for g in gpus}
+
+
+def energy_delta_j(
+    start: Mapping[int, float | None], end: Mapping[int, float | None], gpus: Iterable[int]
+) -> float | None:
+    """Joules used by ``gpus`` between two counter readings; None if any reading is missing.
+
+    A counter that went backwards (a driver reload, a GPU reset) makes the total unknowable,
+    so it is reported as missing rather than as a wrong number.
+    """
+    total = 0.0
+    gpus = list(gpus)
+    if not gpus:
+        return None
+    for g in gpus:
+        a = _finite_or_none(start.get(g))
+        b = _finite_or_none(end.get(g))
+        if a is None or b is None or b < a:
+            return None
+        total += b - a
+    return round(total, 6)
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------- the store
+class AllocationStore:
+    """The agent's open allocations. Thread-safe; the agent is its only writer.
+
+    Every change is written to ``allocations.json`` before the call returns, so the recorder
+    (which tags rows from that file) and a restarted agent see it.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        log_dir: Path,
+        known_gpus: list[int],
+        *,
+        now: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.log_dir = Path(log_dir)
+        self.known_gpus = sorted(set(known_gpus))
+        self._now = now
+        self._lock = threading.Lock()
+        self._open: dict[str, Allocation] = {}
+        self._summary_warned = False
+        self._load()
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / ALLOCATIONS_FILE
+
+    @property
+    def summary_path(self) -> Path:
+        return self.log_dir / SUMMARY_FILE
+
+    # -- persistence
+    def _load(self) -> None:
+        path = self.path
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("cannot read %s: %s; starting with no open allocations", path, exc)
+            return
+        data: Any = None
+        reason = ""
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            reason = f"not valid JSON ({exc})"
+        if not reason and not (
+            isinstance(data, dict) and isinstance(data.get("allocations"), list)
+        ):
+            reason = "not an allocations file"
+        if reason:
+            aside = path.with_name(
+                f"{path.name}.corrupt-{self._now().astimezone(timezone.utc):%Y%m%dT%H%M%S}"
+            )
+            try:
+                os.replace(path, aside)
+                log.error("%s is %s; moved it to %s and started empty", path, reason, aside)
+            except OSError as exc:
+                log.error("%s is %s and could not be moved aside: %s", path, reason, exc)
+            return
+        for entry in data["allocations"]:
+            try:
+                alloc = Allocation.from_json(entry)
+            except AllocationError as exc:
+                log.error("skipping a malformed entry in %s: %s", path, exc)
+                continue
+            self._open[alloc.id] = alloc
+        if self._open:
+            log.info("restored %d open allocation(s) from %s", len(self._open), path)
+
+    def _save(self) -> None:
+        payload = {
+            "version": STORE_VERSION,
+            "allocations": [a.to_json() for a in self._open.values()],
+        }
+        atomic_write_json(self.path, payload)
+
+    # -- the protocol operations
+    def allocate(
+        self,
+        id: str,
+        gpus: list[int] | None,
+        pid: int | None,
+        energy_j: Mapping[int, float | None] | None,
+    ) -> dict[str, Any]:
+        """Open ``id``; opening an already open id changes nothing and says so."""
+        ident = validate_id(id)
+        with self._lock:
+            existing = self._open.get(ident)
+            if existing is not None:
+                return {"allocation": existing.to_json(), "created": False}
+            wanted = validate_gpus(gpus, self.known_gpus)
+            owner = validate_pid(pid)
+            owner_start: float | None = None
+            if owner is not None:
+                owner_start = process_start_time(owner)
+                if owner_start is None or not owner_alive(owner, owner_start):
+                    raise AllocationError(f"owner pid {owner} is not running")
+            counted = self.known_gpus if wanted is None else wanted
+            alloc = Allocation(
+                id=ident,
+                gpus=wanted,
+                pid=owner,
+                start=iso_utc(self._now()),
+                start_energy_j=_energy_snapshot(energy_j, counted),
+                pid_start_time=owner_start,
+            )
+            self._open[ident] = alloc
+            try:
+                self._save()
+            except OSError as exc:
+                del self._open[ident]
+                raise AllocationError(f"cannot record the allocation: {exc}") from None
+            log.info(
+                "allocation %s opened (gpus %s, owner pid %s)",
+                ident,
+                "all" if wanted is None else ",".join(map(str, wanted)),
+                owner if owner is not None else "none",
+            )
+            return {"allocation": alloc.to_json(), "created": True}
+
+    def release(
+        self,
+        id: str,
+        energy_j: Mapping[int, float | None] | None,
+        reason: str = "released",
+    ) -> dict[str, Any]:
+        """Close ``id`` and summarise it; closing an unknown id is harmless."""
+        ident = validate_id(id)
+        with self._lock:
+            return self._release_locked(ident, energy_j, reason)
+
+    def _release_locked(
+        self, ident: str, energy_j: Mapping[int, float | None] | None, reason: str
+    ) -> dict[str, Any]:
+        alloc = self._open.get(ident)
+        if alloc is None:
+            return {"released": False, "summary": None}
+        del self._open[ident]
+        try:
+            self._save()
+        except OSError as exc:
+            self._open[ident] = alloc
+            raise AllocationError(f"cannot record the release: {exc}") from None
+        summary = self._summarise(alloc, energy_j, reason)
+        self._append_summary(summary)
+        log.info(
+            "allocation %s closed (%s) after %.1fs, energy %s J",
+            ident,
+            reason,
+            summary["duration_s"],
+            "unknown" if summary["energy_j"] is None else f"{summary['energy_j']:.1f}",
+        )
+        return {"released": True, "summary": summary}
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [a.to_json() for a in self._open.values()]
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._open)
+
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def reap_dead_owners(self, energy_j: Mapping[int, float | None] | None) -> list[dict[str, Any]]:
+        """Close every allocation whose owner process has exited; return their summaries.
+
+        An orchestrator that crashes never calls release, and telemetry must not stay on for it.
+        """
+        out: list[dict[str, Any]] = []
+        with self._lock:
+            dead = [
+                a
+                for a in self._open.values()
+                if a.pid is not None and not owner_alive(a.pid, a.pid_start_time)
+            ]
+            for alloc in dead:
+                try:
+                    result = self._release_locked(
+                        alloc.id, energy_j, f"owner pid {alloc.pid} exited"
+                    )
+                except AllocationError as exc:
+                    log.error("cannot release %s after its owner exited: %s", alloc.id, exc)
+                    continue
+                if result["summary"] is not None:
+                    out.append(result["summary"])
+        return out
+
+    # -- summaries
+    def _summarise(
+        self, alloc: Allocation, energy_j: Mapping[int, float | None] | None, reason: str
+    ) -> dict[str, Any]:
+        end = self._now()
+        try:
+            start = _parse_iso(alloc.start)
+            duration = max(0.0, (end - start).total_seconds())
+        except ValueError:
+            duration = 0.0
+        gpus = alloc.gpus if alloc.gpus is not None else sorted(alloc.start_energy_j)
+        if alloc.gpus is None and not gpus:
+            gpus = list(self.known_gpus)
+        end_energy = _energy_snapshot(energy_j, gpus)
+        stats = self._recorder_stats(alloc.id, alloc.start)
+        summary: dict[str, Any] = {
+            "id": alloc.id,
+            "gpus": list(gpus),
+            "start": alloc.start,
+            "end": iso_utc(end),
+            "duration_s": round(duration, 3),
+            "energy_j": energy_delta_j(alloc.start_energy_j, end_energy, gpus),
+        }
+        for key in _STAT_KEYS:
+            summary[key] = stats.get(key)
+        summary["samples"] = stats.get("samples")
+        summary["release_reason"] = reason
+        return summary
+
+    def _recorder_stats(self, ident: str, start: str) -> dict[str, float | int | None]:
+        """The recorder's running stats for ``ident``, if they are about this allocation.
+
+        A recorder.json older than the allocation (telemetry forced off by the operator, so no
+        recorder ran) may hold stats of an earlier allocation with the same id: ignored.
+        """
+        state = read_json(self.run_dir / RECORDER_STATE_FILE)
+        if not isinstance(state, dict):
+            return {}
+        written = state.get("timestamp")
+        if isinstance(written, str):
+            try:
+                if _parse_iso(written) < _parse_iso(start):
+                    return {}
+            except ValueError:
+                pass
+        all_stats = state.get("allocation_stats")
+        if not isinstance(all_stats, dict):
+            return {}
+        entry = all_stats.get(ident)
+        if not isinstance(entry, dict):
+            return {}
+        out: dict[str, float | int | None] = {
+            key: _finite_or_none(entry.get(key)) for key in _STAT_KEYS
+        }
+        samples = entry.get("samples")
+        out["samples"] = samples if isinstance(samples, int) and samples >= 0 else None
+        return out
+
+    def _append_summary(self, summary: Mapping[str, Any]) -> None:
+        """One whole row per release; an unwritable log directory costs the row, not the call."""
+        row = [
+            ";".join(str(g) for g in summary["gpus"]) if key == "gpus" else _fmt(summary.get(key))
+            for key in SUMMARY_COLUMNS
+        ]
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        path = self.summary_path
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            new = not path.exists() or path.stat().st_size == 0
+            if new:
+                writer.writerow(SUMMARY_COLUMNS)
+            writer.writerow(row)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, buf.getvalue().encode())
+            finally:
+                os.close(fd)
+            self._summary_warned = False
+        except OSError as exc:
+            if not self._summary_warned:
+                log.error(
+                    "cannot append to %s: %s; allocation summaries are not being saved "
+                    "(check GPUTEL_LOG_DIR and its permissions)",
+                    path,
+                    exc,
+                )
+                self._summary_warned = True
+
+
+def read_open_ids(run_dir: Path) -> list[str]:
+    """The open allocation ids from ``allocations.json`` (for readers such as the recorder)."""
+    data = read_json(Path(run_dir) / ALLOCATIONS_FILE)
+    if not isinstance(data, dict) or not isinstance(data.get("allocations"), list):
+        return []
+    out: list[str] = []
+    for entry in data["allocations"]:
+        if isinstance(entry, dict):
+            with contextlib.suppress(AllocationError):
+                out.append(validate_id(entry.get("id")))
+    return out
