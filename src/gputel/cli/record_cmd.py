@@ -1,9 +1,49 @@
-"""Commands of this group are registered here (work in progress)."""
+"""``gputel record``: the telemetry child, also usable standalone in the foreground."""
 
-from __future__ import annotations
+import logging
+import sys
+from typing import Annotated
 
 import typer
 
+from gputel.cli.options import EXIT_FAILURE, fail, settings_options
+from gputel.settings import Settings
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="gputel record: %(levelname)s: %(message)s",
+    )
+
+
+@settings_options
+def record(
+    standalone: Annotated[
+        bool,
+        typer.Option(
+            "--standalone/--child",
+            help="standalone: serve /metrics on the exporter address (port 0: no server); "
+            "child: run under the agent, publish metrics.prom in the run directory only",
+        ),
+    ] = True,
+    *,
+    settings: Settings,
+) -> None:
+    """Record GPU and host telemetry every tick to CSV and Prometheus until SIGTERM/SIGINT."""
+    from gputel.recorder import run_record
+    from gputel.runtime import RunDirError
+    from gputel.sources.base import GpuSourceError
+
+    _setup_logging()
+    try:
+        code = run_record(settings, child=not standalone)
+    except (GpuSourceError, RunDirError) as exc:
+        fail(str(exc), EXIT_FAILURE)
+    raise typer.Exit(code)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``gputel record`` to ``app``."""
+    app.command("record")(record)

@@ -1,0 +1,277 @@
+"""The per-second CSV files: ``gpu-*.csv`` (one row per GPU per tick) and ``host-*.csv``.
+
+Rules that keep the files trustworthy after crashes, rotation and full disks:
+
+- A file is created with ``O_EXCL`` and never appended to once closed: a session, a new UTC day,
+  the size cap and ``reopen()`` (SIGHUP from logrotate) each start a new file, with its header.
+- A tick's rows go out in ONE ``os.write`` on an ``O_APPEND`` descriptor, with no userspace
+  buffer, so after SIGKILL a row is whole or absent. A short write (disk full) is truncated back
+  to the last good length, so a later successful write never follows half a row.
+- A failed write or open is counted (``rows_failed``), logged once when it starts and once when it
+  recovers, and retried on the next tick; sampling and exporting never wait for the disk.
+
+``energy_j`` is joules since the file began, accumulated from the source's cumulative counter, so
+each file stands alone. A counter that goes backwards (driver reload) restarts the accumulation
+from the new value instead of producing a negative step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import socket
+from collections.abc import Callable, Sequence
+from datetime import date, datetime
+from pathlib import Path
+
+from gputel.schema import GPU_CSV_COLUMNS, GPU_FIELDS, HOST_CSV_COLUMNS, HOST_FIELDS, Sample
+
+log = logging.getLogger("gputel.csv")
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+_MAX_SUFFIX = 999
+_GPU_VALUE_ATTRS = tuple(f.attr for f in GPU_FIELDS)
+_ENERGY_POS = _GPU_VALUE_ATTRS.index("energy_j")
+_HOST_VALUE_ATTRS = tuple(f.attr for f in HOST_FIELDS)
+_NEEDS_QUOTES = re.compile(r'[",\r\n]')
+
+
+def format_timestamp(ts: datetime) -> str:
+    """ISO 8601 UTC with milliseconds: ``2026-11-22T03:45:12.000Z``."""
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+def short_hostname() -> str:
+    return safe_host(socket.gethostname().split(".")[0])
+
+
+def safe_host(name: str) -> str:
+    """A host name fit for a file name: no separators, no leading dots."""
+    cleaned = re.sub(r"[^A-Za-z0-9.-]", "-", name).strip(".-")
+    return cleaned or "localhost"
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if value.__class__ is float:
+        return repr(value)
+    if value is True:
+        return "1"
+    if value is False:
+        return "0"
+    text = str(value)
+    if _NEEDS_QUOTES.search(text):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+class _CsvFile:
+    """One open output file of a kind (``gpu`` or ``host``) and what was written to it."""
+
+    def __init__(self, directory: Path, prefix: str, host: str, header: Sequence[str]) -> None:
+        self.directory = directory
+        self.prefix = prefix
+        self.host = host
+        self.header = (",".join(header) + "\n").encode()
+        self.fd: int | None = None
+        self.path: Path | None = None
+        self.day: date | None = None
+        self.size = 0
+        """Bytes known good: the file is truncated back to this after a short write."""
+
+    def open(self, first: datetime) -> None:
+        stamp = first.strftime("%Y%m%dT%H%M%SZ")
+        base = f"{self.prefix}-{stamp}-{self.host}"
+        with contextlib.suppress(FileExistsError):
+            self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        for n in range(_MAX_SUFFIX + 1):
+            # "_NNN" sorts after the bare name, so names still sort by creation time.
+            name = f"{base}.csv" if n == 0 else f"{base}_{n:03d}.csv"
+            path = self.directory / name
+            try:
+                fd = os.open(path, _OPEN_FLAGS, 0o640)
+            except FileExistsError:
+                continue
+            self.fd, self.path, self.day, self.size = fd, path, first.date(), 0
+            return
+        raise OSError(errno.EEXIST, f"no free file name for {base}.csv")
+
+    def close(self) -> None:
+        if self.fd is None:
+            return
+        fd, path, empty = self.fd, self.path, self.size == 0
+        self.fd = None
+        try:
+            os.close(fd)
+        finally:
+            if empty and path is not None:
+                # Never got its header (disk full at creation): leave no headerless file behind.
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    def write(self, rows: bytes) -> None:
+        """Write the rows (and the header, first) in one call; whole or not at all."""
+        assert self.fd is not None
+        data = self.header + rows if self.size == 0 else rows
+        try:
+            n = os.write(self.fd, data)
+        except OSError:
+            self._truncate()
+            raise
+        if n != len(data):
+            self._truncate()
+            raise OSError(errno.ENOSPC, "short write")
+        self.size += n
+
+    def _truncate(self) -> None:
+        assert self.fd is not None
+        try:
+            os.ftruncate(self.fd, self.size)
+        except OSError:
+            # Cannot repair the tail: abandon this file so no row is ever appended after a
+            # partial one; the next tick opens a new file. (size >= 1 keeps close() from
+            # unlinking it: it may hold a header and rows.)
+            self.size = max(self.size, 1)
+            self.close()
+
+
+class CsvSink:
+    """Writes each ``Sample`` to the current gpu/host files, opening new ones as the rules say."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        host: str | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.log_dir = Path(log_dir)
+        self.max_bytes = max_bytes
+        hostname = safe_host(host) if host is not None else short_hostname()
+        self._gpu = _CsvFile(self.log_dir, "gpu", hostname, GPU_CSV_COLUMNS)
+        self._host = _CsvFile(self.log_dir, "host", hostname, HOST_CSV_COLUMNS)
+        self.rows_failed = 0
+        """Rows that could not be written (disk full, read-only directory) since start."""
+        self.failing = False
+        self._energy: dict[int, tuple[float, float]] = {}
+        """Per GPU of the current gpu file: (last raw counter, joules since the file began)."""
+
+    @property
+    def gpu_path(self) -> Path | None:
+        return self._gpu.path if self._gpu.fd is not None else None
+
+    @property
+    def host_path(self) -> Path | None:
+        return self._host.path if self._host.fd is not None else None
+
+    def paths(self) -> dict[str, str | None]:
+        return {
+            "gpu": str(self.gpu_path) if self.gpu_path else None,
+            "host": str(self.host_path) if self.host_path else None,
+        }
+
+    def reopen(self) -> None:
+        """Close the current files; the next write starts new ones (logrotate's SIGHUP)."""
+        self._close_gpu()
+        self._host.close()
+
+    def close(self) -> None:
+        self.reopen()
+
+    def _close_gpu(self) -> None:
+        self._gpu.close()
+        self._energy.clear()
+
+    def write(self, sample: Sample) -> None:
+        stamp = format_timestamp(sample.timestamp)
+        errors: list[str] = []
+        failed = 0
+        if sample.gpus:
+            n = len(sample.gpus)
+            err = self._emit(self._gpu, sample.timestamp, lambda: self._gpu_rows(sample, stamp))
+            if err:
+                errors.append(err)
+                failed += n
+        err = self._emit(self._host, sample.timestamp, lambda: self._host_row(sample, stamp))
+        if err:
+            errors.append(err)
+            failed += 1
+        self.rows_failed += failed
+        if failed and not self.failing:
+            self.failing = True
+            log.error(
+                "cannot write CSV rows in %s: %s; counting failed rows "
+                "(gputel_csv_rows_failed_total), retrying every tick; "
+                "free space or fix permissions on the directory",
+                self.log_dir,
+                "; ".join(errors),
+            )
+        elif not failed and self.failing:
+            self.failing = False
+            log.warning(
+                "CSV writing in %s recovered (%d rows failed in total)",
+                self.log_dir,
+                self.rows_failed,
+            )
+
+    def _emit(self, f: _CsvFile, ts: datetime, build: Callable[[], bytes]) -> str | None:
+        if f.fd is not None and (f.day != ts.date() or f.size >= self.max_bytes):
+            if f is self._gpu:
+                self._close_gpu()
+            else:
+                f.close()
+        try:
+            if f.fd is None:
+                if f is self._gpu:
+                    self._energy.clear()
+                f.open(ts)
+            rows = build()
+            if f.size and f.size + len(rows) > self.max_bytes:
+                if f is self._gpu:
+                    self._close_gpu()
+                    f.open(ts)
+                    rows = build()
+                else:
+                    f.close()
+                    f.open(ts)
+            f.write(rows)
+        except OSError as exc:
+            return f"{f.prefix}: {exc.strerror or exc}"
+        return None
+
+    def _gpu_rows(self, sample: Sample, stamp: str) -> bytes:
+        lines: list[str] = []
+        energy = self._energy
+        default_alloc = ";".join(sample.allocations)
+        per_gpu = sample.gpu_allocations
+        for g in sample.gpus:
+            values = [getattr(g, a) for a in _GPU_VALUE_ATTRS]
+            raw = values[_ENERGY_POS]
+            if raw is not None:
+                prev = energy.get(g.index)
+                if prev is None:
+                    acc = 0.0
+                else:
+                    last, acc = prev
+                    if raw >= last:
+                        acc += raw - last
+                energy[g.index] = (raw, acc)
+                values[_ENERGY_POS] = acc
+            alloc = ";".join(per_gpu[g.index]) if g.index in per_gpu else default_alloc
+            cells = [stamp, str(g.index), _cell(g.uuid), _cell(g.name), "1" if g.lost else "0"]
+            cells.extend(_cell(v) for v in values)
+            cells.append(_cell(alloc) if alloc else "")
+            lines.append(",".join(cells))
+        lines.append("")
+        return "\n".join(lines).encode()
+
+    def _host_row(self, sample: Sample, stamp: str) -> bytes:
+        h = sample.host
+        cells = [stamp]
+        cells.extend(_cell(getattr(h, a)) for a in _HOST_VALUE_ATTRS)
+        return (",".join(cells) + "\n").encode()

@@ -1,0 +1,385 @@
+"""``gputel record``: the tick loop that feeds one sample per tick to the CSV files and exposition.
+
+Per tick: read allocations (only when ``allocations.json`` changed), sample every source, write
+the CSV rows, render the exposition, then publish ``metrics.prom`` and ``recorder.json`` in the
+run directory (atomic replace). ``recorder.json``'s ``monotonic``/``tick`` are the heartbeat the
+agent watches: a hung child stops moving them, a slow one does not.
+
+Signals only set flags and wake the wait, so a signal never lands in the middle of a row:
+SIGTERM/SIGINT finish the current tick, close the files and exit 0; SIGHUP starts new files
+(logrotate's postrotate).
+
+This module is on the daemon path: no ``rich``, logging to stderr only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from gputel import runtime
+from gputel.csv_sink import DEFAULT_MAX_BYTES, CsvSink, format_timestamp
+from gputel.exposition import Exposition, telemetry_active_text
+from gputel.metrics_http import MetricsServer
+from gputel.sampler import Sampler, utc_now
+from gputel.schema import Sample
+from gputel.settings import Settings
+from gputel.sources.base import GpuSource, HostSource
+from gputel.ticker import Ticker, Waker
+
+log = logging.getLogger("gputel.record")
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAllocation:
+    id: str
+    gpus: tuple[int, ...] | None
+    """None: every recorded GPU."""
+
+
+class AllocationWatcher:
+    """Reads ``allocations.json`` only when it changed (one ``stat`` per tick otherwise)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._key: tuple[int, int, int] | None = None
+        self.allocations: tuple[OpenAllocation, ...] = ()
+        self._warned = False
+
+    def poll(self) -> bool:
+        """Refresh from disk if the file changed; True when the set of allocations changed."""
+        try:
+            st = os.stat(self.path)
+            key = (st.st_mtime_ns, st.st_ino, st.st_size)
+        except OSError:
+            key = None
+        if key == self._key:
+            return False
+        self._key = key
+        new = self._load() if key is not None else ()
+        changed = new != self.allocations
+        self.allocations = new
+        return changed
+
+    def _load(self) -> tuple[OpenAllocation, ...]:
+        data = runtime.read_json(self.path)
+        items = data.get("allocations") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            if not self._warned:
+                self._warned = True
+                log.warning("ignoring %s: not an allocation list", self.path)
+            return ()
+        out: list[OpenAllocation] = []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                continue
+            gpus = item.get("gpus")
+            if gpus is None:
+                out.append(OpenAllocation(item["id"], None))
+            elif isinstance(gpus, list) and all(
+                isinstance(g, int) and not isinstance(g, bool) for g in gpus
+            ):
+                out.append(OpenAllocation(item["id"], tuple(gpus)))
+        return tuple(out)
+
+
+class _AllocStats:
+    __slots__ = ("mem_max", "samples", "temp_max", "util_max", "util_n", "util_sum")
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.util_sum = 0.0
+        self.util_n = 0
+        self.util_max: float | None = None
+        self.temp_max: float | None = None
+        self.mem_max: float | None = None
+
+    def add(self, sample: Sample, gpus: tuple[int, ...] | None) -> None:
+        self.samples += 1
+        for g in sample.gpus:
+            if gpus is not None and g.index not in gpus:
+                continue
+            u = g.utilization_gpu_pct
+            if u is not None:
+                self.util_sum += u
+                self.util_n += 1
+                self.util_max = u if self.util_max is None else max(self.util_max, u)
+            t = g.temperature_c
+            if t is not None:
+                self.temp_max = t if self.temp_max is None else max(self.temp_max, t)
+            m = g.memory_used_mib
+            if m is not None:
+                self.mem_max = m if self.mem_max is None else max(self.mem_max, m)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "util_mean_pct": self.util_sum / self.util_n if self.util_n else None,
+            "util_max_pct": self.util_max,
+            "temperature_max_c": self.temp_max,
+            "memory_max_mib": self.mem_max,
+        }
+
+
+_ACTIVE = telemetry_active_text(True)
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def _replace_file(path: str, tmp: str, data: bytes) -> None:
+    """Atomic replace with a fixed temporary name: the recorder is the only writer of these
+    files, so this skips ``mkstemp``'s name search; it runs twice per tick, every tick."""
+    fd = os.open(tmp, _TMP_FLAGS, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def agent_holds_lock(run_dir: Path) -> bool:
+    """Whether an agent is running on this run directory (its ``agent.lock`` is flocked)."""
+    try:
+        fd = os.open(run_dir / runtime.AGENT_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class Recorder:
+    """Wires sampler → CSV sink → exposition → run-directory files, one tick at a time."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        gpu_source: GpuSource,
+        host_sources: Sequence[HostSource] = (),
+        *,
+        write_runtime: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], datetime] = utc_now,
+        max_file_bytes: int = DEFAULT_MAX_BYTES,
+        hostname: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.gpu_source = gpu_source
+        self._clock = clock
+        self.sampler = Sampler(gpu_source, host_sources, clock=clock, wallclock=wallclock)
+        self.sink = CsvSink(settings.log_dir, host=hostname, max_bytes=max_file_bytes)
+        self.exposition = Exposition()
+        self.waker = Waker()
+        self.ticker = Ticker(settings.interval_s, clock=clock, wait=self.waker.wait)
+        self.run_dir = settings.run_dir
+        self.write_runtime = write_runtime
+        self.allocations = AllocationWatcher(self.run_dir / runtime.ALLOCATIONS_FILE)
+        self._alloc_ids: tuple[str, ...] = ()
+        self._gpu_alloc: dict[int, tuple[str, ...]] = {}
+        self._alloc_stats: dict[str, _AllocStats] = {}
+        self.ticks = 0
+        self.last_sample: Sample | None = None
+        self.last_tick_monotonic: float | None = None
+        self._stop = False
+        self._reopen = False
+        self._runtime_failing = False
+        self._pid = os.getpid()
+        self._metrics_path = str(self.run_dir / runtime.METRICS_FILE)
+        self._metrics_tmp = str(self.run_dir / f".{runtime.METRICS_FILE}.tmp")
+        self._state_path = str(self.run_dir / runtime.RECORDER_STATE_FILE)
+        self._state_tmp = str(self.run_dir / f".{runtime.RECORDER_STATE_FILE}.tmp")
+
+    # ------------------------------------------------------------------ control
+    def request_stop(self) -> None:
+        self._stop = True
+        self.waker.wake()
+
+    def request_reopen(self) -> None:
+        self._reopen = True
+        self.waker.wake()
+
+    def install_signal_handlers(self) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            self.request_stop()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            self.request_reopen()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> int:
+        """Tick until asked to stop; returns the exit code (0)."""
+        try:
+            while not self._stop:
+                k = self.ticker.next()
+                if self._reopen:
+                    self._reopen = False
+                    self.sink.reopen()
+                    log.info("SIGHUP: new CSV files from the next row")
+                if self._stop:
+                    break
+                if k is None:
+                    continue
+                self.tick()
+        finally:
+            self.close()
+        return 0
+
+    def close(self) -> None:
+        self.sink.close()
+        self.waker.close()
+
+    def tick(self) -> Sample:
+        if self.allocations.poll():
+            self._update_allocations()
+        sample = self.sampler.sample(self._alloc_ids, self._gpu_alloc)
+        self.ticks += 1
+        self.sink.write(sample)
+        for alloc in self.allocations.allocations:
+            self._alloc_stats[alloc.id].add(sample, alloc.gpus)
+        data = self.exposition.update(
+            sample,
+            ticks_missed=self.ticker.missed,
+            rows_failed=self.sink.rows_failed,
+            ticks_total=self.ticks,
+        )
+        self.last_sample = sample
+        self.last_tick_monotonic = self._clock()
+        if self.write_runtime:
+            self._publish(sample, data)
+        return sample
+
+    def _update_allocations(self) -> None:
+        allocs = self.allocations.allocations
+        self._alloc_ids = tuple(a.id for a in allocs)
+        gpu_alloc: dict[int, tuple[str, ...]] = {}
+        for d in self.sampler.devices:
+            gpu_alloc[d.index] = tuple(a.id for a in allocs if a.gpus is None or d.index in a.gpus)
+        self._gpu_alloc = gpu_alloc if allocs else {}
+        current = {a.id for a in allocs}
+        for gone in set(self._alloc_stats) - current:
+            del self._alloc_stats[gone]
+        for a in allocs:
+            self._alloc_stats.setdefault(a.id, _AllocStats())
+
+    def _publish(self, sample: Sample, data: bytes) -> None:
+        state = {
+            "pid": self._pid,
+            "tick": self.ticks,
+            "monotonic": sample.monotonic,
+            "timestamp": format_timestamp(sample.timestamp),
+            "interval_s": self.settings.interval_s,
+            "files": self.sink.paths(),
+            "rows_failed": self.sink.rows_failed,
+            "ticks_missed": self.ticker.missed,
+            "allocation_stats": {k: v.to_json() for k, v in self._alloc_stats.items()},
+        }
+        try:
+            _replace_file(self._metrics_path, self._metrics_tmp, data)
+            _replace_file(
+                self._state_path, self._state_tmp, json.dumps(state, separators=(",", ":")).encode()
+            )
+        except OSError as exc:
+            if not self._runtime_failing:
+                self._runtime_failing = True
+                log.error("cannot write state files in %s: %s", self.run_dir, exc)
+            return
+        if self._runtime_failing:
+            self._runtime_failing = False
+            log.warning("writing state files in %s recovered", self.run_dir)
+
+    # ------------------------------------------------------------------ serving
+    def metrics_bytes(self) -> bytes:
+        """What a standalone ``/metrics`` serves: the latest rendering plus telemetry_active."""
+        return self.exposition.latest + _ACTIVE
+
+    def health(self) -> tuple[bool, str]:
+        last = self.last_tick_monotonic
+        limit = max(10.0, 5 * self.settings.interval_s)
+        if last is None:
+            return True, "starting"
+        age = self._clock() - last
+        if age > limit:
+            return False, f"no tick for {age:.1f} s"
+        return True, f"ok: tick {self.ticks}, {self.sink.rows_failed} rows failed"
+
+
+def run_record(settings: Settings, *, child: bool) -> int:
+    """Open the sources, run the loop until SIGTERM/SIGINT, and return the exit code.
+
+    Raises ``GpuSourceError`` when the chosen backend cannot start (the CLI maps it to exit 1).
+    """
+    from gputel.sources.select import open_gpu_source, open_host_sources
+
+    gpu_source, notice = open_gpu_source(settings)
+    if notice:
+        log.warning("%s", notice)
+    host_sources = open_host_sources(settings)
+
+    write_runtime = True
+    try:
+        runtime.ensure_run_dir(settings.run_dir)
+    except runtime.RunDirError as exc:
+        if child:
+            raise
+        log.warning("%s; not publishing recorder.json/metrics.prom", exc)
+        write_runtime = False
+    if write_runtime and not child and agent_holds_lock(settings.run_dir):
+        log.warning(
+            "an agent is running on %s; this standalone recorder leaves its state files alone",
+            settings.run_dir,
+        )
+        write_runtime = False
+
+    recorder = Recorder(settings, gpu_source, host_sources, write_runtime=write_runtime)
+    recorder.install_signal_handlers()
+    server: MetricsServer | None = None
+    if not child and settings.exporter_port != 0:
+        server = MetricsServer(
+            settings.exporter_addr,
+            settings.exporter_port,
+            metrics=recorder.metrics_bytes,
+            health=recorder.health,
+        )
+        try:
+            server.start()
+            log.info("serving /metrics on %s:%d", settings.exporter_addr, server.port)
+        except OSError as exc:
+            log.error("%s; recording CSV without /metrics", exc)
+            server = None
+    log.info(
+        "recording %d GPU(s) from %s every %g s to %s",
+        len(gpu_source.devices()),
+        gpu_source.name,
+        settings.interval_s,
+        settings.log_dir,
+    )
+    try:
+        return recorder.run()
+    finally:
+        if server is not None:
+            server.stop()
+        with contextlib.suppress(Exception):
+            gpu_source.close()
+        log.info(
+            "stopped after %d ticks (%d rows failed)", recorder.ticks, recorder.sink.rows_failed
+        )

@@ -1,0 +1,190 @@
+"""CSV files: naming, header, cells, energy since the file began, rollover, whole-row writes."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from gputel import csv_sink
+from gputel.csv_sink import CsvSink, format_timestamp, safe_host
+from gputel.schema import (
+    GPU_CSV_COLUMNS,
+    HOST_CSV_COLUMNS,
+    GpuReading,
+    HostReading,
+    Sample,
+    SourceStatus,
+)
+
+T0 = datetime(2026, 11, 22, 3, 45, 12, tzinfo=timezone.utc)
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "csv.md"
+
+
+def sample(t: datetime, energy: list[float | None], **kw: object) -> Sample:
+    gpus = [
+        GpuReading(
+            i,
+            f"GPU-{i}",
+            'Fake, Inc. "X"',
+            utilization_gpu_pct=50.0,
+            energy_j=e,
+            clock_event_reasons=5,
+        )
+        for i, e in enumerate(energy)
+    ]
+    return Sample(
+        t,
+        0.0,
+        gpus,
+        HostReading(cpu_util_pct=1.5, load_1m=0.25),
+        [SourceStatus("sim", True, 0.0)],
+        **kw,
+    )  # type: ignore[arg-type]
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_timestamp_format() -> None:
+    assert format_timestamp(T0) == "2026-11-22T03:45:12.000Z"
+    assert format_timestamp(T0 + timedelta(microseconds=123999)) == "2026-11-22T03:45:12.123Z"
+
+
+def test_header_rows_cells_and_energy(tmp_path: Path) -> None:
+    sink = CsvSink(tmp_path, host="node01")
+    sink.write(sample(T0, [1000.0, None], allocations=("job-1", "job-2")))
+    sink.write(sample(T0 + timedelta(seconds=1), [1250.5, None], gpu_allocations={1: ("job-2",)}))
+    sink.close()
+    gpu = tmp_path / "gpu-20261122T034512Z-node01.csv"
+    host = tmp_path / "host-20261122T034512Z-node01.csv"
+    assert gpu.read_text().splitlines()[0] == ",".join(GPU_CSV_COLUMNS)
+    assert host.read_text().splitlines()[0] == ",".join(HOST_CSV_COLUMNS)
+    rows = read(gpu)
+    assert [r["gpu"] for r in rows] == ["0", "1", "0", "1"]
+    assert rows[0]["timestamp"] == "2026-11-22T03:45:12.000Z"
+    assert rows[0]["name"] == 'Fake, Inc. "X"'
+    assert [r["energy_j"] for r in rows] == ["0.0", "", "250.5", ""]
+    assert rows[0]["allocations"] == "job-1;job-2"
+    assert rows[2]["allocations"] == "" and rows[3]["allocations"] == "job-2"
+    assert rows[0]["lost"] == "0" and rows[0]["clock_event_reasons"] == "5"
+    assert rows[0]["fan_speed_pct"] == "" and rows[0]["power_w"] == ""
+    hrows = read(host)
+    assert len(hrows) == 2 and hrows[0]["cpu_util_pct"] == "1.5"
+    assert hrows[0]["cpu_package_power_w"] == ""
+
+
+def test_energy_never_goes_backwards_when_the_counter_resets(tmp_path: Path) -> None:
+    sink = CsvSink(tmp_path, host="n")
+    for k, e in enumerate([500.0, 600.0, 10.0, 30.0]):
+        sink.write(sample(T0 + timedelta(seconds=k), [e]))
+    assert sink.gpu_path is not None
+    values = [float(r["energy_j"]) for r in read(sink.gpu_path)]
+    assert values == [0.0, 100.0, 100.0, 120.0]
+
+
+def test_never_reuses_a_name_and_names_sort_by_time(tmp_path: Path) -> None:
+    (tmp_path / "gpu-20261122T034512Z-n.csv").write_text("someone else's\n")
+    sink = CsvSink(tmp_path, host="n")
+    sink.write(sample(T0, [1.0]))
+    first = sink.gpu_path
+    sink.reopen()
+    sink.write(sample(T0 + timedelta(milliseconds=100), [2.0]))
+    second = sink.gpu_path
+    sink.close()
+    assert (tmp_path / "gpu-20261122T034512Z-n.csv").read_text() == "someone else's\n"
+    assert first is not None and second is not None
+    assert first.name == "gpu-20261122T034512Z-n_001.csv"
+    assert second.name == "gpu-20261122T034512Z-n_002.csv"
+    names = sorted(p.name for p in tmp_path.glob("gpu-*.csv"))
+    assert names == ["gpu-20261122T034512Z-n.csv", first.name, second.name]
+    # energy restarts in a new file
+    assert read(second)[0]["energy_j"] == "0.0"
+
+
+def test_new_file_on_utc_day_change(tmp_path: Path) -> None:
+    sink = CsvSink(tmp_path, host="n")
+    late = datetime(2026, 11, 22, 23, 59, 59, 500000, tzinfo=timezone.utc)
+    sink.write(sample(late, [1.0]))
+    sink.write(sample(late + timedelta(seconds=1), [2.0]))
+    sink.close()
+    names = sorted(p.name for p in tmp_path.glob("gpu-*.csv"))
+    assert names == ["gpu-20261122T235959Z-n.csv", "gpu-20261123T000000Z-n.csv"]
+    for p in tmp_path.glob("*.csv"):
+        assert p.read_text().startswith("timestamp,")
+
+
+def test_new_file_at_size_cap(tmp_path: Path) -> None:
+    sink = CsvSink(tmp_path, host="n", max_bytes=1024)
+    for k in range(40):
+        sink.write(sample(T0 + timedelta(seconds=k), [float(k)]))
+    sink.close()
+    files = sorted(tmp_path.glob("gpu-*.csv"))
+    assert len(files) >= 3
+    total = 0
+    for p in files:
+        assert p.stat().st_size <= 1024
+        rows = read(p)
+        assert rows[0]["energy_j"] == "0.0"
+        total += len(rows)
+    assert total == 40
+
+
+def test_short_write_is_truncated_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = CsvSink(tmp_path, host="n")
+    sink.write(sample(T0, [1.0, 2.0]))
+    assert sink.gpu_path is not None
+    good = sink.gpu_path.stat().st_size
+    real_write = os.write
+
+    def half_write(fd: int, data: bytes) -> int:
+        return real_write(fd, bytes(data)[: len(data) // 2])
+
+    monkeypatch.setattr(csv_sink.os, "write", half_write)
+    with caplog.at_level(logging.WARNING, "gputel.csv"):
+        sink.write(sample(T0 + timedelta(seconds=1), [3.0, 4.0]))
+        sink.write(sample(T0 + timedelta(seconds=2), [3.0, 4.0]))
+        assert sink.gpu_path.stat().st_size == good
+        assert sink.rows_failed == 6  # 2 GPU rows + 1 host row per tick
+        monkeypatch.setattr(csv_sink.os, "write", real_write)
+        sink.write(sample(T0 + timedelta(seconds=3), [5.0, 6.0]))
+    assert sink.rows_failed == 6
+    rows = read(sink.gpu_path)
+    later = format_timestamp(T0 + timedelta(seconds=3))
+    assert [r["timestamp"] for r in rows] == [format_timestamp(T0)] * 2 + [later] * 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot write" in m for m in messages) == 1
+    assert sum("recovered" in m for m in messages) == 1
+
+
+def test_unwritable_directory_counts_rows_and_recovers(tmp_path: Path) -> None:
+    blocker = tmp_path / "logs"
+    blocker.write_text("a file where the directory should be")
+    sink = CsvSink(blocker, host="n")
+    for k in range(3):
+        sink.write(sample(T0 + timedelta(seconds=k), [1.0, 2.0]))
+    assert sink.rows_failed == 9
+    assert sink.paths() == {"gpu": None, "host": None}
+    blocker.unlink()
+    sink.write(sample(T0 + timedelta(seconds=3), [1.0, 2.0]))
+    assert sink.rows_failed == 9
+    assert sink.gpu_path is not None and len(read(sink.gpu_path)) == 2
+
+
+def test_safe_host() -> None:
+    assert safe_host("node/01 x") == "node-01-x"
+    assert safe_host("..") == "localhost"
+
+
+def test_docs_list_every_column() -> None:
+    text = DOCS.read_text()
+    for col in (*GPU_CSV_COLUMNS, *HOST_CSV_COLUMNS):
+        assert f"`{col}`" in text, col
