@@ -1,9 +1,25 @@
-"""Commands of this group are registered here (work in progress)."""
+"""``gputel agent``: the supervisor in the foreground (the systemd ``ExecStart``)."""
 
 from __future__ import annotations
 
 import typer
 
+from gputel.cli.options import EXIT_FAILURE, fail, settings_options
+from gputel.settings import Settings
+
+
+@settings_options
+def agent(*, settings: Settings) -> None:
+    """Run the supervisor: poll GPUs, start and stop telemetry, serve /metrics and the socket."""
+    from gputel.agent import AgentError, run_agent
+
+    try:
+        code = run_agent(settings)
+    except AgentError as exc:
+        fail(str(exc), EXIT_FAILURE)
+    raise typer.Exit(code)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``gputel agent`` to ``app``."""
+    app.command("agent")(agent)

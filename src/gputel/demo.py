@@ -1,0 +1,268 @@
+"""``gputel demo``: one idle → busy → idle cycle of the real agent on simulated GPUs.
+
+No root, no GPU, nothing touched outside one temporary directory: the agent runs as a subprocess
+(``python -m gputel agent``) with its run and log directories in there, a short sim pattern and
+short thresholds, and the demo watches it through the control socket exactly as ``gputel status``
+would. It ends by stopping the agent and showing the CSV files it left behind, which are kept so
+they can be opened in pandas afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+#: GPU 0 idles 3 s, works 8 s, idles; GPU 1 works a little later and less.
+DEMO_PATTERN = "0:3,85:8,0:30;0:4,55:6,0:30"
+DEMO_INTERVAL_S = 0.5
+DEMO_START_S = 1.0
+DEMO_STOP_S = 3.0
+
+
+@dataclass
+class DemoResult:
+    ok: bool
+    directory: Path
+    log_dir: Path
+    message: str
+    states_seen: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def _free_port(addr: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return int(s.getsockname()[1])
+
+
+def demo_env(
+    directory: Path,
+    *,
+    pattern: str = DEMO_PATTERN,
+    interval_s: float = DEMO_INTERVAL_S,
+    start_s: float = DEMO_START_S,
+    stop_s: float = DEMO_STOP_S,
+    port: int | None = None,
+) -> dict[str, str]:
+    """The agent's environment: ours minus service-manager and gputel variables, plus the demo's."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GPUTEL_", "_GPUTEL_"))
+        and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    }
+    env.update(
+        GPUTEL_BACKEND="sim",
+        GPUTEL_SIM_GPUS="2",
+        GPUTEL_SIM_PATTERN=pattern,
+        GPUTEL_INTERVAL=f"{interval_s:g}",
+        GPUTEL_START_UTIL="20",
+        GPUTEL_START_SECONDS=f"{start_s:g}",
+        GPUTEL_STOP_UTIL="10",
+        GPUTEL_STOP_SECONDS=f"{stop_s:g}",
+        GPUTEL_RUN_DIR=str(directory / "run"),
+        GPUTEL_LOG_DIR=str(directory / "log"),
+        GPUTEL_EXPORTER_ADDR="127.0.0.1",
+        GPUTEL_EXPORTER_PORT=str(_free_port() if port is None else port),
+    )
+    return env
+
+
+def _bar(pct: float | None, width: int = 20) -> Text:
+    if pct is None:
+        return Text("n/a", style="dim")
+    filled = round(width * max(0.0, min(100.0, pct)) / 100)
+    style = "green" if pct >= 20 else "dim"
+    return Text("█" * filled + "░" * (width - filled) + f" {pct:5.1f}%", style=style)
+
+
+_STATE_STYLE = {"idle": "dim", "arming": "yellow", "active": "bold green", "cooling": "cyan"}
+
+
+def render(status: dict[str, Any] | None, elapsed: float, note: str = "") -> Group:
+    """One frame of the live view from a status reply (None: the agent is not answering yet)."""
+    if not status:
+        return Group(Panel(Text(f"starting the agent... {elapsed:4.1f}s {note}".rstrip())))
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    state = str(status.get("state"))
+    head.add_row("state", Text(state, style=_STATE_STYLE.get(state, "")))
+    head.add_row("mode", str(status.get("mode")))
+    on = bool(status.get("telemetry_active"))
+    child = status.get("child") or {}
+    head.add_row(
+        "telemetry",
+        Text(
+            f"ON (recorder pid {child.get('pid')})" if on and child else ("ON" if on else "off"),
+            style="bold green" if on else "dim",
+        ),
+    )
+    head.add_row("elapsed", f"{elapsed:5.1f}s")
+    if status.get("exporter"):
+        head.add_row("metrics", f"http://{status['exporter']}/metrics")
+
+    gpus = Table(title="GPUs (simulated)", expand=False)
+    gpus.add_column("GPU", justify="right")
+    gpus.add_column("name")
+    gpus.add_column("utilization")
+    for g in status.get("gpus") or []:
+        gpus.add_row(str(g.get("index")), str(g.get("name")), _bar(g.get("utilization_gpu_pct")))
+
+    trans = Table(title="transitions", expand=False)
+    trans.add_column("time (UTC)")
+    trans.add_column("from")
+    trans.add_column("to")
+    trans.add_column("reason")
+    for t in (status.get("transitions") or [])[-6:]:
+        trans.add_row(
+            str(t.get("timestamp", ""))[11:23],
+            t.get("from_state"),
+            t.get("to_state"),
+            t.get("reason"),
+        )
+    return Group(Panel(head, title="gputel agent"), gpus, trans)
+
+
+def _head(path: Path, lines: int) -> list[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return [line.rstrip("\n") for _, line in zip(range(lines), fh, strict=False)]
+    except OSError:
+        return []
+
+
+def run_demo(
+    console: Console | None = None,
+    *,
+    directory: Path | None = None,
+    keep: bool = True,
+    max_seconds: float = 40.0,
+    pattern: str = DEMO_PATTERN,
+    interval_s: float = DEMO_INTERVAL_S,
+    start_s: float = DEMO_START_S,
+    stop_s: float = DEMO_STOP_S,
+    poll_s: float = 0.25,
+) -> DemoResult:
+    """Run the cycle, show it live, stop the agent, print the files; never leaves a process."""
+    from gputel.control import ControlError, request
+
+    console = console or Console()
+    directory = Path(directory or tempfile.mkdtemp(prefix="gputel-demo-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    env = demo_env(
+        directory, pattern=pattern, interval_s=interval_s, start_s=start_s, stop_s=stop_s
+    )
+    run_dir = Path(env["GPUTEL_RUN_DIR"])
+    log_dir = Path(env["GPUTEL_LOG_DIR"])
+    agent_log = directory / "agent.log"
+    console.print(
+        f"[bold]gputel demo[/]: the real agent on 2 simulated GPUs, pattern [cyan]{pattern}[/], "
+        f"start after {start_s:g}s busy, stop after {stop_s:g}s quiet, tick {interval_s:g}s"
+    )
+    console.print(f"working directory: {directory}")
+    seen: list[str] = []
+    went_on = went_off = finished = False
+    message = ""
+    with open(agent_log, "wb") as log_fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gputel", "agent"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+        )
+    t0 = time.monotonic()
+    status: dict[str, Any] | None = None
+    try:
+        with Live(render(None, 0.0), console=console, refresh_per_second=8) as live:
+            while True:
+                elapsed = time.monotonic() - t0
+                code = proc.poll()
+                if code is not None:
+                    message = f"the agent exited early with code {code}; see {agent_log}"
+                    break
+                try:
+                    reply = request(run_dir, {"op": "status"}, timeout=1.0)
+                    status = reply if reply.get("ok") else status
+                except ControlError:
+                    pass
+                if status:
+                    state = str(status.get("state"))
+                    if not seen or seen[-1] != state:
+                        seen.append(state)
+                    if status.get("telemetry_active"):
+                        went_on = True
+                    elif went_on:
+                        went_off = True
+                live.update(render(status, elapsed))
+                if went_on and went_off and status and status.get("state") == "idle":
+                    message = "one full idle → busy → idle cycle"
+                    finished = True
+                    break
+                if elapsed > max_seconds:
+                    message = f"the cycle did not finish within {max_seconds:g}s"
+                    break
+                time.sleep(poll_s)
+    finally:
+        _stop(proc)
+    ok = finished and proc.returncode == 0
+    files = sorted(log_dir.glob("*.csv")) if log_dir.is_dir() else []
+    _show_files(console, log_dir, files)
+    if ok:
+        console.print(f"[bold green]done[/]: {message}; the agent exited cleanly.")
+    else:
+        console.print(f"[bold red]demo failed[/]: {message or 'the agent did not exit cleanly'}")
+        tail = _head(agent_log, 200)[-10:]
+        for line in tail:
+            console.print(Text(f"  agent.log | {line}", style="dim"))
+    if keep:
+        console.print(f"files kept in {directory} (remove it when done)")
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
+    return DemoResult(ok, directory, log_dir, message, seen, files)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _show_files(console: Console, log_dir: Path, files: list[Path]) -> None:
+    console.print(f"\n[bold]CSV files[/] in {log_dir}:")
+    if not files:
+        console.print("  (none)")
+    for path in files:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0
+        console.print(f"  {path.name}  ({size} bytes)")
+    for path in files:
+        lines = _head(path, 12 if path.name == "transitions.csv" else 3)
+        if not lines:
+            continue
+        console.print(f"\n[bold]{path.name}[/] (first {len(lines)} lines):")
+        for line in lines:
+            console.print(Text("  " + line, no_wrap=True, overflow="ellipsis"))

@@ -1,0 +1,81 @@
+"""``gputel demo`` runs the real agent through one cycle and leaves only files behind."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from gputel.cli.main import app
+from gputel.demo import demo_env, render, run_demo
+
+
+def test_demo_cycle_on_a_short_timeline(tmp_path: Path) -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=140, force_terminal=False)
+    result = run_demo(
+        console,
+        directory=tmp_path / "demo",
+        pattern="0:1,85:2.5,0:30",
+        interval_s=0.2,
+        start_s=0.5,
+        stop_s=1.0,
+        max_seconds=25,
+        poll_s=0.1,
+    )
+    text = out.getvalue()
+    assert result.ok, text
+    assert "active" in result.states_seen and result.states_seen[-1] == "idle"
+    names = sorted(p.name for p in result.files)
+    assert "transitions.csv" in names
+    assert any(n.startswith("gpu-") for n in names) and any(n.startswith("host-") for n in names)
+    with open(result.log_dir / "transitions.csv", newline="") as fh:
+        to_states = [r["to_state"] for r in csv.DictReader(fh)]
+    assert to_states[:3] == ["arming", "active", "telemetry_on"]
+    assert to_states[-1] == "telemetry_off"
+    assert str(result.log_dir) in text and "done" in text
+    assert not (tmp_path / "demo" / "run" / "control.sock").exists()
+
+
+def test_demo_env_is_self_contained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUTEL_LOG_DIR", "/var/log/gputel")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    env = demo_env(tmp_path, port=1234)
+    assert env["GPUTEL_LOG_DIR"] == str(tmp_path / "log")
+    assert env["GPUTEL_BACKEND"] == "sim" and env["GPUTEL_EXPORTER_PORT"] == "1234"
+    assert "NOTIFY_SOCKET" not in env
+
+
+def test_render_before_the_agent_answers() -> None:
+    console = Console(file=io.StringIO(), width=100)
+    console.print(render(None, 1.0))
+    console.print(
+        render(
+            {
+                "state": "active",
+                "mode": "auto",
+                "telemetry_active": True,
+                "child": {"pid": 5},
+                "gpus": [{"index": 0, "name": "Sim", "utilization_gpu_pct": 85.0}],
+                "transitions": [
+                    {
+                        "timestamp": "2026-01-01T00:00:00.000Z",
+                        "from_state": "idle",
+                        "to_state": "arming",
+                        "reason": "r",
+                    }
+                ],
+            },
+            3.0,
+        )
+    )
+
+
+def test_demo_help() -> None:
+    result = CliRunner().invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0
+    assert "--keep" in result.output
