@@ -386,3 +386,53 @@ def test_bad_gpu_selection_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert res.stderr.strip().count("\n") == 0 and "GPUTEL_GPUS" in res.stderr
     assert not (tmp_path / "log").exists()
+
+
+def test_child_stops_when_its_agent_is_gone(tmp_path: Path) -> None:
+    """A --child recorder whose parent was SIGKILLed stops by itself, leaving whole rows."""
+    env = {
+        **os.environ,
+        "GPUTEL_BACKEND": "sim",
+        "GPUTEL_SIM_GPUS": "1",
+        "GPUTEL_INTERVAL": "0.05",
+        "GPUTEL_LOG_DIR": str(tmp_path / "log"),
+        "GPUTEL_RUN_DIR": str(tmp_path / "run"),
+        "GPUTEL_SYSFS_ROOT": str(tmp_path / "nosys"),
+    }
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-m', 'gputel', 'record', '--child'])\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    child_pid = int(parent.stdout.readline())
+    state = tmp_path / "run" / "recorder.json"
+    deadline = time.monotonic() + 15
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.exists(), "child never wrote its heartbeat"
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        # The orphan is reparented to init (or a subreaper) and reaped there.
+        try:
+            with open(f"/proc/{child_pid}/stat") as fh:
+                if fh.read().split(")")[-1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child_pid, 9)
+        raise AssertionError("orphaned child kept running")
+    for f in (tmp_path / "log").glob("gpu-*.csv"):
+        assert f.read_bytes().endswith(b"\n")

@@ -178,8 +178,11 @@ class Recorder:
         wallclock: Callable[[], datetime] = utc_now,
         max_file_bytes: int = DEFAULT_MAX_BYTES,
         hostname: str | None = None,
+        parent_pid: int | None = None,
     ) -> None:
         self.settings = settings
+        # A child whose agent died (SIGKILL, OOM) would otherwise record forever, orphaned.
+        self._parent_pid = parent_pid
         self.gpu_source = gpu_source
         self._clock = clock
         self.sampler = Sampler(gpu_source, host_sources, clock=clock, wallclock=wallclock)
@@ -236,6 +239,9 @@ class Recorder:
                     self.sink.reopen()
                     log.info("SIGHUP: new CSV files from the next row")
                 if self._stop:
+                    break
+                if self._parent_pid is not None and os.getppid() != self._parent_pid:
+                    log.warning("agent (pid %d) is gone; stopping", self._parent_pid)
                     break
                 if k is None:
                     continue
@@ -350,7 +356,13 @@ def run_record(settings: Settings, *, child: bool) -> int:
         )
         write_runtime = False
 
-    recorder = Recorder(settings, gpu_source, host_sources, write_runtime=write_runtime)
+    recorder = Recorder(
+        settings,
+        gpu_source,
+        host_sources,
+        write_runtime=write_runtime,
+        parent_pid=os.getppid() if child else None,
+    )
     recorder.install_signal_handlers()
     server: MetricsServer | None = None
     if not child and settings.exporter_port != 0:
