@@ -324,6 +324,10 @@ service_install() {
     if [ -f "$SRC_DIR/docs/install.md" ]; then
         put_file "$SRC_DIR/docs/install.md" "$SHARE_DIR/install.md" 0644
     fi
+    # Slurm prolog/epilog for clusters that want allocation-driven telemetry (docs/slurm.md).
+    put_file "$SRC_DIR/contrib/slurm/prolog.sh" "$SHARE_DIR/slurm/prolog.sh" 0755
+    put_file "$SRC_DIR/contrib/slurm/epilog.sh" "$SHARE_DIR/slurm/epilog.sh" 0755
+    put_file "$SRC_DIR/contrib/slurm/gputel-slurm.sh" "$SHARE_DIR/slurm/gputel-slurm.sh" 0644
     if [ -e "$WRAPPER_FILE" ] && ! grep -qF "$WRAPPER_MARK" "$WRAPPER_FILE" 2>/dev/null; then
         say "warning: $WRAPPER_FILE exists and is not gputel's: left alone; run $PREFIX/bin/gputel"
     else
@@ -367,6 +371,10 @@ service_uninstall() {
     remove_defaults
     remove_file "$SHARE_DIR/install.md"
     remove_file "$PRISTINE_DEFAULTS"
+    remove_file "$SHARE_DIR/slurm/prolog.sh"
+    remove_file "$SHARE_DIR/slurm/epilog.sh"
+    remove_file "$SHARE_DIR/slurm/gputel-slurm.sh"
+    prune_dirs "$SHARE_DIR/slurm" "$R$PREFIX"
     prune_dirs "$SHARE_DIR" "$R$PREFIX"
     if [ -f "$R$PREFIX/pyvenv.cfg" ] && [ -e "$R$PREFIX/bin/gputel" ]; then
         rm -rf -- "${R}${PREFIX:?}"

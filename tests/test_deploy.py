@@ -52,6 +52,9 @@ EXPECTED_FILES = {
     "usr/local/bin/gputel": 0o755,
     "opt/gputel/share/gputel/gputel.default": 0o644,
     "opt/gputel/share/gputel/install.md": 0o644,
+    "opt/gputel/share/gputel/slurm/prolog.sh": 0o755,
+    "opt/gputel/share/gputel/slurm/epilog.sh": 0o755,
+    "opt/gputel/share/gputel/slurm/gputel-slurm.sh": 0o644,
 }
 LOGROTATE_ONLY = {"etc/logrotate.d/gputel"}
 

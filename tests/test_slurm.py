@@ -29,6 +29,7 @@ from test_hooks import GPUTEL, env_for, running_agent
 REPO = Path(__file__).resolve().parents[1]
 PROLOG = REPO / "contrib" / "slurm" / "prolog.sh"
 EPILOG = REPO / "contrib" / "slurm" / "epilog.sh"
+LIBRARY = REPO / "contrib" / "slurm" / "gputel-slurm.sh"
 
 FAKE_GPUTEL = """#!/bin/sh
 printf '%s\\n' "$*" >> "$CALLS"
@@ -64,14 +65,31 @@ def run_script(
 
 
 # ---------------------------------------------------------------------------------- scripts
-@pytest.mark.parametrize("script", [PROLOG, EPILOG])
+@pytest.mark.parametrize("script", [PROLOG, EPILOG, LIBRARY])
 def test_scripts_parse(script: Path) -> None:
     for shell in ("sh", "bash", "dash"):
         if shutil.which(shell):
             subprocess.run([shell, "-n", str(script)], check=True)
-    assert os.access(script, os.X_OK)
+    if script is not LIBRARY:
+        assert os.access(script, os.X_OK)
     if shutil.which("shellcheck"):
-        subprocess.run(["shellcheck", "-s", "sh", str(script)], check=True)
+        subprocess.run(["shellcheck", "-x", "-s", "sh", str(script)], check=True, cwd=script.parent)
+
+
+def test_scripts_exit_0_without_their_library(tmp_path: Path) -> None:
+    """A prolog copied without gputel-slurm.sh beside it still never fails the job."""
+    for script in (PROLOG, EPILOG):
+        alone = tmp_path / script.name
+        shutil.copy(script, alone)
+        out = subprocess.run(
+            ["sh", str(alone)],
+            env={"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "7"},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert out.returncode == 0
+        assert "gputel-slurm.sh is missing" in out.stderr
 
 
 @pytest.mark.parametrize("shell", ["sh", "bash"])
@@ -426,3 +444,25 @@ def test_real_slurm_job_turns_telemetry_on_and_off(
     assert f"allocation {ident} opened" in prolog_log
     assert f"allocation {ident} released" in (base / "epilog.log").read_text()
     print(json.dumps({"job": job, "rows": len(tagged)}), file=sys.stderr)
+
+
+def test_scripts_find_their_library_through_a_symlink(tmp_path: Path) -> None:
+    """Linked into a prolog.d/ directory, the prolog still finds gputel-slurm.sh."""
+    link = tmp_path / "prolog.d" / "50-gputel.sh"
+    link.parent.mkdir()
+    link.symlink_to(PROLOG)
+    out = subprocess.run(
+        ["sh", str(link)],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "SLURM_JOB_ID": "7",
+            "GPUTEL_BIN": "/nonexistent/gputel",
+            "GPUTEL_DEFAULTS_FILE": str(tmp_path / "none"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert out.returncode == 0
+    assert "is missing" not in out.stderr
+    assert "gputel not found" in out.stderr or "failed" in out.stderr, out.stderr

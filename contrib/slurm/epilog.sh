@@ -2,7 +2,7 @@
 # gputel Slurm epilog: close the job's gputel allocation, which appends its summary (duration,
 # energy, utilization) to allocations.csv and lets telemetry stop once the node is idle.
 #
-# slurm.conf:   Epilog=/usr/share/gputel/slurm/epilog.sh
+# slurm.conf:   Epilog=/opt/gputel/share/gputel/slurm/epilog.sh
 #
 # A failing epilog drains the node: this script always exits 0, and the gputel call is cut off
 # after GPUTEL_HOOK_TIMEOUT seconds (default 5).
@@ -12,69 +12,17 @@
 #   GPUTEL_BIN            the gputel executable (default: gputel on PATH, then usual places)
 #   GPUTEL_HOOK_TIMEOUT   seconds before the gputel call is killed (default 5)
 
-PATH="${PATH:-/usr/bin:/bin}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
-export PATH
-
-gputel_log() {
-    if command -v logger >/dev/null 2>&1; then
-        logger -t gputel-slurm -p daemon.notice -- "$*" 2>/dev/null
-    fi
-    printf 'gputel-slurm: %s\n' "$*" >&2
-}
-
-# Read KEY=value lines for gputel's own settings only; the file is never executed.
-gputel_read_defaults() {
-    file="${GPUTEL_DEFAULTS_FILE:-/etc/default/gputel}"
-    [ -r "$file" ] || return 0
-    while IFS= read -r line || [ -n "$line" ]; do
-        line="${line#"${line%%[![:space:]]*}"}"
-        case "$line" in
-            export\ *) line="${line#export }" ;;
-        esac
-        case "$line" in
-            GPUTEL_*=*) ;;
-            *) continue ;;
-        esac
-        key="${line%%=*}"
-        value="${line#*=}"
-        case "$key" in
-            *[!A-Za-z0-9_]*) continue ;;
-        esac
-        case "$value" in
-            \"*\") value="${value#\"}"; value="${value%\"}" ;;
-            \'*\') value="${value#\'}"; value="${value%\'}" ;;
-        esac
-        # Settings already in the environment (a test, an admin override) win.
-        if eval "[ -z \"\${$key+x}\" ]"; then
-            eval "$key=\$value"
-            export "${key?}"
-        fi
-    done <"$file"
-}
-
-gputel_find_bin() {
-    if [ -n "${GPUTEL_BIN:-}" ]; then
-        printf '%s\n' "$GPUTEL_BIN"
-        return 0
-    fi
-    for candidate in "$(command -v gputel 2>/dev/null)" /usr/local/bin/gputel /usr/bin/gputel \
-        /opt/gputel/bin/gputel; do
-        if [ -n "$candidate" ] && [ -x "$candidate" ]; then
-            printf '%s\n' "$candidate"
-            return 0
-        fi
-    done
-    return 1
-}
-
-gputel_run() {
-    limit="${GPUTEL_HOOK_TIMEOUT:-5}"
-    if command -v timeout >/dev/null 2>&1; then
-        timeout -k 1 "$limit" "$@"
-    else
-        "$@"
-    fi
-}
+# The shared functions live beside this script; without them there is nothing to do, and a
+# prolog/epilog must never fail a job.
+# Resolve a symlink (e.g. from a prolog.d/ directory) to find the library beside the real file.
+gputel_self="$(readlink -f "$0" 2>/dev/null || printf '%s' "$0")"
+gputel_lib="$(dirname "$gputel_self")/gputel-slurm.sh"
+if [ ! -r "$gputel_lib" ]; then
+    printf 'gputel-slurm: %s is missing; nothing to do\n' "$gputel_lib" >&2
+    exit 0
+fi
+# shellcheck source=gputel-slurm.sh source-path=SCRIPTDIR
+. "$gputel_lib" || exit 0
 
 gputel_epilog() {
     job="${SLURM_JOB_ID:-${SLURM_JOBID:-}}"

@@ -2,7 +2,7 @@
 # gputel Slurm prolog: open a gputel allocation for the job, so telemetry runs (and every CSV
 # row is tagged "slurm-<jobid>") from the job's first second.
 #
-# slurm.conf:   Prolog=/usr/share/gputel/slurm/prolog.sh
+# slurm.conf:   Prolog=/opt/gputel/share/gputel/slurm/prolog.sh
 #               PrologFlags=Alloc      (run at allocation time, with SLURM_JOB_GPUS set)
 #
 # A prolog that fails or hangs drains the node, and telemetry must never cost a job: this script
@@ -13,100 +13,17 @@
 #   GPUTEL_BIN            the gputel executable (default: gputel on PATH, then usual places)
 #   GPUTEL_HOOK_TIMEOUT   seconds before the gputel call is killed (default 5)
 
-PATH="${PATH:-/usr/bin:/bin}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
-export PATH
-
-gputel_log() {
-    if command -v logger >/dev/null 2>&1; then
-        logger -t gputel-slurm -p daemon.notice -- "$*" 2>/dev/null
-    fi
-    printf 'gputel-slurm: %s\n' "$*" >&2
-}
-
-# Read KEY=value lines for gputel's own settings only; the file is never executed.
-gputel_read_defaults() {
-    file="${GPUTEL_DEFAULTS_FILE:-/etc/default/gputel}"
-    [ -r "$file" ] || return 0
-    while IFS= read -r line || [ -n "$line" ]; do
-        line="${line#"${line%%[![:space:]]*}"}"
-        case "$line" in
-            export\ *) line="${line#export }" ;;
-        esac
-        case "$line" in
-            GPUTEL_*=*) ;;
-            *) continue ;;
-        esac
-        key="${line%%=*}"
-        value="${line#*=}"
-        case "$key" in
-            *[!A-Za-z0-9_]*) continue ;;
-        esac
-        case "$value" in
-            \"*\") value="${value#\"}"; value="${value%\"}" ;;
-            \'*\') value="${value#\'}"; value="${value%\'}" ;;
-        esac
-        # Settings already in the environment (a test, an admin override) win.
-        if eval "[ -z \"\${$key+x}\" ]"; then
-            eval "$key=\$value"
-            export "${key?}"
-        fi
-    done <"$file"
-}
-
-gputel_find_bin() {
-    if [ -n "${GPUTEL_BIN:-}" ]; then
-        printf '%s\n' "$GPUTEL_BIN"
-        return 0
-    fi
-    for candidate in "$(command -v gputel 2>/dev/null)" /usr/local/bin/gputel /usr/bin/gputel \
-        /opt/gputel/bin/gputel; do
-        if [ -n "$candidate" ] && [ -x "$candidate" ]; then
-            printf '%s\n' "$candidate"
-            return 0
-        fi
-    done
-    return 1
-}
-
-# "0,1,4-6" -> "0,1,4,5,6"; fails on anything that is not indices and ranges.
-gputel_expand_gpus() {
-    out=""
-    old_ifs=$IFS
-    IFS=,
-    set -f
-    # shellcheck disable=SC2086
-    set -- $1
-    set +f
-    IFS=$old_ifs
-    for part in "$@"; do
-        case "$part" in
-            '') continue ;;
-            *[!0-9-]*) return 1 ;;
-            *-*)
-                lo="${part%-*}"
-                hi="${part#*-}"
-                case "$lo$hi" in '' | *[!0-9]*) return 1 ;; esac
-                [ "$lo" -le "$hi" ] || return 1
-                i=$lo
-                while [ "$i" -le "$hi" ]; do
-                    out="${out:+$out,}$i"
-                    i=$((i + 1))
-                done
-                ;;
-            *) out="${out:+$out,}$part" ;;
-        esac
-    done
-    printf '%s\n' "$out"
-}
-
-gputel_run() {
-    limit="${GPUTEL_HOOK_TIMEOUT:-5}"
-    if command -v timeout >/dev/null 2>&1; then
-        timeout -k 1 "$limit" "$@"
-    else
-        "$@"
-    fi
-}
+# The shared functions live beside this script; without them there is nothing to do, and a
+# prolog/epilog must never fail a job.
+# Resolve a symlink (e.g. from a prolog.d/ directory) to find the library beside the real file.
+gputel_self="$(readlink -f "$0" 2>/dev/null || printf '%s' "$0")"
+gputel_lib="$(dirname "$gputel_self")/gputel-slurm.sh"
+if [ ! -r "$gputel_lib" ]; then
+    printf 'gputel-slurm: %s is missing; nothing to do\n' "$gputel_lib" >&2
+    exit 0
+fi
+# shellcheck source=gputel-slurm.sh source-path=SCRIPTDIR
+. "$gputel_lib" || exit 0
 
 gputel_prolog() {
     job="${SLURM_JOB_ID:-${SLURM_JOBID:-}}"
