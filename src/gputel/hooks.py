@@ -242,24 +242,14 @@ def _allocation_created(id: str, gpus: list[int] | None, pid: int | None) -> Hoo
         return _failed(f"the gputel agent did not answer within {_WAIT_S:g}s")
 
     def work(outcome: _Outcome, deadline: float) -> None:
-        from gputel.control import AgentTimeout, AgentUnavailable, ControlError, request
-
-        try:
-            reply = request(settings.run_dir, message, timeout=_remaining(deadline))
-        except AgentTimeout:
-            outcome.finish(_failed("the gputel agent accepted the request but did not answer"))
+        asked = _ask(settings.run_dir, message, deadline)
+        if asked.failure is not None:
+            outcome.finish(asked.failure)
             return
-        except AgentUnavailable as exc:
-            if exc.reason not in _STARTABLE:
-                outcome.finish(_failed(str(exc)))
-                return
-            log.info("no gputel agent answers (%s); starting one", exc)
-        except ControlError as exc:
-            outcome.finish(_failed(str(exc)))
+        if asked.startable is None:
+            outcome.finish(_allocate_result(ident, asked.reply))
             return
-        else:
-            outcome.finish(_allocate_result(ident, reply))
-            return
+        log.info("no gputel agent answers (%s); starting one", asked.startable)
         # Phase first, then the check: the caller sets abandoned first, then reads the phase,
         # so either it starts the helper or this thread goes on, never neither.
         outcome.phase = "starting"
@@ -272,6 +262,30 @@ def _allocation_created(id: str, gpus: list[int] | None, pid: int | None) -> Hoo
 
 def _remaining(deadline: float, floor: float = 0.05) -> float:
     return max(floor, deadline - time.monotonic())
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """One request's outcome: the reply, a failure to report, or "no agent, start one"."""
+
+    reply: Any = None
+    failure: HookResult | None = None
+    startable: Exception | None = None
+
+
+def _ask(run_dir: Path, message: dict[str, Any], deadline: float) -> _Asked:
+    from gputel.control import AgentTimeout, AgentUnavailable, ControlError, request
+
+    try:
+        return _Asked(reply=request(run_dir, message, timeout=_remaining(deadline)))
+    except AgentTimeout:
+        return _Asked(failure=_failed("the gputel agent accepted the request but did not answer"))
+    except AgentUnavailable as exc:
+        if exc.reason not in _STARTABLE:
+            return _Asked(failure=_failed(str(exc)))
+        return _Asked(startable=exc)
+    except ControlError as exc:
+        return _Asked(failure=_failed(str(exc)))
 
 
 def _allocate_result(ident: str, reply: Any) -> HookResult:
@@ -360,22 +374,16 @@ def _allocation_released(id: str) -> HookResult:
         return _failed(f"the gputel agent did not answer within {_WAIT_S:g}s")
 
     def work(outcome: _Outcome, deadline: float) -> None:
-        from gputel.control import AgentTimeout, AgentUnavailable, ControlError, request
-
-        try:
-            reply = request(settings.run_dir, message, timeout=_remaining(deadline))
-        except AgentTimeout:
-            outcome.finish(_failed("the gputel agent accepted the request but did not answer"))
+        asked = _ask(settings.run_dir, message, deadline)
+        if asked.failure is not None:
+            outcome.finish(asked.failure)
             return
-        except AgentUnavailable as exc:
-            if exc.reason not in _STARTABLE:
-                outcome.finish(_failed(str(exc)))
-            else:
-                outcome.finish(_release_without_agent(settings.run_dir, ident, cancelled, str(exc)))
+        if asked.startable is not None:
+            outcome.finish(
+                _release_without_agent(settings.run_dir, ident, cancelled, str(asked.startable))
+            )
             return
-        except ControlError as exc:
-            outcome.finish(_failed(str(exc)))
-            return
+        reply = asked.reply
         error = _reply_error(reply)
         if error is not None:
             outcome.finish(_failed(error))
