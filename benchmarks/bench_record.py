@@ -1,7 +1,7 @@
 """Benchmark of ``gputel record``: CPU per tick, RSS, and CPU/latency per /metrics scrape.
 
 Runs the real command as a subprocess on simulated GPUs (1, 8, 64) with the real host sources
-(psutil, RAPL and hwmon under /sys), and compares scrapes with Prometheus's node_exporter started
+(procfs, RAPL and hwmon under /sys), and compares scrapes with Prometheus's node_exporter started
 on a loopback port in the same run. Tick CPU comes from /proc/PID/task/*/schedstat (ns), scrape
 CPU from /proc/PID/stat (utime + stime, which keeps the time of finished request threads), RSS
 from /proc/PID/status. The run directory sits on tmpfs (/dev/shm), as /run/gputel does in
@@ -290,7 +290,7 @@ def report(ticks_: list[TickResult], scrapes: list[ScrapeResult], ref: ScrapeRes
         "",
         f"The real `gputel record --child --backend sim` subprocess at `--interval {interval:g}`"
         " (to collect many ticks quickly; the work per tick does not depend on the interval),"
-        " with the real host sources (psutil, RAPL, hwmon under `/sys`), CSV to the root"
+        " with the real host sources (procfs, RAPL, hwmon under `/sys`), CSV to the root"
         " filesystem, `metrics.prom`/`recorder.json` to tmpfs. CPU is the process's on-CPU"
         " time (`/proc/PID/task/*/schedstat`, ns resolution) over the measured ticks, after 20"
         " warm-up ticks.",
@@ -347,7 +347,7 @@ def report(ticks_: list[TickResult], scrapes: list[ScrapeResult], ref: ScrapeRes
         if eight.cpu_ms_per_tick > 2.0 and "source host" in parts:
             own = sum(v for k, v in parts.items() if not k.startswith(("source", "whole")))
             lines.append(
-                f"  In the breakdown the psutil host source takes {parts['source host']:.2f} ms"
+                f"  In the breakdown the procfs host source takes {parts['source host']:.2f} ms"
                 f" of a tick and the recorder's own stages (CSV, exposition, state files)"
                 f" {own:.2f} ms."
             )

@@ -1,20 +1,22 @@
-"""Host sources: RAPL power from counter deltas, hwmon parsing, psutil fields (no sleeping)."""
+"""Host sources: RAPL power from counter deltas, hwmon parsing, procfs fields (no sleeping)."""
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections import namedtuple
+import os
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from fakesysfs import add_hwmon_chip, add_rapl_zone, deny_reads, set_energy
+from gputel.schema import MIB
 from gputel.sources import host as host_mod
 from gputel.sources import hwmon as hwmon_mod
 from gputel.sources import rapl as rapl_mod
-from gputel.sources.host import PsutilHostSource
+from gputel.sources.host import ProcfsHostSource
 from gputel.sources.hwmon import HwmonSource
 from gputel.sources.rapl import PERMISSION_WARNING, RaplSource
 
@@ -272,28 +274,74 @@ def test_hwmon_rediscovers_when_files_vanish(tmp_path: Path) -> None:
     assert source.read()["cpu_temperature_c"] == 50.0
 
 
-# ---------------------------------------------------------------------------------- psutil
-CpuTimes = namedtuple("CpuTimes", "user nice system idle iowait irq softirq steal guest guest_nice")
-DiskIO = namedtuple("DiskIO", "read_bytes write_bytes")
-NicIO = namedtuple("NicIO", "bytes_recv bytes_sent")
+# ---------------------------------------------------------------------------------- procfs
+# The files as Linux 6.x writes them, cut down to the lines the source reads and a few it skips.
+STAT = "cpu  {} 0 {} {} {} 0 0 0 {} 0\ncpu0 1 2 3 4 5 6 7 8 9 10\nintr 12345 0 0\nctxt 999\n"
+MEMINFO = (
+    "MemTotal:       67108864 kB\n"
+    "MemFree:         1048576 kB\n"
+    "MemAvailable:   50331648 kB\n"
+    "Buffers:          123456 kB\n"
+    "SwapCached:            0 kB\n"
+    "SwapTotal:       8388608 kB\n"
+    "SwapFree:        7340032 kB\n"
+    "HugePages_Total:       0\n"
+    "Hugepagesize:       2048 kB\n"
+)
+NETDEV_HEAD = (
+    "Inter-|   Receive                                                |  Transmit\n"
+    " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs"
+    " drop fifo colls carrier compressed\n"
+)
 
 
-def test_psutil_source_fields(monkeypatch: pytest.MonkeyPatch) -> None:
-    times = [
-        CpuTimes(100, 0, 50, 800, 50, 0, 0, 0, 10, 0),
-        # +30 user, +10 system, +50 idle, +10 iowait, guest +5 (inside user): 40 of 100 busy
-        CpuTimes(130, 0, 60, 850, 60, 0, 0, 0, 15, 0),
-    ]
-    monkeypatch.setattr(psutil, "cpu_times", lambda: times.pop(0))
+def diskstats_line(major: int, minor: int, name: str, rsect: int, wsect: int) -> str:
+    """A Linux 5.5+ line (20 fields): sectors read is the 6th, sectors written the 10th."""
+    return f"{major:>4} {minor:>7} {name} 10 1 {rsect} 5 20 2 {wsect} 7 0 9 12 0 0 0 0 0 0\n"
+
+
+def netdev_line(nic: str, rx: int, tx: int) -> str:
+    return f"{nic:>6}: {rx} 11 0 0 0 0 0 0 {tx} 22 0 0 0 0 0 0\n"
+
+
+class FakeHost:
+    """``proc/`` and ``sys/block/`` under tmp_path, rewritten in place between reads."""
+
+    def __init__(self, root: Path) -> None:
+        self.proc = root / "proc"
+        self.sys = root / "sys"
+        (self.proc / "net").mkdir(parents=True)
+        (self.sys / "block").mkdir(parents=True)
+        self.set_cpu(user=100, system=50, idle=800, iowait=50, guest=10)
+        (self.proc / "meminfo").write_text(MEMINFO)
+        self.set_nics({"lo": (10**9, 10**9), "eth0": (100, 200), "ib0": (1000, 2000)})
+
+    def set_cpu(self, *, user: int, system: int, idle: int, iowait: int, guest: int) -> None:
+        (self.proc / "stat").write_text(STAT.format(user, system, idle, iowait, guest))
+
+    def set_disks(self, lines: list[str], whole: list[str]) -> None:
+        (self.proc / "diskstats").write_text("".join(lines))
+        for name in whole:
+            (self.sys / "block" / name).mkdir(exist_ok=True)
+
+    def set_nics(self, nics: dict[str, tuple[int, int]]) -> None:
+        lines = [netdev_line(nic, rx, tx) for nic, (rx, tx) in nics.items()]
+        (self.proc / "net" / "dev").write_text(NETDEV_HEAD + "".join(lines))
+
+    def source(self) -> ProcfsHostSource:
+        return ProcfsHostSource(self.proc, self.sys)
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHost:
     monkeypatch.setattr(host_mod.os, "getloadavg", lambda: (1.5, 1.0, 0.5))
-    vm = namedtuple("VM", "total available")(64 * 2**30, 48 * 2**30)
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: vm)
-    monkeypatch.setattr(psutil, "swap_memory", lambda: namedtuple("Swap", "used")(2**30))
-    monkeypatch.setattr(psutil, "disk_io_counters", lambda perdisk: DiskIO(4096, 8192))
-    nics = {"lo": NicIO(10**9, 10**9), "eth0": NicIO(100, 200), "ib0": NicIO(1000, 2000)}
-    monkeypatch.setattr(psutil, "net_io_counters", lambda pernic: nics)
+    host = FakeHost(tmp_path)
+    host.set_disks([diskstats_line(8, 0, "sda", 8, 16)], whole=["sda"])
+    return host
 
-    source = PsutilHostSource()
+
+def test_procfs_source_fields(fake: FakeHost) -> None:
+    source = fake.source()
     assert source.name == "host"
     first = source.read()
     assert first == {
@@ -309,38 +357,204 @@ def test_psutil_source_fields(monkeypatch: pytest.MonkeyPatch) -> None:
         "net_rx_bytes": 1100,
         "net_tx_bytes": 2200,
     }
+    # +30 user, +10 system, +50 idle, +10 iowait, guest +5 (inside user): 40 of 100 busy
+    fake.set_cpu(user=130, system=60, idle=850, iowait=60, guest=15)
+    assert source.read()["cpu_util_pct"] == 40.0
+    # no CPU time elapsed between two reads: None, not 0.0 or a division by zero
+    assert source.read()["cpu_util_pct"] is None
+
+
+def test_cpu_line_of_an_old_kernel_without_guest_fields(fake: FakeHost) -> None:
+    (fake.proc / "stat").write_text("cpu  100 0 50 800 50 0 0 0\n")
+    source = fake.source()
+    source.read()
+    (fake.proc / "stat").write_text("cpu  130 0 60 850 60 0 0 0\n")
     assert source.read()["cpu_util_pct"] == 40.0
 
 
-def test_psutil_source_without_disks_or_nics(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
+def test_only_whole_disks_count_not_partitions_or_virtual_devices(fake: FakeHost) -> None:
+    fake.set_disks(
+        [
+            diskstats_line(7, 0, "loop0", 1_000_000, 0),
+            diskstats_line(1, 0, "ram0", 1_000_000, 1_000_000),
+            diskstats_line(8, 0, "sda", 100, 200),
+            diskstats_line(8, 1, "sda1", 60, 150),
+            diskstats_line(8, 2, "sda2", 40, 50),
+            "   8       3 sda3 4 8 16 32\n",  # a Linux 2.6 partition line: 7 fields
+            diskstats_line(259, 0, "nvme0n1", 1000, 2000),
+            diskstats_line(259, 1, "nvme0n1p1", 1000, 2000),
+            diskstats_line(104, 0, "cciss/c0d0", 10, 20),
+            diskstats_line(104, 1, "cciss/c0d0p1", 10, 20),
+            diskstats_line(252, 0, "zram0", 1_000_000, 1_000_000),
+            diskstats_line(253, 0, "dm-0", 1_000_000, 1_000_000),  # LVM over nvme0n1p1
+            diskstats_line(9, 127, "md127", 1_000_000, 1_000_000),  # RAID over sda1 + sda2
+        ],
+        # what /sys/block lists: whole disks of every kind, never partitions
+        whole=["loop0", "ram0", "sda", "nvme0n1", "cciss!c0d0", "zram0", "dm-0", "md127"],
+    )
+    reading = fake.source().read()
+    assert reading["disk_read_bytes"] == (100 + 1000 + 10) * 512
+    assert reading["disk_write_bytes"] == (200 + 2000 + 20) * 512
 
-    def no_diskstats(perdisk: bool) -> None:
-        calls.append(perdisk)
-        raise NotImplementedError("/proc/diskstats nor /sys/block are available")
 
-    monkeypatch.setattr(psutil, "disk_io_counters", no_diskstats)
-    monkeypatch.setattr(psutil, "net_io_counters", lambda pernic: {"lo": NicIO(1, 1)})
-    source = PsutilHostSource()
-    for _ in range(3):
+def test_disk_hot_added_later_is_counted(fake: FakeHost) -> None:
+    source = fake.source()
+    assert source.read()["disk_read_bytes"] == 8 * 512
+    fake.set_disks(
+        [diskstats_line(8, 0, "sda", 8, 16), diskstats_line(8, 16, "sdb", 2, 0)],
+        whole=["sda", "sdb"],
+    )
+    assert source.read()["disk_read_bytes"] == 10 * 512
+
+
+def test_missing_diskstats_gives_none_and_is_not_asked_again(fake: FakeHost) -> None:
+    (fake.proc / "diskstats").unlink()
+    source = fake.source()
+    for _ in range(2):
         reading = source.read()
         assert reading["disk_read_bytes"] is None and reading["disk_write_bytes"] is None
-        assert reading["net_rx_bytes"] is None and reading["net_tx_bytes"] is None
-    assert calls == [False]  # not asked again
+        assert reading["memory_used_mib"] == 16 * 1024.0  # the rest of the source stays up
+    fake.set_disks([diskstats_line(8, 0, "sda", 8, 16)], whole=["sda"])
+    assert source.read()["disk_read_bytes"] is None
 
 
-def test_psutil_source_disk_none_in_container(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(psutil, "disk_io_counters", lambda perdisk: None)
-    reading = PsutilHostSource().read()
-    assert reading["disk_read_bytes"] is None
+@pytest.mark.parametrize(
+    ("lines", "whole"),
+    [
+        ([], []),  # an empty /proc/diskstats
+        ([diskstats_line(8, 1, "sda1", 8, 16)], []),  # a container: partitions only, no /sys/block
+        ([diskstats_line(7, 0, "loop0", 8, 16)], ["loop0"]),  # virtual devices only
+    ],
+)
+def test_no_whole_disk_gives_none_never_zero(
+    fake: FakeHost, lines: list[str], whole: list[str]
+) -> None:
+    fake.set_disks(lines, whole)
+    reading = fake.source().read()
+    assert reading["disk_read_bytes"] is None and reading["disk_write_bytes"] is None
 
 
-def test_psutil_source_reads_the_real_host() -> None:
-    source = PsutilHostSource()
+def test_loopback_only_gives_no_network_counters(fake: FakeHost) -> None:
+    fake.set_nics({"lo": (5, 5)})
+    reading = fake.source().read()
+    assert reading["net_rx_bytes"] is None and reading["net_tx_bytes"] is None
+
+
+def test_a_counter_that_goes_back_does_not_make_the_sum_fall(fake: FakeHost) -> None:
+    """psutil's nowrap: a re-created NIC continues from its last value; a removed one is gone."""
+    source = fake.source()
+    assert source.read()["net_rx_bytes"] == 1100
+    fake.set_nics({"eth0": (150, 250), "ib0": (7, 9)})  # ib0's driver reloaded
+    reading = source.read()
+    assert (reading["net_rx_bytes"], reading["net_tx_bytes"]) == (150 + 1007, 250 + 2009)
+    fake.set_nics({"eth0": (160, 260), "ib0": (17, 19)})
+    reading = source.read()
+    assert (reading["net_rx_bytes"], reading["net_tx_bytes"]) == (160 + 1017, 260 + 2019)
+    fake.set_nics({"eth0": (170, 270)})  # ib0 removed: its correction goes with it
+    assert source.read()["net_rx_bytes"] == 170
+    fake.set_nics({"eth0": (170, 270), "ib0": (1, 1)})  # and comes back from scratch
+    assert source.read()["net_rx_bytes"] == 171
+
+
+def test_disk_counter_reset_is_carried_too(fake: FakeHost) -> None:
+    source = fake.source()
+    source.read()
+    fake.set_disks([diskstats_line(8, 0, "sda", 2, 20)], whole=["sda"])
+    reading = source.read()
+    assert (reading["disk_read_bytes"], reading["disk_write_bytes"]) == ((8 + 2) * 512, 20 * 512)
+
+
+def test_long_files_are_read_to_the_end(fake: FakeHost) -> None:
+    """seq_file returns about a page per read(2), so one pread is not the whole file."""
+    nics = {f"veth{i:04d}": (i, 2 * i) for i in range(300)}
+    fake.set_nics(nics)
+    source = fake.source()
+    source._netdev._chunk = 100  # a short read on every call, as a busy host's net/dev gives
+    reading = source.read()
+    assert reading["net_rx_bytes"] == sum(range(300))
+    assert reading["net_tx_bytes"] == 2 * sum(range(300))
+
+
+def test_files_stay_open_between_reads(fake: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = fake.source()
+    source.read()
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: Any, *args: Any, **kwargs: Any) -> int:
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(host_mod.os, "open", counting_open)
+    for _ in range(3):
+        source.read()
+    monkeypatch.undo()
+    assert [p for p in opened if p.startswith(str(fake.proc))] == []
+    source.close()
+
+
+def test_a_descriptor_gone_bad_is_reopened(fake: FakeHost) -> None:
+    source = fake.source()
+    source.read()
+    fd = source._meminfo._fd
+    assert fd is not None
+    os.close(fd)
+    assert source.read()["memory_used_mib"] == 16 * 1024.0
+    source.close()
+
+
+def test_missing_mem_available_gives_none_not_a_guess(fake: FakeHost) -> None:
+    text = "".join(line for line in MEMINFO.splitlines(True) if "MemAvailable" not in line)
+    (fake.proc / "meminfo").write_text(text)
+    reading = fake.source().read()
+    assert reading["memory_used_mib"] is None and reading["memory_available_mib"] is None
+    assert reading["swap_used_mib"] == 1024.0
+
+
+def test_without_proc_the_source_raises_so_it_is_marked_down(tmp_path: Path) -> None:
+    source = ProcfsHostSource(tmp_path / "proc", tmp_path / "sys")
+    with pytest.raises(FileNotFoundError):
+        source.read()
+
+
+def test_garbled_file_raises(fake: FakeHost) -> None:
+    (fake.proc / "meminfo").write_text("garbage\n")
+    with pytest.raises(ValueError):
+        fake.source().read()
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux procfs")
+def test_procfs_source_reads_the_real_host() -> None:
+    source = ProcfsHostSource()
     source.read()
     reading = source.read()
     assert reading["memory_used_mib"] > 0
     assert reading["memory_available_mib"] > 0
+    assert reading["swap_used_mib"] >= 0
     assert reading["load_1m"] >= 0
     cpu = reading["cpu_util_pct"]
     assert cpu is None or 0 <= cpu <= 100
+    source.close()
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux procfs")
+def test_agrees_with_psutil_on_the_real_host() -> None:
+    """Same figures as psutil gave, except the disks psutil double-counted (see host.py)."""
+    reading = ProcfsHostSource().read()
+    vm = psutil.virtual_memory()
+    # memory moves between the two reads; a few MiB is plenty on a quiet test host
+    assert reading["memory_available_mib"] == pytest.approx(vm.available / MIB, abs=64)
+    assert reading["swap_used_mib"] == pytest.approx(psutil.swap_memory().used / MIB, abs=64)
+    nics = {k: v for k, v in psutil.net_io_counters(pernic=True).items() if k != "lo"}
+    if nics:
+        assert reading["net_rx_bytes"] is not None
+        assert reading["net_rx_bytes"] <= sum(n.bytes_recv for n in nics.values())
+    else:
+        assert reading["net_rx_bytes"] is None
+    per_disk = psutil.disk_io_counters(perdisk=True) or {}
+    counted = [d for d in per_disk if host_mod.is_counted_disk(d, Path("/sys"))]
+    if counted:
+        assert reading["disk_read_bytes"] is not None
+        assert reading["disk_read_bytes"] <= sum(per_disk[d].read_bytes for d in counted)
+    else:
+        assert reading["disk_read_bytes"] is None

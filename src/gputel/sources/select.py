@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from gputel.runtime import SIM_EPOCH_ENV
 from gputel.settings import Settings
 from gputel.sources.base import GpuSelectionError, GpuSource, GpuSourceError, HostSource
-from gputel.sources.host import PsutilHostSource
+from gputel.sources.host import ProcfsHostSource
 from gputel.sources.hwmon import HwmonSource
 from gputel.sources.rapl import RaplSource
 from gputel.sources.sim import NoneGpuSource, SimGpuSource
@@ -116,9 +116,10 @@ def open_gpu_source(
 
 
 def open_host_sources(settings: Settings) -> list[HostSource]:
-    """psutil, RAPL and hwmon; each reports None fields where its hardware is absent."""
+    """procfs (CPU, memory, disk, network), RAPL and hwmon; each reports None where its
+    hardware is absent. All sysfs reads, /sys/block included, go through GPUTEL_SYSFS_ROOT."""
     return [
-        PsutilHostSource(),
+        ProcfsHostSource(sysfs_root=settings.sysfs_root),
         RaplSource(settings.sysfs_root),
         HwmonSource(settings.sysfs_root),
     ]
