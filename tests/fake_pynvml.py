@@ -16,12 +16,14 @@ overrides it for nvmlDeviceGetTemperatureV) · ``power_mw`` · ``power_limit_mw`
 (``clock_event_reasons`` / ``clock_throttle_reasons`` override it per function) ·
 ``pcie_rx_kbps``, ``pcie_tx_kbps`` · ``ecc_corrected``, ``ecc_uncorrected`` · ``handle`` (an
 exception for nvmlDeviceGetHandleByIndex) · ``field_values`` (an exception for the whole batch
-call) · ``lost`` (True: every call on this GPU raises ``NVMLError_GpuIsLost``).
+call) · ``lost`` (True: every call on this GPU, nvmlDeviceGetHandleByIndex included, raises
+``NVMLError_GpuIsLost``; an exception class or instance: they raise that instead, as a driver
+answering ``NVML_ERROR_UNKNOWN`` does; ``set(i, lost=False)`` brings the GPU back).
 
 ``timeline`` maps a tick to per-GPU overrides that hold from that tick on (``advance()`` moves the
 tick), ``init_error`` / ``count_error`` / ``device_count`` shape start-up, and ``missing`` names
 attributes the binding does not have (an older nvidia-ml-py). ``calls`` counts calls per function
-and ``gpu_calls`` per (function, GPU index).
+and ``gpu_calls`` per (function, GPU index), nvmlDeviceGetHandleByIndex counted by its index.
 """
 
 from __future__ import annotations
@@ -195,6 +197,14 @@ class _Handle:
         return f"<fake nvmlDevice {self.index}>"
 
 
+def _raise_if_lost(row: dict[str, Any]) -> None:
+    lost = row.get("lost")
+    if lost is True:
+        raise NVMLError_GpuIsLost()
+    if lost:
+        _raise_if_error(lost)
+
+
 def _raise_if_error(value: Any) -> Any:
     if isinstance(value, type) and issubclass(value, BaseException):
         raise value()
@@ -265,8 +275,7 @@ class FakeNvml(ModuleType):
         if self.initialised <= 0:
             raise NVMLError_Uninitialized()
         row = self.effective(handle.index)
-        if row.get("lost"):
-            raise NVMLError_GpuIsLost()
+        _raise_if_lost(row)
         return row
 
     def _value(self, fn: str, handle: _Handle, *keys: str) -> Any:
@@ -294,10 +303,13 @@ class FakeNvml(ModuleType):
         return self.device_count
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> _Handle:
-        self._count("nvmlDeviceGetHandleByIndex")
+        self.calls["nvmlDeviceGetHandleByIndex"] += 1
         if not 0 <= index < self.device_count:
             raise ERROR_CLASSES["NVMLError_InvalidArgument"]()
-        _raise_if_error(self.effective(index).get("handle"))
+        self.gpu_calls[("nvmlDeviceGetHandleByIndex", index)] += 1
+        row = self.effective(index)
+        _raise_if_error(row.get("handle"))
+        _raise_if_lost(row)
         return _Handle(index)
 
     def nvmlDeviceGetUUID(self, handle: _Handle) -> str | bytes:

@@ -178,6 +178,154 @@ def test_gpu_already_lost_at_open(install: Callable[..., FakeNvml]) -> None:
     src.close()
 
 
+# ---------------------------------------------------------------------------- lost GPUs return
+def _gpu_calls(fake: FakeNvml, gpu: int) -> int:
+    return sum(n for (_, index), n in fake.gpu_calls.items() if index == gpu)
+
+
+PROBE = ("nvmlDeviceGetHandleByIndex", "nvmlDeviceGetUUID", "nvmlDeviceGetUtilizationRates")
+
+
+def _lose_gpu_1(
+    install: Callable[..., FakeNvml], error: type[Exception]
+) -> tuple[FakeNvml, nvml.NvmlGpuSource, Clock]:
+    """GPU 1 of two goes lost at t=0 on the first full read."""
+    fake = install([gpu_row(0), gpu_row(1)])
+    clock = Clock(0.0)
+    src = nvml.open_nvml(None, clock=clock)
+    fake.set(1, lost=error)
+    assert [r.lost for r in src.read()] == [False, True]
+    return fake, src, clock
+
+
+@pytest.mark.parametrize("error", [fk.NVMLError_GpuIsLost, fk.NVMLError_Unknown])
+def test_lost_gpu_is_left_alone_until_the_probe_interval(
+    install: Callable[..., FakeNvml], error: type[Exception]
+) -> None:
+    fake, src, clock = _lose_gpu_1(install, error)
+    asked = _gpu_calls(fake, 1)
+    fake.set(1, lost=False)  # even a GPU that would answer is not asked early
+    for now in (1.0, 30.0, 59.9):
+        clock.now = now
+        assert src.read()[1].lost
+        assert src.read_utilization() == {0: 50.0, 1: None}
+        assert src.read_energy_j() == {0: 5000.0, 1: None}
+    assert _gpu_calls(fake, 1) == asked
+    src.close()
+
+
+@pytest.mark.parametrize("error", [fk.NVMLError_GpuIsLost, fk.NVMLError_Unknown])
+def test_lost_gpu_stays_lost_after_a_failed_probe_quietly(
+    install: Callable[..., FakeNvml], caplog: pytest.LogCaptureFixture, error: type[Exception]
+) -> None:
+    fake, src, clock = _lose_gpu_1(install, error)
+    caplog.set_level(logging.INFO, logger="gputel.nvml")
+    caplog.clear()
+    asked = _gpu_calls(fake, 1)
+    clock.now = 60.0
+    assert src.read_utilization() == {0: 50.0, 1: None}
+    # One probe, and it stops at its first failed call.
+    assert _gpu_calls(fake, 1) == asked + 1
+    assert _calls(fake, "nvmlDeviceGetHandleByIndex", 1) == 2  # at open, then the probe
+    for now in (60.0, 100.0, 119.9):
+        clock.now = now
+        assert src.read()[1].lost and src.read_energy_j()[1] is None
+    assert _gpu_calls(fake, 1) == asked + 1
+    clock.now = 120.0
+    assert src.read()[1].lost
+    assert _gpu_calls(fake, 1) == asked + 2
+    assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
+    src.close()
+
+
+@pytest.mark.parametrize("error", [fk.NVMLError_GpuIsLost, fk.NVMLError_Unknown])
+def test_lost_gpu_recovers_after_a_successful_probe(
+    install: Callable[..., FakeNvml], caplog: pytest.LogCaptureFixture, error: type[Exception]
+) -> None:
+    fake, src, clock = _lose_gpu_1(install, error)
+    caplog.set_level(logging.INFO, logger="gputel.nvml")
+    caplog.clear()
+    fake.set(1, lost=False)
+    clock.now = 75.0
+    before = dict(fake.gpu_calls)
+    assert src.read_utilization() == {0: 50.0, 1: 51.0}
+    spent = {k: n - before.get(k, 0) for k, n in fake.gpu_calls.items() if k[1] == 1}
+    # The probe, then the light read itself; nothing else.
+    assert {k: n for k, n in spent.items() if n} == {
+        ("nvmlDeviceGetHandleByIndex", 1): 1,
+        ("nvmlDeviceGetUUID", 1): 1,
+        ("nvmlDeviceGetUtilizationRates", 1): 2,
+    }
+    assert [r.getMessage() for r in caplog.records] == [
+        "GPU 1 (GPU-00000001-fake-uuid) answers again: reading it again"
+    ]
+    for _ in range(3):
+        r1 = src.read()[1]
+        assert not r1.lost and (r1.uuid, r1.power_w, r1.energy_j) == (
+            "GPU-00000001-fake-uuid",
+            301.0,
+            5000.001,
+        )
+        assert all(getattr(r1, m) is not None for m in MEASUREMENTS)
+    assert src.read_energy_j() == {0: 5000.0, 1: 5000.001}
+    assert len(caplog.records) == 1
+    src.close()
+
+
+def test_recovered_gpu_can_be_lost_again(
+    install: Callable[..., FakeNvml], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, src, clock = _lose_gpu_1(install, fk.NVMLError_Unknown)
+    caplog.set_level(logging.INFO, logger="gputel.nvml")
+    caplog.clear()
+    fake.set(1, lost=False)
+    clock.now = 60.0
+    assert not src.read()[1].lost
+    fake.set(1, lost=True)
+    clock.now = 61.0
+    assert src.read()[1].lost
+    asked = _gpu_calls(fake, 1)
+    clock.now = 120.0  # 59 s after the new loss: not yet
+    assert src.read()[1].lost and _gpu_calls(fake, 1) == asked
+    clock.now = 121.0
+    assert src.read()[1].lost and _gpu_calls(fake, 1) == asked + 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "answers again" in messages[0] and "is lost" in messages[1]
+    src.close()
+
+
+def test_probe_refuses_a_different_gpu_at_the_same_index(install: Callable[..., FakeNvml]) -> None:
+    fake, src, clock = _lose_gpu_1(install, fk.NVMLError_GpuIsLost)
+    fake.set(1, lost=False, uuid=b"GPU-somebody-else")
+    clock.now = 60.0
+    assert src.read()[1].lost
+    assert _calls(fake, "nvmlDeviceGetUtilizationRates", 1) == 1  # only the read before the loss
+    src.close()
+
+
+def test_gpu_lost_at_open_gets_its_identity_when_it_answers(
+    install: Callable[..., FakeNvml], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = install([gpu_row(0), gpu_row(1, lost=True)])
+    clock = Clock(0.0)
+    src = nvml.open_nvml(None, clock=clock)
+    assert [(d.index, d.uuid) for d in src.devices()] == [(0, "GPU-00000000-fake-uuid"), (1, "")]
+    clock.now = 59.0
+    assert src.read()[1].lost
+    assert _calls(fake, "nvmlDeviceGetHandleByIndex", 1) == 1
+    fake.set(1, lost=False)
+    clock.now = 60.0
+    r1 = src.read()[1]
+    assert not r1.lost
+    assert (r1.uuid, r1.name, r1.power_w) == (
+        "GPU-00000001-fake-uuid",
+        "NVIDIA H100 80GB HBM3",
+        301.0,
+    )
+    assert src.devices()[1].uuid == "GPU-00000001-fake-uuid"
+    src.close()
+
+
 # ------------------------------------------------------------------------- unsupported fields
 def test_unsupported_fields_are_none_and_not_asked_again(
     install: Callable[..., FakeNvml],
@@ -298,14 +446,17 @@ def test_energy_integrates_power_where_the_counter_is_unsupported(
     del row["energy_mj"]
     fake = install([row, gpu_row(1)])
     clock = Clock(10.0)
-    src = nvml.open_nvml(None, clock=clock)  # 100 W at t=10: the integral starts here, at 0
-    assert src.read_energy_j() == {0: 0.0, 1: 5000.001}
+    src = nvml.open_nvml(None, clock=clock)
+    # The allocation path gets no integral: two samples minutes apart would invent the number.
+    assert src.read_energy_j() == {0: None, 1: 5000.001}
+
+    (r0, r1) = src.read()  # 100 W at t=10: the recorder's integral starts here, at 0
+    assert r0.energy_j == 0.0
+    assert r1.energy_j == 5000.001  # the counter where there is one
 
     clock.now = 11.0
     fake.set(0, power_mw=200_000)
-    (r0, r1) = src.read()
-    assert r0.energy_j == 150.0  # (100 + 200) / 2 W x 1 s
-    assert r1.energy_j == 5000.001  # the counter where there is one
+    assert src.read()[0].energy_j == 150.0  # (100 + 200) / 2 W x 1 s
 
     clock.now = 13.0
     assert src.read()[0].energy_j == 550.0  # + 200 W x 2 s
@@ -316,12 +467,33 @@ def test_energy_integrates_power_where_the_counter_is_unsupported(
 
     clock.now = 16.0
     fake.set(0, power_mw=100_000)
-    assert src.read_energy_j()[0] == 1000.0  # bridges 13 -> 16 s: (200 + 100) / 2 W x 3 s
+    power_calls = _calls(fake, "nvmlDeviceGetPowerUsage", 0)
+    assert src.read_energy_j() == {0: None, 1: 5000.001}
+    assert _calls(fake, "nvmlDeviceGetPowerUsage", 0) == power_calls  # no sample taken for it
+    assert src.read()[0].energy_j == 1000.0  # bridges 13 -> 16 s: (200 + 100) / 2 W x 3 s
 
     clock.now = 17.0
     assert src.read()[0].energy_j == 1100.0
-    assert _calls(fake, "nvmlDeviceGetTotalEnergyConsumption", 0) == 1  # asked once, at open
+    assert src.read_energy_j()[0] is None
+    assert _calls(fake, "nvmlDeviceGetTotalEnergyConsumption", 0) == 1  # unsupported: asked once
     assert all(ids == (3, 4) for gpu, ids in fake.field_requests if gpu == 0)
+
+
+def test_allocation_energy_is_empty_without_a_counter_even_when_only_that_path_reads(
+    install: Callable[..., FakeNvml],
+) -> None:
+    # The agent's source: only read_energy_j at allocate and release, never read().
+    row = gpu_row(0, power_mw=250_000)
+    del row["energy_mj"]
+    fake = install([row])
+    clock = Clock(0.0)
+    src = nvml.open_nvml(None, clock=clock)
+    at_allocate = src.read_energy_j()
+    clock.now = 600.0
+    fake.set(0, power_mw=500_000)
+    assert (at_allocate, src.read_energy_j()) == ({0: None}, {0: None})
+    assert fake.calls["nvmlDeviceGetPowerUsage"] == 0
+    src.close()
 
 
 def test_no_energy_without_counter_or_power(install: Callable[..., FakeNvml]) -> None:

@@ -6,15 +6,17 @@ Everything NVML can do wrong is decided here, once, so the rest of gputel sees p
   an operator reading a journal needs "reload the nvidia module", not an error code;
 - every field read goes through :meth:`NvmlGpuSource._ask`: a field the hardware or the binding
   does not offer is ``None`` and never asked again (an unsupported call still costs a driver
-  round-trip every tick), a GPU that fell off the bus is marked lost once and left alone while the
-  other GPUs keep reporting, and any other error costs that field for that tick only;
+  round-trip every tick), a GPU that fell off the bus (or answers NVML_ERROR_UNKNOWN) is marked
+  lost and left alone while the other GPUs keep reporting, re-probed at most once a minute so
+  that a reset GPU or a driver that got over a hiccup is read again without a restart, and any
+  other error costs that field for that tick only;
 - ``pynvml`` is imported inside :func:`open_nvml`, never at import time, so ``gputel`` imports on
   machines without the binding and tests can put a fake in ``sys.modules``.
 
-No thread, timeout or retry lives here: NVML calls can block in the kernel and only the caller
-(the agent's deadline-guarded read) can decide what waiting too long means. Reads of one source are
-serialised by a lock, so a caller that gave up on a hung read and asks again waits for it instead
-of piling more calls onto a wedged driver.
+No thread, timeout or retry of a failed call lives here: NVML calls can block in the kernel and
+only the caller (the agent's deadline-guarded read) can decide what waiting too long means. Reads
+of one source are serialised by a lock, so a caller that gave up on a hung read and asks again
+waits for it instead of piling more calls onto a wedged driver.
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ _PSTATE_UNKNOWN = 32
 
 #: Permanent for this driver and binding: stop asking.
 _UNSUPPORTED_CODES = frozenset({_NOT_SUPPORTED, _FUNCTION_NOT_FOUND, _ARGUMENT_VERSION_MISMATCH})
-#: The GPU itself stopped answering (Xid 79 and friends): stop asking it anything.
+#: The GPU itself stopped answering (Xid 79 and friends): stop reading it, only re-probe it.
 _LOST_CODES = frozenset({_GPU_IS_LOST, _UNKNOWN})
+#: Seconds between re-probes of a lost GPU: rare enough that a GPU really off the bus costs next to
+#: nothing (a call on it can be slow), often enough that a reset GPU is back within a minute.
+_REPROBE_S = 60.0
 
 _OR_OTHER_BACKEND = "or use GPUTEL_BACKEND=sim/none"
 _LIBRARY_MISSING = (
@@ -167,10 +172,13 @@ class _Gpu:
     uuid: str = ""
     name: str = ""
     lost: bool = False
+    lost_checked: float = 0.0
+    """Monotonic seconds of the loss or of the last re-probe, whichever is later."""
     unsupported: set[str] = field(default_factory=set)
     warned: set[str] = field(default_factory=set)
     energy_j: float = 0.0
-    """Integrated joules, used only where the driver has no energy counter."""
+    """Integrated joules for :meth:`NvmlGpuSource.read` only, where the driver has no energy
+    counter."""
     last_power: tuple[float, float] | None = None
     """(monotonic seconds, watts) of the last power sample the integration used."""
 
@@ -231,15 +239,16 @@ class NvmlGpuSource:
             log.debug("GPU %d: %s not supported (%s); not asking again", gpu.index, key, detail)
             return
         if code in _LOST_CODES:
-            gpu.lost = True
+            self._mark_lost(gpu)
             log.warning(
-                "GPU %d (%s) is lost (%s reading %s): reporting it as lost from now on while the "
-                "other GPUs keep reporting; check dmesg for Xid errors, a GPU reset or reboot is "
-                "needed",
+                "GPU %d (%s) is lost (%s reading %s): reporting it as lost while the other GPUs "
+                "keep reporting, re-checking it every %d s; check dmesg for Xid errors, a GPU "
+                "reset or reboot may be needed",
                 gpu.index,
                 gpu.uuid or "uuid unknown",
                 detail,
                 key,
+                _REPROBE_S,
             )
             raise _GpuLost
         if key not in gpu.warned:
@@ -250,6 +259,48 @@ class NvmlGpuSource:
                 key,
                 detail,
             )
+
+    def _mark_lost(self, gpu: _Gpu) -> None:
+        gpu.lost = True
+        gpu.lost_checked = self._clock()
+        # The power integral must not bridge the outage with a trapezoid over it.
+        gpu.last_power = None
+
+    def _answers(self, gpu: _Gpu) -> bool:
+        """Whether ``gpu`` may be read now; a lost GPU is re-probed here, at most once per
+        _REPROBE_S, so a wedged GPU is not asked every tick yet a recovered one is not lost for
+        good.
+
+        The probe takes a fresh handle (one from before a reset may be stale, and a GPU lost at
+        open has none), checks that the index still names the same GPU, then makes the light
+        utilization query, because identity may be cached by the driver while a query of the
+        GPU is not. It stops at the first failure, which is quiet: the loss was logged already.
+        """
+        if not gpu.lost:
+            return True
+        now = self._clock()
+        if now - gpu.lost_checked < _REPROBE_S:
+            return False
+        gpu.lost_checked = now
+        nv = self._nv
+        try:
+            handle = nv.nvmlDeviceGetHandleByIndex(gpu.index)
+            uuid = _text(nv.nvmlDeviceGetUUID(handle))
+            if gpu.uuid and uuid != gpu.uuid:
+                log.debug("GPU %d now reports uuid %s, not %s", gpu.index, uuid, gpu.uuid)
+                return False
+            nv.nvmlDeviceGetUtilizationRates(handle)
+        except self._error as exc:
+            log.debug("GPU %d still lost: %s", gpu.index, _one_line(exc))
+            return False
+        gpu.handle, gpu.uuid, gpu.lost = handle, uuid, False
+        if not gpu.name:
+            try:
+                gpu.name = _text(self._ask(gpu, "name", "nvmlDeviceGetName"))
+            except _GpuLost:
+                return False
+        log.info("GPU %d (%s) answers again: reading it again", gpu.index, gpu.uuid)
+        return True
 
     def _first(
         self, gpu: _Gpu, options: list[tuple[str, str, tuple[Any, ...], dict[str, Any]]]
@@ -367,14 +418,12 @@ class NvmlGpuSource:
         gpu.last_power = (now, power_w)
         return gpu.energy_j
 
-    def _energy_only(self, gpu: _Gpu) -> float | None:
-        if "energy_j" not in gpu.unsupported:
-            mj = self._ask(gpu, "energy_j", "nvmlDeviceGetTotalEnergyConsumption")
-            if mj is not None:
-                return mj / 1000.0
-            if "energy_j" not in gpu.unsupported:
-                return None
-        return self._integrate(gpu, self._power(gpu), self._clock())
+    def _energy_counter(self, gpu: _Gpu) -> float | None:
+        """The driver's counter or None, never the integral: between two calls minutes apart
+        (allocate, release) an integral is a trapezoid from two power samples, an invented
+        number where an empty one is the truth."""
+        mj = self._ask(gpu, "energy_j", "nvmlDeviceGetTotalEnergyConsumption")
+        return None if mj is None else mj / 1000.0
 
     def _fill(self, gpu: _Gpu, r: GpuReading) -> None:
         nv = self._nv
@@ -436,7 +485,7 @@ class NvmlGpuSource:
         with self._lock:
             for gpu in self._gpus:
                 try:
-                    out[gpu.index] = self._utilization(gpu)[0]
+                    out[gpu.index] = self._utilization(gpu)[0] if self._answers(gpu) else None
                 except _GpuLost:
                     out[gpu.index] = None
         return out
@@ -445,8 +494,10 @@ class NvmlGpuSource:
         readings: list[GpuReading] = []
         with self._lock:
             for gpu in self._gpus:
-                reading = GpuReading(index=gpu.index, uuid=gpu.uuid, name=gpu.name)
                 try:
+                    if not self._answers(gpu):
+                        raise _GpuLost
+                    reading = GpuReading(index=gpu.index, uuid=gpu.uuid, name=gpu.name)
                     self._fill(gpu, reading)
                 except _GpuLost:
                     # Values read before the loss are dropped: they belong to a GPU now gone.
@@ -455,11 +506,17 @@ class NvmlGpuSource:
         return readings
 
     def read_energy_j(self) -> dict[int, float | None]:
+        """The driver's energy counter per GPU; None where it has none or the GPU is lost.
+
+        Unlike :meth:`read`, no power integration stands in for a missing counter: this is read
+        only at a few moments (open, allocate, release), and an integral over two samples would
+        put an invented number in allocations.csv where an empty cell is promised.
+        """
         out: dict[int, float | None] = {}
         with self._lock:
             for gpu in self._gpus:
                 try:
-                    out[gpu.index] = self._energy_only(gpu)
+                    out[gpu.index] = self._energy_counter(gpu) if self._answers(gpu) else None
                 except _GpuLost:
                     out[gpu.index] = None
         return out
@@ -478,7 +535,8 @@ def open_nvml(
     """Start NVML (once per process) and open the selected GPUs (all when ``None``).
 
     Raises GpuSourceError with one line naming the likely fix when NVML cannot start, finds no
-    GPU, or a selected index does not exist. A GPU that is already lost is opened as lost.
+    GPU, or a selected index does not exist. A GPU that is already lost is opened as lost, and its
+    uuid and name are filled in if it answers a later re-probe.
     """
     nv = _import_pynvml()
     _acquire(nv)
@@ -517,8 +575,13 @@ def _open(
         except error as exc:
             if getattr(exc, "value", None) not in _LOST_CODES:
                 raise _init_error(exc) from None
-            log.warning("GPU %d is lost at start (%s); reporting it as lost", index, _one_line(exc))
-            gpus.append(_Gpu(index, None, lost=True))
+            log.warning(
+                "GPU %d is lost at start (%s): reporting it as lost, re-checking it every %d s",
+                index,
+                _one_line(exc),
+                _REPROBE_S,
+            )
+            gpus.append(_Gpu(index, None, lost=True, lost_checked=clock()))
             continue
         gpus.append(_Gpu(index, handle))
     source = NvmlGpuSource(nv, gpus, clock)
@@ -526,8 +589,6 @@ def _open(
         try:
             gpu.uuid = _text(source._ask(gpu, "uuid", "nvmlDeviceGetUUID"))
             gpu.name = _text(source._ask(gpu, "name", "nvmlDeviceGetName"))
-            # Starts the power integration at 0 now where the driver has no energy counter.
-            source._energy_only(gpu)
         except _GpuLost:
             pass
     return source
