@@ -6,6 +6,9 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -300,15 +303,84 @@ def test_stop_leaves_a_newer_agents_socket(run_dir: Path) -> None:
         assert request(run_dir, {"op": "status"})["ok"] is True
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root bypasses socket permissions")
-def test_permission_denied_names_the_fix(run_dir: Path) -> None:
+#: Runs as root, imports while it still may read the venv, then becomes ``nobody`` (no groups) and
+#: asks the agent in argv[1]; prints the reply, or the AgentUnavailable it met, as JSON.
+_AS_NOBODY = """
+import json, os, sys
+from pathlib import Path
+from gputel.control import AgentUnavailable, request
+try:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+except OSError as exc:
+    print(json.dumps({"cannot_drop": str(exc)}))
+    sys.exit(0)
+try:
+    print(json.dumps({"reply": request(Path(sys.argv[1]), {"op": "status"})}))
+except AgentUnavailable as exc:
+    print(json.dumps({"reason": exc.reason, "message": str(exc)}))
+"""
+
+
+def _request_as_nobody(run_dir: Path) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", _AS_NOBODY, str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+        env=dict(os.environ, HOME="/"),
+    )
+    assert out.returncode == 0, out.stderr
+    answer: dict[str, Any] = json.loads(out.stdout)
+    if "cannot_drop" in answer:
+        pytest.skip(f"root here cannot become nobody: {answer['cannot_drop']}")
+    return answer
+
+
+def _denied_in_process(run_dir: Path) -> dict[str, Any]:
     path = run_dir / CONTROL_SOCKET
     with ControlServer(path, Recorder()):
         os.chmod(path, 0o000)
         with pytest.raises(AgentUnavailable) as info:
             request(run_dir, {"op": "status"})
-    assert info.value.reason == "permission"
-    assert "permission denied" in str(info.value) and "join group" in str(info.value)
+    return {"reason": info.value.reason, "message": str(info.value)}
+
+
+def test_permission_denied_names_the_fix() -> None:
+    """A caller who may not reach the socket is told so, and how to fix it.
+
+    Root ignores file permissions, so as root the caller is a child that became ``nobody``,
+    facing a run directory only root can traverse (what /run/gputel is to a stranger); the
+    same child, once the directory is opened to it, gets an answer, so the denial is the
+    directory's and not a broken child. Not as root, the socket's own mode denies us.
+    """
+    if os.geteuid() != 0:
+        with tempfile.TemporaryDirectory() as base:
+            run_dir = Path(base) / "run"
+            run_dir.mkdir()
+            denied = _denied_in_process(run_dir)
+        assert denied["reason"] == "permission"
+        assert "permission denied" in denied["message"] and "join group" in denied["message"]
+        return
+    # Not under tmp_path: pytest's base directory is root-only already, and the run directory
+    # itself must be what denies the caller.
+    with tempfile.TemporaryDirectory() as base:
+        os.chmod(base, 0o755)
+        run_dir = Path(base) / "run"
+        run_dir.mkdir(mode=0o700)
+        path = run_dir / CONTROL_SOCKET
+        with ControlServer(path, Recorder()):
+            denied = _request_as_nobody(run_dir)
+            os.chmod(run_dir, 0o755)
+            os.chmod(path, 0o666)
+            allowed = _request_as_nobody(run_dir)
+    assert denied["reason"] == "permission", denied
+    message = denied["message"]
+    assert message.startswith(f"permission denied on {path}: "), message
+    assert "run as root or join group" in message
+    assert allowed["reply"]["ok"] is True, allowed
 
 
 def test_request_is_bounded_against_a_mute_listener(run_dir: Path) -> None:
