@@ -24,6 +24,7 @@ import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 log = logging.getLogger("gputel.http")
 
@@ -33,11 +34,34 @@ MetricsFn = Callable[[], bytes]
 HealthFn = Callable[[], "tuple[bool, str]"]
 
 
+#: Seconds a client may take to send its request; a scraper sends it at once, and an idle
+#: connection must not hold a thread and a file descriptor of the agent forever.
+CLIENT_TIMEOUT_S = 10.0
+#: Connections served at once; more are closed straight away (Prometheus needs one).
+MAX_CONNECTIONS = 32
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     metrics: MetricsFn
     health: HealthFn
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -49,6 +73,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = CLIENT_TIMEOUT_S
     protocol_version = "HTTP/1.1"
     server_version = "gputel"
     sys_version = ""
