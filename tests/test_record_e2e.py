@@ -254,10 +254,31 @@ def test_standalone_serves_metrics(tmp_path: Path, recorders: list[Record]) -> N
     port = free_port()
     r = Record(tmp_path, "--exporter-addr", "127.0.0.1", "--exporter-port", str(port))
     recorders.append(r)
-    r.wait_ticks(2)
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        body = resp.read()
-        assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+
+    def scrape() -> tuple[bytes, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                return resp.read(), resp.headers["Content-Type"]
+        except OSError:
+            return b"", ""
+
+    def ticked() -> bool:
+        text = scrape()[0].decode()
+        return (
+            any(
+                line.startswith("gputel_recorder_ticks_total ") and float(line.split()[1]) >= 2
+                for line in text.splitlines()
+            )
+            or r.proc.poll() is not None
+        )
+
+    wait_for(ticked, 15)
+    assert r.proc.poll() is None, r.stderr()
+    body, content_type = scrape()
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    # A standalone recorder publishes nothing into the run directory: that is the agent's.
+    assert not (r.run_dir / runtime.RECORDER_STATE_FILE).exists()
+    assert not (r.run_dir / runtime.METRICS_FILE).exists()
     text = body.decode()
     assert "gputel_telemetry_active 1" in text
     assert 'gputel_gpu_utilization_ratio{gpu="1"' in text
@@ -372,7 +393,8 @@ def test_disk_full_counts_rows_and_resumes(tmp_path: Path, recorders: list[Recor
         assert stderr.count("recovered") == 1
 
 
-def test_bad_gpu_selection_is_one_line_and_exit_1(tmp_path: Path) -> None:
+def test_bad_gpu_selection_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A GPU index the node does not have is a bad setting: exit 2, one line, nothing written."""
     cmd = [
         sys.executable, "-m", "gputel", "record", "--backend", "sim", "--sim-gpus", "2",
         "--gpus", "5", "--log-dir", str(tmp_path / "log"), "--run-dir", str(tmp_path / "run"),
@@ -383,7 +405,7 @@ def test_bad_gpu_selection_is_one_line_and_exit_1(tmp_path: Path) -> None:
         text=True,
         timeout=30,
     )
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "GPUTEL_GPUS" in res.stderr
     assert not (tmp_path / "log").exists()
 

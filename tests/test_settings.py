@@ -135,3 +135,44 @@ def test_cli_bad_setting_exits_2_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert "GPUTEL_INTERVAL" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_interval_below_the_floor_is_refused() -> None:
+    with pytest.raises(SettingsError, match=r"at least 0\.01"):
+        load_settings({"GPUTEL_INTERVAL": "1e-9"})
+
+
+def test_help_shows_environment_names() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gputel", "agent", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 0
+    assert "env GPUTEL_INTERVAL, default 1" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["status", "agent", "record"])
+def test_missing_gpu_index_is_a_bad_setting(command: str, tmp_path: Path) -> None:
+    """GPUTEL_GPUS naming a GPU the node lacks exits 2 (the unit does not restart on 2)."""
+    env = {
+        **os.environ,
+        "GPUTEL_BACKEND": "sim",
+        "GPUTEL_SIM_GPUS": "2",
+        "GPUTEL_GPUS": "5",
+        "GPUTEL_RUN_DIR": str(tmp_path / "run"),
+        "GPUTEL_LOG_DIR": str(tmp_path / "log"),
+        "GPUTEL_EXPORTER_PORT": "0",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "gputel", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "GPUTEL_GPUS" in proc.stderr
+    assert "Traceback" not in proc.stderr

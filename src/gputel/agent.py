@@ -49,6 +49,10 @@ class AgentError(RuntimeError):
     """The agent cannot start; ``str()`` is one line saying why and what to do."""
 
 
+class AgentConfigError(AgentError):
+    """A setting names something this node does not have (e.g. a GPU index): exit 2, no restart."""
+
+
 class AgentAlreadyRunning(AgentError):
     """Another agent holds this run directory's lock."""
 
@@ -424,10 +428,12 @@ class Agent:
             )
 
     def _source_opened(self, job: _Job) -> None:
-        from gputel.sources.base import GpuSourceError
+        from gputel.sources.base import GpuSelectionError, GpuSourceError
 
         self._source_job = None
         if job.error is not None:
+            if isinstance(job.error, GpuSelectionError):
+                raise AgentConfigError(str(job.error))
             if isinstance(job.error, GpuSourceError):
                 raise AgentError(str(job.error))
             raise AgentError(f"cannot open the GPU source: {type(job.error).__name__}: {job.error}")
@@ -542,15 +548,16 @@ class Agent:
             if not self._util_job.done.is_set():
                 stuck = self.gpu.stuck_for or 0.0
                 self.degraded = f"GPU read stuck for {stuck:.0f}s"
-                return None
+                return self._forget_utilization()
             self._util_job = None
             log.warning("the stuck GPU read returned; GPU reads resume")
             self.degraded = None
         t0 = self._clock()
         job = self.gpu.submit(self.source.read_utilization)
         if job is None:
+            # Another GPU call (an allocation's energy read) is stuck on the reader thread.
             self.degraded = "GPU read stuck"
-            return None
+            return self._forget_utilization()
         if not self.gpu.wait(job, self.read_deadline_s):
             self._util_job = job
             self.degraded = "GPU read stuck"
@@ -559,10 +566,7 @@ class Agent:
                 "decisions) until it does",
                 self.read_deadline_s,
             )
-            with self._lock:
-                self.utilization = {i: None for i in self.utilization}
-                self.util_max = None
-            return None
+            return self._forget_utilization()
         self.poll_duration_s = self._clock() - t0
         if job.error is not None:
             if self.degraded is None or not self.degraded.startswith("GPU read failed"):
@@ -579,6 +583,12 @@ class Agent:
             self.utilization = values
             self.util_max = max(known) if known else None
         return self.util_max
+
+    def _forget_utilization(self) -> None:
+        """No reading this tick: status and /metrics must not keep showing the last one."""
+        with self._lock:
+            self.utilization = dict.fromkeys(self.utilization)
+            self.util_max = None
 
     def _energy_now(self) -> dict[int, float | None]:
         if self.source is None:

@@ -23,6 +23,8 @@ AUTOSTART_ENV = "GPU_TELEMETRY_AUTOSTART"
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 BACKENDS = ("auto", "nvml", "sim", "none")
+#: The shortest tick: below this a typo (1e-9) would be a busy loop writing thousands of rows/s.
+MIN_INTERVAL_S = 0.01
 
 
 class SettingsError(ValueError):
@@ -53,8 +55,8 @@ def parse_duration(text: str) -> float:
 
 def _interval(text: str) -> float:
     value = parse_duration(text)
-    if value <= 0:
-        raise ValueError("must be > 0 seconds")
+    if value < MIN_INTERVAL_S:
+        raise ValueError(f"must be at least {MIN_INTERVAL_S:g} seconds")
     if value > 3600:
         raise ValueError("must be at most 3600 seconds")
     return value

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from gputel.cli.options import EXIT_FAILURE, fail, settings_options
+from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
 from gputel.settings import Settings
 
 
 @settings_options
 def agent(*, settings: Settings) -> None:
     """Run the supervisor: poll GPUs, start and stop telemetry, serve /metrics and the socket."""
-    from gputel.agent import AgentError, run_agent
+    from gputel.agent import AgentConfigError, AgentError, run_agent
 
     try:
         code = run_agent(settings)
+    except AgentConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
     except AgentError as exc:
         fail(str(exc), EXIT_FAILURE)
     raise typer.Exit(code)

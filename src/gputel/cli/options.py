@@ -67,7 +67,7 @@ def _with_settings_options(func: F, exclude: tuple[str, ...]) -> F:
             str | None,
             typer.Option(
                 spec.flag,
-                help=f"{spec.help} [env {spec.env}, default {spec.default or 'see docs'}]",
+                help=f"{spec.help} \\[env {spec.env}, default {spec.default or 'see docs'}]",
                 show_default=False,
                 rich_help_panel="Settings",
             ),

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from gputel.cli.options import EXIT_FAILURE, fail, settings_options
+from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
 from gputel.settings import Settings
 
 
@@ -34,11 +34,13 @@ def record(
     """Record GPU and host telemetry every tick to CSV and Prometheus until SIGTERM/SIGINT."""
     from gputel.recorder import run_record
     from gputel.runtime import RunDirError
-    from gputel.sources.base import GpuSourceError
+    from gputel.sources.base import GpuSelectionError, GpuSourceError
 
     _setup_logging()
     try:
         code = run_record(settings, child=not standalone)
+    except GpuSelectionError as exc:
+        fail(str(exc), EXIT_USAGE)
     except (GpuSourceError, RunDirError) as exc:
         fail(str(exc), EXIT_FAILURE)
     raise typer.Exit(code)

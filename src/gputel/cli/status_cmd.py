@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from gputel.cli.operator_cmd import human_time
-from gputel.cli.options import EXIT_FAILURE, EXIT_OK, fail, settings_options
+from gputel.cli.options import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail, settings_options
 from gputel.settings import Settings
 
 GPU_READ_DEADLINE_S = 2.0
@@ -44,6 +44,7 @@ def _gpu_snapshot(settings: Settings) -> tuple[list[dict[str, Any]], str | None,
                 source.close()
         except Exception as exc:
             box["error"] = _one_line(exc)
+            box["exception"] = exc
 
     thread = threading.Thread(target=work, name="gputel-status-gpu", daemon=True)
     thread.start()
@@ -56,6 +57,10 @@ def _gpu_snapshot(settings: Settings) -> tuple[list[dict[str, Any]], str | None,
             "no GPU values shown",
             True,
         )
+    from gputel.sources.base import GpuSelectionError
+
+    if isinstance(box.get("exception"), GpuSelectionError):
+        raise box["exception"]  # a wrong GPUTEL_GPUS is a bad setting, not "no GPU"
     if "error" in box:
         return [], None, f"no GPU telemetry: {box['error']}", True
     return box.get("gpus", []), box.get("name"), box.get("notice"), False
@@ -96,13 +101,22 @@ def _host_snapshot(settings: Settings) -> tuple[dict[str, Any], str | None]:
 
 def local_status(settings: Settings) -> tuple[dict[str, Any], bool]:
     """The status object when no agent runs, and whether an explicitly wanted GPU source failed."""
+    from gputel.sources.base import GpuSelectionError
+
     result: dict[str, Any] = {}
-    gpu_thread = threading.Thread(
-        target=lambda: result.update(gpu=_gpu_snapshot(settings)), daemon=True
-    )
+
+    def snapshot() -> None:
+        try:
+            result["gpu"] = _gpu_snapshot(settings)
+        except GpuSelectionError as exc:
+            result["selection_error"] = str(exc)
+
+    gpu_thread = threading.Thread(target=snapshot, daemon=True)
     gpu_thread.start()
     host, host_notice = _host_snapshot(settings)
     gpu_thread.join(GPU_READ_DEADLINE_S + 0.5)
+    if "selection_error" in result:
+        fail(result["selection_error"], EXIT_USAGE)
     gpus, source, notice, failed = result.get(
         "gpu", ([], None, "the GPU read did not finish in time", True)
     )
@@ -239,7 +253,8 @@ def render_human(status: dict[str, Any]) -> None:
     elif agent == "running":
         out("GPUs: none")
     else:
-        out(f"no GPU found: {status.get('notice') or 'none present or selected'}")
+        notice = str(status.get("notice") or "none present or selected")
+        out(f"no GPU found: {notice.removeprefix('no GPU telemetry: ')}")
 
     allocations = status.get("allocations") or []
     if allocations:
