@@ -15,7 +15,6 @@ This module is on the daemon path: no ``rich``, logging to stderr only.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -147,21 +146,6 @@ def _replace_file(path: str, tmp: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def agent_holds_lock(run_dir: Path) -> bool:
-    """Whether an agent is running on this run directory (its ``agent.lock`` is flocked)."""
-    try:
-        fd = os.open(run_dir / runtime.AGENT_LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 class Recorder:
@@ -341,21 +325,11 @@ def run_record(settings: Settings, *, child: bool) -> int:
         log.warning("%s", notice)
     host_sources = open_host_sources(settings)
 
-    write_runtime = True
-    try:
+    # Only a child publishes recorder.json and metrics.prom: they exist for its agent. A
+    # standalone recorder serves its own /metrics and leaves any agent's run directory alone.
+    write_runtime = child
+    if child:
         runtime.ensure_run_dir(settings.run_dir)
-    except runtime.RunDirError as exc:
-        if child:
-            raise
-        log.warning("%s; not publishing recorder.json/metrics.prom", exc)
-        write_runtime = False
-    if write_runtime and not child and agent_holds_lock(settings.run_dir):
-        log.warning(
-            "an agent is running on %s; this standalone recorder leaves its state files alone",
-            settings.run_dir,
-        )
-        write_runtime = False
-
     recorder = Recorder(
         settings,
         gpu_source,
