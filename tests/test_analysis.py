@@ -189,8 +189,9 @@ def test_allocation_view_and_filters(tmp_path: Path) -> None:
     assert job7["gpus"] == [0, 1]
     assert job7["samples"] == 30
     assert job7["duration_s"] == 15.0
-    # Energy of the rows tagged with the allocation (14 intervals per GPU after its first row).
-    assert job7["energy_j"] == pytest.approx(2 * 14 * power_of(90))
+    # Each tagged row carries the interval that ends at it: 15 intervals per GPU, matching the
+    # 15 s duration (the interval before row 15 was already busy).
+    assert job7["energy_j"] == pytest.approx(2 * 15 * power_of(90))
     only = build_report([tmp_path], ReportFilter(allocation="job-7"))
     assert only["sessions"] == []
     assert [a["id"] for a in only["allocations"]] == ["job-7"]
@@ -304,3 +305,27 @@ def test_plot_without_matplotlib_says_how_to_get_it(
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(plot.PlotUnavailable, match=r"pip install 'gputel\[plot\]'"):
         plot.plot([tmp_path], tmp_path / "x.png")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: text.replace("2026-11-22T10:00:03.000Z", "not-a-time-at-all"),
+        lambda text: text.replace(",Test GPU,0,0.0,", ",Test GPU,0,busy,", 1),
+        lambda text: text.replace("Test GPU", "Test \udcff GPU", 1),
+    ],
+    ids=["timestamp", "number", "encoding"],
+)
+def test_damaged_csv_is_one_line_naming_the_file(
+    tmp_path: Path, damage: Callable[[str], str]
+) -> None:
+    path = tmp_path / "gpu-20261122T100000Z-n.csv"
+    write_gpu_csv(path, T0, 10, pattern)
+    text = damage(path.read_text())
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    for command in ("report", "replay"):
+        res = _gputel(command, str(tmp_path))
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(path) in lines[0], res.stderr
+        assert "Traceback" not in res.stderr

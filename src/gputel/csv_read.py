@@ -7,10 +7,12 @@ directory or given paths, including what logrotate leaves behind (``.csv.1``, ``
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -58,10 +60,10 @@ def parse_timestamp(text: str) -> float:
     """Seconds since the epoch from ``2026-11-22T03:45:12.345Z`` (fast path, cached per day)."""
     day = text[:10]
     base = _DAY_CACHE.get(day)
-    if base is None:
-        base = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()
-        _DAY_CACHE[day] = base
     try:
+        if base is None:
+            base = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()
+            _DAY_CACHE[day] = base
         if text[10] != "T" or not text.endswith("Z"):
             raise ValueError
         return base + int(text[11:13]) * 3600 + int(text[14:16]) * 60 + float(text[17:-1])
@@ -94,14 +96,33 @@ def read_csv(path: Path, required: Iterable[str] = ("timestamp",)) -> Iterator[C
         yield CsvFile(path, columns, (row for row in reader if len(row) == width))
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Turn any decode or parse failure inside into one CsvReadError that names the file."""
+    try:
+        yield
+    except CsvReadError as exc:
+        if str(exc).startswith(f"{path}:"):
+            raise
+        raise CsvReadError(f"{path}: {exc}") from None
+    except (UnicodeDecodeError, csv.Error, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise CsvReadError(f"{path}: unreadable ({exc.__class__.__name__}: {exc})") from None
+
+
 def first_timestamp(path: Path) -> float | None:
     """Timestamp of the first data row (orders files from different sessions and hosts)."""
-    for f in read_csv(path):
-        for row in f.rows:
-            return parse_timestamp(row[f.columns["timestamp"]])
+    with naming(path):
+        for f in read_csv(path):
+            for row in f.rows:
+                return parse_timestamp(row[f.columns["timestamp"]])
     return None
 
 
 def as_float(text: str) -> float | None:
     """A cell as float; the empty cell (no value) is None."""
-    return float(text) if text else None
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise CsvReadError(f"bad number {text!r}") from None

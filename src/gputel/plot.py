@@ -14,7 +14,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gputel.csv_read import as_float, find_csv_files, first_timestamp, parse_timestamp, read_csv
+from gputel.csv_read import (
+    as_float,
+    find_csv_files,
+    first_timestamp,
+    naming,
+    parse_timestamp,
+    read_csv,
+)
 from gputel.report import ReportFilter
 
 #: clock_event_reasons bits that mean real slowdown (not idle or application/user settings).
@@ -85,39 +92,40 @@ def collect(
     gpus: dict[int, _Gpu] = {}
     spans: dict[str, list[float]] = {}
     for _, path in files:
-        for f in read_csv(path, required=("timestamp", "gpu", "utilization_gpu_pct")):
-            c = f.columns
-            i_ts, i_gpu, i_util = c["timestamp"], c["gpu"], c["utilization_gpu_pct"]
-            i_pow, i_temp = c.get("power_w"), c.get("temperature_c")
-            i_rsn, i_alloc, i_name = (
-                c.get("clock_event_reasons"),
-                c.get("allocations"),
-                c.get("name"),
-            )
-            for row in f.rows:
-                ts = parse_timestamp(row[i_ts])
-                if not flt.keeps_time(ts):
-                    continue
-                idx = int(row[i_gpu])
-                if flt.gpus is not None and idx not in flt.gpus:
-                    continue
-                g = gpus.get(idx)
-                if g is None:
-                    g = gpus[idx] = _Gpu(name=row[i_name] if i_name is not None else "")
-                g.util.add(ts, as_float(row[i_util]))
-                if i_pow is not None:
-                    g.power.add(ts, as_float(row[i_pow]))
-                if i_temp is not None:
-                    g.temp.add(ts, as_float(row[i_temp]))
-                if i_rsn is not None and row[i_rsn]:
-                    g.throttle.add(ts, 1.0 if int(row[i_rsn]) & THROTTLE_MASK else 0.0)
-                if i_alloc is not None and row[i_alloc]:
-                    for alloc_id in row[i_alloc].split(";"):
-                        if flt.allocation is not None and alloc_id != flt.allocation:
-                            continue
-                        s = spans.setdefault(alloc_id, [ts, ts])
-                        s[0] = min(s[0], ts)
-                        s[1] = max(s[1], ts)
+        with naming(path):
+            for f in read_csv(path, required=("timestamp", "gpu", "utilization_gpu_pct")):
+                c = f.columns
+                i_ts, i_gpu, i_util = c["timestamp"], c["gpu"], c["utilization_gpu_pct"]
+                i_pow, i_temp = c.get("power_w"), c.get("temperature_c")
+                i_rsn, i_alloc, i_name = (
+                    c.get("clock_event_reasons"),
+                    c.get("allocations"),
+                    c.get("name"),
+                )
+                for row in f.rows:
+                    ts = parse_timestamp(row[i_ts])
+                    if not flt.keeps_time(ts):
+                        continue
+                    idx = int(row[i_gpu])
+                    if flt.gpus is not None and idx not in flt.gpus:
+                        continue
+                    g = gpus.get(idx)
+                    if g is None:
+                        g = gpus[idx] = _Gpu(name=row[i_name] if i_name is not None else "")
+                    g.util.add(ts, as_float(row[i_util]))
+                    if i_pow is not None:
+                        g.power.add(ts, as_float(row[i_pow]))
+                    if i_temp is not None:
+                        g.temp.add(ts, as_float(row[i_temp]))
+                    if i_rsn is not None and row[i_rsn]:
+                        g.throttle.add(ts, 1.0 if int(row[i_rsn]) & THROTTLE_MASK else 0.0)
+                    if i_alloc is not None and row[i_alloc]:
+                        for alloc_id in row[i_alloc].split(";"):
+                            if flt.allocation is not None and alloc_id != flt.allocation:
+                                continue
+                            s = spans.setdefault(alloc_id, [ts, ts])
+                            s[0] = min(s[0], ts)
+                            s[1] = max(s[1], ts)
     return gpus, spans
 
 

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gputel.csv_read import as_float, find_csv_files, first_timestamp, parse_timestamp, read_csv
+from gputel.csv_read import (
+    as_float,
+    find_csv_files,
+    first_timestamp,
+    naming,
+    parse_timestamp,
+    read_csv,
+)
 from gputel.report import ReportFilter
 from gputel.states import ActivityState, Machine, Thresholds, Transition, step
 
@@ -42,27 +49,28 @@ def load_series(paths: Iterable[Path], flt: ReportFilter | None = None) -> UtilS
     util_out = array("d")
     nan = float("nan")
     for _, path in ordered:
-        for f in read_csv(path, required=("timestamp", "gpu", "utilization_gpu_pct")):
-            i_ts, i_gpu = f.columns["timestamp"], f.columns["gpu"]
-            i_util = f.columns["utilization_gpu_pct"]
-            cur_text: str | None = None
-            cur_ts = 0.0
-            cur_max = nan
-            for row in f.rows:
-                text = row[i_ts]
-                if text != cur_text:
-                    if cur_text is not None and flt.keeps_time(cur_ts):
-                        _append(ts_out, util_out, cur_ts, cur_max)
-                    cur_text = text
-                    cur_ts = parse_timestamp(text)
-                    cur_max = nan
-                if flt.gpus is not None and int(row[i_gpu]) not in flt.gpus:
-                    continue
-                u = as_float(row[i_util])
-                if u is not None and not (u <= cur_max):  # NaN-aware max
-                    cur_max = u
-            if cur_text is not None and flt.keeps_time(cur_ts):
-                _append(ts_out, util_out, cur_ts, cur_max)
+        with naming(path):
+            for f in read_csv(path, required=("timestamp", "gpu", "utilization_gpu_pct")):
+                i_ts, i_gpu = f.columns["timestamp"], f.columns["gpu"]
+                i_util = f.columns["utilization_gpu_pct"]
+                cur_text: str | None = None
+                cur_ts = 0.0
+                cur_max = nan
+                for row in f.rows:
+                    text = row[i_ts]
+                    if text != cur_text:
+                        if cur_text is not None and flt.keeps_time(cur_ts):
+                            _append(ts_out, util_out, cur_ts, cur_max)
+                        cur_text = text
+                        cur_ts = parse_timestamp(text)
+                        cur_max = nan
+                    if flt.gpus is not None and int(row[i_gpu]) not in flt.gpus:
+                        continue
+                    u = as_float(row[i_util])
+                    if u is not None and not (u <= cur_max):  # NaN-aware max
+                        cur_max = u
+                if cur_text is not None and flt.keeps_time(cur_ts):
+                    _append(ts_out, util_out, cur_ts, cur_max)
     spacings = sorted(b - a for a, b in itertools.pairwise(ts_out) if b > a)
     interval = spacings[len(spacings) // 2] if spacings else 1.0
     return UtilSeries(ts_out, util_out, interval)

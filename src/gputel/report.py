@@ -23,6 +23,7 @@ from gputel.csv_read import (
     as_float,
     find_csv_files,
     first_timestamp,
+    naming,
     parse_timestamp,
     read_csv,
 )
@@ -288,68 +289,71 @@ def _gpu_sessions(files: list[Path], flt: ReportFilter) -> tuple[list[Session], 
                 prev_tick = None
             session.files.append(str(path))
             max_gap = _continuation_gap(session_spacing)
-            for f in read_csv(path, required=("timestamp", "gpu", "utilization_gpu_pct")):
-                c = f.columns
-                i_ts, i_gpu, i_util = c["timestamp"], c["gpu"], c["utilization_gpu_pct"]
-                i_mem, i_temp = c.get("memory_used_mib"), c.get("temperature_c")
-                i_pow, i_en = c.get("power_w"), c.get("energy_j")
-                i_rsn, i_alloc = c.get("clock_event_reasons"), c.get("allocations")
-                i_uuid, i_name, i_lost = c.get("uuid"), c.get("name"), c.get("lost")
-                for row in f.rows:
-                    ts = parse_timestamp(row[i_ts])
-                    if not flt.keeps_time(ts):
-                        continue
-                    gpu = int(row[i_gpu])
-                    if flt.gpus is not None and gpu not in flt.gpus:
-                        continue
-                    if prev_tick is not None and ts > prev_tick:
-                        session_spacing[round(ts - prev_tick, 3)] += 1
-                    if prev_tick is None or ts > prev_tick:
-                        prev_tick = ts
-                    util = as_float(row[i_util])
-                    mem = as_float(row[i_mem]) if i_mem is not None else None
-                    temp = as_float(row[i_temp]) if i_temp is not None else None
-                    power = as_float(row[i_pow]) if i_pow is not None else None
-                    energy = as_float(row[i_en]) if i_en is not None else None
-                    reasons_text = row[i_rsn] if i_rsn is not None else ""
-                    reasons = int(reasons_text) if reasons_text else None
-                    lost = i_lost is not None and row[i_lost] == "1"
-                    prev = last_ts.get(gpu)
-                    delta = _energy_delta(prev, ts, energy, power, file_no, max_gap)
-                    spacing = ts - prev.ts if prev is not None else None
-                    last_ts[gpu] = _GpuLast(ts, energy, power, file_no)
-                    if session.first is None:
-                        session.first = ts
-                    session.last = ts
-                    if gpu not in session.identity and i_uuid is not None:
-                        session.identity[gpu] = (row[i_uuid], row[i_name] if i_name else "")
-                    ids = row[i_alloc].split(";") if i_alloc is not None and row[i_alloc] else []
-                    if flt.allocation is None:
-                        session.gpus.setdefault(gpu, GpuStats()).add(
-                            ts, gpu, util, mem, temp, power, reasons, delta, spacing, lost
-                        )
-                    for alloc_id in ids:
-                        if flt.allocation is not None and alloc_id != flt.allocation:
+            with naming(path):
+                for f in read_csv(path, required=("timestamp", "gpu", "utilization_gpu_pct")):
+                    c = f.columns
+                    i_ts, i_gpu, i_util = c["timestamp"], c["gpu"], c["utilization_gpu_pct"]
+                    i_mem, i_temp = c.get("memory_used_mib"), c.get("temperature_c")
+                    i_pow, i_en = c.get("power_w"), c.get("energy_j")
+                    i_rsn, i_alloc = c.get("clock_event_reasons"), c.get("allocations")
+                    i_uuid, i_name, i_lost = c.get("uuid"), c.get("name"), c.get("lost")
+                    for row in f.rows:
+                        ts = parse_timestamp(row[i_ts])
+                        if not flt.keeps_time(ts):
                             continue
-                        stats = allocations.setdefault(alloc_id, GpuStats())
-                        key = (alloc_id, gpu)
-                        a_spacing = ts - alloc_last[key] if key in alloc_last else None
-                        alloc_last[key] = ts
-                        stats.add(
-                            ts,
-                            gpu,
-                            util,
-                            mem,
-                            temp,
-                            power,
-                            reasons,
-                            delta if a_spacing is not None else None,
-                            a_spacing,
-                            lost,
+                        gpu = int(row[i_gpu])
+                        if flt.gpus is not None and gpu not in flt.gpus:
+                            continue
+                        if prev_tick is not None and ts > prev_tick:
+                            session_spacing[round(ts - prev_tick, 3)] += 1
+                        if prev_tick is None or ts > prev_tick:
+                            prev_tick = ts
+                        util = as_float(row[i_util])
+                        mem = as_float(row[i_mem]) if i_mem is not None else None
+                        temp = as_float(row[i_temp]) if i_temp is not None else None
+                        power = as_float(row[i_pow]) if i_pow is not None else None
+                        energy = as_float(row[i_en]) if i_en is not None else None
+                        reasons_text = row[i_rsn] if i_rsn is not None else ""
+                        reasons = int(reasons_text) if reasons_text else None
+                        lost = i_lost is not None and row[i_lost] == "1"
+                        prev = last_ts.get(gpu)
+                        delta = _energy_delta(prev, ts, energy, power, file_no, max_gap)
+                        spacing = ts - prev.ts if prev is not None else None
+                        last_ts[gpu] = _GpuLast(ts, energy, power, file_no)
+                        if session.first is None:
+                            session.first = ts
+                        session.last = ts
+                        if gpu not in session.identity and i_uuid is not None:
+                            session.identity[gpu] = (row[i_uuid], row[i_name] if i_name else "")
+                        ids = (
+                            row[i_alloc].split(";") if i_alloc is not None and row[i_alloc] else []
                         )
-                        bounds = alloc_bounds.setdefault(alloc_id, [ts, ts])
-                        bounds[0] = min(bounds[0], ts)
-                        bounds[1] = max(bounds[1], ts)
+                        if flt.allocation is None:
+                            session.gpus.setdefault(gpu, GpuStats()).add(
+                                ts, gpu, util, mem, temp, power, reasons, delta, spacing, lost
+                            )
+                        for alloc_id in ids:
+                            if flt.allocation is not None and alloc_id != flt.allocation:
+                                continue
+                            stats = allocations.setdefault(alloc_id, GpuStats())
+                            key = (alloc_id, gpu)
+                            a_spacing = ts - alloc_last[key] if key in alloc_last else None
+                            alloc_last[key] = ts
+                            stats.add(
+                                ts,
+                                gpu,
+                                util,
+                                mem,
+                                temp,
+                                power,
+                                reasons,
+                                delta,
+                                a_spacing,
+                                lost,
+                            )
+                            bounds = alloc_bounds.setdefault(alloc_id, [ts, ts])
+                            bounds[0] = min(bounds[0], ts)
+                            bounds[1] = max(bounds[1], ts)
     alloc_out: dict[str, Any] = {}
     for alloc_id, stats in allocations.items():
         d = stats.to_dict(None)
@@ -365,46 +369,47 @@ def _host_sessions(files: list[Path], flt: ReportFilter) -> list[tuple[str, Host
     for host, entries in _order_files(files).items():
         stats: HostStats | None = None
         for _, path in entries:
-            for f in read_csv(path):
-                c = f.columns
-                i_ts, i_cpu = c["timestamp"], c.get("cpu_util_pct")
-                i_pw, i_en = c.get("cpu_package_power_w"), c.get("cpu_package_energy_j")
-                prev_e: float | None = None
-                prev_p: tuple[float, float] | None = None
-                for row in f.rows:
-                    ts = parse_timestamp(row[i_ts])
-                    if not flt.keeps_time(ts):
-                        continue
-                    if (
-                        stats is None
-                        or stats.last is None
-                        or ts - stats.last > _continuation_gap(stats.spacings)
-                    ):
-                        stats = HostStats()
-                        out.append((host, stats))
-                        prev_e = None
-                        prev_p = None
-                    if stats.last is not None:
-                        stats.spacings[round(ts - stats.last, 3)] += 1
-                    stats.samples += 1
-                    if stats.first is None:
-                        stats.first = ts
-                    stats.last = ts
-                    cpu = as_float(row[i_cpu]) if i_cpu is not None else None
-                    if cpu is not None:
-                        stats.cpu_sum += cpu
-                        stats.cpu_n += 1
-                    energy = as_float(row[i_en]) if i_en is not None else None
-                    power = as_float(row[i_pw]) if i_pw is not None else None
-                    if energy is not None and prev_e is not None:
-                        stats.rapl_energy_j += max(0.0, energy - prev_e)
-                        stats.rapl_known = True
-                    elif power is not None and prev_p is not None:
-                        stats.rapl_energy_j += (power + prev_p[1]) / 2 * (ts - prev_p[0])
-                        stats.rapl_known = True
-                    prev_e = energy
-                    if power is not None:
-                        prev_p = (ts, power)
+            with naming(path):
+                for f in read_csv(path):
+                    c = f.columns
+                    i_ts, i_cpu = c["timestamp"], c.get("cpu_util_pct")
+                    i_pw, i_en = c.get("cpu_package_power_w"), c.get("cpu_package_energy_j")
+                    prev_e: float | None = None
+                    prev_p: tuple[float, float] | None = None
+                    for row in f.rows:
+                        ts = parse_timestamp(row[i_ts])
+                        if not flt.keeps_time(ts):
+                            continue
+                        if (
+                            stats is None
+                            or stats.last is None
+                            or ts - stats.last > _continuation_gap(stats.spacings)
+                        ):
+                            stats = HostStats()
+                            out.append((host, stats))
+                            prev_e = None
+                            prev_p = None
+                        if stats.last is not None:
+                            stats.spacings[round(ts - stats.last, 3)] += 1
+                        stats.samples += 1
+                        if stats.first is None:
+                            stats.first = ts
+                        stats.last = ts
+                        cpu = as_float(row[i_cpu]) if i_cpu is not None else None
+                        if cpu is not None:
+                            stats.cpu_sum += cpu
+                            stats.cpu_n += 1
+                        energy = as_float(row[i_en]) if i_en is not None else None
+                        power = as_float(row[i_pw]) if i_pw is not None else None
+                        if energy is not None and prev_e is not None:
+                            stats.rapl_energy_j += max(0.0, energy - prev_e)
+                            stats.rapl_known = True
+                        elif power is not None and prev_p is not None:
+                            stats.rapl_energy_j += (power + prev_p[1]) / 2 * (ts - prev_p[0])
+                            stats.rapl_known = True
+                        prev_e = energy
+                        if power is not None:
+                            prev_p = (ts, power)
     return out
 
 

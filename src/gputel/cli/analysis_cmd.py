@@ -92,11 +92,10 @@ def _print_report(report: dict[str, Any]) -> None:
             f"session {s['session']} {s['host']}  {s['start']} → {s['end']}  "
             f"({_fmt(s['duration_s'])} s)"
         )
-        if host:
-            title += (
-                f"  host CPU {_fmt(host.get('cpu_util_mean_pct'))} %"
-                f"  RAPL {_fmt(host.get('rapl_energy_j'), 0)} J"
-            )
+        if host and host.get("cpu_util_mean_pct") is not None:
+            title += f"  host CPU {_fmt(host['cpu_util_mean_pct'])} %"
+        if host and host.get("rapl_energy_j") is not None:
+            title += f"  RAPL {_fmt(host['rapl_energy_j'], 0)} J"
         table = Table(title=title, title_justify="left")
         for col in (
             "GPU",
