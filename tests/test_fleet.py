@@ -438,14 +438,6 @@ def fake_sysfs(root: Path) -> None:
     (chip / "temp1_label").write_text("Package id 0\n")
 
 
-def agent_command_exists() -> bool:
-    from typer.main import get_command
-
-    from gputel.cli.main import app
-
-    return "agent" in get_command(app).commands  # type: ignore[attr-defined]
-
-
 def substitute(expr: str, values: dict[str, str]) -> str:
     def repl(m: re.Match[str]) -> str:
         name = m.group(1) or m.group(2) or m.group(3)
@@ -499,8 +491,6 @@ def test_prometheus_scrapes_agent_dashboard_queries_and_rules_work(tmp_path: Pat
         pytest.skip(
             "prometheus not installed (Debian package prometheus; scripts/test.sh installs it)"
         )
-    if not agent_command_exists():
-        pytest.skip("the `gputel agent` command is not available in this build")
 
     sysfs = tmp_path / "sys"
     fake_sysfs(sysfs)

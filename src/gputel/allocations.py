@@ -550,7 +550,7 @@ class AllocationStore:
             if new:
                 writer.writerow(SUMMARY_COLUMNS)
             writer.writerow(row)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
                 os.write(fd, buf.getvalue().encode())
             finally:

@@ -117,9 +117,10 @@ def open_gpu_source(
 
 def open_host_sources(settings: Settings) -> list[HostSource]:
     """procfs (CPU, memory, disk, network), RAPL and hwmon; each reports None where its
-    hardware is absent. All sysfs reads, /sys/block included, go through GPUTEL_SYSFS_ROOT."""
+    hardware is absent. GPUTEL_SYSFS_ROOT applies to RAPL and hwmon; the disk list comes from
+    the real /sys/block so it always matches the real /proc/diskstats it filters."""
     return [
-        ProcfsHostSource(sysfs_root=settings.sysfs_root),
+        ProcfsHostSource(),
         RaplSource(settings.sysfs_root),
         HwmonSource(settings.sysfs_root),
     ]
