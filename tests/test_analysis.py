@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from gputel.csv_read import ReportFilter
 from gputel.replay import load_series, replay, sweep
-from gputel.report import ReportFilter, build_report, host_key
+from gputel.report import build_report, host_key
 from gputel.schema import GPU_CSV_COLUMNS, HOST_CSV_COLUMNS
 from gputel.states import ActivityState, Thresholds
 
@@ -313,8 +314,9 @@ def test_plot_without_matplotlib_says_how_to_get_it(
         lambda text: text.replace("2026-11-22T10:00:03.000Z", "not-a-time-at-all"),
         lambda text: text.replace(",Test GPU,0,0.0,", ",Test GPU,0,busy,", 1),
         lambda text: text.replace("Test GPU", "Test \udcff GPU", 1),
+        lambda text: text.replace(",0,GPU-0,Test GPU,", ",zero,GPU-0,Test GPU,", 1),
     ],
-    ids=["timestamp", "number", "encoding"],
+    ids=["timestamp", "number", "encoding", "gpu-index"],
 )
 def test_damaged_csv_is_one_line_naming_the_file(
     tmp_path: Path, damage: Callable[[str], str]

@@ -109,6 +109,40 @@ def naming(path: Path) -> Iterator[None]:
         raise CsvReadError(f"{path}: unreadable ({exc.__class__.__name__}: {exc})") from None
 
 
+@dataclass(frozen=True)
+class ReportFilter:
+    """Which rows an analysis looks at: a time range, GPU indices, one allocation."""
+
+    since: float | None = None
+    until: float | None = None
+    gpus: frozenset[int] | None = None
+    allocation: str | None = None
+
+    def keeps_time(self, ts: float) -> bool:
+        return (self.since is None or ts >= self.since) and (self.until is None or ts <= self.until)
+
+
+#: Columns without which a file is not a gputel GPU CSV.
+GPU_REQUIRED = ("timestamp", "gpu", "utilization_gpu_pct")
+
+
+def gpu_rows(f: CsvFile, flt: ReportFilter) -> Iterator[tuple[float, int, list[str]]]:
+    """The rows of a GPU file that ``flt`` keeps, with timestamp and GPU index parsed."""
+    i_ts, i_gpu = f.columns["timestamp"], f.columns["gpu"]
+    keeps_time, gpus = flt.keeps_time, flt.gpus
+    for row in f.rows:
+        ts = parse_timestamp(row[i_ts])
+        if not keeps_time(ts):
+            continue
+        cell = row[i_gpu]
+        if not cell.isdigit():
+            raise CsvReadError(f"bad GPU index {cell!r}")
+        gpu = int(cell)
+        if gpus is not None and gpu not in gpus:
+            continue
+        yield ts, gpu, row
+
+
 def first_timestamp(path: Path) -> float | None:
     """Timestamp of the first data row (orders files from different sessions and hosts)."""
     with naming(path):

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from gputel.csv_read import (
+    GPU_REQUIRED,
+    ReportFilter,
     as_float,
     find_csv_files,
     first_timestamp,
+    gpu_rows,
     naming,
-    parse_timestamp,
     read_csv,
 )
-from gputel.report import ReportFilter
 
 #: clock_event_reasons bits that mean real slowdown (not idle or application/user settings).
 THROTTLE_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
@@ -93,22 +94,16 @@ def collect(
     spans: dict[str, list[float]] = {}
     for _, path in files:
         with naming(path):
-            for f in read_csv(path, required=("timestamp", "gpu", "utilization_gpu_pct")):
+            for f in read_csv(path, required=GPU_REQUIRED):
                 c = f.columns
-                i_ts, i_gpu, i_util = c["timestamp"], c["gpu"], c["utilization_gpu_pct"]
+                i_util = c["utilization_gpu_pct"]
                 i_pow, i_temp = c.get("power_w"), c.get("temperature_c")
                 i_rsn, i_alloc, i_name = (
                     c.get("clock_event_reasons"),
                     c.get("allocations"),
                     c.get("name"),
                 )
-                for row in f.rows:
-                    ts = parse_timestamp(row[i_ts])
-                    if not flt.keeps_time(ts):
-                        continue
-                    idx = int(row[i_gpu])
-                    if flt.gpus is not None and idx not in flt.gpus:
-                        continue
+                for ts, idx, row in gpu_rows(f, flt):
                     g = gpus.get(idx)
                     if g is None:
                         g = gpus[idx] = _Gpu(name=row[i_name] if i_name is not None else "")

@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from gputel.csv_read import (
+    GPU_REQUIRED,
+    ReportFilter,
     as_float,
     find_csv_files,
     first_timestamp,
+    gpu_rows,
     naming,
-    parse_timestamp,
     read_csv,
 )
-from gputel.report import ReportFilter
 from gputel.states import ActivityState, Machine, Thresholds, Transition, step
 
 
@@ -50,26 +51,20 @@ def load_series(paths: Iterable[Path], flt: ReportFilter | None = None) -> UtilS
     nan = float("nan")
     for _, path in ordered:
         with naming(path):
-            for f in read_csv(path, required=("timestamp", "gpu", "utilization_gpu_pct")):
-                i_ts, i_gpu = f.columns["timestamp"], f.columns["gpu"]
+            for f in read_csv(path, required=GPU_REQUIRED):
                 i_util = f.columns["utilization_gpu_pct"]
-                cur_text: str | None = None
-                cur_ts = 0.0
+                cur_ts: float | None = None
                 cur_max = nan
-                for row in f.rows:
-                    text = row[i_ts]
-                    if text != cur_text:
-                        if cur_text is not None and flt.keeps_time(cur_ts):
+                for ts, _gpu, row in gpu_rows(f, flt):
+                    if ts != cur_ts:
+                        if cur_ts is not None:
                             _append(ts_out, util_out, cur_ts, cur_max)
-                        cur_text = text
-                        cur_ts = parse_timestamp(text)
+                        cur_ts = ts
                         cur_max = nan
-                    if flt.gpus is not None and int(row[i_gpu]) not in flt.gpus:
-                        continue
                     u = as_float(row[i_util])
                     if u is not None and not (u <= cur_max):  # NaN-aware max
                         cur_max = u
-                if cur_text is not None and flt.keeps_time(cur_ts):
+                if cur_ts is not None:
                     _append(ts_out, util_out, cur_ts, cur_max)
     spacings = sorted(b - a for a, b in itertools.pairwise(ts_out) if b > a)
     interval = spacings[len(spacings) // 2] if spacings else 1.0

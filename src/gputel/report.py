@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from gputel.csv_read import (
+    GPU_REQUIRED,
+    ReportFilter,
     as_float,
     find_csv_files,
     first_timestamp,
+    gpu_rows,
     naming,
     parse_timestamp,
     read_csv,
@@ -37,17 +40,6 @@ def host_key(path: Path) -> str:
     """The host part of a recorder file name (``gpu-20261122T034512Z-node01.csv`` → node01)."""
     m = _HOST_KEY_RE.match(path.name)
     return m.group(1) if m else ""
-
-
-@dataclass(frozen=True)
-class ReportFilter:
-    since: float | None = None
-    until: float | None = None
-    gpus: frozenset[int] | None = None
-    allocation: str | None = None
-
-    def keeps_time(self, ts: float) -> bool:
-        return (self.since is None or ts >= self.since) and (self.until is None or ts <= self.until)
 
 
 class UtilHistogram:
@@ -290,20 +282,14 @@ def _gpu_sessions(files: list[Path], flt: ReportFilter) -> tuple[list[Session], 
             session.files.append(str(path))
             max_gap = _continuation_gap(session_spacing)
             with naming(path):
-                for f in read_csv(path, required=("timestamp", "gpu", "utilization_gpu_pct")):
+                for f in read_csv(path, required=GPU_REQUIRED):
                     c = f.columns
-                    i_ts, i_gpu, i_util = c["timestamp"], c["gpu"], c["utilization_gpu_pct"]
+                    i_util = c["utilization_gpu_pct"]
                     i_mem, i_temp = c.get("memory_used_mib"), c.get("temperature_c")
                     i_pow, i_en = c.get("power_w"), c.get("energy_j")
                     i_rsn, i_alloc = c.get("clock_event_reasons"), c.get("allocations")
                     i_uuid, i_name, i_lost = c.get("uuid"), c.get("name"), c.get("lost")
-                    for row in f.rows:
-                        ts = parse_timestamp(row[i_ts])
-                        if not flt.keeps_time(ts):
-                            continue
-                        gpu = int(row[i_gpu])
-                        if flt.gpus is not None and gpu not in flt.gpus:
-                            continue
+                    for ts, gpu, row in gpu_rows(f, flt):
                         if prev_tick is not None and ts > prev_tick:
                             session_spacing[round(ts - prev_tick, 3)] += 1
                         if prev_tick is None or ts > prev_tick:

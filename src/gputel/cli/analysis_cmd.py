@@ -13,8 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from gputel.cli.options import EXIT_USAGE, fail, settings_options
-from gputel.csv_read import CsvReadError
-from gputel.report import ReportFilter
+from gputel.csv_read import CsvReadError, ReportFilter
 from gputel.settings import Settings, parse_duration, parse_gpu_list
 
 PathsArg = Annotated[
