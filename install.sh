@@ -167,16 +167,12 @@ prune_dirs() {
 }
 
 write_wrapper() {
-    # $1: destination. Non-root operators in group gputel reach the system agent's socket.
+    # $1: destination. gputel itself finds the system agent's socket in /run/gputel, so the
+    # wrapper only puts the venv's command on operators' PATH.
     cat >"$1" <<EOF
 #!/bin/sh
 $WRAPPER_MARK
-# Runs the gputel installed in $PREFIX. When the system agent runs, commands talk to its
-# control socket in /run/gputel (operators need to be in group gputel).
-if [ -z "\${GPUTEL_RUN_DIR:-}" ] && [ -S /run/gputel/control.sock ]; then
-    GPUTEL_RUN_DIR=/run/gputel
-    export GPUTEL_RUN_DIR
-fi
+# Runs the gputel installed in $PREFIX (operators need group gputel to reach the agent).
 exec $PREFIX/bin/gputel "\$@"
 EOF
 }

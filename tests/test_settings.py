@@ -176,3 +176,65 @@ def test_missing_gpu_index_is_a_bad_setting(command: str, tmp_path: Path) -> Non
     assert proc.returncode == 2, proc.stderr
     assert "GPUTEL_GPUS" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_non_root_finds_the_system_agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With the service's socket present, a non-root caller talks to it, not to a private agent."""
+    import socket as socketlib
+
+    from gputel import settings as settings_module
+
+    system = tmp_path / "run-gputel"
+    system.mkdir()
+    monkeypatch.setattr(settings_module, "SYSTEM_RUN_DIR", system)
+    monkeypatch.setattr(settings_module.os, "geteuid", lambda: 1000)
+    env = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    assert settings_module.default_run_dir(env) == tmp_path / "gputel"
+    sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    try:
+        sock.bind(str(system / "control.sock"))
+        assert settings_module.default_run_dir(env) == system
+    finally:
+        sock.close()
+    (system / "control.sock").unlink()
+    (system / "control.sock").write_text("not a socket")
+    assert settings_module.default_run_dir(env) == tmp_path / "gputel"
+
+    class Closed(type(system)):  # type: ignore[misc]
+        """The service's 0750 directory seen by someone outside group gputel."""
+
+        def lstat(self) -> os.stat_result:  # type: ignore[override]
+            raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(settings_module, "SYSTEM_RUN_DIR", Closed(system))
+    assert settings_module.default_run_dir(env) == system
+
+
+def test_every_command_word_registers_its_command() -> None:
+    from typer.main import get_command
+
+    from gputel.cli.main import ALL_MODULES, COMMAND_MODULES, build_app, modules_for
+
+    for word, module in COMMAND_MODULES.items():
+        assert modules_for([word]) == (module,)
+        group = get_command(build_app(modules_for([word, "--json"])))
+        assert word in group.commands, word  # type: ignore[attr-defined]
+    full = get_command(build_app())
+    assert set(full.commands) == set(COMMAND_MODULES)  # type: ignore[attr-defined]
+    assert modules_for(["--help", "status"]) == ALL_MODULES
+    assert modules_for(["--version"]) == ALL_MODULES
+    assert modules_for(["bogus"]) == ALL_MODULES
+
+
+def test_agent_command_imports_neither_rich_nor_analysis() -> None:
+    code = (
+        "import sys\n"
+        "from gputel.cli.main import build_app, modules_for\n"
+        "build_app(modules_for(['agent']))\n"
+        "bad = [m for m in ('rich', 'gputel.report', 'gputel.hooks', 'gputel.demo') "
+        "if m in sys.modules]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -12,6 +12,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,11 +164,29 @@ def parse_bool(text: str) -> bool:
     raise ValueError("expected 1/true/yes/on or 0/false/no/off")
 
 
+#: Where the installed service keeps its control socket (the unit's RuntimeDirectory).
+SYSTEM_RUN_DIR = Path("/run/gputel")
+
+
 def default_run_dir(env: Mapping[str, str] | None = None) -> Path:
-    """``/run/gputel`` for root; a per-user runtime directory otherwise."""
+    """``/run/gputel`` for root, and for anyone while the system agent's socket is there.
+
+    Otherwise a per-user runtime directory. A non-root operator or orchestrator on a node with
+    the service installed must reach that agent (or be told it lacks permission), never
+    quietly start a private second agent beside it.
+    """
     env = os.environ if env is None else env
     if os.geteuid() == 0:
-        return Path("/run/gputel")
+        return SYSTEM_RUN_DIR
+    try:
+        if stat.S_ISSOCK((SYSTEM_RUN_DIR / "control.sock").lstat().st_mode):
+            return SYSTEM_RUN_DIR
+    except PermissionError:
+        # The service's directory is there but closed to us: point at it, so the caller is
+        # told to join group gputel instead of being shown an unrelated private agent.
+        return SYSTEM_RUN_DIR
+    except OSError:
+        pass
     xdg = env.get("XDG_RUNTIME_DIR")
     if xdg and Path(xdg).is_dir():
         return Path(xdg) / "gputel"
