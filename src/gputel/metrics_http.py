@@ -34,8 +34,9 @@ MetricsFn = Callable[[], bytes]
 HealthFn = Callable[[], "tuple[bool, str]"]
 
 
-#: Seconds a client may take to send its request; a scraper sends it at once, and an idle
-#: connection must not hold a thread and a file descriptor of the agent forever.
+#: Seconds one request may take from the moment the server waits for it to the end of the
+#: response. A scraper needs milliseconds; a client that connects and idles, or drips a byte
+#: now and then, must not hold a thread and a file descriptor of the agent for longer.
 CLIENT_TIMEOUT_S = 10.0
 #: Connections served at once; more are closed straight away (Prometheus needs one).
 MAX_CONNECTIONS = 32
@@ -50,11 +51,19 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._refusing = False
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
+            if not self._refusing:
+                self._refusing = True
+                log.warning(
+                    "more than %d connections to /metrics at once; refusing the excess",
+                    MAX_CONNECTIONS,
+                )
             self.shutdown_request(request)
             return
+        self._refusing = False
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -77,6 +86,21 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "gputel"
     sys_version = ""
+
+    def handle_one_request(self) -> None:
+        # The socket timeout bounds each read, not the request: a deadline for the whole of it.
+        timer = threading.Timer(self.timeout, self._cut_off)
+        timer.daemon = True
+        timer.start()
+        try:
+            super().handle_one_request()
+        finally:
+            timer.cancel()
+
+    def _cut_off(self) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def do_GET(self) -> None:
         self._respond(body=True)
