@@ -315,8 +315,9 @@ def test_plot_without_matplotlib_says_how_to_get_it(
         lambda text: text.replace(",Test GPU,0,0.0,", ",Test GPU,0,busy,", 1),
         lambda text: text.replace("Test GPU", "Test \udcff GPU", 1),
         lambda text: text.replace(",0,GPU-0,Test GPU,", ",zero,GPU-0,Test GPU,", 1),
+        lambda text: text.replace(",0,GPU-0,Test GPU,", ",\u00b2,GPU-0,Test GPU,", 1),
     ],
-    ids=["timestamp", "number", "encoding", "gpu-index"],
+    ids=["timestamp", "number", "encoding", "gpu-index", "gpu-superscript"],
 )
 def test_damaged_csv_is_one_line_naming_the_file(
     tmp_path: Path, damage: Callable[[str], str]

@@ -546,12 +546,13 @@ class AllocationStore:
         path = self.summary_path
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            new = not path.exists() or path.stat().st_size == 0
-            if new:
-                writer.writerow(SUMMARY_COLUMNS)
-            writer.writerow(row)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
+                # Decide on the header from the file we actually opened: logrotate may have
+                # renamed the old one away an instant ago.
+                if os.fstat(fd).st_size == 0:
+                    writer.writerow(SUMMARY_COLUMNS)
+                writer.writerow(row)
                 os.write(fd, buf.getvalue().encode())
             finally:
                 os.close(fd)

@@ -135,7 +135,7 @@ def gpu_rows(f: CsvFile, flt: ReportFilter) -> Iterator[tuple[float, int, list[s
         if not keeps_time(ts):
             continue
         cell = row[i_gpu]
-        if not cell.isdigit():
+        if not (cell.isascii() and cell.isdigit()):
             raise CsvReadError(f"bad GPU index {cell!r}")
         gpu = int(cell)
         if gpus is not None and gpu not in gpus:

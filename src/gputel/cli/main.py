@@ -65,6 +65,8 @@ def build_app(modules: Sequence[str] = ALL_MODULES) -> typer.Typer:
 def modules_for(argv: Sequence[str]) -> tuple[str, ...]:
     """The modules a command line needs: the first word's, or all of them."""
     for word in argv:
+        if word in ("--help", "-h"):
+            return ALL_MODULES  # help before any command word lists every command
         if word.startswith("-"):
             continue
         module = COMMAND_MODULES.get(word)

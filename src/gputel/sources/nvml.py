@@ -565,7 +565,8 @@ def _open(
         names = ", ".join(str(i) for i in missing)
         raise GpuSelectionError(
             f"GPUTEL_GPUS selects GPU {names}, but this node has {count} GPU(s) "
-            f"(indices 0-{count - 1}): fix GPUTEL_GPUS"
+            f"(indices 0-{count - 1}): fix GPUTEL_GPUS, or if the GPU was there before, check "
+            "whether it fell off the bus (dmesg | grep -i xid; nvidia-smi)"
         )
     error: type[BaseException] = getattr(nv, "NVMLError", Exception)
     gpus: list[_Gpu] = []
