@@ -79,3 +79,42 @@ def test_demo_help() -> None:
     result = CliRunner().invoke(app, ["demo", "--help"])
     assert result.exit_code == 0
     assert "--keep" in result.output
+
+
+def test_closing_the_terminal_stops_the_demo_agent(tmp_path: Path) -> None:
+    """SIGHUP to `gputel demo` (a closed terminal) must not leave its agent running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gputel import runtime
+    from gputel.control import ControlError, request
+
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "gputel", "demo", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    agent_pid = None
+    deadline = time.monotonic() + 20
+    while agent_pid is None and time.monotonic() < deadline:
+        try:
+            agent_pid = request(tmp_path / "run", {"op": "status"}, timeout=1.0).get("pid")
+        except ControlError:
+            time.sleep(0.1)
+    assert agent_pid, "the demo's agent never answered"
+    assert (tmp_path / "run" / runtime.CONTROL_SOCKET).exists()
+    demo.send_signal(signal.SIGHUP)
+    assert demo.wait(timeout=15) != 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(agent_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(agent_pid, signal.SIGKILL)
+        raise AssertionError("the demo's agent outlived the demo")

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,9 @@ def run_demo(
         )
     t0 = time.monotonic()
     status: dict[str, Any] | None = None
+    # The agent takes SIGHUP as "reopen the CSV files" (logrotate), so closing the terminal
+    # would leave it running: turn SIGHUP and SIGTERM into an exit that runs the cleanup below.
+    previous = _exit_on_signals((signal.SIGHUP, signal.SIGTERM))
     try:
         with Live(render(None, 0.0), console=console, refresh_per_second=8) as live:
             while True:
@@ -221,6 +225,8 @@ def run_demo(
                 time.sleep(poll_s)
     finally:
         _stop(proc)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     ok = finished and proc.returncode == 0
     files = sorted(log_dir.glob("*.csv")) if log_dir.is_dir() else []
     _show_files(console, log_dir, files)
@@ -236,6 +242,17 @@ def run_demo(
     else:
         shutil.rmtree(directory, ignore_errors=True)
     return DemoResult(ok, directory, log_dir, message, seen, files)
+
+
+def _exit_on_signals(signums: tuple[int, ...]) -> dict[int, Any]:
+    """Raise SystemExit on these signals (main thread only); returns the handlers replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    return {s: signal.signal(s, leave) for s in signums}
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
