@@ -100,7 +100,6 @@ class GpuCaller:
         self._clock = clock
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._current: _Job | None = None
         self._stuck: _Job | None = None
         self._thread = threading.Thread(target=self._work, name="gputel-gpu", daemon=True)
         self._thread.start()
@@ -109,14 +108,11 @@ class GpuCaller:
         while True:
             job = self._queue.get()
             job.started_at = self._clock()
-            with self._lock:
-                self._current = job
             try:
                 job.value = job.fn()
             except BaseException as exc:
                 job.error = exc
             with self._lock:
-                self._current = None
                 if self._stuck is job:
                     self._stuck = None
             job.done.set()

@@ -124,7 +124,6 @@ class ChildSupervisor:
         self.proc: ProcessHandle | None = None
         self.started_at: float | None = None
         self.restarts: dict[str, int] = {"crash": 0, "hung": 0}
-        self.spawn_failures = 0
         self._stopping_since: float | None = None
         self._killed = False
         self._hung_kill = False
@@ -250,7 +249,6 @@ class ChildSupervisor:
         try:
             self.proc = self._spawn(child_command(), child_env(self.settings, self.sim_epoch))
         except OSError as exc:
-            self.spawn_failures += 1
             self._schedule_restart(now)
             log.error("cannot start the telemetry child: %s", exc)
             return ChildEvent("spawn_failed", None, str(exc))

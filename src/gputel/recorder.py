@@ -181,7 +181,6 @@ class Recorder:
         self._gpu_alloc: dict[int, tuple[str, ...]] = {}
         self._alloc_stats: dict[str, _AllocStats] = {}
         self.ticks = 0
-        self.last_sample: Sample | None = None
         self.last_tick_monotonic: float | None = None
         self._stop = False
         self._reopen = False
@@ -252,7 +251,6 @@ class Recorder:
             rows_failed=self.sink.rows_failed,
             ticks_total=self.ticks,
         )
-        self.last_sample = sample
         self.last_tick_monotonic = self._clock()
         if self.write_runtime:
             self._publish(sample, data)

@@ -211,7 +211,6 @@ class Session:
     last: float | None = None
     gpus: dict[int, GpuStats] = field(default_factory=dict)
     identity: dict[int, tuple[str, str]] = field(default_factory=dict)
-    host_stats: HostStats | None = None
 
 
 @dataclass
