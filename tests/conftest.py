@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,12 @@ def _clean_gputel_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     yield
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private run directory that every gputel command in the test uses."""
+    d = tmp_path / "run"
+    d.mkdir(mode=0o750)
+    monkeypatch.setenv("GPUTEL_RUN_DIR", str(d))
+    return d

@@ -24,14 +24,6 @@ from gputel.runtime import CONTROL_SOCKET
 from gputel.settings import load_settings
 
 
-@pytest.fixture
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "run"
-    d.mkdir(mode=0o750)
-    monkeypatch.setenv("GPUTEL_RUN_DIR", str(d))
-    return d
-
-
 class ModeHandler:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []

@@ -24,14 +24,6 @@ from gputel.schema import GpuReading, HostReading
 GPUTEL = [sys.executable, "-m", "gputel"]
 
 
-@pytest.fixture
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "run"
-    d.mkdir(mode=0o750)
-    monkeypatch.setenv("GPUTEL_RUN_DIR", str(d))
-    return d
-
-
 def invoke(*args: str) -> Any:
     return CliRunner().invoke(app, ["status", *args])
 
