@@ -105,7 +105,7 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help=f"append results to {DOC}")
     args = ap.parse_args()
 
-    from gputel.control import request
+    from gputel.control.client import request
 
     tmp = Path(tempfile.mkdtemp(prefix="gputel-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUTEL_", "_GPUTEL_"))}

@@ -211,9 +211,9 @@ def breakdown(gpus: int, n: int = 40, pause: float = 0.1) -> dict[str, float]:
     from collections.abc import Callable
     from typing import Any
 
-    from gputel.recorder import Recorder
     from gputel.settings import load_settings
     from gputel.sources.select import open_gpu_source, open_host_sources
+    from gputel.telemetry.recorder import Recorder
 
     parts: dict[str, float] = {}
 

@@ -25,11 +25,12 @@ from typing import Any
 import pytest
 
 from gputel import runtime
-from gputel.agent import Agent, GpuCaller, LazyEnergy
-from gputel.agent_metrics import drop_families
-from gputel.control import ControlError, request
+from gputel.control.client import request
+from gputel.control.protocol import ControlError
 from gputel.settings import Settings
 from gputel.sources.base import GpuIdentity
+from gputel.supervisor.agent import Agent, GpuCaller, LazyEnergy
+from gputel.supervisor.agent_metrics import drop_families
 
 PROMTOOL = shutil.which("promtool") or (
     "/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None

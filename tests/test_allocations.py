@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gputel.allocations import (
+from gputel.control.allocations import (
     SUMMARY_COLUMNS,
     AllocationError,
     AllocationStore,

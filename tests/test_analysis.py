@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from gputel.csv_read import ReportFilter
-from gputel.replay import load_series, replay, sweep
-from gputel.report import build_report, host_key
+from gputel.analysis.csv_read import ReportFilter
+from gputel.analysis.replay import load_series, replay, sweep
+from gputel.analysis.report import build_report, host_key
 from gputel.schema import GPU_CSV_COLUMNS, HOST_CSV_COLUMNS
-from gputel.states import ActivityState, Thresholds
+from gputel.supervisor.states import ActivityState, Thresholds
 
 T0 = datetime(2026, 11, 22, 10, 0, 0, tzinfo=timezone.utc)
 
@@ -300,7 +300,7 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
 def test_plot_without_matplotlib_says_how_to_get_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gputel import plot
+    from gputel.analysis import plot
 
     write_gpu_csv(tmp_path / "gpu-20261122T100000Z-n.csv", T0, 5, pattern)
     monkeypatch.setitem(sys.modules, "matplotlib", None)

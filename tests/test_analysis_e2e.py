@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from gputel.csv_read import parse_timestamp
-from gputel.replay import load_series, replay
-from gputel.report import build_report
+from gputel.analysis.csv_read import parse_timestamp
+from gputel.analysis.replay import load_series, replay
+from gputel.analysis.report import build_report
 from gputel.runtime import SIM_EPOCH_ENV
 from gputel.sources.sim import SimGpuSource
-from gputel.states import Thresholds
+from gputel.supervisor.states import Thresholds
 
 INTERVAL = 0.1
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from gputel import runtime
-from gputel.child import ChildSupervisor, child_command, child_env
 from gputel.settings import Settings
+from gputel.supervisor.child import ChildSupervisor, child_command, child_env
 
 
 class FakeClock:

@@ -17,17 +17,16 @@ from typing import Any
 
 import pytest
 
-from gputel.control import (
+from gputel.control.client import agent_answers, request
+from gputel.control.protocol import (
     MAX_MESSAGE_BYTES,
     AgentTimeout,
     AgentUnavailable,
-    ControlServer,
     ControlSocketInUse,
     RequestError,
-    agent_answers,
-    request,
     validate_request,
 )
+from gputel.control.server import ControlServer
 from gputel.runtime import CONTROL_SOCKET
 
 
@@ -308,7 +307,8 @@ def test_stop_leaves_a_newer_agents_socket(run_dir: Path) -> None:
 _AS_NOBODY = """
 import json, os, sys
 from pathlib import Path
-from gputel.control import AgentUnavailable, request
+from gputel.control.protocol import AgentUnavailable
+from gputel.control.client import request
 try:
     os.setgroups([])
     os.setgid(65534)

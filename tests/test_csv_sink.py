@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from gputel import csv_sink
-from gputel.csv_sink import CsvSink, format_timestamp, safe_host
 from gputel.schema import (
     GPU_CSV_COLUMNS,
     HOST_CSV_COLUMNS,
@@ -20,6 +18,8 @@ from gputel.schema import (
     Sample,
     SourceStatus,
 )
+from gputel.telemetry import csv_sink
+from gputel.telemetry.csv_sink import CsvSink, format_timestamp, safe_host
 
 T0 = datetime(2026, 11, 22, 3, 45, 12, tzinfo=timezone.utc)
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "csv.md"

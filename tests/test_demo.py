@@ -10,8 +10,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from gputel.cli.demo import demo_env, render, run_demo
 from gputel.cli.main import app
-from gputel.demo import demo_env, render, run_demo
 
 
 def test_demo_cycle_on_a_short_timeline(tmp_path: Path) -> None:
@@ -90,7 +90,8 @@ def test_closing_the_terminal_stops_the_demo_agent(tmp_path: Path) -> None:
     import time
 
     from gputel import runtime
-    from gputel.control import ControlError, request
+    from gputel.control.client import request
+    from gputel.control.protocol import ControlError
 
     demo = subprocess.Popen(
         [sys.executable, "-m", "gputel", "demo", "--dir", str(tmp_path)],

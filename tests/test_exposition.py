@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 
 from fakesysfs import add_hwmon_chip, add_rapl_zone, set_energy
-from gputel.exposition import ALL_FAMILIES, Exposition, telemetry_active_text
-from gputel.metrics_http import CONTENT_TYPE, MetricsServer
-from gputel.sampler import Sampler
 from gputel.schema import GpuReading, HostReading, Sample, SourceStatus
 from gputel.sources.hwmon import HwmonSource
 from gputel.sources.rapl import RaplSource
 from gputel.sources.sim import SimGpuSource
+from gputel.telemetry.exposition import ALL_FAMILIES, Exposition, telemetry_active_text
+from gputel.telemetry.metrics_http import CONTENT_TYPE, MetricsServer
+from gputel.telemetry.sampler import Sampler
 
 # Read at import: the suite's autouse fixture clears GPUTEL_* before each test runs.
 REGEN = os.environ.get("GPUTEL_REGEN_GOLDEN") == "1"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gputel.control import agent_answers, request
+from gputel.control.client import agent_answers, request
 from test_hooks import GPUTEL, FakeAgent, env_for, running_agent, stop_agent
 
 

@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 
 from gputel import hooks
-from gputel.allocations import AllocationError, AllocationStore
-from gputel.control import AgentUnavailable, ControlServer, RequestError, agent_answers, request
+from gputel.control.allocations import AllocationError, AllocationStore
+from gputel.control.client import agent_answers, request
+from gputel.control.protocol import AgentUnavailable, RequestError
+from gputel.control.server import ControlServer
 
 BOUND_S = 2.0
 GPUTEL = str(Path(sys.executable).with_name("gputel"))
@@ -312,7 +314,7 @@ def test_hung_backlog_bounded(run_dir: Path, no_start: list[Any]) -> None:
 def test_absent_agent_that_cannot_start(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, no_start: list[Any]
 ) -> None:
-    from gputel import agent_launch
+    from gputel.control import launch as agent_launch
 
     def refuse(settings: Any, wait_s: float = 1.5) -> str:
         raise agent_launch.AgentStartError("nothing to start here")
@@ -328,7 +330,7 @@ def test_absent_agent_that_cannot_start(
 def test_absent_agent_slow_start_goes_pending(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, no_start: list[Any]
 ) -> None:
-    from gputel import agent_launch
+    from gputel.control import launch as agent_launch
 
     def slow(settings: Any, wait_s: float = 1.5) -> str:
         time.sleep(5)
@@ -345,7 +347,7 @@ def test_absent_agent_slow_start_goes_pending(
 def test_absent_agent_started_in_budget(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_start: list[Any]
 ) -> None:
-    from gputel import agent_launch
+    from gputel.control import launch as agent_launch
 
     fake = FakeAgent(run_dir, tmp_path / "log")
     monkeypatch.setattr(
@@ -364,7 +366,7 @@ def test_absent_agent_started_in_budget(
 def test_absent_agent_started_after_budget(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_start: list[Any]
 ) -> None:
-    from gputel import agent_launch
+    from gputel.control import launch as agent_launch
 
     monkeypatch.setattr(agent_launch, "ensure_agent", lambda settings, wait_s=1.5: "starting")
     result, took = timed(hooks.allocation_created, "p", gpus=None)
@@ -376,9 +378,9 @@ def test_absent_agent_started_after_budget(
 @pytest.mark.usefixtures("enabled")
 def test_stuck_client_bounded(monkeypatch: pytest.MonkeyPatch, run_dir: Path) -> None:
     """Even a client call that blocks forever cannot hold the caller past the deadline."""
-    import gputel.control
+    import gputel.control.client
 
-    monkeypatch.setattr(gputel.control, "request", lambda *a, **k: time.sleep(30))
+    monkeypatch.setattr(gputel.control.client, "request", lambda *a, **k: time.sleep(30))
     for call in (lambda: hooks.allocation_created("s"), lambda: hooks.allocation_released("s")):
         result, took = timed(call)
         assert took < BOUND_S and result.action == "failed"
@@ -388,12 +390,12 @@ def test_stuck_client_bounded(monkeypatch: pytest.MonkeyPatch, run_dir: Path) ->
 def test_permission_denied_bounded(
     monkeypatch: pytest.MonkeyPatch, run_dir: Path, no_start: list[Any]
 ) -> None:
-    import gputel.control
+    import gputel.control.client
 
     def denied(*a: Any, **k: Any) -> None:
         raise AgentUnavailable("permission denied on x", "permission")
 
-    monkeypatch.setattr(gputel.control, "request", denied)
+    monkeypatch.setattr(gputel.control.client, "request", denied)
     for call in (lambda: hooks.allocation_created("d"), lambda: hooks.allocation_released("d")):
         result, took = timed(call)
         assert took < BOUND_S and result.action == "failed"
@@ -409,7 +411,9 @@ def test_permission_denied_for_real(tmp_path: Path, agent: FakeAgent) -> None:
     script = textwrap.dedent(
         """
         import json, os, sys, time
-        from gputel import agent_launch, control, hooks
+        from gputel import hooks
+        from gputel.control import launch as agent_launch
+        from gputel.control import client as control
         os.setgid(65534); os.setuid(65534)
         t0 = time.monotonic()
         r = hooks.allocation_created("job-x", gpus=[0])

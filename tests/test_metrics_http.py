@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
-from gputel import metrics_http
-from gputel.metrics_http import MetricsServer
+from gputel.telemetry import metrics_http
+from gputel.telemetry.metrics_http import MetricsServer
 
 
 def test_idle_connections_are_capped_and_time_out(monkeypatch: pytest.MonkeyPatch) -> None:

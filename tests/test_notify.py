@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gputel.notify import Notifier, watchdog_interval
+from gputel.supervisor.notify import Notifier, watchdog_interval
 
 
 class FakeClock:

@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from gputel import agent_launch
-from gputel.agent_launch import AgentStartError, ensure_agent
 from gputel.cli import operator_cmd
 from gputel.cli.main import app
-from gputel.control import ControlServer, agent_answers
+from gputel.control import launch as agent_launch
+from gputel.control.client import agent_answers
+from gputel.control.launch import AgentStartError, ensure_agent
+from gputel.control.server import ControlServer
 from gputel.runtime import CONTROL_SOCKET
 from gputel.settings import load_settings
 

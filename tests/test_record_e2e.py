@@ -27,10 +27,10 @@ import pytest
 
 from fakesysfs import add_hwmon_chip, add_rapl_zone
 from gputel import runtime
-from gputel.recorder import Recorder
 from gputel.schema import GPU_CSV_COLUMNS, HOST_CSV_COLUMNS
 from gputel.settings import load_settings
 from gputel.sources.sim import SimGpuSource
+from gputel.telemetry.recorder import Recorder
 
 INTERVAL = "0.05"
 

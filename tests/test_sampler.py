@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from gputel.sampler import Sampler
 from gputel.schema import GpuReading
 from gputel.sources.base import GpuIdentity
+from gputel.telemetry.sampler import Sampler
 
 T0 = datetime(2026, 11, 22, 3, 45, 12, tzinfo=timezone.utc)
 
@@ -82,7 +82,7 @@ def test_a_failing_host_source_costs_only_its_fields(caplog: pytest.LogCaptureFi
     rapl = FakeHost("rapl", {"cpu_package_power_w": 40.0})
     rapl.fail = PermissionError("/sys/class/powercap/intel-rapl:0/energy_uj: Permission denied")
     sampler = make(FakeGpu(1), [host, rapl])
-    with caplog.at_level(logging.WARNING, "gputel.sampler"):
+    with caplog.at_level(logging.WARNING, "gputel.telemetry.sampler"):
         for _ in range(5):
             s = sampler.sample()
     assert s.host.cpu_util_pct == 12.5
@@ -96,7 +96,7 @@ def test_failing_gpu_read_keeps_one_empty_row_per_gpu(caplog: pytest.LogCaptureF
     gpu = FakeGpu(2)
     sampler = make(gpu, [])
     gpu.fail = RuntimeError("driver wedged")
-    with caplog.at_level(logging.INFO, "gputel.sampler"):
+    with caplog.at_level(logging.INFO, "gputel.telemetry.sampler"):
         s = sampler.sample()
         sampler.sample()
         gpu.fail = None
@@ -113,7 +113,7 @@ def test_failing_gpu_read_keeps_one_empty_row_per_gpu(caplog: pytest.LogCaptureF
 def test_distinct_errors_are_each_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     host = FakeHost("hwmon", {})
     sampler = make(FakeGpu(0), [host])
-    with caplog.at_level(logging.WARNING, "gputel.sampler"):
+    with caplog.at_level(logging.WARNING, "gputel.telemetry.sampler"):
         for msg in ["a", "b", "a", "b", "a"]:
             host.fail = OSError(msg)
             sampler.sample()

@@ -231,7 +231,7 @@ def test_agent_command_imports_neither_rich_nor_analysis() -> None:
         "import sys\n"
         "from gputel.cli.main import build_app, modules_for\n"
         "build_app(modules_for(['agent']))\n"
-        "bad = [m for m in ('rich', 'gputel.report', 'gputel.hooks', 'gputel.demo') "
+        "bad = [m for m in ('rich', 'gputel.analysis.report', 'gputel.hooks', 'gputel.cli.demo') "
         "if m in sys.modules]\n"
         "print(bad)\n"
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from gputel.control import request
+from gputel.control.client import request
 from test_hooks import GPUTEL, env_for, running_agent
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gputel.states import ActivityState, Machine, Mode, Thresholds, step, telemetry_wanted
+from gputel.supervisor.states import (
+    ActivityState,
+    Machine,
+    Mode,
+    Thresholds,
+    step,
+    telemetry_wanted,
+)
 
 S = ActivityState
 TH = Thresholds(start_util_pct=20, start_seconds=5, stop_util_pct=10, stop_seconds=15)

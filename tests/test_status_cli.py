@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from gputel.cli import status_cmd
 from gputel.cli.main import app
-from gputel.control import ControlServer
+from gputel.control.server import ControlServer
 from gputel.runtime import CONTROL_SOCKET
 from gputel.schema import GpuReading, HostReading
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gputel.transitions_log import HEADER, TransitionRecord, TransitionsLog, iso_utc_ms
+from gputel.supervisor.transitions_log import HEADER, TransitionRecord, TransitionsLog, iso_utc_ms
 
 
 def rec(to: str = "arming", reason: str = "utilization 85% >= 20%") -> TransitionRecord:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gputel.allocations import (
+from gputel.control.allocations import (
     AllocationError,
     read_open_ids,
     validate_gpus,
@@ -274,7 +274,8 @@ class _Asked:
 
 
 def _ask(run_dir: Path, message: dict[str, Any], deadline: float) -> _Asked:
-    from gputel.control import AgentTimeout, AgentUnavailable, ControlError, request
+    from gputel.control.client import request
+    from gputel.control.protocol import AgentTimeout, AgentUnavailable, ControlError
 
     try:
         return _Asked(reply=request(run_dir, message, timeout=_remaining(deadline)))
@@ -300,8 +301,9 @@ def _allocate_result(ident: str, reply: Any) -> HookResult:
 def _start_and_register(
     settings: Settings, message: dict[str, Any], outcome: _Outcome, deadline: float
 ) -> HookResult:
-    from gputel.agent_launch import AgentStartError, ensure_agent
-    from gputel.control import AgentTimeout, AgentUnavailable, request
+    from gputel.control.client import request
+    from gputel.control.launch import AgentStartError, ensure_agent
+    from gputel.control.protocol import AgentTimeout, AgentUnavailable
 
     ident = message["id"]
     try:

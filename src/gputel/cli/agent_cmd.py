@@ -11,7 +11,7 @@ from gputel.settings import Settings
 @settings_options
 def agent(*, settings: Settings) -> None:
     """Run the supervisor: poll GPUs, start and stop telemetry, serve /metrics and the socket."""
-    from gputel.agent import AgentConfigError, AgentError, run_agent
+    from gputel.supervisor.agent import AgentConfigError, AgentError, run_agent
 
     try:
         code = run_agent(settings)

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
+from gputel.analysis.csv_read import CsvReadError, ReportFilter
 from gputel.cli.options import EXIT_USAGE, fail, settings_options
-from gputel.csv_read import CsvReadError, ReportFilter
 from gputel.settings import Settings, parse_duration, parse_gpu_list
 
 PathsArg = Annotated[
@@ -170,7 +170,7 @@ def register(app: typer.Typer) -> None:
         settings: Settings,
     ) -> None:
         """Summarise recorded sessions, GPUs and allocations (plain or .gz CSVs)."""
-        from gputel.report import CSV_COLUMNS, build_report, report_rows
+        from gputel.analysis.report import CSV_COLUMNS, build_report, report_rows
 
         if as_json and as_csv:
             fail("choose one of --json and --csv", EXIT_USAGE)
@@ -211,10 +211,10 @@ def register(app: typer.Typer) -> None:
         Thresholds come from the usual settings (--start-util, --start-seconds, --stop-util,
         --stop-seconds or GPUTEL_*), so the answer is what the agent would do with them.
         """
-        from gputel.replay import load_series
-        from gputel.replay import replay as run_replay
-        from gputel.replay import sweep as run_sweep
-        from gputel.states import Thresholds
+        from gputel.analysis.replay import load_series
+        from gputel.analysis.replay import replay as run_replay
+        from gputel.analysis.replay import sweep as run_sweep
+        from gputel.supervisor.states import Thresholds
 
         flt = _filter(since, until, gpu)
         try:
@@ -305,8 +305,8 @@ def register(app: typer.Typer) -> None:
         settings: Settings,
     ) -> None:
         """Draw a timeline per GPU: utilization, power, temperature, throttling, allocations."""
-        from gputel.plot import PlotUnavailable
-        from gputel.plot import plot as draw
+        from gputel.analysis.plot import PlotUnavailable
+        from gputel.analysis.plot import plot as draw
 
         if output.suffix.lower() not in (".png", ".svg", ".pdf"):
             fail(f"invalid --output {output}: use a .png, .svg or .pdf file", EXIT_USAGE)

@@ -33,7 +33,7 @@ def demo(
 
     Shows the live state, then stops the agent and prints where the CSV files are.
     """
-    from gputel.demo import run_demo
+    from gputel.cli.demo import run_demo
 
     result = run_demo(keep=keep, max_seconds=seconds, directory=directory)
     raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILURE)

@@ -14,8 +14,8 @@ from typing import Any
 
 import typer
 
-from gputel.allocations import AllocationError, parse_gpus_text, validate_id
 from gputel.cli.options import EXIT_USAGE, fail, settings_options, settings_options_except
+from gputel.control.allocations import AllocationError, parse_gpus_text, validate_id
 from gputel.settings import Settings
 
 hook_app = typer.Typer(
@@ -46,7 +46,8 @@ def _checked_id(ident: str) -> str:
 
 def _ask(settings: Settings, message: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
     """The agent's reply; no agent → exit 1 with the reason."""
-    from gputel.control import ControlError, request
+    from gputel.control.client import request
+    from gputel.control.protocol import ControlError
 
     try:
         return request(settings.run_dir, message, timeout=timeout)
@@ -68,8 +69,9 @@ def _allocate_with_start(
     settings: Settings, message: dict[str, Any], wait_s: float, quiet: bool
 ) -> dict[str, Any]:
     """Register, starting an agent first when none answers, within ``wait_s`` seconds."""
-    from gputel.agent_launch import AgentStartError, ensure_agent
-    from gputel.control import AgentTimeout, AgentUnavailable, ControlError, request
+    from gputel.control.client import request
+    from gputel.control.launch import AgentStartError, ensure_agent
+    from gputel.control.protocol import AgentTimeout, AgentUnavailable, ControlError
 
     deadline = time.monotonic() + wait_s
     started = False

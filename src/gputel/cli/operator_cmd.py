@@ -71,8 +71,9 @@ def describe_mode(reply: dict[str, Any]) -> str:
 
 def set_mode(settings: Settings, mode: str, for_s: float | None, start_agent: bool) -> str:
     """Ask the agent to change mode; return the lines to print. Exits 1 on any failure."""
-    from gputel.agent_launch import AgentStartError, ensure_agent
-    from gputel.control import AgentTimeout, AgentUnavailable, ControlError, request
+    from gputel.control.client import request
+    from gputel.control.launch import AgentStartError, ensure_agent
+    from gputel.control.protocol import AgentTimeout, AgentUnavailable, ControlError
 
     message: dict[str, Any] = {"op": "set_mode", "mode": mode, "for_s": for_s}
     lines: list[str] = []

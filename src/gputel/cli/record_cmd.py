@@ -32,9 +32,9 @@ def record(
     settings: Settings,
 ) -> None:
     """Record GPU and host telemetry every tick to CSV and Prometheus until SIGTERM/SIGINT."""
-    from gputel.recorder import run_record
     from gputel.runtime import RunDirError
     from gputel.sources.base import GpuSelectionError, GpuSourceError
+    from gputel.telemetry.recorder import run_record
 
     _setup_logging()
     try:

@@ -302,7 +302,8 @@ def render_human(status: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------- command
 def status_command(settings: Settings, as_json: bool) -> int:
-    from gputel.control import AgentTimeout, AgentUnavailable, ControlError, request
+    from gputel.control.client import request
+    from gputel.control.protocol import AgentTimeout, AgentUnavailable, ControlError
 
     try:
         reply = request(settings.run_dir, {"op": "status"}, timeout=2.0)

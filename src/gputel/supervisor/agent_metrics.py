@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gputel.states import ActivityState, Mode
+from gputel.supervisor.states import ActivityState, Mode
 
 RESTART_REASONS = ("crash", "hung")
 #: Every ``to_state`` the agent may record, so each counter series exists from the first scrape.

@@ -3,7 +3,7 @@
 An operator tuning ``/etc/default/gputel`` wants to know, from real data, when telemetry would
 have started and stopped under other thresholds and how much of the busy time it would have
 caught. This feeds recorded per-tick utilization (the maximum over the selected GPUs, exactly as
-the agent computes it) through :func:`gputel.states.step` - the same code, not a copy.
+the agent computes it) through :func:`gputel.supervisor.states.step` - the same code, not a copy.
 
 Where the recording has a gap (telemetry was off, or rows are missing) the agent's reading is
 unknown, so replay feeds a single missing reading at the first absent tick, which is what the live
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gputel.csv_read import (
+from gputel.analysis.csv_read import (
     GPU_REQUIRED,
     ReportFilter,
     as_float,
@@ -29,7 +29,7 @@ from gputel.csv_read import (
     naming,
     read_csv,
 )
-from gputel.states import ActivityState, Machine, Thresholds, Transition, step
+from gputel.supervisor.states import ActivityState, Machine, Thresholds, Transition, step
 
 
 @dataclass

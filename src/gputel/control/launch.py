@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from gputel.control import agent_answers
+from gputel.control.client import agent_answers
 from gputel.runtime import RunDirError, ensure_run_dir
 from gputel.settings import Settings
 

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from gputel.schema import GpuReading, HostReading, Sample, SourceStatus
 from gputel.sources.base import GpuSource, HostSource
 
-log = logging.getLogger("gputel.sampler")
+log = logging.getLogger("gputel.telemetry.sampler")
 
 _HOST_ATTRS = frozenset(f.name for f in fields(HostReading))
 _MAX_REMEMBERED_ERRORS = 64

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gputel.csv_read import (
+from gputel.analysis.csv_read import (
     GPU_REQUIRED,
     ReportFilter,
     as_float,

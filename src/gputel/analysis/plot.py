@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gputel.csv_read import (
+from gputel.analysis.csv_read import (
     GPU_REQUIRED,
     ReportFilter,
     as_float,

@@ -28,13 +28,13 @@ from types import FrameType
 from typing import Any
 
 from gputel import runtime
-from gputel.csv_sink import DEFAULT_MAX_BYTES, CsvSink, format_timestamp
-from gputel.exposition import Exposition, telemetry_active_text
-from gputel.metrics_http import MetricsServer
-from gputel.sampler import Sampler, utc_now
 from gputel.schema import Sample
 from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
+from gputel.telemetry.csv_sink import DEFAULT_MAX_BYTES, CsvSink, format_timestamp
+from gputel.telemetry.exposition import Exposition, telemetry_active_text
+from gputel.telemetry.metrics_http import MetricsServer
+from gputel.telemetry.sampler import Sampler, utc_now
 from gputel.ticker import Ticker, Waker
 
 log = logging.getLogger("gputel.record")

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gputel import runtime
-from gputel.notify import NOTIFY_ENV_VARS
 from gputel.settings import Settings
+from gputel.supervisor.notify import NOTIFY_ENV_VARS
 
 log = logging.getLogger(__name__)
 

@@ -29,15 +29,27 @@ from types import FrameType
 from typing import Any, Protocol
 
 from gputel import __version__, runtime
-from gputel.agent_metrics import AgentSnapshot, join_exposition, read_fresh_metrics, render_agent
-from gputel.child import ChildEvent, ChildSupervisor, Spawn, popen_spawn
-from gputel.notify import Notifier
 from gputel.settings import Settings
-from gputel.states import ActivityState, Machine, Mode, Thresholds, step, telemetry_wanted
+from gputel.supervisor.agent_metrics import (
+    AgentSnapshot,
+    join_exposition,
+    read_fresh_metrics,
+    render_agent,
+)
+from gputel.supervisor.child import ChildEvent, ChildSupervisor, Spawn, popen_spawn
+from gputel.supervisor.notify import Notifier
+from gputel.supervisor.states import (
+    ActivityState,
+    Machine,
+    Mode,
+    Thresholds,
+    step,
+    telemetry_wanted,
+)
+from gputel.supervisor.transitions_log import TransitionRecord, TransitionsLog, iso_utc_ms
 from gputel.ticker import Ticker, Waker
-from gputel.transitions_log import TransitionRecord, TransitionsLog, iso_utc_ms
 
-log = logging.getLogger("gputel.agent")
+log = logging.getLogger("gputel.supervisor.agent")
 
 RECENT_TRANSITIONS = 10
 ENERGY_DEADLINE_S = 0.5
@@ -208,7 +220,7 @@ def _take_lock(run_dir: Path) -> int:
 
 
 def _default_store(settings: Settings, known_gpus: list[int]) -> AllocationStoreLike:
-    from gputel.allocations import AllocationStore
+    from gputel.control.allocations import AllocationStore
 
     return AllocationStore(settings.run_dir, settings.log_dir, known_gpus)
 
@@ -333,7 +345,9 @@ class Agent:
             s, sim_epoch=self.sim_epoch, spawn=self._spawn, clock=self._clock
         )
 
-        from gputel.control import ControlServer, ControlSocketInUse, socket_path
+        from gputel.control.client import socket_path
+        from gputel.control.protocol import ControlSocketInUse
+        from gputel.control.server import ControlServer
 
         self._control = ControlServer(socket_path(s.run_dir), self.handle)
         try:
@@ -362,7 +376,7 @@ class Agent:
         self._ready_sent = True
 
     def _start_http(self) -> None:
-        from gputel.metrics_http import MetricsServer
+        from gputel.telemetry.metrics_http import MetricsServer
 
         s = self.settings
         server = MetricsServer(
@@ -775,7 +789,7 @@ class Agent:
 
     # ------------------------------------------------------------------ control socket
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Control-socket requests (already validated by ``gputel.control``)."""
+        """Control-socket requests (already validated by ``gputel.control.protocol``)."""
         op = request["op"]
         if op == "status":
             return self.status()
@@ -786,7 +800,7 @@ class Agent:
             return {"ok": False, "error": "agent is starting; try again"}
         if op == "list":
             return {"ok": True, "allocations": store.list()}
-        from gputel.allocations import AllocationError
+        from gputel.control.allocations import AllocationError
 
         try:
             if op == "allocate":

@@ -15,12 +15,9 @@ agent's handler never runs concurrently with itself.
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
-import grp
 import json
 import logging
-import math
 import os
 import selectors
 import socket
@@ -28,155 +25,23 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from gputel.runtime import CONTROL_SOCKET
+from gputel.control.protocol import (
+    MAX_CONNECTIONS,
+    MAX_MESSAGE_BYTES,
+    READ_TIMEOUT_S,
+    SOCKET_MODE,
+    ControlSocketInUse,
+    Handler,
+    RequestError,
+    _error,
+    encode_line,
+    validate_request,
+)
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 64 * 1024
-"""Longest request or reply line, newline excluded."""
-READ_TIMEOUT_S = 2.0
-"""Total time a client has to send its whole request line."""
-MAX_CONNECTIONS = 32
-"""Concurrent connections served; more are answered "busy" at once instead of queueing threads."""
-MAX_FOR_S = 366 * 86400.0
-"""Longest ``for_s`` of ``set_mode``; beyond a year it is a typo, and datetimes would overflow."""
-SOCKET_MODE = 0o660
-
-OPS = ("status", "set_mode", "allocate", "release", "list")
-MODES = ("on", "off", "auto")
-
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-# ---------------------------------------------------------------------------------- errors
-class ControlError(RuntimeError):
-    """The agent could not be asked; ``str()`` is one line for the user."""
-
-
-class AgentUnavailable(ControlError):
-    """No agent answers on the socket: none there, nothing listening, or not allowed to connect.
-
-    ``reason`` is ``"missing"`` (no socket), ``"refused"`` (a stale socket, nothing listening),
-    ``"permission"`` (the socket exists but we may not connect) or ``"error"`` (anything else);
-    callers start an agent only for the first two.
-    """
-
-    def __init__(self, message: str, reason: str = "error", path: Path | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.path = path
-
-
-class AgentTimeout(ControlError):
-    """Connected, but no complete answer within the timeout: an agent is there but stuck or slow."""
-
-
-class AgentProtocolError(ControlError):
-    """The agent answered something that is not one JSON object (a version mismatch or a bug)."""
-
-
-class RequestError(ValueError):
-    """Raised by a handler to refuse a request; ``str()`` becomes the error reply as is."""
-
-
-class ControlSocketInUse(RuntimeError):
-    """Another agent already answers on the socket path."""
-
-
-# ---------------------------------------------------------------------------------- validation
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-_FIELDS: dict[str, tuple[str, ...]] = {
-    "status": (),
-    "list": (),
-    "set_mode": ("mode", "for_s"),
-    "allocate": ("id", "gpus", "pid"),
-    "release": ("id",),
-}
-
-
-def validate_request(message: object) -> dict[str, Any]:
-    """The request with optional fields filled in, or RequestError naming what is wrong.
-
-    Only JSON types and obvious ranges are checked here; allocation ids and GPU indices are
-    checked against their own rules by the allocation store, behind the handler.
-    """
-    if not isinstance(message, dict):
-        raise RequestError("request must be a JSON object")
-    op = message.get("op")
-    if not isinstance(op, str):
-        raise RequestError('request needs "op" (a string)')
-    if op not in _FIELDS:
-        raise RequestError(f"unknown op {op[:40]!r} (expected one of {', '.join(OPS)})")
-    allowed = ("op", *_FIELDS[op])
-    for key in message:
-        if key not in allowed:
-            raise RequestError(f"unknown field {str(key)[:40]!r} for op {op!r}")
-    out: dict[str, Any] = {"op": op}
-    if op == "set_mode":
-        mode = message.get("mode")
-        if mode not in MODES:
-            raise RequestError(f'set_mode needs "mode": one of {", ".join(MODES)}')
-        for_s = message.get("for_s")
-        if for_s is not None:
-            if not _is_number(for_s) or not math.isfinite(for_s):
-                raise RequestError('"for_s" must be a number of seconds or null')
-            if for_s <= 0:
-                raise RequestError('"for_s" must be > 0')
-            if for_s > MAX_FOR_S:
-                raise RequestError('"for_s" must be at most 366 days')
-            if mode == "auto":
-                raise RequestError('"for_s" does not apply to mode auto')
-            for_s = float(for_s)
-        out.update(mode=mode, for_s=for_s)
-    elif op in ("allocate", "release"):
-        ident = message.get("id")
-        if not isinstance(ident, str):
-            raise RequestError(f'{op} needs "id" (a string)')
-        out["id"] = ident
-        if op == "allocate":
-            gpus = message.get("gpus")
-            if gpus is not None and (
-                not isinstance(gpus, list) or not all(_is_int(g) for g in gpus)
-            ):
-                raise RequestError('"gpus" must be a list of integers or null')
-            pid = message.get("pid")
-            if pid is not None and not _is_int(pid):
-                raise RequestError('"pid" must be an integer or null')
-            out.update(gpus=gpus, pid=pid)
-    return out
-
-
-def _json_default(obj: object) -> Any:
-    """Let handlers return the values they naturally hold (paths, enums, datetimes)."""
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, (datetime, date)):
-        return obj.isoformat()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def encode_line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=_json_default).encode() + b"\n"
-
-
-def _error(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": " ".join(str(message).split()) or "error"}
 
 
 # ---------------------------------------------------------------------------------- server
@@ -475,120 +340,3 @@ class ControlServer:
         finally:
             with contextlib.suppress(OSError):
                 conn.close()
-
-
-# ---------------------------------------------------------------------------------- client
-def socket_path(run_dir: Path) -> Path:
-    return Path(run_dir) / CONTROL_SOCKET
-
-
-def _group_hint(path: Path) -> str:
-    try:
-        return grp.getgrgid(path.stat().st_gid).gr_name
-    except (OSError, KeyError):
-        return "gputel"
-
-
-def _unavailable(path: Path, exc: OSError) -> AgentUnavailable:
-    if isinstance(exc, FileNotFoundError):
-        return AgentUnavailable(f"agent not running: no control socket at {path}", "missing", path)
-    if isinstance(exc, ConnectionRefusedError):
-        return AgentUnavailable(
-            f"agent not running: nothing listens on {path} (stale socket)", "refused", path
-        )
-    if isinstance(exc, PermissionError):
-        return AgentUnavailable(
-            f"permission denied on {path}: run as root or join group {_group_hint(path)}",
-            "permission",
-            path,
-        )
-    reason = exc.strerror or str(exc)
-    return AgentUnavailable(f"cannot reach the agent on {path}: {reason}", "error", path)
-
-
-def request(run_dir: Path, message: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
-    """Send one request to the agent in ``run_dir`` and return its reply object.
-
-    The whole exchange (connect, send, receive) is bounded by ``timeout``. A reply with
-    ``"ok": false`` is returned, not raised: the caller decides what a refusal means.
-    """
-    path = socket_path(run_dir)
-    data = encode_line(message)
-    if len(data) - 1 > MAX_MESSAGE_BYTES:
-        raise ValueError(f"request longer than {MAX_MESSAGE_BYTES} bytes")
-    deadline = time.monotonic() + timeout
-
-    def remaining() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        return left
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            while True:
-                s.settimeout(remaining())
-                try:
-                    s.connect(str(path))
-                    break
-                except BlockingIOError:
-                    # A Unix socket with a full backlog refuses at once with EAGAIN instead of
-                    # blocking: a live agent that is busy, so keep trying until the deadline.
-                    time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
-        except TimeoutError:
-            raise AgentTimeout(
-                f"the agent did not accept a connection within {timeout:g}s on {path}"
-            ) from None
-        except OSError as exc:
-            raise _unavailable(path, exc) from None
-        buf = bytearray()
-        try:
-            s.settimeout(remaining())
-            s.sendall(data)
-            while True:
-                s.settimeout(remaining())
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if b"\n" in chunk:
-                    break
-                if len(buf) > 16 * MAX_MESSAGE_BYTES:
-                    raise AgentProtocolError(f"the agent's reply on {path} is too long")
-        except TimeoutError:
-            raise AgentTimeout(f"the agent did not answer within {timeout:g}s on {path}") from None
-        except (BrokenPipeError, ConnectionResetError):
-            raise AgentUnavailable(
-                f"the agent closed the connection on {path} without answering", "error", path
-            ) from None
-        except OSError as exc:
-            raise _unavailable(path, exc) from None
-    finally:
-        s.close()
-    line = bytes(buf).split(b"\n", 1)[0]
-    if not line.strip():
-        raise AgentUnavailable(
-            f"the agent closed the connection on {path} without answering", "error", path
-        )
-    try:
-        reply = json.loads(line)
-    except ValueError:
-        raise AgentProtocolError(f"the agent on {path} sent a reply that is not JSON") from None
-    if not isinstance(reply, dict):
-        raise AgentProtocolError(f"the agent on {path} sent a reply that is not an object")
-    return reply
-
-
-def agent_answers(run_dir: Path, timeout: float = 1.0) -> bool:
-    """Whether an agent is there: it answers ``status``, or accepted but is slow to answer.
-
-    A slow agent still counts, so nobody starts a second one next to it.
-    """
-    try:
-        request(run_dir, {"op": "status"}, timeout=timeout)
-    except AgentTimeout:
-        return True
-    except ControlError:
-        return False
-    return True

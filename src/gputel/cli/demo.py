@@ -161,7 +161,8 @@ def run_demo(
     poll_s: float = 0.25,
 ) -> DemoResult:
     """Run the cycle, show it live, stop the agent, print the files; never leaves a process."""
-    from gputel.control import ControlError, request
+    from gputel.control.client import request
+    from gputel.control.protocol import ControlError
 
     console = console or Console()
     directory = Path(directory or tempfile.mkdtemp(prefix="gputel-demo-"))
