@@ -13,6 +13,9 @@ DEBIAN_PACKAGES=(
   systemd                   # systemd-analyze verify/security for the unit
   util-linux                # mount (tmpfs disk-full test), flock
   procps                    # ps/pkill used by tests
+  shellcheck                # lint of install.sh and the Slurm scripts
+  gcc libc6-dev             # builds the fake libnvidia-ml.so.1 the NVML tests load
+  tmux                      # drives gputel demo in a real terminal
 )
 
 if command -v apt-get >/dev/null 2>&1; then

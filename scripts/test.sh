@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 scripts/setup-dev.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy
 exec .venv/bin/pytest -q "$@"

@@ -13,6 +13,7 @@ build a path.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import csv
 import io
@@ -441,11 +442,11 @@ class AllocationStore:
         )
         return {"released": True, "summary": summary}
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> builtins.list[dict[str, Any]]:
         with self._lock:
             return [a.to_json() for a in self._open.values()]
 
-    def ids(self) -> list[str]:
+    def ids(self) -> builtins.list[str]:
         with self._lock:
             return list(self._open)
 
@@ -453,7 +454,9 @@ class AllocationStore:
         with self._lock:
             return len(self._open)
 
-    def reap_dead_owners(self, energy_j: Mapping[int, float | None] | None) -> list[dict[str, Any]]:
+    def reap_dead_owners(
+        self, energy_j: Mapping[int, float | None] | None
+    ) -> builtins.list[dict[str, Any]]:
         """Close every allocation whose owner process has exited; return their summaries.
 
         An orchestrator that crashes never calls release, and telemetry must not stay on for it.
@@ -568,7 +571,7 @@ class AllocationStore:
                 self._summary_warned = True
 
 
-def read_open_ids(run_dir: Path) -> list[str]:
+def read_open_ids(run_dir: Path) -> builtins.list[str]:
     """The open allocation ids from ``allocations.json`` (for readers such as the recorder)."""
     data = read_json(Path(run_dir) / ALLOCATIONS_FILE)
     if not isinstance(data, dict) or not isinstance(data.get("allocations"), list):

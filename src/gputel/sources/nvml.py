@@ -104,7 +104,8 @@ def _init_error(exc: BaseException) -> GpuSourceError:
     """Classify a failure to start NVML into the one line an operator can act on."""
     if isinstance(exc, OSError):
         return GpuSourceError(_LIBRARY_MISSING)
-    fix = _INIT_FIXES.get(getattr(exc, "value", None))
+    value = getattr(exc, "value", None)
+    fix = _INIT_FIXES.get(value) if isinstance(value, int) else None
     if fix is not None:
         return GpuSourceError(fix)
     return GpuSourceError(

@@ -14,6 +14,7 @@ queued behind the stuck one.
 
 from __future__ import annotations
 
+import builtins
 import collections
 import fcntl
 import logging
@@ -80,13 +81,13 @@ class AllocationStoreLike(Protocol):
 
     def release(self, id: str, energy_j: Mapping[int, float | None] | None) -> dict[str, Any]: ...
 
-    def list(self) -> list[dict[str, Any]]: ...
+    def list(self) -> builtins.list[dict[str, Any]]: ...
 
     def open_count(self) -> int: ...
 
     def reap_dead_owners(
         self, energy_j: Mapping[int, float | None] | None
-    ) -> list[dict[str, Any]]: ...
+    ) -> builtins.list[dict[str, Any]]: ...
 
 
 # ---------------------------------------------------------------------------------- GPU calls
@@ -558,7 +559,8 @@ class Agent:
             if not self._util_job.done.is_set():
                 stuck = self.gpu.stuck_for or 0.0
                 self.degraded = f"GPU read stuck for {stuck:.0f}s"
-                return self._forget_utilization()
+                self._forget_utilization()
+                return None
             self._util_job = None
             log.warning("the stuck GPU read returned; GPU reads resume")
             self.degraded = None
@@ -567,7 +569,8 @@ class Agent:
         if job is None:
             # Another GPU call (an allocation's energy read) is stuck on the reader thread.
             self.degraded = "GPU read stuck"
-            return self._forget_utilization()
+            self._forget_utilization()
+            return None
         if not self.gpu.wait(job, self.read_deadline_s):
             self._util_job = job
             self.degraded = "GPU read stuck"
@@ -576,7 +579,8 @@ class Agent:
                 "decisions) until it does",
                 self.read_deadline_s,
             )
-            return self._forget_utilization()
+            self._forget_utilization()
+            return None
         self.poll_duration_s = self._clock() - t0
         if job.error is not None:
             if self.degraded is None or not self.degraded.startswith("GPU read failed"):
