@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gputel.sources.simevents import SimEventsError, parse_sim_events
 from gputel.sources.simpattern import PatternError, parse_pattern
 
 AUTOSTART_ENV = "GPU_TELEMETRY_AUTOSTART"
@@ -151,6 +152,14 @@ def _sim_pattern(text: str) -> str:
     try:
         parse_pattern(text)
     except PatternError as exc:
+        raise ValueError(str(exc)) from None
+    return text.strip()
+
+
+def _sim_events(text: str) -> str:
+    try:
+        parse_sim_events(text)
+    except SimEventsError as exc:
         raise ValueError(str(exc)) from None
     return text.strip()
 
@@ -323,6 +332,22 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _sim_pattern,
     ),
     SettingSpec(
+        "GPUTEL_SIM_EVENTS",
+        "sim_events",
+        "--sim-events",
+        "",
+        "simulated GPU events GPU:XID@SECONDS,... (e.g. 0:79@12: GPU 0 Xid 79 at 12 s)",
+        _sim_events,
+    ),
+    SettingSpec(
+        "GPUTEL_EVENT_CAPTURE_SECONDS",
+        "event_capture_s",
+        "--event-capture-seconds",
+        "300",
+        "seconds telemetry is forced on after a GPU event (0 = off)",
+        _seconds,
+    ),
+    SettingSpec(
         AUTOSTART_ENV,
         "autostart",
         "",
@@ -355,6 +380,8 @@ class Settings:
     sysfs_root: Path = Path("/sys")
     sim_gpus: int = 2
     sim_pattern: str = "0:5,80:20,0:30"
+    sim_events: str = ""
+    event_capture_s: float = 300.0
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
@@ -382,6 +409,17 @@ def _check_consistency(values: dict[str, Any], sources: dict[str, str]) -> None:
             f"must not exceed GPUTEL_START_UTIL ({values['start_util_pct']:g}): "
             "telemetry would start and stop on the same reading",
         )
+
+
+def _check_sim_events(values: dict[str, Any], sources: dict[str, str]) -> None:
+    if values["backend"] != "sim":
+        return
+    try:
+        parse_sim_events(values["sim_events"], gpu_count=values["sim_gpus"])
+    except SimEventsError as exc:
+        raise SettingsError(
+            SETTINGS_BY_ATTR["sim_events"].env, sources["sim_events"], str(exc)
+        ) from None
 
 
 def load_settings(
@@ -418,6 +456,7 @@ def load_settings(
             raise SettingsError(label, text, str(exc)) from None
         raw[spec.attr] = text
     _check_consistency(values, raw)
+    _check_sim_events(values, raw)
     return Settings(**values)
 
 

@@ -53,7 +53,7 @@ class Timeline:
 _NUMBER = re.compile(r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
 
 
-def _parse_number(text: str) -> float:
+def parse_number(text: str) -> float:
     if not _NUMBER.match(text.strip()):
         raise ValueError(text)
     value = float(text)
@@ -73,11 +73,11 @@ def parse_timeline(text: str) -> Timeline:
         if len(parts) != 2:
             raise PatternError(f"segment {seg!r} is not UTIL:SECONDS")
         try:
-            util = _parse_number(parts[0])
+            util = parse_number(parts[0])
         except ValueError:
             raise PatternError(f"segment {seg!r}: UTIL {parts[0]!r} is not a number") from None
         try:
-            seconds = _parse_number(parts[1])
+            seconds = parse_number(parts[1])
         except ValueError:
             raise PatternError(f"segment {seg!r}: SECONDS {parts[1]!r} is not a number") from None
         if not 0 <= util <= 100:
