@@ -1,0 +1,339 @@
+"""GPU fault events on record: the event, ``events.csv``, recent events, counters and capture.
+
+An event (an Xid, an ECC error, a retired page, a GPU gone, a changed recovery action) is rare
+and matters more than any per-second reading, so it is recorded whether telemetry is on or off:
+
+- one row in ``GPUTEL_LOG_DIR/events.csv`` (opened per row like ``transitions.csv``, so
+  logrotate may move it at any time; a failing disk costs rows, never the agent);
+- a counter per (gpu, uuid, xid) and per (gpu, uuid, event), served as
+  ``gputel_gpu_xid_errors_total`` and ``gputel_gpu_events_total``: every occurrence counts,
+  repeats included, so ``increase()`` over them alerts on each new fault;
+- a short ring of recent events for ``gputel status``;
+- a capture window: telemetry stays forced on for ``GPUTEL_EVENT_CAPTURE_SECONDS`` after an
+  event, so the minutes after a fault are recorded even on an idle node.
+
+Everything here is plain data and thread-safe: the NVML listener thread records, while the
+agent loop, the control socket and ``/metrics`` read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gputel.supervisor.agent_metrics import Sample
+from gputel.supervisor.agent_metrics import _family as render_family
+from gputel.supervisor.transitions_log import iso_utc_ms
+from gputel.supervisor.xid import DRAIN, RESET, WATCH, xid_info
+
+log = logging.getLogger(__name__)
+
+EVENTS_FILE = "events.csv"
+COLUMNS = ("timestamp", "gpu", "uuid", "event", "xid", "detail", "allocations")
+#: How many events ``gputel status`` shows.
+RECENT_EVENTS = 32
+
+XID = "xid"
+ECC_SBE = "ecc_sbe"
+ECC_DBE = "ecc_dbe"
+DRAM_RETIREMENT = "dram_retirement"
+GPU_UNAVAILABLE = "gpu_unavailable"
+RECOVERY_ACTION = "recovery_action"
+
+
+@dataclass(frozen=True, slots=True)
+class EventKind:
+    name: str
+    action: str
+    """The action class (see :mod:`gputel.supervisor.xid`); for Xids it comes from the Xid."""
+    detail: str
+
+
+#: Every event name gputel records (the ``event`` column and label), with its action and detail.
+EVENT_KINDS: tuple[EventKind, ...] = (
+    EventKind(XID, "", "an Xid critical error; see its own row in the Xid table"),
+    EventKind(
+        ECC_SBE,
+        WATCH,
+        "single-bit ECC error (corrected); nothing now, plan a reset or RMA if the rate rises",
+    ),
+    EventKind(
+        ECC_DBE,
+        DRAIN,
+        "double-bit ECC error (uncorrectable); results may be wrong: drain and reset the GPU",
+    ),
+    EventKind(
+        DRAM_RETIREMENT,
+        RESET,
+        "a memory page or row was retired; reset the GPU when drained to apply it",
+    ),
+    EventKind(
+        GPU_UNAVAILABLE,
+        DRAIN,
+        "the GPU became unavailable to the driver; drain the node and reset or reboot",
+    ),
+    EventKind(
+        RECOVERY_ACTION,
+        DRAIN,
+        "the driver asks for a recovery action; read 'GPU Recovery Action' in nvidia-smi -q",
+    ),
+)
+EVENT_KIND = {k.name: k for k in EVENT_KINDS}
+EVENT_NAMES = tuple(k.name for k in EVENT_KINDS)
+
+XID_ERRORS_METRIC = "gputel_gpu_xid_errors_total"
+EVENTS_METRIC = "gputel_gpu_events_total"
+XID_ERRORS_HELP = "Xid critical errors reported by the driver since the agent started, by Xid."
+EVENTS_HELP = "GPU events (Xid, ECC, retirement, unavailable, recovery) since the agent started."
+#: The metric names this module serves.
+METRICS = (XID_ERRORS_METRIC, EVENTS_METRIC)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuEvent:
+    """One fault on one GPU, as recorded."""
+
+    timestamp: float
+    """Wall-clock seconds since the Unix epoch, when the agent received the event."""
+    gpu: int
+    uuid: str | None
+    """None when the driver could not say (an empty cell, never a made-up id)."""
+    event: str
+    xid: int | None
+    """The Xid for ``event == "xid"``; None for every other event."""
+    detail: str
+    allocations: tuple[str, ...] = ()
+    """Allocations open on this GPU at that moment: the jobs the fault hit."""
+
+    @property
+    def action(self) -> str:
+        """The action class: from the Xid table for Xids, from the event kind otherwise."""
+        if self.xid is not None:
+            return xid_info(self.xid).action
+        return EVENT_KIND[self.event].action
+
+    def csv_values(self) -> tuple[object, ...]:
+        return (
+            iso_utc_ms(self.timestamp),
+            self.gpu,
+            self.uuid,
+            self.event,
+            self.xid,
+            self.detail,
+            ";".join(self.allocations),
+        )
+
+    def as_status(self) -> dict[str, Any]:
+        """The event in ``gputel status --json``."""
+        return {
+            "timestamp": iso_utc_ms(self.timestamp),
+            "gpu": self.gpu,
+            "uuid": self.uuid,
+            "event": self.event,
+            "xid": self.xid,
+            "action": self.action,
+            "allocations": list(self.allocations),
+        }
+
+
+def make_event(
+    timestamp: float,
+    gpu: int,
+    uuid: str | None,
+    event: str,
+    xid: int | None = None,
+    allocations: Iterable[str] = (),
+) -> GpuEvent:
+    """A :class:`GpuEvent` with its detail from the tables; refuses a name or Xid that clash."""
+    if event not in EVENT_KIND:
+        raise ValueError(f"unknown GPU event {event!r} (expected one of {', '.join(EVENT_NAMES)})")
+    if (event == XID) != (xid is not None):
+        raise ValueError("an xid event needs its Xid number, and only an xid event has one")
+    detail = xid_info(xid).detail if xid is not None else EVENT_KIND[event].detail
+    return GpuEvent(timestamp, gpu, uuid, event, xid, detail, tuple(allocations))
+
+
+# ---------------------------------------------------------------------------------- events.csv
+def _cell(value: object, quote: bool = False) -> str:
+    if value is None:
+        return ""
+    text = str(value).replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+    if quote or any(c in text for c in ',"'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def csv_row(event: GpuEvent) -> str:
+    """One ``events.csv`` row, ending in a newline.
+
+    The detail is always quoted: it is prose, and a later wording with a comma must not shift
+    the columns for a reader that splits lines naively.
+    """
+    values = event.csv_values()
+    detail = COLUMNS.index("detail")
+    return ",".join(_cell(v, quote=i == detail) for i, v in enumerate(values)) + "\n"
+
+
+class EventsLog:
+    """Appends rows to ``log_dir/events.csv``; never raises.
+
+    Each row goes out in one ``write`` on a descriptor opened with ``O_APPEND`` for that row, so
+    rows from two agent lifetimes never interleave and a rotated file is simply started anew,
+    with its header. The file is created ``0640``.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        self.path = Path(log_dir) / EVENTS_FILE
+        self.rows_failed = 0
+        self._failing = False
+
+    def append(self, event: GpuEvent) -> bool:
+        row = csv_row(event).encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                head = b"" if os.fstat(fd).st_size else (",".join(COLUMNS) + "\n").encode()
+                os.write(fd, head + row)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.rows_failed += 1
+            if not self._failing:
+                self._failing = True
+                log.error(
+                    "cannot write %s (%s); GPU events are still counted and shown by "
+                    "gputel status; check GPUTEL_LOG_DIR exists and is writable",
+                    self.path,
+                    exc.strerror or exc,
+                )
+            return False
+        if self._failing:
+            self._failing = False
+            log.warning("writing %s works again (%d rows lost)", self.path, self.rows_failed)
+        return True
+
+
+# ---------------------------------------------------------------------------------- counters
+class EventCounters:
+    """Counts per (gpu, uuid, xid) and per (gpu, uuid, event) since the agent started."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._xids: dict[tuple[int, str, int], int] = {}
+        self._events: dict[tuple[int, str, str], int] = {}
+
+    def add(self, event: GpuEvent) -> None:
+        uuid = event.uuid or ""
+        with self._lock:
+            key = (event.gpu, uuid, event.event)
+            self._events[key] = self._events.get(key, 0) + 1
+            if event.xid is not None:
+                xkey = (event.gpu, uuid, event.xid)
+                self._xids[xkey] = self._xids.get(xkey, 0) + 1
+
+    def xid_counts(self) -> dict[tuple[int, str, int], int]:
+        with self._lock:
+            return dict(self._xids)
+
+    def event_counts(self) -> dict[tuple[int, str, str], int]:
+        with self._lock:
+            return dict(self._events)
+
+    def families(self) -> list[tuple[str, str, list[Sample]]]:
+        """(metric name, HELP, samples) of both counters, label order ``gpu, uuid, xid|event``."""
+        xids: list[Sample] = [
+            ({"gpu": str(g), "uuid": u, "xid": str(x)}, float(n))
+            for (g, u, x), n in sorted(self.xid_counts().items())
+        ]
+        events: list[Sample] = [
+            ({"gpu": str(g), "uuid": u, "event": e}, float(n))
+            for (g, u, e), n in sorted(self.event_counts().items())
+        ]
+        return [(XID_ERRORS_METRIC, XID_ERRORS_HELP, xids), (EVENTS_METRIC, EVENTS_HELP, events)]
+
+    def exposition(self) -> bytes:
+        """Both counter families in the text format, HELP and TYPE even before any event."""
+        return "".join(
+            line
+            for name, help_text, samples in self.families()
+            for line in render_family(name, "counter", help_text, samples)
+        ).encode()
+
+
+# ---------------------------------------------------------------------------------- recent
+class RecentEvents:
+    """The last ``size`` events, oldest first, for ``gputel status``."""
+
+    def __init__(self, size: int = RECENT_EVENTS) -> None:
+        self._lock = threading.Lock()
+        self._ring: deque[GpuEvent] = deque(maxlen=size)
+
+    def add(self, event: GpuEvent) -> None:
+        with self._lock:
+            self._ring.append(event)
+
+    def events(self) -> list[GpuEvent]:
+        with self._lock:
+            return list(self._ring)
+
+    def as_status(self) -> list[dict[str, Any]]:
+        return [e.as_status() for e in self.events()]
+
+
+# ---------------------------------------------------------------------------------- capture
+class CaptureWindow:
+    """Telemetry forced on for ``seconds`` after the latest event (0 = never).
+
+    Pure: times are passed in (monotonic seconds), so the agent loop and the tests drive it.
+    A later event extends the window; the reason names the event that opened or extended it,
+    for the transition row. Whether the operator's ``off`` overrides it is the state machine's
+    rule, not this window's.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._until: float | None = None
+        self.reason: str | None = None
+
+    def trigger(self, event: GpuEvent, now: float) -> bool:
+        """Open or extend the window for ``event``; False when capture is off."""
+        if self.seconds <= 0:
+            return False
+        self._until = now + self.seconds
+        self.reason = f"capture after {describe(event)}"
+        return True
+
+    def active(self, now: float) -> bool:
+        return self._until is not None and now < self._until
+
+    def remaining(self, now: float) -> float:
+        return max(0.0, self._until - now) if self._until is not None else 0.0
+
+
+def describe(event: GpuEvent) -> str:
+    """A few words naming the event, e.g. ``Xid 79 on GPU 0``, ``ecc_dbe on GPU 1``."""
+    what = f"Xid {event.xid}" if event.xid is not None else event.event
+    return f"{what} on GPU {event.gpu}"
+
+
+# ---------------------------------------------------------------------------------- recorder
+class EventRecorder:
+    """Records each event everywhere it belongs: the file, the counters, the recent ring."""
+
+    def __init__(self, log_dir: Path, recent: int = RECENT_EVENTS) -> None:
+        self.log = EventsLog(log_dir)
+        self.counters = EventCounters()
+        self.recent = RecentEvents(recent)
+
+    def record(self, event: GpuEvent) -> None:
+        self.counters.add(event)
+        self.recent.add(event)
+        self.log.append(event)
+        level = logging.WARNING if event.action in (RESET, DRAIN) else logging.INFO
+        log.log(level, "GPU event: %s: %s", describe(event), event.detail)
