@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gputel.supervisor import xid as xidmod
 from gputel.supervisor.events import (
@@ -319,3 +320,22 @@ def test_docs_name_every_event_and_column() -> None:
     assert ",".join(COLUMNS) in text
     assert "GPUTEL_EVENT_CAPTURE_SECONDS" in text and "GPUTEL_SIM_EVENTS" in text
 
+
+# --- alert rules ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("alert", "action"),
+    [("GputelGPUFaultNeedsDrain", xidmod.DRAIN), ("GputelGPUFaultNeedsReset", xidmod.RESET)],
+)
+def test_alert_rules_cover_exactly_the_table_classes(alert: str, action: str) -> None:
+    rules = yaml.safe_load((ROOT / "contrib" / "prometheus" / "gputel.rules.yml").read_text())
+    (expr,) = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == alert]
+    for label, wanted in (
+        ("xid", {str(x) for x in xidmod.xids_with_action(action)}),
+        ("event", {k.name for k in EVENT_KINDS if k.action == action}),
+    ):
+        matchers = re.findall(rf'\b{label}=~"([^"]*)"', expr)
+        assert matchers, (alert, label)
+        for matcher in matchers:
+            assert set(matcher.split("|")) == wanted, (alert, label, matcher)

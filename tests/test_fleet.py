@@ -28,6 +28,9 @@ import pytest
 import yaml
 
 from gputel.schema import CLOCK_EVENT_REASONS, GPU_FIELDS, HOST_FIELDS, HWMON_METRIC
+from gputel.supervisor.events import EVENT_NAMES
+from gputel.supervisor.events import METRICS as EVENT_METRICS
+from gputel.supervisor.xid import XID_TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIB = ROOT / "contrib"
@@ -85,17 +88,20 @@ LABEL_VALUES = {
     "state": frozenset({"idle", "arming", "active", "cooling"}),
     "mode": frozenset({"auto", "on", "off"}),
     "backend": frozenset({"nvml", "sim", "none"}),
+    "event": frozenset(EVENT_NAMES),
+    "xid": frozenset(str(x) for x in XID_TABLE),
 }
 #: Exported names a running agent on simulated GPUs may legitimately not show.
 ABSENT_ON_SIM = {
     "gputel_gpu_fan_speed_ratio": "simulated boards are passively cooled (no fan)",
+    **dict.fromkeys(EVENT_METRICS, "a counter has its first series at its first GPU event"),
 }
 # ---------------------------------------------------------------------------------------------
 
 
 def exported_metrics() -> frozenset[str]:
     table = {f.metric for f in (*GPU_FIELDS, *HOST_FIELDS) if f.metric}
-    return frozenset(table | {HWMON_METRIC}) | RECORDER_METRICS | AGENT_METRICS
+    return frozenset(table | {HWMON_METRIC}) | RECORDER_METRICS | AGENT_METRICS | set(EVENT_METRICS)
 
 
 def load_rules() -> list[dict[str, Any]]:
@@ -190,7 +196,7 @@ def test_recording_rules_are_built_from_exported_metrics() -> None:
 def test_label_values_in_matchers_are_ones_gputel_sets(path: Path) -> None:
     text = path.read_text().replace('\\"', '"')
     for label, op, value in re.findall(
-        r"\b(reason|source|state|mode|backend)\s*(=~|=|!=)\s*\"([^\"]*)\"", text
+        r"\b(reason|source|state|mode|backend|event|xid)\s*(=~|=|!=)\s*\"([^\"]*)\"", text
     ):
         for alternative in value.split("|"):
             assert alternative in LABEL_VALUES[label], f"{path.name}: {label}{op}{value!r}"
@@ -239,6 +245,9 @@ def test_issue_alerts_are_present() -> None:
         "ticks missed": ("gputel_ticks_missed_total", None),
         "CSV rows failing": ("gputel_csv_rows_failed_total", None),
         "GPU source down": ("gputel_source_up", None),
+        "Xid needing a drain": ("gputel_gpu_xid_errors_total", "critical"),
+        "Xid needing a reset": ("gputel_gpu_xid_errors_total", "warning"),
+        "double-bit ECC event": ("ecc_dbe", "critical"),
     }
     severities = {a["alert"]: a["labels"]["severity"] for a in alerts()}
     for what, (needle, severity) in wanted.items():
@@ -329,6 +338,8 @@ def test_dashboard_covers_the_fleet_views() -> None:
         "gputel_telemetry_active",
         "gputel_agent_allocations_open",
         "gputel_agent_child_restarts_total",
+        "gputel_gpu_xid_errors_total",
+        "gputel_gpu_events_total",
         'up{job=~"$job"',
         'instance=~"$instance"',
         'gpu=~"$gpu"',
@@ -482,6 +493,8 @@ class Prom:
 #: Panels that may stay empty on a healthy node with simulated GPUs.
 EMPTY_PANELS_OK = {
     "Fan speed": "simulated boards are passively cooled (no fan)",
+    "GPU faults (Xid and ECC events)": "no GPU event happened on the simulated GPUs",
+    "Xid errors over time": "no GPU event happened on the simulated GPUs",
 }
 
 
