@@ -29,7 +29,7 @@ from typing import Any
 
 from gputel.supervisor.agent_metrics import Sample
 from gputel.supervisor.agent_metrics import _family as render_family
-from gputel.supervisor.transitions_log import iso_utc_ms
+from gputel.supervisor.transitions_log import _csv_field, iso_utc_ms
 from gputel.supervisor.xid import DRAIN, RESET, WATCH, xid_info
 
 log = logging.getLogger(__name__)
@@ -160,24 +160,9 @@ def make_event(
 
 
 # ---------------------------------------------------------------------------------- events.csv
-def _cell(value: object, quote: bool = False) -> str:
-    if value is None:
-        return ""
-    text = str(value).replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
-    if quote or any(c in text for c in ',"'):
-        return '"' + text.replace('"', '""') + '"'
-    return text
-
-
 def csv_row(event: GpuEvent) -> str:
-    """One ``events.csv`` row, ending in a newline.
-
-    The detail is always quoted: it is prose, and a later wording with a comma must not shift
-    the columns for a reader that splits lines naively.
-    """
-    values = event.csv_values()
-    detail = COLUMNS.index("detail")
-    return ",".join(_cell(v, quote=i == detail) for i, v in enumerate(values)) + "\n"
+    """One ``events.csv`` row, ending in a newline; cells quoted where CSV needs it."""
+    return ",".join(_csv_field("" if v is None else str(v)) for v in event.csv_values()) + "\n"
 
 
 class EventsLog:
