@@ -232,6 +232,15 @@ CASES: dict[str, tuple[str | list[str], str | None, str, str | None, str | None]
         "jupyter.service",
     ),
     "plain process, no systemd": ("0::/", "user-USER", "user", None, None),
+    # gputel in a container with the host's PID namespace but its own cgroup namespace sees
+    # other processes' paths relative to its own cgroup.
+    "seen from another cgroup namespace": (
+        "0::/../../system.slice/slurmstepd.scope/job_3/step_0/user/task_0",
+        "slurm-3",
+        "slurm",
+        None,
+        "slurmstepd.scope",
+    ),
 }
 
 

@@ -37,6 +37,9 @@ COMMAND_MAX_CHARS = 128
 _CMDLINE_READ_BYTES = 4096
 #: ``stat`` is one line of about 300 bytes (the command name in it is at most 64).
 _STAT_READ_BYTES = 1024
+#: ``Uid:`` is the ninth line of ``status``, well inside its first kilobyte; one read of a
+#: limit saves the read that would find the end of the (1.5 KiB and longer) file.
+_STATUS_READ_BYTES = 1024
 #: Entries of PIDs not reported for this many ticks are dropped.
 DEFAULT_KEEP_TICKS = 30
 #: The uid → user name cache is emptied when it grows past this (it only grows with new uids).
@@ -361,7 +364,7 @@ def read_owner(
     except OSError:
         return None, None
     try:
-        stat = _read_at(dir_fd, "stat")
+        stat = _read_at(dir_fd, "stat", _STAT_READ_BYTES)
         started = start_ticks(stat) if stat else None
         if started is None:
             return None, None
@@ -371,7 +374,7 @@ def read_owner(
         if facts.slurm_without_job:
             environ = _read_at(dir_fd, "environ")
             environ_job = slurm_job_from_environ(environ) if environ else None
-        status = _read_at(dir_fd, "status")
+        status = _read_at(dir_fd, "status", _STATUS_READ_BYTES)
         uid = real_uid(status) if status else None
         user = (user_names or _UserNames())(uid) if uid is not None else None
         cmdline = _read_at(dir_fd, "cmdline", _CMDLINE_READ_BYTES)
