@@ -30,6 +30,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from gputel import __version__, runtime
+from gputel.formats import iso_utc_ms
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import (
     AgentSnapshot,
@@ -47,7 +48,7 @@ from gputel.supervisor.states import (
     step,
     telemetry_wanted,
 )
-from gputel.supervisor.transitions_log import TransitionRecord, TransitionsLog, iso_utc_ms
+from gputel.supervisor.transitions_log import TransitionRecord, TransitionsLog
 from gputel.ticker import Ticker, Waker
 
 log = logging.getLogger("gputel.supervisor.agent")
