@@ -33,8 +33,9 @@ from gputel.schema import Sample
 from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
 from gputel.telemetry.csv_sink import DEFAULT_MAX_BYTES, CsvSink
-from gputel.telemetry.exposition import Exposition, telemetry_active_text
+from gputel.telemetry.exposition import Exposition
 from gputel.telemetry.metrics_http import MetricsServer
+from gputel.telemetry.promtext import telemetry_active_text
 from gputel.telemetry.sampler import Sampler, utc_now
 from gputel.ticker import Ticker, Waker
 
