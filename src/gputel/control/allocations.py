@@ -14,7 +14,6 @@ build a path.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
 import logging
 import os
@@ -25,8 +24,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 from gputel.allocstats import STAT_FIELDS, stats_from_json
 from gputel.energy import energy_between
@@ -137,6 +134,8 @@ def _utc_now() -> datetime:
 # ---------------------------------------------------------------------------------- owners
 def process_start_time(pid: int) -> float | None:
     """The process's creation time (epoch seconds), or None when unknown or gone."""
+    import psutil  # only the agent needs it; the recorder and hooks read this module too
+
     try:
         return psutil.Process(pid).create_time()
     except (psutil.Error, OSError):
@@ -256,9 +255,7 @@ class AllocationStore:
             data = json.loads(raw)
         except ValueError as exc:
             reason = f"not valid JSON ({exc})"
-        if not reason and not (
-            isinstance(data, dict) and isinstance(data.get("allocations"), list)
-        ):
+        if not reason and parse_store(data) is None:
             reason = "not an allocations file"
         if reason:
             aside = path.with_name(
@@ -270,12 +267,12 @@ class AllocationStore:
             except OSError as exc:
                 log.error("%s is %s and could not be moved aside: %s", path, reason, exc)
             return
-        for entry in data["allocations"]:
-            try:
-                alloc = Allocation.from_json(entry)
-            except AllocationError as exc:
-                log.error("skipping a malformed entry in %s: %s", path, exc)
-                continue
+        for alloc in (
+            parse_store(
+                data, lambda why: log.error("skipping a malformed entry in %s: %s", path, why)
+            )
+            or ()
+        ):
             self._open[alloc.id] = alloc
         if self._open:
             log.info("restored %d open allocation(s) from %s", len(self._open), path)
@@ -464,14 +461,27 @@ class AllocationStore:
         )
 
 
-def read_open_ids(run_dir: Path) -> builtins.list[str]:
-    """The open allocation ids from ``allocations.json`` (for readers such as the recorder)."""
-    data = read_json(Path(run_dir) / ALLOCATIONS_FILE)
-    if not isinstance(data, dict) or not isinstance(data.get("allocations"), list):
-        return []
-    out: list[str] = []
-    for entry in data["allocations"]:
-        if isinstance(entry, dict):
-            with contextlib.suppress(AllocationError):
-                out.append(validate_id(entry.get("id")))
+def parse_store(
+    data: object, on_bad: Callable[[str], None] | None = None
+) -> builtins.list[Allocation] | None:
+    """The allocations in a parsed ``allocations.json``; None when it is not such a file.
+
+    The one reader of the file's format (the agent at start, the recorder, the hooks). A
+    malformed entry is skipped (``on_bad`` hears why), never fatal for the others.
+    """
+    items = data.get("allocations") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return None
+    out: list[Allocation] = []
+    for entry in items:
+        try:
+            out.append(Allocation.from_json(entry))
+        except AllocationError as exc:
+            if on_bad is not None:
+                on_bad(str(exc))
     return out
+
+
+def read_open_ids(run_dir: Path) -> builtins.list[str]:
+    """The open allocation ids from ``allocations.json`` (for readers such as the hooks)."""
+    return [a.id for a in parse_store(read_json(Path(run_dir) / ALLOCATIONS_FILE)) or ()]

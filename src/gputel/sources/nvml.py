@@ -180,6 +180,13 @@ class _Gpu:
     counter."""
 
 
+_PCIE_COUNTERS = (
+    ("pcie_rx_bytes_per_s", "NVML_PCIE_UTIL_RX_BYTES", 1),
+    ("pcie_tx_bytes_per_s", "NVML_PCIE_UTIL_TX_BYTES", 0),
+)
+"""(reading field, NVML counter constant, its value where the binding lacks the name)."""
+
+
 def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
@@ -446,20 +453,9 @@ class NvmlGpuSource:
         )
         r.clock_event_reasons = None if reasons is None else int(reasons)
         # Each throughput call samples the bus for ~20 ms inside the driver.
-        rx = self._ask(
-            gpu,
-            "pcie_rx_bytes_per_s",
-            "nvmlDeviceGetPcieThroughput",
-            self._const("NVML_PCIE_UTIL_RX_BYTES", 1),
-        )
-        r.pcie_rx_bytes_per_s = None if rx is None else float(rx) * _KIB
-        tx = self._ask(
-            gpu,
-            "pcie_tx_bytes_per_s",
-            "nvmlDeviceGetPcieThroughput",
-            self._const("NVML_PCIE_UTIL_TX_BYTES", 0),
-        )
-        r.pcie_tx_bytes_per_s = None if tx is None else float(tx) * _KIB
+        for attr, counter, default in _PCIE_COUNTERS:
+            kib = self._ask(gpu, attr, "nvmlDeviceGetPcieThroughput", self._const(counter, default))
+            setattr(r, attr, None if kib is None else float(kib) * _KIB)
 
     # --------------------------------------------------------------------------- GpuSource
     def devices(self) -> list[GpuIdentity]:

@@ -28,6 +28,7 @@ from types import FrameType
 
 from gputel import runtime
 from gputel.allocstats import AllocationStats
+from gputel.control.allocations import parse_store
 from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
 from gputel.schema import Sample
 from gputel.settings import Settings
@@ -74,25 +75,15 @@ class AllocationWatcher:
         return changed
 
     def _load(self) -> tuple[OpenAllocation, ...]:
-        data = runtime.read_json(self.path)
-        items = data.get("allocations") if isinstance(data, dict) else None
-        if not isinstance(items, list):
+        allocs = parse_store(runtime.read_json(self.path))
+        if allocs is None:
             if not self._warned:
                 self._warned = True
                 log.warning("ignoring %s: not an allocation list", self.path)
             return ()
-        out: list[OpenAllocation] = []
-        for item in items:
-            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-                continue
-            gpus = item.get("gpus")
-            if gpus is None:
-                out.append(OpenAllocation(item["id"], None))
-            elif isinstance(gpus, list) and all(
-                isinstance(g, int) and not isinstance(g, bool) for g in gpus
-            ):
-                out.append(OpenAllocation(item["id"], tuple(gpus)))
-        return tuple(out)
+        return tuple(
+            OpenAllocation(a.id, None if a.gpus is None else tuple(a.gpus)) for a in allocs
+        )
 
 
 _ACTIVE = telemetry_active_text(True)

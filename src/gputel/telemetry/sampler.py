@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 
+from gputel.formats import one_line
 from gputel.schema import GpuReading, HostReading, Sample, SourceStatus
 from gputel.sources.base import GpuSource, HostSource
 
@@ -108,5 +109,7 @@ class Sampler:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    """The error with its type, as one line (the type alone when it has no message)."""
+    kind = type(exc).__name__
+    text = one_line(exc)
+    return kind if text == kind else f"{kind}: {text}"
