@@ -22,6 +22,7 @@ import errno
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -35,7 +36,8 @@ def iso_utc_ms(moment: datetime | float | None = None) -> str:
     if moment is None:
         dt = datetime.now(timezone.utc)
     elif isinstance(moment, datetime):
-        dt = moment if moment.tzinfo is None else moment.astimezone(timezone.utc)
+        utc = moment.tzinfo is None or moment.tzinfo is timezone.utc  # every tick: skip the call
+        dt = moment if utc else moment.astimezone(timezone.utc)
     else:
         dt = datetime.fromtimestamp(moment, timezone.utc)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
@@ -66,7 +68,7 @@ def finite(value: object) -> float | None:
 
 
 # ---------------------------------------------------------------------------------- CSV cells
-_SPECIAL = frozenset(',"\r\n')
+_SPECIAL = re.compile(r'[,"\r\n]')
 
 
 def csv_cell(value: object) -> str:
@@ -80,7 +82,7 @@ def csv_cell(value: object) -> str:
     if value is False:
         return "0"
     text = str(value)
-    if _SPECIAL.isdisjoint(text):
+    if _SPECIAL.search(text) is None:
         return text
     one_row = text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
     return '"' + one_row.replace('"', '""') + '"'
@@ -215,18 +217,21 @@ def atomic_write_fixed_tmp(path: Path, data: bytes, mode: int = 0o640) -> None:
     Only for a file with a single writer that rewrites it often (the recorder, every tick): it
     skips ``mkstemp``'s name search.
     """
-    tmp = str(path.with_name(f".{path.name}.tmp"))
-    replace_via(os.open(tmp, _TMP_FLAGS, mode), tmp, path, data, mode)
+    tmp = f"{path.parent}/.{path.name}.tmp"
+    # The mode is given at creation; the file is only ever truncated and renamed after that.
+    replace_via(os.open(tmp, _TMP_FLAGS, mode), tmp, path, data, None)
 
 
-def replace_via(fd: int, tmp: str, path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to the open temporary ``fd`` (at ``tmp``), then rename it over ``path``."""
+def replace_via(fd: int, tmp: str, path: Path, data: bytes, mode: int | None) -> None:
+    """Write ``data`` to the open temporary ``fd`` (at ``tmp``), set ``mode`` unless None, then
+    rename it over ``path``."""
     try:
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fchmod(fd, mode)
+            if mode is not None:
+                os.fchmod(fd, mode)
         finally:
             os.close(fd)
         os.replace(tmp, path)
