@@ -30,7 +30,6 @@ from gputel.control.protocol import ControlError
 from gputel.settings import Settings
 from gputel.sources.base import GpuIdentity
 from gputel.supervisor.agent import Agent, GpuCaller, LazyEnergy
-from gputel.supervisor.agent_metrics import drop_families
 
 PROMTOOL = shutil.which("promtool") or (
     "/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None
@@ -486,16 +485,3 @@ def test_lazy_energy_reads_only_when_used() -> None:
     assert calls == []
     assert lazy.get(0) == 5.0 and lazy.get(1) is None and dict(lazy) == {0: 5.0}
     assert calls == [1]
-
-
-def test_drop_families_removes_only_colliding_families() -> None:
-    child = (
-        b"# HELP gputel_telemetry_active x\n# TYPE gputel_telemetry_active gauge\n"
-        b"gputel_telemetry_active 1.0\n"
-        b"# HELP gputel_gpu_power_watts p\n# TYPE gputel_gpu_power_watts gauge\n"
-        b'gputel_gpu_power_watts{gpu="0"} 100.0\n'
-    )
-    out = drop_families(child, frozenset({b"gputel_telemetry_active"}))
-    assert b"gputel_telemetry_active" not in out
-    assert b'gputel_gpu_power_watts{gpu="0"} 100.0' in out
-    assert drop_families(child, frozenset()) is child

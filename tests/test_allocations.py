@@ -17,14 +17,13 @@ from gputel.control.allocations import (
     SUMMARY_COLUMNS,
     AllocationError,
     AllocationStore,
-    energy_delta_j,
-    owner_alive,
     parse_gpus_text,
     process_start_time,
     read_open_ids,
     validate_gpus,
     validate_id,
 )
+from gputel.formats import process_alive
 from gputel.runtime import atomic_write_json
 
 
@@ -265,13 +264,6 @@ def test_summary_all_gpus_and_missing_counter(dirs: tuple[Path, Path]) -> None:
     assert rows(dirs[1] / "allocations.csv")[0]["gpus"] == "0;1;2;3"
 
 
-def test_energy_delta_rules() -> None:
-    assert energy_delta_j({0: 1.0, 1: 2.0}, {0: 3.5, 1: 2.0}, [0, 1]) == 2.5
-    assert energy_delta_j({0: 5.0}, {0: 4.0}, [0]) is None
-    assert energy_delta_j({}, {0: 4.0}, [0]) is None
-    assert energy_delta_j({0: 1.0}, {0: 2.0}, []) is None
-
-
 def test_summary_uses_recorder_stats(dirs: tuple[Path, Path]) -> None:
     store = make_store(dirs)
     store.allocate("j", [0], None, {0: 0.0})
@@ -340,7 +332,7 @@ def test_owner_pid_death_releases(dirs: tuple[Path, Path]) -> None:
         store.allocate("owned", [0], owner.pid, {0: 1.0})
         store.allocate("free", None, None, {})
         assert store.reap_dead_owners({0: 2.0}) == []
-        assert owner_alive(owner.pid, process_start_time(owner.pid))
+        assert process_alive(owner.pid, process_start_time(owner.pid))
     finally:
         owner.stdin.close()  # type: ignore[union-attr]
         owner.wait()

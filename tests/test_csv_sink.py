@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from gputel.formats import iso_utc_ms
 from gputel.schema import (
     GPU_CSV_COLUMNS,
     HOST_CSV_COLUMNS,
@@ -19,7 +20,7 @@ from gputel.schema import (
     SourceStatus,
 )
 from gputel.telemetry import csv_sink
-from gputel.telemetry.csv_sink import CsvSink, format_timestamp, safe_host
+from gputel.telemetry.csv_sink import CsvSink, safe_host
 
 T0 = datetime(2026, 11, 22, 3, 45, 12, tzinfo=timezone.utc)
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "csv.md"
@@ -53,8 +54,8 @@ def read(path: Path) -> list[dict[str, str]]:
 
 
 def test_timestamp_format() -> None:
-    assert format_timestamp(T0) == "2026-11-22T03:45:12.000Z"
-    assert format_timestamp(T0 + timedelta(microseconds=123999)) == "2026-11-22T03:45:12.123Z"
+    assert iso_utc_ms(T0) == "2026-11-22T03:45:12.000Z"
+    assert iso_utc_ms(T0 + timedelta(microseconds=123999)) == "2026-11-22T03:45:12.123Z"
 
 
 def test_header_rows_cells_and_energy(tmp_path: Path) -> None:
@@ -158,8 +159,8 @@ def test_short_write_is_truncated_and_counted(
         sink.write(sample(T0 + timedelta(seconds=3), [5.0, 6.0]))
     assert sink.rows_failed == 6
     rows = read(sink.gpu_path)
-    later = format_timestamp(T0 + timedelta(seconds=3))
-    assert [r["timestamp"] for r in rows] == [format_timestamp(T0)] * 2 + [later] * 2
+    later = iso_utc_ms(T0 + timedelta(seconds=3))
+    assert [r["timestamp"] for r in rows] == [iso_utc_ms(T0)] * 2 + [later] * 2
     messages = [r.getMessage() for r in caplog.records]
     assert sum("cannot write" in m for m in messages) == 1
     assert sum("recovered" in m for m in messages) == 1

@@ -218,7 +218,7 @@ def test_repeats_count_and_each_gpu_has_its_own_labels() -> None:
     text = c.exposition().decode()
     assert f'gputel_gpu_xid_errors_total{{gpu="0",uuid="{UUID0}",xid="79"}} 3.0\n' in text
     assert f'gputel_gpu_xid_errors_total{{gpu="1",uuid="{UUID1}",xid="79"}} 1.0\n' in text
-    assert f'gputel_gpu_events_total{{gpu="0",uuid="{UUID0}",event="ecc_dbe"}} 1.0\n' in text
+    assert f'gputel_gpu_events_total{{event="ecc_dbe",gpu="0",uuid="{UUID0}"}} 1.0\n' in text
     assert "# TYPE gputel_gpu_xid_errors_total counter\n" in text
     assert "# TYPE gputel_gpu_events_total counter\n" in text
 

@@ -19,8 +19,9 @@ from gputel.schema import GpuReading, HostReading, Sample, SourceStatus
 from gputel.sources.hwmon import HwmonSource
 from gputel.sources.rapl import RaplSource
 from gputel.sources.sim import SimGpuSource
-from gputel.telemetry.exposition import ALL_FAMILIES, Exposition, telemetry_active_text
-from gputel.telemetry.metrics_http import CONTENT_TYPE, MetricsServer
+from gputel.telemetry.exposition import ALL_FAMILIES, Exposition
+from gputel.telemetry.metrics_http import MetricsServer
+from gputel.telemetry.promtext import CONTENT_TYPE, telemetry_active_text
 from gputel.telemetry.sampler import Sampler
 
 # Read at import: the suite's autouse fixture clears GPUTEL_* before each test runs.

@@ -462,18 +462,18 @@ def test_energy_integrates_power_where_the_counter_is_unsupported(
     assert src.read()[0].energy_j == 550.0  # + 200 W x 2 s
 
     clock.now = 14.0
-    fake.set(0, power_mw=fk.NVMLError_Timeout)  # a missing power sample holds the integral
-    assert src.read()[0].energy_j == 550.0
+    fake.set(0, power_mw=fk.NVMLError_Timeout)  # a missing power sample: energy unknown then
+    assert src.read()[0].energy_j is None
 
     clock.now = 16.0
     fake.set(0, power_mw=100_000)
     power_calls = _calls(fake, "nvmlDeviceGetPowerUsage", 0)
     assert src.read_energy_j() == {0: None, 1: 5000.001}
     assert _calls(fake, "nvmlDeviceGetPowerUsage", 0) == power_calls  # no sample taken for it
-    assert src.read()[0].energy_j == 1000.0  # bridges 13 -> 16 s: (200 + 100) / 2 W x 3 s
+    assert src.read()[0].energy_j == 550.0  # never bridges the gap 13 -> 16 s
 
     clock.now = 17.0
-    assert src.read()[0].energy_j == 1100.0
+    assert src.read()[0].energy_j == 650.0  # + 100 W x 1 s
     assert src.read_energy_j()[0] is None
     assert _calls(fake, "nvmlDeviceGetTotalEnergyConsumption", 0) == 1  # unsupported: asked once
     assert all(ids == (3, 4) for gpu, ids in fake.field_requests if gpu == 0)

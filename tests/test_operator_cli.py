@@ -21,6 +21,7 @@ from gputel.control import launch as agent_launch
 from gputel.control.client import agent_answers
 from gputel.control.launch import AgentStartError, ensure_agent
 from gputel.control.server import ControlServer
+from gputel.formats import process_alive
 from gputel.runtime import CONTROL_SOCKET
 from gputel.settings import load_settings
 
@@ -210,7 +211,7 @@ def test_ensure_agent_starts_a_detached_local_agent(
     finally:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and agent_launch._alive(pid):
+        while time.monotonic() < deadline and process_alive(pid):
             time.sleep(0.05)
 
 

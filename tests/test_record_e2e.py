@@ -173,13 +173,20 @@ def test_tick_publishes_state_and_tags_allocations(tmp_path: Path) -> None:
         wall[0] += timedelta(seconds=1)
 
     step()
+    start = "2026-11-22T03:45:13.000Z"
     runtime.atomic_write_json(
         settings.run_dir / runtime.ALLOCATIONS_FILE,
         {
             "version": 1,
             "allocations": [
-                {"id": "job-1", "gpus": [1], "pid": None, "start": "x", "start_energy_j": {}},
-                {"id": "job-all", "gpus": None, "pid": None, "start": "x", "start_energy_j": {}},
+                {"id": "job-1", "gpus": [1], "pid": None, "start": start, "start_energy_j": {}},
+                {
+                    "id": "job-all",
+                    "gpus": None,
+                    "pid": None,
+                    "start": start,
+                    "start_energy_j": {},
+                },
             ],
         },
     )

@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 
 from gputel.settings import (
+    DEFAULTS,
     SETTINGS,
     Settings,
     SettingsError,
     autostart_enabled,
     load_settings,
     parse_duration,
+    threshold_problem,
 )
+from gputel.supervisor.states import Thresholds
 
 
 def test_defaults_match_contract() -> None:
@@ -238,3 +241,24 @@ def test_agent_command_imports_neither_rich_nor_analysis() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_defaults_have_one_home_the_table() -> None:
+    plain = Settings()
+    for spec in SETTINGS:
+        if spec.scope == "agent" and spec.default:
+            assert getattr(plain, spec.attr) == spec.parse(spec.default) == DEFAULTS[spec.attr]
+    assert Thresholds() == Thresholds.of(plain) == Thresholds.of(load_settings({}))
+
+
+def test_threshold_rule_is_the_same_for_settings_and_the_state_machine() -> None:
+    assert threshold_problem(20, 5, 10, 15) is None
+    assert threshold_problem(20, 5, 20, 15) is None  # equal is allowed
+    attr, why = threshold_problem(10, 5, 20, 15) or ("", "")
+    assert attr == "stop_util_pct" and "GPUTEL_START_UTIL (10)" in why
+    with pytest.raises(SettingsError, match="GPUTEL_STOP_UTIL"):
+        load_settings({"GPUTEL_START_UTIL": "10", "GPUTEL_STOP_UTIL": "20"})
+    with pytest.raises(ValueError, match="stop_util_pct must not exceed"):
+        Thresholds(start_util_pct=10, stop_util_pct=20)
+    with pytest.raises(ValueError, match="stop_seconds must be >= 0"):
+        Thresholds(stop_seconds=-1)

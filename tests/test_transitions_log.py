@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gputel.supervisor.transitions_log import HEADER, TransitionRecord, TransitionsLog, iso_utc_ms
+from gputel.formats import iso_utc_ms
+from gputel.supervisor.transitions_log import HEADER, TransitionRecord, TransitionsLog
 
 
 def rec(to: str = "arming", reason: str = "utilization 85% >= 20%") -> TransitionRecord:

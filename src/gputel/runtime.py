@@ -1,6 +1,7 @@
 """The runtime directory shared by the agent, its recorder child, the CLI and the hooks.
 
-Files (all written atomically: a temporary file in the same directory, then ``rename``):
+Files (all written atomically: a temporary file in the same directory, then ``rename``; the
+rule lives in ``gputel.formats``):
 
 - ``control.sock``      the agent's control socket (0660)
 - ``agent.lock``        flock held by the running agent: one agent per run directory
@@ -14,13 +15,13 @@ someone else owns or that is a symlink is refused, so nobody can plant a socket 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from gputel.formats import atomic_write_bytes
 
 CONTROL_SOCKET = "control.sock"
 AGENT_LOCK = "agent.lock"
@@ -57,20 +58,6 @@ def ensure_run_dir(path: Path) -> Path:
     if st.st_mode & stat.S_IWOTH:
         raise RunDirError(f"run directory {path} is world-writable; refusing to use it")
     return path
-
-
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o640) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new content, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_json(path: Path, obj: Any, mode: int = 0o640) -> None:

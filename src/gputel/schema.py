@@ -8,9 +8,10 @@ one sink and forgotten in another. A value the hardware does not give is ``None`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 MetricType = Literal["gauge", "counter"]
 
@@ -404,6 +405,22 @@ class HostReading:
     cpu_temperature_c: float | None = None
     hwmon_temperatures_c: dict[tuple[str, str], float] = field(default_factory=dict)
     """(chip, sensor label) -> °C, for the labelled exposition series only."""
+
+    def merge(self, values: Mapping[str, Any]) -> list[str]:
+        """Take one host source's readings; returns the names this reading has no field for.
+
+        Sources own disjoint fields, so the order they are merged in does not matter.
+        """
+        unknown: list[str] = []
+        for name, value in values.items():
+            if name in _HOST_READING_FIELDS:
+                setattr(self, name, value)
+            else:
+                unknown.append(name)
+        return unknown
+
+
+_HOST_READING_FIELDS = frozenset(f.name for f in fields(HostReading))
 
 
 @dataclass(frozen=True, slots=True)

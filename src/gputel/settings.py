@@ -362,26 +362,35 @@ SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
 SETTINGS_BY_ATTR = {s.attr: s for s in SETTINGS}
 
 
+DEFAULTS: dict[str, Any] = {
+    s.attr: s.parse(s.default) for s in SETTINGS if s.scope == "agent" and s.attr != "run_dir"
+}
+"""Each setting's default value, parsed from the table: the one home of every default.
+
+The run directory alone has no fixed default: it depends on who runs (``default_run_dir``).
+"""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Validated settings; build with :func:`load_settings`."""
 
-    backend: str = "auto"
-    interval_s: float = 1.0
-    start_util_pct: float = 20.0
-    start_seconds: float = 5.0
-    stop_util_pct: float = 10.0
-    stop_seconds: float = 15.0
-    gpus: tuple[int, ...] | None = None
-    log_dir: Path = Path("/var/log/gputel")
+    backend: str = DEFAULTS["backend"]
+    interval_s: float = DEFAULTS["interval_s"]
+    start_util_pct: float = DEFAULTS["start_util_pct"]
+    start_seconds: float = DEFAULTS["start_seconds"]
+    stop_util_pct: float = DEFAULTS["stop_util_pct"]
+    stop_seconds: float = DEFAULTS["stop_seconds"]
+    gpus: tuple[int, ...] | None = DEFAULTS["gpus"]
+    log_dir: Path = DEFAULTS["log_dir"]
     run_dir: Path = field(default_factory=default_run_dir)
-    exporter_addr: str = "0.0.0.0"
-    exporter_port: int = 9118
-    sysfs_root: Path = Path("/sys")
-    sim_gpus: int = 2
-    sim_pattern: str = "0:5,80:20,0:30"
-    sim_events: str = ""
-    event_capture_s: float = 300.0
+    exporter_addr: str = DEFAULTS["exporter_addr"]
+    exporter_port: int = DEFAULTS["exporter_port"]
+    sysfs_root: Path = DEFAULTS["sysfs_root"]
+    sim_gpus: int = DEFAULTS["sim_gpus"]
+    sim_pattern: str = DEFAULTS["sim_pattern"]
+    sim_events: str = DEFAULTS["sim_events"]
+    event_capture_s: float = DEFAULTS["event_capture_s"]
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
@@ -400,15 +409,36 @@ class Settings:
         return out
 
 
-def _check_consistency(values: dict[str, Any], sources: dict[str, str]) -> None:
-    if values["stop_util_pct"] > values["start_util_pct"]:
-        spec = SETTINGS_BY_ATTR["stop_util_pct"]
-        raise SettingsError(
-            spec.env,
-            sources["stop_util_pct"],
-            f"must not exceed GPUTEL_START_UTIL ({values['start_util_pct']:g}): "
+def threshold_problem(
+    start_util_pct: float, start_seconds: float, stop_util_pct: float, stop_seconds: float
+) -> tuple[str, str] | None:
+    """The rule between the activity thresholds: ``(setting attr, why)`` when broken, else None.
+
+    Checked here for the settings and by ``states.Thresholds`` for any other source of
+    thresholds (``gputel replay --sweep``).
+    """
+    if stop_util_pct > start_util_pct:
+        return (
+            "stop_util_pct",
+            f"must not exceed GPUTEL_START_UTIL ({start_util_pct:g}): "
             "telemetry would start and stop on the same reading",
         )
+    for attr, seconds in (("start_seconds", start_seconds), ("stop_seconds", stop_seconds)):
+        if seconds < 0:
+            return attr, "must be >= 0"
+    return None
+
+
+def _check_consistency(values: dict[str, Any], sources: dict[str, str]) -> None:
+    problem = threshold_problem(
+        values["start_util_pct"],
+        values["start_seconds"],
+        values["stop_util_pct"],
+        values["stop_seconds"],
+    )
+    if problem is not None:
+        attr, why = problem
+        raise SettingsError(SETTINGS_BY_ATTR[attr].env, sources[attr], why)
 
 
 def _check_sim_events(values: dict[str, Any], sources: dict[str, str]) -> None:

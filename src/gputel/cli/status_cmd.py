@@ -19,6 +19,7 @@ import typer
 
 from gputel.cli.operator_cmd import human_time
 from gputel.cli.options import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail, settings_options
+from gputel.formats import one_line
 from gputel.settings import Settings
 
 GPU_READ_DEADLINE_S = 2.0
@@ -43,7 +44,7 @@ def _gpu_snapshot(settings: Settings) -> tuple[list[dict[str, Any]], str | None,
             finally:
                 source.close()
         except Exception as exc:
-            box["error"] = _one_line(exc)
+            box["error"] = one_line(exc)
             box["exception"] = exc
 
     thread = threading.Thread(target=work, name="gputel-status-gpu", daemon=True)
@@ -77,18 +78,17 @@ def _host_snapshot(settings: Settings) -> tuple[dict[str, Any], str | None]:
 
         sources = open_host_sources(settings)
     except Exception as exc:
-        return {}, f"no host telemetry: {_one_line(exc)}"
-    values: dict[str, Any] = {}
+        return {}, f"no host telemetry: {one_line(exc)}"
+    reading = HostReading()
     for attempt in range(2):
         if attempt:
             time.sleep(HOST_CPU_WINDOW_S)
         for source in sources:
             try:
-                values.update(source.read())
+                reading.merge(source.read())
             except Exception:
                 continue  # a source fails alone; its fields stay null
-    known = {f.name for f in fields(HostReading)}
-    host = asdict(HostReading(**{k: v for k, v in values.items() if k in known}))
+    host = asdict(reading)
     hwmon = host.pop("hwmon_temperatures_c", {}) or {}
     host["hwmon_temperatures_c"] = {f"{chip}/{label}": t for (chip, label), t in hwmon.items()}
     for source in sources:
@@ -136,11 +136,6 @@ def local_status(settings: Settings) -> tuple[dict[str, Any], bool]:
         "notice": "; ".join(notices) if notices else None,
     }
     return status, failed and settings.backend != "auto"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------- rendering

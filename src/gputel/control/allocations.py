@@ -14,12 +14,8 @@ build a path.
 from __future__ import annotations
 
 import builtins
-import contextlib
-import csv
-import io
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -29,8 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from gputel.allocstats import STAT_FIELDS, stats_from_json
+from gputel.energy import energy_between
+from gputel.formats import RowAppender, finite, iso_utc_ms, parse_iso_utc, process_alive
 from gputel.runtime import ALLOCATIONS_FILE, RECORDER_STATE_FILE, atomic_write_json, read_json
 from gputel.settings import parse_gpu_list
 
@@ -47,16 +44,9 @@ SUMMARY_COLUMNS = (
     "end",
     "duration_s",
     "energy_j",
-    "util_mean_pct",
-    "util_max_pct",
-    "temperature_max_c",
-    "memory_max_mib",
+    *STAT_FIELDS,
     "release_reason",
 )
-_STAT_KEYS = ("util_mean_pct", "util_max_pct", "temperature_max_c", "memory_max_mib")
-#: psutil derives a process's start time from boot time and clock ticks; two reads of the same
-#: process agree far better than this, while a reused pid almost never starts within it.
-_START_TIME_TOLERANCE_S = 1.0
 _PID_MAX = 2**22
 
 
@@ -137,59 +127,19 @@ def validate_pid(pid: object) -> int | None:
     return pid
 
 
-# ---------------------------------------------------------------------------------- time
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def iso_utc(moment: datetime) -> str:
-    """ISO 8601 UTC with milliseconds, the form every gputel file uses."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def _parse_iso(text: str) -> datetime:
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment
 
 
 # ---------------------------------------------------------------------------------- owners
 def process_start_time(pid: int) -> float | None:
     """The process's creation time (epoch seconds), or None when unknown or gone."""
+    import psutil  # only the agent needs it; the recorder and hooks read this module too
+
     try:
         return psutil.Process(pid).create_time()
     except (psutil.Error, OSError):
         return None
-
-
-def owner_alive(pid: int, start_time: float | None) -> bool:
-    """Whether the owner still runs: the pid exists, is not a zombie, and is the same process.
-
-    A pid we may not signal (another user's process) still counts as alive; only "no such
-    process", a zombie, or a different start time (the pid was reused) counts as dead.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    except OSError:
-        return True
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        if start_time is not None:
-            return abs(proc.create_time() - start_time) <= _START_TIME_TOLERANCE_S
-    except psutil.NoSuchProcess:
-        return False
-    except (psutil.Error, OSError):
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------- records
@@ -224,7 +174,7 @@ class Allocation:
         if not isinstance(start, str):
             raise AllocationError("start is not a timestamp")
         try:
-            _parse_iso(start)
+            parse_iso_utc(start)
         except ValueError:
             raise AllocationError(f"start {start[:40]!r} is not a timestamp") from None
         energy: dict[int, float | None] = {}
@@ -236,44 +186,16 @@ class Allocation:
                 idx = int(k)
             except (TypeError, ValueError):
                 raise AllocationError(f"start_energy_j key {k!r} is not a GPU index") from None
-            energy[idx] = _finite_or_none(v)
+            energy[idx] = finite(v)
         pst = obj.get("pid_start_time")
-        return cls(ident, gpus, pid, start, energy, _finite_or_none(pst))
-
-
-def _finite_or_none(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    f = float(value)
-    return f if math.isfinite(f) else None
+        return cls(ident, gpus, pid, start, energy, finite(pst))
 
 
 def _energy_snapshot(
     energy_j: Mapping[int, float | None] | None, gpus: Iterable[int]
 ) -> dict[int, float | None]:
     energy_j = energy_j or {}
-    return {g: _finite_or_none(energy_j.get(g)) for g in gpus}
-
-
-def energy_delta_j(
-    start: Mapping[int, float | None], end: Mapping[int, float | None], gpus: Iterable[int]
-) -> float | None:
-    """Joules used by ``gpus`` between two counter readings; None if any reading is missing.
-
-    A counter that went backwards (a driver reload, a GPU reset) makes the total unknowable,
-    so it is reported as missing rather than as a wrong number.
-    """
-    total = 0.0
-    gpus = list(gpus)
-    if not gpus:
-        return None
-    for g in gpus:
-        a = _finite_or_none(start.get(g))
-        b = _finite_or_none(end.get(g))
-        if a is None or b is None or b < a:
-            return None
-        total += b - a
-    return round(total, 6)
+    return {g: finite(energy_j.get(g)) for g in gpus}
 
 
 def _fmt(value: object) -> str:
@@ -306,7 +228,7 @@ class AllocationStore:
         self._now = now
         self._lock = threading.Lock()
         self._open: dict[str, Allocation] = {}
-        self._summary_warned = False
+        self._summaries = RowAppender(self.summary_path, SUMMARY_COLUMNS, log, make_dir=True)
         self._load()
 
     @property
@@ -333,9 +255,7 @@ class AllocationStore:
             data = json.loads(raw)
         except ValueError as exc:
             reason = f"not valid JSON ({exc})"
-        if not reason and not (
-            isinstance(data, dict) and isinstance(data.get("allocations"), list)
-        ):
+        if not reason and parse_store(data) is None:
             reason = "not an allocations file"
         if reason:
             aside = path.with_name(
@@ -347,12 +267,12 @@ class AllocationStore:
             except OSError as exc:
                 log.error("%s is %s and could not be moved aside: %s", path, reason, exc)
             return
-        for entry in data["allocations"]:
-            try:
-                alloc = Allocation.from_json(entry)
-            except AllocationError as exc:
-                log.error("skipping a malformed entry in %s: %s", path, exc)
-                continue
+        for alloc in (
+            parse_store(
+                data, lambda why: log.error("skipping a malformed entry in %s: %s", path, why)
+            )
+            or ()
+        ):
             self._open[alloc.id] = alloc
         if self._open:
             log.info("restored %d open allocation(s) from %s", len(self._open), path)
@@ -383,14 +303,14 @@ class AllocationStore:
             owner_start: float | None = None
             if owner is not None:
                 owner_start = process_start_time(owner)
-                if owner_start is None or not owner_alive(owner, owner_start):
+                if owner_start is None or not process_alive(owner, owner_start):
                     raise AllocationError(f"owner pid {owner} is not running")
             counted = self.known_gpus if wanted is None else wanted
             alloc = Allocation(
                 id=ident,
                 gpus=wanted,
                 pid=owner,
-                start=iso_utc(self._now()),
+                start=iso_utc_ms(self._now()),
                 start_energy_j=_energy_snapshot(energy_j, counted),
                 pid_start_time=owner_start,
             )
@@ -466,7 +386,7 @@ class AllocationStore:
             dead = [
                 a
                 for a in self._open.values()
-                if a.pid is not None and not owner_alive(a.pid, a.pid_start_time)
+                if a.pid is not None and not process_alive(a.pid, a.pid_start_time)
             ]
             for alloc in dead:
                 try:
@@ -486,7 +406,7 @@ class AllocationStore:
     ) -> dict[str, Any]:
         end = self._now()
         try:
-            start = _parse_iso(alloc.start)
+            start = parse_iso_utc(alloc.start)
             duration = max(0.0, (end - start).total_seconds())
         except ValueError:
             duration = 0.0
@@ -499,11 +419,11 @@ class AllocationStore:
             "id": alloc.id,
             "gpus": list(gpus),
             "start": alloc.start,
-            "end": iso_utc(end),
+            "end": iso_utc_ms(end),
             "duration_s": round(duration, 3),
-            "energy_j": energy_delta_j(alloc.start_energy_j, end_energy, gpus),
+            "energy_j": energy_between(alloc.start_energy_j, end_energy, gpus),
         }
-        for key in _STAT_KEYS:
+        for key in STAT_FIELDS:
             summary[key] = stats.get(key)
         summary["samples"] = stats.get("samples")
         summary["release_reason"] = reason
@@ -521,7 +441,7 @@ class AllocationStore:
         written = state.get("timestamp")
         if isinstance(written, str):
             try:
-                if _parse_iso(written) < _parse_iso(start):
+                if parse_iso_utc(written) < parse_iso_utc(start):
                     return {}
             except ValueError:
                 pass
@@ -531,54 +451,37 @@ class AllocationStore:
         entry = all_stats.get(ident)
         if not isinstance(entry, dict):
             return {}
-        out: dict[str, float | int | None] = {
-            key: _finite_or_none(entry.get(key)) for key in _STAT_KEYS
-        }
-        samples = entry.get("samples")
-        out["samples"] = samples if isinstance(samples, int) and samples >= 0 else None
-        return out
+        return stats_from_json(entry)
 
     def _append_summary(self, summary: Mapping[str, Any]) -> None:
         """One whole row per release; an unwritable log directory costs the row, not the call."""
-        row = [
+        self._summaries.append(
             ";".join(str(g) for g in summary["gpus"]) if key == "gpus" else _fmt(summary.get(key))
             for key in SUMMARY_COLUMNS
-        ]
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        path = self.summary_path
+        )
+
+
+def parse_store(
+    data: object, on_bad: Callable[[str], None] | None = None
+) -> builtins.list[Allocation] | None:
+    """The allocations in a parsed ``allocations.json``; None when it is not such a file.
+
+    The one reader of the file's format (the agent at start, the recorder, the hooks). A
+    malformed entry is skipped (``on_bad`` hears why), never fatal for the others.
+    """
+    items = data.get("allocations") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return None
+    out: list[Allocation] = []
+    for entry in items:
         try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            try:
-                # Decide on the header from the file we actually opened: logrotate may have
-                # renamed the old one away an instant ago.
-                if os.fstat(fd).st_size == 0:
-                    writer.writerow(SUMMARY_COLUMNS)
-                writer.writerow(row)
-                os.write(fd, buf.getvalue().encode())
-            finally:
-                os.close(fd)
-            self._summary_warned = False
-        except OSError as exc:
-            if not self._summary_warned:
-                log.error(
-                    "cannot append to %s: %s; allocation summaries are not being saved "
-                    "(check GPUTEL_LOG_DIR and its permissions)",
-                    path,
-                    exc,
-                )
-                self._summary_warned = True
+            out.append(Allocation.from_json(entry))
+        except AllocationError as exc:
+            if on_bad is not None:
+                on_bad(str(exc))
+    return out
 
 
 def read_open_ids(run_dir: Path) -> builtins.list[str]:
-    """The open allocation ids from ``allocations.json`` (for readers such as the recorder)."""
-    data = read_json(Path(run_dir) / ALLOCATIONS_FILE)
-    if not isinstance(data, dict) or not isinstance(data.get("allocations"), list):
-        return []
-    out: list[str] = []
-    for entry in data["allocations"]:
-        if isinstance(entry, dict):
-            with contextlib.suppress(AllocationError):
-                out.append(validate_id(entry.get("id")))
-    return out
+    """The open allocation ids from ``allocations.json`` (for readers such as the hooks)."""
+    return [a.id for a in parse_store(read_json(Path(run_dir) / ALLOCATIONS_FILE)) or ()]

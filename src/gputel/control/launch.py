@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from gputel.control.client import agent_answers
+from gputel.formats import process_alive
 from gputel.runtime import RunDirError, ensure_run_dir
 from gputel.settings import Settings
 
@@ -102,26 +103,11 @@ def _wait_for_agent(run_dir: Path, deadline: float, pid: int | None = None) -> b
     while True:
         if agent_answers(run_dir, timeout=max(0.05, min(0.5, deadline - time.monotonic()))):
             return True
-        if pid is not None and not _alive(pid):
+        if pid is not None and not process_alive(pid):
             return False
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still "exists"; it is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
-    except OSError:
-        return True
 
 
 def _systemctl_start(timeout: float = SYSTEMCTL_TIMEOUT_S) -> tuple[bool, str]:
@@ -267,7 +253,7 @@ def ensure_agent(settings: Settings, wait_s: float = 1.5) -> str:
     who = f"pid {pid}" if pid is not None else "pid unknown"
     if _wait_for_agent(run_dir, deadline, pid):
         return f"started a local agent ({who}), log: {log_path}{systemd_note}"
-    if pid is not None and not _alive(pid):
+    if pid is not None and not process_alive(pid):
         tail = _log_tail(log_path)
         detail = f": {tail}" if tail else ""
         raise AgentStartError(

@@ -15,6 +15,8 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+from gputel.formats import one_line
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -156,4 +158,4 @@ def encode_line(obj: dict[str, Any]) -> bytes:
 
 
 def _error(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": " ".join(str(message).split()) or "error"}
+    return {"ok": False, "error": one_line(message)}

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from gputel.energy import PowerIntegrator
+from gputel.formats import one_line
 from gputel.schema import MIB, GpuReading
 from gputel.sources.base import GpuIdentity, GpuSelectionError, GpuSourceError
 
@@ -96,10 +98,6 @@ _initialised: ModuleType | None = None
 _users = 0
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def _init_error(exc: BaseException) -> GpuSourceError:
     """Classify a failure to start NVML into the one line an operator can act on."""
     if isinstance(exc, OSError):
@@ -109,7 +107,7 @@ def _init_error(exc: BaseException) -> GpuSourceError:
     if fix is not None:
         return GpuSourceError(fix)
     return GpuSourceError(
-        f"NVML could not start ({_one_line(exc) or type(exc).__name__}): check that nvidia-smi "
+        f"NVML could not start ({one_line(exc)}): check that nvidia-smi "
         f"works on this node, {_OR_OTHER_BACKEND}"
     )
 
@@ -119,7 +117,7 @@ def _import_pynvml() -> ModuleType:
         import pynvml
     except Exception as exc:  # ImportError, or a broken binding failing while it loads
         raise GpuSourceError(
-            f"cannot import the NVML Python binding pynvml ({_one_line(exc)}): install "
+            f"cannot import the NVML Python binding pynvml ({one_line(exc)}): install "
             f"nvidia-ml-py, {_OR_OTHER_BACKEND}"
         ) from None
     return pynvml
@@ -177,11 +175,16 @@ class _Gpu:
     """Monotonic seconds of the loss or of the last re-probe, whichever is later."""
     unsupported: set[str] = field(default_factory=set)
     warned: set[str] = field(default_factory=set)
-    energy_j: float = 0.0
+    power_integral: PowerIntegrator = field(default_factory=PowerIntegrator)
     """Integrated joules for :meth:`NvmlGpuSource.read` only, where the driver has no energy
     counter."""
-    last_power: tuple[float, float] | None = None
-    """(monotonic seconds, watts) of the last power sample the integration used."""
+
+
+_PCIE_COUNTERS = (
+    ("pcie_rx_bytes_per_s", "NVML_PCIE_UTIL_RX_BYTES", 1),
+    ("pcie_tx_bytes_per_s", "NVML_PCIE_UTIL_TX_BYTES", 0),
+)
+"""(reading field, NVML counter constant, its value where the binding lacks the name)."""
 
 
 def _text(value: Any) -> str:
@@ -230,7 +233,7 @@ class NvmlGpuSource:
         try:
             return fn(gpu.handle, *args, **kwargs)
         except self._error as exc:
-            self._failed(gpu, key, getattr(exc, "value", None), _one_line(exc))
+            self._failed(gpu, key, getattr(exc, "value", None), one_line(exc))
             return None
 
     def _failed(self, gpu: _Gpu, key: str, code: int | None, detail: str) -> None:
@@ -265,7 +268,7 @@ class NvmlGpuSource:
         gpu.lost = True
         gpu.lost_checked = self._clock()
         # The power integral must not bridge the outage with a trapezoid over it.
-        gpu.last_power = None
+        gpu.power_integral.gap()
 
     def _answers(self, gpu: _Gpu) -> bool:
         """Whether ``gpu`` may be read now; a lost GPU is re-probed here, at most once per
@@ -292,7 +295,7 @@ class NvmlGpuSource:
                 return False
             nv.nvmlDeviceGetUtilizationRates(handle)
         except self._error as exc:
-            log.debug("GPU %d still lost: %s", gpu.index, _one_line(exc))
+            log.debug("GPU %d still lost: %s", gpu.index, one_line(exc))
             return False
         gpu.handle, gpu.uuid, gpu.lost = handle, uuid, False
         if not gpu.name:
@@ -395,7 +398,8 @@ class NvmlGpuSource:
     def _energy(
         self, gpu: _Gpu, batch: dict[str, Any] | None, power_w: float | None, now: float
     ) -> float | None:
-        """Cumulative joules: the driver's counter, else the integral of power since open."""
+        """Cumulative joules: the driver's counter, else the integral of power since open (the
+        rule of ``gputel.energy``: never across a missing power sample)."""
         if "energy_j" not in gpu.unsupported:
             if batch is not None:
                 mj = batch.get("energy_j")
@@ -405,19 +409,7 @@ class NvmlGpuSource:
                 return mj / 1000.0
             if "energy_j" not in gpu.unsupported:
                 return None
-        return self._integrate(gpu, power_w, now)
-
-    @staticmethod
-    def _integrate(gpu: _Gpu, power_w: float | None, now: float) -> float | None:
-        """Trapezoid over the monotonic clock; a gap in power bridges to the next sample."""
-        if power_w is None:
-            return gpu.energy_j if gpu.last_power is not None else None
-        if gpu.last_power is not None:
-            then, before = gpu.last_power
-            if now > then:
-                gpu.energy_j += (before + power_w) / 2.0 * (now - then)
-        gpu.last_power = (now, power_w)
-        return gpu.energy_j
+        return gpu.power_integral.add(now, power_w)
 
     def _energy_counter(self, gpu: _Gpu) -> float | None:
         """The driver's counter or None, never the integral: between two calls minutes apart
@@ -461,20 +453,9 @@ class NvmlGpuSource:
         )
         r.clock_event_reasons = None if reasons is None else int(reasons)
         # Each throughput call samples the bus for ~20 ms inside the driver.
-        rx = self._ask(
-            gpu,
-            "pcie_rx_bytes_per_s",
-            "nvmlDeviceGetPcieThroughput",
-            self._const("NVML_PCIE_UTIL_RX_BYTES", 1),
-        )
-        r.pcie_rx_bytes_per_s = None if rx is None else float(rx) * _KIB
-        tx = self._ask(
-            gpu,
-            "pcie_tx_bytes_per_s",
-            "nvmlDeviceGetPcieThroughput",
-            self._const("NVML_PCIE_UTIL_TX_BYTES", 0),
-        )
-        r.pcie_tx_bytes_per_s = None if tx is None else float(tx) * _KIB
+        for attr, counter, default in _PCIE_COUNTERS:
+            kib = self._ask(gpu, attr, "nvmlDeviceGetPcieThroughput", self._const(counter, default))
+            setattr(r, attr, None if kib is None else float(kib) * _KIB)
 
     # --------------------------------------------------------------------------- GpuSource
     def devices(self) -> list[GpuIdentity]:
@@ -580,7 +561,7 @@ def _open(
             log.warning(
                 "GPU %d is lost at start (%s): reporting it as lost, re-checking it every %d s",
                 index,
-                _one_line(exc),
+                one_line(exc),
                 _REPROBE_S,
             )
             gpus.append(_Gpu(index, None, lost=True, lost_checked=clock()))

@@ -8,8 +8,9 @@ because ``intel-rapl:1`` is ``psys`` (the whole platform) on many laptops and wo
 
 Power is the energy delta over the injected monotonic clock between two reads, so the first read
 has no power. Counters wrap at ``max_energy_range_uj`` (every few minutes at high power on some
-parts) and the wrap is undone. ``cpu_package_energy_j`` counts joules since the source started,
-summed over packages; it is 0.0 at the first successful read, the counter's origin.
+parts) and the wrap is undone (the rule of ``gputel.energy.counter_delta``).
+``cpu_package_energy_j`` counts joules since the source started, summed over packages; it is 0.0
+at the first successful read, the counter's origin.
 
 Failure policy: no powercap directory (VMs, most ARM hosts) → every field None and the source is
 up; ``energy_uj`` unreadable because it is root-only (CVE-2020-8694) → every field None and one
@@ -26,6 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from gputel.energy import counter_delta
 
 log = logging.getLogger("gputel.rapl")
 
@@ -66,18 +69,9 @@ class _Zone:
         except (OSError, ValueError):
             self.max_range_uj = None
 
-    def delta_uj(self, value: int) -> int | None:
+    def delta_uj(self, value: int) -> float | None:
         """Microjoules since the last value, undoing one wrap; None without a usable baseline."""
-        if self.last_uj is None:
-            return None
-        delta = value - self.last_uj
-        if delta < 0:
-            if not self.max_range_uj:
-                return None
-            delta += self.max_range_uj
-            if delta < 0:
-                return None
-        return delta
+        return counter_delta(self.last_uj, value, self.max_range_uj)
 
 
 def discover_zones(sysfs_root: Path) -> list[_Zone]:
@@ -136,8 +130,8 @@ class RaplSource:
                     log.warning("%s (cannot read %s)", PERMISSION_WARNING, zone.energy_path)
                 return self._empty()
         dt = None if self._last_t is None else now - self._last_t
-        package_uj: int | None = 0
-        dram_uj: int | None = 0
+        package_uj: float | None = 0.0
+        dram_uj: float | None = 0.0
         for zone, value in zip(self._zones, values, strict=True):
             delta = zone.delta_uj(value)
             zone.last_uj = value
@@ -149,7 +143,7 @@ class RaplSource:
         if package_uj is not None:
             self._energy_j += package_uj / _UJ_PER_J
 
-        def watts(uj: int | None) -> float | None:
+        def watts(uj: float | None) -> float | None:
             if uj is None or dt is None or dt <= 0:
                 return None
             return uj / _UJ_PER_J / dt

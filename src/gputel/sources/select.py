@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
+from gputel.formats import one_line
 from gputel.runtime import SIM_EPOCH_ENV
 from gputel.settings import Settings
 from gputel.sources.base import GpuSelectionError, GpuSource, GpuSourceError, HostSource
@@ -41,19 +42,13 @@ def auto_fallback_notice(reason: str) -> str:
     )
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    return first or type(exc).__name__
-
-
 def _open_nvml(settings: Settings) -> GpuSource:
     try:
         from gputel.sources.nvml import open_nvml
     except ImportError as exc:
         if getattr(exc, "name", None) in ("pynvml", "gputel.sources.nvml"):
             raise GpuSourceError(NVML_BINDINGS_MISSING) from exc
-        raise GpuSourceError(f"cannot load the NVML source: {_one_line(exc)}") from exc
+        raise GpuSourceError(f"cannot load the NVML source: {one_line(exc)}") from exc
     return open_nvml(settings.gpus)
 
 
@@ -109,9 +104,9 @@ def open_gpu_source(
     except GpuSelectionError:
         raise  # a typo in GPUTEL_GPUS on a GPU node must not silently record no GPUs
     except GpuSourceError as exc:
-        reason = _one_line(exc)
+        reason = one_line(exc)
     except Exception as exc:
-        reason = f"NVML failed unexpectedly ({type(exc).__name__}: {_one_line(exc)})"
+        reason = f"NVML failed unexpectedly ({type(exc).__name__}: {one_line(exc)})"
     return NoneGpuSource(), auto_fallback_notice(reason)
 
 

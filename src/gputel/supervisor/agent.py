@@ -30,6 +30,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from gputel import __version__, runtime
+from gputel.formats import iso_utc_ms
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import (
     AgentSnapshot,
@@ -47,7 +48,7 @@ from gputel.supervisor.states import (
     step,
     telemetry_wanted,
 )
-from gputel.supervisor.transitions_log import TransitionRecord, TransitionsLog, iso_utc_ms
+from gputel.supervisor.transitions_log import TransitionRecord, TransitionsLog
 from gputel.ticker import Ticker, Waker
 
 log = logging.getLogger("gputel.supervisor.agent")
@@ -248,12 +249,7 @@ class Agent:
         self._store_factory = store_factory
         self._install_signals = install_signals
         self._source_open_timeout_s = source_open_timeout_s
-        self.thresholds = Thresholds(
-            settings.start_util_pct,
-            settings.start_seconds,
-            settings.stop_util_pct,
-            settings.stop_seconds,
-        )
+        self.thresholds = Thresholds.of(settings)
         self.read_deadline_s = max(0.5, min(settings.interval_s, 5.0))
         self.loop_stale_after_s = max(10.0, 3 * settings.interval_s)
 

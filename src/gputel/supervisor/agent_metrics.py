@@ -1,26 +1,27 @@
 """The agent's own Prometheus series, and how they are joined with the recorder's.
 
-The agent's series are rendered by hand in the text exposition format (0.0.4) from an in-memory
-snapshot at scrape time: nothing here touches a GPU, and the agent does not load
-``prometheus_client`` at all (it cost the idle agent about 2 MiB of a 40 MiB budget that the
-CLI layer already uses most of). The families are fixed and few, and ``promtool check metrics``
-verifies the output in the tests.
+The agent's families are declared here and written by ``telemetry/promtext.py`` (the one text
+writer) from an in-memory snapshot at scrape time: nothing here touches a GPU, and the agent does
+not load ``prometheus_client`` at all (it cost the idle agent about 2 MiB of a 40 MiB budget that
+the CLI layer already uses most of). ``promtool check metrics`` verifies the output in the tests.
 
 The recorder's exposition is appended only while that recorder is alive and its ``metrics.prom``
-is fresh, so a scrape never shows GPU numbers from a child that has died or hung. A family the
-agent already serves is dropped from the recorder's bytes, so the joined text never repeats one.
+is fresh, so a scrape never shows GPU numbers from a child that has died or hung. The agent owns
+``gputel_telemetry_active`` and the ``gputel_agent_*`` families, which the recorder never
+renders, so the join is a plain concatenation: no parsing, and no family is ever repeated.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gputel.supervisor.states import ActivityState, Mode
+from gputel.telemetry import promtext
+from gputel.telemetry.promtext import Family
 
 RESTART_REASONS = ("crash", "hung")
 #: Every ``to_state`` the agent may record, so each counter series exists from the first scrape.
@@ -50,188 +51,87 @@ class AgentSnapshot:
     restarts: Mapping[str, int] = field(default_factory=dict)
 
 
-def _value(v: float) -> str:
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v))
+TELEMETRY_ACTIVE = promtext.TELEMETRY_ACTIVE
+STATE = Family("gputel_agent_state", "gauge", "Activity state of the supervisor (1 = current).")
+MODE = Family("gputel_agent_mode", "gauge", "Operator mode of the supervisor (1 = current).")
+TRANSITIONS = Family(
+    "gputel_agent_transitions_total",
+    "counter",
+    "Supervisor transitions since the agent started, by the state entered.",
+)
+RESTARTS = Family(
+    "gputel_agent_child_restarts_total",
+    "counter",
+    "Telemetry recorder restarts after it crashed or hung.",
+)
+CHILD_UP = Family(
+    "gputel_agent_child_up", "gauge", "1 while a telemetry recorder process is running."
+)
+ALLOCATIONS_OPEN = Family(
+    "gputel_agent_allocations_open", "gauge", "Open orchestrator allocations."
+)
+GPU_READ_DEGRADED = Family(
+    "gputel_agent_gpu_read_degraded",
+    "gauge",
+    "1 while the agent's GPU utilization read is stuck or failing.",
+)
+POLL_DURATION = Family(
+    "gputel_agent_poll_duration_seconds",
+    "gauge",
+    "Duration of the agent's last GPU utilization read.",
+)
+INFO = Family("gputel_agent_info", "gauge", "gputel agent version and GPU backend.")
+START_TIME = Family(
+    "gputel_agent_start_time_seconds", "gauge", "Start time of the agent since the Unix epoch."
+)
+
+AGENT_FAMILIES: tuple[Family, ...] = (
+    TELEMETRY_ACTIVE,
+    STATE,
+    MODE,
+    TRANSITIONS,
+    RESTARTS,
+    CHILD_UP,
+    ALLOCATIONS_OPEN,
+    GPU_READ_DEGRADED,
+    POLL_DURATION,
+    INFO,
+    START_TIME,
+)
+"""Every family the agent renders; none of them is ever in the recorder's exposition."""
+
+_NO_LABELS: Mapping[str, str] = {}
 
 
-def _label(v: str) -> str:
-    return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
-def _help(v: str) -> str:
-    return v.replace("\\", r"\\").replace("\n", r"\n")
-
-
-Sample = tuple[Mapping[str, str], float]
-
-
-def _family(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> Iterator[str]:
-    yield f"# HELP {name} {_help(help_text)}\n"
-    yield f"# TYPE {name} {kind}\n"
-    for labels, value in samples:
-        if labels:
-            inner = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            yield f"{name}{{{inner}}} {_value(value)}\n"
-        else:
-            yield f"{name} {_value(value)}\n"
-
-
-def _one(value: float) -> list[Sample]:
-    return [({}, value)]
+def _flag(on: bool) -> list[tuple[Mapping[str, str], float]]:
+    return [(_NO_LABELS, 1.0 if on else 0.0)]
 
 
 def render_agent(s: AgentSnapshot) -> bytes:
     """The agent's families as exposition text."""
-    parts: list[str] = []
-    add = parts.extend
-    add(
-        _family(
-            "gputel_telemetry_active",
-            "gauge",
-            "1 while telemetry is on (the recorder should run), 0 while it is intentionally off.",
-            _one(1.0 if s.telemetry_active else 0.0),
-        )
-    )
-    add(
-        _family(
-            "gputel_agent_state",
-            "gauge",
-            "Activity state of the supervisor (1 = current).",
-            [({"state": st.value}, 1.0 if st.value == s.state else 0.0) for st in ActivityState],
-        )
-    )
-    add(
-        _family(
-            "gputel_agent_mode",
-            "gauge",
-            "Operator mode of the supervisor (1 = current).",
-            [({"mode": m.value}, 1.0 if m.value == s.mode else 0.0) for m in Mode],
-        )
-    )
     targets = sorted(set(TRANSITION_TARGETS) | set(s.transitions))
-    add(
-        _family(
-            "gputel_agent_transitions_total",
-            "counter",
-            "Supervisor transitions since the agent started, by the state entered.",
-            [({"to_state": t}, float(s.transitions.get(t, 0))) for t in targets],
-        )
-    )
-    add(
-        _family(
-            "gputel_agent_child_restarts_total",
-            "counter",
-            "Telemetry recorder restarts after it crashed or hung.",
-            [({"reason": r}, float(s.restarts.get(r, 0))) for r in RESTART_REASONS],
-        )
-    )
-    add(
-        _family(
-            "gputel_agent_child_up",
-            "gauge",
-            "1 while a telemetry recorder process is running.",
-            _one(1.0 if s.child_up else 0.0),
-        )
-    )
-    add(
-        _family(
-            "gputel_agent_allocations_open",
-            "gauge",
-            "Open orchestrator allocations.",
-            _one(float(s.allocations_open)),
-        )
-    )
-    add(
-        _family(
-            "gputel_agent_gpu_read_degraded",
-            "gauge",
-            "1 while the agent's GPU utilization read is stuck or failing.",
-            _one(1.0 if s.gpu_read_degraded else 0.0),
-        )
-    )
+    parts = [
+        TELEMETRY_ACTIVE.render(_flag(s.telemetry_active)),
+        STATE.render(
+            [({"state": st.value}, 1.0 if st.value == s.state else 0.0) for st in ActivityState]
+        ),
+        MODE.render([({"mode": m.value}, 1.0 if m.value == s.mode else 0.0) for m in Mode]),
+        TRANSITIONS.render([({"to_state": t}, float(s.transitions.get(t, 0))) for t in targets]),
+        RESTARTS.render([({"reason": r}, float(s.restarts.get(r, 0))) for r in RESTART_REASONS]),
+        CHILD_UP.render(_flag(s.child_up)),
+        ALLOCATIONS_OPEN.render([(_NO_LABELS, float(s.allocations_open))]),
+        GPU_READ_DEGRADED.render(_flag(s.gpu_read_degraded)),
+    ]
     if s.poll_duration_s is not None:
-        add(
-            _family(
-                "gputel_agent_poll_duration_seconds",
-                "gauge",
-                "Duration of the agent's last GPU utilization read.",
-                _one(s.poll_duration_s),
-            )
-        )
-    add(
-        _family(
-            "gputel_agent_info",
-            "gauge",
-            "gputel agent version and GPU backend.",
-            [({"version": s.version, "backend": s.backend}, 1.0)],
-        )
-    )
-    add(
-        _family(
-            "gputel_agent_start_time_seconds",
-            "gauge",
-            "Start time of the agent since the Unix epoch.",
-            _one(s.start_time_s),
-        )
-    )
+        parts.append(POLL_DURATION.render([(_NO_LABELS, s.poll_duration_s)]))
+    parts.append(INFO.render([({"version": s.version, "backend": s.backend}, 1.0)]))
+    parts.append(START_TIME.render([(_NO_LABELS, s.start_time_s)]))
     return "".join(parts).encode()
 
 
-#: Families this module renders (sample names of counters carry ``_total``).
-AGENT_FAMILIES = frozenset(
-    {
-        b"gputel_telemetry_active",
-        b"gputel_agent_state",
-        b"gputel_agent_mode",
-        b"gputel_agent_transitions_total",
-        b"gputel_agent_transitions",
-        b"gputel_agent_child_restarts_total",
-        b"gputel_agent_child_restarts",
-        b"gputel_agent_child_up",
-        b"gputel_agent_allocations_open",
-        b"gputel_agent_gpu_read_degraded",
-        b"gputel_agent_poll_duration_seconds",
-        b"gputel_agent_info",
-        b"gputel_agent_start_time_seconds",
-    }
-)
-
-
 def join_exposition(agent_bytes: bytes, child_bytes: bytes | None) -> bytes:
-    """Agent text plus the recorder's, minus any family the agent already has."""
-    if not child_bytes:
-        return agent_bytes
-    extra = drop_families(child_bytes, AGENT_FAMILIES)
-    if extra and not extra.endswith(b"\n"):
-        extra += b"\n"
-    return agent_bytes + extra
-
-
-def drop_families(data: bytes, names: frozenset[bytes]) -> bytes:
-    """``data`` without the families (HELP, TYPE and samples) whose names are in ``names``."""
-    if not names or not any(n in data for n in names):
-        return data
-    out: list[bytes] = []
-    skipping = False
-    for line in data.splitlines(keepends=True):
-        if line.startswith((b"# HELP ", b"# TYPE ")):
-            parts = line.split(b" ", 3)
-            skipping = len(parts) >= 3 and parts[2] in names
-        elif not line.startswith(b"#"):
-            name = line.split(b"{", 1)[0].split(b" ", 1)[0]
-            base = name
-            for suffix in (b"_total", b"_created", b"_bucket", b"_sum", b"_count"):
-                if name.endswith(suffix):
-                    base = name[: -len(suffix)]
-                    break
-            skipping = name in names or base in names
-        if not skipping:
-            out.append(line)
-    return b"".join(out)
+    """Agent text plus the recorder's: the two never share a family (``promtext``)."""
+    return promtext.join(agent_bytes, child_bytes)
 
 
 def read_fresh_metrics(path: Path, max_age_s: float, now: float | None = None) -> bytes | None:

@@ -19,7 +19,6 @@ agent loop, the control socket and ``/metrics`` read.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -27,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gputel.supervisor.agent_metrics import Sample
-from gputel.supervisor.agent_metrics import _family as render_family
-from gputel.supervisor.transitions_log import _csv_field, iso_utc_ms
+from gputel.formats import RowAppender, iso_utc_ms
+from gputel.formats import csv_row as _csv_row
 from gputel.supervisor.xid import DRAIN, RESET, WATCH, xid_info
+from gputel.telemetry.promtext import Family
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +92,10 @@ XID_ERRORS_HELP = "Xid critical errors reported by the driver since the agent st
 EVENTS_HELP = "GPU events (Xid, ECC, retirement, unavailable, recovery) since the agent started."
 #: The metric names this module serves.
 METRICS = (XID_ERRORS_METRIC, EVENTS_METRIC)
+XID_ERRORS = Family(XID_ERRORS_METRIC, "counter", XID_ERRORS_HELP)
+EVENTS = Family(EVENTS_METRIC, "counter", EVENTS_HELP)
+
+Sample = tuple[dict[str, str], float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,46 +165,25 @@ def make_event(
 # ---------------------------------------------------------------------------------- events.csv
 def csv_row(event: GpuEvent) -> str:
     """One ``events.csv`` row, ending in a newline; cells quoted where CSV needs it."""
-    return ",".join(_csv_field("" if v is None else str(v)) for v in event.csv_values()) + "\n"
+    return _csv_row(event.csv_values())
 
 
 class EventsLog:
-    """Appends rows to ``log_dir/events.csv``; never raises.
+    """Appends rows to ``log_dir/events.csv`` with the one whole-row rule; never raises.
 
-    Each row goes out in one ``write`` on a descriptor opened with ``O_APPEND`` for that row, so
-    rows from two agent lifetimes never interleave and a rotated file is simply started anew,
-    with its header. The file is created ``0640``.
+    GPU events are still counted and shown by ``gputel status`` while the file cannot be written.
     """
 
     def __init__(self, log_dir: Path) -> None:
         self.path = Path(log_dir) / EVENTS_FILE
-        self.rows_failed = 0
-        self._failing = False
+        self._rows = RowAppender(self.path, COLUMNS, log)
+
+    @property
+    def rows_failed(self) -> int:
+        return self._rows.rows_failed
 
     def append(self, event: GpuEvent) -> bool:
-        row = csv_row(event).encode()
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            try:
-                head = b"" if os.fstat(fd).st_size else (",".join(COLUMNS) + "\n").encode()
-                os.write(fd, head + row)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            self.rows_failed += 1
-            if not self._failing:
-                self._failing = True
-                log.error(
-                    "cannot write %s (%s); GPU events are still counted and shown by "
-                    "gputel status; check GPUTEL_LOG_DIR exists and is writable",
-                    self.path,
-                    exc.strerror or exc,
-                )
-            return False
-        if self._failing:
-            self._failing = False
-            log.warning("writing %s works again (%d rows lost)", self.path, self.rows_failed)
-        return True
+        return self._rows.append(event.csv_values())
 
 
 # ---------------------------------------------------------------------------------- counters
@@ -230,8 +212,8 @@ class EventCounters:
         with self._lock:
             return dict(self._events)
 
-    def families(self) -> list[tuple[str, str, list[Sample]]]:
-        """(metric name, HELP, samples) of both counters, label order ``gpu, uuid, xid|event``."""
+    def families(self) -> list[tuple[Family, list[Sample]]]:
+        """Both counter families with their samples, label order ``gpu, uuid, xid|event``."""
         xids: list[Sample] = [
             ({"gpu": str(g), "uuid": u, "xid": str(x)}, float(n))
             for (g, u, x), n in sorted(self.xid_counts().items())
@@ -240,15 +222,11 @@ class EventCounters:
             ({"gpu": str(g), "uuid": u, "event": e}, float(n))
             for (g, u, e), n in sorted(self.event_counts().items())
         ]
-        return [(XID_ERRORS_METRIC, XID_ERRORS_HELP, xids), (EVENTS_METRIC, EVENTS_HELP, events)]
+        return [(XID_ERRORS, xids), (EVENTS, events)]
 
     def exposition(self) -> bytes:
         """Both counter families in the text format, HELP and TYPE even before any event."""
-        return "".join(
-            line
-            for name, help_text, samples in self.families()
-            for line in render_family(name, "counter", help_text, samples)
-        ).encode()
+        return "".join(family.render(samples) for family, samples in self.families()).encode()
 
 
 # ---------------------------------------------------------------------------------- recent

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from gputel.settings import DEFAULTS, Settings, threshold_problem
+
 
 class ActivityState(str, Enum):
     IDLE = "idle"
@@ -29,16 +31,26 @@ class Mode(str, Enum):
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
-    start_util_pct: float = 20.0
-    start_seconds: float = 5.0
-    stop_util_pct: float = 10.0
-    stop_seconds: float = 15.0
+    start_util_pct: float = DEFAULTS["start_util_pct"]
+    start_seconds: float = DEFAULTS["start_seconds"]
+    stop_util_pct: float = DEFAULTS["stop_util_pct"]
+    stop_seconds: float = DEFAULTS["stop_seconds"]
 
     def __post_init__(self) -> None:
-        if self.stop_util_pct > self.start_util_pct:
-            raise ValueError("stop_util_pct must not exceed start_util_pct")
-        if self.start_seconds < 0 or self.stop_seconds < 0:
-            raise ValueError("durations must be >= 0")
+        problem = threshold_problem(
+            self.start_util_pct, self.start_seconds, self.stop_util_pct, self.stop_seconds
+        )
+        if problem is not None:
+            raise ValueError(f"{problem[0]} {problem[1]}")
+
+    @classmethod
+    def of(cls, settings: Settings) -> Thresholds:
+        return cls(
+            settings.start_util_pct,
+            settings.start_seconds,
+            settings.stop_util_pct,
+            settings.stop_seconds,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,29 +13,16 @@ Rows: the activity states (``idle``, ``arming``, ``active``, ``cooling``), the t
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
+
+from gputel.formats import RowAppender, csv_row
 
 log = logging.getLogger(__name__)
 
 TRANSITIONS_FILE = "transitions.csv"
-HEADER = "timestamp,from_state,to_state,reason\n"
-
-
-def iso_utc_ms(ts: float | None = None) -> str:
-    """ISO 8601 UTC with milliseconds, the timestamp format of every gputel CSV."""
-    dt = datetime.fromtimestamp(
-        ts if ts is not None else datetime.now(timezone.utc).timestamp(), timezone.utc
-    )
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
-
-
-def _csv_field(text: str) -> str:
-    if any(c in text for c in ',"\n\r'):
-        return '"' + text.replace('"', '""').replace("\r", " ").replace("\n", " ") + '"'
-    return text
+COLUMNS = ("timestamp", "from_state", "to_state", "reason")
+HEADER = csv_row(COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +40,8 @@ class TransitionRecord:
             "reason": self.reason,
         }
 
-    def csv_row(self) -> str:
-        return (
-            ",".join(
-                _csv_field(v) for v in (self.timestamp, self.from_state, self.to_state, self.reason)
-            )
-            + "\n"
-        )
+    def values(self) -> tuple[str, str, str, str]:
+        return (self.timestamp, self.from_state, self.to_state, self.reason)
 
 
 class TransitionsLog:
@@ -67,34 +49,7 @@ class TransitionsLog:
 
     def __init__(self, log_dir: Path) -> None:
         self.path = log_dir / TRANSITIONS_FILE
-        self._failed = False
+        self._rows = RowAppender(self.path, COLUMNS, log)
 
     def append(self, record: TransitionRecord) -> bool:
-        row = record.csv_row()
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        except OSError as exc:
-            self._report(exc)
-            return False
-        try:
-            data = row if os.fstat(fd).st_size > 0 else HEADER + row
-            os.write(fd, data.encode())
-        except OSError as exc:
-            self._report(exc)
-            return False
-        finally:
-            os.close(fd)
-        if self._failed:
-            log.info("writing %s works again", self.path)
-            self._failed = False
-        return True
-
-    def _report(self, exc: OSError) -> None:
-        if not self._failed:
-            self._failed = True
-            log.error(
-                "cannot write %s (%s); transitions are still logged here; "
-                "check GPUTEL_LOG_DIR exists and is writable",
-                self.path,
-                exc.strerror or exc,
-            )
+        return self._rows.append(record.values())

@@ -10,9 +10,9 @@ Rules that keep the files trustworthy after crashes, rotation and full disks:
 - A failed write or open is counted (``rows_failed``), logged once when it starts and once when it
   recovers, and retried on the next tick; sampling and exporting never wait for the disk.
 
-``energy_j`` is joules since the file began, accumulated from the source's cumulative counter, so
-each file stands alone. A counter that goes backwards (driver reload) restarts the accumulation
-from the new value instead of producing a negative step.
+``energy_j`` is joules since the file began (``gputel.energy.SinceStart`` over the source's
+cumulative counter), so each file stands alone. A counter that goes backwards (driver reload)
+adds nothing for that interval and the accumulation continues from the new value.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from pathlib import Path
 
+from gputel.energy import SinceStart
+from gputel.formats import FailureCounter, TornWrite, csv_cell, csv_row, iso_utc_ms, write_whole
 from gputel.schema import GPU_CSV_COLUMNS, GPU_FIELDS, HOST_CSV_COLUMNS, HOST_FIELDS, Sample
 
 log = logging.getLogger("gputel.csv")
@@ -37,12 +39,6 @@ _MAX_SUFFIX = 999
 _GPU_VALUE_ATTRS = tuple(f.attr for f in GPU_FIELDS)
 _ENERGY_POS = _GPU_VALUE_ATTRS.index("energy_j")
 _HOST_VALUE_ATTRS = tuple(f.attr for f in HOST_FIELDS)
-_NEEDS_QUOTES = re.compile(r'[",\r\n]')
-
-
-def format_timestamp(ts: datetime) -> str:
-    """ISO 8601 UTC with milliseconds: ``2026-11-22T03:45:12.000Z``."""
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
 
 
 def short_hostname() -> str:
@@ -55,21 +51,6 @@ def safe_host(name: str) -> str:
     return cleaned or "localhost"
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if value.__class__ is float:
-        return repr(value)
-    if value is True:
-        return "1"
-    if value is False:
-        return "0"
-    text = str(value)
-    if _NEEDS_QUOTES.search(text):
-        return '"' + text.replace('"', '""') + '"'
-    return text
-
-
 class _CsvFile:
     """One open output file of a kind (``gpu`` or ``host``) and what was written to it."""
 
@@ -77,7 +58,7 @@ class _CsvFile:
         self.directory = directory
         self.prefix = prefix
         self.host = host
-        self.header = (",".join(header) + "\n").encode()
+        self.header = csv_row(header).encode()
         self.fd: int | None = None
         self.path: Path | None = None
         self.day: date | None = None
@@ -119,25 +100,15 @@ class _CsvFile:
         assert self.fd is not None
         data = self.header + rows if self.size == 0 else rows
         try:
-            n = os.write(self.fd, data)
-        except OSError:
-            self._truncate()
-            raise
-        if n != len(data):
-            self._truncate()
-            raise OSError(errno.ENOSPC, "short write")
-        self.size += n
-
-    def _truncate(self) -> None:
-        assert self.fd is not None
-        try:
-            os.ftruncate(self.fd, self.size)
-        except OSError:
+            write_whole(self.fd, data, self.size)
+        except TornWrite:
             # Cannot repair the tail: abandon this file so no row is ever appended after a
             # partial one; the next tick opens a new file. (size >= 1 keeps close() from
             # unlinking it: it may hold a header and rows.)
             self.size = max(self.size, 1)
             self.close()
+            raise
+        self.size += len(data)
 
 
 class CsvSink:
@@ -155,11 +126,24 @@ class CsvSink:
         hostname = safe_host(host) if host is not None else short_hostname()
         self._gpu = _CsvFile(self.log_dir, "gpu", hostname, GPU_CSV_COLUMNS)
         self._host = _CsvFile(self.log_dir, "host", hostname, HOST_CSV_COLUMNS)
-        self.rows_failed = 0
+        self._failures = FailureCounter(
+            log,
+            "cannot write CSV rows in %s; counting failed rows "
+            "(gputel_csv_rows_failed_total), retrying every tick; "
+            "free space or fix permissions on the directory",
+            "CSV writing in %s recovered (%d rows failed in total)",
+        )
+        self._energy: dict[int, SinceStart] = {}
+        """Per GPU of the current gpu file: joules since the file began."""
+
+    @property
+    def rows_failed(self) -> int:
         """Rows that could not be written (disk full, read-only directory) since start."""
-        self.failing = False
-        self._energy: dict[int, tuple[float, float]] = {}
-        """Per GPU of the current gpu file: (last raw counter, joules since the file began)."""
+        return self._failures.rows_failed
+
+    @property
+    def failing(self) -> bool:
+        return self._failures.failing
 
     @property
     def gpu_path(self) -> Path | None:
@@ -188,7 +172,7 @@ class CsvSink:
         self._energy.clear()
 
     def write(self, sample: Sample) -> None:
-        stamp = format_timestamp(sample.timestamp)
+        stamp = iso_utc_ms(sample.timestamp)
         errors: list[str] = []
         failed = 0
         if sample.gpus:
@@ -201,23 +185,10 @@ class CsvSink:
         if err:
             errors.append(err)
             failed += 1
-        self.rows_failed += failed
-        if failed and not self.failing:
-            self.failing = True
-            log.error(
-                "cannot write CSV rows in %s: %s; counting failed rows "
-                "(gputel_csv_rows_failed_total), retrying every tick; "
-                "free space or fix permissions on the directory",
-                self.log_dir,
-                "; ".join(errors),
-            )
-        elif not failed and self.failing:
-            self.failing = False
-            log.warning(
-                "CSV writing in %s recovered (%d rows failed in total)",
-                self.log_dir,
-                self.rows_failed,
-            )
+        if failed:
+            self._failures.failed(failed, f"{self.log_dir}: {'; '.join(errors)}")
+        else:
+            self._failures.succeeded(self.log_dir)
 
     def _emit(self, f: _CsvFile, ts: datetime, build: Callable[[], bytes]) -> str | None:
         if f.fd is not None and (f.day != ts.date() or f.size >= self.max_bytes):
@@ -251,21 +222,20 @@ class CsvSink:
         per_gpu = sample.gpu_allocations
         for g in sample.gpus:
             values = [getattr(g, a) for a in _GPU_VALUE_ATTRS]
-            raw = values[_ENERGY_POS]
-            if raw is not None:
-                prev = energy.get(g.index)
-                if prev is None:
-                    acc = 0.0
-                else:
-                    last, acc = prev
-                    if raw >= last:
-                        acc += raw - last
-                energy[g.index] = (raw, acc)
-                values[_ENERGY_POS] = acc
+            since = energy.get(g.index)
+            if since is None:
+                since = energy[g.index] = SinceStart()
+            values[_ENERGY_POS] = since.add(values[_ENERGY_POS])
             alloc = ";".join(per_gpu[g.index]) if g.index in per_gpu else default_alloc
-            cells = [stamp, str(g.index), _cell(g.uuid), _cell(g.name), "1" if g.lost else "0"]
-            cells.extend(_cell(v) for v in values)
-            cells.append(_cell(alloc) if alloc else "")
+            cells = [
+                stamp,
+                str(g.index),
+                csv_cell(g.uuid),
+                csv_cell(g.name),
+                "1" if g.lost else "0",
+            ]
+            cells.extend(csv_cell(v) for v in values)
+            cells.append(csv_cell(alloc) if alloc else "")
             lines.append(",".join(cells))
         lines.append("")
         return "\n".join(lines).encode()
@@ -273,5 +243,5 @@ class CsvSink:
     def _host_row(self, sample: Sample, stamp: str) -> bytes:
         h = sample.host
         cells = [stamp]
-        cells.extend(_cell(getattr(h, a)) for a in _HOST_VALUE_ATTRS)
+        cells.extend(csv_cell(getattr(h, a)) for a in _HOST_VALUE_ATTRS)
         return (",".join(cells) + "\n").encode()

@@ -8,7 +8,8 @@ collector's own ``render()``, byte-for-byte what ``generate_latest`` gives over 
 ``Exposition.render_reference``) at a fraction of its cost.
 
 A ``None`` value produces no series at all: an absent series says "unknown", a 0 would lie.
-``gputel_telemetry_active`` is not rendered here; whoever serves ``/metrics`` owns it.
+``gputel_telemetry_active`` is not rendered here; whoever serves ``/metrics`` owns it. The text
+itself (HELP, labels, values) is written by ``promtext``, the one writer of the format.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample as PromSample
-from prometheus_client.utils import floatToGoString
 
 from gputel.schema import (
     CLOCK_EVENT_REASONS,
@@ -31,46 +31,21 @@ from gputel.schema import (
     Field,
     Sample,
 )
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-TELEMETRY_ACTIVE_HELP = "Whether GPU telemetry is being recorded (1) or intentionally off (0)."
-
-
-def telemetry_active_text(active: bool) -> bytes:
-    """The ``gputel_telemetry_active`` family, for the process that serves ``/metrics``."""
-    return (
-        f"# HELP gputel_telemetry_active {TELEMETRY_ACTIVE_HELP}\n"
-        "# TYPE gputel_telemetry_active gauge\n"
-        f"gputel_telemetry_active {1 if active else 0}\n"
-    ).encode()
+from gputel.telemetry.promtext import Family, format_value, label_block
 
 
 @dataclass(frozen=True, slots=True)
-class _Family:
-    name: str
-    """The exact name in the output (counters keep their ``_total``)."""
-    base: str
-    """The family name given to prometheus_client (counters without ``_total``)."""
-    help: str
-    type: str
+class _Family(Family):
+    """A recorder family and where its value comes from in the sample."""
+
     attr: str | None = None
     scale: float = 1.0
-
-    @property
-    def header(self) -> str:
-        """``# HELP``/``# TYPE`` lines exactly as ``generate_latest`` writes them."""
-        doc = self.help.replace("\\", r"\\").replace("\n", r"\n")
-        return f"# HELP {self.name} {doc}\n# TYPE {self.name} {self.type}\n"
 
 
 def _family(
     name: str, doc: str, type_: str, attr: str | None = None, scale: float = 1.0
 ) -> _Family:
-    base = name[: -len("_total")] if type_ == "counter" and name.endswith("_total") else name
-    if type_ == "counter" and base == name:
-        raise ValueError(f"counter {name} must end in _total")
-    return _Family(name, base, doc, type_, attr, scale)
+    return _Family(name, type_, doc, attr, scale)
 
 
 def _from_field(f: Field) -> _Family:
@@ -137,15 +112,7 @@ class _Labels:
         self.labels = labels
         self.lines: dict[str, tuple[float, str]] = {}
         """Per family name: the last value and its rendered line."""
-        if labels:
-            inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
-            self.block = "{" + inner + "}"
-        else:
-            self.block = ""
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+        self.block = label_block(labels)
 
 
 _NO_LABELS = _Labels({})
@@ -274,7 +241,7 @@ class SampleCollector(Collector):
                     append(hit[1])
                     continue
                 text = small.get(value) if value.__class__ is int else None
-                line = f"{name}{lb.block} {text or floatToGoString(value)}\n"
+                line = f"{name}{lb.block} {text or format_value(value)}\n"
                 cache[name] = (value, line)
                 append(line)
         return "".join(parts).encode()

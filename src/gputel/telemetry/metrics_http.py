@@ -26,9 +26,10 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from gputel.telemetry.promtext import CONTENT_TYPE
+
 log = logging.getLogger("gputel.http")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 MetricsFn = Callable[[], bytes]
 HealthFn = Callable[[], "tuple[bool, str]"]

@@ -25,15 +25,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from gputel import runtime
+from gputel.allocstats import AllocationStats
+from gputel.control.allocations import parse_store
+from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
 from gputel.schema import Sample
 from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
-from gputel.telemetry.csv_sink import DEFAULT_MAX_BYTES, CsvSink, format_timestamp
-from gputel.telemetry.exposition import Exposition, telemetry_active_text
+from gputel.telemetry.csv_sink import DEFAULT_MAX_BYTES, CsvSink
+from gputel.telemetry.exposition import Exposition
 from gputel.telemetry.metrics_http import MetricsServer
+from gputel.telemetry.promtext import telemetry_active_text
 from gputel.telemetry.sampler import Sampler, utc_now
 from gputel.ticker import Ticker, Waker
 
@@ -72,80 +75,18 @@ class AllocationWatcher:
         return changed
 
     def _load(self) -> tuple[OpenAllocation, ...]:
-        data = runtime.read_json(self.path)
-        items = data.get("allocations") if isinstance(data, dict) else None
-        if not isinstance(items, list):
+        allocs = parse_store(runtime.read_json(self.path))
+        if allocs is None:
             if not self._warned:
                 self._warned = True
                 log.warning("ignoring %s: not an allocation list", self.path)
             return ()
-        out: list[OpenAllocation] = []
-        for item in items:
-            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-                continue
-            gpus = item.get("gpus")
-            if gpus is None:
-                out.append(OpenAllocation(item["id"], None))
-            elif isinstance(gpus, list) and all(
-                isinstance(g, int) and not isinstance(g, bool) for g in gpus
-            ):
-                out.append(OpenAllocation(item["id"], tuple(gpus)))
-        return tuple(out)
-
-
-class _AllocStats:
-    __slots__ = ("mem_max", "samples", "temp_max", "util_max", "util_n", "util_sum")
-
-    def __init__(self) -> None:
-        self.samples = 0
-        self.util_sum = 0.0
-        self.util_n = 0
-        self.util_max: float | None = None
-        self.temp_max: float | None = None
-        self.mem_max: float | None = None
-
-    def add(self, sample: Sample, gpus: tuple[int, ...] | None) -> None:
-        self.samples += 1
-        for g in sample.gpus:
-            if gpus is not None and g.index not in gpus:
-                continue
-            u = g.utilization_gpu_pct
-            if u is not None:
-                self.util_sum += u
-                self.util_n += 1
-                self.util_max = u if self.util_max is None else max(self.util_max, u)
-            t = g.temperature_c
-            if t is not None:
-                self.temp_max = t if self.temp_max is None else max(self.temp_max, t)
-            m = g.memory_used_mib
-            if m is not None:
-                self.mem_max = m if self.mem_max is None else max(self.mem_max, m)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "samples": self.samples,
-            "util_mean_pct": self.util_sum / self.util_n if self.util_n else None,
-            "util_max_pct": self.util_max,
-            "temperature_max_c": self.temp_max,
-            "memory_max_mib": self.mem_max,
-        }
+        return tuple(
+            OpenAllocation(a.id, None if a.gpus is None else tuple(a.gpus)) for a in allocs
+        )
 
 
 _ACTIVE = telemetry_active_text(True)
-_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-
-
-def _replace_file(path: str, tmp: str, data: bytes) -> None:
-    """Atomic replace with a fixed temporary name: the recorder is the only writer of these
-    files, so this skips ``mkstemp``'s name search; it runs twice per tick, every tick."""
-    fd = os.open(tmp, _TMP_FLAGS, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 class Recorder:
@@ -179,17 +120,15 @@ class Recorder:
         self.allocations = AllocationWatcher(self.run_dir / runtime.ALLOCATIONS_FILE)
         self._alloc_ids: tuple[str, ...] = ()
         self._gpu_alloc: dict[int, tuple[str, ...]] = {}
-        self._alloc_stats: dict[str, _AllocStats] = {}
+        self._alloc_stats: dict[str, AllocationStats] = {}
         self.ticks = 0
         self.last_tick_monotonic: float | None = None
         self._stop = False
         self._reopen = False
         self._runtime_failing = False
         self._pid = os.getpid()
-        self._metrics_path = str(self.run_dir / runtime.METRICS_FILE)
-        self._metrics_tmp = str(self.run_dir / f".{runtime.METRICS_FILE}.tmp")
-        self._state_path = str(self.run_dir / runtime.RECORDER_STATE_FILE)
-        self._state_tmp = str(self.run_dir / f".{runtime.RECORDER_STATE_FILE}.tmp")
+        self._metrics_path = self.run_dir / runtime.METRICS_FILE
+        self._state_path = self.run_dir / runtime.RECORDER_STATE_FILE
 
     # ------------------------------------------------------------------ control
     def request_stop(self) -> None:
@@ -244,7 +183,7 @@ class Recorder:
         self.ticks += 1
         self.sink.write(sample)
         for alloc in self.allocations.allocations:
-            self._alloc_stats[alloc.id].add(sample, alloc.gpus)
+            self._alloc_stats[alloc.id].add_tick(sample.gpus, alloc.gpus)
         data = self.exposition.update(
             sample,
             ticks_missed=self.ticker.missed,
@@ -267,14 +206,14 @@ class Recorder:
         for gone in set(self._alloc_stats) - current:
             del self._alloc_stats[gone]
         for a in allocs:
-            self._alloc_stats.setdefault(a.id, _AllocStats())
+            self._alloc_stats.setdefault(a.id, AllocationStats())
 
     def _publish(self, sample: Sample, data: bytes) -> None:
         state = {
             "pid": self._pid,
             "tick": self.ticks,
             "monotonic": sample.monotonic,
-            "timestamp": format_timestamp(sample.timestamp),
+            "timestamp": iso_utc_ms(sample.timestamp),
             "interval_s": self.settings.interval_s,
             "files": self.sink.paths(),
             "rows_failed": self.sink.rows_failed,
@@ -282,9 +221,9 @@ class Recorder:
             "allocation_stats": {k: v.to_json() for k, v in self._alloc_stats.items()},
         }
         try:
-            _replace_file(self._metrics_path, self._metrics_tmp, data)
-            _replace_file(
-                self._state_path, self._state_tmp, json.dumps(state, separators=(",", ":")).encode()
+            atomic_write_fixed_tmp(self._metrics_path, data)
+            atomic_write_fixed_tmp(
+                self._state_path, json.dumps(state, separators=(",", ":")).encode()
             )
         except OSError as exc:
             if not self._runtime_failing:

@@ -10,15 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 from datetime import datetime, timezone
 
+from gputel.formats import one_line
 from gputel.schema import GpuReading, HostReading, Sample, SourceStatus
 from gputel.sources.base import GpuSource, HostSource
 
 log = logging.getLogger("gputel.telemetry.sampler")
 
-_HOST_ATTRS = frozenset(f.name for f in fields(HostReading))
 _MAX_REMEMBERED_ERRORS = 64
 
 
@@ -73,11 +72,8 @@ class Sampler:
             start = self._timer()
             error = None
             try:
-                values = source.read()
-                for attr, value in values.items():
-                    if attr in _HOST_ATTRS:
-                        setattr(host, attr, value)
-                    elif (source.name, attr) not in self._unknown:
+                for attr in host.merge(source.read()):
+                    if (source.name, attr) not in self._unknown:
                         self._unknown.add((source.name, attr))
                         log.warning(
                             "source %s gave an unknown field %r; ignored", source.name, attr
@@ -113,5 +109,7 @@ class Sampler:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    """The error with its type, as one line (the type alone when it has no message)."""
+    kind = type(exc).__name__
+    text = one_line(exc)
+    return kind if text == kind else f"{kind}: {text}"

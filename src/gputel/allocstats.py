@@ -1,0 +1,101 @@
+"""The one definition of an allocation's statistics, and their field names.
+
+The recorder accumulates them per open allocation while it samples and ships them in
+``recorder.json``; the agent copies them into the allocation's summary (``allocations.csv``, the
+``release`` reply); the analysis commands compute the same fields from recorded CSV rows. All of
+them use :class:`AllocationStats`, so a field means the same thing everywhere.
+
+Pure Python, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from gputel.formats import finite
+
+#: The statistics fields, in the order of the ``allocations.csv`` columns.
+STAT_FIELDS = ("util_mean_pct", "util_max_pct", "temperature_max_c", "memory_max_mib")
+
+
+class GpuValues(Protocol):
+    """What a statistic needs from one GPU reading (``schema.GpuReading`` has it)."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def utilization_gpu_pct(self) -> float | None: ...
+    @property
+    def temperature_c(self) -> float | None: ...
+    @property
+    def memory_used_mib(self) -> float | None: ...
+
+
+def _max(current: float | None, value: float) -> float:
+    return value if current is None else max(current, value)
+
+
+class AllocationStats:
+    """Running statistics over the GPU readings of one allocation.
+
+    ``samples`` counts ticks (one sample of all the allocation's GPUs); the mean and maxima run
+    over every GPU reading that has the value. A missing value is skipped, never counted as 0.
+    """
+
+    __slots__ = (
+        "memory_max_mib",
+        "samples",
+        "temperature_max_c",
+        "util_max_pct",
+        "util_n",
+        "util_sum",
+    )
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.util_sum = 0.0
+        self.util_n = 0
+        self.util_max_pct: float | None = None
+        self.temperature_max_c: float | None = None
+        self.memory_max_mib: float | None = None
+
+    def add_values(
+        self, util_pct: float | None, temperature_c: float | None, memory_mib: float | None
+    ) -> None:
+        """One GPU's reading (not a tick: call :meth:`add_tick` or count ``samples`` yourself)."""
+        if util_pct is not None:
+            self.util_sum += util_pct
+            self.util_n += 1
+            self.util_max_pct = _max(self.util_max_pct, util_pct)
+        if temperature_c is not None:
+            self.temperature_max_c = _max(self.temperature_max_c, temperature_c)
+        if memory_mib is not None:
+            self.memory_max_mib = _max(self.memory_max_mib, memory_mib)
+
+    def add_tick(self, gpus: Iterable[GpuValues], only: tuple[int, ...] | None = None) -> None:
+        """One tick's readings; ``only`` limits them to the allocation's GPUs (None: all)."""
+        self.samples += 1
+        for g in gpus:
+            if only is None or g.index in only:
+                self.add_values(g.utilization_gpu_pct, g.temperature_c, g.memory_used_mib)
+
+    @property
+    def util_mean_pct(self) -> float | None:
+        return self.util_sum / self.util_n if self.util_n else None
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"samples": int, <STAT_FIELDS>: float | None}``, as ``recorder.json`` carries it."""
+        return {"samples": self.samples, **{k: getattr(self, k) for k in STAT_FIELDS}}
+
+
+def stats_from_json(entry: object) -> dict[str, float | int | None]:
+    """A ``to_json`` object read back from a file: every field present, anything malformed None."""
+    src = entry if isinstance(entry, dict) else {}
+    out: dict[str, float | int | None] = {}
+    for key in STAT_FIELDS:
+        out[key] = finite(src.get(key))
+    samples = src.get("samples")
+    ok = isinstance(samples, int) and not isinstance(samples, bool) and samples >= 0
+    out["samples"] = samples if ok else None
+    return out

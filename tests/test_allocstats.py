@@ -1,0 +1,40 @@
+"""One definition of per-allocation statistics, shared by the recorder and the summaries."""
+
+from __future__ import annotations
+
+from gputel.allocstats import STAT_FIELDS, AllocationStats, stats_from_json
+from gputel.schema import GpuReading
+
+
+def gpu(index: int, util: float | None, temp: float | None, mem: float | None) -> GpuReading:
+    r = GpuReading(index, f"GPU-{index}", "sim")
+    r.utilization_gpu_pct, r.temperature_c, r.memory_used_mib = util, temp, mem
+    return r
+
+
+def test_accumulates_only_the_allocation_gpus_and_skips_missing_values() -> None:
+    stats = AllocationStats()
+    assert stats.to_json() == {"samples": 0, **dict.fromkeys(STAT_FIELDS)}
+    stats.add_tick([gpu(0, 10.0, 40.0, None), gpu(1, 100.0, 90.0, 9000.0)], only=(0,))
+    stats.add_tick([gpu(0, None, 50.0, 1000.0), gpu(1, 100.0, 90.0, 9000.0)], only=(0,))
+    stats.add_tick([gpu(0, 30.0, None, 500.0)], only=(0,))
+    assert stats.to_json() == {
+        "samples": 3,
+        "util_mean_pct": 20.0,
+        "util_max_pct": 30.0,
+        "temperature_max_c": 50.0,
+        "memory_max_mib": 1000.0,
+    }
+    every = AllocationStats()
+    every.add_tick([gpu(0, 10.0, 40.0, None), gpu(1, 30.0, 90.0, 9000.0)])
+    assert every.util_mean_pct == 20.0 and every.memory_max_mib == 9000.0
+
+
+def test_read_back_from_json() -> None:
+    stats = AllocationStats()
+    stats.add_values(50.0, 60.0, 70.0)
+    stats.samples = 1
+    assert stats_from_json(stats.to_json()) == stats.to_json()
+    bad = stats_from_json({"samples": -1, "util_mean_pct": "x", "memory_max_mib": True})
+    assert bad == {"samples": None, **dict.fromkeys(STAT_FIELDS)}
+    assert stats_from_json(None)["samples"] is None
