@@ -151,3 +151,13 @@ def test_agent_with_a_bad_web_config_exits_2_with_one_line(tmp_path: Path) -> No
     assert len(lines) == 1, result.stderr
     assert "GPUTEL_WEB_CONFIG" in lines[0] and "tls_server_config.cert_file" in lines[0]
     assert not (tmp_path / "log").exists() and not (tmp_path / "run").exists()
+
+
+def test_the_documented_example_loads_and_its_hash_matches(certs: Path) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
+    example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (certs / "node.crt").write_bytes((certs / "server.crt").read_bytes())
+    (certs / "node.key").write_bytes((certs / "server.key").read_bytes())
+    config = load(write(certs, example))
+    assert config.ssl_context is not None
+    assert bcrypt.checkpw(b"example", config.users["prometheus"])
