@@ -139,6 +139,15 @@ def _port(text: str) -> int:
     return value
 
 
+def _web_config(text: str) -> str:
+    """Checks the whole file now (certificate and key included): a bad one stops the start."""
+    if not text.strip():
+        return ""
+    from gputel.telemetry.webconfig import load
+
+    return str(load(_path(text)).path)
+
+
 def _sim_gpus(text: str) -> int:
     if not text.strip().isdigit():
         raise ValueError("expected a whole number of GPUs 1-256")
@@ -308,6 +317,15 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _port,
     ),
     SettingSpec(
+        "GPUTEL_WEB_CONFIG",
+        "web_config",
+        "--web-config",
+        "",
+        "TLS and basic auth for /metrics: a web config file as node_exporter's "
+        "(empty = plain HTTP)",
+        _web_config,
+    ),
+    SettingSpec(
         "GPUTEL_SYSFS_ROOT",
         "sysfs_root",
         "--sysfs-root",
@@ -386,6 +404,7 @@ class Settings:
     run_dir: Path = field(default_factory=default_run_dir)
     exporter_addr: str = DEFAULTS["exporter_addr"]
     exporter_port: int = DEFAULTS["exporter_port"]
+    web_config: str = DEFAULTS["web_config"]
     sysfs_root: Path = DEFAULTS["sysfs_root"]
     sim_gpus: int = DEFAULTS["sim_gpus"]
     sim_pattern: str = DEFAULTS["sim_pattern"]

@@ -382,6 +382,7 @@ class Agent:
             self.metrics_bytes,
             self.health,
             poll_interval=HTTP_POLL_S,
+            web_config=s.web_config,
         )
         try:
             server.start()

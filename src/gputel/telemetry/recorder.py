@@ -282,6 +282,7 @@ def run_record(settings: Settings, *, child: bool) -> int:
             settings.exporter_port,
             metrics=recorder.metrics_bytes,
             health=recorder.health,
+            web_config=settings.web_config,
         )
         try:
             server.start()
