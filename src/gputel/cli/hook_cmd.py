@@ -66,11 +66,15 @@ def _exchange(
     """The agent's reply within ``wait_s`` seconds (see ``control/hook_client.py``), starting
     an agent first when ``start`` and none answers; no agent or no answer → exit 1."""
     from gputel.control.hook_client import exchange
-    from gputel.control.launch import AgentStartError, ensure_agent
     from gputel.control.protocol import ControlError
 
     def start_agent(deadline: float) -> str:
-        how = ensure_agent(settings, wait_s=max(0.1, min(deadline - time.monotonic(), 2.0)))
+        from gputel.control.launch import AgentStartError, ensure_agent
+
+        try:
+            how = ensure_agent(settings, wait_s=max(0.1, min(deadline - time.monotonic(), 2.0)))
+        except AgentStartError as exc:
+            fail(f"no gputel agent is running and none could be started: {exc}")
         if not quiet:
             print(f"gputel: {how}", file=sys.stderr)
         return how
@@ -82,8 +86,6 @@ def _exchange(
             time.monotonic() + wait_s,
             start=start_agent if start else None,
         )
-    except AgentStartError as exc:
-        fail(f"no gputel agent is running and none could be started: {exc}")
     except ControlError as exc:
         fail(str(exc))
     if done.reply is not None:

@@ -29,8 +29,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from gputel.runtime import ALLOCATIONS_FILE, RECORDER_STATE_FILE, atomic_write_json, read_json
 from gputel.settings import parse_gpu_list
 
@@ -159,6 +157,8 @@ def _parse_iso(text: str) -> datetime:
 # ---------------------------------------------------------------------------------- owners
 def process_start_time(pid: int) -> float | None:
     """The process's creation time (epoch seconds), or None when unknown or gone."""
+    import psutil  # here, not at the top: `gputel hook` validates ids without it (start-up time)
+
     try:
         return psutil.Process(pid).create_time()
     except (psutil.Error, OSError):
@@ -171,6 +171,8 @@ def owner_alive(pid: int, start_time: float | None) -> bool:
     A pid we may not signal (another user's process) still counts as alive; only "no such
     process", a zombie, or a different start time (the pid was reused) counts as dead.
     """
+    import psutil
+
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
