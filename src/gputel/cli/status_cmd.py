@@ -288,7 +288,7 @@ def status_command(settings: Settings, as_json: bool) -> int:
     try:
         reply = request(settings.run_dir, {"op": "status"}, timeout=2.0)
     except AgentUnavailable as exc:
-        if exc.reason not in ("missing", "refused"):
+        if not exc.no_agent:
             fail(str(exc))
         status, failed = local_status(settings)
         code = EXIT_FAILURE if failed else EXIT_OK

@@ -25,8 +25,6 @@ from typing import Any
 from gputel.control import client
 from gputel.control.protocol import AgentUnavailable, retryable
 
-#: Why a request found no agent, for which starting one is the fix (not "permission").
-STARTABLE = ("missing", "refused")
 #: Pause between two tries; short, because the hooks' whole budget is two seconds.
 RETRY_PAUSE_S = 0.05
 
@@ -56,7 +54,7 @@ def exchange(
 
     ``start(deadline)`` starts an agent and returns a phrase saying how; it is called at most
     once, only when no agent is there. ``AgentTimeout`` (an agent that accepted but did not
-    answer), ``AgentUnavailable`` for other reasons than :data:`STARTABLE`, other
+    answer), ``AgentUnavailable`` other than "no agent" (see ``AgentUnavailable.no_agent``), other
     ``ControlError`` and whatever ``start`` raises propagate.
     """
     started: str | None = None
@@ -65,7 +63,7 @@ def exchange(
         try:
             reply = client.request(run_dir, message, timeout=max(0.2, left))
         except AgentUnavailable as exc:
-            if exc.reason not in STARTABLE:
+            if not exc.no_agent:
                 raise
             if start is None:
                 return Exchange(unavailable=exc)

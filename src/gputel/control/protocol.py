@@ -51,6 +51,11 @@ class AgentUnavailable(ControlError):
         self.reason = reason
         self.path = path
 
+    @property
+    def no_agent(self) -> bool:
+        """No agent is there at all (no socket, or a stale one): starting one is the fix."""
+        return self.reason in ("missing", "refused")
+
 
 class AgentTimeout(ControlError):
     """Connected, but no complete answer within the timeout: an agent is there but stuck or slow."""

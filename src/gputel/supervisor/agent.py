@@ -6,10 +6,9 @@ child. Other threads only ask: the control socket (``control_api.py``: status, m
 allocations) and the HTTP exporter read a snapshot under a lock and wake the loop when something
 changed.
 
-Every GPU call goes through a :class:`~gputel.supervisor.deadline.DeadlineRunner`, one
-dedicated thread with a deadline per call,
-because an NVML call can block forever (a GPU off the bus, a wedged driver) and cannot be
-cancelled. A read that misses its deadline marks the agent degraded; the loop keeps turning,
+Every GPU call goes through a :class:`~gputel.supervisor.deadline.DeadlineRunner` (one
+dedicated thread, a deadline per call), because an NVML call can block forever (a GPU off the
+bus, a wedged driver) and cannot be cancelled. A read that misses its deadline marks the agent degraded; the loop keeps turning,
 keeps pinging the systemd watchdog and keeps answering ``gputel status``, and no second read is
 queued behind the stuck one.
 """
