@@ -8,9 +8,9 @@ changed.
 
 Every GPU call goes through a :class:`~gputel.supervisor.deadline.DeadlineRunner` (one
 dedicated thread, a deadline per call), because an NVML call can block forever (a GPU off the
-bus, a wedged driver) and cannot be cancelled. A read that misses its deadline marks the agent degraded; the loop keeps turning,
-keeps pinging the systemd watchdog and keeps answering ``gputel status``, and no second read is
-queued behind the stuck one.
+bus, a wedged driver) and cannot be cancelled. A read that misses its deadline marks the agent
+degraded; the loop keeps turning, keeps pinging the systemd watchdog and keeps answering
+``gputel status``, and no second read is queued behind the stuck one.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
 from gputel.supervisor.child import ChildEvent, ChildSupervisor, Spawn, popen_spawn
 from gputel.supervisor.control_api import ControlApi, Degraded, DegradedReason, ModeState
-from gputel.supervisor.deadline import DeadlineRunner, Job
+from gputel.supervisor.deadline import DeadlineRunner, Job, run_with_deadline
 from gputel.supervisor.notify import Notifier
 from gputel.supervisor.states import ActivityState, Machine, Thresholds, step, telemetry_wanted
 from gputel.supervisor.transitions_log import TransitionRecord, TransitionsLog, iso_utc_ms
@@ -360,9 +360,7 @@ class Agent:
         if self._http is not None:
             # stop() waits for the server's next poll (up to HTTP_POLL_S); the process is about
             # to exit, so give it a moment and let a daemon thread finish the job.
-            stopper = threading.Thread(target=self._http.stop, name="gputel-http-stop", daemon=True)
-            stopper.start()
-            stopper.join(0.2)
+            run_with_deadline(self._http.stop, 0.2, name="gputel-http-stop")
             self._http = None
         if self._waker is not None:
             self._waker.close()
