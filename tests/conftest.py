@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from fakedriver import fake_driver, fake_nvml_lib, inproc_driver
+
+__all__ = ["fake_driver", "fake_nvml_lib", "inproc_driver"]  # fixtures for every test module
+
 
 def _nvml_available() -> bool:
     try:
