@@ -47,6 +47,36 @@ UNKNOWN = 999
 EVENT_XID = 0x8
 
 MIB = 1024 * 1024
+#: The fake's per-call keys (``gpu.I.<key>.error``, ``.sleep_ms``, call counts).
+CALL_KEYS = (
+    "handle",
+    "name",
+    "uuid",
+    "index",
+    "pci",
+    "utilization",
+    "memory",
+    "temperature",
+    "power",
+    "power_limit",
+    "energy",
+    "clock",
+    "max_clock",
+    "clock_reasons",
+    "fan_speed",
+    "pcie",
+    "pstate",
+    "ecc",
+    "field_values",
+    "mig_mode",
+    "mig",
+    "gpm",
+    "processes",
+    "graphics_processes",
+    "process_utilization",
+    "events",
+    "supported_events",
+)
 
 
 class BuildUnavailable(RuntimeError):
@@ -98,16 +128,18 @@ def exported_symbols(lib: Path) -> set[str]:
     return {line.split()[-1] for line in out.splitlines() if line.split()[-1].startswith("nvml")}
 
 
-_preloaded: Path | None = None
+_preloaded: ctypes.CDLL | None = None
 
 
-def preload(lib_dir: Path) -> None:
+def preload(lib_dir: Path) -> ctypes.CDLL:
     """Load the fake into this process so the real pynvml finds it (see the module doc)."""
     global _preloaded
-    if _preloaded is not None:
-        return
-    ctypes.CDLL(str(lib_dir / LIB_NAME), mode=ctypes.RTLD_GLOBAL)
-    _preloaded = lib_dir
+    if _preloaded is None:
+        lib = ctypes.CDLL(str(lib_dir / LIB_NAME), mode=ctypes.RTLD_GLOBAL)
+        lib.fakeNvmlCallCount.restype = ctypes.c_ulong
+        lib.fakeNvmlCallCount.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        _preloaded = lib
+    return _preloaded
 
 
 def gpu(index: int, **overrides: object) -> dict[str, object]:
@@ -190,6 +222,16 @@ class FakeDriver:
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, self.path)
 
+    def calls(self, call: str, gpu: int) -> int:
+        """Calls of scenario key ``call`` (``utilization``, ``handle``...) that reached GPU
+        ``gpu`` in this process (the fake loaded in-process only)."""
+        assert _preloaded is not None, "calls are counted only for the in-process fake"
+        return int(_preloaded.fakeNvmlCallCount(call.encode(), gpu))
+
+    def gpu_calls(self, gpu: int) -> int:
+        """Every call that reached GPU ``gpu`` in this process."""
+        return sum(self.calls(call, gpu) for call in CALL_KEYS)
+
     # ------------------------------------------------------------------ processes over it
     def env(self, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
         """An environment in which a new process's pynvml loads this fake driver."""
@@ -269,7 +311,7 @@ def fake_driver(fake_nvml_lib: Path, tmp_path: Path) -> FakeDriver:
 @pytest.fixture
 def inproc_driver(fake_driver: FakeDriver, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDriver]:
     """The fake driver loaded into this process under the real pynvml (see :func:`preload`)."""
-    preload(fake_driver.lib_dir)
+    preload(fake_driver.lib_dir).fakeNvmlReset()
     monkeypatch.setenv(SCENARIO_ENV, str(fake_driver.path))
     monkeypatch.delitem(sys.modules, "pynvml", raising=False)
     from gputel.sources import nvml

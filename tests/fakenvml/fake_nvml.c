@@ -56,6 +56,7 @@
  * pstate ecc field_values mig_mode mig gpm processes graphics_processes process_utilization
  * events supported_events):
  *   gpu.i.C.error=N           that call returns N (999 UNKNOWN, 4 NO_PERMISSION, ...)
+ *   gpu.i.memory_v2.error=N   only nvmlDeviceGetMemoryInfo_v2 fails (a driver without it)
  *   gpu.i.all.error=N         every call on GPU i returns N (15 GPU_IS_LOST), the handle too
  *   gpu.i.C.sleep_ms=N        the call blocks N ms before answering, like a hung driver; it
  *   gpu.i.all.sleep_ms=N      re-reads the scenario while it waits, so lowering or removing the
@@ -66,6 +67,10 @@
  * new ID delivers one more) to a set registered for that GPU and type, else waits up to its
  * timeout and returns NVML_ERROR_TIMEOUT. `event_wait.sleep_ms=N` blocks every wait N ms first,
  * `event_wait.error=N` makes it fail.
+ *
+ * Two functions that are not NVML serve tests that load the library into their own process:
+ * fakeNvmlCallCount(call, gpu) counts the calls of key `call` that reached GPU `gpu`, and
+ * fakeNvmlReset() forgets counts, delivered events and initialisation.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -288,6 +293,8 @@ static int get_double(double *out, const char *fmt, ...) {
     return 1;
 }
 
+static void n_delivered_reset(void);
+
 static unsigned long long now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -313,9 +320,49 @@ static void hang(int index, const char *call) {
     }
 }
 
+/* Calls per (call key, GPU), for tests that count driver round-trips (fakeNvmlCallCount). */
+#define MAX_CALL_KEYS 64
+static const char *call_keys[MAX_CALL_KEYS];
+static unsigned long call_counts[MAX_CALL_KEYS][MAX_GPUS];
+
+static void count_call(int index, const char *call) {
+    if (index < 0 || index >= MAX_GPUS) return;
+    pthread_mutex_lock(&lock);
+    for (int k = 0; k < MAX_CALL_KEYS; k++) {
+        if (call_keys[k] == NULL) call_keys[k] = call;
+        if (strcmp(call_keys[k], call) == 0) {
+            call_counts[k][index]++;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+/* Not NVML: how many times call key `call` reached GPU `index` (tests load it with ctypes). */
+unsigned long fakeNvmlCallCount(const char *call, int index) {
+    unsigned long n = 0;
+    pthread_mutex_lock(&lock);
+    for (int k = 0; k < MAX_CALL_KEYS && call_keys[k] != NULL; k++)
+        if (strcmp(call_keys[k], call) == 0 && index >= 0 && index < MAX_GPUS)
+            n = call_counts[k][index];
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
+/* Not NVML: forget the counts and the delivered events (a new test in the same process). */
+void fakeNvmlReset(void) {
+    pthread_mutex_lock(&lock);
+    memset(call_counts, 0, sizeof call_counts);
+    init_count = 0;
+    n_delivered_reset();
+    loaded_size = -1;
+    pthread_mutex_unlock(&lock);
+}
+
 /* Every device call starts here: the hang, then the scripted error, if any. */
 static nvmlReturn_t enter_gpu(int index, const char *call) {
     if (init_count <= 0) return E_UNINITIALIZED;
+    count_call(index, call);
     hang(index, call);
     unsigned long long code;
     if (get_num(&code, "gpu.%d.all.error", index)) return (nvmlReturn_t)code;
@@ -520,7 +567,9 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t d, nvmlMemory_t *m) {
 nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t d, nvmlMemory_v2_t *m) {
     if (m == NULL || m->version != ((unsigned int)sizeof(nvmlMemory_v2_t) | (2u << 24)))
         return E_ARGUMENT_VERSION_MISMATCH;
-    unsigned long long total, used, free_, reserved;
+    unsigned long long total, used, free_, reserved, code;
+    if (valid(d) && get_num(&code, "gpu.%d.memory_v2.error", d->index)) /* an older driver */
+        return (nvmlReturn_t)code;
     nvmlReturn_t rc = memory_values(d, &total, &used, &free_, &reserved);
     if (rc != OK) return rc;
     m->total = total;
@@ -834,6 +883,8 @@ struct event_set {
 
 static char delivered[MAX_DELIVERED][KEY_LEN];
 static int n_delivered;
+
+static void n_delivered_reset(void) { n_delivered = 0; }
 
 nvmlReturn_t nvmlEventSetCreate(struct event_set **set) {
     if (init_count <= 0) return E_UNINITIALIZED;

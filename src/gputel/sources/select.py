@@ -47,14 +47,16 @@ def _one_line(exc: BaseException) -> str:
     return first or type(exc).__name__
 
 
-def _open_nvml(settings: Settings) -> GpuSource:
+def _open_nvml(settings: Settings) -> tuple[GpuSource, str | None]:
+    """The NVML source and its notice: the GPUs it left out or cannot fully measure."""
     try:
         from gputel.sources.nvml import open_nvml
     except ImportError as exc:
         if getattr(exc, "name", None) in ("pynvml", "gputel.sources.nvml"):
             raise GpuSourceError(NVML_BINDINGS_MISSING) from exc
         raise GpuSourceError(f"cannot load the NVML source: {_one_line(exc)}") from exc
-    return open_nvml(settings.gpus)
+    source = open_nvml(settings.gpus)
+    return source, "; ".join(getattr(source, "notices", ())) or None
 
 
 def sim_epoch_from_env(
@@ -101,11 +103,11 @@ def open_gpu_source(
     if backend == "none":
         return NoneGpuSource(), None
     if backend == "nvml":
-        return _open_nvml(settings), None
+        return _open_nvml(settings)
     if backend != "auto":
         raise GpuSourceError(f"unknown GPUTEL_BACKEND {backend!r}")
     try:
-        return _open_nvml(settings), None
+        return _open_nvml(settings)
     except GpuSelectionError:
         raise  # a typo in GPUTEL_GPUS on a GPU node must not silently record no GPUs
     except GpuSourceError as exc:
