@@ -319,3 +319,37 @@ def inproc_driver(fake_driver: FakeDriver, monkeypatch: pytest.MonkeyPatch) -> I
     nvml.reset_nvml_state()
     yield fake_driver
     nvml.reset_nvml_state()
+
+
+def real_gpu_present() -> bool:
+    """Whether this machine has a working NVIDIA driver and GPU (``nvidia-smi -L`` lists one)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return False
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "GPU " in out.stdout
+
+
+@pytest.fixture
+def gpu_driver(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """For ``-m gpu`` tests: ``"real"`` on a machine with an NVIDIA GPU, else the fake driver
+    with two healthy GPUs loaded in this process (``"fake"``)."""
+    from gputel.sources import nvml
+
+    nvml.reset_nvml_state()
+    if real_gpu_present():
+        yield "real"
+    else:
+        lib_dir: Path = request.getfixturevalue("fake_nvml_lib")
+        driver = FakeDriver(lib_dir, tmp_path / "gpu-scenario.txt")
+        driver.write(scenario(2))
+        preload(lib_dir).fakeNvmlReset()
+        monkeypatch.setenv(SCENARIO_ENV, str(driver.path))
+        monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+        yield "fake"
+    nvml.reset_nvml_state()

@@ -753,6 +753,7 @@ class Agent:
                     "stopping": not child.running,
                     "files": hb.get("files") or {},
                     "tick": hb.get("tick"),
+                    "gpus_stuck": hb.get("gpus_stuck") or [],
                 }
             allocations = [
                 {k: a.get(k) for k in ("id", "gpus", "pid", "start")}
