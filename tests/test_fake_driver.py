@@ -117,6 +117,18 @@ def test_struct_layouts_match_the_binding() -> None:
     assert checked >= 10
 
 
+def test_the_process_list_struct_is_the_drivers() -> None:
+    """The array the binding hands to nvmlDeviceGetComputeRunningProcesses_v3 must have the
+    driver's 24-byte entries (nvidia-ml-py 12.535.77 used 32 and read garbage: pyproject's
+    floor is 12.535.108 for this)."""
+    import pynvml
+
+    source = inspect.getsource(pynvml.nvmlDeviceGetComputeRunningProcesses_v3)
+    match = re.search(r"proc_array = (\w+) \*", source)
+    assert match is not None
+    assert ctypes.sizeof(getattr(pynvml, match.group(1))) == 24
+
+
 # ------------------------------------------------------------------------ behaviour, in a child
 _PROBE = """
 import json, pynvml as nv
