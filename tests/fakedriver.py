@@ -31,6 +31,8 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "fakenvml" / "fake_nvml.c"
+#: The folder holding the fake ``nvidia-smi`` (reads the same scenario as the fake library).
+SMI_DIR = HERE / "fakenvml"
 LIB_NAME = "libnvidia-ml.so.1"
 SCENARIO_ENV = "FAKE_NVML_SCENARIO"
 REPO = HERE.parent
@@ -233,22 +235,39 @@ class FakeDriver:
         return sum(self.calls(call, gpu) for call in CALL_KEYS)
 
     # ------------------------------------------------------------------ processes over it
-    def env(self, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
-        """An environment in which a new process's pynvml loads this fake driver."""
+    def env(
+        self,
+        base: Mapping[str, str] | None = None,
+        *,
+        library: bool = True,
+        smi: bool = False,
+        **extra: str,
+    ) -> dict[str, str]:
+        """An environment in which a new process's pynvml loads this fake driver (unless
+        ``library`` is false: then no libnvidia-ml.so.1 is found) and, with ``smi``, the fake
+        ``nvidia-smi`` over the same scenario comes first on PATH."""
         env = dict(os.environ if base is None else base)
-        old = env.get("LD_LIBRARY_PATH")
-        env["LD_LIBRARY_PATH"] = f"{self.lib_dir}:{old}" if old else str(self.lib_dir)
+        if library:
+            old = env.get("LD_LIBRARY_PATH")
+            env["LD_LIBRARY_PATH"] = f"{self.lib_dir}:{old}" if old else str(self.lib_dir)
+        if smi:
+            env["PATH"] = f"{SMI_DIR}:{env.get('PATH', os.defpath)}"
         env[SCENARIO_ENV] = str(self.path)
         env.update(extra)
         return env
 
     def run_gputel(
-        self, *args: str, timeout: float = 60, env: Mapping[str, str] | None = None
+        self,
+        *args: str,
+        timeout: float = 60,
+        env: Mapping[str, str] | None = None,
+        library: bool = True,
+        smi: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         """``gputel ARGS`` to completion over this driver (extra settings in ``env``)."""
         return subprocess.run(
             [str(GPUTEL), *args],
-            env=self.env(**dict(env or {})),
+            env=self.env(library=library, smi=smi, **dict(env or {})),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -256,12 +275,17 @@ class FakeDriver:
         )
 
     def popen_gputel(
-        self, *args: str, env: Mapping[str, str] | None = None, **kwargs: object
+        self,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        library: bool = True,
+        smi: bool = False,
+        **kwargs: object,
     ) -> subprocess.Popen[str]:
         """``gputel ARGS`` running in the background over this driver; stderr captured."""
         return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
             [str(GPUTEL), *args],
-            env=self.env(**dict(env or {})),
+            env=self.env(library=library, smi=smi, **dict(env or {})),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
