@@ -118,24 +118,42 @@ def test_no_nvidia_smi(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ selection
-def test_backend_smi_and_auto_fallback(smi_world: FakeDriver, tmp_path: Path) -> None:
+def test_backend_smi(smi_world: FakeDriver) -> None:
     source, notice = open_gpu_source(load_settings({"GPUTEL_BACKEND": "smi"}), env={})
     assert source.name == "smi" and notice is None
-    # auto: the binding finds no libnvidia-ml.so.1 in this process, nvidia-smi runs.
-    source, notice = open_gpu_source(load_settings({"GPUTEL_BACKEND": "auto"}), env={})
-    if source.name == "nvml":
+
+
+def _status(driver: FakeDriver, tmp_path: Path, backend: str) -> dict[str, object]:
+    """``gputel status --json`` in a process whose loader finds no libnvidia-ml.so.1."""
+    result = driver.run_gputel(
+        "status",
+        "--json",
+        library=False,
+        smi=True,
+        env={"GPUTEL_BACKEND": backend, "GPUTEL_RUN_DIR": str(tmp_path)},
+    )
+    status: dict[str, object] = json.loads(result.stdout)
+    if status.get("source") == "nvml":
         pytest.skip("this machine has a real libnvidia-ml.so.1")
-    assert source.name == "smi"
-    assert notice is not None and notice.startswith("NVML unavailable (")
+    return status
+
+
+def test_auto_falls_back_to_smi_when_the_binding_cannot_load_nvml(
+    fake_driver: FakeDriver, tmp_path: Path
+) -> None:
+    status = _status(fake_driver, tmp_path, "auto")
+    assert status["source"] == "smi"
+    notice = str(status["notice"])
+    assert notice.startswith("NVML unavailable (NVIDIA driver library libnvidia-ml.so.1 not found")
     assert "reading the GPUs through nvidia-smi instead" in notice
+    assert [g["index"] for g in status["gpus"]] == [0, 1]  # type: ignore[attr-defined]
 
 
-def test_auto_without_either_records_no_gpu(smi_world: FakeDriver) -> None:
-    smi_world.set(init__error=9)
-    source, notice = open_gpu_source(load_settings({"GPUTEL_BACKEND": "auto"}), env={})
-    if source.name == "nvml":
-        pytest.skip("this machine has a real libnvidia-ml.so.1")
-    assert source.name == "none" and notice is not None and "no GPU telemetry" in notice
+def test_auto_without_either_records_no_gpu(fake_driver: FakeDriver, tmp_path: Path) -> None:
+    fake_driver.set(init__error=9)
+    status = _status(fake_driver, tmp_path, "auto")
+    assert status["source"] == "none" and status["gpus"] == []
+    assert "libnvidia-ml.so.1 not found" in str(status["notice"])
 
 
 # ---------------------------------------------------------------------------------- end to end
