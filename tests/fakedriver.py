@@ -362,7 +362,7 @@ def gpu_driver(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
     """For ``-m gpu`` tests: ``"real"`` on a machine with an NVIDIA GPU, else the fake driver
-    with two healthy GPUs loaded in this process (``"fake"``)."""
+    with two healthy GPUs loaded in this process and the fake nvidia-smi on PATH (``"fake"``)."""
     from gputel.sources import nvml
 
     nvml.reset_nvml_state()
@@ -374,6 +374,7 @@ def gpu_driver(
         driver.write(scenario(2))
         preload(lib_dir).fakeNvmlReset()
         monkeypatch.setenv(SCENARIO_ENV, str(driver.path))
+        monkeypatch.setenv("PATH", f"{SMI_DIR}:{os.environ.get('PATH', os.defpath)}")
         monkeypatch.delitem(sys.modules, "pynvml", raising=False)
         yield "fake"
     nvml.reset_nvml_state()
