@@ -133,6 +133,28 @@ def exported_symbols(lib: Path) -> set[str]:
 _preloaded: ctypes.CDLL | None = None
 
 
+def loaded_nvml_libraries() -> set[str]:
+    """Paths of every libnvidia-ml.so.1 mapped into this process (real or fake).
+
+    A process can hold only one usable libnvidia-ml.so.1: pynvml's ``dlopen`` by name gets the
+    first one loaded. Tests that need one kind skip when the other is already in.
+    """
+    try:
+        with open("/proc/self/maps") as fh:
+            return {
+                line.split(None, 5)[5].strip()
+                for line in fh
+                if LIB_NAME in line and len(line.split(None, 5)) == 6
+            }
+    except OSError:
+        return set()
+
+
+def _real_library_loaded(lib_dir: Path) -> bool:
+    ours = str((lib_dir / LIB_NAME).resolve())
+    return any(os.path.realpath(p) != ours for p in loaded_nvml_libraries())
+
+
 def preload(lib_dir: Path) -> ctypes.CDLL:
     """Load the fake into this process so the real pynvml finds it (see the module doc)."""
     global _preloaded
@@ -335,6 +357,8 @@ def fake_driver(fake_nvml_lib: Path, tmp_path: Path) -> FakeDriver:
 @pytest.fixture
 def inproc_driver(fake_driver: FakeDriver, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDriver]:
     """The fake driver loaded into this process under the real pynvml (see :func:`preload`)."""
+    if _real_library_loaded(fake_driver.lib_dir):
+        pytest.skip("the real libnvidia-ml.so.1 is loaded in this process (run -m gpu apart)")
     preload(fake_driver.lib_dir).fakeNvmlReset()
     monkeypatch.setenv(SCENARIO_ENV, str(fake_driver.path))
     monkeypatch.delitem(sys.modules, "pynvml", raising=False)
@@ -367,6 +391,8 @@ def gpu_driver(
 
     nvml.reset_nvml_state()
     if real_gpu_present():
+        if _preloaded is not None:
+            pytest.skip("the fake libnvidia-ml.so.1 is loaded in this process (run -m gpu apart)")
         yield "real"
     else:
         lib_dir: Path = request.getfixturevalue("fake_nvml_lib")
