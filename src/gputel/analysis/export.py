@@ -31,6 +31,8 @@ def export_parquet(
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportRefused(f"{out} is not empty (use --overwrite to replace its datasets)")
     con = con or duck.connect()
+    import duckdb
+
     fs = duck.find_files(paths)
     written: dict[str, int] = {}
     for kind in KINDS:
@@ -42,12 +44,19 @@ def export_parquet(
         target = out / kind
         if target.exists():
             shutil.rmtree(target)
-        con.execute(
-            "COPY (SELECT * EXCLUDE (fid, ts), "
-            "make_timestamp(CAST(round(ts * 1e6) AS BIGINT)) AS timestamp, "
-            "strftime(make_timestamp(CAST(round(ts * 1e6) AS BIGINT)), '%Y-%m-%d') AS date "
-            f"FROM {kind}) TO {duck.quote(str(target))} "
-            "(FORMAT parquet, PARTITION_BY (node, date), COMPRESSION zstd, OVERWRITE_OR_IGNORE)"
-        )
+        target.mkdir(parents=True)
+        try:
+            con.execute(_COPY.format(kind=kind, target=duck.quote(str(target))))
+        except duckdb.Error as exc:
+            raise OSError(str(exc).split("\n", 1)[0]) from None
         written[kind] = rows
     return written
+
+
+_COPY = (
+    "COPY (SELECT * EXCLUDE (fid, ts), "
+    "make_timestamp(CAST(round(ts * 1e6) AS BIGINT)) AS timestamp, "
+    "strftime(make_timestamp(CAST(round(ts * 1e6) AS BIGINT)), '%Y-%m-%d') AS date "
+    "FROM {kind}) TO {target} "
+    "(FORMAT parquet, PARTITION_BY (node, date), COMPRESSION zstd, OVERWRITE_OR_IGNORE)"
+)
