@@ -550,3 +550,10 @@ def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    json.dump(build_report([Path(p) for p in sys.argv[1:]]), sys.stdout)

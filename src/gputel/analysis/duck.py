@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import re
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,11 @@ class AnalysisUnavailable(RuntimeError):
     """DuckDB (the ``analysis`` extra) is not installed."""
 
 
+#: DuckDB's memory ceiling; beyond it, tables and sorts spill to a temporary directory, so a
+#: fleet's worth of rows fits on a small machine.
+MEMORY_LIMIT = "640MB"
+
+
 def connect(threads: int | None = None) -> Any:
     """An in-memory DuckDB connection, or AnalysisUnavailable saying how to install it."""
     try:
@@ -70,6 +77,10 @@ def connect(threads: int | None = None) -> Any:
         raise AnalysisUnavailable(f"this command needs DuckDB: {INSTALL_HINT}") from None
     con = duckdb.connect(":memory:")
     con.execute("SET preserve_insertion_order = false")
+    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
+    # Spill files go to the system's temporary directory, not the caller's working directory.
+    spill = Path(tempfile.gettempdir()) / f"gputel-duckdb-{os.getpid()}"
+    con.execute(f"SET temp_directory = {quote(str(spill))}")
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     return con
@@ -169,12 +180,21 @@ def _checked_int(col: str) -> str:
     )
 
 
-def load(con: Any, fs: FileSet, kind: str, flt: ReportFilter, table: str | None = None) -> int:
+def load(
+    con: Any,
+    fs: FileSet,
+    kind: str,
+    flt: ReportFilter,
+    table: str | None = None,
+    wrap: Callable[[str], str] | None = None,
+) -> int:
     """Create table ``kind`` (or ``table``) from the files of ``kind``; returns its row count.
 
-    Columns: ``fid`` (index into the file list), ``node``, ``ts`` (epoch seconds, DOUBLE),
-    ``gpu`` (INTEGER, not for host files) and the kind's numeric and text columns. ``flt`` keeps
-    the time range and GPU indices. A damaged cell raises CsvReadError naming the file.
+    Columns: ``fid`` (index into ``{table}_files(fid, path, node)``), ``node``, ``ts`` (epoch
+    seconds, DOUBLE), ``gpu`` (INTEGER, not for host files) and the kind's numeric and text
+    columns. ``flt`` keeps the time range and GPU indices. ``wrap`` turns that SELECT into the
+    one the table is made of (per-row windows in the same pass, no second copy of the rows).
+    A damaged cell raises CsvReadError naming the file.
     """
     table = table or kind
     headers = {p: _header(p, kind) for p in fs.files[kind]}
@@ -217,24 +237,24 @@ def load(con: Any, fs: FileSet, kind: str, flt: ReportFilter, table: str | None 
         where.append(f"ts <= {flt.until!r}")
     if flt.gpus is not None and kind != "host":
         where.append(f"gpu IN ({', '.join(str(g) for g in sorted(flt.gpus)) or 'NULL'})")
-    source = _read_csv_sql(paths) if paths else None
-    if source is None:
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM ("
-            f"SELECT 0 AS fid, '' AS node, 0.0::DOUBLE AS ts"
+    wrap = wrap or (lambda inner: inner)
+    if not paths:
+        inner = (
+            "SELECT * FROM (SELECT 0 AS fid, '' AS node, 0.0::DOUBLE AS ts"
             + (", 0 AS gpu" if kind != "host" else "")
             + "".join(f", NULL::DOUBLE AS {c}" for c in NUMERIC[kind])
             + "".join(f", NULL::BIGINT AS {c}" for c in INTEGER[kind])
             + "".join(f", NULL::VARCHAR AS {c}" for c in TEXT[kind])
             + ") WHERE false"
         )
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(inner)}")
         return 0
-    sql = (
-        f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM ("
-        f"SELECT {', '.join(select)} FROM {source} r JOIN {table}_files f ON r.filename = f.path"
+    inner = (
+        f"SELECT * FROM (SELECT {', '.join(select)} FROM {_read_csv_sql(paths)} r "
+        f"JOIN {table}_files f ON r.filename = f.path"
         f") {'WHERE ' + ' AND '.join(where) if where else ''}"
     )
-    _run(con, sql, paths)
+    _run(con, f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(inner)}", paths)
     return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 

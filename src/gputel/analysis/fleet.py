@@ -39,14 +39,14 @@ class EventCounts:
 
 
 _TOTALS = """
-SELECT {key}, count(DISTINCT (r.node, r.gpu)) AS gpus,
+SELECT {key}, count(DISTINCT (s.node, r.gpu)) AS gpus,
        round(sum(s.interval) / 3600, 3) AS gpu_hours_recorded,
        round(coalesce(sum(s.interval) FILTER (WHERE r.util >= {idle_util}), 0) / 3600, 3)
          AS gpu_hours_busy,
        round(sum(r.delta) / {kwh}, 6) AS energy_kwh,
        round(coalesce(sum(s.interval) FILTER (WHERE r.reasons & {mask} <> 0), 0), 3)
          AS throttled_s
-FROM r JOIN sess s USING (sid) GROUP BY ALL ORDER BY ALL
+FROM rv r JOIN sess s USING (sid) JOIN ident i USING (sid, gpu) GROUP BY ALL ORDER BY ALL
 """
 
 _IDLE = """
@@ -54,7 +54,7 @@ WITH x AS (
   SELECT a.node, a.alloc_id, a.gpu, a.ts, s.interval, coalesce(a.util < {idle_util}, false) AS idle,
          CASE WHEN NOT coalesce(a.util < {idle_util}, false) OR a.alloc_spacing IS NULL
                    OR a.alloc_spacing > 1.5 * s.interval THEN 1 ELSE 0 END AS brk
-  FROM a JOIN sess s USING (sid)
+  FROM a JOIN sess s USING (sid, node)
 ), y AS (
   SELECT *, sum(brk) OVER (PARTITION BY node, alloc_id, gpu ORDER BY ts
                            ROWS UNBOUNDED PRECEDING) AS stretch
@@ -93,7 +93,7 @@ def fleet_summary(con: Any, idle_util: float, idle_minutes: float) -> dict[str, 
         idle_per_node[item["node"]] = idle_per_node.get(item["node"], 0) + 1
     nodes = []
     for node, gpus, recorded, busy, kwh, throttled in con.execute(
-        _TOTALS.format(key="r.node", **fmt)
+        _TOTALS.format(key="s.node", **fmt)
     ).fetchall():
         nodes.append(
             {
@@ -117,7 +117,7 @@ def fleet_summary(con: Any, idle_util: float, idle_minutes: float) -> dict[str, 
             "throttled_s": throttled,
         }
         for model, gpus, recorded, busy, kwh, throttled in con.execute(
-            _TOTALS.format(key="coalesce(r.name, '')", **fmt)
+            _TOTALS.format(key="coalesce(i.name, '')", **fmt)
         ).fetchall()
     ]
     return {"nodes": nodes, "models": models, "idle_allocations": idle}

@@ -98,8 +98,8 @@ class _FileSpan:
     spacings: Counter[float] = field(default_factory=Counter)
 
 
-def assign_sessions(con: Any, table: str) -> list[list[_FileSpan]]:
-    """Group the files of ``table`` into sessions; writes ``{table}_sessions(fid, sid, max_gap)``.
+def assign_sessions(con: Any, table: str, kind: str | None = None) -> list[list[_FileSpan]]:
+    """Group the files of ``table`` into sessions; writes ``{kind}_sessions(fid, sid, max_gap)``.
 
     Files are walked per node in time order; the continuation gap grows with the interval seen
     so far in the session (the most common spacing of its distinct ticks).
@@ -138,36 +138,90 @@ def assign_sessions(con: Any, table: str) -> list[list[_FileSpan]]:
             spacing.update(span.spacings)
             current.append(span)
             last = max(last, span.last)
+    kind = kind or table
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE {table}_sessions (fid INTEGER, sid INTEGER, max_gap DOUBLE)"
+        f"CREATE OR REPLACE TEMP TABLE {kind}_sessions (fid INTEGER, sid INTEGER, max_gap DOUBLE)"
     )
     if rows:
-        con.executemany(f"INSERT INTO {table}_sessions VALUES (?, ?, ?)", rows)
+        con.executemany(f"INSERT INTO {kind}_sessions VALUES (?, ?, ?)", rows)
     return sessions
 
 
-#: Per-row GPU table ``r``: session, tick spacing per GPU and the energy of the interval ending
-#: at the row (the energy rule in the module docstring, written once here).
+#: Per-row GPU table ``r``, made while the files are read: tick spacing per GPU and the energy
+#: of the interval ending at each row, within its file (the energy rule in the module docstring:
+#: the counter's rise, or power integrated where a file has no counter; ``delta_p`` is applied
+#: only across spacings within the session's continuation gap). A file's first rows get their
+#: spacing and energy from the session's previous file afterwards (:func:`_join_files`).
 _ROWS_SQL = """
-CREATE OR REPLACE TEMP TABLE r AS
-SELECT g.node, s.sid, g.gpu, g.ts,
-       g.utilization_gpu_pct AS util, g.memory_used_mib AS mem, g.temperature_c AS temp,
-       g.power_w AS power, g.clock_event_reasons AS reasons, g.lost = '1' AS lost,
-       g.allocations AS alloc, g.uuid, g.name,
-       g.sm_active_pct AS sm, g.tensor_active_pct AS tensor,
-       g.ts - lag(g.ts) OVER w AS spacing,
-       CASE
-         WHEN lag(g.ts) OVER w IS NULL THEN NULL
-         WHEN lag(g.fid) OVER w = g.fid AND g.energy_j IS NOT NULL
-              AND lag(g.energy_j) OVER w IS NOT NULL
-           THEN greatest(0.0, g.energy_j - lag(g.energy_j) OVER w)
-         WHEN g.power_w IS NOT NULL AND lag(g.power_w) OVER w IS NOT NULL
-              AND g.ts - lag(g.ts) OVER w > 0 AND g.ts - lag(g.ts) OVER w <= s.max_gap
-           THEN (g.power_w + lag(g.power_w) OVER w) / 2 * (g.ts - lag(g.ts) OVER w)
-       END AS delta
-FROM gpu g JOIN gpu_sessions s USING (fid)
-WINDOW w AS (PARTITION BY s.sid, g.gpu ORDER BY g.ts, g.fid)
+SELECT fid, gpu, ts,
+       utilization_gpu_pct AS util, memory_used_mib AS mem, temperature_c AS temp,
+       power_w AS power, clock_event_reasons AS reasons, lost = '1' AS lost,
+       allocations AS alloc, sm_active_pct AS sm, tensor_active_pct AS tensor, uuid, name,
+       ts - lag(ts) OVER w AS spacing,
+       CASE WHEN energy_j IS NOT NULL AND lag(energy_j) OVER w IS NOT NULL
+            THEN greatest(0.0, energy_j - lag(energy_j) OVER w) END AS delta_e,
+       CASE WHEN power_w IS NOT NULL AND lag(power_w) OVER w IS NOT NULL
+            THEN (power_w + lag(power_w) OVER w) / 2 * (ts - lag(ts) OVER w) END AS delta_p
+FROM ({inner})
+WINDOW w AS (PARTITION BY fid, gpu ORDER BY ts)
 """
+
+#: The rows of ``r`` with their session, node and energy: the view every GPU query reads.
+_VIEW_SQL = """
+CREATE OR REPLACE TEMP VIEW rv AS
+SELECT r.* EXCLUDE (delta_e, delta_p, uuid, name), m.sid, f.node,
+       coalesce(r.delta_e, CASE WHEN r.spacing > 0 AND r.spacing <= m.max_gap
+                                THEN r.delta_p END) AS delta
+FROM r JOIN gpu_sessions m USING (fid) JOIN r_files f USING (fid)
+"""
+
+#: First uuid and model name of each GPU in each session.
+_IDENTITY_SQL = """
+CREATE OR REPLACE TEMP TABLE ident AS
+SELECT m.sid, r.gpu, arg_min(r.uuid, r.ts) AS uuid, arg_min(r.name, r.ts) AS name
+FROM r JOIN gpu_sessions m USING (fid) GROUP BY ALL
+"""
+
+
+def _join_files(con: Any, sessions: list[list[_FileSpan]]) -> None:
+    """Spacing and energy of each file's first row per GPU, from the session's previous rows.
+
+    Across a file boundary the energy counter restarts, so the interval between the last row
+    before and the first row of the file counts as power integrated over it (trapezoid).
+    """
+    ends: dict[int, dict[int, tuple[tuple[float, float | None], tuple[float, float | None]]]] = {}
+    for fid, gpu, t0, p0, t1, p1 in con.execute(
+        "SELECT fid, gpu, min(ts), arg_min_null(power, ts), max(ts), arg_max_null(power, ts) "
+        "FROM r GROUP BY ALL"
+    ).fetchall():
+        ends.setdefault(fid, {})[gpu] = ((t0, p0), (t1, p1))
+    fixes: list[tuple[int, int, float, float, float | None]] = []
+    for files in sessions:
+        seen: dict[int, tuple[float, float | None]] = {}
+        for span in files:
+            for gpu, (first, last) in sorted(ends.get(span.fid, {}).items()):
+                prev = seen.get(gpu)
+                if prev is not None and first[0] >= prev[0]:
+                    dt = first[0] - prev[0]
+                    energy = (
+                        (first[1] + prev[1]) / 2 * dt
+                        if first[1] is not None and prev[1] is not None
+                        else None
+                    )
+                    fixes.append((span.fid, gpu, first[0], dt, energy))
+                if prev is None or last[0] >= prev[0]:
+                    seen[gpu] = last
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE joins (fid INTEGER, gpu INTEGER, ts DOUBLE, "
+        "spacing DOUBLE, delta_p DOUBLE)"
+    )
+    if fixes:
+        con.executemany("INSERT INTO joins VALUES (?, ?, ?, ?, ?)", fixes)
+        con.execute(
+            "UPDATE r SET spacing = j.spacing, delta_p = j.delta_p FROM joins j "
+            "WHERE r.fid = j.fid AND r.gpu = j.gpu AND r.ts = j.ts"
+        )
+
 
 #: Rows tagged with an allocation, one per (row, allocation id), with the per-(node, allocation,
 #: GPU) spacing that gap detection and idle stretches need.
@@ -176,7 +230,7 @@ CREATE OR REPLACE TEMP TABLE a AS
 SELECT *, ts - lag(ts) OVER (PARTITION BY node, alloc_id, gpu ORDER BY ts) AS alloc_spacing
 FROM (
   SELECT * EXCLUDE (alloc, spacing), unnest(string_split(alloc, ';')) AS alloc_id
-  FROM r WHERE alloc IS NOT NULL AND alloc <> ''
+  FROM rv WHERE alloc IS NOT NULL AND alloc <> ''
 ) WHERE alloc_id <> '' {only}
 """
 
@@ -328,7 +382,7 @@ def _host_sessions(con: Any) -> list[tuple[str, dict[str, Any], float, float]]:
 
 def _load_all(con: Any, paths: list[Path], flt: ReportFilter) -> duck.FileSet:
     fs = duck.find_files(paths)
-    duck.load(con, fs, "gpu", flt)
+    duck.load(con, fs, "gpu", flt, table="r", wrap=lambda inner: _ROWS_SQL.format(inner=inner))
     duck.load(con, fs, "host", flt if flt.allocation is None else ReportFilter(since=1, until=0))
     duck.load(con, fs, "events", flt)
     return fs
@@ -347,27 +401,28 @@ def build_report(
     flt = flt or ReportFilter()
     con = con or duck.connect()
     _load_all(con, list(paths), flt)
-    gpu_sessions = assign_sessions(con, "gpu")
-    con.execute(_ROWS_SQL)
-    con.execute("DROP TABLE gpu")
-    only = "" if flt.allocation is None else f"AND alloc_id = {duck.quote(flt.allocation)}"
-    con.execute(_ALLOC_ROWS_SQL.format(only=only))
+    gpu_sessions = assign_sessions(con, "r", "gpu")
+    _join_files(con, gpu_sessions)
+    con.execute(_VIEW_SQL)
+    con.execute(_IDENTITY_SQL)
 
-    per_gpu = scope_stats(con, "r", "sid, gpu", "spacing")
+    per_gpu = scope_stats(con, "rv", "sid, gpu", "spacing")
     identity = {
         (sid, gpu): (uuid or "", name or "")
-        for sid, gpu, uuid, name in con.execute(
-            "SELECT sid, gpu, arg_min(uuid, ts), arg_min(name, ts) FROM r GROUP BY ALL"
-        ).fetchall()
+        for sid, gpu, uuid, name in con.execute("SELECT * FROM ident").fetchall()
     }
     session_spacing: dict[int, Counter[float]] = {}
     for (sid, _gpu), st in per_gpu.items():
         session_spacing.setdefault(sid, Counter()).update(st.spacings)
     intervals = {sid: _interval_from(c) for sid, c in session_spacing.items()}
-    con.execute("CREATE OR REPLACE TEMP TABLE sess (sid INTEGER, interval DOUBLE)")
-    rows = [(sid, intervals.get(sid) or 1.0) for sid in range(1, len(gpu_sessions) + 1)]
+    con.execute("CREATE OR REPLACE TEMP TABLE sess (sid INTEGER, node VARCHAR, interval DOUBLE)")
+    rows = [
+        (sid, files[0].node, intervals.get(sid) or 1.0) for sid, files in enumerate(gpu_sessions, 1)
+    ]
     if rows:
-        con.executemany("INSERT INTO sess VALUES (?, ?)", rows)
+        con.executemany("INSERT INTO sess VALUES (?, ?, ?)", rows)
+    only = "" if flt.allocation is None else f"AND alloc_id = {duck.quote(flt.allocation)}"
+    con.execute(_ALLOC_ROWS_SQL.format(only=only))
 
     events = fleet.EventCounts(con)
     out_sessions: list[dict[str, Any]] = []
