@@ -211,3 +211,17 @@ def test_parquet_export_reads_back_with_hive_partitions(fleet: Path, tmp_path: P
         export_parquet([fleet], out)
     assert export_parquet([fleet], out, overwrite=True)["gpu"] == 3 * 2 * TICKS
     assert con.execute(f"SELECT count(*) FROM {rel}").fetchone()[0] == 3 * 2 * TICKS
+
+
+def test_agent_and_recorder_never_import_duckdb() -> None:
+    code = (
+        "import sys\n"
+        "from gputel.cli.main import build_app, modules_for\n"
+        "for word in ('agent', 'record', 'status', 'hook'):\n"
+        "    build_app(modules_for([word]))\n"
+        "import gputel.telemetry.recorder, gputel.supervisor.agent\n"
+        "bad = [m for m in ('duckdb', 'matplotlib') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
