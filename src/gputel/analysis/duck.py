@@ -249,12 +249,39 @@ def load(
         )
         con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(inner)}")
         return 0
+    # Fast path: DuckDB casts while parsing. Only if that fails is the file set read again with
+    # every cell checked by hand, which turns the failure into one line naming the file.
+    types = {"timestamp": "TIMESTAMP"}
+    if kind != "host":
+        types["gpu"] = "INTEGER"
+    types.update({c: "DOUBLE" for c in NUMERIC[kind] if c in present})
+    types.update({c: "BIGINT" for c in INTEGER[kind] if c in present})
+    fast = ["f.fid AS fid", "f.node AS node", "epoch_us(r.timestamp) / 1e6 AS ts"]
+    fast += ["r.gpu AS gpu"] if kind != "host" else []
+    fast += [
+        f"r.{c} AS {c}" if c in present else f"NULL::{t} AS {c}"
+        for cols, t in ((NUMERIC[kind], "DOUBLE"), (INTEGER[kind], "BIGINT"))
+        for c in cols
+    ]
+    fast += [f"r.{c} AS {c}" if c in present else f"NULL::VARCHAR AS {c}" for c in TEXT[kind]]
+    filters = f"{'WHERE ' + ' AND '.join(where) if where else ''}"
+    join = f"JOIN {table}_files f ON r.filename = f.path"
     inner = (
-        f"SELECT * FROM (SELECT {', '.join(select)} FROM {_read_csv_sql(paths)} r "
-        f"JOIN {table}_files f ON r.filename = f.path"
-        f") {'WHERE ' + ' AND '.join(where) if where else ''}"
+        f"SELECT * FROM (SELECT {', '.join(fast)} FROM {_read_csv_sql(paths, types)} r {join}"
+        f") {filters}"
     )
-    _run(con, f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(inner)}", paths)
+    import duckdb
+
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(inner)}")
+    except duckdb.Error as exc:
+        checked = (
+            f"SELECT * FROM (SELECT {', '.join(select)} FROM {_read_csv_sql(paths)} r {join}"
+            f") {filters}"
+        )
+        _run(con, f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(checked)}", paths)
+        if not str(exc).startswith("Conversion Error"):
+            raise CsvReadError(_one_line(str(exc), paths)) from None
     return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
@@ -267,12 +294,15 @@ def _ts_expr() -> str:
     )
 
 
-def _read_csv_sql(paths: Sequence[Path]) -> str:
+def _read_csv_sql(paths: Sequence[Path], types: dict[str, str] | None = None) -> str:
+    typed = ""
+    if types:
+        typed = ", types = {" + ", ".join(f"{quote(c)}: {quote(t)}" for c, t in types.items()) + "}"
     return (
         "read_csv(["
         + ", ".join(quote(str(p)) for p in paths)
         + "], header = true, union_by_name = true, filename = true, all_varchar = true, "
-        "delim = ',', quote = '\"', escape = '\"', null_padding = false)"
+        "delim = ',', quote = '\"', escape = '\"', null_padding = false" + typed + ")"
     )
 
 
