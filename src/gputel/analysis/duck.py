@@ -4,10 +4,11 @@ The analysis commands run their arithmetic as SQL over these tables instead of p
 Python (an order of magnitude faster, and it grows with the machine). DuckDB is an optional
 extra, so nothing on the agent's or the recorder's path imports this module.
 
-Cells are read as text (``all_varchar``) and cast here, so that allocation ids such as ``0042``
-or ``NA`` stay strings and a damaged cell becomes one error naming its file, not a silently
-dropped row. Files written by older versions may lack columns: ``union_by_name`` gives NULL for
-them, which the analysis treats like an empty cell (no value).
+Only the numeric columns are given types; every other cell stays text (``all_varchar``), so
+allocation ids such as ``0042`` or ``NA`` stay strings. A cell that does not cast stops the load;
+the files are then read again with each cell checked in SQL, so the error is one line naming the
+damaged file, never a silently dropped row. Files written by older versions may lack columns:
+``union_by_name`` gives NULL for them, which the analysis treats like an empty cell (no value).
 """
 
 from __future__ import annotations
