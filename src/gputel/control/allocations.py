@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 ID_MAX_LEN = 128
 _ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+#: First characters a spreadsheet reads as a formula (``=``, ``+``, ``-``, ``@``; tab and CR are
+#: outside the allowed characters already). Ids land in CSV cells that people open in Excel.
+FORMULA_START = frozenset("=+-@\t\r")
 STORE_VERSION = 1
 SUMMARY_FILE = "allocations.csv"
 SUMMARY_COLUMNS = (
@@ -64,6 +67,11 @@ def validate_id(value: object) -> str:
     if len(value) > ID_MAX_LEN:
         raise AllocationError(
             f"allocation id is {len(value)} characters long; at most {ID_MAX_LEN} are allowed"
+        )
+    if value[0] in FORMULA_START:
+        raise AllocationError(
+            f"allocation id {value[:40]!r} starts with {value[0]!r}, which a spreadsheet reads "
+            "as a formula; start it with a letter, a digit, '.', '_' or ':'"
         )
     if not _ID_RE.fullmatch(value):
         bad = next(c for c in value if not _ID_RE.fullmatch(c))
