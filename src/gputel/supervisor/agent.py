@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import builtins
 import collections
-import fcntl
 import logging
 import os
 import queue
@@ -201,24 +200,12 @@ class _ModeState:
 
 
 def _take_lock(run_dir: Path) -> int:
-    path = run_dir / runtime.AGENT_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        except OSError:
-            holder = ""
-        os.close(fd)
-        who = f" (pid {holder})" if holder.isdigit() else ""
-        raise AgentAlreadyRunning(
-            f"another gputel agent{who} is already running with run directory {run_dir} "
-            f"(it holds {path}); stop it first or use another GPUTEL_RUN_DIR"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+        return runtime.take_agent_lock(run_dir)
+    except runtime.LockHeld as exc:
+        raise AgentAlreadyRunning(str(exc)) from None
+    except runtime.RunDirError as exc:
+        raise AgentError(str(exc)) from None
 
 
 def _default_store(settings: Settings, known_gpus: list[int]) -> AllocationStoreLike:
