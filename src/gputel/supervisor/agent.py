@@ -700,6 +700,7 @@ class Agent:
                 poll_duration_s=self.poll_duration_s,
                 transitions=dict(self.transition_counts),
                 restarts=dict(child.restarts) if child is not None else {},
+                restart_seconds=child.restart_seconds() if child is not None else 0.0,
             )
 
     def child_metrics(self) -> bytes | None:
@@ -734,6 +735,7 @@ class Agent:
                     "uptime_s": None if uptime is None else round(uptime, 3),
                     "restarts": child.restarts_total,
                     "restarts_by_reason": dict(child.restarts),
+                    "restart_seconds": round(child.restart_seconds(), 3),
                     "stopping": not child.running,
                     "files": hb.get("files") or {},
                     "tick": hb.get("tick"),
