@@ -59,3 +59,35 @@ def test_repeated_child_kills_come_back_after_the_policy_delays(
     assert agent.status()["child"]["restarts_by_reason"]["crash"] == 3
     lost = restart_seconds(agent.metrics())
     assert sum(expected) - 0.05 <= lost <= sum(gaps) + 0.05, (lost, gaps)
+
+
+def test_summary_covers_samples_from_before_a_child_restart(
+    spawn_agent: Callable[..., AgentProc],
+) -> None:
+    agent = spawn_agent({"GPUTEL_SIM_PATTERN": "60:3600"})
+    reply = agent.ask({"op": "allocate", "id": "job-7", "gpus": None, "pid": None})
+    assert reply["ok"], reply
+    state_path = agent.run_dir / runtime.RECORDER_STATE_FILE
+
+    def samples_of(pid: int | None = None) -> int:
+        state = runtime.read_json(state_path)
+        if not isinstance(state, dict) or (pid is not None and state.get("pid") != pid):
+            return 0
+        return int(state.get("allocation_stats", {}).get("job-7", {}).get("samples", 0))
+
+    wait_for(lambda: samples_of() >= 8, 20, "samples before the crash")
+    first = agent.status()["child"]["pid"]
+    os.kill(first, signal.SIGKILL)
+    before = samples_of(first)
+    second = wait_for(
+        lambda: (c := agent.status().get("child")) and c["pid"] != first and c["pid"], 15, "restart"
+    )
+    wait_for(lambda: samples_of(second) >= before + 5, 20, "samples after the restart")
+    state = runtime.read_json(state_path)
+    assert isinstance(state, dict) and state["pid"] == second
+    ticks_after = int(state["tick"])  # the new recorder's own ticks, all inside the allocation
+    released = agent.ask({"op": "release", "id": "job-7"})
+    assert released["ok"], released
+    summary = released["summary"]
+    assert summary["samples"] >= before + ticks_after, (summary, before, ticks_after)
+    assert summary["util_mean_pct"] == 60.0

@@ -203,6 +203,7 @@ def test_tick_publishes_state_and_tags_allocations(tmp_path: Path) -> None:
     stats = state["allocation_stats"]
     assert stats["job-1"] == {
         "samples": 2,
+        "util_readings": 2,
         "util_mean_pct": 100.0,
         "util_max_pct": 100.0,
         "temperature_max_c": stats["job-1"]["temperature_max_c"],
@@ -219,6 +220,46 @@ def test_tick_publishes_state_and_tags_allocations(tmp_path: Path) -> None:
         "job-all", "job-1;job-all", "job-all",
         "job-all", "job-1;job-all", "job-all",
     ]  # fmt: skip
+
+    # A restarted recorder (a crashed child) goes on with the statistics of open allocations.
+    rec = Recorder(
+        settings, gpu, [], clock=lambda: clock[0], wallclock=lambda: wall[0], hostname="node01"
+    )
+    step()
+    rec.close()
+    stats = json.loads((settings.run_dir / runtime.RECORDER_STATE_FILE).read_text())[
+        "allocation_stats"
+    ]
+    assert stats["job-1"]["samples"] == 3 and stats["job-1"]["util_readings"] == 3
+    assert stats["job-all"]["samples"] == 3
+    assert stats["job-all"]["util_mean_pct"] == pytest.approx((50 + 100 + 100) * 3 / 9)
+
+
+def test_restarted_recorder_ignores_stats_of_an_earlier_allocation(tmp_path: Path) -> None:
+    settings = load_settings(
+        env={}, overrides={"log_dir": str(tmp_path / "log"), "run_dir": str(tmp_path / "run")}
+    )
+    runtime.ensure_run_dir(settings.run_dir)
+    old = {"samples": 40, "util_readings": 40, "util_mean_pct": 90.0, "util_max_pct": 90.0}
+    runtime.atomic_write_json(
+        settings.run_dir / runtime.RECORDER_STATE_FILE,
+        {"timestamp": "2026-11-22T03:00:00.000Z", "allocation_stats": {"job": old}},
+    )
+    runtime.atomic_write_json(
+        settings.run_dir / runtime.ALLOCATIONS_FILE,
+        {
+            "version": 1,
+            "allocations": [  # the same id, begun after that recorder last wrote
+                {"id": "job", "gpus": None, "pid": None, "start": "2026-11-22T03:45:00.000Z"}
+            ],
+        },
+    )
+    wall = datetime(2026, 11, 22, 3, 45, 12, tzinfo=timezone.utc)
+    rec = Recorder(settings, SimGpuSource(1, "50:10", None, epoch=0.0), [], wallclock=lambda: wall)
+    rec.tick()
+    rec.close()
+    state = json.loads((settings.run_dir / runtime.RECORDER_STATE_FILE).read_text())
+    assert state["allocation_stats"]["job"]["samples"] == 1
 
 
 # ---------------------------------------------------------------------------- subprocess
