@@ -171,6 +171,7 @@ class ControlApi:
                 "log_dir": str(s.log_dir),
                 "run_dir": str(s.run_dir),
                 "exporter": agent.exporter,
+                "exporter_error": agent.exporter_error,
                 "interval_s": s.interval_s,
             }
 
@@ -191,6 +192,8 @@ class ControlApi:
             ]
             if agent.degraded is not None:
                 parts.append(f"degraded: {agent.degraded}")
+            if agent.exporter_error is not None:
+                parts.append(agent.exporter_error)
         return ", ".join(parts)
 
     def snapshot(self) -> AgentSnapshot:
