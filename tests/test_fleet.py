@@ -76,6 +76,7 @@ AGENT_METRICS = frozenset(
         "gputel_agent_mode",
         "gputel_agent_transitions_total",
         "gputel_agent_child_restarts_total",
+        "gputel_agent_child_restart_seconds_total",
         "gputel_agent_child_up",
         "gputel_agent_allocations_open",
         "gputel_agent_gpu_read_degraded",

@@ -28,7 +28,7 @@ from types import FrameType
 
 from gputel import runtime
 from gputel.allocstats import AllocationStats
-from gputel.control.allocations import parse_store
+from gputel.control.allocations import parse_store, recorder_stats_entry
 from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
 from gputel.schema import Sample
 from gputel.settings import Settings
@@ -49,6 +49,7 @@ class OpenAllocation:
     id: str
     gpus: tuple[int, ...] | None
     """None: every recorded GPU."""
+    start: str
 
 
 class AllocationWatcher:
@@ -83,7 +84,7 @@ class AllocationWatcher:
                 log.warning("ignoring %s: not an allocation list", self.path)
             return ()
         return tuple(
-            OpenAllocation(a.id, None if a.gpus is None else tuple(a.gpus)) for a in allocs
+            OpenAllocation(a.id, None if a.gpus is None else tuple(a.gpus), a.start) for a in allocs
         )
 
 
@@ -122,6 +123,11 @@ class Recorder:
         self._alloc_ids: tuple[str, ...] = ()
         self._gpu_alloc: dict[int, tuple[str, ...]] = {}
         self._alloc_stats: dict[str, AllocationStats] = {}
+        self._previous_state: object = (
+            runtime.read_json(self.run_dir / runtime.RECORDER_STATE_FILE) if write_runtime else None
+        )
+        """The last ``recorder.json`` of the recorder before us (a crashed or stopped child):
+        the statistics of allocations still open go on from it."""
         self.ticks = 0
         self.last_tick_monotonic: float | None = None
         self._stop = False
@@ -206,8 +212,12 @@ class Recorder:
         current = {a.id for a in allocs}
         for gone in set(self._alloc_stats) - current:
             del self._alloc_stats[gone]
+        previous, self._previous_state = self._previous_state, None
         for a in allocs:
-            self._alloc_stats.setdefault(a.id, AllocationStats())
+            if a.id not in self._alloc_stats:
+                entry = recorder_stats_entry(previous, a.id, a.start)
+                carried = AllocationStats.from_json(entry) if entry is not None else None
+                self._alloc_stats[a.id] = carried or AllocationStats()
 
     def _publish(self, sample: Sample, data: bytes) -> None:
         state = {
