@@ -10,6 +10,9 @@ Rules that keep the files trustworthy after crashes, rotation and full disks:
 - A failed write or open is counted (``rows_failed``), logged once when it starts and once when it
   recovers, and retried on the next tick; sampling and exporting never wait for the disk.
 
+Every value cell is written at its field's precision from the schema table (``Field.decimals``),
+through ``formats.csv_cell``.
+
 ``energy_j`` is joules since the file began (``gputel.energy.SinceStart`` over the source's
 cumulative counter), so each file stands alone. A counter that goes backwards (driver reload)
 adds nothing for that interval and the accumulation continues from the new value.
@@ -38,7 +41,9 @@ _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
 _MAX_SUFFIX = 999
 _GPU_VALUE_ATTRS = tuple(f.attr for f in GPU_FIELDS)
 _ENERGY_POS = _GPU_VALUE_ATTRS.index("energy_j")
+_GPU_DECIMALS = tuple(f.decimals for f in GPU_FIELDS)
 _HOST_VALUE_ATTRS = tuple(f.attr for f in HOST_FIELDS)
+_HOST_DECIMALS = tuple(f.decimals for f in HOST_FIELDS)
 
 
 def short_hostname() -> str:
@@ -234,7 +239,7 @@ class CsvSink:
                 csv_cell(g.name),
                 "1" if g.lost else "0",
             ]
-            cells.extend(csv_cell(v) for v in values)
+            cells.extend(map(csv_cell, values, _GPU_DECIMALS))
             cells.append(csv_cell(alloc) if alloc else "")
             lines.append(",".join(cells))
         lines.append("")
@@ -243,5 +248,5 @@ class CsvSink:
     def _host_row(self, sample: Sample, stamp: str) -> bytes:
         h = sample.host
         cells = [stamp]
-        cells.extend(csv_cell(getattr(h, a)) for a in _HOST_VALUE_ATTRS)
+        cells.extend(map(csv_cell, [getattr(h, a) for a in _HOST_VALUE_ATTRS], _HOST_DECIMALS))
         return (",".join(cells) + "\n").encode()
