@@ -15,7 +15,7 @@ import fake_pynvml as fk
 from fake_pynvml import FakeNvml, gpu_row
 from gputel.schema import MIB, GpuReading
 from gputel.sources import nvml
-from gputel.sources.base import GpuSourceError
+from gputel.sources.base import LIGHT_FIELDS, GpuSourceError
 
 MEASUREMENTS = [
     f.name for f in fields(GpuReading) if f.name not in ("index", "uuid", "name", "lost")
@@ -113,6 +113,47 @@ def test_light_read_is_one_call_per_gpu(install: Callable[..., FakeNvml]) -> Non
     src.read_utilization()
     assert sum(fake.calls.values()) - before == 2
     assert fake.calls["nvmlDeviceGetUtilizationRates"] == 2
+    src.close()
+
+
+def test_light_read_gives_the_cheap_fields_equal_to_the_full_read(
+    install: Callable[..., FakeNvml],
+) -> None:
+    fake = install([gpu_row(0), gpu_row(1)])
+    src = nvml.open_nvml(None, clock=Clock())
+    before = dict(fake.calls)
+    light = src.read_light()
+    asked = {fn for fn, n in fake.calls.items() if n != before.get(fn, 0)}
+    # No PCIe sampling, no batch, no power limit, no processes: only what the driver keeps.
+    assert asked == {
+        "nvmlDeviceGetUtilizationRates",
+        "nvmlDeviceGetMemoryInfo_v2",
+        "nvmlDeviceGetTemperatureV",
+        "nvmlDeviceGetPowerUsage",
+        "nvmlDeviceGetTotalEnergyConsumption",
+        "nvmlDeviceGetClockInfo",
+    }
+    full = src.read()
+    for lr, fr in zip(light, full, strict=True):
+        assert (lr.index, lr.uuid, lr.name, lr.lost) == (fr.index, fr.uuid, fr.name, False)
+        for m in MEASUREMENTS:
+            expected = getattr(fr, m) if m in LIGHT_FIELDS else None
+            assert getattr(lr, m) == expected, m
+    src.close()
+
+
+def test_light_read_of_a_lost_gpu_and_without_an_energy_counter(
+    install: Callable[..., FakeNvml],
+) -> None:
+    row = gpu_row(1)
+    del row["energy_mj"]
+    fake = install([gpu_row(0), row], timeline={0: {0: {"lost": True}}})
+    src = nvml.open_nvml(None, clock=Clock())
+    fake.advance()
+    r0, r1 = src.read_light()
+    assert r0.lost and all(getattr(r0, m) is None for m in MEASUREMENTS)
+    # No counter: empty, never an integral of two power samples a tick apart.
+    assert not r1.lost and r1.energy_j is None and r1.power_w == 301.0
     src.close()
 
 

@@ -10,6 +10,9 @@ Rules that keep the files trustworthy after crashes, rotation and full disks:
 - A failed write or open is counted (``rows_failed``), logged once when it starts and once when it
   recovers, and retried on the next tick; sampling and exporting never wait for the disk.
 
+A session may begin with the pre-trigger head (``write_head``): the agent's readings from
+before telemetry started, GPU rows only, at the head of the first ``gpu-*.csv``.
+
 Every value cell is written at its field's precision from the schema table (``Field.decimals``),
 through ``formats.csv_cell``.
 
@@ -28,11 +31,20 @@ import re
 import socket
 from collections.abc import Callable, Sequence
 from datetime import date, datetime
+from functools import partial
 from pathlib import Path
 
 from gputel.energy import SinceStart
 from gputel.formats import FailureCounter, TornWrite, csv_cell, csv_row, iso_utc_ms, write_whole
-from gputel.schema import GPU_CSV_COLUMNS, GPU_FIELDS, HOST_CSV_COLUMNS, HOST_FIELDS, Sample
+from gputel.schema import (
+    GPU_CSV_COLUMNS,
+    GPU_FIELDS,
+    HOST_CSV_COLUMNS,
+    HOST_FIELDS,
+    HostReading,
+    Sample,
+)
+from gputel.telemetry.head import HeadTick
 
 log = logging.getLogger("gputel.csv")
 
@@ -194,6 +206,19 @@ class CsvSink:
             self._failures.failed(failed, f"{self.log_dir}: {'; '.join(errors)}")
         else:
             self._failures.succeeded(self.log_dir)
+
+    def write_head(self, ticks: Sequence[HeadTick]) -> None:
+        """The pre-trigger rows, before the first sample of a session: GPU rows only (the agent
+        reads no host source), the columns the agent did not read empty, ``energy_j`` counted
+        from the head's first row so it runs on through the session's own rows."""
+        for tick in ticks:
+            sample = Sample(tick.timestamp, tick.monotonic, list(tick.gpus), HostReading(), [])
+            stamp = iso_utc_ms(tick.timestamp)
+            err = self._emit(self._gpu, tick.timestamp, partial(self._gpu_rows, sample, stamp))
+            if err:
+                self._failures.failed(len(tick.gpus), f"{self.log_dir}: {err}")
+            else:
+                self._failures.succeeded(self.log_dir)
 
     def _emit(self, f: _CsvFile, ts: datetime, build: Callable[[], bytes]) -> str | None:
         if f.fd is not None and (f.day != ts.date() or f.size >= self.max_bytes):
