@@ -1,4 +1,4 @@
-"""Benchmark: the idle agent's cost on 8 simulated GPUs, and ``gputel status`` latency.
+"""Benchmark: the idle agent's cost on 8 simulated GPUs, and ``gputel status``/``hook`` latency.
 
 The agent runs as a real subprocess exactly as systemd would start it (exporter on, sim backend,
 utilization 0 so no recorder child). CPU time is the sum over all its threads of
@@ -6,7 +6,9 @@ utilization 0 so no recorder child). CPU time is the sum over all its threads of
 measured after a warm-up so start-up imports are not charged to the steady state. RSS is
 ``VmRSS`` at the end and ``VmHWM`` (peak). Status latency is the wall time of the whole
 ``gputel status --json`` command (interpreter start-up included: that is what an operator
-waits for) and of one control-socket round trip.
+waits for) and of one control-socket round trip. Hook latency is the wall time of the whole
+``gputel hook allocate ID`` and ``gputel hook release ID`` commands a Slurm prolog and epilog run,
+with the agent's mode set to off for the duration so no recorder child starts in between.
 
     python benchmarks/bench_agent.py                 # 60 s at 1 s ticks
     python benchmarks/bench_agent.py --write         # and append to docs/performance.md
@@ -32,7 +34,8 @@ DOC = REPO / "docs" / "performance.md"
 SECTION = "## gputel agent"
 TARGET_CPU_S_PER_H = 2.0
 TARGET_RSS_MIB = 40.0
-TARGET_STATUS_MS = 300.0
+TARGET_STATUS_MS = 150.0
+TARGET_HOOK_MS = 150.0
 
 
 def cpu_ns(pid: int) -> int:
@@ -66,9 +69,21 @@ def machine() -> str:
     except OSError:
         pass
     return (
-        f"{model}, {os.cpu_count()} CPUs visible, Linux {platform.release()}, "
-        f"Python {platform.python_version()}"
+        f"{model} ({platform.machine()}), {os.cpu_count()} CPUs visible, "
+        f"Linux {platform.release()}, Python {platform.python_version()}"
     )
+
+
+def run_cli(argv: list[str], env: dict[str, str]) -> float:
+    """Wall time of one whole ``gputel`` command in ms; a failure ends the benchmark."""
+    a = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "gputel", *argv], env=env, capture_output=True, timeout=30
+    )
+    took = (time.perf_counter() - a) * 1000
+    if r.returncode != 0:
+        raise SystemExit(f"gputel {' '.join(argv)} failed: {r.stderr.decode()}")
+    return took
 
 
 def append_report(doc: Path, report: str) -> None:
@@ -153,18 +168,13 @@ def main() -> int:
             a = time.perf_counter()
             request(run_dir, {"op": "status"}, timeout=2.0)
             rtt.append((time.perf_counter() - a) * 1000)
-        cli = []
-        for _ in range(args.status_runs):
-            a = time.perf_counter()
-            r = subprocess.run(
-                [sys.executable, "-m", "gputel", "status", "--json"],
-                env=env,
-                capture_output=True,
-                timeout=30,
-            )
-            cli.append((time.perf_counter() - a) * 1000)
-            if r.returncode != 0:
-                raise SystemExit(f"gputel status failed: {r.stderr.decode()}")
+        cli = [run_cli(["status", "--json"], env) for _ in range(args.status_runs)]
+        request(run_dir, {"op": "set_mode", "mode": "off", "for_s": None}, timeout=2.0)
+        hook: list[float] = []
+        for n in range(args.status_runs):
+            hook.append(run_cli(["hook", "allocate", f"bench-{n}", "--quiet"], env))
+            hook.append(run_cli(["hook", "release", f"bench-{n}", "--quiet"], env))
+        request(run_dir, {"op": "set_mode", "mode": "auto", "for_s": None}, timeout=2.0)
         c2 = cpu_ns(agent.pid)
     finally:
         agent.send_signal(signal.SIGTERM)
@@ -179,6 +189,7 @@ def main() -> int:
     hwm = mem.get("VmHWM", 0) / 1024
     cli_ms = statistics.median(cli)
     rtt_ms = statistics.median(rtt)
+    hook_ms = statistics.median(hook)
     ok = lambda good: "met" if good else "MISSED"  # noqa: E731
     lines = [
         f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}.",
@@ -196,8 +207,12 @@ def main() -> int:
         f"| `gputel status --json`, whole command (median of {len(cli)}) | {cli_ms:.0f} ms "
         f"(min {min(cli):.0f}, max {max(cli):.0f}) | ≤ {TARGET_STATUS_MS:g} ms "
         f"({ok(cli_ms <= TARGET_STATUS_MS)}) |",
+        f"| `gputel hook allocate`/`release`, whole command (median of {len(hook)}) | "
+        f"{hook_ms:.0f} ms (min {min(hook):.0f}, max {max(hook):.0f}) | ≤ {TARGET_HOOK_MS:g} ms "
+        f"({ok(hook_ms <= TARGET_HOOK_MS)}) |",
         f"| control-socket `status` round trip (median of {len(rtt)}) | {rtt_ms:.2f} ms | |",
-        f"| agent CPU for all {2 * len(cli)} status requests | {(c2 - c1) / 1e6:.1f} ms | |",
+        f"| agent CPU for all {len(rtt) + len(cli) + len(hook) + 2} control requests | "
+        f"{(c2 - c1) / 1e6:.1f} ms | |",
     ]
     report = "\n".join(lines)
     print(report)

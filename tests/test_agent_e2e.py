@@ -29,7 +29,8 @@ from gputel.control.client import request
 from gputel.control.protocol import ControlError
 from gputel.settings import Settings
 from gputel.sources.base import GpuIdentity
-from gputel.supervisor.agent import Agent, GpuCaller, LazyEnergy
+from gputel.supervisor.agent import Agent, LazyEnergy
+from gputel.supervisor.deadline import DeadlineRunner, run_with_deadline
 
 PROMTOOL = shutil.which("promtool") or (
     "/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None
@@ -460,8 +461,8 @@ def _try(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def test_gpu_caller_deadline_and_stuck() -> None:
-    caller = GpuCaller()
+def test_deadline_runner_deadline_and_stuck() -> None:
+    caller = DeadlineRunner()
     assert caller.call(lambda: 7, 1.0) == ("ok", 7)
     status, exc = caller.call(lambda: 1 / 0, 1.0)
     assert status == "error" and isinstance(exc, ZeroDivisionError)
@@ -472,6 +473,17 @@ def test_gpu_caller_deadline_and_stuck() -> None:
     gate.set()
     wait_for(lambda: caller.stuck_for is None, 2, "the stuck call to return")
     assert caller.call(lambda: 2, 1.0) == ("ok", 2)
+
+
+def test_run_with_deadline_leaves_a_late_call_running() -> None:
+    assert run_with_deadline(lambda: 3, 5.0).outcome() == ("ok", 3)
+    status, exc = run_with_deadline(lambda: 1 / 0, 5.0).outcome()
+    assert status == "error" and isinstance(exc, ZeroDivisionError)
+    gate = threading.Event()
+    late = run_with_deadline(lambda: gate.wait(10) and "late", 0.05)
+    assert late.outcome() == ("timeout", None)
+    gate.set()
+    assert late.done.wait(5) and late.outcome() == ("ok", "late")
 
 
 def test_lazy_energy_reads_only_when_used() -> None:

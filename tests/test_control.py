@@ -148,7 +148,11 @@ def test_oversized_line(run_dir: Path, server: tuple[ControlServer, Recorder]) -
     _, handler = server
     big = json.dumps({"op": "release", "id": "x" * (MAX_MESSAGE_BYTES + 10)}).encode() + b"\n"
     reply = raw(run_dir / CONTROL_SOCKET, big)
-    assert reply == {"ok": False, "error": f"request longer than {MAX_MESSAGE_BYTES} bytes"}
+    assert reply == {
+        "ok": False,
+        "error": f"request longer than {MAX_MESSAGE_BYTES} bytes",
+        "code": "invalid",
+    }
     assert handler.calls == []
     with pytest.raises(ValueError, match="longer than"):
         request(run_dir, {"op": "release", "id": "x" * (MAX_MESSAGE_BYTES + 10)})
@@ -172,9 +176,10 @@ def test_handler_errors_become_replies(
     reply = request(run_dir, {"op": "release", "id": "boom"})
     assert reply["ok"] is False
     assert "internal error" in reply["error"] and "kaboom" in reply["error"]
+    assert reply["code"] == "internal"
     assert "kaboom" in caplog.text
     reply = request(run_dir, {"op": "release", "id": "refuse"})
-    assert reply == {"ok": False, "error": "no such allocation"}
+    assert reply == {"ok": False, "error": "no such allocation", "code": "invalid"}
     assert request(run_dir, {"op": "status"})["ok"] is True  # still serving
 
 
@@ -241,7 +246,7 @@ def test_busy_server_answers_busy(run_dir: Path) -> None:
             hog.connect(str(path))
             time.sleep(0.05)
             reply = request(run_dir, {"op": "status"})
-        assert reply["ok"] is False and "busy" in reply["error"]
+        assert reply["ok"] is False and "busy" in reply["error"] and reply["code"] == "busy"
 
 
 def test_concurrent_clients(run_dir: Path, server: tuple[ControlServer, Recorder]) -> None:

@@ -51,8 +51,11 @@ def test_demo_env_is_self_contained(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_render_before_the_agent_answers() -> None:
-    console = Console(file=io.StringIO(), width=100)
+    buf = io.StringIO()
+    console = Console(file=buf, width=100)
     console.print(render(None, 1.0))
+    waiting = buf.getvalue()
+    assert "starting the agent" in waiting and "1.0s" in waiting
     console.print(
         render(
             {
@@ -73,6 +76,10 @@ def test_render_before_the_agent_answers() -> None:
             3.0,
         )
     )
+    shown = buf.getvalue()[len(waiting) :]
+    assert "active" in shown and "ON (recorder pid 5)" in shown
+    assert "85.0%" in shown and "Sim" in shown
+    assert "00:00:00.000" in shown and "arming" in shown
 
 
 def test_demo_help() -> None:

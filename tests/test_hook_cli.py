@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from agent_doubles import ServedAgent
 from gputel.control.client import agent_answers, request
-from test_hooks import GPUTEL, FakeAgent, env_for, running_agent, stop_agent
+from test_hooks import GPUTEL, env_for, running_agent, stop_agent
 
 
 def hook(tmp_path: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -28,10 +29,10 @@ def hook(tmp_path: Path, *args: str, **extra: str) -> subprocess.CompletedProces
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[FakeAgent]:
+def fake(tmp_path: Path) -> Iterator[ServedAgent]:
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
-    with FakeAgent(run, tmp_path / "log", [0, 1]) as agent:
+    with ServedAgent(run, tmp_path / "log", [0, 1]) as agent:
         yield agent
 
 
@@ -56,7 +57,7 @@ def real_agent(tmp_path: Path) -> Iterator[Path]:
     ],
 )
 def test_bad_input_exits_2_one_line_writes_nothing(
-    tmp_path: Path, fake: FakeAgent, args: list[str]
+    tmp_path: Path, fake: ServedAgent, args: list[str]
 ) -> None:
     out = hook(tmp_path, *args)
     assert out.returncode == 2, out
@@ -64,24 +65,24 @@ def test_bad_input_exits_2_one_line_writes_nothing(
     assert out.stderr.startswith("gputel: ")
     assert fake.requests == []
     assert not (fake.run_dir / "allocations.json").exists()
-    assert not (tmp_path / "log").exists()
+    assert not (tmp_path / "log" / "allocations.csv").exists()
 
 
-def test_nonexistent_gpu_refused_by_agent_exit_2(tmp_path: Path, fake: FakeAgent) -> None:
+def test_nonexistent_gpu_refused_by_agent_exit_2(tmp_path: Path, fake: ServedAgent) -> None:
     out = hook(tmp_path, "allocate", "job", "--gpus", "0,7")
     assert out.returncode == 2
     assert "GPU 7 not present" in out.stderr and len(out.stderr.splitlines()) == 1
     assert not (fake.run_dir / "allocations.json").exists()
 
 
-def test_gpus_flag_is_the_allocations_not_the_setting(tmp_path: Path, fake: FakeAgent) -> None:
+def test_gpus_flag_is_the_allocations_not_the_setting(tmp_path: Path, fake: ServedAgent) -> None:
     out = hook(tmp_path, "allocate", "job", "--gpus", "1", GPUTEL_GPUS="0")
     assert out.returncode == 0, out.stderr
     assert fake.store.list()[0]["gpus"] == [1]
 
 
 # ---------------------------------------------------------------------------------- happy path
-def test_allocate_list_release(tmp_path: Path, fake: FakeAgent) -> None:
+def test_allocate_list_release(tmp_path: Path, fake: ServedAgent) -> None:
     fake.energy = {0: 10.0, 1: 20.0}
     out = hook(tmp_path, "allocate", "job-1", "--gpus", "0,1", "--pid", str(os.getpid()))
     assert out.returncode == 0, out.stderr
@@ -104,7 +105,7 @@ def test_allocate_list_release(tmp_path: Path, fake: FakeAgent) -> None:
     assert json.loads(rel_json.stdout) == {"ok": True, "released": False, "summary": None}
 
 
-def test_quiet(tmp_path: Path, fake: FakeAgent) -> None:
+def test_quiet(tmp_path: Path, fake: ServedAgent) -> None:
     assert hook(tmp_path, "allocate", "q", "-q").stdout == ""
     assert hook(tmp_path, "release", "q", "--quiet").stdout == ""
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
+from agent_doubles import ServedAgent
 from gputel import hooks
-from gputel.control.allocations import AllocationError, AllocationStore
+from gputel.control.allocations import AllocationStore
 from gputel.control.client import agent_answers, request
-from gputel.control.protocol import AgentUnavailable, RequestError
-from gputel.control.server import ControlServer
+from gputel.control.protocol import AgentUnavailable
 
 BOUND_S = 2.0
 GPUTEL = str(Path(sys.executable).with_name("gputel"))
@@ -90,40 +90,6 @@ def running_agent(tmp_path: Path, **extra: str) -> Iterator[Path]:
             proc.wait()
 
 
-class FakeAgent:
-    """An AllocationStore behind a real ControlServer, answering the way the agent does."""
-
-    def __init__(self, run_dir: Path, log_dir: Path, gpus: list[int] | None = None) -> None:
-        self.run_dir = run_dir
-        self.log_dir = log_dir
-        self.energy: dict[int, float | None] = {g: 0.0 for g in (gpus or [0, 1])}
-        self.store = AllocationStore(run_dir, log_dir, gpus or [0, 1])
-        self.server = ControlServer(run_dir / "control.sock", self.handle)
-        self.requests: list[dict[str, Any]] = []
-
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        self.requests.append(req)
-        try:
-            if req["op"] == "allocate":
-                return self.store.allocate(req["id"], req["gpus"], req["pid"], dict(self.energy))
-            if req["op"] == "release":
-                return self.store.release(req["id"], dict(self.energy))
-            if req["op"] == "list":
-                return {"allocations": self.store.list()}
-            if req["op"] == "status":
-                return {"agent": "running"}
-        except AllocationError as exc:
-            raise RequestError(str(exc)) from None
-        raise RequestError(f"unsupported op {req['op']}")
-
-    def __enter__(self) -> FakeAgent:
-        self.server.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.stop()
-
-
 @pytest.fixture
 def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     run = tmp_path / "run"
@@ -141,8 +107,8 @@ def enabled(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def agent(run_dir: Path, tmp_path: Path) -> Iterator[FakeAgent]:
-    with FakeAgent(run_dir, tmp_path / "log") as fake:
+def agent(run_dir: Path, tmp_path: Path) -> Iterator[ServedAgent]:
+    with ServedAgent(run_dir, tmp_path / "log") as fake:
         yield fake
 
 
@@ -168,7 +134,7 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[hooks.HookResult, float]:
 # ---------------------------------------------------------------------------------- the gate
 @pytest.mark.parametrize("value", [None, "", "0", "false", "no", "off", "junk", "2", "enabled"])
 def test_disabled_unless_true(
-    value: str | None, monkeypatch: pytest.MonkeyPatch, agent: FakeAgent
+    value: str | None, monkeypatch: pytest.MonkeyPatch, agent: ServedAgent
 ) -> None:
     if value is not None:
         monkeypatch.setenv("GPU_TELEMETRY_AUTOSTART", value)
@@ -183,7 +149,7 @@ def test_disabled_unless_true(
 
 @pytest.mark.parametrize("value", ["1", "true", "TRUE", "True", "yes", "YES", "on", "On", " on "])
 def test_enabled_by_each_true_word(
-    value: str, monkeypatch: pytest.MonkeyPatch, agent: FakeAgent
+    value: str, monkeypatch: pytest.MonkeyPatch, agent: ServedAgent
 ) -> None:
     monkeypatch.setenv("GPU_TELEMETRY_AUTOSTART", value)
     result = hooks.allocation_created("job-1", gpus=[0])
@@ -200,7 +166,7 @@ def test_result_is_small_frozen_dataclass() -> None:
 
 # ---------------------------------------------------------------------------------- happy path
 @pytest.mark.usefixtures("enabled")
-def test_create_release_with_summary(agent: FakeAgent) -> None:
+def test_create_release_with_summary(agent: ServedAgent) -> None:
     agent.energy = {0: 100.0, 1: 200.0}
     assert hooks.allocation_created("job-42", gpus=[0, 1]).action == "registered"
     assert hooks.allocation_created("job-42", gpus=[0, 1]).action == "already-open"
@@ -215,7 +181,34 @@ def test_create_release_with_summary(agent: FakeAgent) -> None:
 
 
 @pytest.mark.usefixtures("enabled")
-def test_context_manager(agent: FakeAgent) -> None:
+def test_a_starting_agent_is_asked_again(agent: ServedAgent) -> None:
+    """The agent answers "code": "starting" until its store is open; the hook asks again."""
+    store = agent.agent.store
+    agent.agent.store = None
+    timer = threading.Timer(0.3, lambda: setattr(agent.agent, "store", store))
+    timer.start()
+    try:
+        result, took = timed(hooks.allocation_created, "job-s", gpus=[0])
+    finally:
+        timer.join()
+    assert took < BOUND_S
+    assert result.action == "registered", result
+    assert [r["op"] for r in agent.requests].count("allocate") >= 2
+    assert agent.store.ids() == ["job-s"]
+
+
+@pytest.mark.usefixtures("enabled")
+def test_an_agent_starting_past_the_budget_leaves_it_pending(
+    agent: ServedAgent, no_start: list[Any]
+) -> None:
+    agent.agent.store = None
+    result, took = timed(hooks.allocation_created, "job-p", gpus=None)
+    assert took < BOUND_S
+    assert result.action == "pending" and no_start == [("job-p", None, None)]
+
+
+@pytest.mark.usefixtures("enabled")
+def test_context_manager(agent: ServedAgent) -> None:
     with hooks.allocation("ctx", gpus=[1]) as res:
         assert res.action == "registered"
         (alloc,) = agent.store.list()
@@ -231,7 +224,7 @@ def test_context_manager(agent: FakeAgent) -> None:
 
 
 @pytest.mark.usefixtures("enabled")
-def test_refusals_are_results_and_write_nothing(agent: FakeAgent, tmp_path: Path) -> None:
+def test_refusals_are_results_and_write_nothing(agent: ServedAgent, tmp_path: Path) -> None:
     for ident, gpus in [("bad id", None), ("../x", None), ("x" * 129, None), ("ok", [7])]:
         result = hooks.allocation_created(ident, gpus=gpus)
         assert not result.ok and result.action == "failed"
@@ -349,14 +342,14 @@ def test_absent_agent_started_in_budget(
 ) -> None:
     from gputel.control import launch as agent_launch
 
-    fake = FakeAgent(run_dir, tmp_path / "log")
+    fake = ServedAgent(run_dir, tmp_path / "log")
     monkeypatch.setattr(
-        agent_launch, "ensure_agent", lambda settings, wait_s=1.5: fake.server.start() or "test"
+        agent_launch, "ensure_agent", lambda settings, wait_s=1.5: fake.start() or "test"
     )
     try:
         result, took = timed(hooks.allocation_created, "late", gpus=[0])
     finally:
-        fake.server.stop()
+        fake.stop()
     assert took < BOUND_S
     assert result.action == "registered" and "agent started: test" in result.detail
     assert fake.store.ids() == ["late"]
@@ -404,7 +397,7 @@ def test_permission_denied_bounded(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
-def test_permission_denied_for_real(tmp_path: Path, agent: FakeAgent) -> None:
+def test_permission_denied_for_real(tmp_path: Path, agent: ServedAgent) -> None:
     """An unprivileged caller facing a root-only run directory (a real EACCES)."""
     os.chmod(tmp_path, 0o755)
     os.chmod(agent.run_dir, 0o700)
@@ -472,7 +465,7 @@ def test_helper_command_round_trips() -> None:
     assert cmd[5:] == ["job-1", "--gpus", "0,2", "--pid", "123", "--wait", "30", "--quiet"]
 
 
-def test_helper_command_registers(agent: FakeAgent) -> None:
+def test_helper_command_registers(agent: ServedAgent) -> None:
     """The detached helper's command line is a working CLI call."""
     cmd = hooks._helper_command("from-helper", [1], os.getpid())
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -484,7 +477,7 @@ def test_helper_command_registers(agent: FakeAgent) -> None:
 
 # ---------------------------------------------------------------------------------- many callers
 @pytest.mark.usefixtures("enabled")
-def test_many_threads(agent: FakeAgent) -> None:
+def test_many_threads(agent: ServedAgent) -> None:
     results: list[hooks.HookResult] = []
     lock = threading.Lock()
 
@@ -549,7 +542,7 @@ def check_consistent(run_dir: Path, log_dir: Path, workers: int, pairs: int) -> 
 
 
 @pytest.mark.usefixtures("enabled")
-def test_fifty_pairs_from_several_processes(agent: FakeAgent, tmp_path: Path) -> None:
+def test_fifty_pairs_from_several_processes(agent: ServedAgent, tmp_path: Path) -> None:
     run_clients(None, 5, 10)
     check_consistent(agent.run_dir, tmp_path / "log", 5, 10)
     assert set(agent.store.ids()) == {f"keep-{w}" for w in range(5)}

@@ -174,10 +174,16 @@ def test_sim_and_none_never_import_pynvml() -> None:
 
 # ------------------------------------------------------------------------------------ host
 def test_host_sources(tmp_path: Path) -> None:
+    """An empty sysfs root: procfs values are read, RAPL and hwmon give empty values."""
     sources = open_host_sources(settings(sysfs_root=str(tmp_path)))
     assert [s.name for s in sources] == ["host", "rapl", "hwmon"]
-    for source in sources:
-        assert isinstance(source.read(), dict)
+    host, rapl, hwmon = (source.read() for source in sources)
+    assert host["memory_used_mib"] > 0 and host["memory_available_mib"] > 0
+    assert host["load_1m"] >= 0
+    assert host["cpu_util_pct"] is None  # no earlier reading to take a delta from
+    assert set(host) >= {"net_rx_bytes", "disk_read_bytes", "swap_used_mib"}
+    assert rapl == {"cpu_package_power_w": None, "cpu_package_energy_j": None, "dram_power_w": None}
+    assert hwmon == {"hwmon_temperatures_c": {}, "cpu_temperature_c": None}
 
 
 def test_auto_does_not_fall_back_when_a_selected_gpu_is_missing(

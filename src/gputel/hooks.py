@@ -7,8 +7,10 @@ A GPU manager knows that work is starting seconds before utilization shows it, s
 These calls sit on the orchestrator's critical path, so telemetry must never cost it an
 allocation: every call returns a :class:`HookResult` instead of raising, and returns within
 :data:`DEADLINE_S` whatever the agent does (down, socket missing, permission denied, accepting
-and never answering). The work runs in a daemon thread that the caller waits on with a deadline;
-anything still unfinished is left to that thread or to a detached helper process.
+and never answering). The work runs on a thread that the caller waits on with a deadline
+(``supervisor/deadline.py``); anything still unfinished is left to that thread or to a detached
+helper process. Talking to the agent, and asking again while it is starting or busy, is
+``control/hook_client.py``, shared with ``gputel hook``.
 
 The client holds no state beyond the helpers it started, so it is safe from any number of
 threads and processes: the agent serialises every change.
@@ -35,6 +37,7 @@ from gputel.control.allocations import (
     validate_pid,
 )
 from gputel.settings import AUTOSTART_ENV, Settings, SettingsError, autostart_enabled, load_settings
+from gputel.supervisor.deadline import run_with_deadline
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,6 @@ _WAIT_S = 1.7
 _WORK_S = 1.5
 #: How long a background helper keeps trying to register once it has started the agent.
 HELPER_WAIT_S = 30.0
-#: Why a request found no agent, for which starting one is the fix (not "permission").
-_STARTABLE = ("missing", "refused")
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,6 @@ class _Outcome:
     """Shared between the caller and its worker thread."""
 
     def __init__(self) -> None:
-        self.done = threading.Event()
-        self.result: HookResult | None = None
         #: "agent" while talking to a running agent, "starting" once we asked for one to start.
         self.phase = "agent"
         self.started_how = ""
@@ -90,9 +89,9 @@ class _Outcome:
         #: no helper), because the caller already has its answer and acted on it.
         self.abandoned = False
 
-    def finish(self, result: HookResult) -> None:
-        self.result = result
-        self.done.set()
+
+class _Abandoned(Exception):
+    """The caller stopped waiting before the worker started an agent."""
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -163,40 +162,25 @@ def _cancel_helper(ident: str) -> bool:
 
 # ---------------------------------------------------------------------------------- running
 def _run_bounded(
-    work: Callable[[_Outcome, float], None], on_timeout: Callable[[_Outcome], HookResult]
+    work: Callable[[_Outcome, float], HookResult], on_timeout: Callable[[_Outcome], HookResult]
 ) -> HookResult:
+    """``work`` on a thread of its own, waited for with the hooks' deadline."""
     outcome = _Outcome()
     deadline = time.monotonic() + _WORK_S
-
-    def target() -> None:
-        try:
-            work(outcome, deadline)
-        except Exception as exc:
-            log.debug("hook worker failed", exc_info=True)
-            outcome.finish(_failed(f"unexpected error: {exc.__class__.__name__}: {exc}"))
-        finally:
-            if not outcome.done.is_set():
-                outcome.finish(_failed("hook worker ended without a result"))
-
-    thread = threading.Thread(target=target, name="gputel-hook", daemon=True)
-    thread.start()
-    if outcome.done.wait(_WAIT_S) and outcome.result is not None:
-        return outcome.result
+    job = run_with_deadline(lambda: work(outcome, deadline), _WAIT_S, name="gputel-hook")
+    status, value = job.outcome()
+    if status == "ok":
+        assert isinstance(value, HookResult)
+        return value
+    if status == "error":
+        log.debug("hook worker failed", exc_info=value)
+        return _failed(f"unexpected error: {value.__class__.__name__}: {value}")
     outcome.abandoned = True
     return on_timeout(outcome)
 
 
 def _load() -> Settings:
     return load_settings()
-
-
-def _transient(reply: Any) -> bool:
-    """A refusal from an agent that is still coming up, worth asking again."""
-    return (
-        isinstance(reply, dict)
-        and reply.get("ok") is not True
-        and "try again" in str(reply.get("error") or "")
-    )
 
 
 def _reply_error(reply: Any) -> str | None:
@@ -241,52 +225,14 @@ def _allocation_created(id: str, gpus: list[int] | None, pid: int | None) -> Hoo
             return _pending(ident, wanted, owner, outcome.started_how)
         return _failed(f"the gputel agent did not answer within {_WAIT_S:g}s")
 
-    def work(outcome: _Outcome, deadline: float) -> None:
-        asked = _ask(settings.run_dir, message, deadline)
-        if asked.failure is not None:
-            outcome.finish(asked.failure)
-            return
-        if asked.startable is None:
-            outcome.finish(_allocate_result(ident, asked.reply))
-            return
-        log.info("no gputel agent answers (%s); starting one", asked.startable)
-        # Phase first, then the check: the caller sets abandoned first, then reads the phase,
-        # so either it starts the helper or this thread goes on, never neither.
-        outcome.phase = "starting"
-        if outcome.abandoned:
-            return
-        outcome.finish(_start_and_register(settings, message, outcome, deadline))
+    def work(outcome: _Outcome, deadline: float) -> HookResult:
+        return _register(settings, message, outcome, deadline)
 
     return _run_bounded(work, on_timeout)
 
 
 def _remaining(deadline: float, floor: float = 0.05) -> float:
     return max(floor, deadline - time.monotonic())
-
-
-@dataclass(frozen=True)
-class _Asked:
-    """One request's outcome: the reply, a failure to report, or "no agent, start one"."""
-
-    reply: Any = None
-    failure: HookResult | None = None
-    startable: Exception | None = None
-
-
-def _ask(run_dir: Path, message: dict[str, Any], deadline: float) -> _Asked:
-    from gputel.control.client import request
-    from gputel.control.protocol import AgentTimeout, AgentUnavailable, ControlError
-
-    try:
-        return _Asked(reply=request(run_dir, message, timeout=_remaining(deadline)))
-    except AgentTimeout:
-        return _Asked(failure=_failed("the gputel agent accepted the request but did not answer"))
-    except AgentUnavailable as exc:
-        if exc.reason not in _STARTABLE:
-            return _Asked(failure=_failed(str(exc)))
-        return _Asked(startable=exc)
-    except ControlError as exc:
-        return _Asked(failure=_failed(str(exc)))
 
 
 def _allocate_result(ident: str, reply: Any) -> HookResult:
@@ -298,43 +244,54 @@ def _allocate_result(ident: str, reply: Any) -> HookResult:
     return HookResult(True, "already-open", f"allocation {ident} was already open")
 
 
-def _start_and_register(
+def _register(
     settings: Settings, message: dict[str, Any], outcome: _Outcome, deadline: float
 ) -> HookResult:
-    from gputel.control.client import request
+    """Ask the agent to open the allocation, starting one when none answers.
+
+    An agent that is still coming up when the worker's budget ends is left to a background
+    helper (``pending``), which keeps asking for :data:`HELPER_WAIT_S`.
+    """
+    from gputel.control.hook_client import exchange
     from gputel.control.launch import AgentStartError, ensure_agent
-    from gputel.control.protocol import AgentTimeout, AgentUnavailable
+    from gputel.control.protocol import AgentTimeout, ControlError, retryable
 
     ident = message["id"]
-    try:
+
+    def start(deadline: float) -> str:
+        log.info("no gputel agent answers; starting one")
+        # Phase first, then the check: the caller sets abandoned first, then reads the phase,
+        # so either it starts the helper or this thread goes on, never neither.
+        outcome.phase = "starting"
+        if outcome.abandoned:
+            raise _Abandoned
         how = ensure_agent(settings, wait_s=_remaining(deadline, 0.1))
+        outcome.started_how = how
+        return how
+
+    try:
+        done = exchange(settings.run_dir, message, deadline, start=start)
+    except _Abandoned:
+        return _failed("the caller stopped waiting")
     except AgentStartError as exc:
         return _failed(f"no gputel agent is running and none could be started: {exc}")
-    outcome.started_how = str(how)
-    while True:
-        try:
-            reply = request(settings.run_dir, message, timeout=min(0.5, _remaining(deadline)))
-        except AgentTimeout:
-            break
-        except AgentUnavailable as exc:
-            if exc.reason not in _STARTABLE:
-                return _failed(str(exc))
-            if time.monotonic() + 0.05 >= deadline:
-                break
-            time.sleep(0.05)
-            continue
-        if _transient(reply):
-            if time.monotonic() + 0.05 >= deadline:
-                break
-            time.sleep(0.05)
-            continue
-        result = _allocate_result(ident, reply)
-        if result.ok:
-            return HookResult(True, result.action, f"{result.detail} (agent started: {how})")
+    except AgentTimeout:
+        if outcome.phase != "starting":
+            return _failed("the gputel agent accepted the request but did not answer")
+        done = None
+    except ControlError as exc:
+        return _failed(str(exc))
+    if done is not None and done.reply is not None and not retryable(done.reply):
+        result = _allocate_result(ident, done.reply)
+        if result.ok and done.started is not None:
+            return HookResult(
+                True, result.action, f"{result.detail} (agent started: {done.started})"
+            )
         return result
+    # The agent is coming up (started by us or by someone else): finish in the background.
     if outcome.abandoned:
         return _failed("the caller stopped waiting")
-    return _pending(ident, message["gpus"], message["pid"], str(how))
+    return _pending(ident, message["gpus"], message["pid"], outcome.started_how)
 
 
 def _pending(ident: str, gpus: list[int] | None, pid: int | None, how: str) -> HookResult:
@@ -375,32 +332,32 @@ def _allocation_released(id: str) -> HookResult:
     def on_timeout(outcome: _Outcome) -> HookResult:
         return _failed(f"the gputel agent did not answer within {_WAIT_S:g}s")
 
-    def work(outcome: _Outcome, deadline: float) -> None:
-        asked = _ask(settings.run_dir, message, deadline)
-        if asked.failure is not None:
-            outcome.finish(asked.failure)
-            return
-        if asked.startable is not None:
-            outcome.finish(
-                _release_without_agent(settings.run_dir, ident, cancelled, str(asked.startable))
-            )
-            return
-        reply = asked.reply
+    def work(outcome: _Outcome, deadline: float) -> HookResult:
+        from gputel.control.hook_client import exchange
+        from gputel.control.protocol import AgentTimeout, ControlError
+
+        try:
+            done = exchange(settings.run_dir, message, deadline)
+        except AgentTimeout:
+            return _failed("the gputel agent accepted the request but did not answer")
+        except ControlError as exc:
+            return _failed(str(exc))
+        if done.unavailable is not None:
+            return _release_without_agent(settings.run_dir, ident, cancelled, str(done.unavailable))
+        reply = done.reply
         error = _reply_error(reply)
         if error is not None:
-            outcome.finish(_failed(error))
-        elif reply.get("released"):
+            return _failed(error)
+        assert reply is not None
+        if reply.get("released"):
             summary = reply.get("summary")
-            outcome.finish(
-                HookResult(
-                    True,
-                    "released",
-                    f"allocation {ident} released",
-                    summary if isinstance(summary, dict) else None,
-                )
+            return HookResult(
+                True,
+                "released",
+                f"allocation {ident} released",
+                summary if isinstance(summary, dict) else None,
             )
-        else:
-            outcome.finish(HookResult(True, "not-open", f"allocation {ident} was not open"))
+        return HookResult(True, "not-open", f"allocation {ident} was not open")
 
     return _run_bounded(work, on_timeout)
 

@@ -14,7 +14,13 @@ from typing import Any
 
 import typer
 
-from gputel.cli.options import EXIT_USAGE, fail, settings_options, settings_options_except
+from gputel.cli.options import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    fail,
+    settings_options,
+    settings_options_except,
+)
 from gputel.control.allocations import AllocationError, parse_gpus_text, validate_id
 from gputel.settings import Settings
 
@@ -24,7 +30,8 @@ hook_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_STARTABLE = ("missing", "refused")
+#: How long ``release`` and ``list`` keep asking a busy or starting agent.
+ASK_WAIT_S = 3.0
 
 
 def register(app: typer.Typer) -> None:
@@ -44,63 +51,48 @@ def _checked_id(ident: str) -> str:
         fail(str(exc), EXIT_USAGE)
 
 
-def _ask(settings: Settings, message: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
-    """The agent's reply; no agent → exit 1 with the reason."""
-    from gputel.control.client import request
+def _refused(reply: dict[str, Any], what: str) -> None:
+    """Exit on a refusal: 2 for a request to fix, 1 when the agent could not take it now."""
+    from gputel.control.protocol import retryable
+
+    if reply.get("ok") is True:
+        return
+    fail(str(reply.get("error") or what), EXIT_FAILURE if retryable(reply) else EXIT_USAGE)
+
+
+def _exchange(
+    settings: Settings, message: dict[str, Any], wait_s: float, quiet: bool, start: bool
+) -> dict[str, Any]:
+    """The agent's reply within ``wait_s`` seconds (see ``control/hook_client.py``), starting
+    an agent first when ``start`` and none answers; no agent or no answer → exit 1."""
+    from gputel.control.hook_client import exchange
     from gputel.control.protocol import ControlError
 
+    def start_agent(deadline: float) -> str:
+        from gputel.control.launch import AgentStartError, ensure_agent
+
+        try:
+            how = ensure_agent(settings, wait_s=max(0.1, min(deadline - time.monotonic(), 2.0)))
+        except AgentStartError as exc:
+            fail(f"no gputel agent is running and none could be started: {exc}")
+        if not quiet:
+            print(f"gputel: {how}", file=sys.stderr)
+        return how
+
     try:
-        return request(settings.run_dir, message, timeout=timeout)
+        done = exchange(
+            settings.run_dir,
+            message,
+            time.monotonic() + wait_s,
+            start=start_agent if start else None,
+        )
     except ControlError as exc:
         fail(str(exc))
-
-
-def _transient(reply: dict[str, Any]) -> bool:
-    """A refusal from an agent that is coming up or going down, worth asking again."""
-    error = reply.get("error")
-    return (
-        reply.get("ok") is not True
-        and isinstance(error, str)
-        and ("try again" in error or "shutting down" in error)
-    )
-
-
-def _allocate_with_start(
-    settings: Settings, message: dict[str, Any], wait_s: float, quiet: bool
-) -> dict[str, Any]:
-    """Register, starting an agent first when none answers, within ``wait_s`` seconds."""
-    from gputel.control.client import request
-    from gputel.control.launch import AgentStartError, ensure_agent
-    from gputel.control.protocol import AgentTimeout, AgentUnavailable, ControlError
-
-    deadline = time.monotonic() + wait_s
-    started = False
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            reply = request(settings.run_dir, message, timeout=max(0.2, min(3.0, left)))
-            if not _transient(reply) or deadline - time.monotonic() <= 0.1:
-                return reply
-            time.sleep(0.1)
-        except AgentUnavailable as exc:
-            if exc.reason not in _STARTABLE:
-                fail(str(exc))
-            if left <= 0:
-                fail(f"the gputel agent did not come up within {wait_s:g}s ({exc})")
-            if not started:
-                started = True
-                try:
-                    how = ensure_agent(settings, wait_s=max(0.1, min(left, 2.0)))
-                except AgentStartError as start_exc:
-                    fail(f"no gputel agent is running and none could be started: {start_exc}")
-                if not quiet:
-                    print(f"gputel: {how}", file=sys.stderr)
-            else:
-                time.sleep(0.1)
-        except AgentTimeout as exc:
-            fail(str(exc))
-        except ControlError as exc:
-            fail(str(exc))
+    if done.reply is not None:
+        return done.reply
+    if done.started is not None:
+        fail(f"the gputel agent did not come up within {wait_s:g}s ({done.unavailable})")
+    fail(str(done.unavailable))
 
 
 @hook_app.command("allocate")
@@ -130,9 +122,8 @@ def allocate(
     if pid is not None and pid <= 0:
         fail(f"--pid {pid} is not a process id", EXIT_USAGE)
     message = {"op": "allocate", "id": ident, "gpus": wanted, "pid": pid}
-    reply = _allocate_with_start(settings, message, max(0.0, wait), quiet)
-    if reply.get("ok") is not True:
-        fail(str(reply.get("error") or "the agent refused the allocation"), EXIT_USAGE)
+    reply = _exchange(settings, message, max(0.0, wait), quiet, start=True)
+    _refused(reply, "the agent refused the allocation")
     if as_json:
         print(json.dumps(reply, sort_keys=True))
         return
@@ -154,9 +145,8 @@ def release(
 ) -> None:
     """Close an allocation and print its summary (duration, energy, utilization)."""
     ident = _checked_id(id)
-    reply = _ask(settings, {"op": "release", "id": ident})
-    if reply.get("ok") is not True:
-        fail(str(reply.get("error") or "the agent refused the release"), EXIT_USAGE)
+    reply = _exchange(settings, {"op": "release", "id": ident}, ASK_WAIT_S, quiet, start=False)
+    _refused(reply, "the agent refused the release")
     if as_json:
         print(json.dumps(reply, sort_keys=True))
         return
@@ -201,7 +191,7 @@ def list_(
     settings: Settings,
 ) -> None:
     """List the open allocations."""
-    reply = _ask(settings, {"op": "list"})
+    reply = _exchange(settings, {"op": "list"}, ASK_WAIT_S, quiet=True, start=False)
     if reply.get("ok") is not True:
         fail(str(reply.get("error") or "the agent refused the request"))
     allocations = reply.get("allocations")

@@ -40,6 +40,9 @@ def _version(value: bool) -> None:
 
 def build_app(modules: Sequence[str] = ALL_MODULES) -> typer.Typer:
     """A typer app with the commands of ``modules`` registered."""
+    from gputel.cli import lazy_coercion
+
+    lazy_coercion.install()
     app = typer.Typer(
         name="gputel",
         help="GPU node telemetry: per-second GPU and host records while the GPUs are busy.",

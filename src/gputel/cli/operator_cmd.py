@@ -80,7 +80,7 @@ def set_mode(settings: Settings, mode: str, for_s: float | None, start_agent: bo
     try:
         reply = request(settings.run_dir, message)
     except AgentUnavailable as exc:
-        if exc.reason not in ("missing", "refused"):
+        if not exc.no_agent:
             fail(str(exc))
         if not start_agent:
             fail(

@@ -1,8 +1,9 @@
 """``gputel status``: what the agent is doing, or, with no agent, what this node looks like now.
 
 With an agent, its own status object is shown (one socket round trip, no GPU read here, so it
-stays fast). Without one, a local snapshot is taken: the GPU read runs on a daemon thread with a
-deadline, because a wedged driver can block an NVML call forever and status must still answer.
+stays fast). Without one, a local snapshot is taken: the GPU read runs with a deadline
+(``supervisor/deadline.py``), because a wedged driver can block an NVML call forever and status
+must still answer.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import threading
 import time
 from dataclasses import asdict, fields
 from typing import Any
@@ -21,6 +21,7 @@ from gputel.cli.operator_cmd import human_time
 from gputel.cli.options import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail, settings_options
 from gputel.formats import one_line
 from gputel.settings import Settings
+from gputel.supervisor.deadline import start_job
 
 GPU_READ_DEADLINE_S = 2.0
 HOST_CPU_WINDOW_S = 0.1
@@ -28,43 +29,16 @@ HOST_CPU_WINDOW_S = 0.1
 
 
 # ---------------------------------------------------------------------------------- local snapshot
-def _gpu_snapshot(settings: Settings) -> tuple[list[dict[str, Any]], str | None, str | None, bool]:
-    """(gpus, source name, notice, failed): one read with a deadline; never hangs, never raises."""
-    box: dict[str, Any] = {}
+def _read_gpus(settings: Settings) -> tuple[list[dict[str, Any]], str | None, str | None]:
+    """(gpus, source name, notice): open the GPU source, read once, close."""
+    from gputel.sources.select import open_gpu_source
 
-    def work() -> None:
-        try:
-            from gputel.sources.select import open_gpu_source
-
-            source, notice = open_gpu_source(settings)
-            box["name"] = getattr(source, "name", None)
-            box["notice"] = notice
-            try:
-                box["gpus"] = [_reading_dict(r) for r in source.read()]
-            finally:
-                source.close()
-        except Exception as exc:
-            box["error"] = one_line(exc)
-            box["exception"] = exc
-
-    thread = threading.Thread(target=work, name="gputel-status-gpu", daemon=True)
-    thread.start()
-    thread.join(GPU_READ_DEADLINE_S)
-    if thread.is_alive():
-        return (
-            [],
-            None,
-            f"the GPU read did not finish within {GPU_READ_DEADLINE_S:g}s (a hung driver or GPU?); "
-            "no GPU values shown",
-            True,
-        )
-    from gputel.sources.base import GpuSelectionError
-
-    if isinstance(box.get("exception"), GpuSelectionError):
-        raise box["exception"]  # a wrong GPUTEL_GPUS is a bad setting, not "no GPU"
-    if "error" in box:
-        return [], None, f"no GPU telemetry: {box['error']}", True
-    return box.get("gpus", []), box.get("name"), box.get("notice"), False
+    source, notice = open_gpu_source(settings)
+    try:
+        gpus = [_reading_dict(r) for r in source.read()]
+    finally:
+        source.close()
+    return gpus, getattr(source, "name", None), notice
 
 
 def _reading_dict(reading: Any) -> dict[str, Any]:
@@ -100,26 +74,32 @@ def _host_snapshot(settings: Settings) -> tuple[dict[str, Any], str | None]:
 
 
 def local_status(settings: Settings) -> tuple[dict[str, Any], bool]:
-    """The status object when no agent runs, and whether an explicitly wanted GPU source failed."""
+    """The status object when no agent runs, and whether an explicitly wanted GPU source failed.
+
+    The GPU read runs with a deadline, next to the host read; a wrong ``GPUTEL_GPUS`` is a bad
+    setting (exit 2), not "no GPU".
+    """
     from gputel.sources.base import GpuSelectionError
 
-    result: dict[str, Any] = {}
-
-    def snapshot() -> None:
-        try:
-            result["gpu"] = _gpu_snapshot(settings)
-        except GpuSelectionError as exc:
-            result["selection_error"] = str(exc)
-
-    gpu_thread = threading.Thread(target=snapshot, daemon=True)
-    gpu_thread.start()
+    gpu_job = start_job(lambda: _read_gpus(settings), name="gputel-status-gpu")
     host, host_notice = _host_snapshot(settings)
-    gpu_thread.join(GPU_READ_DEADLINE_S + 0.5)
-    if "selection_error" in result:
-        fail(result["selection_error"], EXIT_USAGE)
-    gpus, source, notice, failed = result.get(
-        "gpu", ([], None, "the GPU read did not finish in time", True)
-    )
+    gpu_job.done.wait(GPU_READ_DEADLINE_S)
+    outcome, value = gpu_job.outcome()
+    gpus: list[dict[str, Any]] = []
+    source: str | None = None
+    notice: str | None
+    failed = outcome != "ok"
+    if outcome == "ok":
+        gpus, source, notice = value
+    elif outcome == "error":
+        if isinstance(value, GpuSelectionError):
+            fail(str(value), EXIT_USAGE)
+        notice = f"no GPU telemetry: {one_line(value)}"
+    else:
+        notice = (
+            f"the GPU read did not finish within {GPU_READ_DEADLINE_S:g}s (a hung driver or "
+            "GPU?); no GPU values shown"
+        )
     notices = [n for n in (notice, host_notice) if n]
     status = {
         "agent": "not running",
@@ -303,7 +283,7 @@ def status_command(settings: Settings, as_json: bool) -> int:
     try:
         reply = request(settings.run_dir, {"op": "status"}, timeout=2.0)
     except AgentUnavailable as exc:
-        if exc.reason not in ("missing", "refused"):
+        if not exc.no_agent:
             fail(str(exc))
         status, failed = local_status(settings)
         code = EXIT_FAILURE if failed else EXIT_OK

@@ -53,6 +53,11 @@ class AgentUnavailable(ControlError):
         self.reason = reason
         self.path = path
 
+    @property
+    def no_agent(self) -> bool:
+        """No agent is there at all (no socket, or a stale one): starting one is the fix."""
+        return self.reason in ("missing", "refused")
+
 
 class AgentTimeout(ControlError):
     """Connected, but no complete answer within the timeout: an agent is there but stuck or slow."""
@@ -62,8 +67,31 @@ class AgentProtocolError(ControlError):
     """The agent answered something that is not one JSON object (a version mismatch or a bug)."""
 
 
+class ErrorCode(str, enum.Enum):
+    """Why a request was refused, for clients that must act on it (never match the prose).
+
+    ``STARTING`` and ``BUSY`` and ``SHUTTING_DOWN`` are worth asking again shortly: the agent
+    is coming up, has too many connections, or is stopping (another may replace it).
+    ``INVALID`` is a request to fix, ``INTERNAL`` a bug in the agent.
+    """
+
+    STARTING = "starting"
+    BUSY = "busy"
+    SHUTTING_DOWN = "shutting_down"
+    INVALID = "invalid"
+    INTERNAL = "internal"
+
+
+#: Codes after which the same request may succeed a moment later.
+RETRYABLE_CODES = frozenset({ErrorCode.STARTING, ErrorCode.BUSY, ErrorCode.SHUTTING_DOWN})
+
+
 class RequestError(ValueError):
     """Raised by a handler to refuse a request; ``str()`` becomes the error reply as is."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.INVALID) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ControlSocketInUse(RuntimeError):
@@ -157,5 +185,13 @@ def encode_line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=_json_default).encode() + b"\n"
 
 
-def _error(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": one_line(message)}
+def error_reply(message: str, code: ErrorCode = ErrorCode.INVALID) -> dict[str, Any]:
+    """A refusal: ``{"ok": false, "error": <one line>, "code": <ErrorCode>}``."""
+    return {"ok": False, "error": one_line(message) or "error", "code": code.value}
+
+
+def retryable(reply: object) -> bool:
+    """Whether ``reply`` is a refusal that the same request may get past a moment later."""
+    if not isinstance(reply, dict) or reply.get("ok") is True:
+        return False
+    return reply.get("code") in {c.value for c in RETRYABLE_CODES}

@@ -34,10 +34,11 @@ from gputel.control.protocol import (
     READ_TIMEOUT_S,
     SOCKET_MODE,
     ControlSocketInUse,
+    ErrorCode,
     Handler,
     RequestError,
-    _error,
     encode_line,
+    error_reply,
     validate_request,
 )
 
@@ -247,7 +248,9 @@ class ControlServer:
                     return
                 raise
             if not self._slots.acquire(blocking=False):
-                self._reply_and_close(conn, _error("agent busy: too many control connections"))
+                self._reply_and_close(
+                    conn, error_reply("agent busy: too many control connections", ErrorCode.BUSY)
+                )
                 continue
             try:
                 threading.Thread(
@@ -255,7 +258,9 @@ class ControlServer:
                 ).start()
             except RuntimeError:
                 self._slots.release()
-                self._reply_and_close(conn, _error("agent busy: cannot start a thread"))
+                self._reply_and_close(
+                    conn, error_reply("agent busy: cannot start a thread", ErrorCode.BUSY)
+                )
 
     def _connection(self, conn: socket.socket) -> None:
         try:
@@ -275,12 +280,12 @@ class ControlServer:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return _error(f"no complete request line within {self.read_timeout:g}s")
+                return error_reply(f"no complete request line within {self.read_timeout:g}s")
             conn.settimeout(remaining)
             try:
                 chunk = conn.recv(8192)
             except TimeoutError:
-                return _error(f"no complete request line within {self.read_timeout:g}s")
+                return error_reply(f"no complete request line within {self.read_timeout:g}s")
             if not chunk:
                 return bytes(buf)
             nl = chunk.find(b"\n")
@@ -292,35 +297,40 @@ class ControlServer:
             buf += chunk
             if len(buf) > MAX_MESSAGE_BYTES:
                 break
-        return _error(f"request longer than {MAX_MESSAGE_BYTES} bytes")
+        return error_reply(f"request longer than {MAX_MESSAGE_BYTES} bytes")
 
     def _answer(self, conn: socket.socket) -> dict[str, Any]:
         line = self._read_line(conn)
         if isinstance(line, dict):
             return line
         if not line.strip():
-            return _error("empty request")
+            return error_reply("empty request")
         try:
             message = json.loads(line)
         except (ValueError, RecursionError):
-            return _error("request is not valid JSON")
+            return error_reply("request is not valid JSON")
         try:
             request = validate_request(message)
         except RequestError as exc:
-            return _error(str(exc))
+            return error_reply(str(exc))
         if self._stopping.is_set():
-            return _error("agent is shutting down")
+            return error_reply("agent is shutting down", ErrorCode.SHUTTING_DOWN)
         try:
             with self._handler_lock:
                 result = self.handler(request)
         except RequestError as exc:
-            return _error(str(exc))
+            return error_reply(str(exc), exc.code)
         except Exception as exc:
             log.exception("control handler failed on op %s", request["op"])
-            return _error(f"internal error in op {request['op']}: {type(exc).__name__}: {exc}")
+            return error_reply(
+                f"internal error in op {request['op']}: {type(exc).__name__}: {exc}",
+                ErrorCode.INTERNAL,
+            )
         if not isinstance(result, dict):
             log.error("control handler returned %s for op %s", type(result).__name__, request["op"])
-            return _error(f"internal error in op {request['op']}: bad reply")
+            return error_reply(
+                f"internal error in op {request['op']}: bad reply", ErrorCode.INTERNAL
+            )
         if "ok" not in result:
             result = {"ok": True, **result}
         return result
@@ -332,7 +342,11 @@ class ControlServer:
                 data = encode_line(reply)
             except (TypeError, ValueError) as exc:
                 log.error("control reply is not JSON serialisable: %s", exc)
-                data = encode_line(_error(f"internal error: reply not serialisable: {exc}"))
+                data = encode_line(
+                    error_reply(
+                        f"internal error: reply not serialisable: {exc}", ErrorCode.INTERNAL
+                    )
+                )
             conn.settimeout(READ_TIMEOUT_S)
             conn.sendall(data)
         except OSError:

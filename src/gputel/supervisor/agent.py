@@ -2,54 +2,45 @@
 
 One loop thread owns all decisions: each tick it reads GPU utilization, steps the pure state
 machine, applies the operator mode and the open allocations, and starts or stops the telemetry
-child. Other threads only ask: the control socket (status, mode, allocations) and the HTTP
-exporter read a snapshot under a lock and wake the loop when something changed.
+child. Other threads only ask: the control socket (``control_api.py``: status, mode,
+allocations) and the HTTP exporter read a snapshot under a lock and wake the loop when something
+changed.
 
-Every GPU call goes through :class:`GpuCaller`, one dedicated thread with a deadline per call,
-because an NVML call can block forever (a GPU off the bus, a wedged driver) and cannot be
-cancelled. A read that misses its deadline marks the agent degraded; the loop keeps turning,
-keeps pinging the systemd watchdog and keeps answering ``gputel status``, and no second read is
-queued behind the stuck one.
+Every GPU call goes through a :class:`~gputel.supervisor.deadline.DeadlineRunner` (one
+dedicated thread, a deadline per call), because an NVML call can block forever (a GPU off the
+bus, a wedged driver) and cannot be cancelled. A read that misses its deadline marks the agent
+degraded; the loop keeps turning, keeps pinging the systemd watchdog and keeps answering
+``gputel status``, and no second read is queued behind the stuck one.
 """
 
 from __future__ import annotations
 
-import builtins
 import collections
 import fcntl
 import logging
 import os
-import queue
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from gputel import __version__, runtime
 from gputel.formats import iso_utc_ms
 from gputel.settings import Settings
-from gputel.supervisor.agent_metrics import (
-    AgentSnapshot,
-    join_exposition,
-    read_fresh_metrics,
-    render_agent,
-)
+from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
 from gputel.supervisor.child import ChildEvent, ChildSupervisor, Spawn, popen_spawn
+from gputel.supervisor.control_api import ControlApi, Degraded, DegradedReason, ModeState
+from gputel.supervisor.deadline import DeadlineRunner, Job, run_with_deadline
 from gputel.supervisor.notify import Notifier
-from gputel.supervisor.states import (
-    ActivityState,
-    Machine,
-    Mode,
-    Thresholds,
-    step,
-    telemetry_wanted,
-)
+from gputel.supervisor.states import ActivityState, Machine, Thresholds, step, telemetry_wanted
 from gputel.supervisor.transitions_log import TransitionRecord, TransitionsLog
 from gputel.ticker import Ticker, Waker
+
+if TYPE_CHECKING:
+    from gputel.control.allocations import AllocationStore
 
 log = logging.getLogger("gputel.supervisor.agent")
 
@@ -69,103 +60,6 @@ class AgentConfigError(AgentError):
 
 class AgentAlreadyRunning(AgentError):
     """Another agent holds this run directory's lock."""
-
-
-class AllocationStoreLike(Protocol):
-    def allocate(
-        self,
-        id: str,
-        gpus: list[int] | None,
-        pid: int | None,
-        energy_j: Mapping[int, float | None] | None,
-    ) -> dict[str, Any]: ...
-
-    def release(self, id: str, energy_j: Mapping[int, float | None] | None) -> dict[str, Any]: ...
-
-    def list(self) -> builtins.list[dict[str, Any]]: ...
-
-    def open_count(self) -> int: ...
-
-    def reap_dead_owners(
-        self, energy_j: Mapping[int, float | None] | None
-    ) -> builtins.list[dict[str, Any]]: ...
-
-
-# ---------------------------------------------------------------------------------- GPU calls
-class _Job:
-    __slots__ = ("done", "error", "fn", "started_at", "value")
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.fn = fn
-        self.done = threading.Event()
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.started_at: float | None = None
-
-
-class GpuCaller:
-    """Runs GPU calls one at a time on a daemon thread; callers wait with a deadline.
-
-    A call still running after its caller's deadline is *stuck*: further calls are refused at
-    once (they would only queue behind it) until it returns.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._stuck: _Job | None = None
-        self._thread = threading.Thread(target=self._work, name="gputel-gpu", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            job.started_at = self._clock()
-            try:
-                job.value = job.fn()
-            except BaseException as exc:
-                job.error = exc
-            with self._lock:
-                if self._stuck is job:
-                    self._stuck = None
-            job.done.set()
-
-    @property
-    def stuck_for(self) -> float | None:
-        """Seconds the stuck call has been running, or None when no call is stuck."""
-        with self._lock:
-            job = self._stuck
-        if job is None or job.started_at is None:
-            return None
-        return max(0.0, self._clock() - job.started_at)
-
-    def submit(self, fn: Callable[[], Any]) -> _Job | None:
-        with self._lock:
-            if self._stuck is not None:
-                return None
-        job = _Job(fn)
-        self._queue.put(job)
-        return job
-
-    def wait(self, job: _Job, timeout: float) -> bool:
-        if job.done.wait(timeout):
-            return True
-        with self._lock:
-            if not job.done.is_set():
-                self._stuck = job
-        return job.done.is_set()
-
-    def call(self, fn: Callable[[], Any], timeout: float) -> tuple[str, Any]:
-        """``("ok", value)``, ``("error", exc)``, ``("timeout", None)`` or ``("stuck", None)``."""
-        job = self.submit(fn)
-        if job is None:
-            return "stuck", None
-        if not self.wait(job, timeout):
-            return "timeout", None
-        if job.error is not None:
-            return "error", job.error
-        return "ok", job.value
 
 
 class LazyEnergy(Mapping[int, "float | None"]):
@@ -192,14 +86,6 @@ class LazyEnergy(Mapping[int, "float | None"]):
 
 
 # ---------------------------------------------------------------------------------- the agent
-@dataclass
-class _ModeState:
-    mode: Mode = Mode.AUTO
-    until_mono: float | None = None
-    until_iso: str | None = None
-    set_for_s: float | None = None
-
-
 def _take_lock(run_dir: Path) -> int:
     path = run_dir / runtime.AGENT_LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -221,12 +107,6 @@ def _take_lock(run_dir: Path) -> int:
     return fd
 
 
-def _default_store(settings: Settings, known_gpus: list[int]) -> AllocationStoreLike:
-    from gputel.control.allocations import AllocationStore
-
-    return AllocationStore(settings.run_dir, settings.log_dir, known_gpus)
-
-
 class Agent:
     """The supervisor. ``run()`` blocks until SIGTERM/SIGINT or :meth:`request_stop`."""
 
@@ -237,27 +117,25 @@ class Agent:
         *,
         env: Mapping[str, str] | None = None,
         spawn: Spawn = popen_spawn,
-        store_factory: Callable[[Settings, list[int]], AllocationStoreLike] = _default_store,
         install_signals: bool = True,
         source_open_timeout_s: float = 30.0,
         source: Any = None,
     ) -> None:
         self.settings = settings
-        self._clock = clock
+        self.clock = clock
         self._env = dict(os.environ if env is None else env)
         self._spawn = spawn
-        self._store_factory = store_factory
         self._install_signals = install_signals
         self._source_open_timeout_s = source_open_timeout_s
         self.thresholds = Thresholds.of(settings)
         self.read_deadline_s = max(0.5, min(settings.interval_s, 5.0))
         self.loop_stale_after_s = max(10.0, 3 * settings.interval_s)
 
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._stop = False
         self._hup = False
         self._waker: Waker | None = None
-        self._lock_fd: int | None = None
+        self.lock_fd: int | None = None
         self._ready_sent = False
         self._status_key: tuple[Any, ...] | None = None
         self._progress = 0
@@ -265,7 +143,7 @@ class Agent:
         self.start_wall = time.time()
 
         self.machine = Machine(ActivityState.IDLE, clock())
-        self.mode = _ModeState()
+        self.mode = ModeState()
         self.wanted = False
         self.wanted_reason = "not started"
         self.recent: collections.deque[TransitionRecord] = collections.deque(
@@ -275,19 +153,19 @@ class Agent:
         self.utilization: dict[int, float | None] = {}
         self.util_max: float | None = None
         self.poll_duration_s: float | None = None
-        self.degraded: str | None = None
+        self.degraded: Degraded | None = None
         self.notice: str | None = None
         self.backend = settings.backend
         self.devices: list[Any] = []
         self.exporter: str | None = None
         self.sim_epoch: float | None = None
 
-        self.gpu = GpuCaller(clock)
+        self.gpu = DeadlineRunner(clock)
         self.source: Any = None
         self._given_source = source
-        self._source_job: _Job | None = None
-        self._util_job: _Job | None = None
-        self.store: AllocationStoreLike | None = None
+        self._source_job: Job | None = None
+        self._util_job: Job | None = None
+        self.store: AllocationStore | None = None
         self.child: ChildSupervisor | None = None
         self.transitions = TransitionsLog(settings.log_dir)
         self.notifier = Notifier(self._env, clock)
@@ -295,6 +173,7 @@ class Agent:
         if wd is not None:
             # The first stuck read blocks the loop for the whole deadline; pings must not lapse.
             self.read_deadline_s = min(self.read_deadline_s, max(0.2, wd / 2))
+        self.api = ControlApi(self)
         self._control: Any = None
         self._http: Any = None
 
@@ -322,7 +201,7 @@ class Agent:
             runtime.ensure_run_dir(s.run_dir)
         except runtime.RunDirError as exc:
             raise AgentError(str(exc)) from None
-        self._lock_fd = _take_lock(s.run_dir)
+        self.lock_fd = _take_lock(s.run_dir)
         try:
             s.log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -337,16 +216,18 @@ class Agent:
             self._signals()
         self._open_source()
         known = [d.index for d in self.devices]
-        self.store = self._store_factory(s, known)
+        from gputel.control.allocations import AllocationStore
+
+        self.store = AllocationStore(s.run_dir, s.log_dir, known)
         self.child = ChildSupervisor(
-            s, sim_epoch=self.sim_epoch, spawn=self._spawn, clock=self._clock
+            s, sim_epoch=self.sim_epoch, spawn=self._spawn, clock=self.clock
         )
 
         from gputel.control.client import socket_path
         from gputel.control.protocol import ControlSocketInUse
         from gputel.control.server import ControlServer
 
-        self._control = ControlServer(socket_path(s.run_dir), self.handle)
+        self._control = ControlServer(socket_path(s.run_dir), self.api.handle)
         try:
             self._control.start()
         except ControlSocketInUse as exc:
@@ -368,8 +249,8 @@ class Agent:
             s.log_dir,
             self.exporter or "off",
         )
-        self._reconcile(self._clock())
-        self.notifier.ready(self.status_line())
+        self._reconcile(self.clock())
+        self.notifier.ready(self.api.status_line())
         self._ready_sent = True
 
     def _start_http(self) -> None:
@@ -421,13 +302,13 @@ class Agent:
         if given is not None:
             job = self.gpu.submit(lambda: (given, None))
         else:
-            job = self.gpu.submit(lambda: open_gpu_source(self.settings, env, self._clock))
+            job = self.gpu.submit(lambda: open_gpu_source(self.settings, env, self.clock))
         assert job is not None
         if self.gpu.wait(job, self._source_open_timeout_s):
             self._source_opened(job)
         else:
             self._source_job = job
-            self.degraded = "GPU source still opening"
+            self.degraded = Degraded(DegradedReason.SOURCE_OPENING)
             log.error(
                 "opening the GPU source (%s) takes more than %gs; running degraded until it "
                 "answers",
@@ -435,7 +316,7 @@ class Agent:
                 self._source_open_timeout_s,
             )
 
-    def _source_opened(self, job: _Job) -> None:
+    def _source_opened(self, job: Job) -> None:
         from gputel.sources.base import GpuSelectionError, GpuSourceError
 
         self._source_job = None
@@ -458,7 +339,7 @@ class Agent:
         self.devices = list(devices) if status == "ok" else []
         if status != "ok":
             log.error("listing GPUs failed (%s); GPU names are unknown", status)
-        if self.degraded == "GPU source still opening":
+        if self.degraded is not None and self.degraded.reason is DegradedReason.SOURCE_OPENING:
             self.degraded = None
 
     def _teardown(self) -> None:
@@ -468,7 +349,7 @@ class Agent:
             self._control.stop()
             self._control = None
         if self.child is not None:
-            with self._lock:
+            with self.lock:
                 was = self.child.proc is not None
             self.child.shutdown()
             if was:
@@ -476,30 +357,28 @@ class Agent:
         if self._http is not None:
             # stop() waits for the server's next poll (up to HTTP_POLL_S); the process is about
             # to exit, so give it a moment and let a daemon thread finish the job.
-            stopper = threading.Thread(target=self._http.stop, name="gputel-http-stop", daemon=True)
-            stopper.start()
-            stopper.join(0.2)
+            run_with_deadline(self._http.stop, 0.2, name="gputel-http-stop")
             self._http = None
         if self._waker is not None:
             self._waker.close()
             self._waker = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
         self.notifier.close()
         if self._ready_sent:
             log.info("gputel agent stopped")
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
-        ticker = Ticker(self.settings.interval_s, clock=self._clock, wait=self._wait)
+        ticker = Ticker(self.settings.interval_s, clock=self.clock, wait=self._wait)
         while not self._stop:
             k = ticker.next()
             if self._stop:
                 break
             if self._hup:
                 self._hup = False
-                with self._lock:
+                with self.lock:
                     forwarded = self.child is not None and self.child.forward_signal(signal.SIGHUP)
                 log.info(
                     "SIGHUP: %s",
@@ -507,7 +386,7 @@ class Agent:
                     if forwarded
                     else "not forwarded, no telemetry child up (a new one opens new files)",
                 )
-            now = self._clock()
+            now = self.clock()
             if k is None:
                 self._reconcile(now)
             else:
@@ -516,12 +395,12 @@ class Agent:
     def _wait(self, timeout: float) -> bool:
         """The ticker's sleep, cut into watchdog-sized slices; True when woken early."""
         assert self._waker is not None
-        end = self._clock() + timeout
+        end = self.clock() + timeout
         while True:
             self._progress += 1
-            self._last_loop_at = self._clock()
+            self._last_loop_at = self.clock()
             self.notifier.watchdog(self._progress)
-            remaining = end - self._clock()
+            remaining = end - self.clock()
             if remaining <= 0:
                 return False
             nxt = self.notifier.next_ping_in()
@@ -532,11 +411,11 @@ class Agent:
     def tick(self, now: float) -> None:
         """One poll: read, step the machine, then reconcile mode, allocations and the child."""
         util = self._read_utilization()
-        now = self._clock()
-        with self._lock:
+        now = self.clock()
+        with self.lock:
             self.machine, tr = step(self.machine, util, now, self.thresholds)
             if tr is not None:
-                self._record(tr.from_state.value, tr.to_state.value, tr.reason)
+                self.record(tr.from_state.value, tr.to_state.value, tr.reason)
         self._reap()
         self._reconcile(now)
 
@@ -548,29 +427,29 @@ class Agent:
                     self._source_opened(job)
                 except AgentError as exc:
                     self._source_job = None
-                    self.degraded = f"GPU source failed: {exc}"
+                    self.degraded = Degraded(DegradedReason.SOURCE_FAILED, str(exc))
                     log.error("%s", self.degraded)
             if self.source is None:
                 return None
         if self._util_job is not None:
             if not self._util_job.done.is_set():
                 stuck = self.gpu.stuck_for or 0.0
-                self.degraded = f"GPU read stuck for {stuck:.0f}s"
+                self.degraded = Degraded(DegradedReason.READ_STUCK, f"for {stuck:.0f}s")
                 self._forget_utilization()
                 return None
             self._util_job = None
             log.warning("the stuck GPU read returned; GPU reads resume")
             self.degraded = None
-        t0 = self._clock()
+        t0 = self.clock()
         job = self.gpu.submit(self.source.read_utilization)
         if job is None:
             # Another GPU call (an allocation's energy read) is stuck on the reader thread.
-            self.degraded = "GPU read stuck"
+            self.degraded = Degraded(DegradedReason.READ_STUCK)
             self._forget_utilization()
             return None
         if not self.gpu.wait(job, self.read_deadline_s):
             self._util_job = job
-            self.degraded = "GPU read stuck"
+            self.degraded = Degraded(DegradedReason.READ_STUCK)
             log.error(
                 "GPU utilization read did not return within %gs; running degraded (no activity "
                 "decisions) until it does",
@@ -578,30 +457,30 @@ class Agent:
             )
             self._forget_utilization()
             return None
-        self.poll_duration_s = self._clock() - t0
+        self.poll_duration_s = self.clock() - t0
         if job.error is not None:
-            if self.degraded is None or not self.degraded.startswith("GPU read failed"):
+            if self.degraded is None or self.degraded.reason is not DegradedReason.READ_FAILED:
                 log.error("GPU utilization read failed: %s", job.error)
-            self.degraded = f"GPU read failed: {type(job.error).__name__}"
+            self.degraded = Degraded(DegradedReason.READ_FAILED, type(job.error).__name__)
             values: dict[int, float | None] = {}
         else:
-            if self.degraded is not None and self.degraded.startswith("GPU read"):
+            if self.degraded is not None and self.degraded.reason.is_read:
                 log.info("GPU utilization reads work again")
                 self.degraded = None
             values = dict(job.value or {})
         known = [v for v in values.values() if v is not None]
-        with self._lock:
+        with self.lock:
             self.utilization = values
             self.util_max = max(known) if known else None
         return self.util_max
 
     def _forget_utilization(self) -> None:
         """No reading this tick: status and /metrics must not keep showing the last one."""
-        with self._lock:
+        with self.lock:
             self.utilization = dict.fromkeys(self.utilization)
             self.util_max = None
 
-    def _energy_now(self) -> dict[int, float | None]:
+    def energy_now(self) -> dict[int, float | None]:
         if self.source is None:
             return {}
         status, value = self.gpu.call(self.source.read_energy_j, ENERGY_DEADLINE_S)
@@ -614,7 +493,7 @@ class Agent:
         if store is None or store.open_count() == 0:
             return
         try:
-            reaped = store.reap_dead_owners(LazyEnergy(self._energy_now))
+            reaped = store.reap_dead_owners(LazyEnergy(self.energy_now))
         except Exception:
             log.exception("reaping allocations of exited owners failed")
             return
@@ -623,18 +502,18 @@ class Agent:
 
     def _reconcile(self, now: float) -> None:
         """Mode expiry, telemetry decision, child lifecycle, sd_notify STATUS."""
-        with self._lock:
+        with self.lock:
             m = self.mode
             if m.until_mono is not None and now >= m.until_mono:
                 old = m.mode
-                self.mode = _ModeState()
-                self._record(
+                self.mode = ModeState()
+                self.record(
                     f"mode_{old.value}", "mode_auto", f"mode {old.value} for {m.set_for_s:g}s ended"
                 )
-            n_alloc = self.store.open_count() if self.store is not None else 0
+            n_alloc = self.open_allocations()
             wanted, reason = telemetry_wanted(self.machine.state, self.mode.mode, n_alloc)
             if wanted != self.wanted:
-                self._record(
+                self.record(
                     "telemetry_off" if wanted else "telemetry_on",
                     "telemetry_on" if wanted else "telemetry_off",
                     reason,
@@ -656,7 +535,7 @@ class Agent:
             )
         if key != self._status_key and self.notifier.enabled:
             self._status_key = key
-            self.notifier.status(self.status_line())
+            self.notifier.status(self.api.status_line())
 
     def _child_event(self, ev: ChildEvent) -> None:
         if ev.kind == "started":
@@ -672,7 +551,7 @@ class Agent:
         else:
             log.error("telemetry child: %s %s", ev.kind, ev.detail)
 
-    def _record(self, from_state: str, to_state: str, reason: str) -> None:
+    def record(self, from_state: str, to_state: str, reason: str) -> None:
         rec = TransitionRecord(iso_utc_ms(), from_state, to_state, reason)
         log.info("transition %s -> %s: %s", from_state, to_state, reason)
         self.recent.append(rec)
@@ -680,44 +559,12 @@ class Agent:
         self.transitions.append(rec)
 
     # ------------------------------------------------------------------ views
-    def status_line(self) -> str:
-        with self._lock:
-            child = self.child
-            pid = child.pid if child is not None and child.running else None
-            n = self.store.open_count() if self.store is not None else 0
-            parts = [
-                f"state {self.machine.state.value}",
-                f"mode {self.mode.mode.value}",
-                f"{n} allocation{'s' if n != 1 else ''}",
-                f"telemetry on (pid {pid})"
-                if pid
-                else ("telemetry starting" if self.wanted else "telemetry off"),
-            ]
-            if self.degraded:
-                parts.append(f"degraded: {self.degraded}")
-        return ", ".join(parts)
-
-    def snapshot(self) -> AgentSnapshot:
-        with self._lock:
-            child = self.child
-            return AgentSnapshot(
-                version=__version__,
-                backend=self.backend,
-                start_time_s=self.start_wall,
-                state=self.machine.state.value,
-                mode=self.mode.mode.value,
-                telemetry_active=self.wanted,
-                child_up=child is not None and child.running,
-                allocations_open=self.store.open_count() if self.store is not None else 0,
-                gpu_read_degraded=bool(self.degraded),
-                poll_duration_s=self.poll_duration_s,
-                transitions=dict(self.transition_counts),
-                restarts=dict(child.restarts) if child is not None else {},
-            )
+    def open_allocations(self) -> int:
+        return self.store.open_count() if self.store is not None else 0
 
     def child_metrics(self) -> bytes | None:
         """The recorder's exposition, only from a live child and only if fresh."""
-        with self._lock:
+        with self.lock:
             child = self.child
             alive = child is not None and child.running
         if not alive:
@@ -726,119 +573,15 @@ class Agent:
         return read_fresh_metrics(self.settings.run_dir / runtime.METRICS_FILE, max_age)
 
     def metrics_bytes(self) -> bytes:
-        return join_exposition(render_agent(self.snapshot()), self.child_metrics())
+        return join_exposition(render_agent(self.api.snapshot()), self.child_metrics())
 
     def health(self) -> tuple[bool, str]:
-        age = self._clock() - self._last_loop_at
+        age = self.clock() - self._last_loop_at
         if age > self.loop_stale_after_s:
             return False, f"agent loop has not advanced for {age:.0f}s"
-        return True, self.status_line()
+        return True, self.api.status_line()
 
-    def status(self) -> dict[str, Any]:
-        s = self.settings
-        with self._lock:
-            child = self.child
-            child_info: dict[str, Any] | None = None
-            if child is not None and child.proc is not None:
-                hb = child.fresh_heartbeat() or {}
-                uptime = child.uptime_s()
-                child_info = {
-                    "pid": child.pid,
-                    "uptime_s": None if uptime is None else round(uptime, 3),
-                    "restarts": child.restarts_total,
-                    "restarts_by_reason": dict(child.restarts),
-                    "stopping": not child.running,
-                    "files": hb.get("files") or {},
-                    "tick": hb.get("tick"),
-                }
-            allocations = [
-                {k: a.get(k) for k in ("id", "gpus", "pid", "start")}
-                for a in (self.store.list() if self.store is not None else [])
-            ]
-            gpus = [
-                {
-                    "index": d.index,
-                    "uuid": d.uuid,
-                    "name": d.name,
-                    "utilization_gpu_pct": self.utilization.get(d.index),
-                }
-                for d in self.devices
-            ]
-            return {
-                "ok": True,
-                "agent": "running",
-                "pid": os.getpid(),
-                "version": __version__,
-                "state": self.machine.state.value,
-                "mode": self.mode.mode.value,
-                "mode_until": self.mode.until_iso,
-                "telemetry_active": self.wanted,
-                "telemetry_reason": self.wanted_reason,
-                "utilization_pct": self.util_max,
-                "allocations": allocations,
-                "gpus": gpus,
-                "child": child_info,
-                "transitions": [r.as_dict() for r in self.recent],
-                "degraded": self.degraded,
-                "backend": self.backend,
-                "notice": self.notice,
-                "log_dir": str(s.log_dir),
-                "run_dir": str(s.run_dir),
-                "exporter": self.exporter,
-                "interval_s": s.interval_s,
-            }
-
-    # ------------------------------------------------------------------ control socket
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Control-socket requests (already validated by ``gputel.control.protocol``)."""
-        op = request["op"]
-        if op == "status":
-            return self.status()
-        if op == "set_mode":
-            return self._set_mode(request["mode"], request.get("for_s"))
-        store = self.store
-        if store is None:
-            return {"ok": False, "error": "agent is starting; try again"}
-        if op == "list":
-            return {"ok": True, "allocations": store.list()}
-        from gputel.control.allocations import AllocationError
-
-        try:
-            if op == "allocate":
-                result = store.allocate(
-                    request["id"], request.get("gpus"), request.get("pid"), self._energy_now()
-                )
-            elif op == "release":
-                result = store.release(request["id"], self._energy_now())
-            else:
-                return {"ok": False, "error": f"unknown op {op!r}"}
-        except AllocationError as exc:
-            return {"ok": False, "error": str(exc)}
-        self._wake()
-        return {"ok": True, **result}
-
-    def _set_mode(self, mode_text: str, for_s: float | None) -> dict[str, Any]:
-        mode = Mode(mode_text)
-        now = self._clock()
-        with self._lock:
-            old = self.mode.mode
-            new = _ModeState(mode)
-            if for_s is not None and mode is not Mode.AUTO:
-                new.until_mono = now + for_s
-                new.until_iso = iso_utc_ms(time.time() + for_s)
-                new.set_for_s = for_s
-            self.mode = new
-            if old is not mode:
-                how = f" for {for_s:g}s" if new.until_mono is not None else ""
-                self._record(
-                    f"mode_{old.value}",
-                    f"mode_{mode.value}",
-                    f"operator set mode {mode.value}{how}",
-                )
-        self._wake()
-        return {"ok": True, "mode": mode.value, "until": new.until_iso}
-
-    def _wake(self) -> None:
+    def wake(self) -> None:
         if self._waker is not None:
             self._waker.wake()
 

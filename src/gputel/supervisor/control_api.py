@@ -1,0 +1,213 @@
+"""The agent's control API: what ``status``, ``set_mode``, ``allocate``, ``release`` and ``list``
+do, and the snapshots the status line and ``/metrics`` are drawn from.
+
+The control server calls :meth:`ControlApi.handle` on its own threads with requests it already
+validated; everything here reads or changes the agent's state under the agent's lock and wakes
+the loop when something changed. Decisions (telemetry on or off, the child) stay with the loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gputel import __version__
+from gputel.control.protocol import ErrorCode, RequestError
+from gputel.formats import iso_utc_ms
+from gputel.supervisor.agent_metrics import AgentSnapshot
+from gputel.supervisor.states import Mode
+
+if TYPE_CHECKING:
+    from gputel.supervisor.agent import Agent
+
+
+class DegradedReason(enum.Enum):
+    """Why the agent runs without activity decisions."""
+
+    SOURCE_OPENING = "GPU source still opening"
+    SOURCE_FAILED = "GPU source failed"
+    READ_STUCK = "GPU read stuck"
+    READ_FAILED = "GPU read failed"
+
+    @property
+    def is_read(self) -> bool:
+        """A utilization read problem, which the next good read clears."""
+        return self in (DegradedReason.READ_STUCK, DegradedReason.READ_FAILED)
+
+
+@dataclass(frozen=True)
+class Degraded:
+    """A degraded reason with its detail (how long stuck, which error)."""
+
+    reason: DegradedReason
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.reason.value} ({self.detail})" if self.detail else self.reason.value
+
+
+@dataclass
+class ModeState:
+    """The operator's mode and, for a timed one, when it ends (monotonic and wall clock)."""
+
+    mode: Mode = Mode.AUTO
+    until_mono: float | None = None
+    until_iso: str | None = None
+    set_for_s: float | None = None
+
+
+class ControlApi:
+    """Answers control requests from the state of ``agent``."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Control-socket requests (already validated by ``gputel.control.protocol``)."""
+        op = request["op"]
+        if op == "status":
+            return self.status()
+        if op == "set_mode":
+            return self.set_mode(request["mode"], request.get("for_s"))
+        agent = self.agent
+        store = agent.store
+        if store is None:
+            raise RequestError("agent is starting; try again", ErrorCode.STARTING)
+        if op == "list":
+            return {"ok": True, "allocations": store.list()}
+        from gputel.control.allocations import AllocationError
+
+        try:
+            if op == "allocate":
+                result = store.allocate(
+                    request["id"], request.get("gpus"), request.get("pid"), agent.energy_now()
+                )
+            elif op == "release":
+                result = store.release(request["id"], agent.energy_now())
+            else:
+                raise RequestError(f"unknown op {op!r}")
+        except AllocationError as exc:
+            raise RequestError(str(exc)) from None
+        agent.wake()
+        return {"ok": True, **result}
+
+    def set_mode(self, mode_text: str, for_s: float | None) -> dict[str, Any]:
+        agent = self.agent
+        mode = Mode(mode_text)
+        now = agent.clock()
+        with agent.lock:
+            old = agent.mode.mode
+            new = ModeState(mode)
+            if for_s is not None and mode is not Mode.AUTO:
+                new.until_mono = now + for_s
+                new.until_iso = iso_utc_ms(time.time() + for_s)
+                new.set_for_s = for_s
+            agent.mode = new
+            if old is not mode:
+                how = f" for {for_s:g}s" if new.until_mono is not None else ""
+                agent.record(
+                    f"mode_{old.value}",
+                    f"mode_{mode.value}",
+                    f"operator set mode {mode.value}{how}",
+                )
+        agent.wake()
+        return {"ok": True, "mode": mode.value, "until": new.until_iso}
+
+    # ------------------------------------------------------------------ views
+    def status(self) -> dict[str, Any]:
+        agent = self.agent
+        s = agent.settings
+        with agent.lock:
+            child = agent.child
+            child_info: dict[str, Any] | None = None
+            if child is not None and child.proc is not None:
+                hb = child.fresh_heartbeat() or {}
+                uptime = child.uptime_s()
+                child_info = {
+                    "pid": child.pid,
+                    "uptime_s": None if uptime is None else round(uptime, 3),
+                    "restarts": child.restarts_total,
+                    "restarts_by_reason": dict(child.restarts),
+                    "stopping": not child.running,
+                    "files": hb.get("files") or {},
+                    "tick": hb.get("tick"),
+                }
+            allocations = [
+                {k: a.get(k) for k in ("id", "gpus", "pid", "start")}
+                for a in (agent.store.list() if agent.store is not None else [])
+            ]
+            gpus = [
+                {
+                    "index": d.index,
+                    "uuid": d.uuid,
+                    "name": d.name,
+                    "utilization_gpu_pct": agent.utilization.get(d.index),
+                }
+                for d in agent.devices
+            ]
+            return {
+                "ok": True,
+                "agent": "running",
+                "pid": os.getpid(),
+                "version": __version__,
+                "state": agent.machine.state.value,
+                "mode": agent.mode.mode.value,
+                "mode_until": agent.mode.until_iso,
+                "telemetry_active": agent.wanted,
+                "telemetry_reason": agent.wanted_reason,
+                "utilization_pct": agent.util_max,
+                "allocations": allocations,
+                "gpus": gpus,
+                "child": child_info,
+                "transitions": [r.as_dict() for r in agent.recent],
+                "degraded": None if agent.degraded is None else str(agent.degraded),
+                "backend": agent.backend,
+                "notice": agent.notice,
+                "log_dir": str(s.log_dir),
+                "run_dir": str(s.run_dir),
+                "exporter": agent.exporter,
+                "interval_s": s.interval_s,
+            }
+
+    def status_line(self) -> str:
+        """One line for sd_notify STATUS and ``/healthz``."""
+        agent = self.agent
+        with agent.lock:
+            child = agent.child
+            pid = child.pid if child is not None and child.running else None
+            n = agent.open_allocations()
+            parts = [
+                f"state {agent.machine.state.value}",
+                f"mode {agent.mode.mode.value}",
+                f"{n} allocation{'s' if n != 1 else ''}",
+                f"telemetry on (pid {pid})"
+                if pid
+                else ("telemetry starting" if agent.wanted else "telemetry off"),
+            ]
+            if agent.degraded is not None:
+                parts.append(f"degraded: {agent.degraded}")
+        return ", ".join(parts)
+
+    def snapshot(self) -> AgentSnapshot:
+        """The agent's own series for ``/metrics``."""
+        agent = self.agent
+        with agent.lock:
+            child = agent.child
+            return AgentSnapshot(
+                version=__version__,
+                backend=agent.backend,
+                start_time_s=agent.start_wall,
+                state=agent.machine.state.value,
+                mode=agent.mode.mode.value,
+                telemetry_active=agent.wanted,
+                child_up=child is not None and child.running,
+                allocations_open=agent.open_allocations(),
+                gpu_read_degraded=agent.degraded is not None,
+                poll_duration_s=agent.poll_duration_s,
+                transitions=dict(agent.transition_counts),
+                restarts=dict(child.restarts) if child is not None else {},
+            )

@@ -1,0 +1,279 @@
+"""The agent's decisions, tick by tick, on an injected clock with a fake GPU source and child.
+
+Mode × activity × allocations × child state × degraded: each test builds a real ``Agent`` (real
+state machine, control API, allocation store and control socket), replaces only the GPU source,
+the child process and the clock, and calls ``tick`` itself, so nothing here waits on real time.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent_doubles import FakeClock, FakeProc, FakeSource
+from gputel import runtime
+from gputel.control.client import request
+from gputel.control.protocol import ErrorCode, RequestError
+from gputel.settings import Settings, load_settings
+from gputel.supervisor.agent import Agent
+from gputel.supervisor.control_api import DegradedReason
+from gputel.supervisor.states import ActivityState
+
+
+class Node:
+    """One agent with its fakes; ``tick(seconds)`` advances the clock and runs one poll."""
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+        self.clock = FakeClock()
+        self.source = FakeSource()
+        self.procs: list[FakeProc] = []
+        self.settings: Settings = load_settings(
+            {
+                "GPUTEL_RUN_DIR": str(tmp / "run"),
+                "GPUTEL_LOG_DIR": str(tmp / "log"),
+                "GPUTEL_EXPORTER_PORT": "0",
+                "GPUTEL_INTERVAL": "1",
+                "GPUTEL_START_UTIL": "20",
+                "GPUTEL_START_SECONDS": "3",
+                "GPUTEL_STOP_UTIL": "10",
+                "GPUTEL_STOP_SECONDS": "5",
+                **(env or {}),
+            }
+        )
+        self.agent = Agent(
+            self.settings,
+            self.clock,
+            env={},
+            spawn=self._spawn,
+            install_signals=False,
+            source=self.source,
+        )
+
+    def _spawn(self, argv: list[str], env: dict[str, str]) -> FakeProc:
+        proc = FakeProc()
+        self.procs.append(proc)
+        return proc
+
+    def beat(self) -> None:
+        """The running child's heartbeat, as the recorder writes it, at the fake time."""
+        pid = self.agent.child.pid if self.agent.child is not None else None
+        runtime.atomic_write_json(
+            self.settings.run_dir / runtime.RECORDER_STATE_FILE,
+            {"pid": pid, "monotonic": self.clock(), "tick": 1, "files": {}},
+        )
+
+    def tick(self, seconds: float = 1.0, util: float | None = None) -> dict[str, Any]:
+        if util is not None:
+            self.source.util = util
+        self.clock.advance(seconds)
+        self.agent.tick(self.clock())
+        return self.agent.api.status()
+
+    def ask(self, **message: Any) -> dict[str, Any]:
+        return self.agent.api.handle(message)
+
+    @property
+    def running(self) -> list[FakeProc]:
+        return [p for p in self.procs if p.code is None]
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    made: list[Node] = []
+
+    def make(env: dict[str, str] | None = None) -> Node:
+        n = Node(tmp_path / f"n{len(made)}", env)
+        made.append(n)
+        n.agent._setup()
+        return n
+
+    yield make
+    for n in made:
+        n.source.block.set()
+        n.agent._teardown()
+
+
+# ------------------------------------------------------------------------------ the decision table
+@pytest.mark.parametrize("mode", ["auto", "on", "off"])
+@pytest.mark.parametrize("busy", [False, True])
+@pytest.mark.parametrize("allocated", [False, True])
+def test_telemetry_follows_mode_activity_and_allocations(
+    node: Callable[..., Node], mode: str, busy: bool, allocated: bool
+) -> None:
+    n = node()
+    n.ask(op="set_mode", mode=mode, for_s=None)
+    if allocated:
+        assert n.ask(op="allocate", id="job-1", gpus=None, pid=None)["created"] is True
+    for _ in range(5):  # > START_SECONDS of readings
+        st = n.tick(util=90.0 if busy else 0.0)
+    expected = mode == "on" or (mode == "auto" and (busy or allocated))
+    assert st["state"] == ("active" if busy else "idle")
+    assert st["telemetry_active"] is expected
+    assert len(n.running) == (1 if expected else 0)
+    assert (st["child"] is not None) is expected
+    reasons = {
+        "on": "operator mode on",
+        "off": "operator mode off",
+    }
+    if mode in reasons:
+        assert st["telemetry_reason"] == reasons[mode]
+    elif allocated:
+        assert st["telemetry_reason"] == "1 allocation(s) open"
+    else:
+        assert st["telemetry_reason"] == f"GPUs {st['state']}"
+
+
+def test_hysteresis_on_the_injected_clock(node: Callable[..., Node]) -> None:
+    n = node()
+    assert n.tick(util=90.0)["state"] == "arming"
+    assert n.tick(util=5.0)["state"] == "idle"  # a blip shorter than START_SECONDS
+    n.tick(util=90.0)
+    n.tick()
+    n.tick()
+    st = n.tick()
+    assert st["state"] == "active" and st["telemetry_active"] and len(n.running) == 1
+    n.beat()
+    for _ in range(4):  # a quiet spell shorter than STOP_SECONDS keeps the same child
+        st = n.tick(util=0.0)
+    assert st["state"] == "cooling" and st["telemetry_active"]
+    n.beat()
+    st = n.tick(util=90.0)
+    assert st["state"] == "active" and len(n.procs) == 1
+    for _ in range(7):
+        st = n.tick(util=0.0)
+    assert st["state"] == "idle" and not st["telemetry_active"]
+    assert n.procs[0].signals == [signal.SIGTERM] and n.running == []
+    pairs = [(t["from_state"], t["to_state"]) for t in st["transitions"]]
+    assert pairs == [
+        ("idle", "arming"),
+        ("arming", "idle"),
+        ("idle", "arming"),
+        ("arming", "active"),
+        ("telemetry_off", "telemetry_on"),
+        ("active", "cooling"),
+        ("cooling", "active"),
+        ("active", "cooling"),
+        ("cooling", "idle"),
+        ("telemetry_on", "telemetry_off"),
+    ]
+
+
+def test_timed_mode_expires_on_the_clock(node: Callable[..., Node]) -> None:
+    n = node()
+    reply = n.ask(op="set_mode", mode="on", for_s=30.0)
+    assert reply["mode"] == "on" and reply["until"] is not None
+    assert n.tick(29.0)["telemetry_active"] is True
+    n.beat()
+    st = n.tick(1.0)
+    assert st["mode"] == "auto" and st["mode_until"] is None
+    assert st["telemetry_active"] is False and n.running == []
+    assert st["transitions"][-2]["reason"] == "mode on for 30s ended"
+
+
+def test_mode_off_wins_over_allocations_until_auto(node: Callable[..., Node]) -> None:
+    n = node()
+    n.ask(op="allocate", id="job-1", gpus=[1], pid=None)
+    assert n.tick()["telemetry_active"] is True
+    n.ask(op="set_mode", mode="off", for_s=None)
+    assert n.tick()["telemetry_active"] is False
+    n.ask(op="set_mode", mode="auto", for_s=None)
+    assert n.tick()["telemetry_active"] is True
+    reply = n.ask(op="release", id="job-1")
+    assert reply["released"] is True and reply["summary"]["id"] == "job-1"
+    st = n.tick()
+    assert st["telemetry_active"] is False and st["allocations"] == []
+    assert len(n.procs) == 2  # one child per stretch of wanted telemetry
+
+
+# ------------------------------------------------------------------------------ the child
+def test_a_crashed_child_restarts_after_its_backoff(node: Callable[..., Node]) -> None:
+    n = node()
+    n.ask(op="set_mode", mode="on", for_s=None)
+    n.tick()
+    first = n.procs[0]
+    first.code = 1  # crashes
+    st = n.tick(0.5)
+    assert st["child"] is None and n.running == []
+    assert n.agent.child is not None and n.agent.child.restarts["crash"] == 1
+    st = n.tick(1.0)  # the first backoff is 1 s
+    assert len(n.procs) == 2 and st["child"]["pid"] == n.procs[1].pid
+    assert st["child"]["restarts_by_reason"] == {"crash": 1, "hung": 0}
+
+
+def test_a_child_without_heartbeat_is_killed_as_hung(node: Callable[..., Node]) -> None:
+    n = node()
+    n.ask(op="set_mode", mode="on", for_s=None)
+    n.tick()
+    grace = n.agent.child.start_grace_s if n.agent.child is not None else 0.0
+    n.tick(grace - 1)
+    assert n.procs[0].signals == []
+    n.tick(2.0)
+    assert signal.SIGKILL in n.procs[0].signals
+    snapshot = n.agent.api.snapshot()
+    assert snapshot.restarts["hung"] == 1 and not snapshot.child_up
+
+
+# ------------------------------------------------------------------------------ degraded
+def test_a_failing_read_degrades_and_recovers(node: Callable[..., Node]) -> None:
+    n = node()
+    n.tick(util=90.0)
+    n.source.fail = RuntimeError("NVML_ERROR_GPU_IS_LOST")
+    st = n.tick()
+    assert st["degraded"] == "GPU read failed (RuntimeError)"
+    assert n.agent.degraded is not None
+    assert n.agent.degraded.reason is DegradedReason.READ_FAILED
+    assert st["utilization_pct"] is None
+    assert st["state"] == "idle"  # an unknown reading never arms
+    assert [g["utilization_gpu_pct"] for g in st["gpus"]] == [None, None]
+    assert n.agent.api.snapshot().gpu_read_degraded is True
+    assert "degraded: GPU read failed" in n.agent.api.status_line()
+    n.source.fail = None
+    st = n.tick()
+    assert st["degraded"] is None and st["utilization_pct"] == 90.0
+
+
+def test_a_stuck_read_is_not_queued_behind(node: Callable[..., Node]) -> None:
+    n = node()
+    n.agent.read_deadline_s = 0.05
+    n.source.block.clear()
+    st = n.tick()
+    assert n.agent.degraded is not None
+    assert n.agent.degraded.reason is DegradedReason.READ_STUCK
+    reads = n.source.reads
+    st = n.tick(7.0)
+    assert st["degraded"] == "GPU read stuck (for 7s)"  # measured on the injected clock
+    assert n.source.reads == reads  # no second read behind the stuck one
+    n.ask(op="set_mode", mode="on", for_s=None)  # decisions that need no reading still apply
+    assert n.tick()["telemetry_active"] is True
+    n.source.block.set()
+    assert n.agent._util_job is not None and n.agent._util_job.done.wait(5)
+    st = n.tick(util=50.0)
+    assert st["degraded"] is None and st["utilization_pct"] == 50.0
+
+
+# ------------------------------------------------------------------------------ control API
+def test_allocations_before_the_store_is_open_answer_starting(tmp_path: Path) -> None:
+    n = Node(tmp_path)  # not set up: no allocation store yet
+    with pytest.raises(RequestError) as info:
+        n.ask(op="allocate", id="job-1", gpus=None, pid=None)
+    assert info.value.code is ErrorCode.STARTING
+    assert n.ask(op="status")["state"] == "idle"
+
+
+def test_the_socket_serves_the_same_dispatcher(node: Callable[..., Node]) -> None:
+    n = node()
+    run_dir = n.settings.run_dir
+    reply = request(run_dir, {"op": "allocate", "id": "bad id!", "gpus": None, "pid": None})
+    assert reply["ok"] is False and reply["code"] == "invalid"
+    reply = request(run_dir, {"op": "allocate", "id": "job-9", "gpus": [5], "pid": None})
+    assert reply["ok"] is False and reply["code"] == "invalid" and "5" in reply["error"]
+    reply = request(run_dir, {"op": "allocate", "id": "job-9", "gpus": [0], "pid": None})
+    assert reply["ok"] is True and reply["allocation"]["start_energy_j"] == {"0": 100.0}
+    assert n.tick()["telemetry_active"] is True
+    assert request(run_dir, {"op": "status"})["allocations"][0]["id"] == "job-9"
+    assert n.agent.api.snapshot().allocations_open == 1
+    assert n.agent.api.snapshot().state == ActivityState.IDLE.value
