@@ -80,6 +80,11 @@ class PretriggerRing:
         while ticks[0][0] < oldest:
             ticks.popleft()
 
+    @property
+    def newest(self) -> float | None:
+        """The monotonic time of the newest tick kept, None when empty."""
+        return self._ticks[-1][0] if self._ticks else None
+
     def clear(self) -> None:
         self._ticks.clear()
 
