@@ -115,6 +115,7 @@ def test_failing_waits_are_one_notice_and_recover(
     inproc_driver.set({"event_wait.error": None, "event.1": f"0,{EVENT_XID},94"})
     assert sink.take(1) == [(0, "xid", 94)]
     assert any("works again" in r.getMessage() for r in caplog.records)
+    assert listener.notice is None
     _close(source, listener)
 
 

@@ -88,11 +88,12 @@ class NvmlEventListener:
         with self._lock:
             return self._notice
 
-    def _say(self, text: str) -> None:
+    def _say(self, text: str | None) -> None:
+        """Set the notice (None: clear it), logging each new one once."""
         with self._lock:
-            first = self._notice is None
+            new = text is not None and text != self._notice
             self._notice = text
-        if first:
+        if new:
             log.warning("%s", text)
 
     def start(self, deliver: EventSink) -> None:
@@ -122,6 +123,8 @@ class NvmlEventListener:
             return
         try:
             self._listen(event_set, deliver)
+        except Exception as exc:  # an answer the binding cannot decode: stop, and say so
+            self._say(f"GPU events are no longer received: the wait broke ({one_line(exc)})")
         finally:
             if self._stop.is_set():
                 try:
@@ -183,6 +186,7 @@ class NvmlEventListener:
         return event_set
 
     def _listen(self, event_set: Any, deliver: EventSink) -> None:
+        standing = self.notice  # what registration had to say stays true while waits fail
         failing = False
         while not self._stop.is_set():
             try:
@@ -203,6 +207,7 @@ class NvmlEventListener:
                 continue
             if failing:
                 failing = False
+                self._say(standing)
                 log.info("waiting for GPU events works again")
             self._deliver(data, deliver)
 
