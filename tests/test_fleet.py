@@ -58,6 +58,8 @@ PORT = 9118
 RECORDER_METRICS = frozenset(
     {
         "gputel_gpu_lost",
+        "gputel_gpu_read_stuck",
+        "gputel_gpu_field_errors_total",
         "gputel_gpu_clock_event_reason_active",
         "gputel_source_up",
         "gputel_source_duration_seconds",
@@ -96,6 +98,7 @@ LABEL_VALUES = {
 ABSENT_ON_SIM = {
     "gputel_gpu_fan_speed_ratio": "simulated boards are passively cooled (no fan)",
     **dict.fromkeys(EVENT_METRICS, "a counter has its first series at its first GPU event"),
+    "gputel_gpu_field_errors_total": "only once a field read fails (never on simulated GPUs)",
 }
 # ---------------------------------------------------------------------------------------------
 

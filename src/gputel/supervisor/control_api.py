@@ -136,6 +136,7 @@ class ControlApi:
                     "stopping": not child.running,
                     "files": hb.get("files") or {},
                     "tick": hb.get("tick"),
+                    "gpus_stuck": hb.get("gpus_stuck") or [],
                 }
             allocations = [
                 {k: a.get(k) for k in ("id", "gpus", "pid", "start")}

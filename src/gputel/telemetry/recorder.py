@@ -35,6 +35,7 @@ from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
 from gputel.telemetry.csv_sink import DEFAULT_MAX_BYTES, CsvSink
 from gputel.telemetry.exposition import Exposition
+from gputel.telemetry.gpu_deadline import with_read_deadline
 from gputel.telemetry.metrics_http import MetricsServer
 from gputel.telemetry.promtext import telemetry_active_text
 from gputel.telemetry.sampler import Sampler, utc_now
@@ -229,6 +230,7 @@ class Recorder:
             "rows_failed": self.sink.rows_failed,
             "ticks_missed": self.ticker.missed,
             "allocation_stats": {k: v.to_json() for k, v in self._alloc_stats.items()},
+            "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
         }
         try:
             atomic_write_fixed_tmp(self._metrics_path, data)
@@ -270,6 +272,7 @@ def run_record(settings: Settings, *, child: bool) -> int:
     gpu_source, notice = open_gpu_source(settings)
     if notice:
         log.warning("%s", notice)
+    gpu_source = with_read_deadline(gpu_source, settings.interval_s)
     host_sources = open_host_sources(settings)
 
     # Only a child publishes recorder.json and metrics.prom: they exist for its agent. A
