@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gputel.schema import GpuReading
 from gputel.settings import load_settings
 from gputel.sources.base import GpuIdentity
 from gputel.supervisor.agent import Agent
@@ -56,6 +57,21 @@ class FakeSource:
             raise self.fail
         rest = 0.0 if self.util is not None else None
         return {g: self.util if g == self.gpus[0] else rest for g in self.gpus}
+
+    def read_light(self) -> list[GpuReading]:
+        """The pre-trigger's read: the same utilization, plus the energy counter and a power."""
+        utils = self.read_utilization()
+        return [
+            GpuReading(
+                g,
+                f"GPU-{g}",
+                "Fake",
+                utilization_gpu_pct=utils[g],
+                energy_j=self.energy[g],
+                power_w=None if utils[g] is None else 100.0 + utils[g],
+            )
+            for g in self.gpus
+        ]
 
     def read_energy_j(self) -> dict[int, float | None]:
         return dict(self.energy)

@@ -18,10 +18,12 @@ from agent_doubles import FakeClock, FakeProc, FakeSource
 from gputel import runtime
 from gputel.control.client import request
 from gputel.control.protocol import ErrorCode, RequestError
+from gputel.schema import GpuReading
 from gputel.settings import Settings, load_settings
 from gputel.supervisor.agent import Agent
 from gputel.supervisor.control_api import DegradedReason
 from gputel.supervisor.states import ActivityState
+from gputel.telemetry.head import decode_head, take_head
 
 
 class Node:
@@ -277,3 +279,111 @@ def test_the_socket_serves_the_same_dispatcher(node: Callable[..., Node]) -> Non
     assert request(run_dir, {"op": "status"})["allocations"][0]["id"] == "job-9"
     assert n.agent.api.snapshot().allocations_open == 1
     assert n.agent.api.snapshot().state == ActivityState.IDLE.value
+
+
+# ------------------------------------------------------------------------------ the pre-trigger
+def head_file(n: Node) -> Path:
+    return n.settings.run_dir / runtime.PRETRIGGER_FILE
+
+
+def test_a_session_started_by_activity_gets_the_head(node: Callable[..., Node]) -> None:
+    n = node({"GPUTEL_PRETRIGGER_SECONDS": "4"})
+    for _ in range(10):
+        n.tick(util=0.0)
+    assert not head_file(n).exists()
+    spawned_with: list[list[float]] = []
+    real_spawn = n._spawn
+
+    def spawn(argv: list[str], env: dict[str, str]) -> FakeProc:
+        # The head is in place before the child exists.
+        spawned_with.append([t.monotonic for t in take_head(head_file(n))])
+        head_file(n).write_bytes(b"")  # as if the child had not taken it yet
+        return real_spawn(argv, env)
+
+    n.agent._spawn = spawn
+    for _ in range(4):
+        n.tick(util=90.0)  # the 4th reading completes START_SECONDS=3: telemetry on
+    assert len(n.running) == 1
+    # The last 4 s of readings, ending with the tick that started the session.
+    now = n.clock()
+    assert spawned_with == [[now - 4, now - 3, now - 2, now - 1, now]]
+    # While the child starts, each tick refreshes the head up to that tick.
+    n.tick()
+    assert [t.monotonic for t in decode_head(head_file(n).read_bytes())][-1] == n.clock()
+    # The child ticks: what is left is removed, and the ring starts over.
+    n.beat()
+    n.tick()
+    assert not head_file(n).exists()
+    assert n.agent.handoff is not None and len(n.agent.handoff.ring) == 0
+    n.tick()
+    assert len(n.agent.handoff.ring) == 0  # no readings kept while the child records
+
+
+def test_a_restarted_child_gets_no_head_but_the_next_session_does(
+    node: Callable[..., Node],
+) -> None:
+    n = node({"GPUTEL_PRETRIGGER_SECONDS": "3"})
+    for _ in range(4):
+        n.tick(util=90.0)
+    assert head_file(n).exists() and len(n.running) == 1
+    n.beat()
+    n.tick()
+    assert not head_file(n).exists()
+    n.running[0].code = 1  # crash
+    for _ in range(3):
+        n.tick()
+    assert len(n.running) == 1 and not head_file(n).exists()
+    n.beat()
+    for _ in range(8):
+        n.tick(util=0.0)  # > STOP_SECONDS: the session ends
+    assert not n.running
+    for _ in range(4):
+        n.tick(util=0.0)
+    n.ask(op="set_mode", mode="on", for_s=None)  # the operator starts the next session
+    n.tick()
+    assert len(n.running) == 1
+    ticks = decode_head(head_file(n).read_bytes())
+    # Only readings taken since the previous session ended: none it already recorded.
+    assert len(ticks) == 4
+    assert all(g.utilization_gpu_pct == 0.0 for t in ticks for g in t.gpus)
+    assert [g.power_w for g in ticks[0].gpus] == [100.0, 100.0]
+
+
+def test_pretrigger_off_reads_only_utilization(node: Callable[..., Node]) -> None:
+    n = node({"GPUTEL_PRETRIGGER_SECONDS": "0"})
+    calls: list[str] = []
+    light = n.source.read_light
+
+    def counted() -> list[GpuReading]:
+        calls.append("light")
+        return light()
+
+    n.source.read_light = counted  # type: ignore[method-assign]
+    for _ in range(6):
+        n.tick(util=90.0)
+    assert len(n.running) == 1
+    assert n.agent.handoff is None and calls == [] and not head_file(n).exists()
+
+
+def test_hysteresis_timing_does_not_depend_on_the_pretrigger(tmp_path: Path) -> None:
+    """The same readings give the same transitions at the same moments, ring or not."""
+    pattern = [0, 0, 90, 5, 90, 90, 90, 90, 90, 15, 90, 0, 0, 0, 0, 0, 0, 0, 90, 90]
+    seen: list[list[tuple[str, str, float]]] = []
+    for seconds in ("0", "30"):
+        n = Node(tmp_path / seconds, {"GPUTEL_PRETRIGGER_SECONDS": seconds})
+        n.agent._setup()
+        moments: list[tuple[str, str, float]] = []
+        try:
+            for util in pattern:
+                before = len(n.agent.recent)
+                n.tick(util=float(util))
+                moments += [(r.from_state, r.to_state, n.clock()) for r in n.agent.recent][before:]
+                if n.running:
+                    n.beat()
+        finally:
+            n.agent._teardown()
+        seen.append(moments)
+    assert seen[0] == seen[1]
+    start = n.clock() - len(pattern)  # the clock before the first reading
+    # Busy from the 5th reading: active START_SECONDS (3) later, as without a pre-trigger.
+    assert ("idle", "arming", start + 5) in seen[0] and ("arming", "active", start + 8) in seen[0]

@@ -27,6 +27,7 @@ import pytest
 from gputel import runtime
 from gputel.control.client import request
 from gputel.control.protocol import ControlError
+from gputel.schema import GpuReading
 from gputel.settings import Settings
 from gputel.sources.base import GpuIdentity
 from gputel.supervisor.agent import Agent, LazyEnergy
@@ -404,6 +405,9 @@ class StuckSource:
         if self.calls >= 3:
             self.release.wait(30)
         return {0: 50.0}
+
+    def read_light(self) -> list[GpuReading]:
+        return [GpuReading(0, "GPU-x", "Stuck GPU", utilization_gpu_pct=self.read_utilization()[0])]
 
     def read_energy_j(self) -> dict[int, float | None]:
         return {0: 1.0}

@@ -13,7 +13,9 @@ import pytest
 from gputel.formats import iso_utc_ms
 from gputel.schema import (
     GPU_CSV_COLUMNS,
+    GPU_FIELDS,
     HOST_CSV_COLUMNS,
+    HOST_FIELDS,
     GpuReading,
     HostReading,
     Sample,
@@ -71,7 +73,7 @@ def test_header_rows_cells_and_energy(tmp_path: Path) -> None:
     assert [r["gpu"] for r in rows] == ["0", "1", "0", "1"]
     assert rows[0]["timestamp"] == "2026-11-22T03:45:12.000Z"
     assert rows[0]["name"] == 'Fake, Inc. "X"'
-    assert [r["energy_j"] for r in rows] == ["0.0", "", "250.5", ""]
+    assert [r["energy_j"] for r in rows] == ["0.000", "", "250.500", ""]
     assert rows[0]["allocations"] == "job-1;job-2"
     assert rows[2]["allocations"] == "" and rows[3]["allocations"] == "job-2"
     assert rows[0]["lost"] == "0" and rows[0]["clock_event_reasons"] == "5"
@@ -106,7 +108,7 @@ def test_never_reuses_a_name_and_names_sort_by_time(tmp_path: Path) -> None:
     names = sorted(p.name for p in tmp_path.glob("gpu-*.csv"))
     assert names == ["gpu-20261122T034512Z-n.csv", first.name, second.name]
     # energy restarts in a new file
-    assert read(second)[0]["energy_j"] == "0.0"
+    assert read(second)[0]["energy_j"] == "0.000"
 
 
 def test_a_name_logrotate_renamed_away_is_not_reused(tmp_path: Path) -> None:
@@ -151,7 +153,7 @@ def test_new_file_at_size_cap(tmp_path: Path) -> None:
     for p in files:
         assert p.stat().st_size <= 1024
         rows = read(p)
-        assert rows[0]["energy_j"] == "0.0"
+        assert rows[0]["energy_j"] == "0.000"
         total += len(rows)
     assert total == 40
 
@@ -208,3 +210,92 @@ def test_docs_list_every_column() -> None:
     text = DOCS.read_text()
     for col in (*GPU_CSV_COLUMNS, *HOST_CSV_COLUMNS):
         assert f"`{col}`" in text, col
+
+
+def test_docs_precision_column_is_the_schema_table() -> None:
+    """docs/csv.md's precision column says what the sink writes: ``Field.decimals``."""
+    text = DOCS.read_text()
+    for title, table in (("## `gpu-*.csv`", GPU_FIELDS), ("## `host-*.csv`", HOST_FIELDS)):
+        section = text.split(title, 1)[1].split("\n## ", 1)[0]
+        lines = section.split("\n")
+        header = next(line for line in lines if line.startswith("| column |"))
+        assert [c.strip() for c in header.strip("|").split("|")][:3] == [
+            "column",
+            "unit",
+            "precision",
+        ]
+        documented = {
+            line.split("`")[1]: line.split(" | ")[2]
+            for line in lines
+            if line.startswith("| `") and "|---" not in line
+        }
+        for f in table:
+            assert documented[f.csv] == f.precision, f.csv
+
+
+def test_cells_at_their_precision(tmp_path: Path) -> None:
+    """Every value cell has exactly its field's decimals: no repr tails like 412.79296875."""
+    g = GpuReading(
+        0,
+        "GPU-0",
+        "X",
+        utilization_gpu_pct=37.0,
+        utilization_memory_pct=12.34,
+        memory_used_mib=412.79296875,
+        memory_total_mib=81559.0,
+        temperature_c=41.0,
+        power_w=301.123456,
+        power_limit_w=700.0,
+        energy_j=5000.0,
+        sm_clock_mhz=1980.0,
+        memory_clock_mhz=2619.0,
+        fan_speed_pct=None,
+        performance_state=0,
+        clock_event_reasons=4,
+        pcie_rx_bytes_per_s=4.44e9 / 3,
+        pcie_tx_bytes_per_s=1.0,
+        ecc_corrected_volatile=0,
+        ecc_uncorrected_volatile=2,
+    )
+    g2 = GpuReading(**{**{k: getattr(g, k) for k in g.__slots__}, "energy_j": 5001.23456789})
+    h = HostReading(
+        cpu_util_pct=3.3333333,
+        load_1m=0.69287109375,
+        load_5m=1.0,
+        load_15m=0.5,
+        memory_used_mib=12345.6789,
+        memory_available_mib=100.5,
+        swap_used_mib=0.0,
+        disk_read_bytes=2**63 + 5,
+        disk_write_bytes=1,
+        net_rx_bytes=2,
+        net_tx_bytes=3,
+        cpu_package_power_w=55.555,
+        cpu_package_energy_j=123.4567891,
+        dram_power_w=None,
+        cpu_temperature_c=48.0,
+    )
+    sink = CsvSink(tmp_path, host="n")
+    sink.write(Sample(T0, 0.0, [g], h, []))
+    sink.write(Sample(T0 + timedelta(seconds=1), 1.0, [g2], h, []))
+    sink.close()
+    gpu_rows = read(next(tmp_path.glob("gpu-*.csv")))
+    host_row = read(next(tmp_path.glob("host-*.csv")))[0]
+    for row in gpu_rows:
+        for f in GPU_FIELDS:
+            cell = row[f.csv]
+            if cell:
+                decimals = len(cell.split(".")[1]) if "." in cell else 0
+                assert decimals == f.decimals, (f.csv, cell)
+    assert gpu_rows[0]["memory_used_mib"] == "413"
+    assert gpu_rows[0]["power_w"] == "301.12"
+    assert gpu_rows[0]["fan_speed_pct"] == ""
+    assert gpu_rows[0]["pcie_rx_bytes_per_s"] == "1480000000"
+    # Energy keeps the millijoule of NVML's counter.
+    assert gpu_rows[1]["energy_j"] == "1.235"
+    assert host_row["load_1m"] == "0.69"
+    assert host_row["cpu_util_pct"] == "3.3"
+    assert host_row["memory_used_mib"] == "12346"
+    assert host_row["disk_read_bytes"] == str(2**63 + 5)
+    assert host_row["cpu_package_energy_j"] == "123.456789"
+    assert host_row["dram_power_w"] == ""

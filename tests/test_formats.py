@@ -73,6 +73,28 @@ def test_csv_cell(value: object, cell: str) -> None:
     assert csv_cell(value) == cell
 
 
+@pytest.mark.parametrize(
+    ("value", "decimals", "cell"),
+    [
+        (412.79296875, 0, "413"),
+        (0.69287109375, 2, "0.69"),
+        (41.5, 2, "41.50"),
+        (1234.5678919, 3, "1234.568"),
+        (-3.25, 1, "-3.2"),
+        (-0.004, 2, "0.00"),
+        (-0.0, 0, "0"),
+        (None, 2, ""),
+        # Integers stay exact: a 64-bit counter formatted through a float would lose digits.
+        (2**63 + 1, 0, str(2**63 + 1)),
+        (7, 2, "7"),
+        (True, 2, "1"),
+        ("text", 2, "text"),
+    ],
+)
+def test_csv_cell_at_a_precision(value: object, decimals: int, cell: str) -> None:
+    assert csv_cell(value, decimals) == cell
+
+
 def test_csv_row_reads_back_with_the_csv_module() -> None:
     values = ["id,1", 'q"uote', None, 2.25, "x\ny"]
     text = csv_row(values)

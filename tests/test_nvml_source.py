@@ -25,7 +25,7 @@ from fakedriver import (
 )
 from gputel.schema import GpuReading
 from gputel.sources import nvml
-from gputel.sources.base import GpuSourceError
+from gputel.sources.base import LIGHT_FIELDS, GpuSourceError
 
 MEASUREMENTS = [
     f.name
@@ -183,6 +183,37 @@ def test_an_unknown_utilization_is_this_ticks_none_in_the_light_read(drv: FakeDr
     assert src.read_utilization() == {0: None, 1: 51.0}
     drv.set(gpu__0__utilization__error=None)
     assert src.read_utilization() == {0: 50.0, 1: 51.0}
+    src.close()
+
+
+def test_light_read_gives_the_cheap_fields_equal_to_the_full_read(drv: FakeDriver) -> None:
+    src = nvml.open_nvml(None, clock=Clock())
+    keys = (
+        "utilization", "memory", "temperature", "power", "energy", "clock",
+        "pcie", "field_values", "power_limit", "processes", "ecc", "fan_speed",
+        "clock_reasons", "max_clock", "pstate",
+    )  # fmt: skip
+    before = {k: drv.calls(k, 0) for k in keys}
+    light = src.read_light()
+    asked = {k for k in keys if drv.calls(k, 0) != before[k]}
+    # No PCIe sampling, no batch, no power limit, no processes: only what the driver keeps.
+    assert asked == {"utilization", "memory", "temperature", "power", "energy", "clock"}
+    full = src.read()
+    for lr, fr in zip(light, full, strict=True):
+        assert (lr.index, lr.uuid, lr.name, lr.lost) == (fr.index, fr.uuid, fr.name, False)
+        for m in MEASUREMENTS:
+            expected = getattr(fr, m) if m in LIGHT_FIELDS else None
+            assert getattr(lr, m) == expected, m
+    src.close()
+
+
+def test_light_read_of_a_lost_gpu_and_without_an_energy_counter(drv: FakeDriver) -> None:
+    src = nvml.open_nvml(None, clock=Clock())
+    drv.set(gpu__0__all__error=GPU_IS_LOST, gpu__1__energy_mj=None)
+    r0, r1 = src.read_light()
+    assert r0.lost and all(getattr(r0, m) is None for m in MEASUREMENTS)
+    # No counter: empty, never an integral of two power samples a tick apart.
+    assert not r1.lost and r1.energy_j is None and r1.power_w == 301.0
     src.close()
 
 

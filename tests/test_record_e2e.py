@@ -278,8 +278,8 @@ def test_sigkill_mid_run_leaves_whole_rows(tmp_path: Path, recorders: list[Recor
     assert header == list(HOST_CSV_COLUMNS)
     hstamps = [row["timestamp"] for row in hrows]
     assert hstamps == sorted(set(hstamps))
-    assert hrows[-1]["cpu_package_power_w"] == "0.0"  # the fake RAPL counter never moves
-    assert hrows[-1]["cpu_temperature_c"] == "45.0"
+    assert hrows[-1]["cpu_package_power_w"] == "0.00"  # the fake RAPL counter never moves
+    assert hrows[-1]["cpu_temperature_c"] == "45.00"
     # child mode: metrics.prom and a heartbeat, no server
     assert (r.run_dir / runtime.METRICS_FILE).exists()
 

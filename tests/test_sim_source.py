@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gputel.schema import CLOCK_EVENT_REASONS
-from gputel.sources.base import GpuSource, GpuSourceError
+from gputel.schema import CLOCK_EVENT_REASONS, GpuReading
+from gputel.sources.base import LIGHT_FIELDS, GpuSource, GpuSourceError
 from gputel.sources.sim import (
     MEMORY_TOTAL_MIB,
     POWER_LIMIT_W,
@@ -244,4 +244,23 @@ def test_none_source_is_empty() -> None:
     assert source.read() == []
     assert source.read_utilization() == {}
     assert source.read_energy_j() == {}
+    assert source.read_light() == []
     source.close()
+
+
+def test_light_read_is_the_full_read_cut_to_the_light_fields() -> None:
+    source, clock = make("0:5,80:20,100:3,0:30")
+    for t in (0.0, 4.9, 5.0, 12.3, 25.5, 40.0):
+        clock.now = EPOCH + t
+        for light, full in zip(source.read_light(), source.read(), strict=True):
+            assert (light.index, light.uuid, light.name, light.lost) == (
+                full.index,
+                full.uuid,
+                full.name,
+                False,
+            )
+            for name in GpuReading.__slots__:
+                if name in ("index", "uuid", "name", "lost"):
+                    continue
+                expected = getattr(full, name) if name in LIGHT_FIELDS else None
+                assert getattr(light, name) == expected, (t, name)

@@ -2,9 +2,10 @@
 
 - Timestamps: ISO 8601 UTC with milliseconds (``2026-11-22T03:45:12.000Z``) in every CSV and
   JSON file, and the parser that reads them back.
-- CSV cells: an empty cell for a missing value, ``repr`` for floats (round-trips exactly), 1/0
-  for flags, quotes only where needed, and one physical line per row (a line break inside a
-  value becomes a space, so ``grep``/``tail`` never see half a row).
+- CSV cells: an empty cell for a missing value, a float at its field's precision (fixed
+  decimals from the schema table; ``repr``, which round-trips exactly, where no precision is
+  given), integers exact, 1/0 for flags, quotes only where needed, and one physical line per
+  row (a line break inside a value becomes a space, so ``grep``/``tail`` never see half a row).
 - Whole-row appends: a row goes out in ONE ``write`` on an ``O_APPEND`` descriptor; a short
   write (disk full) is truncated back to the last whole row, so a later write never follows half
   a row. Failures are counted, logged once when they start and once when they stop.
@@ -71,12 +72,28 @@ def finite(value: object) -> float | None:
 _SPECIAL = re.compile(r'[,"\r\n]')
 
 
-def csv_cell(value: object) -> str:
-    """One CSV cell: None → empty, float → ``repr``, bool → 1/0, text quoted only if needed."""
+#: ``format`` specs by number of decimals, built once (a tick formats hundreds of cells).
+_FIXED = tuple(f".{d}f" for d in range(10))
+
+
+def csv_cell(value: object, decimals: int | None = None) -> str:
+    """One CSV cell: None → empty, float → ``decimals`` fixed decimals (``repr`` when None),
+    int → exact, bool → 1/0, text quoted only if needed.
+
+    Integers are never formatted as floats: a 64-bit byte counter would lose its low digits.
+    """
     if value is None:
         return ""
-    if value.__class__ is float:
-        return repr(value)
+    cls = value.__class__
+    if cls is float:
+        if decimals is None:
+            return repr(value)
+        text = format(value, _FIXED[decimals])
+        if text[0] == "-" and not text.strip("-0."):
+            return text[1:]  # -0.004 at 0.01 is "0.00": a sign on zero is noise
+        return text
+    if cls is int:
+        return str(value)
     if value is True:
         return "1"
     if value is False:

@@ -8,6 +8,8 @@ rule lives in ``gputel.formats``):
 - ``allocations.json``  open allocations, written by the agent, read by the recorder to tag rows
 - ``recorder.json``     the recorder's heartbeat and state, rewritten every tick
 - ``metrics.prom``      the recorder's latest exposition bytes, rewritten every tick
+- ``pretrigger.json``   the agent's pre-trigger readings at a session's start, taken (read and
+                        removed) by the recorder child before its first tick
 
 The directory is created 0750 (0700 under ``/tmp``) and must be owned by our effective user,
 root included, and writable by nobody else; a directory that someone else owns, that others may
@@ -32,6 +34,7 @@ AGENT_LOCK = "agent.lock"
 ALLOCATIONS_FILE = "allocations.json"
 RECORDER_STATE_FILE = "recorder.json"
 METRICS_FILE = "metrics.prom"
+PRETRIGGER_FILE = "pretrigger.json"
 
 #: Internal environment variable: the agent's sim timeline epoch (a CLOCK_MONOTONIC value, which
 #: is system-wide on Linux) so a child recorder sees the same moment of the pattern as the agent.

@@ -1,15 +1,16 @@
 """The one table that describes every telemetry field, and the plain data that carries them.
 
 Each field is described once: its attribute (unit in the name), CSV column, Prometheus metric and
-help, the factor to the metric's base unit, and the source that provides it. The CSV header, the
-exposition and ``docs/csv.md`` are all generated from these tuples, so a field cannot be added to
-one sink and forgotten in another. A value the hardware does not give is ``None`` - never ``0``.
+help, the factor to the metric's base unit, the source that provides it, and its CSV precision.
+The CSV header and cells, the exposition and ``docs/csv.md`` all follow these tuples, so a field
+cannot be added to one sink and forgotten in another. A value the hardware does not give is
+``None`` - never ``0``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import KW_ONLY, dataclass, field, fields
 from datetime import datetime
 from typing import Any, Literal
 
@@ -32,6 +33,15 @@ class Field:
     metric_type: MetricType = "gauge"
     scale: float = 1.0
     """Multiply the field's value by this to get the metric's base unit."""
+    _: KW_ONLY
+    decimals: int
+    """Digits after the point in CSV cells (0: a whole number): the source's resolution or the
+    sensor's meaningful digits, whichever is coarser; counters keep their full resolution."""
+
+    @property
+    def precision(self) -> str:
+        """The smallest step a CSV cell shows, as written in ``docs/csv.md`` (``1``, ``0.01``)."""
+        return "1" if self.decimals == 0 else f"0.{'0' * (self.decimals - 1)}1"
 
 
 # Bits of nvmlDeviceGetCurrentClocksEventReasons, named as operators know them. The CSV keeps the
@@ -60,6 +70,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "gpu",
         "gputel_gpu_utilization_ratio",
         scale=0.01,
+        decimals=1,
     ),
     Field(
         "utilization_memory_pct",
@@ -70,6 +81,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "gpu",
         "gputel_gpu_memory_utilization_ratio",
         scale=0.01,
+        decimals=1,
     ),
     Field(
         "memory_used_mib",
@@ -80,6 +92,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "gpu",
         "gputel_gpu_memory_used_bytes",
         scale=MIB,
+        decimals=0,
     ),
     Field(
         "memory_total_mib",
@@ -90,6 +103,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "gpu",
         "gputel_gpu_memory_total_bytes",
         scale=MIB,
+        decimals=0,
     ),
     Field(
         "temperature_c",
@@ -99,6 +113,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "GPU core temperature.",
         "gpu",
         "gputel_gpu_temperature_celsius",
+        decimals=2,
     ),
     Field(
         "power_w",
@@ -108,6 +123,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "Power draw of the GPU board.",
         "gpu",
         "gputel_gpu_power_watts",
+        decimals=2,
     ),
     Field(
         "power_limit_w",
@@ -117,6 +133,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "Enforced power limit.",
         "gpu",
         "gputel_gpu_power_limit_watts",
+        decimals=2,
     ),
     Field(
         "energy_j",
@@ -127,6 +144,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "gpu",
         "gputel_gpu_energy_joules_total",
         "counter",
+        decimals=3,
     ),
     Field(
         "sm_clock_mhz",
@@ -137,6 +155,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "gpu",
         "gputel_gpu_sm_clock_hertz",
         scale=1e6,
+        decimals=0,
     ),
     Field(
         "memory_clock_mhz",
@@ -147,6 +166,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "gpu",
         "gputel_gpu_memory_clock_hertz",
         scale=1e6,
+        decimals=0,
     ),
     Field(
         "fan_speed_pct",
@@ -157,6 +177,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "gpu",
         "gputel_gpu_fan_speed_ratio",
         scale=0.01,
+        decimals=1,
     ),
     Field(
         "performance_state",
@@ -166,6 +187,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "Performance state, 0 (maximum) to 15 (minimum).",
         "gpu",
         "gputel_gpu_performance_state",
+        decimals=0,
     ),
     Field(
         "clock_event_reasons",
@@ -175,6 +197,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "Active clock event (throttle) reasons as NVML's bitmask; see CLOCK_EVENT_REASONS.",
         "gpu",
         None,
+        decimals=0,
     ),
     Field(
         "pcie_rx_bytes_per_s",
@@ -184,6 +207,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "PCIe receive throughput over the driver's 20 ms sample.",
         "gpu",
         "gputel_gpu_pcie_rx_bytes_per_second",
+        decimals=0,
     ),
     Field(
         "pcie_tx_bytes_per_s",
@@ -193,6 +217,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "PCIe transmit throughput over the driver's 20 ms sample.",
         "gpu",
         "gputel_gpu_pcie_tx_bytes_per_second",
+        decimals=0,
     ),
     Field(
         "ecc_corrected_volatile",
@@ -203,6 +228,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "gpu",
         "gputel_gpu_ecc_corrected_errors_total",
         "counter",
+        decimals=0,
     ),
     Field(
         "ecc_uncorrected_volatile",
@@ -213,6 +239,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "gpu",
         "gputel_gpu_ecc_uncorrected_errors_total",
         "counter",
+        decimals=0,
     ),
 )
 
@@ -226,12 +253,27 @@ HOST_FIELDS: tuple[Field, ...] = (
         "host",
         "gputel_host_cpu_utilization_ratio",
         scale=0.01,
+        decimals=1,
     ),
     Field(
-        "load_1m", "load_1m", float, "", "Load average over 1 minute.", "host", "gputel_host_load1"
+        "load_1m",
+        "load_1m",
+        float,
+        "",
+        "Load average over 1 minute.",
+        "host",
+        "gputel_host_load1",
+        decimals=2,
     ),
     Field(
-        "load_5m", "load_5m", float, "", "Load average over 5 minutes.", "host", "gputel_host_load5"
+        "load_5m",
+        "load_5m",
+        float,
+        "",
+        "Load average over 5 minutes.",
+        "host",
+        "gputel_host_load5",
+        decimals=2,
     ),
     Field(
         "load_15m",
@@ -241,6 +283,7 @@ HOST_FIELDS: tuple[Field, ...] = (
         "Load average over 15 minutes.",
         "host",
         "gputel_host_load15",
+        decimals=2,
     ),
     Field(
         "memory_used_mib",
@@ -251,6 +294,7 @@ HOST_FIELDS: tuple[Field, ...] = (
         "host",
         "gputel_host_memory_used_bytes",
         scale=MIB,
+        decimals=0,
     ),
     Field(
         "memory_available_mib",
@@ -261,6 +305,7 @@ HOST_FIELDS: tuple[Field, ...] = (
         "host",
         "gputel_host_memory_available_bytes",
         scale=MIB,
+        decimals=0,
     ),
     Field(
         "swap_used_mib",
@@ -271,6 +316,7 @@ HOST_FIELDS: tuple[Field, ...] = (
         "host",
         "gputel_host_swap_used_bytes",
         scale=MIB,
+        decimals=0,
     ),
     Field(
         "disk_read_bytes",
@@ -281,6 +327,7 @@ HOST_FIELDS: tuple[Field, ...] = (
         "host",
         "gputel_host_disk_read_bytes_total",
         "counter",
+        decimals=0,
     ),
     Field(
         "disk_write_bytes",
@@ -291,6 +338,7 @@ HOST_FIELDS: tuple[Field, ...] = (
         "host",
         "gputel_host_disk_written_bytes_total",
         "counter",
+        decimals=0,
     ),
     Field(
         "net_rx_bytes",
@@ -301,6 +349,7 @@ HOST_FIELDS: tuple[Field, ...] = (
         "host",
         "gputel_host_network_receive_bytes_total",
         "counter",
+        decimals=0,
     ),
     Field(
         "net_tx_bytes",
@@ -311,6 +360,7 @@ HOST_FIELDS: tuple[Field, ...] = (
         "host",
         "gputel_host_network_transmit_bytes_total",
         "counter",
+        decimals=0,
     ),
     Field(
         "cpu_package_power_w",
@@ -320,6 +370,7 @@ HOST_FIELDS: tuple[Field, ...] = (
         "CPU package power from RAPL, summed over packages (empty when RAPL is unreadable).",
         "rapl",
         "gputel_host_cpu_package_power_watts",
+        decimals=2,
     ),
     Field(
         "cpu_package_energy_j",
@@ -330,6 +381,7 @@ HOST_FIELDS: tuple[Field, ...] = (
         "rapl",
         "gputel_host_cpu_package_energy_joules_total",
         "counter",
+        decimals=6,
     ),
     Field(
         "dram_power_w",
@@ -339,6 +391,7 @@ HOST_FIELDS: tuple[Field, ...] = (
         "DRAM power from RAPL where the platform exposes it.",
         "rapl",
         "gputel_host_dram_power_watts",
+        decimals=2,
     ),
     Field(
         "cpu_temperature_c",
@@ -348,6 +401,7 @@ HOST_FIELDS: tuple[Field, ...] = (
         "Hottest CPU package sensor from hwmon (coretemp, k10temp, zenpower).",
         "hwmon",
         "gputel_host_cpu_temperature_celsius",
+        decimals=2,
     ),
 )
 

@@ -27,6 +27,9 @@ FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 BACKENDS = ("auto", "nvml", "smi", "sim", "none")
 #: The shortest tick: below this a typo (1e-9) would be a busy loop writing thousands of rows/s.
 MIN_INTERVAL_S = 0.01
+#: The pre-trigger window's limits: the agent keeps every tick of it in memory.
+MAX_PRETRIGGER_S = 600.0
+MAX_PRETRIGGER_TICKS = 3600
 
 
 class SettingsError(ValueError):
@@ -68,6 +71,13 @@ def _seconds(text: str) -> float:
     value = parse_duration(text)
     if value > 7 * 86400:
         raise ValueError("must be at most 7 days")
+    return value
+
+
+def _pretrigger(text: str) -> float:
+    value = parse_duration(text)
+    if value > MAX_PRETRIGGER_S:
+        raise ValueError(f"must be at most {MAX_PRETRIGGER_S:g} seconds (0 turns it off)")
     return value
 
 
@@ -367,6 +377,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _seconds,
     ),
     SettingSpec(
+        "GPUTEL_PRETRIGGER_SECONDS",
+        "pretrigger_s",
+        "--pretrigger-seconds",
+        "30",
+        "seconds of readings kept in memory and written at the head of each session (0 = off)",
+        _pretrigger,
+    ),
+    SettingSpec(
         AUTOSTART_ENV,
         "autostart",
         "",
@@ -411,6 +429,7 @@ class Settings:
     sim_pattern: str = DEFAULTS["sim_pattern"]
     sim_events: str = DEFAULTS["sim_events"]
     event_capture_s: float = DEFAULTS["event_capture_s"]
+    pretrigger_s: float = DEFAULTS["pretrigger_s"]
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
@@ -461,6 +480,17 @@ def _check_consistency(values: dict[str, Any], sources: dict[str, str]) -> None:
         raise SettingsError(SETTINGS_BY_ATTR[attr].env, sources[attr], why)
 
 
+def _check_pretrigger(values: dict[str, Any], sources: dict[str, str]) -> None:
+    seconds, interval = values["pretrigger_s"], values["interval_s"]
+    if seconds > 0 and seconds / interval > MAX_PRETRIGGER_TICKS:
+        raise SettingsError(
+            SETTINGS_BY_ATTR["pretrigger_s"].env,
+            sources["pretrigger_s"],
+            f"covers more than {MAX_PRETRIGGER_TICKS} ticks of GPUTEL_INTERVAL={interval:g}; "
+            f"use at most {MAX_PRETRIGGER_TICKS * interval:g} seconds or a longer interval",
+        )
+
+
 def _check_sim_events(values: dict[str, Any], sources: dict[str, str]) -> None:
     if values["backend"] != "sim":
         return
@@ -506,6 +536,7 @@ def load_settings(
             raise SettingsError(label, text, str(exc)) from None
         raw[spec.attr] = text
     _check_consistency(values, raw)
+    _check_pretrigger(values, raw)
     _check_sim_events(values, raw)
     return Settings(**values)
 

@@ -22,6 +22,19 @@ class GpuSelectionError(GpuSourceError):
     """``GPUTEL_GPUS`` names a GPU that does not exist: a configuration error, never a fallback."""
 
 
+#: What :meth:`GpuSource.read_light` fills: utilization (read every tick anyway) and the fields a
+#: driver answers from values it keeps (no bus sampling, no per-process walk). They make the
+#: pre-trigger rows at the head of a session's ``gpu-*.csv``; every other column stays empty.
+LIGHT_FIELDS: tuple[str, ...] = (
+    "utilization_gpu_pct",
+    "memory_used_mib",
+    "temperature_c",
+    "power_w",
+    "energy_j",
+    "sm_clock_mhz",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class GpuIdentity:
     index: int
@@ -41,6 +54,12 @@ class GpuSource(Protocol):
 
     def read_utilization(self) -> dict[int, float | None]:
         """The light read the agent makes every tick: GPU utilization % per selected GPU."""
+        ...
+
+    def read_light(self) -> list[GpuReading]:
+        """The agent's read while it keeps a pre-trigger: one reading per selected GPU with only
+        :data:`LIGHT_FIELDS` set (a lost GPU: ``lost`` and no values). ``energy_j`` is the same
+        cumulative counter :meth:`read` gives, or None where the GPU has no counter."""
         ...
 
     def read(self) -> list[GpuReading]:

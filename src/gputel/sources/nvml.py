@@ -520,6 +520,37 @@ class NvmlGpuSource:
                     out[gpu.index] = None
         return out
 
+    def read_light(self) -> list[GpuReading]:
+        """Utilization plus the cheap fields (``LIGHT_FIELDS``) for the agent's pre-trigger.
+
+        Six calls per GPU that the driver answers from values it keeps; none of the ~20 ms PCIe
+        samples, the per-process walk or the field-value batch of :meth:`read`. Energy is the
+        driver's counter only (no power integral between two ticks of another process).
+        """
+        readings: list[GpuReading] = []
+        for gpu in self._gpus:
+            with gpu.lock:
+                reading = GpuReading(gpu.index, gpu.uuid, gpu.name)
+                try:
+                    if not self._answers(gpu):
+                        raise _GpuLost
+                    reading.utilization_gpu_pct = self._utilization(gpu)[0]
+                    reading.memory_used_mib = self._memory(gpu)[0]
+                    reading.temperature_c = self._temperature(gpu)
+                    reading.power_w = self._power(gpu)
+                    reading.energy_j = self._energy_counter(gpu)
+                    sm = self._ask(
+                        gpu,
+                        "sm_clock_mhz",
+                        "nvmlDeviceGetClockInfo",
+                        self._const("NVML_CLOCK_SM", 1),
+                    )
+                    reading.sm_clock_mhz = None if sm is None else float(sm)
+                except _GpuLost:
+                    reading = GpuReading(gpu.index, gpu.uuid, gpu.name, lost=True)
+                readings.append(reading)
+        return readings
+
     def read(self) -> list[GpuReading]:
         return [self.read_gpu(gpu.index) for gpu in self._gpus]
 

@@ -93,6 +93,14 @@ class BoardModel:
         return float(round(MEMORY_IDLE_MIB + (MEMORY_TOTAL_MIB - MEMORY_IDLE_MIB) * share))
 
 
+def _sm_clock_mhz(util_pct: float, power_w: float) -> float:
+    if util_pct <= 0:
+        return SM_CLOCK_IDLE_MHZ
+    if power_w >= POWER_CAP_SHARE * POWER_LIMIT_W:
+        return SM_CLOCK_POWER_CAPPED_MHZ
+    return SM_CLOCK_BOOST_MHZ
+
+
 class _SimGpu:
     """One GPU's timeline with energy and temperature precomputed at each segment start."""
 
@@ -132,6 +140,24 @@ class _SimGpu:
         k = self._segment(t)
         return self._energy_at_start[k] + self.model.power_w(self._utils[k]) * (t - self._starts[k])
 
+    def light_reading_at(self, t: float) -> GpuReading:
+        """Only the fields of ``LIGHT_FIELDS``, equal to those of :meth:`reading_at`."""
+        k = self._segment(t)
+        util = self._utils[k]
+        model = self.model
+        power = model.power_w(util)
+        return GpuReading(
+            index=self.index,
+            uuid=self.uuid,
+            name=SIM_GPU_NAME,
+            utilization_gpu_pct=util,
+            memory_used_mib=model.memory_used_mib(util),
+            temperature_c=round(self._lag(self._temp_at_start[k], util, t - self._starts[k]), 2),
+            power_w=power,
+            energy_j=self._energy_at_start[k] + power * (t - self._starts[k]),
+            sm_clock_mhz=_sm_clock_mhz(util, power),
+        )
+
     def reading_at(self, t: float) -> GpuReading:
         k = self._segment(t)
         util = self._utils[k]
@@ -139,12 +165,7 @@ class _SimGpu:
         power = model.power_w(util)
         capped = power >= POWER_CAP_SHARE * POWER_LIMIT_W
         reasons = (_GPU_IDLE if util <= 0 else 0) | (_SW_POWER_CAP if capped else 0)
-        if util <= 0:
-            sm_clock = SM_CLOCK_IDLE_MHZ
-        elif capped:
-            sm_clock = SM_CLOCK_POWER_CAPPED_MHZ
-        else:
-            sm_clock = SM_CLOCK_BOOST_MHZ
+        sm_clock = _sm_clock_mhz(util, power)
         return GpuReading(
             index=self.index,
             uuid=self.uuid,
@@ -219,6 +240,10 @@ class SimGpuSource:
         t = self._now()
         return {g.index: g.util_at(t) for g in self._gpus}
 
+    def read_light(self) -> list[GpuReading]:
+        t = self._now()
+        return [g.light_reading_at(t) for g in self._gpus]
+
     def read(self) -> list[GpuReading]:
         t = self._now()
         return [g.reading_at(t) for g in self._gpus]
@@ -241,6 +266,9 @@ class NoneGpuSource:
 
     def read_utilization(self) -> dict[int, float | None]:
         return {}
+
+    def read_light(self) -> list[GpuReading]:
+        return []
 
     def read(self) -> list[GpuReading]:
         return []

@@ -158,6 +158,10 @@ class SmiGpuSource:
             d.index: _number(rows[d.index][0]) if d.index in rows else None for d in self._devices
         }
 
+    def read_light(self) -> list[GpuReading]:
+        """The full read: one ``nvidia-smi`` spawn costs the same whatever it is asked."""
+        return self.read()
+
     def read(self) -> list[GpuReading]:
         rows = self._rows([name for _, name in self._columns])
         readings: list[GpuReading] = []

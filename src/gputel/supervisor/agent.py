@@ -30,10 +30,12 @@ from gputel import __version__, runtime
 from gputel.formats import iso_utc_ms
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
-from gputel.supervisor.child import ChildEvent, ChildSupervisor, Spawn, popen_spawn
+from gputel.supervisor.child import ChildEvent, ChildSupervisor, ProcessHandle, Spawn, popen_spawn
 from gputel.supervisor.control_api import ControlApi, Degraded, DegradedReason, ModeState
 from gputel.supervisor.deadline import DeadlineRunner, Job, run_with_deadline
+from gputel.supervisor.head_handoff import HeadHandoff
 from gputel.supervisor.notify import Notifier
+from gputel.supervisor.pretrigger import PretriggerRing
 from gputel.supervisor.states import ActivityState, Machine, Thresholds, step, telemetry_wanted
 from gputel.supervisor.transitions_log import TransitionRecord, TransitionsLog
 from gputel.ticker import Ticker, Waker
@@ -151,6 +153,10 @@ class Agent:
         """Why ``/metrics`` is not served (its port held by another process...), while it is not."""
         self._http_retry_at: float | None = None
         self.sim_epoch: float | None = None
+        self._session_spawned = False
+
+        self.handoff: HeadHandoff | None = None
+        """The pre-trigger ring and its hand-off to the child (None: pre-trigger off)."""
 
         self.gpu = DeadlineRunner(clock)
         self.source: Any = None
@@ -212,7 +218,7 @@ class Agent:
 
         self.store = AllocationStore(s.run_dir, s.log_dir, known)
         self.child = ChildSupervisor(
-            s, sim_epoch=self.sim_epoch, spawn=self._spawn, clock=self.clock
+            s, sim_epoch=self.sim_epoch, spawn=self._spawn_child, clock=self.clock
         )
 
         from gputel.control.client import socket_path
@@ -348,6 +354,11 @@ class Agent:
         self.devices = list(devices) if status == "ok" else []
         if status != "ok":
             log.error("listing GPUs failed (%s); GPU names are unknown", status)
+        s = self.settings
+        if s.pretrigger_s > 0 and self.devices:
+            ring = PretriggerRing(s.pretrigger_s, s.interval_s, self.devices)
+            self.handoff = HeadHandoff(s.run_dir, ring)
+            self.handoff.remove_stale()
         if self.degraded is not None and self.degraded.reason is DegradedReason.SOURCE_OPENING:
             self.degraded = None
 
@@ -429,6 +440,13 @@ class Agent:
                 self.record(tr.from_state.value, tr.to_state.value, tr.reason)
         self._reap()
         self._reconcile(now)
+        if self.handoff is not None and self.child is not None:
+            # After the child's poll, which has just read its heartbeat.
+            self.handoff.tick(
+                now,
+                child_running=self.wanted and self.child.proc is not None,
+                child_ticking=self.child.fresh_heartbeat() is not None,
+            )
 
     def _read_utilization(self) -> float | None:
         if self.source is None:
@@ -452,7 +470,13 @@ class Agent:
             log.warning("the stuck GPU read returned; GPU reads resume")
             self.degraded = None
         t0 = self.clock()
-        job = self.gpu.submit(self.source.read_utilization)
+        handoff = self.handoff
+        light = handoff is not None and handoff.wants_readings(self.wanted)
+        if light:
+            wall = time.time()
+            job = self.gpu.submit(self.source.read_light)
+        else:
+            job = self.gpu.submit(self.source.read_utilization)
         if job is None:
             # Another GPU call (an allocation's energy read) is stuck on the reader thread.
             self.degraded = Degraded(DegradedReason.READ_STUCK)
@@ -478,7 +502,13 @@ class Agent:
             if self.degraded is not None and self.degraded.reason.is_read:
                 log.info("GPU utilization reads work again")
                 self.degraded = None
-            values = dict(job.value or {})
+            if light:
+                assert handoff is not None
+                readings = job.value or []
+                handoff.ring.add(t0, wall, readings)
+                values = {r.index: None if r.lost else r.utilization_gpu_pct for r in readings}
+            else:
+                values = dict(job.value or {})
         known = [v for v in values.values() if v is not None]
         with self.lock:
             self.utilization = values
@@ -524,6 +554,8 @@ class Agent:
             n_alloc = self.open_allocations()
             wanted, reason = telemetry_wanted(self.machine.state, self.mode.mode, n_alloc)
             if wanted != self.wanted:
+                # A new session's first child gets the head; a restart within it does not.
+                self._session_spawned = False
                 self.record(
                     "telemetry_off" if wanted else "telemetry_on",
                     "telemetry_on" if wanted else "telemetry_off",
@@ -548,6 +580,13 @@ class Agent:
         if key != self._status_key and self.notifier.enabled:
             self._status_key = key
             self.notifier.status(self.api.status_line())
+
+    def _spawn_child(self, argv: list[str], env: dict[str, str]) -> ProcessHandle:
+        """Start the recorder child; a new session's child gets the pre-trigger head first."""
+        if self.handoff is not None and not self._session_spawned:
+            self.handoff.session_starting(self.clock())
+        self._session_spawned = True
+        return self._spawn(argv, env)
 
     def _child_event(self, ev: ChildEvent) -> None:
         if ev.kind == "started":

@@ -12,6 +12,12 @@ Rules that keep the files trustworthy after crashes, rotation and full disks:
 - A failed write or open is counted (``rows_failed``), logged once when it starts and once when it
   recovers, and retried on the next tick; sampling and exporting never wait for the disk.
 
+A session may begin with the pre-trigger head (``write_head``): the agent's readings from
+before telemetry started, GPU rows only, at the head of the first ``gpu-*.csv``.
+
+Every value cell is written at its field's precision from the schema table (``Field.decimals``),
+through ``formats.csv_cell``.
+
 ``energy_j`` is joules since the file began (``gputel.energy.SinceStart`` over the source's
 cumulative counter), so each file stands alone. A counter that goes backwards (driver reload)
 adds nothing for that interval and the accumulation continues from the new value.
@@ -27,11 +33,20 @@ import re
 import socket
 from collections.abc import Callable, Sequence
 from datetime import date, datetime
+from functools import partial
 from pathlib import Path
 
 from gputel.energy import SinceStart
 from gputel.formats import FailureCounter, TornWrite, csv_cell, csv_row, iso_utc_ms, write_whole
-from gputel.schema import GPU_CSV_COLUMNS, GPU_FIELDS, HOST_CSV_COLUMNS, HOST_FIELDS, Sample
+from gputel.schema import (
+    GPU_CSV_COLUMNS,
+    GPU_FIELDS,
+    HOST_CSV_COLUMNS,
+    HOST_FIELDS,
+    HostReading,
+    Sample,
+)
+from gputel.telemetry.head import HeadTick
 
 log = logging.getLogger("gputel.csv")
 
@@ -40,7 +55,9 @@ _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
 _MAX_SUFFIX = 999
 _GPU_VALUE_ATTRS = tuple(f.attr for f in GPU_FIELDS)
 _ENERGY_POS = _GPU_VALUE_ATTRS.index("energy_j")
+_GPU_DECIMALS = tuple(f.decimals for f in GPU_FIELDS)
 _HOST_VALUE_ATTRS = tuple(f.attr for f in HOST_FIELDS)
+_HOST_DECIMALS = tuple(f.decimals for f in HOST_FIELDS)
 
 
 def short_hostname() -> str:
@@ -212,6 +229,19 @@ class CsvSink:
         else:
             self._failures.succeeded(self.log_dir)
 
+    def write_head(self, ticks: Sequence[HeadTick]) -> None:
+        """The pre-trigger rows, before the first sample of a session: GPU rows only (the agent
+        reads no host source), the columns the agent did not read empty, ``energy_j`` counted
+        from the head's first row so it runs on through the session's own rows."""
+        for tick in ticks:
+            sample = Sample(tick.timestamp, tick.monotonic, list(tick.gpus), HostReading(), [])
+            stamp = iso_utc_ms(tick.timestamp)
+            err = self._emit(self._gpu, tick.timestamp, partial(self._gpu_rows, sample, stamp))
+            if err:
+                self._failures.failed(len(tick.gpus), f"{self.log_dir}: {err}")
+            else:
+                self._failures.succeeded(self.log_dir)
+
     def _emit(self, f: _CsvFile, ts: datetime, build: Callable[[], bytes]) -> str | None:
         if f.fd is not None and (f.day != ts.date() or f.size >= self.max_bytes):
             if f is self._gpu:
@@ -256,7 +286,7 @@ class CsvSink:
                 csv_cell(g.name),
                 "1" if g.lost else "0",
             ]
-            cells.extend(csv_cell(v) for v in values)
+            cells.extend(map(csv_cell, values, _GPU_DECIMALS))
             cells.append(csv_cell(alloc) if alloc else "")
             lines.append(",".join(cells))
         lines.append("")
@@ -265,5 +295,5 @@ class CsvSink:
     def _host_row(self, sample: Sample, stamp: str) -> bytes:
         h = sample.host
         cells = [stamp]
-        cells.extend(csv_cell(getattr(h, a)) for a in _HOST_VALUE_ATTRS)
+        cells.extend(map(csv_cell, [getattr(h, a) for a in _HOST_VALUE_ATTRS], _HOST_DECIMALS))
         return (",".join(cells) + "\n").encode()

@@ -109,6 +109,9 @@ class DeadlineGpuSource:
     def read_utilization(self) -> dict[int, float | None]:
         return self.source.read_utilization()
 
+    def read_light(self) -> list[GpuReading]:
+        return self.source.read_light()
+
     def read_energy_j(self) -> dict[int, float | None]:
         return self.source.read_energy_j()
 

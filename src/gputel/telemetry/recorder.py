@@ -1,5 +1,9 @@
 """``gputel record``: the tick loop that feeds one sample per tick to the CSV files and exposition.
 
+A child's first tick is preceded by the pre-trigger head the agent left in the run directory
+(``telemetry/head.py``): GPU rows from before the session started, at the head of its first
+``gpu-*.csv``.
+
 Per tick: read allocations (only when ``allocations.json`` changed), sample every source, write
 the CSV rows, render the exposition, then publish ``metrics.prom`` and ``recorder.json`` in the
 run directory (atomic replace). ``recorder.json``'s ``monotonic``/``tick`` are the heartbeat the
@@ -36,6 +40,7 @@ from gputel.sources.base import GpuSource, HostSource
 from gputel.telemetry.csv_sink import DEFAULT_MAX_BYTES, CsvSink
 from gputel.telemetry.exposition import Exposition
 from gputel.telemetry.gpu_deadline import with_read_deadline
+from gputel.telemetry.head import HeadTick, head_rows, take_head
 from gputel.telemetry.metrics_http import MetricsServer
 from gputel.telemetry.promtext import telemetry_active_text
 from gputel.telemetry.sampler import Sampler, utc_now
@@ -106,6 +111,7 @@ class Recorder:
         max_file_bytes: int = DEFAULT_MAX_BYTES,
         hostname: str | None = None,
         parent_pid: int | None = None,
+        head: Sequence[HeadTick] = (),
     ) -> None:
         self.settings = settings
         # A child whose agent died (SIGKILL, OOM) would otherwise record forever, orphaned.
@@ -134,6 +140,11 @@ class Recorder:
         self._reopen = False
         self._runtime_failing = False
         self._pid = os.getpid()
+        self._head: Sequence[HeadTick] | None = head
+        """The pre-trigger ticks, written before the first sample (then None)."""
+        self.head_ticks = 0
+        self.head_s = 0.0
+        """How many head ticks were written and how far before the first own row they begin."""
         self._metrics_path = self.run_dir / runtime.METRICS_FILE
         self._state_path = self.run_dir / runtime.RECORDER_STATE_FILE
 
@@ -188,6 +199,8 @@ class Recorder:
             self._update_allocations()
         sample = self.sampler.sample(self._alloc_ids, self._gpu_alloc)
         self.ticks += 1
+        if self._head is not None:
+            self._write_head(sample)
         self.sink.write(sample)
         for alloc in self.allocations.allocations:
             self._alloc_stats[alloc.id].add_tick(sample.gpus, alloc.gpus)
@@ -201,6 +214,27 @@ class Recorder:
         if self.write_runtime:
             self._publish(sample, data)
         return sample
+
+    def _write_head(self, first: Sample) -> None:
+        ticks = head_rows(
+            self._head or (),
+            first.timestamp,
+            first.monotonic,
+            self.sampler.devices,
+            self.settings.interval_s,
+        )
+        self._head = None
+        if not ticks:
+            return
+        self.sink.write_head(ticks)
+        self.head_ticks = len(ticks)
+        self.head_s = first.monotonic - ticks[0].monotonic
+        log.info(
+            "wrote %d pre-trigger tick(s) (%.1f s before the first sample) at the head of %s",
+            self.head_ticks,
+            self.head_s,
+            self.sink.gpu_path,
+        )
 
     def _update_allocations(self) -> None:
         allocs = self.allocations.allocations
@@ -231,6 +265,7 @@ class Recorder:
             "ticks_missed": self.ticker.missed,
             "allocation_stats": {k: v.to_json() for k, v in self._alloc_stats.items()},
             "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
+            "pretrigger": {"ticks": self.head_ticks, "seconds": round(self.head_s, 3)},
         }
         try:
             atomic_write_fixed_tmp(self._metrics_path, data)
@@ -278,14 +313,18 @@ def run_record(settings: Settings, *, child: bool) -> int:
     # Only a child publishes recorder.json and metrics.prom: they exist for its agent. A
     # standalone recorder serves its own /metrics and leaves any agent's run directory alone.
     write_runtime = child
+    head: list[HeadTick] = []
     if child:
         runtime.ensure_run_dir(settings.run_dir)
+        # Taken once, before the first tick: the agent wrote it just before starting us.
+        head = take_head(settings.run_dir / runtime.PRETRIGGER_FILE)
     recorder = Recorder(
         settings,
         gpu_source,
         host_sources,
         write_runtime=write_runtime,
         parent_pid=os.getppid() if child else None,
+        head=head,
     )
     recorder.install_signal_handlers()
     server: MetricsServer | None = None
