@@ -134,6 +134,9 @@ def test_light_reads_keep_their_own_pair_and_give_sm_activity(drv: FakeDriver) -
     src = nvml.open_nvml(None, clock=Clock())
     light = src.read_light()
     assert light[0].sm_active_pct is None and light[0].utilization_gpu_pct == 90.0
+    # Under ``sm`` a GPM GPU without its pair yet is unknown, not judged by its utilization.
+    assert light[0].has_gpm and activity_pct(light[0], "sm") is None
+    assert not light[1].has_gpm
     light = src.read_light()
     assert light[0].sm_active_pct == 61.5 and light[1].sm_active_pct is None
     assert light[0].tensor_active_pct is None  # not a light field

@@ -34,7 +34,7 @@ GPM_ONLY = {attr for attr, _c, _f in GPM_METRICS} - {"pcie_rx_bytes_per_s", "pci
 MEASUREMENTS = [
     f.name
     for f in fields(GpuReading)
-    if f.name not in ("index", "uuid", "name", "lost", "stuck", "field_errors", "mig")
+    if f.name not in ("index", "uuid", "name", "lost", "stuck", "field_errors", "mig", "has_gpm")
     and f.name not in GPM_ONLY
 ]
 TIMEOUT = 10

@@ -26,9 +26,13 @@ def busiest_instance_pct(instances: Iterable[MigReading]) -> float | None:
     return max(known) if known else None
 
 
-def pick(utilization_pct: float | None, sm_active_pct: float | None, signal: str) -> float | None:
-    """The activity of one GPU from its two signals (the per-GPU fallback of ``sm``)."""
-    if signal == "sm" and sm_active_pct is not None:
+def pick(
+    utilization_pct: float | None, sm_active_pct: float | None, has_gpm: bool, signal: str
+) -> float | None:
+    """The activity of one GPU from its two signals: under ``sm`` a GPU with GPM is judged by
+    its SM activity only (unknown when missing: the first tick after start, a failed sample,
+    which starts nothing), every other GPU by its utilization."""
+    if signal == "sm" and has_gpm:
         return sm_active_pct
     return utilization_pct
 
@@ -41,4 +45,4 @@ def activity_pct(reading: GpuReading, signal: str) -> float | None:
         busiest = busiest_instance_pct(reading.mig)
         if busiest is not None:
             return busiest
-    return pick(reading.utilization_gpu_pct, reading.sm_active_pct, signal)
+    return pick(reading.utilization_gpu_pct, reading.sm_active_pct, reading.has_gpm, signal)

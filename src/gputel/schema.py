@@ -595,6 +595,9 @@ class GpuReading:
     pcie_tx_bytes_per_s: float | None = None
     ecc_corrected_volatile: int | None = None
     ecc_uncorrected_volatile: int | None = None
+    has_gpm: bool = False
+    """The GPU has GPM: an empty ``sm_active_pct`` is unknown (first tick, failed sample), not a
+    reason to judge its activity by utilization under ``GPUTEL_ACTIVITY=sm``."""
     mig: tuple[MigReading, ...] = ()
     """The GPU's MIG devices (MIG mode only): ``mig-*.csv`` rows and the ``gputel_mig_*`` series."""
     stuck: bool = False

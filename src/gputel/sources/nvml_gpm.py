@@ -161,6 +161,7 @@ class GpmReader:
         wanted = [m for m in self._metrics if f"gpm.{m[0]}" not in gpu.unsupported]
         for attr, value in self._measure(gpu, -1, wanted).items():
             setattr(reading, attr, value)
+        reading.has_gpm = self._gives_sm(gpu)
 
     def fill_light(self, gpu: Any, reading: GpuReading) -> None:
         """The agent's light read: SM activity only (MIG: per device, without memory)."""
@@ -171,6 +172,12 @@ class GpmReader:
             return
         wanted = [m for m in self._metrics if m[0] == _SM and f"gpm.{_SM}" not in gpu.unsupported]
         reading.sm_active_pct = self._measure(gpu, -1, wanted).get(_SM)
+        reading.has_gpm = self._gives_sm(gpu)
+
+    @staticmethod
+    def _gives_sm(gpu: Any) -> bool:
+        """Whether the GPU's SM activity is measured (if not this tick, then from the next)."""
+        return "gpm" not in gpu.unsupported and f"gpm.{_SM}" not in gpu.unsupported
 
     def mig_readings(self, gpu: Any, *, memory: bool) -> tuple[MigReading, ...]:
         """One reading per MIG device: its GPU instance's SM activity, with ``memory`` its

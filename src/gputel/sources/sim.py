@@ -167,6 +167,7 @@ class _SimGpu:
             energy_j=self._energy_at_start[k] + power * (t - self._starts[k]),
             sm_clock_mhz=_sm_clock_mhz(util, power),
             sm_active_pct=model.sm_active_pct(util),
+            has_gpm=True,
         )
 
     def reading_at(self, t: float) -> GpuReading:
@@ -187,6 +188,7 @@ class _SimGpu:
             utilization_gpu_pct=util,
             utilization_memory_pct=round(util * model.memory_util_share, 1),
             sm_active_pct=sm_active,
+            has_gpm=True,
             sm_occupancy_pct=round(sm_active * 0.45, 1),
             tensor_active_pct=round(sm_active * 0.6, 1),
             dram_active_pct=round(util * model.memory_util_share * 0.9, 1),

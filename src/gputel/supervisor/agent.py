@@ -1,10 +1,10 @@
 """``gputel agent``: the supervisor daemon.
 
-One loop thread owns all decisions: each tick it reads GPU utilization, steps the pure state
-machine, applies the operator mode and the open allocations, and starts or stops the telemetry
-child. Other threads only ask: the control socket (``control_api.py``: status, mode,
-allocations) and the HTTP exporter read a snapshot under a lock and wake the loop when something
-changed.
+One loop thread owns all decisions: each tick it reads GPU activity (``gputel.activity``:
+utilization, or SM activity under ``GPUTEL_ACTIVITY=sm``), steps the pure state machine, applies
+the operator mode and the open allocations, and starts or stops the telemetry child. Other
+threads only ask: the control socket (``control_api.py``: status, mode, allocations) and the
+HTTP exporter read a snapshot under a lock and wake the loop when something changed.
 
 Every GPU call goes through a :class:`~gputel.supervisor.deadline.DeadlineRunner` (one
 dedicated thread, a deadline per call), because an NVML call can block forever (a GPU off the
@@ -27,6 +27,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from gputel import __version__, runtime
+from gputel.activity import activity_pct
 from gputel.formats import iso_utc_ms
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
@@ -471,9 +472,11 @@ class Agent:
             self.degraded = None
         t0 = self.clock()
         handoff = self.handoff
-        light = handoff is not None and handoff.wants_readings(self.wanted)
+        keep = handoff is not None and handoff.wants_readings(self.wanted)
+        # SM activity comes with the light read only (GPM needs its sample every tick).
+        light = keep or self.settings.activity == "sm"
+        wall = time.time()
         if light:
-            wall = time.time()
             job = self.gpu.submit(self.source.read_light)
         else:
             job = self.gpu.submit(self.source.read_utilization)
@@ -503,10 +506,12 @@ class Agent:
                 log.info("GPU utilization reads work again")
                 self.degraded = None
             if light:
-                assert handoff is not None
                 readings = job.value or []
-                handoff.ring.add(t0, wall, readings)
-                values = {r.index: None if r.lost else r.utilization_gpu_pct for r in readings}
+                if keep:
+                    assert handoff is not None
+                    handoff.ring.add(t0, wall, readings)
+                signal = self.settings.activity
+                values = {r.index: activity_pct(r, signal) for r in readings}
             else:
                 values = dict(job.value or {})
         known = [v for v in values.values() if v is not None]
