@@ -151,6 +151,10 @@ def test_activity_sm_starts_on_sm_activity_not_on_utilization(
     time.sleep(1.5)  # fifteen ticks at 0.1 s, start after 0.3 s
     assert agent.status()["state"] == "idle"
     assert not agent.transitions() or all(r["to_state"] != "arming" for r in agent.transitions())
+    status = agent.status()
+    assert status["activity"] == "sm"
+    gpu0 = status["gpus"][0]
+    assert (gpu0["utilization_gpu_pct"], gpu0["activity_pct"]) == (95.0, 4.0)
     fake_driver.set({"gpu.0.gpm.2": 70.0, "gpu.0.utilization.gpu_pct": 100})
     wait_for(lambda: agent.status()["telemetry_active"], 15, "telemetry on")
     # The recorder's own rows from its second on (its first has no GPM pair yet).

@@ -143,6 +143,9 @@ class Agent:
         )
         self.transition_counts: collections.Counter[str] = collections.Counter()
         self.utilization: dict[int, float | None] = {}
+        """Per GPU, its utilization at the last poll (a MIG GPU, which has none: its activity)."""
+        self.activity: dict[int, float | None] = {}
+        """Per GPU, what the state machine judged at the last poll (``gputel.activity``)."""
         self.util_max: float | None = None
         self.poll_duration_s: float | None = None
         self.degraded: Degraded | None = None
@@ -501,6 +504,7 @@ class Agent:
                 log.error("GPU utilization read failed: %s", job.error)
             self.degraded = Degraded(DegradedReason.READ_FAILED, type(job.error).__name__)
             values: dict[int, float | None] = {}
+            utilization = values
         else:
             if self.degraded is not None and self.degraded.reason.is_read:
                 log.info("GPU utilization reads work again")
@@ -512,11 +516,14 @@ class Agent:
                     handoff.ring.add(t0, wall, readings)
                 signal = self.settings.activity
                 values = {r.index: activity_pct(r, signal) for r in readings}
+                utilization = {r.index: None if r.lost else r.utilization_gpu_pct for r in readings}
             else:
                 values = dict(job.value or {})
+                utilization = values
         known = [v for v in values.values() if v is not None]
         with self.lock:
-            self.utilization = values
+            self.utilization = utilization
+            self.activity = values
             self.util_max = max(known) if known else None
         return self.util_max
 
@@ -524,6 +531,7 @@ class Agent:
         """No reading this tick: status and /metrics must not keep showing the last one."""
         with self.lock:
             self.utilization = dict.fromkeys(self.utilization)
+            self.activity = dict.fromkeys(self.activity)
             self.util_max = None
 
     def energy_now(self) -> dict[int, float | None]:
