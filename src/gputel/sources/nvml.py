@@ -625,7 +625,12 @@ class NvmlGpuSource:
                 return
             self._closed = True
         for gpu in self._gpus:
-            self.gpm.close(gpu)
+            # A read hung in the driver may hold a sample: leave its samples to the process exit.
+            if gpu.lock.acquire(blocking=False):
+                try:
+                    self.gpm.close(gpu)
+                finally:
+                    gpu.lock.release()
         _release(self._nv)
 
 

@@ -214,11 +214,12 @@ class GpmReader:
         count = self._ask(gpu, "mig.count", "nvmlDeviceGetMaxMigDeviceCount")
         if count is None:
             return
-        error: type[BaseException] = getattr(self._nv, "NVMLError", Exception)
+        nv = self._nv
+        error: type[BaseException] = getattr(nv, "NVMLError", Exception)
         devices: list[_MigDevice] = []
         for j in range(int(count)):
             try:
-                handle = self._nv.nvmlDeviceGetMigDeviceHandleByIndex(gpu.handle, j)
+                handle = nv.nvmlDeviceGetMigDeviceHandleByIndex(gpu.handle, j)
             except error as exc:
                 if getattr(exc, "value", None) == _NOT_FOUND:
                     continue
@@ -303,7 +304,7 @@ class GpmReader:
 
     # ------------------------------------------------------------------------ close
     def close(self, gpu: Any) -> None:
-        """Free the GPU's samples (before NVML shuts down)."""
+        """Free the GPU's samples (before NVML shuts down; the caller holds the GPU's lock)."""
         state: GpmState = gpu.gpm
         for pair in state.pairs.values():
             self._free_pair(pair)
@@ -315,7 +316,8 @@ class GpmReader:
                 self._free(s)
 
     def _free(self, sample: Any) -> None:
+        nv = self._nv
         try:
-            self._nv.nvmlGpmSampleFree(sample)
+            nv.nvmlGpmSampleFree(sample)
         except Exception as exc:  # the driver frees it at exit anyway
             log.debug("nvmlGpmSampleFree failed: %s", exc)
