@@ -42,6 +42,7 @@ def write_gpu_csv(
     allocations: Callable[[int], str] = lambda k: "",
     reasons: Callable[[int, float], int | None] = lambda k, u: 4 if u > 50 else 0,
     power_supported: bool = True,
+    sm: Callable[[int, int], float | None] = lambda k, g: None,
 ) -> dict[int, float]:
     """Rows like the recorder's; returns per-GPU joules between the first and last written row.
 
@@ -68,6 +69,7 @@ def write_gpu_csv(
                         name="Test GPU",
                         lost=0,
                         utilization_gpu_pct=u,
+                        sm_active_pct="" if sm(k, g) is None else sm(k, g),
                         memory_used_mib=1000 + 10 * u,
                         temperature_c=35 + u / 2,
                         power_w=p if power_supported else "",
@@ -234,6 +236,34 @@ def test_replay_transitions_and_capture(tmp_path: Path) -> None:
     grid = sweep(series, Thresholds(20, 5, 10, 15))
     assert len(grid) == 27
     assert all(0 <= (r.capture_ratio or 0) <= 1 for r in grid)
+
+
+def test_replay_with_sm_activity_where_rows_have_it(tmp_path: Path) -> None:
+    """GPU 0 (GPM): utilization always 90, SMs busy only in ticks 10-39; GPU 1 (no GPM) idle."""
+    write_gpu_csv(
+        tmp_path / "gpu-20261122T100000Z-n.csv",
+        T0,
+        80,
+        lambda k, g: 90.0 if g == 0 else 0.0,
+        sm=lambda k, g: (80.0 if 10 <= k < 40 else 5.0) if g == 0 else None,
+    )
+    th = Thresholds(20, 5, 10, 15)
+    by_util = replay(load_series([tmp_path]), th)
+    assert [round(t.at - T0.timestamp()) for t in by_util.transitions] == [0, 5]
+    by_sm = replay(load_series([tmp_path], activity="sm"), th)
+    states = [(t.to_state, round(t.at - T0.timestamp())) for t in by_sm.transitions]
+    assert states == [
+        (ActivityState.ARMING, 10),
+        (ActivityState.ACTIVE, 15),
+        (ActivityState.COOLING, 40),
+        (ActivityState.IDLE, 55),
+    ]
+    # The CLI takes the signal from the setting, flag or environment.
+    res = _gputel("replay", str(tmp_path), "--activity", "sm", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["starts"] == 1
+    res = _gputel("replay", str(tmp_path), "--activity", "tensor")
+    assert res.returncode == 2 and "GPUTEL_ACTIVITY" in res.stderr
 
 
 def _gputel(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

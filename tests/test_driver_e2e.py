@@ -219,7 +219,10 @@ def test_a_fan_answering_unknown_is_counted_not_lost(
 def test_a_mig_gpu_is_named_in_status_and_log(
     agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
-    fake_driver.set(gpu__0__mig__mode=1, gpu__0__utilization__gpu_pct=None)
+    # Without GPM: a MIG GPU with GPM is measured by its instances (tests/test_gpm_e2e.py).
+    fake_driver.set(
+        gpu__0__mig__mode=1, gpu__0__utilization__gpu_pct=None, gpu__0__gpm__supported=0
+    )
     agent = agents()
     notice = agent.status()["notice"]
     assert "GPU 0" in notice and "MIG mode" in notice and "activity cannot be measured" in notice

@@ -26,11 +26,16 @@ from fakedriver import (
 from gputel.schema import GpuReading
 from gputel.sources import nvml
 from gputel.sources.base import LIGHT_FIELDS, GpuSourceError
+from gputel.sources.nvml_gpm import GPM_METRICS
 
+GPM_ONLY = {attr for attr, _c, _f in GPM_METRICS} - {"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s"}
+
+#: Every measurement of a GPU without GPM (GPM and MIG devices: tests/test_nvml_gpm.py).
 MEASUREMENTS = [
     f.name
     for f in fields(GpuReading)
-    if f.name not in ("index", "uuid", "name", "lost", "stuck", "field_errors")
+    if f.name not in ("index", "uuid", "name", "lost", "stuck", "field_errors", "mig", "has_gpm")
+    and f.name not in GPM_ONLY
 ]
 
 
@@ -58,8 +63,10 @@ class Clock:
 
 
 def rich_gpu(index: int, **overrides: object) -> dict[str, object]:
-    """A GPU that answers every field, with distinct values per index."""
+    """A GPU that answers every field, with distinct values per index; without GPM (its PCIe
+    throughput comes from nvmlDeviceGetPcieThroughput; GPM: tests/test_nvml_gpm.py)."""
     values: dict[str, object] = {
+        "gpm__supported": 0,
         "utilization__gpu_pct": 50 + index,
         "utilization__memory_pct": 20 + index,
         "memory__used_bytes": 10 * 1024**3,

@@ -46,6 +46,7 @@
  *   gpu.i.gpm.supported=0|1   nvmlGpmQueryDeviceSupport
  *   gpu.i.gpm.ID=F            GPM metric ID (nvmlGpmMetricId_t) value for the whole GPU
  *   gpu.i.mig.GI.gpm.ID=F     GPM metric ID for GPU instance GI (nvmlGpmMigSampleGet)
+ *   gpu.i.mig.j.memory.total_bytes=N  gpu.i.mig.j.memory.used_bytes=N   MIG device j's memory
  *   gpu.i.processes=PID:BYTES:SM[,PID:BYTES:SM...]  compute processes (SM = sm util %, for
  *                             the process-utilization calls; may be left out: PID:BYTES)
  *   gpu.i.graphics_processes=PID:BYTES[,...]
@@ -546,9 +547,15 @@ static nvmlReturn_t memory_values(nvmlDevice_t d, unsigned long long *total,
                                   unsigned long long *used, unsigned long long *free_,
                                   unsigned long long *reserved) {
     ENTER(d, "memory");
-    NUM_OR_UNSUPPORTED(*total, "gpu.%d.memory.total_bytes", d->index);
     *used = 0;
     *reserved = 0;
+    if (d->mig >= 0) { /* a MIG device: its own memory slice */
+        NUM_OR_UNSUPPORTED(*total, "gpu.%d.mig.%d.memory.total_bytes", d->index, d->mig);
+        get_num(used, "gpu.%d.mig.%d.memory.used_bytes", d->index, d->mig);
+        *free_ = *total > *used ? *total - *used : 0;
+        return OK;
+    }
+    NUM_OR_UNSUPPORTED(*total, "gpu.%d.memory.total_bytes", d->index);
     get_num(used, "gpu.%d.memory.used_bytes", d->index);
     get_num(reserved, "gpu.%d.memory.reserved_bytes", d->index);
     if (!get_num(free_, "gpu.%d.memory.free_bytes", d->index))

@@ -12,7 +12,7 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any
 
 import typer
@@ -42,7 +42,8 @@ def _read_gpus(settings: Settings) -> tuple[list[dict[str, Any]], str | None, st
 
 
 def _reading_dict(reading: Any) -> dict[str, Any]:
-    return {f.name: getattr(reading, f.name) for f in fields(reading)}
+    # asdict: a MIG GPU's devices (MigReading) become JSON objects too.
+    return asdict(reading)
 
 
 def _host_snapshot(settings: Settings) -> tuple[dict[str, Any], str | None]:

@@ -23,11 +23,13 @@ class GpuSelectionError(GpuSourceError):
     """``GPUTEL_GPUS`` names a GPU that does not exist: a configuration error, never a fallback."""
 
 
-#: What :meth:`GpuSource.read_light` fills: utilization (read every tick anyway) and the fields a
-#: driver answers from values it keeps (no bus sampling, no per-process walk). They make the
-#: pre-trigger rows at the head of a session's ``gpu-*.csv``; every other column stays empty.
+#: What :meth:`GpuSource.read_light` fills: utilization (read every tick anyway), GPM's SM
+#: activity where the GPU has it (the ``sm`` activity signal), and the fields a driver answers
+#: from values it keeps (no bus sampling, no per-process walk). They make the pre-trigger rows
+#: at the head of a session's ``gpu-*.csv``; every other column stays empty.
 LIGHT_FIELDS: tuple[str, ...] = (
     "utilization_gpu_pct",
+    "sm_active_pct",
     "memory_used_mib",
     "temperature_c",
     "power_w",
@@ -54,12 +56,14 @@ class GpuSource(Protocol):
         ...
 
     def read_utilization(self) -> dict[int, float | None]:
-        """The light read the agent makes every tick: GPU utilization % per selected GPU."""
+        """The light read the agent makes every tick: GPU utilization % per selected GPU (a MIG
+        GPU, which has none: its busiest GPU instance's SM activity, ``gputel.activity``)."""
         ...
 
     def read_light(self) -> list[GpuReading]:
-        """The agent's read while it keeps a pre-trigger: one reading per selected GPU with only
-        :data:`LIGHT_FIELDS` set (a lost GPU: ``lost`` and no values). ``energy_j`` is the same
+        """The agent's read while it keeps a pre-trigger or uses the ``sm`` activity signal: one
+        reading per selected GPU with only :data:`LIGHT_FIELDS` set, and a MIG GPU's devices
+        with their SM activity (a lost GPU: ``lost`` and no values). ``energy_j`` is the same
         cumulative counter :meth:`read` gives, or None where the GPU has no counter."""
         ...
 

@@ -1,10 +1,10 @@
 """``gputel agent``: the supervisor daemon.
 
-One loop thread owns all decisions: each tick it reads GPU utilization, steps the pure state
-machine, applies the operator mode and the open allocations, and starts or stops the telemetry
-child. Other threads only ask: the control socket (``control_api.py``: status, mode,
-allocations) and the HTTP exporter read a snapshot under a lock and wake the loop when something
-changed.
+One loop thread owns all decisions: each tick it reads GPU activity (``gputel.activity``:
+utilization, or SM activity under ``GPUTEL_ACTIVITY=sm``), steps the pure state machine, applies
+the operator mode and the open allocations, and starts or stops the telemetry child. Other
+threads only ask: the control socket (``control_api.py``: status, mode, allocations) and the
+HTTP exporter read a snapshot under a lock and wake the loop when something changed.
 
 Every GPU call goes through a :class:`~gputel.supervisor.deadline.DeadlineRunner` (one
 dedicated thread, a deadline per call), because an NVML call can block forever (a GPU off the
@@ -27,6 +27,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from gputel import __version__, runtime
+from gputel.activity import activity_pct
 from gputel.formats import iso_utc_ms
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
@@ -143,6 +144,9 @@ class Agent:
         )
         self.transition_counts: collections.Counter[str] = collections.Counter()
         self.utilization: dict[int, float | None] = {}
+        """Per GPU, its utilization at the last poll (a MIG GPU, which has none: its activity)."""
+        self.activity: dict[int, float | None] = {}
+        """Per GPU, what the state machine judged at the last poll (``gputel.activity``)."""
         self.util_max: float | None = None
         self.poll_duration_s: float | None = None
         self.degraded: Degraded | None = None
@@ -525,9 +529,11 @@ class Agent:
             self.degraded = None
         t0 = self.clock()
         handoff = self.handoff
-        light = handoff is not None and handoff.wants_readings(self.wanted)
+        keep = handoff is not None and handoff.wants_readings(self.wanted)
+        # SM activity comes with the light read only (GPM needs its sample every tick).
+        light = keep or self.settings.activity == "sm"
+        wall = time.time()
         if light:
-            wall = time.time()
             job = self.gpu.submit(self.source.read_light)
         else:
             job = self.gpu.submit(self.source.read_utilization)
@@ -552,20 +558,26 @@ class Agent:
                 log.error("GPU utilization read failed: %s", job.error)
             self.degraded = Degraded(DegradedReason.READ_FAILED, type(job.error).__name__)
             values: dict[int, float | None] = {}
+            utilization = values
         else:
             if self.degraded is not None and self.degraded.reason.is_read:
                 log.info("GPU utilization reads work again")
                 self.degraded = None
             if light:
-                assert handoff is not None
                 readings = job.value or []
-                handoff.ring.add(t0, wall, readings)
-                values = {r.index: None if r.lost else r.utilization_gpu_pct for r in readings}
+                if keep:
+                    assert handoff is not None
+                    handoff.ring.add(t0, wall, readings)
+                signal = self.settings.activity
+                values = {r.index: activity_pct(r, signal) for r in readings}
+                utilization = {r.index: None if r.lost else r.utilization_gpu_pct for r in readings}
             else:
                 values = dict(job.value or {})
+                utilization = values
         known = [v for v in values.values() if v is not None]
         with self.lock:
-            self.utilization = values
+            self.utilization = utilization
+            self.activity = values
             self.util_max = max(known) if known else None
         return self.util_max
 
@@ -573,6 +585,7 @@ class Agent:
         """No reading this tick: status and /metrics must not keep showing the last one."""
         with self.lock:
             self.utilization = dict.fromkeys(self.utilization)
+            self.activity = dict.fromkeys(self.activity)
             self.util_max = None
 
     def energy_now(self) -> dict[int, float | None]:

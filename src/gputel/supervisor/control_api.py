@@ -148,6 +148,7 @@ class ControlApi:
                     "uuid": d.uuid,
                     "name": d.name,
                     "utilization_gpu_pct": agent.utilization.get(d.index),
+                    "activity_pct": agent.activity.get(d.index),
                 }
                 for d in agent.devices
             ]
@@ -162,6 +163,7 @@ class ControlApi:
                 "telemetry_active": agent.wanted,
                 "telemetry_reason": agent.wanted_reason,
                 "utilization_pct": agent.util_max,
+                "activity": s.activity,
                 "allocations": allocations,
                 "gpus": gpus,
                 "child": child_info,
