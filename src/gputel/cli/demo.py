@@ -18,6 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,29 @@ def demo_env(
     return env
 
 
+_SPARKS = "▁▂▃▄▅▆▇█"
+#: How many polls of utilization the live view's sparkline shows.
+SPARK_POINTS = 32
+
+
+def sparkline(values: Iterable[float | None]) -> Text:
+    """Utilization history as one line of block characters (0-100 %), a gap where unknown."""
+    chars = []
+    for v in values:
+        if v is None:
+            chars.append(" ")
+        else:
+            level = round(max(0.0, min(100.0, v)) / 100 * (len(_SPARKS) - 1))
+            chars.append(_SPARKS[level])
+    return Text("".join(chars), style="green")
+
+
+def _power(watts: object) -> Text:
+    if not isinstance(watts, (int, float)):
+        return Text("n/a", style="dim")
+    return Text(f"{watts:6.1f} W")
+
+
 def _bar(pct: float | None, width: int = 20) -> Text:
     if pct is None:
         return Text("n/a", style="dim")
@@ -95,8 +120,14 @@ def _bar(pct: float | None, width: int = 20) -> Text:
 _STATE_STYLE = {"idle": "dim", "arming": "yellow", "active": "bold green", "cooling": "cyan"}
 
 
-def render(status: dict[str, Any] | None, elapsed: float, note: str = "") -> Group:
-    """One frame of the live view from a status reply (None: the agent is not answering yet)."""
+def render(
+    status: dict[str, Any] | None,
+    elapsed: float,
+    note: str = "",
+    history: Mapping[int, Iterable[float | None]] | None = None,
+) -> Group:
+    """One frame of the live view from a status reply (None: the agent is not answering yet);
+    ``history`` is each GPU's recent utilization, oldest first, for the sparkline."""
     if not status:
         return Group(Panel(Text(f"starting the agent... {elapsed:4.1f}s {note}".rstrip())))
     head = Table.grid(padding=(0, 2))
@@ -122,8 +153,18 @@ def render(status: dict[str, Any] | None, elapsed: float, note: str = "") -> Gro
     gpus.add_column("GPU", justify="right")
     gpus.add_column("name")
     gpus.add_column("utilization")
+    gpus.add_column("power", justify="right")
+    gpus.add_column(f"utilization, last {SPARK_POINTS} polls")
     for g in status.get("gpus") or []:
-        gpus.add_row(str(g.get("index")), str(g.get("name")), _bar(g.get("utilization_gpu_pct")))
+        index = g.get("index")
+        past = (history or {}).get(index, ()) if isinstance(index, int) else ()
+        gpus.add_row(
+            str(index),
+            str(g.get("name")),
+            _bar(g.get("utilization_gpu_pct")),
+            _power(g.get("power_w")),
+            sparkline(past),
+        )
 
     trans = Table(title="transitions", expand=False)
     trans.add_column("time (UTC)")
@@ -191,6 +232,7 @@ def run_demo(
         )
     t0 = time.monotonic()
     status: dict[str, Any] | None = None
+    history: dict[int, deque[float | None]] = {}
     # The agent takes SIGHUP as "reopen the CSV files" (logrotate), so closing the terminal
     # would leave it running: turn SIGHUP and SIGTERM into an exit that runs the cleanup below.
     previous = _exit_on_signals((signal.SIGHUP, signal.SIGTERM))
@@ -208,6 +250,10 @@ def run_demo(
                 except ControlError:
                     pass
                 if status:
+                    for g in status.get("gpus") or []:
+                        if isinstance(g.get("index"), int):
+                            past = history.setdefault(g["index"], deque(maxlen=SPARK_POINTS))
+                            past.append(g.get("utilization_gpu_pct"))
                     state = str(status.get("state"))
                     if not seen or seen[-1] != state:
                         seen.append(state)
@@ -215,7 +261,7 @@ def run_demo(
                         went_on = True
                     elif went_on:
                         went_off = True
-                live.update(render(status, elapsed))
+                live.update(render(status, elapsed, history=history))
                 if went_on and went_off and status and status.get("state") == "idle":
                     message = "one full idle → busy → idle cycle"
                     finished = True

@@ -153,6 +153,8 @@ class Agent:
         )
         self.transition_counts: collections.Counter[str] = collections.Counter()
         self.utilization: dict[int, float | None] = {}
+        self.power: dict[int, float | None] = {}
+        """Board power per GPU from the light read (empty when the pre-trigger is off)."""
         self.util_max: float | None = None
         self.poll_duration_s: float | None = None
         self.degraded: Degraded | None = None
@@ -460,7 +462,9 @@ class Agent:
             self.degraded = None
         t0 = self.clock()
         handoff = self.handoff
-        light = handoff is not None and handoff.wants_readings(self.wanted)
+        # With a pre-trigger the light read replaces the utilization read (its cheap fields also
+        # give status its power), whether or not this tick's readings go into the ring.
+        light = handoff is not None
         if light:
             wall = time.time()
             job = self.gpu.submit(self.source.read_light)
@@ -482,6 +486,7 @@ class Agent:
             self._forget_utilization()
             return None
         self.poll_duration_s = self.clock() - t0
+        power: dict[int, float | None] = {}
         if job.error is not None:
             if self.degraded is None or self.degraded.reason is not DegradedReason.READ_FAILED:
                 log.error("GPU utilization read failed: %s", job.error)
@@ -494,13 +499,16 @@ class Agent:
             if light:
                 assert handoff is not None
                 readings = job.value or []
-                handoff.ring.add(t0, wall, readings)
+                if handoff.wants_readings(self.wanted):
+                    handoff.ring.add(t0, wall, readings)
                 values = {r.index: None if r.lost else r.utilization_gpu_pct for r in readings}
+                power = {r.index: r.power_w for r in readings}
             else:
                 values = dict(job.value or {})
         known = [v for v in values.values() if v is not None]
         with self.lock:
             self.utilization = values
+            self.power = power
             self.util_max = max(known) if known else None
         return self.util_max
 
@@ -508,6 +516,7 @@ class Agent:
         """No reading this tick: status and /metrics must not keep showing the last one."""
         with self.lock:
             self.utilization = dict.fromkeys(self.utilization)
+            self.power = {}
             self.util_max = None
 
     def energy_now(self) -> dict[int, float | None]:

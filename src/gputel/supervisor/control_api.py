@@ -146,6 +146,7 @@ class ControlApi:
                     "uuid": d.uuid,
                     "name": d.name,
                     "utilization_gpu_pct": agent.utilization.get(d.index),
+                    "power_w": agent.power.get(d.index),
                 }
                 for d in agent.devices
             ]
