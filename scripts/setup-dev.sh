@@ -39,4 +39,12 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
-echo "setup: ready (.venv/bin/gputel)"
+
+# A second, small venv with the lowest nvidia-ml-py that pyproject.toml allows: scripts/test.sh
+# runs the NVML tests (NVIDIA's binding over the fake driver) in it too, so both ends of the
+# supported binding range are tested. Its own packages only, never the system's.
+MIN_NVML=$(sed -n 's/.*"nvidia-ml-py>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+[ -x .venv-minnvml/bin/python ] || "$PYTHON" -m venv .venv-minnvml
+.venv-minnvml/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv-minnvml/bin/python -m pip install -q -e . "nvidia-ml-py==${MIN_NVML}" pytest pytest-timeout
+echo "setup: ready (.venv/bin/gputel; .venv-minnvml with nvidia-ml-py ${MIN_NVML})"

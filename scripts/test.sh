@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine (scripts/setup-dev.sh) and runs the whole test suite, lint included.
+# Sets up a fresh machine (scripts/setup-dev.sh) and runs the whole test suite, lint included;
+# with no arguments, also the NVML tests under the lowest supported nvidia-ml-py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The tests that drive NVIDIA's binding (over the fake libnvidia-ml.so.1).
+NVML_TESTS=(tests/test_fake_driver.py tests/test_nvml_source.py tests/test_driver_e2e.py
+  tests/test_gpu_real.py tests/test_gpu_deadline.py)
 scripts/setup-dev.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-exec .venv/bin/pytest -q "$@"
+.venv/bin/pytest -q "$@"
+if [ $# -eq 0 ]; then
+  # The NVML tests again with the lowest nvidia-ml-py pyproject.toml allows.
+  echo "test: NVML tests with $(.venv-minnvml/bin/python -c 'import importlib.metadata as m; print("nvidia-ml-py", m.version("nvidia-ml-py"))')"
+  .venv-minnvml/bin/pytest -q -p no:cacheprovider "${NVML_TESTS[@]}"
+fi

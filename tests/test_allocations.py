@@ -57,7 +57,7 @@ def rows(path: Path) -> list[dict[str, str]]:
 
 # ---------------------------------------------------------------------------------- ids
 @pytest.mark.parametrize(
-    "ident", ["a", "slurm-42", "job_1.2:x@host", "A" * 128, "-", "..", "k8s:ns:pod"]
+    "ident", ["a", "slurm-42", "job_1.2:x@host", "A" * 128, "a-", "..", "k8s:ns:pod"]
 )
 def test_good_ids(ident: str) -> None:
     assert validate_id(ident) == ident

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from gputel.allocstats import STAT_FIELDS, AllocationStats, stats_from_json
 from gputel.schema import GpuReading
 
@@ -14,12 +18,13 @@ def gpu(index: int, util: float | None, temp: float | None, mem: float | None) -
 
 def test_accumulates_only_the_allocation_gpus_and_skips_missing_values() -> None:
     stats = AllocationStats()
-    assert stats.to_json() == {"samples": 0, **dict.fromkeys(STAT_FIELDS)}
+    assert stats.to_json() == {"samples": 0, "util_readings": 0, **dict.fromkeys(STAT_FIELDS)}
     stats.add_tick([gpu(0, 10.0, 40.0, None), gpu(1, 100.0, 90.0, 9000.0)], only=(0,))
     stats.add_tick([gpu(0, None, 50.0, 1000.0), gpu(1, 100.0, 90.0, 9000.0)], only=(0,))
     stats.add_tick([gpu(0, 30.0, None, 500.0)], only=(0,))
     assert stats.to_json() == {
         "samples": 3,
+        "util_readings": 2,
         "util_mean_pct": 20.0,
         "util_max_pct": 30.0,
         "temperature_max_c": 50.0,
@@ -34,7 +39,41 @@ def test_read_back_from_json() -> None:
     stats = AllocationStats()
     stats.add_values(50.0, 60.0, 70.0)
     stats.samples = 1
-    assert stats_from_json(stats.to_json()) == stats.to_json()
+    shipped = stats.to_json()
+    assert shipped.pop("util_readings") == 1
+    assert stats_from_json(stats.to_json()) == shipped
     bad = stats_from_json({"samples": -1, "util_mean_pct": "x", "memory_max_mib": True})
     assert bad == {"samples": None, **dict.fromkeys(STAT_FIELDS)}
     assert stats_from_json(None)["samples"] is None
+
+
+def test_from_json_goes_on_where_to_json_stopped() -> None:
+    whole = AllocationStats()
+    first = AllocationStats()
+    for util in (10.0, None, 30.0):
+        for s in (whole, first):
+            s.samples += 1
+            s.add_values(util, 40.0, 100.0)
+    carried = AllocationStats.from_json(json.loads(json.dumps(first.to_json())))
+    assert carried is not None
+    for s in (whole, carried):
+        s.samples += 1
+        s.add_values(80.0, 55.0, None)
+    assert carried.to_json() == whole.to_json()
+    assert carried.util_mean_pct == 40.0
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        None,
+        {},
+        {"samples": 3},  # written before util_readings existed: cannot rebuild the mean
+        {"samples": 3, "util_readings": -1},
+        {"samples": 3, "util_readings": 2, "util_mean_pct": None},
+        {"samples": 3, "util_readings": 0, "util_mean_pct": 5.0},
+        {"samples": True, "util_readings": 1, "util_mean_pct": 5.0},
+    ],
+)
+def test_from_json_refuses_what_it_cannot_continue(entry: object) -> None:
+    assert AllocationStats.from_json(entry) is None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gputel.analysis.csv_read import ReportFilter
+from gputel.analysis.filter import ReportFilter
 from gputel.analysis.replay import load_series, replay, sweep
 from gputel.analysis.report import build_report, host_key
 from gputel.schema import GPU_CSV_COLUMNS, HOST_CSV_COLUMNS
@@ -304,8 +304,30 @@ def test_plot_without_matplotlib_says_how_to_get_it(
 
     write_gpu_csv(tmp_path / "gpu-20261122T100000Z-n.csv", T0, 5, pattern)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(plot.PlotUnavailable, match=r"pip install 'gputel\[plot\]'"):
+    with pytest.raises(plot.PlotUnavailable, match=r"pip install 'gputel\[analysis\]'"):
         plot.plot([tmp_path], tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("command", ["report", "replay", "plot", "export"])
+def test_without_duckdb_one_line_says_how_to_get_it(tmp_path: Path, command: str) -> None:
+    write_gpu_csv(tmp_path / "gpu-20261122T100000Z-n.csv", T0, 5, pattern)
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "duckdb.py").write_text("raise ImportError('no duckdb here')\n")
+    args = [command, str(tmp_path)]
+    if command == "export":
+        args += ["--parquet", str(tmp_path / "out")]
+    res = subprocess.run(
+        [sys.executable, "-m", "gputel", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(blocker)},
+    )
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'gputel[analysis]'" in lines[0], res.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

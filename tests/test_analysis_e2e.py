@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from gputel.analysis.csv_read import parse_timestamp
 from gputel.analysis.replay import load_series, replay
 from gputel.analysis.report import build_report
 from gputel.runtime import SIM_EPOCH_ENV
@@ -76,7 +76,11 @@ def _agent_transitions(path: Path) -> list[tuple[float, str, str]]:
         rows = list(csv.DictReader(fh))
     states = {"idle", "arming", "active", "cooling"}
     return [
-        (parse_timestamp(r["timestamp"]), r["from_state"], r["to_state"])
+        (
+            datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")).timestamp(),
+            r["from_state"],
+            r["to_state"],
+        )
         for r in rows
         if r["from_state"] in states and r["to_state"] in states
     ]

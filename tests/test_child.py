@@ -10,7 +10,14 @@ import pytest
 
 from gputel import runtime
 from gputel.settings import Settings
-from gputel.supervisor.child import ChildSupervisor, child_command, child_env
+from gputel.supervisor.child import (
+    HEALTHY_AFTER_S,
+    RESTART_CAP_S,
+    ChildSupervisor,
+    RestartPolicy,
+    child_command,
+    child_env,
+)
 
 
 class FakeClock:
@@ -119,11 +126,52 @@ def test_stop_escalates_to_sigkill_after_timeout(settings: Settings) -> None:
     assert sup.restarts_total == 0
 
 
-def test_crash_restarts_with_exponential_backoff_and_resets(settings: Settings) -> None:
-    sup, sp, clock, hb = make(settings, backoff_cap_s=4.0, stable_after_s=60.0)
+def test_policy_delays_are_short_capped_and_start_over_after_a_healthy_run() -> None:
+    policy = RestartPolicy()
+    t = 0.0
+    delays = []
+    for _ in range(8):
+        policy.started(t)
+        t += 3.0  # crashes 3 s after each start
+        delays.append(policy.crashed(t))
+        t += delays[-1]
+    assert delays == [1.0, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    assert all(d <= 2.0 for d in delays[:3]) and max(delays) <= RESTART_CAP_S
+    assert policy.lost_seconds(t) == sum(delays)
+    # A run of HEALTHY_AFTER_S: the next crash is back after the first delay again.
+    policy.started(t)
+    t += HEALTHY_AFTER_S
+    assert policy.crashed(t) == 1.0
+    assert policy.crashed(t + 1.0) == 1.0  # a failed start counts as a crash too
+    assert policy.crashed(t + 2.0) == 2.0
+
+
+def test_policy_a_child_crashing_every_30s_records_most_of_the_time() -> None:
+    policy = RestartPolicy()
+    t = 0.0
+    for _ in range(20):
+        policy.started(t)
+        t += 30.0
+        t += policy.crashed(t)
+    assert policy.lost_seconds(t) / t < 0.05
+
+
+def test_policy_counts_lost_time_until_telemetry_is_no_longer_wanted() -> None:
+    policy = RestartPolicy()
+    policy.started(0.0)
+    assert policy.crashed(5.0) == 1.0
+    assert policy.lost_seconds(5.5) == 0.5  # the current wait counts while it lasts
+    policy.not_wanted(5.25)
+    assert policy.lost_seconds(100.0) == 0.25
+    assert policy.consecutive == 0
+
+
+def test_crash_restarts_after_the_policy_delays_and_counts_lost_time(settings: Settings) -> None:
+    sup, sp, clock, hb = make(settings)
     sup.set_wanted(True)
     delays = []
-    for _ in range(4):
+    for _ in range(7):
+        clock.advance(2.0)
         sp.last.returncode = 1
         ev = sup.poll()
         assert [e.kind for e in ev] == ["crash"]
@@ -133,10 +181,11 @@ def test_crash_restarts_with_exponential_backoff_and_resets(settings: Settings) 
             waited += 0.5
             sup.poll()
         delays.append(waited)
-    assert delays == [1.0, 2.0, 4.0, 4.0]
-    assert sup.restarts == {"crash": 4, "hung": 0}
-    # Up long enough (with a fresh heartbeat): the backoff starts over.
-    for _ in range(61):
+    assert delays == [1.0, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert sup.restarts == {"crash": 7, "hung": 0}
+    assert sup.restart_seconds() == sum(delays)
+    # Up long enough (with a fresh heartbeat): the delays start over.
+    for _ in range(int(HEALTHY_AFTER_S) + 1):
         clock.advance(1)
         hb["value"] = {"pid": sup.pid, "monotonic": clock()}
         assert sup.poll() == []
@@ -144,6 +193,7 @@ def test_crash_restarts_with_exponential_backoff_and_resets(settings: Settings) 
     sup.poll()
     clock.advance(1.0)
     assert [e.kind for e in sup.poll()] == ["started"]
+    assert sup.restart_seconds() == sum(delays) + 1.0
 
 
 def test_exit_while_not_wanted_is_not_a_crash(settings: Settings) -> None:

@@ -239,14 +239,69 @@ def test_dripping_client_is_cut_off_by_total_deadline(
         assert time.monotonic() - start < 1.5
 
 
-def test_busy_server_answers_busy(run_dir: Path) -> None:
-    with ControlServer(run_dir / CONTROL_SOCKET, Recorder(), max_connections=1, read_timeout=1):
+def test_idle_connection_makes_way_for_a_real_client(run_dir: Path) -> None:
+    """At the connection cap, the connection that waited longest for its request goes."""
+    with ControlServer(run_dir / CONTROL_SOCKET, Recorder(), max_connections=1, read_timeout=5):
         path = run_dir / CONTROL_SOCKET
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hog:
             hog.connect(str(path))
             time.sleep(0.05)
             reply = request(run_dir, {"op": "status"})
-        assert reply["ok"] is False and "busy" in reply["error"] and reply["code"] == "busy"
+            assert reply["ok"] is True
+            hog.settimeout(2)
+            evicted = json.loads(hog.recv(65536))
+        assert evicted["ok"] is False and evicted["code"] == "busy"
+
+
+def test_requests_beyond_the_pending_limit_are_answered_busy(run_dir: Path) -> None:
+    release = threading.Event()
+
+    def slow(req: dict[str, Any]) -> dict[str, Any]:
+        release.wait(5)
+        return {}
+
+    with ControlServer(run_dir / CONTROL_SOCKET, slow, max_pending=1):
+        first: list[dict[str, Any]] = []
+        t = threading.Thread(target=lambda: first.append(request(run_dir, {"op": "list"})))
+        t.start()
+        try:
+            time.sleep(0.2)
+            reply = request(run_dir, {"op": "list"})
+            assert reply["ok"] is False and reply["code"] == "busy"
+        finally:
+            release.set()
+            t.join()
+        assert first == [{"ok": True}]
+
+
+def connect_idle(path: Path) -> socket.socket:
+    """A client that connects and sends nothing (retrying while the backlog is full)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            s.connect(str(path))
+            return s
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
+
+
+def test_hundreds_of_idle_connections_cost_real_clients_nothing(run_dir: Path) -> None:
+    path = run_dir / CONTROL_SOCKET
+    with ControlServer(path, Recorder()):
+        idle: list[socket.socket] = []
+        try:
+            for _ in range(600):  # more than the connection cap: they push each other out
+                idle.append(connect_idle(path))
+            for _ in range(50):
+                reply = request(run_dir, {"op": "status"}, timeout=1.0)
+                assert reply["ok"] is True
+        finally:
+            for s in idle:
+                s.close()
 
 
 def test_concurrent_clients(run_dir: Path, server: tuple[ControlServer, Recorder]) -> None:

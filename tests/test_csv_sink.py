@@ -111,6 +111,25 @@ def test_never_reuses_a_name_and_names_sort_by_time(tmp_path: Path) -> None:
     assert read(second)[0]["energy_j"] == "0.000"
 
 
+def test_a_name_logrotate_renamed_away_is_not_reused(tmp_path: Path) -> None:
+    """Two forced rotations in one second: the second file must not take the first's name."""
+    sink = CsvSink(tmp_path, host="n")
+    names: list[str] = []
+    for i, suffix in enumerate((".1", ".1.gz", ".2.gz")):
+        sink.write(sample(T0 + timedelta(milliseconds=10 * i), [1.0]))
+        current = sink.gpu_path
+        assert current is not None
+        names.append(current.name)
+        current.rename(current.with_name(current.name + suffix))  # what logrotate does
+        sink.reopen()
+    sink.close()
+    assert names == [
+        "gpu-20261122T034512Z-n.csv",
+        "gpu-20261122T034512Z-n_001.csv",
+        "gpu-20261122T034512Z-n_002.csv",
+    ]
+
+
 def test_new_file_on_utc_day_change(tmp_path: Path) -> None:
     sink = CsvSink(tmp_path, host="n")
     late = datetime(2026, 11, 22, 23, 59, 59, 500000, tzinfo=timezone.utc)

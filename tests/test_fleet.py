@@ -58,6 +58,8 @@ PORT = 9118
 RECORDER_METRICS = frozenset(
     {
         "gputel_gpu_lost",
+        "gputel_gpu_read_stuck",
+        "gputel_gpu_field_errors_total",
         "gputel_gpu_clock_event_reason_active",
         "gputel_source_up",
         "gputel_source_duration_seconds",
@@ -74,6 +76,7 @@ AGENT_METRICS = frozenset(
         "gputel_agent_mode",
         "gputel_agent_transitions_total",
         "gputel_agent_child_restarts_total",
+        "gputel_agent_child_restart_seconds_total",
         "gputel_agent_child_up",
         "gputel_agent_allocations_open",
         "gputel_agent_gpu_read_degraded",
@@ -95,6 +98,7 @@ LABEL_VALUES = {
 ABSENT_ON_SIM = {
     "gputel_gpu_fan_speed_ratio": "simulated boards are passively cooled (no fan)",
     **dict.fromkeys(EVENT_METRICS, "a counter has its first series at its first GPU event"),
+    "gputel_gpu_field_errors_total": "only once a field read fails (never on simulated GPUs)",
 }
 # ---------------------------------------------------------------------------------------------
 

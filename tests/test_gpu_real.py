@@ -1,4 +1,9 @@
-"""The NVML source on real hardware (skipped without NVML): types, ranges, nvidia-smi."""
+"""The NVML source on the driver: types, ranges, nvidia-smi.
+
+``pytest -m gpu`` runs these on the real driver where ``nvidia-smi -L`` lists a GPU
+(``scripts/gpu-check.sh``), and on the fake libnvidia-ml.so.1 everywhere else, so CI runs them
+too.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ _TYPES = {f.attr: f.type for f in GPU_FIELDS}
 
 
 @pytest.fixture
-def source() -> Iterator[NvmlGpuSource]:
+def source(gpu_driver: str) -> Iterator[NvmlGpuSource]:
     src = nvml.open_nvml(None)
     yield src
     src.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,3 +87,42 @@ def test_no_agent_without_start_is_reported(run_dir: Path) -> None:
     done = exchange(run_dir, MESSAGE, time.monotonic() + 30)
     assert done.reply is None and isinstance(done.unavailable, AgentUnavailable)
     assert done.unavailable.no_agent
+
+
+def test_a_stale_socket_is_asked_again_until_the_agent_is_back(run_dir: Path) -> None:
+    """An agent restarting: its old socket refuses connections until the new one binds."""
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(run_dir / CONTROL_SOCKET))
+    stale.close()  # bound, never listening: connections are refused
+    server = ControlServer(run_dir / CONTROL_SOCKET, Refusing(ErrorCode.BUSY, 1))
+    timer = threading.Timer(0.3, server.start)
+    timer.start()
+    try:
+        done = exchange(run_dir, MESSAGE, time.monotonic() + 2.0)
+    finally:
+        timer.join()
+        server.stop()
+    assert done.reply == {"ok": True, "created": True}
+
+
+def test_a_connection_closed_without_answer_is_asked_again(run_dir: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(run_dir / CONTROL_SOCKET))
+    listener.listen(8)
+
+    def serve() -> None:
+        conn, _ = listener.accept()  # the first one is closed unanswered
+        conn.close()
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(b'{"ok": true, "created": true}\n')
+        conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        done = exchange(run_dir, MESSAGE, time.monotonic() + 2.0)
+    finally:
+        t.join()
+        listener.close()
+    assert done.reply == {"ok": True, "created": True}

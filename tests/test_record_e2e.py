@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import json
 import os
 import shutil
@@ -202,6 +203,7 @@ def test_tick_publishes_state_and_tags_allocations(tmp_path: Path) -> None:
     stats = state["allocation_stats"]
     assert stats["job-1"] == {
         "samples": 2,
+        "util_readings": 2,
         "util_mean_pct": 100.0,
         "util_max_pct": 100.0,
         "temperature_max_c": stats["job-1"]["temperature_max_c"],
@@ -218,6 +220,46 @@ def test_tick_publishes_state_and_tags_allocations(tmp_path: Path) -> None:
         "job-all", "job-1;job-all", "job-all",
         "job-all", "job-1;job-all", "job-all",
     ]  # fmt: skip
+
+    # A restarted recorder (a crashed child) goes on with the statistics of open allocations.
+    rec = Recorder(
+        settings, gpu, [], clock=lambda: clock[0], wallclock=lambda: wall[0], hostname="node01"
+    )
+    step()
+    rec.close()
+    stats = json.loads((settings.run_dir / runtime.RECORDER_STATE_FILE).read_text())[
+        "allocation_stats"
+    ]
+    assert stats["job-1"]["samples"] == 3 and stats["job-1"]["util_readings"] == 3
+    assert stats["job-all"]["samples"] == 3
+    assert stats["job-all"]["util_mean_pct"] == pytest.approx((50 + 100 + 100) * 3 / 9)
+
+
+def test_restarted_recorder_ignores_stats_of_an_earlier_allocation(tmp_path: Path) -> None:
+    settings = load_settings(
+        env={}, overrides={"log_dir": str(tmp_path / "log"), "run_dir": str(tmp_path / "run")}
+    )
+    runtime.ensure_run_dir(settings.run_dir)
+    old = {"samples": 40, "util_readings": 40, "util_mean_pct": 90.0, "util_max_pct": 90.0}
+    runtime.atomic_write_json(
+        settings.run_dir / runtime.RECORDER_STATE_FILE,
+        {"timestamp": "2026-11-22T03:00:00.000Z", "allocation_stats": {"job": old}},
+    )
+    runtime.atomic_write_json(
+        settings.run_dir / runtime.ALLOCATIONS_FILE,
+        {
+            "version": 1,
+            "allocations": [  # the same id, begun after that recorder last wrote
+                {"id": "job", "gpus": None, "pid": None, "start": "2026-11-22T03:45:00.000Z"}
+            ],
+        },
+    )
+    wall = datetime(2026, 11, 22, 3, 45, 12, tzinfo=timezone.utc)
+    rec = Recorder(settings, SimGpuSource(1, "50:10", None, epoch=0.0), [], wallclock=lambda: wall)
+    rec.tick()
+    rec.close()
+    state = json.loads((settings.run_dir / runtime.RECORDER_STATE_FILE).read_text())
+    assert state["allocation_stats"]["job"]["samples"] == 1
 
 
 # ---------------------------------------------------------------------------- subprocess
@@ -342,6 +384,62 @@ def test_logrotate_loses_and_duplicates_no_row(tmp_path: Path, recorders: list[R
         assert header == list(HOST_CSV_COLUMNS)
         host_stamps += [row["timestamp"] for row in rows]
     assert sorted(host_stamps) == sorted(set(stamps))
+
+
+def shipped_session_policy(log_dir: Path, pid: int) -> str:
+    """The installed policy's session-file stanza, pointed at ``log_dir`` and this recorder."""
+    text = (Path(__file__).resolve().parents[1] / "logrotate" / "gputel").read_text()
+    stanza = text[text.index("/var/log/gputel/gpu-*.csv") :]
+    stanza = stanza[: stanza.index("}\n") + 2]
+    stanza = stanza.replace("/var/log/gputel", str(log_dir))
+    lines = [ln for ln in stanza.splitlines() if not ln.strip().startswith(("su ", "#"))]
+    body = "\n".join(lines)
+    start = body.index("postrotate") + len("postrotate")
+    end = body.index("endscript")
+    return body[:start] + f"\n        kill -HUP {pid}; sleep 0.2\n    " + body[end:] + "\n"
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/logrotate").exists(), reason="logrotate not installed")
+def test_forced_rotations_within_one_second_lose_no_file(
+    tmp_path: Path, recorders: list[Record]
+) -> None:
+    """The shipped policy (rotate 1, compress) forced again and again: every tick survives.
+
+    A name reused within one second would be rotated onto its predecessor's ``.1.gz`` and
+    ``rotate 1`` would delete that older copy with its rows.
+    """
+    r = Record(tmp_path, "--child")
+    recorders.append(r)
+    r.wait_ticks(3)
+    conf = tmp_path / "gputel.logrotate"
+    conf.write_text(shipped_session_policy(r.log_dir, r.proc.pid))
+    for _ in range(8):
+        if any("_00" in p.name for p in csv_files(r.log_dir, "gpu")):
+            break  # two files began within one second and both are kept
+        res = subprocess.run(
+            ["/usr/sbin/logrotate", "-f", "-s", str(tmp_path / "state"), str(conf)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert res.returncode == 0, res.stderr
+        before = r.ticks()
+        r.wait_ticks(before + 1)
+    assert r.stop() == 0
+    files = csv_files(r.log_dir, "gpu")
+    plain: list[Path] = []
+    for p in files:
+        if p.name.endswith(".gz"):
+            out = tmp_path / "unzipped" / p.name[: -len(".gz")]
+            out.parent.mkdir(exist_ok=True)
+            out.write_bytes(gzip.decompress(p.read_bytes()))
+            plain.append(out)
+        else:
+            plain.append(p)
+    stamps = check_gpu_files(plain)
+    assert len(stamps) == len(set(stamps)), "a tick was written twice"
+    assert len(stamps) == r.state()["tick"], "a rotated file was deleted with its rows"
+    assert any("_00" in p.name for p in files), "no two files began within one second"
 
 
 @contextlib.contextmanager

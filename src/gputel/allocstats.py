@@ -85,8 +85,42 @@ class AllocationStats:
         return self.util_sum / self.util_n if self.util_n else None
 
     def to_json(self) -> dict[str, Any]:
-        """``{"samples": int, <STAT_FIELDS>: float | None}``, as ``recorder.json`` carries it."""
-        return {"samples": self.samples, **{k: getattr(self, k) for k in STAT_FIELDS}}
+        """``{"samples": int, "util_readings": int, <STAT_FIELDS>: float | None}``, as
+        ``recorder.json`` carries it; ``util_readings`` lets :meth:`from_json` rebuild the mean."""
+        return {
+            "samples": self.samples,
+            "util_readings": self.util_n,
+            **{k: getattr(self, k) for k in STAT_FIELDS},
+        }
+
+    @classmethod
+    def from_json(cls, entry: object) -> AllocationStats | None:
+        """Running statistics that go on from a :meth:`to_json` object; None when it is not one.
+
+        A restarted recorder continues its predecessor's statistics this way, so a summary
+        covers the whole allocation, not just the time since the last restart.
+        """
+        fields = stats_from_json(entry)
+        readings = entry.get("util_readings") if isinstance(entry, dict) else None
+        samples = fields["samples"]
+        if not isinstance(samples, int) or not _count(readings):
+            return None
+        assert isinstance(readings, int)
+        mean = fields["util_mean_pct"]
+        if (mean is None) != (readings == 0):
+            return None
+        out = cls()
+        out.samples = samples
+        out.util_n = readings
+        out.util_sum = float(mean) * readings if mean is not None else 0.0
+        out.util_max_pct = fields["util_max_pct"]
+        out.temperature_max_c = fields["temperature_max_c"]
+        out.memory_max_mib = fields["memory_max_mib"]
+        return out
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def stats_from_json(entry: object) -> dict[str, float | int | None]:
@@ -96,6 +130,5 @@ def stats_from_json(entry: object) -> dict[str, float | int | None]:
     for key in STAT_FIELDS:
         out[key] = finite(src.get(key))
     samples = src.get("samples")
-    ok = isinstance(samples, int) and not isinstance(samples, bool) and samples >= 0
-    out["samples"] = samples if ok else None
+    out["samples"] = samples if _count(samples) else None
     return out

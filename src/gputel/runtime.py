@@ -11,12 +11,16 @@ rule lives in ``gputel.formats``):
 - ``pretrigger.json``   the agent's pre-trigger readings at a session's start, taken (read and
                         removed) by the recorder child before its first tick
 
-The directory is created 0750 (0700 under ``/tmp``) and must be owned by us; a directory that
-someone else owns or that is a symlink is refused, so nobody can plant a socket or state file.
+The directory is created 0750 (0700 under ``/tmp``) and must be owned by our effective user,
+root included, and writable by nobody else; a directory that someone else owns, that others may
+write or that is a symlink is refused, so nobody can plant a socket, a state file or a symlink
+in it. Every file in it is opened without following a symlink (:func:`open_file`), and the lock
+is created with ``O_EXCL`` when it is new: a root agent never writes through a planted link.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
@@ -41,6 +45,19 @@ class RunDirError(RuntimeError):
     """The runtime directory is unusable; the message says why and what to do."""
 
 
+class LockHeld(RunDirError):
+    """Another agent holds ``agent.lock``; ``holder`` is its pid when it wrote one."""
+
+    def __init__(self, message: str, holder: int | None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+def open_file(path: Path | str, flags: int, mode: int = 0o640) -> int:
+    """``os.open`` for a file in the run directory: never through a symlink, close-on-exec."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
 def ensure_run_dir(path: Path) -> Path:
     """Create ``path`` if missing and check that it is safe to put a socket in."""
     mode = 0o700 if str(path).startswith("/tmp/") else 0o750
@@ -54,13 +71,61 @@ def ensure_run_dir(path: Path) -> Path:
         raise RunDirError(f"cannot inspect run directory {path}: {exc.strerror}") from None
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise RunDirError(f"run directory {path} is not a plain directory")
-    if st.st_uid != os.geteuid() and os.geteuid() != 0:
+    if st.st_uid != os.geteuid():
         raise RunDirError(
-            f"run directory {path} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()})"
+            f"run directory {path} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()}); "
+            "use a directory of our own (GPUTEL_RUN_DIR)"
         )
-    if st.st_mode & stat.S_IWOTH:
-        raise RunDirError(f"run directory {path} is world-writable; refusing to use it")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RunDirError(
+            f"run directory {path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"refusing to use it: chmod go-w {path}"
+        )
     return path
+
+
+def take_agent_lock(run_dir: Path) -> int:
+    """Hold ``agent.lock`` (one agent per run directory) and write our pid; the open descriptor.
+
+    Created with ``O_EXCL`` when new; an existing one is opened without following a symlink
+    and must be a plain file with one link, so the pid never lands in a file someone pointed
+    the lock at.
+    """
+    path = run_dir / AGENT_LOCK
+    try:
+        fd = open_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        try:
+            fd = open_file(path, os.O_RDWR)
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot open {path} ({exc.strerror}); a symlink or other odd file is there: "
+                "remove it"
+            ) from None
+    except OSError as exc:
+        raise RunDirError(f"cannot create {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise RunDirError(f"{path} is not a plain file of our own; remove it")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        except OSError:
+            text = ""
+        os.close(fd)
+        holder = int(text) if text.isdigit() else None
+        who = f" (pid {holder})" if holder is not None else ""
+        raise LockHeld(
+            f"another gputel agent{who} is already running with run directory {run_dir} "
+            f"(it holds {path}); stop it first or use another GPUTEL_RUN_DIR",
+            holder,
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def atomic_write_json(path: Path, obj: Any, mode: int = 0o640) -> None:
@@ -70,7 +135,7 @@ def atomic_write_json(path: Path, obj: Any, mode: int = 0o640) -> None:
 def read_json(path: Path) -> Any | None:
     """The parsed file, or None when it is missing or not valid JSON (a reader never crashes)."""
     try:
-        with open(path, "rb") as fh:
+        with open(open_file(path, os.O_RDONLY), "rb") as fh:
             return json.loads(fh.read())
     except (OSError, ValueError):
         return None

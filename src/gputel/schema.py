@@ -436,6 +436,10 @@ class GpuReading:
     pcie_tx_bytes_per_s: float | None = None
     ecc_corrected_volatile: int | None = None
     ecc_uncorrected_volatile: int | None = None
+    stuck: bool = False
+    """The GPU's read did not return within the tick's deadline (a hung call); values empty."""
+    field_errors: dict[str, int] = field(default_factory=dict)
+    """Failed reads per field since the source opened (``gputel_gpu_field_errors_total``)."""
 
 
 @dataclass(slots=True)

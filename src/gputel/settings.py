@@ -24,7 +24,7 @@ from gputel.sources.simpattern import PatternError, parse_pattern
 AUTOSTART_ENV = "GPU_TELEMETRY_AUTOSTART"
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
-BACKENDS = ("auto", "nvml", "sim", "none")
+BACKENDS = ("auto", "nvml", "smi", "sim", "none")
 #: The shortest tick: below this a typo (1e-9) would be a busy loop writing thousands of rows/s.
 MIN_INTERVAL_S = 0.01
 #: The pre-trigger window's limits: the agent keeps every tick of it in memory.
@@ -242,7 +242,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "backend",
         "--backend",
         "auto",
-        "GPU source: auto (NVML if loadable, else none), nvml, sim, none",
+        "GPU source: auto (NVML if loadable, else nvidia-smi if it runs, else none), nvml, smi, "
+        "sim, none",
         _backend,
     ),
     SettingSpec(

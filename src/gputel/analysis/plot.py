@@ -3,7 +3,7 @@
 Utilization, power and temperature per GPU on a shared time axis, with throttling shaded and
 allocation spans drawn as bands, so the slow minute of a job can be seen at a glance. Long
 recordings are decimated while streaming (buckets double in width whenever there are too many),
-so a week of data plots in constant memory. matplotlib is an optional extra (``gputel[plot]``).
+so a week of data plots in constant memory. matplotlib and DuckDB: the ``analysis`` extra.
 """
 
 from __future__ import annotations
@@ -14,16 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gputel.analysis.csv_read import (
-    GPU_REQUIRED,
-    ReportFilter,
-    as_float,
-    find_csv_files,
-    first_timestamp,
-    gpu_rows,
-    naming,
-    read_csv,
-)
+from gputel.analysis import duck
+from gputel.analysis.filter import ReportFilter
 
 #: clock_event_reasons bits that mean real slowdown (not idle or application/user settings).
 THROTTLE_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
@@ -85,42 +77,39 @@ class _Gpu:
 
 
 def collect(
-    paths: Iterable[Path], flt: ReportFilter | None = None
+    paths: Iterable[Path], flt: ReportFilter | None = None, con: Any = None
 ) -> tuple[dict[int, _Gpu], dict[str, list[float]]]:
     """Per-GPU decimated series and allocation spans (id → [first, last])."""
     flt = flt or ReportFilter()
-    files = sorted((first_timestamp(p) or 0.0, p) for p in find_csv_files(list(paths), "gpu"))
-    gpus: dict[int, _Gpu] = {}
-    spans: dict[str, list[float]] = {}
-    for _, path in files:
-        with naming(path):
-            for f in read_csv(path, required=GPU_REQUIRED):
-                c = f.columns
-                i_util = c["utilization_gpu_pct"]
-                i_pow, i_temp = c.get("power_w"), c.get("temperature_c")
-                i_rsn, i_alloc, i_name = (
-                    c.get("clock_event_reasons"),
-                    c.get("allocations"),
-                    c.get("name"),
-                )
-                for ts, idx, row in gpu_rows(f, flt):
-                    g = gpus.get(idx)
-                    if g is None:
-                        g = gpus[idx] = _Gpu(name=row[i_name] if i_name is not None else "")
-                    g.util.add(ts, as_float(row[i_util]))
-                    if i_pow is not None:
-                        g.power.add(ts, as_float(row[i_pow]))
-                    if i_temp is not None:
-                        g.temp.add(ts, as_float(row[i_temp]))
-                    if i_rsn is not None and row[i_rsn]:
-                        g.throttle.add(ts, 1.0 if int(row[i_rsn]) & THROTTLE_MASK else 0.0)
-                    if i_alloc is not None and row[i_alloc]:
-                        for alloc_id in row[i_alloc].split(";"):
-                            if flt.allocation is not None and alloc_id != flt.allocation:
-                                continue
-                            s = spans.setdefault(alloc_id, [ts, ts])
-                            s[0] = min(s[0], ts)
-                            s[1] = max(s[1], ts)
+    con = con or duck.connect()
+    duck.load(con, duck.find_files(list(paths)), "gpu", flt)
+    gpus: dict[int, _Gpu] = {
+        idx: _Gpu(name=name or "")
+        for idx, name in con.execute(
+            "SELECT gpu, arg_min(name, ts) FROM gpu GROUP BY gpu"
+        ).fetchall()
+    }
+    cur = con.execute(
+        "SELECT ts, gpu, utilization_gpu_pct, power_w, temperature_c, clock_event_reasons "
+        "FROM gpu ORDER BY ts, gpu"
+    )
+    while batch := cur.fetchmany(100_000):
+        for ts, idx, util, power, temp, reasons in batch:
+            g = gpus[idx]
+            g.util.add(ts, util)
+            g.power.add(ts, power)
+            g.temp.add(ts, temp)
+            if reasons is not None:
+                g.throttle.add(ts, 1.0 if reasons & THROTTLE_MASK else 0.0)
+    only = "" if flt.allocation is None else f"WHERE id = {duck.quote(flt.allocation)}"
+    spans = {
+        alloc_id: [first, last]
+        for alloc_id, first, last in con.execute(
+            "SELECT id, min(ts), max(ts) FROM (SELECT ts, unnest(string_split(allocations, ';')) "
+            f"AS id FROM gpu WHERE allocations <> '') {only} GROUP BY id"
+        ).fetchall()
+        if alloc_id
+    }
     return gpus, spans
 
 
@@ -132,7 +121,9 @@ def _load_matplotlib() -> Any:
         import matplotlib.dates as mdates
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PlotUnavailable("gputel plot needs matplotlib: pip install 'gputel[plot]'") from None
+        raise PlotUnavailable(
+            "gputel plot needs matplotlib: pip install 'gputel[analysis]'"
+        ) from None
     return plt, mdates
 
 

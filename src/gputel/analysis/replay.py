@@ -19,16 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gputel.analysis.csv_read import (
-    GPU_REQUIRED,
-    ReportFilter,
-    as_float,
-    find_csv_files,
-    first_timestamp,
-    gpu_rows,
-    naming,
-    read_csv,
-)
+from gputel.analysis import duck
+from gputel.analysis.filter import ReportFilter
 from gputel.supervisor.states import ActivityState, Machine, Thresholds, Transition, step
 
 
@@ -41,41 +33,27 @@ class UtilSeries:
     interval: float
 
 
-def load_series(paths: Iterable[Path], flt: ReportFilter | None = None) -> UtilSeries:
-    """Max utilization per tick over the selected GPUs, in time order, from ``gpu-*.csv``."""
+def load_series(
+    paths: Iterable[Path], flt: ReportFilter | None = None, con: Any = None
+) -> UtilSeries:
+    """Max utilization per tick over the selected GPUs, in time order, from ``gpu-*.csv``.
+
+    A tick recorded twice (overlapping files) counts once; the interval is the median spacing.
+    """
     flt = flt or ReportFilter()
-    files = find_csv_files(list(paths), "gpu")
-    ordered = sorted((first_timestamp(p) or 0.0, p) for p in files)
+    con = con or duck.connect()
+    duck.load(con, duck.find_files(list(paths)), "gpu", flt)
     ts_out = array("d")
     util_out = array("d")
     nan = float("nan")
-    for _, path in ordered:
-        with naming(path):
-            for f in read_csv(path, required=GPU_REQUIRED):
-                i_util = f.columns["utilization_gpu_pct"]
-                cur_ts: float | None = None
-                cur_max = nan
-                for ts, _gpu, row in gpu_rows(f, flt):
-                    if ts != cur_ts:
-                        if cur_ts is not None:
-                            _append(ts_out, util_out, cur_ts, cur_max)
-                        cur_ts = ts
-                        cur_max = nan
-                    u = as_float(row[i_util])
-                    if u is not None and not (u <= cur_max):  # NaN-aware max
-                        cur_max = u
-                if cur_ts is not None:
-                    _append(ts_out, util_out, cur_ts, cur_max)
+    for ts, util in con.execute(
+        "SELECT ts, max(utilization_gpu_pct) FROM gpu GROUP BY ts ORDER BY ts"
+    ).fetchall():
+        ts_out.append(ts)
+        util_out.append(nan if util is None else util)
     spacings = sorted(b - a for a, b in itertools.pairwise(ts_out) if b > a)
     interval = spacings[len(spacings) // 2] if spacings else 1.0
     return UtilSeries(ts_out, util_out, interval)
-
-
-def _append(ts_out: array, util_out: array, ts: float, util: float) -> None:
-    if ts_out and ts <= ts_out[-1]:
-        return  # a duplicated tick (overlapping files) counts once
-    ts_out.append(ts)
-    util_out.append(util)
 
 
 @dataclass

@@ -1,4 +1,7 @@
-"""``gputel report``, ``gputel replay`` and ``gputel plot``: answers from the recorded CSVs."""
+"""``gputel report``, ``replay``, ``plot`` and ``export``: answers from the recorded CSVs.
+
+All four run on DuckDB (the ``analysis`` extra); without it they say how to install it.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from gputel.analysis.csv_read import CsvReadError, ReportFilter
-from gputel.cli.options import EXIT_USAGE, fail, settings_options
+from gputel.analysis.filter import CsvReadError, ReportFilter
+from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
 from gputel.settings import Settings, parse_duration, parse_gpu_list
 
 PathsArg = Annotated[
@@ -151,8 +154,70 @@ def _print_report(report: dict[str, Any]) -> None:
         console.print(table)
 
 
+def _print_fleet(report: dict[str, Any], idle_util: float, idle_minutes: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if len(report["nodes"]) > 1:
+        table = Table(title="nodes", title_justify="left")
+        for col in (
+            "node",
+            "GPUs",
+            "GPU-h recorded",
+            "GPU-h busy",
+            "energy kWh",
+            "throttled s",
+            "events",
+            "idle allocations",
+        ):
+            table.add_column(col)
+        for n in report["nodes"]:
+            table.add_row(
+                n["node"],
+                str(n["gpus"]),
+                _fmt(n["gpu_hours_recorded"], 2),
+                _fmt(n["gpu_hours_busy"], 2),
+                _fmt(n["energy_kwh"], 3),
+                _fmt(n["throttled_s"], 0),
+                str(n["events"]),
+                str(n["idle_allocations"]),
+            )
+        console.print(table)
+        table = Table(title="GPU models", title_justify="left")
+        for col in ("model", "GPUs", "GPU-h recorded", "GPU-h busy", "energy kWh", "throttled s"):
+            table.add_column(col)
+        for m in report["models"]:
+            table.add_row(
+                m["model"],
+                str(m["gpus"]),
+                _fmt(m["gpu_hours_recorded"], 2),
+                _fmt(m["gpu_hours_busy"], 2),
+                _fmt(m["energy_kwh"], 3),
+                _fmt(m["throttled_s"], 0),
+            )
+        console.print(table)
+    title = f"idle allocated GPUs (under {idle_util:g} % for more than {idle_minutes:g} min)"
+    if not report["idle_allocations"]:
+        console.print(f"{title}: none")
+        return
+    table = Table(title=title, title_justify="left")
+    for col in ("node", "allocation", "idle GPUs", "longest idle min", "idle GPU-h"):
+        table.add_column(col)
+    for i in report["idle_allocations"]:
+        table.add_row(
+            i["node"],
+            i["allocation"],
+            ",".join(str(g) for g in i["gpus"]),
+            _fmt(i["idle_minutes"]),
+            _fmt(i["idle_gpu_hours"], 2),
+        )
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``report``, ``replay`` and ``plot``."""
+    """Add ``report``, ``replay``, ``plot`` and ``export``."""
+    from gputel.analysis.duck import AnalysisUnavailable
 
     @app.command()
     @settings_options
@@ -166,17 +231,35 @@ def register(app: typer.Typer) -> None:
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
         as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
+        idle_util: Annotated[
+            float,
+            typer.Option("--idle-util", help="an allocated GPU under this utilization % is idle"),
+        ] = 5.0,
+        idle_minutes: Annotated[
+            float,
+            typer.Option("--idle-minutes", help="list allocations idle for longer than this"),
+        ] = 30.0,
         *,
         settings: Settings,
     ) -> None:
-        """Summarise recorded sessions, GPUs and allocations (plain or .gz CSVs)."""
+        """Summarise sessions, GPUs, allocations and nodes (plain or .gz CSVs, a tree of nodes).
+
+        Lists idle allocated GPUs: allocations whose GPUs stayed under --idle-util for more
+        than --idle-minutes, worst first.
+        """
         from gputel.analysis.report import CSV_COLUMNS, build_report, report_rows
 
         if as_json and as_csv:
             fail("choose one of --json and --csv", EXIT_USAGE)
+        if not 0 <= idle_util <= 100:
+            fail(f"invalid --idle-util {idle_util:g}: use 0 to 100", EXIT_USAGE)
+        if idle_minutes < 0:
+            fail(f"invalid --idle-minutes {idle_minutes:g}: use 0 or more", EXIT_USAGE)
         flt = _filter(since, until, gpu, allocation)
         try:
-            result = build_report(_paths(paths, settings), flt)
+            result = build_report(_paths(paths, settings), flt, idle_util, idle_minutes)
+        except AnalysisUnavailable as exc:
+            fail(str(exc), EXIT_FAILURE)
         except CsvReadError as exc:
             fail(str(exc), EXIT_USAGE)
         except OSError as exc:
@@ -191,6 +274,8 @@ def register(app: typer.Typer) -> None:
                 writer.writerow(row)
         else:
             _print_report(result)
+            if result["nodes"]:
+                _print_fleet(result, idle_util, idle_minutes)
 
     @app.command()
     @settings_options
@@ -219,6 +304,8 @@ def register(app: typer.Typer) -> None:
         flt = _filter(since, until, gpu)
         try:
             series = load_series(_paths(paths, settings), flt)
+        except AnalysisUnavailable as exc:
+            fail(str(exc), EXIT_FAILURE)
         except CsvReadError as exc:
             fail(str(exc), EXIT_USAGE)
         except OSError as exc:
@@ -313,10 +400,39 @@ def register(app: typer.Typer) -> None:
         flt = _filter(since, until, gpu, allocation)
         try:
             n = draw(_paths(paths, settings), output, flt)
-        except PlotUnavailable as exc:
+        except (PlotUnavailable, AnalysisUnavailable) as exc:
             fail(str(exc))
         except CsvReadError as exc:
             fail(str(exc), EXIT_USAGE)
         except ValueError as exc:
             fail(str(exc))
         print(f"wrote {output} ({n} GPU{'s' if n != 1 else ''})")
+
+    @app.command()
+    def export(
+        paths: Annotated[
+            list[Path], typer.Argument(help="CSV files or directories (trees of many nodes)")
+        ],
+        parquet: Annotated[
+            Path,
+            typer.Option("--parquet", help="output directory of the Parquet dataset"),
+        ],
+        overwrite: Annotated[
+            bool, typer.Option("--overwrite", help="replace datasets already in the directory")
+        ] = False,
+    ) -> None:
+        """Write the CSVs as a Hive-partitioned Parquet dataset (node=…/date=…, zstd)."""
+        from gputel.analysis.export import ExportRefused, export_parquet
+
+        try:
+            written = export_parquet(list(paths), parquet, overwrite)
+        except AnalysisUnavailable as exc:
+            fail(str(exc), EXIT_FAILURE)
+        except (CsvReadError, ExportRefused) as exc:
+            fail(str(exc), EXIT_USAGE)
+        except OSError as exc:
+            fail(f"cannot write {parquet}: {exc}")
+        if not written:
+            fail("no telemetry rows in the given files")
+        for kind, rows in written.items():
+            print(f"wrote {parquet / kind} ({rows:,} rows)")

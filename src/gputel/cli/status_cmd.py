@@ -215,6 +215,8 @@ def render_human(status: dict[str, Any]) -> None:
                 for kind, path in files.items():
                     if path:
                         out(f"  {kind} file: {path}")
+        if status.get("exporter_error"):
+            out(f"[red]exporter:[/red] {status['exporter_error']} (retrying)")
         degraded = status.get("degraded")
         if degraded:
             items = degraded if isinstance(degraded, list) else [degraded]

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 ID_MAX_LEN = 128
 _ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+#: First characters a spreadsheet reads as a formula (``=``, ``+``, ``-``, ``@``; tab and CR are
+#: outside the allowed characters already). Ids land in CSV cells that people open in Excel.
+FORMULA_START = frozenset("=+-@\t\r")
 STORE_VERSION = 1
 SUMMARY_FILE = "allocations.csv"
 SUMMARY_COLUMNS = (
@@ -64,6 +67,11 @@ def validate_id(value: object) -> str:
     if len(value) > ID_MAX_LEN:
         raise AllocationError(
             f"allocation id is {len(value)} characters long; at most {ID_MAX_LEN} are allowed"
+        )
+    if value[0] in FORMULA_START:
+        raise AllocationError(
+            f"allocation id {value[:40]!r} starts with {value[0]!r}, which a spreadsheet reads "
+            "as a formula; start it with a letter, a digit, '.', '_' or ':'"
         )
     if not _ID_RE.fullmatch(value):
         bad = next(c for c in value if not _ID_RE.fullmatch(c))
@@ -430,28 +438,9 @@ class AllocationStore:
         return summary
 
     def _recorder_stats(self, ident: str, start: str) -> dict[str, float | int | None]:
-        """The recorder's running stats for ``ident``, if they are about this allocation.
-
-        A recorder.json older than the allocation (telemetry forced off by the operator, so no
-        recorder ran) may hold stats of an earlier allocation with the same id: ignored.
-        """
-        state = read_json(self.run_dir / RECORDER_STATE_FILE)
-        if not isinstance(state, dict):
-            return {}
-        written = state.get("timestamp")
-        if isinstance(written, str):
-            try:
-                if parse_iso_utc(written) < parse_iso_utc(start):
-                    return {}
-            except ValueError:
-                pass
-        all_stats = state.get("allocation_stats")
-        if not isinstance(all_stats, dict):
-            return {}
-        entry = all_stats.get(ident)
-        if not isinstance(entry, dict):
-            return {}
-        return stats_from_json(entry)
+        """The recorder's running stats for ``ident``, if they are about this allocation."""
+        entry = recorder_stats_entry(read_json(self.run_dir / RECORDER_STATE_FILE), ident, start)
+        return stats_from_json(entry) if entry is not None else {}
 
     def _append_summary(self, summary: Mapping[str, Any]) -> None:
         """One whole row per release; an unwritable log directory costs the row, not the call."""
@@ -459,6 +448,31 @@ class AllocationStore:
             ";".join(str(g) for g in summary["gpus"]) if key == "gpus" else _fmt(summary.get(key))
             for key in SUMMARY_COLUMNS
         )
+
+
+def recorder_stats_entry(state: object, ident: str, start: str) -> dict[str, Any] | None:
+    """The ``allocation_stats`` entry of a parsed ``recorder.json`` for the allocation ``ident``
+    that began at ``start``; None when there is none or it may be about another allocation.
+
+    A recorder.json older than the allocation (telemetry forced off by the operator, so no
+    recorder ran; or a recorder that ended before this allocation began) may hold stats of an
+    earlier allocation with the same id: ignored. Used by the release summary and by a
+    restarted recorder that continues its predecessor's statistics.
+    """
+    if not isinstance(state, dict):
+        return None
+    written = state.get("timestamp")
+    if isinstance(written, str):
+        try:
+            if parse_iso_utc(written) < parse_iso_utc(start):
+                return None
+        except ValueError:
+            pass
+    all_stats = state.get("allocation_stats")
+    if not isinstance(all_stats, dict):
+        return None
+    entry = all_stats.get(ident)
+    return entry if isinstance(entry, dict) else None
 
 
 def parse_store(

@@ -103,7 +103,7 @@ def request(run_dir: Path, message: dict[str, Any], timeout: float = 2.0) -> dic
             raise AgentTimeout(f"the agent did not answer within {timeout:g}s on {path}") from None
         except (BrokenPipeError, ConnectionResetError):
             raise AgentUnavailable(
-                f"the agent closed the connection on {path} without answering", "error", path
+                f"the agent closed the connection on {path} without answering", "closed", path
             ) from None
         except OSError as exc:
             raise _unavailable(path, exc) from None
@@ -112,7 +112,7 @@ def request(run_dir: Path, message: dict[str, Any], timeout: float = 2.0) -> dic
     line = bytes(buf).split(b"\n", 1)[0]
     if not line.strip():
         raise AgentUnavailable(
-            f"the agent closed the connection on {path} without answering", "error", path
+            f"the agent closed the connection on {path} without answering", "closed", path
         )
     try:
         reply = json.loads(line)

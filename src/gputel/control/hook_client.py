@@ -8,6 +8,8 @@ rule, within the caller's deadline:
   short pause;
 * no agent on the socket (no socket, or a stale one nobody listens on) is handed to ``start``
   once, if given, and then asked again until the started agent answers;
+* without ``start``, a stale socket nobody listens on (an agent restarting) and a connection
+  the agent closed without answering are asked again until the deadline;
 * everything else (an answer, a refusal to fix, an agent that accepts and never answers, a
   permission problem) ends the exchange.
 
@@ -63,6 +65,12 @@ def exchange(
         try:
             reply = client.request(run_dir, message, timeout=max(0.2, left))
         except AgentUnavailable as exc:
+            if exc.reason == "closed" or (exc.reason == "refused" and start is None):
+                if time.monotonic() + RETRY_PAUSE_S < deadline:
+                    time.sleep(RETRY_PAUSE_S)
+                    continue
+                if exc.reason == "closed":
+                    raise
             if not exc.no_agent:
                 raise
             if start is None:

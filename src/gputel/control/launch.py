@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gputel.control.client import agent_answers
 from gputel.formats import process_alive
-from gputel.runtime import RunDirError, ensure_run_dir
+from gputel.runtime import RunDirError, ensure_run_dir, open_file
 from gputel.settings import Settings
 
 UNIT = "gputel.service"
@@ -139,9 +139,8 @@ def _agent_env(settings: Settings) -> dict[str, str]:
 
 def _open_log(run_dir: Path) -> tuple[int, str]:
     path = run_dir / AGENT_LOG
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
     try:
-        return os.open(path, flags, 0o640), str(path)
+        return open_file(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), str(path)
     except OSError:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC), os.devnull
 
@@ -200,7 +199,7 @@ def _log_tail(path: str, lines: int = 1) -> str:
     if path == os.devnull:
         return ""
     try:
-        with open(path, "rb") as fh:
+        with open(open_file(path, os.O_RDONLY), "rb") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             fh.seek(max(0, size - 4096))

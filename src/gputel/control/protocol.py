@@ -21,10 +21,17 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024
 """Longest request or reply line, newline excluded."""
-READ_TIMEOUT_S = 2.0
-"""Total time a client has to send its whole request line."""
-MAX_CONNECTIONS = 32
-"""Concurrent connections served; more are answered "busy" at once instead of queueing threads."""
+READ_TIMEOUT_S = 1.0
+"""Total time a client has from connecting to the end of its request line. The CLI and the
+hooks send theirs at once; a client that sends nothing (or drips) is answered an error then."""
+REPLY_TIMEOUT_S = 2.0
+"""Time a client has to take its reply; one that does not read cannot hold a connection."""
+MAX_CONNECTIONS = 256
+"""Connections waiting for their request line at once. One more closes the one that has waited
+longest (it is answered "busy"): a flood of idle connections only churns itself, and a real
+client, which sends its request as it connects, is read before it could be the oldest."""
+MAX_PENDING = 64
+"""Requests read and waiting for the agent's handler; more are answered "busy" (retryable)."""
 MAX_FOR_S = 366 * 86400.0
 """Longest ``for_s`` of ``set_mode``; beyond a year it is a typo, and datetimes would overflow."""
 SOCKET_MODE = 0o660
@@ -44,8 +51,9 @@ class AgentUnavailable(ControlError):
     """No agent answers on the socket: none there, nothing listening, or not allowed to connect.
 
     ``reason`` is ``"missing"`` (no socket), ``"refused"`` (a stale socket, nothing listening),
-    ``"permission"`` (the socket exists but we may not connect) or ``"error"`` (anything else);
-    callers start an agent only for the first two.
+    ``"permission"`` (the socket exists but we may not connect), ``"closed"`` (the agent closed
+    the connection without answering: it is stopping, or ran out of room) or ``"error"``
+    (anything else); callers start an agent only for the first two.
     """
 
     def __init__(self, message: str, reason: str = "error", path: Path | None = None) -> None:

@@ -6,10 +6,16 @@ JSON object on one line and closes. Every reply has ``"ok"``; a failure has ``"e
 changed nothing. The server validates the shape of every request before the agent's handler sees
 it, so the handler only ever gets well-typed requests with optional fields filled in.
 
-Each connection is served on its own short-lived thread with a total read deadline, so a client
-that connects and never writes (or drips one byte a second) costs a thread for two seconds and
-never delays other clients or the agent's loop. Handler calls are serialised by a lock: the
-agent's handler never runs concurrently with itself.
+One thread serves every connection from a readiness loop (``selectors``): a connection waiting
+for its request costs a file descriptor and a buffer, not a thread, and has ``READ_TIMEOUT_S``
+(1 s) from connecting to the end of its request line. Any number of clients may connect and send
+nothing: beyond ``MAX_CONNECTIONS`` waiting ones, the one that has waited longest is closed, so
+idle connections only push each other out while a real client (which sends its request as it
+connects) is read at once. Complete requests go to one handler thread, in order: the agent's
+handler never runs concurrently with itself and never blocks the reading of other requests;
+when ``MAX_PENDING`` requests already wait for it, more are answered ``busy`` (the hook client
+asks again within its budget). Replies are written without blocking, within
+``REPLY_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -19,19 +25,24 @@ import errno
 import json
 import logging
 import os
+import queue
 import selectors
 import socket
 import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gputel.control.protocol import (
     MAX_CONNECTIONS,
     MAX_MESSAGE_BYTES,
+    MAX_PENDING,
     READ_TIMEOUT_S,
+    REPLY_TIMEOUT_S,
     SOCKET_MODE,
     ControlSocketInUse,
     ErrorCode,
@@ -64,6 +75,17 @@ def _probe(path: Path, timeout: float = 0.5) -> bool:
         s.close()
 
 
+@dataclass(eq=False)
+class _Conn:
+    """One client connection: what it sent so far, or what is left of its reply."""
+
+    sock: socket.socket
+    deadline: float
+    """Monotonic time by which the request line (reading) or the reply (writing) must be done."""
+    buf: bytearray = field(default_factory=bytearray)
+    out: memoryview | None = None
+
+
 class ControlServer:
     """Serves the control socket on background threads until :meth:`stop`.
 
@@ -80,18 +102,31 @@ class ControlServer:
         *,
         read_timeout: float = READ_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        max_pending: int = MAX_PENDING,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.handler = handler
         self.read_timeout = read_timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._handler_lock = threading.Lock()
+        self.max_connections = max(1, max_connections)
+        self.max_pending = max(1, max_pending)
+        self._clock = clock
         self._sock: socket.socket | None = None
         self._identity: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._stopping = threading.Event()
+        # Owned by the serving thread:
+        self._sel: selectors.BaseSelector | None = None
+        self._reading: dict[int, _Conn] = {}
+        """Connections waiting for their request line, oldest first."""
+        self._writing: dict[int, _Conn] = {}
+        self._pending = 0
+        # Shared with the handler thread:
+        self._requests: queue.SimpleQueue[tuple[_Conn, dict[str, Any]] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[_Conn, dict[str, Any]]] = queue.SimpleQueue()
 
     # -- lifecycle
     def start(self) -> None:
@@ -104,19 +139,34 @@ class ControlServer:
             raise RuntimeError("control server already started")
         self._sock = self._bind()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._stopping.clear()
+        self._worker = threading.Thread(
+            target=self._handle_requests, name="gputel-control-handler", daemon=True
+        )
+        self._worker.start()
         self._thread = threading.Thread(target=self._serve, name="gputel-control", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop accepting, remove our socket (never another agent's), wait for the loop."""
         self._stopping.set()
-        if self._wake_w is not None:
-            with contextlib.suppress(OSError):
-                self._wake_w.send(b"x")
+        self._wake()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._worker is not None:
+            self._requests.put(None)
+            self._worker.join(timeout)
+            self._worker = None
+        while True:  # answers the serving thread did not get to send
+            try:
+                conn, _ = self._done.get_nowait()
+            except queue.Empty:
+                break
+            with contextlib.suppress(OSError):
+                conn.sock.close()
         for s in (self._sock, self._wake_r, self._wake_w):
             if s is not None:
                 with contextlib.suppress(OSError):
@@ -174,7 +224,7 @@ class ControlServer:
                         path,
                         gid,
                     )
-            sock.listen(64)
+            sock.listen(512)  # bursts of connections wait here, not in EAGAIN
             os.rename(tmp, path)
             st = os.stat(path)
             self._identity = (st.st_dev, st.st_ino)
@@ -217,92 +267,129 @@ class ControlServer:
             pass
         self._identity = None
 
-    # -- serving
+    # -- serving (the serving thread)
     def _serve(self) -> None:
         assert self._sock is not None and self._wake_r is not None
-        sel = selectors.DefaultSelector()
+        sel = self._sel = selectors.DefaultSelector()
         sel.register(self._sock, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
         try:
             while not self._stopping.is_set():
-                for key, _ in sel.select():
-                    if key.fileobj is self._wake_r or self._stopping.is_set():
+                for key, mask in sel.select(self._select_timeout()):
+                    if key.fileobj is self._wake_r:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                    elif key.fileobj is self._sock:
+                        self._accept_ready()
+                    elif mask & selectors.EVENT_READ:
+                        self._read(key.data)
+                    else:
+                        self._write(key.data)
+                    if self._stopping.is_set():
                         return
-                    self._accept_ready()
+                self._take_replies()
+                self._expire(self._clock())
         except Exception:
             log.exception("control socket loop failed; the control socket is down")
         finally:
+            for conn in [*self._reading.values(), *self._writing.values()]:
+                with contextlib.suppress(OSError):
+                    conn.sock.close()
+            self._reading.clear()
+            self._writing.clear()
+            self._sel = None
             sel.close()
 
+    def _select_timeout(self) -> float | None:
+        deadlines = [c.deadline for c in self._reading.values()]
+        deadlines += [c.deadline for c in self._writing.values()]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - self._clock())
+
     def _accept_ready(self) -> None:
-        assert self._sock is not None
+        assert self._sock is not None and self._sel is not None
         while True:
             try:
-                conn, _ = self._sock.accept()
+                sock, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if self._reading:
+                        self._evict_oldest()
+                        continue
                     log.warning("control socket: cannot accept: %s", exc.strerror)
                     time.sleep(0.05)
                     return
                 raise
-            if not self._slots.acquire(blocking=False):
-                self._reply_and_close(
-                    conn, error_reply("agent busy: too many control connections", ErrorCode.BUSY)
-                )
-                continue
-            try:
-                threading.Thread(
-                    target=self._connection, args=(conn,), name="gputel-control-conn", daemon=True
-                ).start()
-            except RuntimeError:
-                self._slots.release()
-                self._reply_and_close(
-                    conn, error_reply("agent busy: cannot start a thread", ErrorCode.BUSY)
-                )
+            sock.setblocking(False)
+            if len(self._reading) >= self.max_connections:
+                self._evict_oldest()
+            conn = _Conn(sock, self._clock() + self.read_timeout)
+            self._reading[sock.fileno()] = conn
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._read(conn)  # a real client's request is usually there already
 
-    def _connection(self, conn: socket.socket) -> None:
-        try:
-            reply = self._answer(conn)
-            self._reply_and_close(conn, reply)
-        except Exception:
-            log.exception("control connection failed")
-            with contextlib.suppress(OSError):
-                conn.close()
-        finally:
-            self._slots.release()
+    def _evict_oldest(self) -> None:
+        fd = next(iter(self._reading))
+        conn = self._reading.pop(fd)
+        assert self._sel is not None
+        self._sel.unregister(conn.sock)
+        with contextlib.suppress(OSError):
+            conn.sock.send(
+                encode_line(
+                    error_reply(
+                        "agent busy: too many control connections waiting for a request",
+                        ErrorCode.BUSY,
+                    )
+                )
+            )
+        with contextlib.suppress(OSError):
+            conn.sock.close()
 
-    def _read_line(self, conn: socket.socket) -> bytes | dict[str, Any]:
-        """The request line, or an error reply when it is too long or too slow."""
-        deadline = time.monotonic() + self.read_timeout
-        buf = bytearray()
+    def _read(self, conn: _Conn) -> None:
+        eof = False
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return error_reply(f"no complete request line within {self.read_timeout:g}s")
-            conn.settimeout(remaining)
             try:
-                chunk = conn.recv(8192)
-            except TimeoutError:
-                return error_reply(f"no complete request line within {self.read_timeout:g}s")
+                chunk = conn.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._drop(conn)
+                return
             if not chunk:
-                return bytes(buf)
+                eof = True
+                break
             nl = chunk.find(b"\n")
             if nl >= 0:
-                buf += chunk[:nl]
-                if len(buf) > MAX_MESSAGE_BYTES:
-                    break
-                return bytes(buf)
-            buf += chunk
-            if len(buf) > MAX_MESSAGE_BYTES:
+                conn.buf += chunk[:nl]
+                eof = True
                 break
-        return error_reply(f"request longer than {MAX_MESSAGE_BYTES} bytes")
+            conn.buf += chunk
+            if len(conn.buf) > MAX_MESSAGE_BYTES:
+                break
+        if len(conn.buf) > MAX_MESSAGE_BYTES:
+            self._reply(conn, error_reply(f"request longer than {MAX_MESSAGE_BYTES} bytes"))
+        elif eof:
+            self._dispatch(conn, bytes(conn.buf))
 
-    def _answer(self, conn: socket.socket) -> dict[str, Any]:
-        line = self._read_line(conn)
-        if isinstance(line, dict):
-            return line
+    def _dispatch(self, conn: _Conn, line: bytes) -> None:
+        """A complete request line: refuse it here, or queue it for the handler thread."""
+        reply = self._refusal(line)
+        if isinstance(reply, dict):
+            self._reply(conn, reply)
+            return
+        if self._pending >= self.max_pending:
+            self._reply(conn, error_reply("agent busy: too many requests waiting", ErrorCode.BUSY))
+            return
+        self._forget(conn)
+        self._pending += 1
+        self._requests.put((conn, reply[0]))
+
+    @staticmethod
+    def _refusal(line: bytes) -> dict[str, Any] | tuple[dict[str, Any]]:
+        """An error reply for a malformed request, or the validated request (in a tuple)."""
         if not line.strip():
             return error_reply("empty request")
         try:
@@ -310,14 +397,93 @@ class ControlServer:
         except (ValueError, RecursionError):
             return error_reply("request is not valid JSON")
         try:
-            request = validate_request(message)
+            return (validate_request(message),)
         except RequestError as exc:
             return error_reply(str(exc))
+
+    def _take_replies(self) -> None:
+        while True:
+            try:
+                conn, reply = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._pending -= 1
+            self._reply(conn, reply)
+
+    def _reply(self, conn: _Conn, reply: dict[str, Any]) -> None:
+        """Start sending ``reply``; the rest goes out when the socket is writable."""
+        try:
+            data = encode_line(reply)
+        except (TypeError, ValueError) as exc:
+            log.error("control reply is not JSON serialisable: %s", exc)
+            data = encode_line(
+                error_reply(f"internal error: reply not serialisable: {exc}", ErrorCode.INTERNAL)
+            )
+        self._forget(conn)
+        conn.out = memoryview(data)
+        conn.deadline = self._clock() + REPLY_TIMEOUT_S
+        self._write(conn)
+        if conn.out is not None:
+            assert self._sel is not None
+            self._writing[conn.sock.fileno()] = conn
+            self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
+
+    def _write(self, conn: _Conn) -> None:
+        assert conn.out is not None
+        try:
+            while conn.out:
+                conn.out = conn.out[conn.sock.send(conn.out) :]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass  # the client went away; nothing to tell it
+        conn.out = None
+        self._drop(conn)
+
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self._reading.values() if c.deadline <= now]:
+            self._reply(
+                conn, error_reply(f"no complete request line within {self.read_timeout:g}s")
+            )
+        for conn in [c for c in self._writing.values() if c.deadline <= now]:
+            self._drop(conn)
+
+    def _forget(self, conn: _Conn) -> None:
+        """Stop watching ``conn`` (it is being handled, or about to be answered or closed)."""
+        try:
+            fd = conn.sock.fileno()
+        except OSError:
+            return
+        if self._reading.pop(fd, None) is not None or self._writing.pop(fd, None) is not None:
+            assert self._sel is not None
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(conn.sock)
+
+    def _drop(self, conn: _Conn) -> None:
+        self._forget(conn)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+
+    def _wake(self) -> None:
+        if self._wake_w is not None:
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"x")
+
+    # -- the handler thread
+    def _handle_requests(self) -> None:
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            conn, request = item
+            self._done.put((conn, self._answer(request)))
+            self._wake()
+
+    def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
         if self._stopping.is_set():
             return error_reply("agent is shutting down", ErrorCode.SHUTTING_DOWN)
         try:
-            with self._handler_lock:
-                result = self.handler(request)
+            result = self.handler(request)
         except RequestError as exc:
             return error_reply(str(exc), exc.code)
         except Exception as exc:
@@ -334,23 +500,3 @@ class ControlServer:
         if "ok" not in result:
             result = {"ok": True, **result}
         return result
-
-    @staticmethod
-    def _reply_and_close(conn: socket.socket, reply: dict[str, Any]) -> None:
-        try:
-            try:
-                data = encode_line(reply)
-            except (TypeError, ValueError) as exc:
-                log.error("control reply is not JSON serialisable: %s", exc)
-                data = encode_line(
-                    error_reply(
-                        f"internal error: reply not serialisable: {exc}", ErrorCode.INTERNAL
-                    )
-                )
-            conn.settimeout(READ_TIMEOUT_S)
-            conn.sendall(data)
-        except OSError:
-            pass  # the client went away; nothing to tell it
-        finally:
-            with contextlib.suppress(OSError):
-                conn.close()

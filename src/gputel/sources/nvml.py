@@ -6,17 +6,24 @@ Everything NVML can do wrong is decided here, once, so the rest of gputel sees p
   an operator reading a journal needs "reload the nvidia module", not an error code;
 - every field read goes through :meth:`NvmlGpuSource._ask`: a field the hardware or the binding
   does not offer is ``None`` and never asked again (an unsupported call still costs a driver
-  round-trip every tick), a GPU that fell off the bus (or answers NVML_ERROR_UNKNOWN) is marked
-  lost and left alone while the other GPUs keep reporting, re-probed at most once a minute so
-  that a reset GPU or a driver that got over a hiccup is read again without a restart, and any
-  other error costs that field for that tick only;
+  round-trip every tick); any other error (``NVML_ERROR_UNKNOWN`` included, which some boards
+  answer for their fans every time) costs that field for that tick only and is counted per
+  field; a GPU is *lost* when it answers ``NVML_ERROR_GPU_IS_LOST`` or when every read of it in
+  one full read fails. A lost GPU is left alone while the other GPUs keep reporting, re-probed
+  at most once a minute with a query every GPU answers (MIG or not), so a reset GPU or a driver
+  that got over a hiccup is read again without a restart;
+- a GPU whose handle NVML refuses (``NO_PERMISSION``: hidden by the cgroup or the container's
+  device list) is left out with one notice naming it; the others are read;
+- a GPU in MIG mode gives no device utilization: it is not asked, and a notice says that
+  activity cannot be measured there;
 - ``pynvml`` is imported inside :func:`open_nvml`, never at import time, so ``gputel`` imports on
   machines without the binding and tests can put a fake in ``sys.modules``.
 
 No thread, timeout or retry of a failed call lives here: NVML calls can block in the kernel and
-only the caller (the agent's deadline-guarded read) can decide what waiting too long means. Reads
-of one source are serialised by a lock, so a caller that gave up on a hung read and asks again
-waits for it instead of piling more calls onto a wedged driver.
+only the caller (the agent's deadline-guarded read, the recorder's per-GPU readers) can decide
+what waiting too long means. Reads of one GPU are serialised by that GPU's lock, so a caller that
+gave up on a hung read and asks again waits for it instead of piling more calls onto a wedged
+GPU, while the other GPUs stay readable (:meth:`NvmlGpuSource.read_gpu`).
 """
 
 from __future__ import annotations
@@ -49,10 +56,14 @@ _ARGUMENT_VERSION_MISMATCH = 25
 _UNKNOWN = 999
 _PSTATE_UNKNOWN = 32
 
+_MIG_ENABLED = 1
+
 #: Permanent for this driver and binding: stop asking.
 _UNSUPPORTED_CODES = frozenset({_NOT_SUPPORTED, _FUNCTION_NOT_FOUND, _ARGUMENT_VERSION_MISMATCH})
 #: The GPU itself stopped answering (Xid 79 and friends): stop reading it, only re-probe it.
-_LOST_CODES = frozenset({_GPU_IS_LOST, _UNKNOWN})
+#: NVML_ERROR_UNKNOWN is not here: healthy boards answer it for single fields (fans), so it costs
+#: that field only; a GPU that answers nothing else is caught by the every-read-failed rule.
+_LOST_CODES = frozenset({_GPU_IS_LOST})
 #: Seconds between re-probes of a lost GPU: rare enough that a GPU really off the bus costs next to
 #: nothing (a call on it can be slow), often enough that a reset GPU is back within a minute.
 _REPROBE_S = 60.0
@@ -171,6 +182,15 @@ class _Gpu:
     uuid: str = ""
     name: str = ""
     lost: bool = False
+    mig: bool = False
+    """MIG mode is on: NVML has no device utilization for it."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Serialises reads of this GPU only; a hung call here leaves the other GPUs readable."""
+    field_errors: dict[str, int] = field(default_factory=dict)
+    """Failed reads per field since open (not the unsupported ones): a counter for /metrics."""
+    reads: int = 0
+    failures: int = 0
+    """Calls made and calls failed in the current full read (the every-read-failed rule)."""
     lost_checked: float = 0.0
     """Monotonic seconds of the loss or of the last re-probe, whichever is later."""
     unsupported: set[str] = field(default_factory=set)
@@ -205,13 +225,22 @@ class NvmlGpuSource:
 
     name = "nvml"
 
-    def __init__(self, nv: ModuleType, gpus: list[_Gpu], clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        nv: ModuleType,
+        gpus: list[_Gpu],
+        clock: Callable[[], float],
+        notices: list[str] | None = None,
+    ) -> None:
         self._nv = nv
         self._gpus = gpus
+        self._by_index = {g.index: g for g in gpus}
         self._clock = clock
         self._error: type[BaseException] = getattr(nv, "NVMLError", Exception)
         self._lock = threading.Lock()
         self._closed = False
+        self.notices: list[str] = list(notices or [])
+        """One line per GPU left out or not fully measurable, for the log and ``gputel status``."""
         self._batch = [
             (key, int(getattr(nv, const, default))) for key, const, default in _BATCH_FIELDS
         ]
@@ -226,6 +255,7 @@ class NvmlGpuSource:
             raise _GpuLost
         if key in gpu.unsupported:
             return None
+        gpu.reads += 1
         fn = getattr(self._nv, fn_name, None)
         if fn is None:
             self._failed(gpu, key, _FUNCTION_NOT_FOUND, f"this pynvml has no {fn_name}")
@@ -240,21 +270,14 @@ class NvmlGpuSource:
         """Decide what an NVML failure means; shared by single calls and batched values."""
         if code in _UNSUPPORTED_CODES:
             gpu.unsupported.add(key)
+            gpu.reads = max(0, gpu.reads - 1)  # an answer about the field, not a failed read
             log.debug("GPU %d: %s not supported (%s); not asking again", gpu.index, key, detail)
             return
         if code in _LOST_CODES:
-            self._mark_lost(gpu)
-            log.warning(
-                "GPU %d (%s) is lost (%s reading %s): reporting it as lost while the other GPUs "
-                "keep reporting, re-checking it every %d s; check dmesg for Xid errors, a GPU "
-                "reset or reboot may be needed",
-                gpu.index,
-                gpu.uuid or "uuid unknown",
-                detail,
-                key,
-                _REPROBE_S,
-            )
+            self._lose(gpu, f"{detail} reading {key}")
             raise _GpuLost
+        gpu.failures += 1
+        gpu.field_errors[key] = gpu.field_errors.get(key, 0) + 1
         if key not in gpu.warned:
             gpu.warned.add(key)
             log.warning(
@@ -263,6 +286,18 @@ class NvmlGpuSource:
                 key,
                 detail,
             )
+
+    def _lose(self, gpu: _Gpu, why: str) -> None:
+        self._mark_lost(gpu)
+        log.warning(
+            "GPU %d (%s) is lost (%s): reporting it as lost while the other GPUs keep "
+            "reporting, re-checking it every %d s; check dmesg for Xid errors, a GPU reset or "
+            "reboot may be needed",
+            gpu.index,
+            gpu.uuid or "uuid unknown",
+            why,
+            _REPROBE_S,
+        )
 
     def _mark_lost(self, gpu: _Gpu) -> None:
         gpu.lost = True
@@ -276,9 +311,11 @@ class NvmlGpuSource:
         good.
 
         The probe takes a fresh handle (one from before a reset may be stale, and a GPU lost at
-        open has none), checks that the index still names the same GPU, then makes the light
-        utilization query, because identity may be cached by the driver while a query of the
-        GPU is not. It stops at the first failure, which is quiet: the loss was logged already.
+        open has none), checks that the index still names the same GPU, then queries its memory,
+        because identity may be cached by the driver while a query of the GPU is not, and every
+        GPU answers it, MIG mode or not (utilization, which a GPU in MIG mode never gives, would
+        keep such a GPU lost for good). It stops at the first failure, which is quiet: the loss
+        was logged already.
         """
         if not gpu.lost:
             return True
@@ -293,8 +330,12 @@ class NvmlGpuSource:
             if gpu.uuid and uuid != gpu.uuid:
                 log.debug("GPU %d now reports uuid %s, not %s", gpu.index, uuid, gpu.uuid)
                 return False
-            nv.nvmlDeviceGetUtilizationRates(handle)
+            nv.nvmlDeviceGetMemoryInfo(handle)
         except self._error as exc:
+            if getattr(exc, "value", None) not in _UNSUPPORTED_CODES:
+                log.debug("GPU %d still lost: %s", gpu.index, one_line(exc))
+                return False
+        except Exception as exc:  # a garbled answer is no answer
             log.debug("GPU %d still lost: %s", gpu.index, one_line(exc))
             return False
         gpu.handle, gpu.uuid, gpu.lost = handle, uuid, False
@@ -324,6 +365,8 @@ class NvmlGpuSource:
 
     # ------------------------------------------------------------------------------- fields
     def _utilization(self, gpu: _Gpu) -> tuple[float | None, float | None]:
+        if gpu.mig:
+            return None, None  # NVML answers NOT_SUPPORTED in MIG mode; no need to ask
         rates = self._ask(gpu, "utilization", "nvmlDeviceGetUtilizationRates")
         if rates is None:
             return None, None
@@ -370,6 +413,7 @@ class NvmlGpuSource:
         values = self._ask(gpu, "field_values", "nvmlDeviceGetFieldValues", [f for _, f in wanted])
         if values is None:
             return None if "field_values" in gpu.unsupported else {}
+        gpu.reads += len(wanted) - 1  # each value is a read of its own for the lost rule
         out: dict[str, Any] = {}
         for (key, fid), value in zip(wanted, values, strict=False):
             status = getattr(value, "nvmlReturn", 0)
@@ -462,10 +506,14 @@ class NvmlGpuSource:
         return [GpuIdentity(g.index, g.uuid, g.name) for g in self._gpus]
 
     def read_utilization(self) -> dict[int, float | None]:
-        """One call per GPU: the agent polls this every tick, busy or idle."""
+        """One call per GPU: the agent polls this every tick, busy or idle.
+
+        A failed call is this tick's ``None``; only GPU_IS_LOST loses the GPU here (one call is
+        too little to apply the every-read-failed rule to).
+        """
         out: dict[int, float | None] = {}
-        with self._lock:
-            for gpu in self._gpus:
+        for gpu in self._gpus:
+            with gpu.lock:
                 try:
                     out[gpu.index] = self._utilization(gpu)[0] if self._answers(gpu) else None
                 except _GpuLost:
@@ -480,8 +528,8 @@ class NvmlGpuSource:
         driver's counter only (no power integral between two ticks of another process).
         """
         readings: list[GpuReading] = []
-        with self._lock:
-            for gpu in self._gpus:
+        for gpu in self._gpus:
+            with gpu.lock:
                 reading = GpuReading(gpu.index, gpu.uuid, gpu.name)
                 try:
                     if not self._answers(gpu):
@@ -504,19 +552,27 @@ class NvmlGpuSource:
         return readings
 
     def read(self) -> list[GpuReading]:
-        readings: list[GpuReading] = []
-        with self._lock:
-            for gpu in self._gpus:
-                try:
-                    if not self._answers(gpu):
-                        raise _GpuLost
-                    reading = GpuReading(index=gpu.index, uuid=gpu.uuid, name=gpu.name)
-                    self._fill(gpu, reading)
-                except _GpuLost:
-                    # Values read before the loss are dropped: they belong to a GPU now gone.
-                    reading = GpuReading(gpu.index, gpu.uuid, gpu.name, lost=True)
-                readings.append(reading)
-        return readings
+        return [self.read_gpu(gpu.index) for gpu in self._gpus]
+
+    def read_gpu(self, index: int) -> GpuReading:
+        """The full read of one GPU; other GPUs' reads may run at the same time."""
+        gpu = self._by_index[index]
+        with gpu.lock:
+            try:
+                if not self._answers(gpu):
+                    raise _GpuLost
+                reading = GpuReading(index=gpu.index, uuid=gpu.uuid, name=gpu.name)
+                gpu.reads = gpu.failures = 0
+                self._fill(gpu, reading)
+                if gpu.reads and gpu.failures == gpu.reads:
+                    self._lose(gpu, f"all {gpu.reads} reads of it failed")
+                    raise _GpuLost
+                reading.field_errors = dict(gpu.field_errors)
+            except _GpuLost:
+                # Values read before the loss are dropped: they belong to a GPU now gone.
+                reading = GpuReading(gpu.index, gpu.uuid, gpu.name, lost=True)
+                reading.field_errors = dict(gpu.field_errors)
+        return reading
 
     def read_energy_j(self) -> dict[int, float | None]:
         """The driver's energy counter per GPU; None where it has none or the GPU is lost.
@@ -526,8 +582,8 @@ class NvmlGpuSource:
         put an invented number in allocations.csv where an empty cell is promised.
         """
         out: dict[int, float | None] = {}
-        with self._lock:
-            for gpu in self._gpus:
+        for gpu in self._gpus:
+            with gpu.lock:
                 try:
                     out[gpu.index] = self._energy_counter(gpu) if self._answers(gpu) else None
                 except _GpuLost:
@@ -583,12 +639,16 @@ def _open(
         )
     error: type[BaseException] = getattr(nv, "NVMLError", Exception)
     gpus: list[_Gpu] = []
+    notices: list[str] = []
+    refused: BaseException | None = None
     for index in indices:
         try:
             handle = nv.nvmlDeviceGetHandleByIndex(index)
         except error as exc:
             if getattr(exc, "value", None) not in _LOST_CODES:
-                raise _init_error(exc) from None
+                refused = refused or exc
+                notices.append(_refused_notice(index, exc))
+                continue
             log.warning(
                 "GPU %d is lost at start (%s): reporting it as lost, re-checking it every %d s",
                 index,
@@ -598,11 +658,31 @@ def _open(
             gpus.append(_Gpu(index, None, lost=True, lost_checked=clock()))
             continue
         gpus.append(_Gpu(index, handle))
+    if not gpus and refused is not None:
+        raise _init_error(refused) from None
     source = NvmlGpuSource(nv, gpus, clock)
     for gpu in gpus:
         try:
             gpu.uuid = _text(source._ask(gpu, "uuid", "nvmlDeviceGetUUID"))
             gpu.name = _text(source._ask(gpu, "name", "nvmlDeviceGetName"))
+            mode = source._ask(gpu, "mig_mode", "nvmlDeviceGetMigMode")
         except _GpuLost:
-            pass
+            continue
+        if mode is not None and int(mode[0]) == _MIG_ENABLED:
+            gpu.mig = True
+            notices.append(
+                f"GPU {gpu.index} ({gpu.uuid}) is in MIG mode: NVML gives no utilization for it, "
+                "so its activity cannot be measured and only allocations and the operator mode "
+                "(gputel start) start telemetry for it"
+            )
+    source.notices = notices
     return source
+
+
+def _refused_notice(index: int, exc: BaseException) -> str:
+    """The one line for a GPU NVML will not open; the cause is nearly always its device node."""
+    return (
+        f"GPU {index} is unavailable: NVML refused its handle ({one_line(exc)}); it is "
+        "probably hidden from this process by the cgroup device list or the container's "
+        "device list (its /dev/nvidia* node), recording the other GPUs without it"
+    )

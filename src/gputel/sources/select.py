@@ -1,8 +1,9 @@
 """Choosing the GPU source (``GPUTEL_BACKEND``) and building the host sources.
 
-``auto`` must never stop a node agent from starting: a node without a driver, or with a broken
-one, still gets host telemetry, and the operator gets one line saying why there are no GPUs and
-how to get simulated ones. An explicit ``nvml`` is a promise that there is a GPU, so its failure
+``auto`` must never stop a node agent from starting: NVML first, then ``nvidia-smi`` when the
+binding cannot load NVML but nvidia-smi runs; a node without a driver, or with a broken one,
+still gets host telemetry, and the operator gets one line saying why there are no GPUs and how
+to get simulated ones. An explicit ``nvml`` is a promise that there is a GPU, so its failure
 propagates. ``gputel.sources.nvml`` is imported only when NVML is wanted, so a missing or broken
 ``pynvml`` can never break ``sim`` or ``none``.
 """
@@ -42,14 +43,16 @@ def auto_fallback_notice(reason: str) -> str:
     )
 
 
-def _open_nvml(settings: Settings) -> GpuSource:
+def _open_nvml(settings: Settings) -> tuple[GpuSource, str | None]:
+    """The NVML source and its notice: the GPUs it left out or cannot fully measure."""
     try:
         from gputel.sources.nvml import open_nvml
     except ImportError as exc:
         if getattr(exc, "name", None) in ("pynvml", "gputel.sources.nvml"):
             raise GpuSourceError(NVML_BINDINGS_MISSING) from exc
         raise GpuSourceError(f"cannot load the NVML source: {one_line(exc)}") from exc
-    return open_nvml(settings.gpus)
+    source = open_nvml(settings.gpus)
+    return source, "; ".join(getattr(source, "notices", ())) or None
 
 
 def sim_epoch_from_env(
@@ -96,18 +99,36 @@ def open_gpu_source(
     if backend == "none":
         return NoneGpuSource(), None
     if backend == "nvml":
-        return _open_nvml(settings), None
+        return _open_nvml(settings)
+    if backend == "smi":
+        return _open_smi(settings)
     if backend != "auto":
         raise GpuSourceError(f"unknown GPUTEL_BACKEND {backend!r}")
     try:
-        return _open_nvml(settings), None
+        return _open_nvml(settings)
     except GpuSelectionError:
         raise  # a typo in GPUTEL_GPUS on a GPU node must not silently record no GPUs
     except GpuSourceError as exc:
         reason = one_line(exc)
     except Exception as exc:
         reason = f"NVML failed unexpectedly ({type(exc).__name__}: {one_line(exc)})"
-    return NoneGpuSource(), auto_fallback_notice(reason)
+    # The binding cannot load NVML, yet nvidia-smi (which links the driver's own library) may
+    # still work: "NVML library not found" while nvidia-smi runs.
+    try:
+        smi, smi_notice = _open_smi(settings)
+    except GpuSelectionError:
+        raise
+    except GpuSourceError:
+        return NoneGpuSource(), auto_fallback_notice(reason)
+    fallback = f"NVML unavailable ({reason}); reading the GPUs through nvidia-smi instead"
+    return smi, "; ".join(n for n in (fallback, smi_notice) if n)
+
+
+def _open_smi(settings: Settings) -> tuple[GpuSource, str | None]:
+    from gputel.sources.smi import open_smi
+
+    source = open_smi(settings.gpus)
+    return source, "; ".join(source.notices) or None
 
 
 def open_host_sources(settings: Settings) -> list[HostSource]:

@@ -16,7 +16,6 @@ degraded; the loop keeps turning, keeps pinging the systemd watchdog and keeps a
 from __future__ import annotations
 
 import collections
-import fcntl
 import logging
 import os
 import signal
@@ -48,6 +47,8 @@ log = logging.getLogger("gputel.supervisor.agent")
 
 RECENT_TRANSITIONS = 10
 ENERGY_DEADLINE_S = 0.5
+#: How often the agent tries again to bind ``/metrics`` while its port is held by another process.
+EXPORTER_RETRY_S = 5.0
 #: The exporter thread wakes this often when nobody scrapes; each wake-up costs CPU on an idle node.
 HTTP_POLL_S = 5.0
 
@@ -89,24 +90,12 @@ class LazyEnergy(Mapping[int, "float | None"]):
 
 # ---------------------------------------------------------------------------------- the agent
 def _take_lock(run_dir: Path) -> int:
-    path = run_dir / runtime.AGENT_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        except OSError:
-            holder = ""
-        os.close(fd)
-        who = f" (pid {holder})" if holder.isdigit() else ""
-        raise AgentAlreadyRunning(
-            f"another gputel agent{who} is already running with run directory {run_dir} "
-            f"(it holds {path}); stop it first or use another GPUTEL_RUN_DIR"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+        return runtime.take_agent_lock(run_dir)
+    except runtime.LockHeld as exc:
+        raise AgentAlreadyRunning(str(exc)) from None
+    except runtime.RunDirError as exc:
+        raise AgentError(str(exc)) from None
 
 
 class Agent:
@@ -162,6 +151,9 @@ class Agent:
         self.backend = settings.backend
         self.devices: list[Any] = []
         self.exporter: str | None = None
+        self.exporter_error: str | None = None
+        """Why ``/metrics`` is not served (its port held by another process...), while it is not."""
+        self._http_retry_at: float | None = None
         self.sim_epoch: float | None = None
         self._session_spawned = False
 
@@ -245,7 +237,7 @@ class Agent:
             self._control = None
             raise AgentError(f"cannot create the control socket: {exc}") from None
         if s.exporter_port:
-            self._start_http()
+            self._start_http(self.clock())
         log.info(
             "gputel agent %s running: backend %s, %d GPU(s), interval %gs, run dir %s, "
             "log dir %s, exporter %s",
@@ -261,7 +253,15 @@ class Agent:
         self.notifier.ready(self.api.status_line())
         self._ready_sent = True
 
-    def _start_http(self) -> None:
+    def _start_http(self, now: float) -> None:
+        """Serve ``/metrics``; when the port cannot be had, say so and try again later.
+
+        The agent keeps recording (CSV, hooks, the control socket) without its exporter, but it
+        never hides that: the first failure is logged as an error naming the address, ``gputel
+        status`` and the systemd STATUS line show it until the port is free, and a bind is tried
+        again every ``EXPORTER_RETRY_S``. Exiting instead would stop CSV recording too, and
+        systemd's start limit would soon stop retrying altogether.
+        """
         from gputel.telemetry.metrics_http import MetricsServer
 
         s = self.settings
@@ -273,21 +273,30 @@ class Agent:
             poll_interval=HTTP_POLL_S,
             web_config=s.web_config,
         )
+        addr = s.exporter_addr
+        host = f"[{addr}]" if ":" in addr else addr
         try:
             server.start()
         except OSError as exc:
-            log.error(
-                "cannot serve /metrics on %s:%d: %s; the agent runs without its exporter "
-                "(free the port or set GPUTEL_EXPORTER_PORT)",
-                s.exporter_addr,
-                s.exporter_port,
-                exc.strerror or exc,
-            )
+            error = str(exc.strerror or exc)  # names the address: "cannot serve /metrics on …"
+            if self.exporter_error is None:
+                log.error(
+                    "%s; recording goes on without /metrics, binding again every %gs (free "
+                    "the port or set GPUTEL_EXPORTER_PORT)",
+                    error,
+                    EXPORTER_RETRY_S,
+                )
+            with self.lock:
+                self.exporter_error = error
+            self._http_retry_at = now + EXPORTER_RETRY_S
             return
         self._http = server
-        addr = s.exporter_addr
-        host = f"[{addr}]" if ":" in addr else addr
-        self.exporter = f"{host}:{server.port}"
+        with self.lock:
+            if self.exporter_error is not None:
+                log.warning("serving /metrics on %s:%d now", host, server.port)
+            self.exporter_error = None
+            self.exporter = f"{host}:{server.port}"
+        self._http_retry_at = None
 
     def _signals(self) -> None:
         def on_stop(signum: int, frame: FrameType | None) -> None:
@@ -404,6 +413,8 @@ class Agent:
                 self._reconcile(now)
             else:
                 self.tick(now)
+            if self._http_retry_at is not None and self.clock() >= self._http_retry_at:
+                self._start_http(self.clock())
 
     def _wait(self, timeout: float) -> bool:
         """The ticker's sleep, cut into watchdog-sized slices; True when woken early."""
@@ -573,6 +584,7 @@ class Agent:
                 self.child.pid if self.child.running else None,
                 wanted,
                 self.degraded,
+                self.exporter_error,
             )
         if key != self._status_key and self.notifier.enabled:
             self._status_key = key

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gputel import runtime
 from gputel.supervisor.states import ActivityState, Mode
 from gputel.telemetry import promtext
 from gputel.telemetry.promtext import Family
@@ -49,6 +50,7 @@ class AgentSnapshot:
     poll_duration_s: float | None = None
     transitions: Mapping[str, int] = field(default_factory=dict)
     restarts: Mapping[str, int] = field(default_factory=dict)
+    restart_seconds: float = 0.0
 
 
 TELEMETRY_ACTIVE = promtext.TELEMETRY_ACTIVE
@@ -63,6 +65,12 @@ RESTARTS = Family(
     "gputel_agent_child_restarts_total",
     "counter",
     "Telemetry recorder restarts after it crashed or hung.",
+)
+RESTART_SECONDS = Family(
+    "gputel_agent_child_restart_seconds_total",
+    "counter",
+    "Seconds telemetry was wanted but no recorder ran because one crashed or hung and was "
+    "waiting to be restarted.",
 )
 CHILD_UP = Family(
     "gputel_agent_child_up", "gauge", "1 while a telemetry recorder process is running."
@@ -91,6 +99,7 @@ AGENT_FAMILIES: tuple[Family, ...] = (
     MODE,
     TRANSITIONS,
     RESTARTS,
+    RESTART_SECONDS,
     CHILD_UP,
     ALLOCATIONS_OPEN,
     GPU_READ_DEGRADED,
@@ -118,6 +127,7 @@ def render_agent(s: AgentSnapshot) -> bytes:
         MODE.render([({"mode": m.value}, 1.0 if m.value == s.mode else 0.0) for m in Mode]),
         TRANSITIONS.render([({"to_state": t}, float(s.transitions.get(t, 0))) for t in targets]),
         RESTARTS.render([({"reason": r}, float(s.restarts.get(r, 0))) for r in RESTART_REASONS]),
+        RESTART_SECONDS.render([(_NO_LABELS, s.restart_seconds)]),
         CHILD_UP.render(_flag(s.child_up)),
         ALLOCATIONS_OPEN.render([(_NO_LABELS, float(s.allocations_open))]),
         GPU_READ_DEGRADED.render(_flag(s.gpu_read_degraded)),
@@ -137,7 +147,7 @@ def join_exposition(agent_bytes: bytes, child_bytes: bytes | None) -> bytes:
 def read_fresh_metrics(path: Path, max_age_s: float, now: float | None = None) -> bytes | None:
     """The file's bytes if it was written within ``max_age_s`` (wall clock mtime), else None."""
     try:
-        with open(path, "rb") as fh:
+        with open(runtime.open_file(path, os.O_RDONLY), "rb") as fh:
             st = os.fstat(fh.fileno())
             if (time.time() if now is None else now) - st.st_mtime > max_age_s:
                 return None

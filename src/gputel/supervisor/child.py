@@ -6,8 +6,11 @@ keep going) and the unit tests run the whole lifecycle without sleeping. Only
 :meth:`ChildSupervisor.shutdown`, used when the agent itself exits, waits.
 
 - stop: SIGTERM, then SIGKILL once ``stop_timeout_s`` has passed;
-- crash (an exit nobody asked for while telemetry is wanted): restart after an exponential
-  backoff (1 s, 2 s, 4 s ... capped), reset once a child stayed up ``stable_after_s``;
+- crash (an exit nobody asked for while telemetry is wanted): restart after the delays of
+  :class:`RestartPolicy` (1 s, 1 s, 2 s, 4 s, 8 s, then 10 s), starting over once a child ran
+  ``healthy_after_s`` (10 s). A child that crashes every half minute thus records about 97 % of
+  the time instead of waiting longer after each crash; the seconds lost between a crash and the
+  next start are counted (``gputel_agent_child_restart_seconds_total``);
 - hang (``recorder.json`` heartbeat older than ``max(10 s, 5 × interval)`` once the start grace
   has passed): SIGKILL, then restart like a crash. A recorder stuck in a GPU call cannot be
   trusted to handle SIGTERM, and its records are already missing.
@@ -79,6 +82,72 @@ def read_heartbeat(run_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+#: Delays before restarting a crashed or hung child, in crash order; later crashes wait the cap.
+RESTART_DELAYS_S: tuple[float, ...] = (1.0, 1.0, 2.0, 4.0, 8.0)
+#: The longest wait after a crash: a child that keeps crashing still records most of the time.
+RESTART_CAP_S = 10.0
+#: A child that ran this long was healthy: the next crash starts the delays over.
+HEALTHY_AFTER_S = 10.0
+
+
+class RestartPolicy:
+    """When to restart a child that crashed, and how much recording time restarts cost.
+
+    Pure: every method takes the time (the agent's monotonic clock) as an argument, so the
+    delays are unit-tested without a child or a sleep. The delay grows with consecutive crashes
+    so that a child failing at start-up does not spin, but stays short: a crash costs seconds
+    of telemetry, never a minute.
+    """
+
+    def __init__(
+        self,
+        delays_s: tuple[float, ...] = RESTART_DELAYS_S,
+        cap_s: float = RESTART_CAP_S,
+        healthy_after_s: float = HEALTHY_AFTER_S,
+    ) -> None:
+        self.delays_s = tuple(min(d, cap_s) for d in delays_s)
+        self.cap_s = cap_s
+        self.healthy_after_s = healthy_after_s
+        self.consecutive = 0
+        """Crashes since the last healthy run."""
+        self.lost_s = 0.0
+        """Closed intervals between a crash and the next start (or the end of wanting one)."""
+        self._started_at: float | None = None
+        self._down_since: float | None = None
+
+    def started(self, now: float) -> None:
+        """A child was started: the interval since the crash (if any) is lost time."""
+        self._close_down(now)
+        self._started_at = now
+
+    def crashed(self, now: float) -> float:
+        """A child crashed or hung (or could not be started): the delay before the next start."""
+        if self._started_at is not None and now - self._started_at >= self.healthy_after_s:
+            self.consecutive = 0
+        self._started_at = None
+        if self._down_since is None:
+            self._down_since = now
+        n = self.consecutive
+        self.consecutive += 1
+        return self.delays_s[n] if n < len(self.delays_s) else self.cap_s
+
+    def not_wanted(self, now: float) -> None:
+        """Telemetry is no longer wanted: a pending restart costs nothing from here on."""
+        self._close_down(now)
+        self._started_at = None
+        self.consecutive = 0
+
+    def lost_seconds(self, now: float) -> float:
+        """Seconds of wanted telemetry lost to restarts so far, the current wait included."""
+        pending = now - self._down_since if self._down_since is not None else 0.0
+        return self.lost_s + max(0.0, pending)
+
+    def _close_down(self, now: float) -> None:
+        if self._down_since is not None:
+            self.lost_s += max(0.0, now - self._down_since)
+            self._down_since = None
+
+
 @dataclass
 class ChildEvent:
     """Something the agent logs and counts: ``started``, ``stopped``, ``crash``, ``hung``."""
@@ -100,9 +169,7 @@ class ChildSupervisor:
         clock: Callable[[], float] = time.monotonic,
         heartbeat: Callable[[], dict[str, Any] | None] | None = None,
         stop_timeout_s: float = 5.0,
-        backoff_initial_s: float = 1.0,
-        backoff_cap_s: float = 60.0,
-        stable_after_s: float = 60.0,
+        restart_policy: RestartPolicy | None = None,
         start_grace_s: float | None = None,
     ) -> None:
         self.settings = settings
@@ -112,9 +179,7 @@ class ChildSupervisor:
         run_dir = settings.run_dir
         self._heartbeat = heartbeat or (lambda: read_heartbeat(run_dir))
         self.stop_timeout_s = stop_timeout_s
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_cap_s = backoff_cap_s
-        self.stable_after_s = stable_after_s
+        self.policy = restart_policy or RestartPolicy()
         self.hung_after_s = max(10.0, 5 * settings.interval_s)
         self.start_grace_s = (
             start_grace_s if start_grace_s is not None else self.hung_after_s + 10.0
@@ -128,7 +193,6 @@ class ChildSupervisor:
         self._killed = False
         self._hung_kill = False
         self._next_start_at: float | None = None
-        self._backoff_s = backoff_initial_s
         self._last_delay = 0.0
         self.last_heartbeat: dict[str, Any] | None = None
 
@@ -151,6 +215,10 @@ class ChildSupervisor:
             return None
         return max(0.0, (self._clock() if now is None else now) - self.started_at)
 
+    def restart_seconds(self, now: float | None = None) -> float:
+        """Seconds telemetry was wanted but no child ran because one crashed or hung."""
+        return self.policy.lost_seconds(self._clock() if now is None else now)
+
     def fresh_heartbeat(self) -> dict[str, Any] | None:
         """The current child's last heartbeat, or None (missing, unreadable, another pid's)."""
         hb = self.last_heartbeat
@@ -166,10 +234,10 @@ class ChildSupervisor:
         self.wanted = wanted
         now = self._clock()
         if wanted:
-            self._backoff_s = self.backoff_initial_s
             self._next_start_at = now
         else:
             self._next_start_at = None
+            self.policy.not_wanted(now)
         return self.poll(now)
 
     def poll(self, now: float | None = None) -> list[ChildEvent]:
@@ -188,12 +256,6 @@ class ChildSupervisor:
                 ev = self._check_hung(now)
                 if ev is not None:
                     events.append(ev)
-                elif (
-                    self.started_at is not None
-                    and now - self.started_at >= self.stable_after_s
-                    and self._backoff_s != self.backoff_initial_s
-                ):
-                    self._backoff_s = self.backoff_initial_s
         if (
             self.proc is None
             and self.wanted
@@ -253,6 +315,7 @@ class ChildSupervisor:
             log.error("cannot start the telemetry child: %s", exc)
             return ChildEvent("spawn_failed", None, str(exc))
         self.started_at = now
+        self.policy.started(now)
         self._stopping_since = None
         self._killed = False
         self._hung_kill = False
@@ -308,9 +371,8 @@ class ChildSupervisor:
         if not self.wanted:
             self._next_start_at = None
             return
-        self._last_delay = self._backoff_s
-        self._next_start_at = now + self._backoff_s
-        self._backoff_s = min(self._backoff_s * 2, self.backoff_cap_s)
+        self._last_delay = self.policy.crashed(now)
+        self._next_start_at = now + self._last_delay
 
     def _check_hung(self, now: float) -> ChildEvent | None:
         assert self.proc is not None and self.started_at is not None

@@ -132,9 +132,11 @@ class ControlApi:
                     "uptime_s": None if uptime is None else round(uptime, 3),
                     "restarts": child.restarts_total,
                     "restarts_by_reason": dict(child.restarts),
+                    "restart_seconds": round(child.restart_seconds(), 3),
                     "stopping": not child.running,
                     "files": hb.get("files") or {},
                     "tick": hb.get("tick"),
+                    "gpus_stuck": hb.get("gpus_stuck") or [],
                 }
             allocations = [
                 {k: a.get(k) for k in ("id", "gpus", "pid", "start")}
@@ -171,6 +173,7 @@ class ControlApi:
                 "log_dir": str(s.log_dir),
                 "run_dir": str(s.run_dir),
                 "exporter": agent.exporter,
+                "exporter_error": agent.exporter_error,
                 "interval_s": s.interval_s,
             }
 
@@ -191,6 +194,8 @@ class ControlApi:
             ]
             if agent.degraded is not None:
                 parts.append(f"degraded: {agent.degraded}")
+            if agent.exporter_error is not None:
+                parts.append(agent.exporter_error)
         return ", ".join(parts)
 
     def snapshot(self) -> AgentSnapshot:
@@ -211,4 +216,5 @@ class ControlApi:
                 poll_duration_s=agent.poll_duration_s,
                 transitions=dict(agent.transition_counts),
                 restarts=dict(child.restarts) if child is not None else {},
+                restart_seconds=child.restart_seconds() if child is not None else 0.0,
             )

@@ -4,6 +4,8 @@ Rules that keep the files trustworthy after crashes, rotation and full disks:
 
 - A file is created with ``O_EXCL`` and never appended to once closed: a session, a new UTC day,
   the size cap and ``reopen()`` (SIGHUP from logrotate) each start a new file, with its header.
+  A name is used once, even within one second: a name whose file logrotate renamed away
+  (``.csv.1``, ``.csv.1.gz``) is taken too, and the next ``_NNN`` suffix is used.
 - A tick's rows go out in ONE ``os.write`` on an ``O_APPEND`` descriptor, with no userspace
   buffer, so after SIGKILL a row is whole or absent. A short write (disk full) is truncated back
   to the last good length, so a later successful write never follows half a row.
@@ -68,6 +70,23 @@ def safe_host(name: str) -> str:
     return cleaned or "localhost"
 
 
+def _rotated_names(directory: Path, base: str) -> set[str]:
+    """Names starting with ``base`` whose file logrotate has renamed (``x.csv.1``, ``x.csv.1.gz``).
+
+    Such a name is used up even though the file itself is gone: a new file under it would be
+    rotated onto the older copy's name, and logrotate's ``rotate`` count would delete the older
+    copy (a forced rotation in a file's first second did exactly this).
+    """
+    taken: set[str] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(directory):
+            if entry.startswith(base):
+                head, sep, _ = entry.partition(".csv.")
+                if sep:
+                    taken.add(head + ".csv")
+    return taken
+
+
 class _CsvFile:
     """One open output file of a kind (``gpu`` or ``host``) and what was written to it."""
 
@@ -87,9 +106,12 @@ class _CsvFile:
         base = f"{self.prefix}-{stamp}-{self.host}"
         with contextlib.suppress(FileExistsError):
             self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        taken = _rotated_names(self.directory, base)
         for n in range(_MAX_SUFFIX + 1):
             # "_NNN" sorts after the bare name, so names still sort by creation time.
             name = f"{base}.csv" if n == 0 else f"{base}_{n:03d}.csv"
+            if name in taken:
+                continue
             path = self.directory / name
             try:
                 fd = os.open(path, _OPEN_FLAGS, 0o640)

@@ -58,6 +58,16 @@ HOST_FAMILIES: tuple[_Family, ...] = tuple(_from_field(f) for f in HOST_FIELDS i
 GPU_LOST = _family(
     "gputel_gpu_lost", "Whether the GPU has fallen off the bus or stopped answering (1).", "gauge"
 )
+GPU_READ_STUCK = _family(
+    "gputel_gpu_read_stuck",
+    "Whether the GPU's read missed its deadline this tick (1: a hung driver call; values empty).",
+    "gauge",
+)
+GPU_FIELD_ERRORS = _family(
+    "gputel_gpu_field_errors_total",
+    "Reads of one GPU field that failed (the field is empty for that tick).",
+    "counter",
+)
 CLOCK_REASON = _family(
     "gputel_gpu_clock_event_reason_active",
     "Whether a clock event (throttle) reason is active (1) or not (0), from NVML's bitmask.",
@@ -88,6 +98,8 @@ LAST_SAMPLE = _family(
 ALL_FAMILIES: tuple[_Family, ...] = (
     *GPU_FAMILIES,
     GPU_LOST,
+    GPU_READ_STUCK,
+    GPU_FIELD_ERRORS,
     CLOCK_REASON,
     *HOST_FAMILIES,
     HWMON,
@@ -138,6 +150,7 @@ class SampleCollector(Collector):
         self._gpu_labels: dict[tuple[int, str, str], tuple[_Labels, list[_Labels]]] = {}
         self._source_labels: dict[str, _Labels] = {}
         self._hwmon_labels: dict[tuple[str, str], _Labels] = {}
+        self._error_labels: dict[tuple[int, str, str], _Labels] = {}
 
     def _labels_for(self, index: int, uuid: str, name: str) -> tuple[_Labels, list[_Labels]]:
         key = (index, uuid, name)
@@ -147,6 +160,13 @@ class SampleCollector(Collector):
             reasons = [_Labels({**labels, "reason": reason}) for _, reason in CLOCK_EVENT_REASONS]
             found = (_Labels(labels), reasons)
             self._gpu_labels[key] = found
+        return found
+
+    def _field_labels(self, index: int, uuid: str, key: str) -> _Labels:
+        found = self._error_labels.get((index, uuid, key))
+        if found is None:
+            found = _Labels({"gpu": str(index), "uuid": uuid, "field": key})
+            self._error_labels[(index, uuid, key)] = found
         return found
 
     def families(self) -> list[tuple[_Family, list[Row]]]:
@@ -176,6 +196,14 @@ class SampleCollector(Collector):
             if rows:
                 out.append((fam, rows))
         out.append((GPU_LOST, [(labels, 1 if g.lost else 0) for g, (labels, _) in gpus]))
+        out.append((GPU_READ_STUCK, [(labels, 1 if g.stuck else 0) for g, (labels, _) in gpus]))
+        errors: list[Row] = [
+            (self._field_labels(g.index, g.uuid, key), count)
+            for g in sample.gpus
+            for key, count in sorted(g.field_errors.items())
+        ]
+        if errors:
+            out.append((GPU_FIELD_ERRORS, errors))
         rows = []
         for g, (_, reason_labels) in gpus:
             mask = g.clock_event_reasons

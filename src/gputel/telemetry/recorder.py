@@ -32,13 +32,14 @@ from types import FrameType
 
 from gputel import runtime
 from gputel.allocstats import AllocationStats
-from gputel.control.allocations import parse_store
+from gputel.control.allocations import parse_store, recorder_stats_entry
 from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
 from gputel.schema import Sample
 from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
 from gputel.telemetry.csv_sink import DEFAULT_MAX_BYTES, CsvSink
 from gputel.telemetry.exposition import Exposition
+from gputel.telemetry.gpu_deadline import with_read_deadline
 from gputel.telemetry.head import HeadTick, head_rows, take_head
 from gputel.telemetry.metrics_http import MetricsServer
 from gputel.telemetry.promtext import telemetry_active_text
@@ -53,6 +54,7 @@ class OpenAllocation:
     id: str
     gpus: tuple[int, ...] | None
     """None: every recorded GPU."""
+    start: str
 
 
 class AllocationWatcher:
@@ -87,7 +89,7 @@ class AllocationWatcher:
                 log.warning("ignoring %s: not an allocation list", self.path)
             return ()
         return tuple(
-            OpenAllocation(a.id, None if a.gpus is None else tuple(a.gpus)) for a in allocs
+            OpenAllocation(a.id, None if a.gpus is None else tuple(a.gpus), a.start) for a in allocs
         )
 
 
@@ -127,6 +129,11 @@ class Recorder:
         self._alloc_ids: tuple[str, ...] = ()
         self._gpu_alloc: dict[int, tuple[str, ...]] = {}
         self._alloc_stats: dict[str, AllocationStats] = {}
+        self._previous_state: object = (
+            runtime.read_json(self.run_dir / runtime.RECORDER_STATE_FILE) if write_runtime else None
+        )
+        """The last ``recorder.json`` of the recorder before us (a crashed or stopped child):
+        the statistics of allocations still open go on from it."""
         self.ticks = 0
         self.last_tick_monotonic: float | None = None
         self._stop = False
@@ -239,8 +246,12 @@ class Recorder:
         current = {a.id for a in allocs}
         for gone in set(self._alloc_stats) - current:
             del self._alloc_stats[gone]
+        previous, self._previous_state = self._previous_state, None
         for a in allocs:
-            self._alloc_stats.setdefault(a.id, AllocationStats())
+            if a.id not in self._alloc_stats:
+                entry = recorder_stats_entry(previous, a.id, a.start)
+                carried = AllocationStats.from_json(entry) if entry is not None else None
+                self._alloc_stats[a.id] = carried or AllocationStats()
 
     def _publish(self, sample: Sample, data: bytes) -> None:
         state = {
@@ -253,6 +264,7 @@ class Recorder:
             "rows_failed": self.sink.rows_failed,
             "ticks_missed": self.ticker.missed,
             "allocation_stats": {k: v.to_json() for k, v in self._alloc_stats.items()},
+            "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
             "pretrigger": {"ticks": self.head_ticks, "seconds": round(self.head_s, 3)},
         }
         try:
@@ -295,6 +307,7 @@ def run_record(settings: Settings, *, child: bool) -> int:
     gpu_source, notice = open_gpu_source(settings)
     if notice:
         log.warning("%s", notice)
+    gpu_source = with_read_deadline(gpu_source, settings.interval_s)
     host_sources = open_host_sources(settings)
 
     # Only a child publishes recorder.json and metrics.prom: they exist for its agent. A

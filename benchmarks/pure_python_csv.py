@@ -1,4 +1,4 @@
-"""Reading recorded CSVs back: file discovery, plain or gzip, streamed row by row.
+"""The pure-Python CSV reader of earlier versions, kept only as the benchmark's baseline.
 
 Analysis must stay flat in memory for a week of 8-GPU data, so nothing here loads a whole file:
 rows are yielded one at a time as plain tuples with a column index. Files are found in the log
