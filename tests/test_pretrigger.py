@@ -224,6 +224,7 @@ def test_child_writes_the_head_before_its_own_rows(tmp_path: Path) -> None:
     )
     n_head = 2 * state["pretrigger"]["ticks"]
     head, own = rows[:n_head], rows[n_head:]
+    assert {r["pretrigger"] for r in head} == {"1"} and {r["pretrigger"] for r in own} == {"0"}
     # The first row is from before the GPUs got busy (1 s after the epoch).
     first = datetime.fromisoformat(rows[0]["timestamp"].replace("Z", "+00:00"))
     busy_at = datetime.fromtimestamp(now_wall - 2.0, timezone.utc)
@@ -327,9 +328,10 @@ def test_a_load_that_starts_at_t_has_its_first_row_before_t(
     assert _stamp(rows[0]["timestamp"]) < _stamp(first_busy["timestamp"]) <= arming
     # ...reaching back well before telemetry came on (2 s idle + 0.5 s arming).
     assert on - _stamp(rows[0]["timestamp"]) >= timedelta(seconds=1.5)
-    head = [r for r in rows if r["utilization_memory_pct"] == ""]
+    head = [r for r in rows if r["pretrigger"] == "1"]
     own = rows[len(head) :]
-    assert head and own and all(r["utilization_memory_pct"] != "" for r in own)
+    assert head and own and all(r["pretrigger"] == "0" for r in own)
+    assert all(r["utilization_memory_pct"] == "" for r in head)  # the agent does not read it
     assert _stamp(head[-1]["timestamp"]) < _stamp(own[0]["timestamp"])
     assert not (agent.run_dir / runtime.PRETRIGGER_FILE).exists()
 
@@ -375,5 +377,5 @@ def test_pretrigger_zero_starts_the_file_at_the_session(
     _until_recording(agent)
     rows, _ = _session_rows(agent)
     assert _stamp(rows[0]["timestamp"]) >= _transition(agent, "telemetry_on")
-    assert all(r["utilization_memory_pct"] != "" for r in rows)
+    assert all(r["pretrigger"] == "0" and r["utilization_memory_pct"] != "" for r in rows)
     assert all(r["utilization_gpu_pct"] == "90.0" for r in rows)
