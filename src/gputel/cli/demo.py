@@ -30,8 +30,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-#: GPU 0 idles 3 s, works 8 s, idles; GPU 1 works a little later and less.
-DEMO_PATTERN = "0:3,85:8,0:30;0:4,55:6,0:30"
+#: GPU 0 idles 3 s, works 8 s (4 of them at full power, held by the power cap), idles; GPU 1
+#: works a little later and less.
+DEMO_PATTERN = "0:3,85:4,100:4,0:30;0:4,55:6,0:30"
 DEMO_INTERVAL_S = 0.5
 DEMO_START_S = 1.0
 DEMO_STOP_S = 3.0
@@ -45,6 +46,10 @@ class DemoResult:
     message: str
     states_seen: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+    """The session as ``gputel report --json`` gives it (None without the analysis extra)."""
+    plot: Path | None = None
+    """The timeline picture, when matplotlib is installed."""
 
 
 def _free_port(addr: str = "127.0.0.1") -> int:
@@ -277,6 +282,9 @@ def run_demo(
     ok = finished and proc.returncode == 0
     files = sorted(log_dir.glob("*.csv")) if log_dir.is_dir() else []
     _show_files(console, log_dir, files)
+    summary = plot_path = None
+    if ok:
+        summary, plot_path = _answer(console, log_dir, directory / "timeline.png")
     if ok:
         console.print(f"[bold green]done[/]: {message}; the agent exited cleanly.")
     else:
@@ -288,7 +296,63 @@ def run_demo(
         console.print(f"files kept in {directory} (remove it when done)")
     else:
         shutil.rmtree(directory, ignore_errors=True)
-    return DemoResult(ok, directory, log_dir, message, seen, files)
+    return DemoResult(ok, directory, log_dir, message, seen, files, summary, plot_path)
+
+
+def _answer(
+    console: Console, log_dir: Path, picture: Path
+) -> tuple[dict[str, Any] | None, Path | None]:
+    """The recorded session as the report code sums it, the plot, and the commands to go on.
+
+    Both come from the analysis code (DuckDB, matplotlib: the ``analysis`` extra); without it the
+    demo says how to install it rather than summing the CSVs a second way.
+    """
+    from gputel.analysis.duck import INSTALL_HINT, AnalysisUnavailable
+    from gputel.analysis.plot import PlotUnavailable, plot
+    from gputel.analysis.report import build_report
+
+    console.print("\n[bold]The session[/] (from the report code, as `gputel report` sums it):")
+    try:
+        report = build_report([log_dir])
+    except AnalysisUnavailable:
+        console.print(f"  the summary needs the analysis extra: {INSTALL_HINT}")
+        return None, None
+    sessions = [s for s in report["sessions"] if s["gpus"]]
+    session = sessions[-1] if sessions else None
+    if session is None:
+        console.print("  no GPU rows were recorded")
+        return None, None
+    console.print(
+        f"  duration {_num(session['duration_s'], 1)} s, of which pre-trigger "
+        f"{_num(session.get('pretrigger_s'), 1)} s (recorded before telemetry started)"
+    )
+    table = Table(box=None, padding=(0, 2), show_edge=False)
+    for col in ("GPU", "energy", "mean power", "peak power", "throttled"):
+        table.add_column(col, justify="right")
+    for g in session["gpus"]:
+        table.add_row(
+            str(g["gpu"]),
+            f"{_num(g['energy_j'], 1)} J",
+            f"{_num(g['power_mean_w'], 1)} W",
+            f"{_num(g['power_peak_w'], 1)} W",
+            f"{_num(g.get('throttled_s'), 1)} s",
+        )
+    console.print(table)
+    made: Path | None = None
+    try:
+        plot([log_dir], picture)
+        made = picture
+        console.print(f"plot: {picture}")
+    except (PlotUnavailable, AnalysisUnavailable):
+        console.print(f"no plot: it needs matplotlib ({INSTALL_HINT})")
+    console.print("go further:")
+    console.print(f"  gputel report {log_dir}")
+    console.print(f"  gputel plot {log_dir} -o timeline.png")
+    return session, made
+
+
+def _num(value: object, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
 
 
 def _exit_on_signals(signums: tuple[int, ...]) -> dict[int, Any]:
