@@ -203,3 +203,19 @@ def test_a_person_running_the_demo_sees_the_live_view_and_the_answer(tmp_path: P
         assert f"gputel plot {tmp_path / 'demo' / 'log'}" in summary
     finally:
         subprocess.run([*server, "kill-server"], capture_output=True)
+
+
+def test_without_the_analysis_extra_the_demo_says_how_to_get_the_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gputel.analysis import duck
+    from gputel.cli import demo
+
+    def no_duckdb(threads: int | None = None) -> None:
+        raise duck.AnalysisUnavailable(f"this command needs DuckDB: {duck.INSTALL_HINT}")
+
+    monkeypatch.setattr(duck, "connect", no_duckdb)
+    out = io.StringIO()
+    summary, picture = demo._answer(Console(file=out, width=120), tmp_path, tmp_path / "t.png")
+    assert (summary, picture) == (None, None)
+    assert "pip install 'gputel[analysis]'" in out.getvalue()

@@ -315,7 +315,7 @@ def _answer(
     try:
         report = build_report([log_dir])
     except AnalysisUnavailable:
-        console.print(f"  the summary needs the analysis extra: {INSTALL_HINT}")
+        console.print(f"  the summary needs the analysis extra: {INSTALL_HINT}", markup=False)
         return None, None
     sessions = [s for s in report["sessions"] if s["gpus"]]
     session = sessions[-1] if sessions else None
@@ -342,12 +342,12 @@ def _answer(
     try:
         plot([log_dir], picture)
         made = picture
-        console.print(f"plot: {picture}")
+        console.print(f"plot: {picture}", markup=False)
     except (PlotUnavailable, AnalysisUnavailable):
-        console.print(f"no plot: it needs matplotlib ({INSTALL_HINT})")
+        console.print(f"no plot: it needs matplotlib ({INSTALL_HINT})", markup=False)
     console.print("go further:")
-    console.print(f"  gputel report {log_dir}")
-    console.print(f"  gputel plot {log_dir} -o timeline.png")
+    console.print(f"  gputel report {log_dir}", markup=False)
+    console.print(f"  gputel plot {log_dir} -o timeline.png", markup=False)
     return session, made
 
 
