@@ -227,9 +227,6 @@ class Agent:
         from gputel.control.protocol import ControlSocketInUse
         from gputel.control.server import ControlServer
 
-        # /metrics first: once the control socket answers, the agent is up, exporter included.
-        if s.exporter_port:
-            self._start_http(self.clock())
         self._control = ControlServer(socket_path(s.run_dir), self.api.handle)
         try:
             self._control.start()
@@ -239,6 +236,8 @@ class Agent:
         except OSError as exc:
             self._control = None
             raise AgentError(f"cannot create the control socket: {exc}") from None
+        if s.exporter_port:
+            self._start_http(self.clock())
         log.info(
             "gputel agent %s running: backend %s, %d GPU(s), interval %gs, run dir %s, "
             "log dir %s, exporter %s",
