@@ -344,16 +344,20 @@ def test_a_session_started_by_activity_gets_the_head(node: Callable[..., Node]) 
     # The last 4 s of readings, ending with the tick that started the session.
     now = n.clock()
     assert spawned_with == [[now - 4, now - 3, now - 2, now - 1, now]]
-    # While the child starts, each tick refreshes the head up to that tick.
+    # While the child starts, each tick adds its reading after the whole window.
     n.tick()
-    assert [t.monotonic for t in decode_head(head_file(n).read_bytes())][-1] == n.clock()
+    n.tick()
+    head = [t.monotonic for t in decode_head(head_file(n).read_bytes())]
+    assert head == [now - 4, now - 3, now - 2, now - 1, now, now + 1, now + 2]
     # The child ticks: what is left is removed, and the ring starts over.
     n.beat()
     n.tick()
     assert not head_file(n).exists()
     assert n.agent.handoff is not None and len(n.agent.handoff.ring) == 0
-    n.tick()
+    st = n.tick()
     assert len(n.agent.handoff.ring) == 0  # no readings kept while the child records
+    # The light read goes on: status shows each GPU's power.
+    assert [g["power_w"] for g in st["gpus"]] == [190.0, 100.0]
 
 
 def test_a_restarted_child_gets_no_head_but_the_next_session_does(
@@ -400,6 +404,7 @@ def test_pretrigger_off_reads_only_utilization(node: Callable[..., Node]) -> Non
         n.tick(util=90.0)
     assert len(n.running) == 1
     assert n.agent.handoff is None and calls == [] and not head_file(n).exists()
+    assert [g["power_w"] for g in n.agent.api.status()["gpus"]] == [None, None]
 
 
 def test_hysteresis_timing_does_not_depend_on_the_pretrigger(tmp_path: Path) -> None:

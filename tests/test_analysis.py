@@ -43,6 +43,7 @@ def write_gpu_csv(
     reasons: Callable[[int, float], int | None] = lambda k, u: 4 if u > 50 else 0,
     power_supported: bool = True,
     sm: Callable[[int, int], float | None] = lambda k, g: None,
+    head: int = 0,
 ) -> dict[int, float]:
     """Rows like the recorder's; returns per-GPU joules between the first and last written row.
 
@@ -76,6 +77,7 @@ def write_gpu_csv(
                         energy_j=counters[g] - first.get(g, counters[g]),
                         clock_event_reasons=reasons(k, u),
                         allocations=allocations(k),
+                        pretrigger=1 if k < head else 0,
                     )
                     if power_supported:
                         first.setdefault(g, counters[g])
@@ -384,3 +386,30 @@ def test_damaged_csv_is_one_line_naming_the_file(
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and str(path) in lines[0], res.stderr
         assert "Traceback" not in res.stderr
+
+
+def test_pretrigger_seconds_and_throttled_seconds(tmp_path: Path) -> None:
+    """The head's span before the recorder's first own row; seconds with a slowdown bit."""
+    reasons = {12: 0x4, 13: 0x4 | 0x40, 14: 0x1, 15: 0x2}  # power cap, + thermal, idle, setting
+    write_gpu_csv(
+        tmp_path / "gpu-20261122T100000Z-node1.csv",
+        T0,
+        30,
+        pattern,
+        interval=0.5,
+        head=8,
+        reasons=lambda k, u: reasons.get(k, 0),
+    )
+    write_gpu_csv(tmp_path / "gpu-20261122T110000Z-node1.csv", T0 + timedelta(hours=1), 10, pattern)
+    first, second = build_report([tmp_path])["sessions"]
+    assert first["pretrigger_s"] == 4.0  # 8 head ticks of 0.5 s
+    assert second["pretrigger_s"] == 0.0
+    assert first["duration_s"] == 15.0  # the head is part of the session
+    # Idle and a clocks setting are not throttling; two samples with a slowdown bit are 1 s.
+    assert [g["throttled_s"] for g in first["gpus"]] == [1.0, 1.0]
+    assert first["gpus"][0]["throttle_s"] == {
+        "applications_clocks_setting": 0.5,
+        "gpu_idle": 0.5,
+        "hw_thermal_slowdown": 0.5,
+        "sw_power_cap": 1.0,
+    }

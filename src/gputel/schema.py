@@ -58,6 +58,10 @@ CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
     (0x0000000000000100, "display_clock_setting"),
 )
 
+#: The reasons that mean a real slowdown under load (power cap, thermal, hardware), not an idle
+#: GPU or clocks held by a setting: what "throttled" counts in the report, the plot and the fleet.
+THROTTLE_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+
 MIB = 1024 * 1024
 
 GPU_FIELDS: tuple[Field, ...] = (
@@ -735,6 +739,7 @@ GPU_CSV_COLUMNS: tuple[str, ...] = (
     "lost",
     *(f.csv for f in GPU_FIELDS),
     "allocations",
+    "pretrigger",
 )
 HOST_CSV_COLUMNS: tuple[str, ...] = ("timestamp", *(f.csv for f in HOST_FIELDS))
 MIG_CSV_COLUMNS: tuple[str, ...] = (

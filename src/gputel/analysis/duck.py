@@ -52,7 +52,7 @@ NUMERIC = {
 INTEGER = {"gpu": ("clock_event_reasons",), "host": (), "events": ()}
 #: Text columns kept as they are (ids stay strings).
 TEXT = {
-    "gpu": ("uuid", "name", "lost", "allocations"),
+    "gpu": ("uuid", "name", "lost", "allocations", "pretrigger"),
     "host": (),
     "events": ("uuid", "event", "xid", "detail", "allocations"),
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gputel.analysis.plot import THROTTLE_MASK
+from gputel.schema import THROTTLE_MASK
 
 JOULES_PER_KWH = 3.6e6
 

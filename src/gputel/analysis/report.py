@@ -25,7 +25,7 @@ from typing import Any
 
 from gputel.analysis import duck
 from gputel.analysis.filter import ReportFilter
-from gputel.schema import CLOCK_EVENT_REASONS
+from gputel.schema import CLOCK_EVENT_REASONS, THROTTLE_MASK
 
 JOULES_PER_KWH = 3.6e6
 #: GPU utilization at or above which a GPU is busy while its SM activity under
@@ -74,6 +74,18 @@ def _percentile(bins: dict[int, int], q: float) -> float | None:
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def _pretrigger_s(
+    head: tuple[float | None, float | None] | None, last: float, interval: float | None
+) -> float:
+    """How long before the recorder's first own row the session's pre-trigger head begins."""
+    head_first, own_first = head or (None, None)
+    if head_first is None:
+        return 0.0
+    if own_first is None:  # the recorder never got to its own first row
+        return _round(last - head_first + (interval or 0.0)) or 0.0
+    return _round(max(0.0, own_first - head_first)) or 0.0
 
 
 def _iso(ts: float | None) -> str | None:
@@ -157,6 +169,7 @@ SELECT fid, gpu, ts,
        utilization_gpu_pct AS util, memory_used_mib AS mem, temperature_c AS temp,
        power_w AS power, clock_event_reasons AS reasons, lost = '1' AS lost,
        allocations AS alloc, sm_active_pct AS sm, tensor_active_pct AS tensor, uuid, name,
+       coalesce(pretrigger = '1', false) AS head,
        ts - lag(ts) OVER w AS spacing,
        CASE WHEN energy_j IS NOT NULL AND lag(energy_j) OVER w IS NOT NULL
             THEN greatest(0.0, energy_j - lag(energy_j) OVER w) END AS delta_e,
@@ -244,7 +257,8 @@ def _stats_sql(source: str, keys: str, spacing: str) -> tuple[str, str, str]:
         f"SELECT {keys}, count(*), min(ts), max(ts), avg(util), max(util), max(mem), max(temp), "
         f"sum(delta), count(delta), avg(power), max(power), count(*) FILTER (WHERE lost), "
         f"avg(sm), avg(tensor), count(*) FILTER (WHERE util >= {STALLED_UTIL_PCT} "
-        f"AND sm < {STALLED_SM_PCT}), list(DISTINCT gpu ORDER BY gpu), {bits} "
+        f"AND sm < {STALLED_SM_PCT}), list(DISTINCT gpu ORDER BY gpu), {bits}, "
+        f"count(*) FILTER (WHERE reasons & {THROTTLE_MASK} <> 0) "
         f"FROM {source} GROUP BY ALL"
     )
     hist = (
@@ -284,7 +298,8 @@ class ScopeStats:
         )
         power_peak, lost, sm, tensor, stalled = self.values[10:15]
         interval = interval or _interval_from(self.spacings)
-        throttle = self.values[16:]
+        throttle = self.values[16:-1]
+        throttled = self.values[-1]
         known = energy_n > 0
         return {
             "samples": n,
@@ -307,6 +322,7 @@ class ScopeStats:
                 )
                 if count
             },
+            "throttled_s": _round(throttled * interval) if interval else None,
             "sm_active_mean_pct": _round(sm),
             "tensor_active_mean_pct": _round(tensor),
             "stalled_s": _round(stalled * interval) if interval and sm is not None else None,
@@ -407,6 +423,13 @@ def build_report(
     con.execute(_IDENTITY_SQL)
 
     per_gpu = scope_stats(con, "rv", "sid, gpu", "spacing")
+    heads = {
+        sid: (head_first, own_first)
+        for sid, head_first, own_first in con.execute(
+            "SELECT sid, min(ts) FILTER (WHERE head), min(ts) FILTER (WHERE NOT head) "
+            "FROM rv GROUP BY sid"
+        ).fetchall()
+    }
     identity = {
         (sid, gpu): (uuid or "", name or "")
         for sid, gpu, uuid, name in con.execute("SELECT * FROM ident").fetchall()
@@ -461,6 +484,7 @@ def build_report(
                     "start": _iso(first),
                     "end": _iso(last),
                     "duration_s": _round(last - first + (interval or 0.0)),
+                    "pretrigger_s": _pretrigger_s(heads.get(sid), last, interval),
                     "interval_s": interval,
                     "files": [f.path for f in files],
                     "gpus": gpus_out,

@@ -147,6 +147,8 @@ class Agent:
         """Per GPU, its utilization at the last poll (a MIG GPU, which has none: its activity)."""
         self.activity: dict[int, float | None] = {}
         """Per GPU, what the state machine judged at the last poll (``gputel.activity``)."""
+        self.power: dict[int, float | None] = {}
+        """Board power per GPU from the light read (empty when the pre-trigger is off)."""
         self.util_max: float | None = None
         self.poll_duration_s: float | None = None
         self.degraded: Degraded | None = None
@@ -233,6 +235,10 @@ class Agent:
             s, sim_epoch=self.sim_epoch, spawn=self._spawn_child, clock=self.clock
         )
 
+        # /metrics first: whoever gets an answer on the control socket may scrape at once.
+        if s.exporter_port:
+            self._start_http(self.clock())
+
         from gputel.control.client import socket_path
         from gputel.control.protocol import ControlSocketInUse
         from gputel.control.server import ControlServer
@@ -246,8 +252,6 @@ class Agent:
         except OSError as exc:
             self._control = None
             raise AgentError(f"cannot create the control socket: {exc}") from None
-        if s.exporter_port:
-            self._start_http(self.clock())
         log.info(
             "gputel agent %s running: backend %s, %d GPU(s), interval %gs, run dir %s, "
             "log dir %s, exporter %s",
@@ -530,8 +534,10 @@ class Agent:
         t0 = self.clock()
         handoff = self.handoff
         keep = handoff is not None and handoff.wants_readings(self.wanted)
-        # SM activity comes with the light read only (GPM needs its sample every tick).
-        light = keep or self.settings.activity == "sm"
+        # With a pre-trigger the light read replaces the utilization read (its cheap fields also
+        # give status its power), whether or not this tick's readings go into the ring; SM
+        # activity comes with the light read only (GPM needs its sample every tick).
+        light = handoff is not None or self.settings.activity == "sm"
         wall = time.time()
         if light:
             job = self.gpu.submit(self.source.read_light)
@@ -553,6 +559,7 @@ class Agent:
             self._forget_utilization()
             return None
         self.poll_duration_s = self.clock() - t0
+        power: dict[int, float | None] = {}
         if job.error is not None:
             if self.degraded is None or self.degraded.reason is not DegradedReason.READ_FAILED:
                 log.error("GPU utilization read failed: %s", job.error)
@@ -571,6 +578,7 @@ class Agent:
                 signal = self.settings.activity
                 values = {r.index: activity_pct(r, signal) for r in readings}
                 utilization = {r.index: None if r.lost else r.utilization_gpu_pct for r in readings}
+                power = {r.index: r.power_w for r in readings}
             else:
                 values = dict(job.value or {})
                 utilization = values
@@ -578,6 +586,7 @@ class Agent:
         with self.lock:
             self.utilization = utilization
             self.activity = values
+            self.power = power
             self.util_max = max(known) if known else None
         return self.util_max
 
@@ -586,6 +595,7 @@ class Agent:
         with self.lock:
             self.utilization = dict.fromkeys(self.utilization)
             self.activity = dict.fromkeys(self.activity)
+            self.power = {}
             self.util_max = None
 
     def energy_now(self) -> dict[int, float | None]:

@@ -149,6 +149,7 @@ class ControlApi:
                     "name": d.name,
                     "utilization_gpu_pct": agent.utilization.get(d.index),
                     "activity_pct": agent.activity.get(d.index),
+                    "power_w": agent.power.get(d.index),
                 }
                 for d in agent.devices
             ]

@@ -14,7 +14,8 @@ Rules that keep the files trustworthy after crashes, rotation and full disks:
   recovers, and retried on the next tick; sampling and exporting never wait for the disk.
 
 A session may begin with the pre-trigger head (``write_head``): the agent's readings from
-before telemetry started, GPU rows only, at the head of the first ``gpu-*.csv``.
+before telemetry started, GPU rows only, at the head of the first ``gpu-*.csv``, marked by a 1
+in their ``pretrigger`` column.
 
 Every value cell is written at its field's precision from the schema table (``Field.decimals``),
 through ``formats.csv_cell``.
@@ -259,7 +260,9 @@ class CsvSink:
         for tick in ticks:
             sample = Sample(tick.timestamp, tick.monotonic, list(tick.gpus), HostReading(), [])
             stamp = iso_utc_ms(tick.timestamp)
-            err = self._emit(self._gpu, tick.timestamp, partial(self._gpu_rows, sample, stamp))
+            err = self._emit(
+                self._gpu, tick.timestamp, partial(self._gpu_rows, sample, stamp, True)
+            )
             if err:
                 self._failures.failed(len(tick.gpus), f"{self.log_dir}: {err}")
             else:
@@ -290,8 +293,9 @@ class CsvSink:
             return f"{f.prefix}: {exc.strerror or exc}"
         return None
 
-    def _gpu_rows(self, sample: Sample, stamp: str) -> bytes:
+    def _gpu_rows(self, sample: Sample, stamp: str, head: bool = False) -> bytes:
         lines: list[str] = []
+        pretrigger = "1" if head else "0"
         energy = self._energy
         default_alloc = ";".join(sample.allocations)
         per_gpu = sample.gpu_allocations
@@ -311,6 +315,7 @@ class CsvSink:
             ]
             cells.extend(map(csv_cell, values, _GPU_DECIMALS))
             cells.append(csv_cell(alloc) if alloc else "")
+            cells.append(pretrigger)
             lines.append(",".join(cells))
         lines.append("")
         return "\n".join(lines).encode()
