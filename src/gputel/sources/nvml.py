@@ -40,6 +40,7 @@ from gputel.energy import PowerIntegrator
 from gputel.formats import one_line
 from gputel.schema import MIB, GpuReading
 from gputel.sources.base import GpuIdentity, GpuSelectionError, GpuSourceError
+from gputel.sources.nvml_processes import NvmlProcessReader
 
 log = logging.getLogger("gputel.nvml")
 
@@ -244,11 +245,21 @@ class NvmlGpuSource:
         self._batch = [
             (key, int(getattr(nv, const, default))) for key, const, default in _BATCH_FIELDS
         ]
+        self._processes = NvmlProcessReader(self._ask)
 
     # ---------------------------------------------------------------- the one way to ask NVML
-    def _ask(self, gpu: _Gpu, key: str, fn_name: str, *args: Any, **kwargs: Any) -> Any:
+    def _ask(
+        self,
+        gpu: _Gpu,
+        key: str,
+        fn_name: str,
+        *args: Any,
+        quiet: frozenset[int] = frozenset(),
+        **kwargs: Any,
+    ) -> Any:
         """Call ``fn_name(handle, *args)`` for ``key``; None when it gives no value.
 
+        ``quiet``: return codes that are an answer ("nothing to report"), not a failure.
         Raises _GpuLost when the GPU is (or just became) lost.
         """
         if gpu.lost:
@@ -263,7 +274,10 @@ class NvmlGpuSource:
         try:
             return fn(gpu.handle, *args, **kwargs)
         except self._error as exc:
-            self._failed(gpu, key, getattr(exc, "value", None), one_line(exc))
+            code = getattr(exc, "value", None)
+            if code in quiet:
+                return None
+            self._failed(gpu, key, code, one_line(exc))
             return None
 
     def _failed(self, gpu: _Gpu, key: str, code: int | None, detail: str) -> None:
@@ -500,6 +514,7 @@ class NvmlGpuSource:
         for attr, counter, default in _PCIE_COUNTERS:
             kib = self._ask(gpu, attr, "nvmlDeviceGetPcieThroughput", self._const(counter, default))
             setattr(r, attr, None if kib is None else float(kib) * _KIB)
+        r.processes = self._processes.read(gpu)
 
     # --------------------------------------------------------------------------- GpuSource
     def devices(self) -> list[GpuIdentity]:
