@@ -1,4 +1,6 @@
-"""The per-second CSV files: ``gpu-*.csv`` (one row per GPU per tick) and ``host-*.csv``.
+"""The per-second CSV files: ``gpu-*.csv`` (one row per GPU per tick), ``host-*.csv`` and
+``processes-*.csv`` (one row per GPU process per tick; a file is opened only once a tick has a
+process, under the same session, day, size and reopen rules).
 
 Rules that keep the files trustworthy after crashes, rotation and full disks:
 
@@ -43,6 +45,8 @@ from gputel.schema import (
     GPU_FIELDS,
     HOST_CSV_COLUMNS,
     HOST_FIELDS,
+    PROCESS_CSV_COLUMNS,
+    PROCESS_DECIMALS,
     HostReading,
     Sample,
 )
@@ -58,6 +62,8 @@ _ENERGY_POS = _GPU_VALUE_ATTRS.index("energy_j")
 _GPU_DECIMALS = tuple(f.decimals for f in GPU_FIELDS)
 _HOST_VALUE_ATTRS = tuple(f.attr for f in HOST_FIELDS)
 _HOST_DECIMALS = tuple(f.decimals for f in HOST_FIELDS)
+_MEMORY_DECIMALS = PROCESS_DECIMALS["memory_used_mib"]
+_SM_DECIMALS = PROCESS_DECIMALS["sm_util_pct"]
 
 
 def short_hostname() -> str:
@@ -165,6 +171,7 @@ class CsvSink:
         hostname = safe_host(host) if host is not None else short_hostname()
         self._gpu = _CsvFile(self.log_dir, "gpu", hostname, GPU_CSV_COLUMNS)
         self._host = _CsvFile(self.log_dir, "host", hostname, HOST_CSV_COLUMNS)
+        self._procs = _CsvFile(self.log_dir, "processes", hostname, PROCESS_CSV_COLUMNS)
         self._failures = FailureCounter(
             log,
             "cannot write CSV rows in %s; counting failed rows "
@@ -192,16 +199,22 @@ class CsvSink:
     def host_path(self) -> Path | None:
         return self._host.path if self._host.fd is not None else None
 
+    @property
+    def processes_path(self) -> Path | None:
+        return self._procs.path if self._procs.fd is not None else None
+
     def paths(self) -> dict[str, str | None]:
         return {
             "gpu": str(self.gpu_path) if self.gpu_path else None,
             "host": str(self.host_path) if self.host_path else None,
+            "processes": str(self.processes_path) if self.processes_path else None,
         }
 
     def reopen(self) -> None:
         """Close the current files; the next write starts new ones (logrotate's SIGHUP)."""
         self._close_gpu()
         self._host.close()
+        self._procs.close()
 
     def close(self) -> None:
         self.reopen()
@@ -224,6 +237,13 @@ class CsvSink:
         if err:
             errors.append(err)
             failed += 1
+        if sample.processes:
+            err = self._emit(
+                self._procs, sample.timestamp, lambda: self._process_rows(sample, stamp)
+            )
+            if err:
+                errors.append(err)
+                failed += len(sample.processes)
         if failed:
             self._failures.failed(failed, f"{self.log_dir}: {'; '.join(errors)}")
         else:
@@ -289,6 +309,25 @@ class CsvSink:
             cells.extend(map(csv_cell, values, _GPU_DECIMALS))
             cells.append(csv_cell(alloc) if alloc else "")
             lines.append(",".join(cells))
+        lines.append("")
+        return "\n".join(lines).encode()
+
+    def _process_rows(self, sample: Sample, stamp: str) -> bytes:
+        lines = [
+            ",".join(
+                (
+                    stamp,
+                    str(p.gpu),
+                    str(p.pid),
+                    csv_cell(p.user),
+                    csv_cell(p.command),
+                    csv_cell(p.job),
+                    csv_cell(p.memory_used_mib, _MEMORY_DECIMALS),
+                    csv_cell(p.sm_util_pct, _SM_DECIMALS),
+                )
+            )
+            for p in sample.processes
+        ]
         lines.append("")
         return "\n".join(lines).encode()
 

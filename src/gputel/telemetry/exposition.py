@@ -28,6 +28,7 @@ from gputel.schema import (
     HOST_FIELDS,
     HWMON_HELP,
     HWMON_METRIC,
+    MIB,
     Field,
     Sample,
 )
@@ -73,6 +74,16 @@ CLOCK_REASON = _family(
     "Whether a clock event (throttle) reason is active (1) or not (0), from NVML's bitmask.",
     "gauge",
 )
+JOB_MEMORY = _family(
+    "gputel_gpu_job_memory_used_bytes",
+    "GPU memory used by the processes of one job on the GPU (job empty: owner unknown).",
+    "gauge",
+)
+JOB_SM_UTIL = _family(
+    "gputel_gpu_job_sm_util_ratio",
+    "Share of SM time the processes of one job used over the driver's last sample period.",
+    "gauge",
+)
 HWMON = _family(HWMON_METRIC, HWMON_HELP, "gauge")
 SOURCE_UP = _family("gputel_source_up", "Whether the source's last read succeeded (1).", "gauge")
 SOURCE_DURATION = _family(
@@ -101,6 +112,8 @@ ALL_FAMILIES: tuple[_Family, ...] = (
     GPU_READ_STUCK,
     GPU_FIELD_ERRORS,
     CLOCK_REASON,
+    JOB_MEMORY,
+    JOB_SM_UTIL,
     *HOST_FAMILIES,
     HWMON,
     SOURCE_UP,
@@ -151,6 +164,7 @@ class SampleCollector(Collector):
         self._source_labels: dict[str, _Labels] = {}
         self._hwmon_labels: dict[tuple[str, str], _Labels] = {}
         self._error_labels: dict[tuple[int, str, str], _Labels] = {}
+        self._job_labels: dict[tuple[int, str, str], _Labels] = {}
 
     def _labels_for(self, index: int, uuid: str, name: str) -> tuple[_Labels, list[_Labels]]:
         key = (index, uuid, name)
@@ -213,6 +227,34 @@ class SampleCollector(Collector):
                 rows.append((rl, 1 if mask & bit else 0))
         if rows:
             out.append((CLOCK_REASON, rows))
+        if sample.processes:
+            self._job_families(sample, out)
+
+    def _job_families(self, sample: Sample, out: list[tuple[_Family, list[Row]]]) -> None:
+        """Per GPU and job, never per PID: a job's processes add up (bounded cardinality)."""
+        uuids = {g.index: g.uuid for g in sample.gpus}
+        memory: dict[tuple[int, str], float] = {}
+        sm: dict[tuple[int, str], float] = {}
+        for p in sample.processes:
+            key = (p.gpu, p.job or "")
+            if p.memory_used_mib is not None:
+                memory[key] = memory.get(key, 0.0) + p.memory_used_mib * MIB
+            if p.sm_util_pct is not None:
+                sm[key] = sm.get(key, 0.0) + p.sm_util_pct * 0.01
+        for fam, values in ((JOB_MEMORY, memory), (JOB_SM_UTIL, sm)):
+            if values:
+                out.append((fam, [(self._job_label(k, uuids), v) for k, v in values.items()]))
+
+    def _job_label(self, key: tuple[int, str], uuids: dict[int, str]) -> _Labels:
+        gpu, job = key
+        uuid = uuids.get(gpu, "")
+        found = self._job_labels.get((gpu, uuid, job))
+        if found is None:
+            if len(self._job_labels) > 4096:
+                self._job_labels.clear()  # jobs come and go; keep the cache bounded
+            found = _Labels({"gpu": str(gpu), "uuid": uuid, "job": job})
+            self._job_labels[(gpu, uuid, job)] = found
+        return found
 
     def _host_families(self, sample: Sample, out: list[tuple[_Family, list[Row]]]) -> None:
         host = sample.host
