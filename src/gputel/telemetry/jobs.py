@@ -43,7 +43,8 @@ class ProcessAttribution:
 
     At start it checks once whether the host's PIDs (the ones NVML reports) can be looked up
     under the proc root (``host_pids_hidden``); if not, ``notice`` says why and how to fix it
-    (logged once here; ``gputel status`` shows it) and processes are recorded without owners.
+    (the recorder logs it once, ``gputel status`` shows it) and processes are recorded without
+    owners.
     """
 
     def __init__(self, proc_root: Path) -> None:
@@ -51,8 +52,6 @@ class ProcessAttribution:
         self.resolver: OwnerResolver | None = None
         if self.notice is None:
             self.resolver = OwnerResolver(proc_root)
-        else:
-            log.warning("%s", self.notice)
 
     def records(self, gpus: Iterable[GpuReading]) -> list[ProcessRecord]:
         """One record per process per GPU, owners filled where known, in GPU then NVML order."""

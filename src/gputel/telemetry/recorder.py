@@ -25,7 +25,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -131,6 +131,8 @@ class Recorder:
         self._gpu_alloc: dict[int, tuple[str, ...]] = {}
         self._alloc_stats: dict[str, AllocationStats] = {}
         self.attribution = ProcessAttribution(settings.proc_root)
+        if self.attribution.notice:
+            log.warning("%s", self.attribution.notice)
         self.detected = DetectedJobs(SummaryLog(settings.log_dir))
         self._wallclock = wallclock
         self._previous_state: object = (
@@ -287,18 +289,7 @@ class Recorder:
             "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
             "pretrigger": {"ticks": self.head_ticks, "seconds": round(self.head_s, 3)},
             "detected": self.detected.open(),
-            "processes": [
-                {
-                    "gpu": p.gpu,
-                    "pid": p.pid,
-                    "user": p.user,
-                    "command": p.command,
-                    "job": p.job,
-                    "memory_used_mib": p.memory_used_mib,
-                    "sm_util_pct": p.sm_util_pct,
-                }
-                for p in sample.processes
-            ],
+            "processes": [asdict(p) for p in sample.processes],
             "processes_notice": self.attribution.notice,
         }
         try:
