@@ -17,6 +17,9 @@ import pytest
 from fakedriver import MIB, FakeDriver
 from fakeproc import add_kthreadd, add_process
 from test_agent_e2e import AgentProc, pid_alive, promtool_ok, wait_for
+from test_slurm import Daemons, _wait, slurm
+
+__all__ = ["slurm"]  # the real single-node Slurm fixture
 
 POD_UID = "1d4a2b3c-5e6f-4a1b-8c9d-0242ac120002"
 SLURM_PID, POD_PID, USER_PID, GONE_PID = 4242, 4343, 4444, 4545
@@ -291,3 +294,93 @@ def test_status_without_agent_lists_processes(fake_driver: FakeDriver, tmp_path:
     human = fake_driver.run_gputel("status", env=env)
     assert human.returncode == 0, human.stderr
     assert "slurm-77" in human.stdout and "python train.py" in human.stdout
+
+
+# ---------------------------------------------------------------------------------- real Slurm
+def copy_process(real: int, root: Path, cgroup: str) -> None:
+    """``root/<real>`` from the live ``/proc/<real>``, with ``cgroup`` as its cgroup text."""
+    d = root / str(real)
+    d.mkdir(parents=True)
+    for name in ("stat", "status", "cmdline", "comm", "environ"):
+        (d / name).write_bytes(Path(f"/proc/{real}/{name}").read_bytes())
+    (d / "cgroup").write_text(cgroup)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("slurm", [False], indirect=True)
+def test_real_slurm_job_on_a_gpu_is_tagged_without_the_prolog(
+    fake_driver: FakeDriver,
+    tmp_path: Path,
+    slurm: tuple[Path, dict[str, str], Daemons],
+) -> None:
+    """A real batch job (no gputel prolog) whose process appears on a GPU of the fake driver.
+
+    The suite's Slurm runs without a cgroup plugin (``proctrack/linuxproc``, ``task/none``) and
+    its slurmd is started by the test, not by systemd, so the job's real cgroup names no Slurm
+    cgroup at all. The job's process is real and so is its environment (``SLURM_JOB_ID``, set
+    by slurmstepd); the fake /proc copies them and gives the process the cgroup such a node has
+    under systemd (the step in ``slurmd.service``), whose job id comes from the environment.
+    """
+    base, env, daemons = slurm
+    root = tmp_path / "proc"
+    add_kthreadd(root)
+    a = AgentProc(
+        tmp_path / "agent",
+        fake_driver.env(
+            {},
+            GPUTEL_BACKEND="nvml",
+            GPUTEL_INTERVAL="0.1",
+            GPUTEL_START_UTIL="20",
+            GPUTEL_START_SECONDS="0.2",
+            GPUTEL_STOP_SECONDS="0.5",
+            GPUTEL_PRETRIGGER_SECONDS="0",
+            GPUTEL_PROC_ROOT=str(root),
+        ),
+    )
+    pid_file = base / "job.pid"
+    try:
+        out = subprocess.run(
+            ["sbatch", "--parsable", "-o", str(base / "job.out"), "--wrap",
+             f"echo $$ > {pid_file}; exec sleep 60"],
+            env=env, capture_output=True, text=True, timeout=20, check=True,
+        )  # fmt: skip
+        job = out.stdout.strip().split(";")[0]
+        _wait("the job's process", lambda: pid_file.exists() and pid_file.read_text(), 30, daemons)
+        pid = int(pid_file.read_text())
+        real_cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+        cgroup = real_cgroup if f"job_{job}" in real_cgroup else "0::/system.slice/slurmd.service\n"
+        copy_process(pid, root, cgroup)
+        assert f"SLURM_JOB_ID={job}".encode() in (root / str(pid) / "environ").read_bytes()
+
+        fake_driver.set(
+            {"gpu.1.processes": f"{pid}:{2048 * MIB}:70", "gpu.1.utilization.gpu_pct": 80}
+        )
+        ident = f"slurm-{job}"
+
+        def tagged() -> bool:
+            return any(r["allocations"] == ident for r in rows(a.log_dir, "gpu-*.csv"))
+
+        _wait(f"GPU rows tagged {ident}", tagged, 30, daemons)
+        gpu_rows = rows(a.log_dir, "gpu-*.csv")
+        assert {r["allocations"] for r in gpu_rows if r["gpu"] == "0"} == {""}
+        (proc_row, *_) = rows(a.log_dir, "processes-*.csv")
+        assert (proc_row["pid"], proc_row["job"]) == (str(pid), ident)
+        assert "sleep 60" in proc_row["command"]
+        assert [x["id"] for x in a.status()["allocations"]] == [ident]
+
+        subprocess.run(["scancel", job], env=env, timeout=20, check=True)
+        fake_driver.set({"gpu.1.processes": "", "gpu.1.utilization.gpu_pct": 0})
+        _wait(
+            "the job's summary",
+            lambda: (
+                (a.log_dir / "allocations.csv").exists()
+                and ident in (a.log_dir / "allocations.csv").read_text()
+            ),
+            30,
+            daemons,
+        )
+        (summary,) = rows(a.log_dir, "allocations.csv")
+        assert (summary["id"], summary["gpus"], summary["shared"]) == (ident, "1", "0")
+        assert summary["release_reason"] == "job left the GPUs"
+    finally:
+        a.kill()
