@@ -136,3 +136,20 @@ def test_attribution_names_owners_and_survives_a_vanished_pid(tmp_path: Path) ->
     # The next tick reads nothing again for the PID it knows.
     (root / "10" / "cgroup").unlink()
     assert attribution.records([gpu])[0].job == "slurm-5"
+
+
+def test_a_pid_back_after_ticks_without_processes_is_checked_again(tmp_path: Path) -> None:
+    """Ticks with no GPU process still count: a PID reused meanwhile is read afresh."""
+    root = tmp_path / "proc"
+    add_kthreadd(root)
+    add_process(root, 10, cgroup="0::/system.slice/slurmstepd.scope/job_5/step_0", uid=0)
+    attribution = ProcessAttribution(root)
+    gpu = GpuReading(0, "GPU-0", "g", processes=(GpuProcess(0, 10, 5.0, 1.0),))
+    idle = GpuReading(0, "GPU-0", "g", processes=())
+    assert attribution.records([gpu])[0].job == "slurm-5"
+    assert attribution.records([idle]) == []
+    # PID 10 exited and was reused by another job's process (another start time).
+    add_process(
+        root, 10, cgroup="0::/system.slice/slurmstepd.scope/job_6/step_0", start_ticks=9_000_000
+    )
+    assert attribution.records([gpu])[0].job == "slurm-6"

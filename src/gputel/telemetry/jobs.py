@@ -56,11 +56,13 @@ class ProcessAttribution:
     def records(self, gpus: Iterable[GpuReading]) -> list[ProcessRecord]:
         """One record per process per GPU, owners filled where known, in GPU then NVML order."""
         listed = [p for g in gpus if g.processes for p in g.processes]
-        if not listed:
-            return []
         owners: Mapping[int, ProcessOwner | None] = {}
         if self.resolver is not None:
+            # Every tick, also one without processes: the resolver counts ticks to know that a
+            # PID back after an absence must have its start time checked (a reused PID).
             owners = self.resolver.resolve(p.pid for p in listed)
+        if not listed:
+            return []
         out: list[ProcessRecord] = []
         for p in listed:
             owner = owners.get(p.pid)
