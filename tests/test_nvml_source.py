@@ -119,6 +119,7 @@ def test_full_reading_converts_every_field_to_its_unit(drv: FakeDriver) -> None:
         pcie_tx_bytes_per_s=2000 * 1024.0,
         ecc_corrected_volatile=2,
         ecc_uncorrected_volatile=0,
+        processes=(),  # listed, none running
     )
     # The binding gives str, not bytes, and ctypes numbers: the reading holds plain values.
     assert type(r0.name) is str and type(r0.utilization_gpu_pct) is float
@@ -516,7 +517,8 @@ def test_batching_saves_calls(drv: FakeDriver) -> None:
     before = drv.gpu_calls(0)
     src.read()
     assert drv.calls("ecc", 0) == 0 and drv.calls("energy", 0) == 0
-    assert drv.gpu_calls(0) - before == 13
+    # With the process list (no process running: no utilization call after it).
+    assert drv.gpu_calls(0) - before == 14
     src.close()
 
 
