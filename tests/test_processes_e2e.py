@@ -261,6 +261,12 @@ def test_agent_detected_jobs_tag_and_summarise_but_never_start_telemetry(
         10,
         "one allocation",
     )
+    # ... and the recorder has handed its detected job over to it.
+    wait_for(
+        lambda: json.loads((agent.run_dir / "recorder.json").read_text())["detected"] == [],
+        10,
+        "the recorder to hand the job over",
+    )
     # The job ends, then its epilog releases it; quiet again, telemetry stops.
     fake_driver.set({"gpu.0.processes": "", "gpu.0.utilization.gpu_pct": 0})
     wait_for(lambda: agent.status()["processes"] == [], 10, "the process gone")
@@ -366,7 +372,13 @@ def test_real_slurm_job_on_a_gpu_is_tagged_without_the_prolog(
         (proc_row, *_) = rows(a.log_dir, "processes-*.csv")
         assert (proc_row["pid"], proc_row["job"]) == (str(pid), ident)
         assert "sleep 60" in proc_row["command"]
-        assert [x["id"] for x in a.status()["allocations"]] == [ident]
+        # The agent shows the recorder's latest heartbeat, which may be a tick behind the rows.
+        _wait(
+            "status to list the job",
+            lambda: [x["id"] for x in a.status()["allocations"]] == [ident],
+            10,
+            daemons,
+        )
 
         subprocess.run(["scancel", job], env=env, timeout=20, check=True)
         fake_driver.set({"gpu.1.processes": "", "gpu.1.utilization.gpu_pct": 0})

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gputel.allocstats import STAT_FIELDS, AllocationStats
 from gputel.energy import counter_delta
@@ -115,6 +115,12 @@ class _Job:
     GPUs at some tick: its energy cannot be told apart."""
 
 
+class SummarySink(Protocol):
+    """Where ended jobs' summaries go (``control.allocations.SummaryLog``)."""
+
+    def append(self, summary: Mapping[str, Any]) -> None: ...
+
+
 class DetectedJobs:
     """The jobs found on the GPUs, opened when first seen and summarised when gone.
 
@@ -125,9 +131,9 @@ class DetectedJobs:
     the call failed) ends nobody on it and makes the job's energy unknown.
     """
 
-    def __init__(self, summaries: Any = None) -> None:
+    def __init__(self, summaries: SummarySink | None = None) -> None:
         self._summaries = summaries
-        """A ``control.allocations.SummaryLog`` (or None: summaries are only returned)."""
+        """Where summaries are written (None: they are only returned)."""
         self._jobs: dict[str, _Job] = {}
 
     def open(self) -> list[dict[str, Any]]:
