@@ -24,6 +24,7 @@ def test_demo_cycle_on_a_short_timeline(tmp_path: Path) -> None:
         interval_s=0.2,
         start_s=0.5,
         stop_s=1.0,
+        events="0:94@2.5",
         max_seconds=25,
         poll_s=0.1,
     )
@@ -37,6 +38,10 @@ def test_demo_cycle_on_a_short_timeline(tmp_path: Path) -> None:
         to_states = [r["to_state"] for r in csv.DictReader(fh)]
     assert to_states[:3] == ["arming", "active", "telemetry_on"]
     assert to_states[-1] == "telemetry_off"
+    assert "events.csv" in names
+    with open(result.log_dir / "events.csv", newline="") as fh:
+        (event,) = csv.DictReader(fh)
+    assert (event["gpu"], event["event"], event["xid"]) == ("0", "xid", "94")
     assert str(result.log_dir) in text and "done" in text
     assert not (tmp_path / "demo" / "run" / "control.sock").exists()
 

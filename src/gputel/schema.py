@@ -241,6 +241,57 @@ GPU_FIELDS: tuple[Field, ...] = (
         "counter",
         decimals=0,
     ),
+    Field(
+        "remapped_rows_correctable",
+        "remapped_rows_correctable",
+        int,
+        "rows",
+        "Memory rows remapped after correctable errors (kept by the GPU across reboots).",
+        "gpu",
+        "gputel_gpu_remapped_rows_correctable",
+        decimals=0,
+    ),
+    Field(
+        "remapped_rows_uncorrectable",
+        "remapped_rows_uncorrectable",
+        int,
+        "rows",
+        "Memory rows remapped after uncorrectable errors (kept by the GPU across reboots).",
+        "gpu",
+        "gputel_gpu_remapped_rows_uncorrectable",
+        decimals=0,
+    ),
+    Field(
+        "remapped_rows_pending",
+        "remapped_rows_pending",
+        int,
+        "0/1",
+        "1 while a row remapping waits for a GPU reset to take effect.",
+        "gpu",
+        "gputel_gpu_remapped_rows_pending",
+        decimals=0,
+    ),
+    Field(
+        "remapped_rows_failure",
+        "remapped_rows_failure",
+        int,
+        "0/1",
+        "1 when a row remapping failed (no spare row left): the board needs service.",
+        "gpu",
+        "gputel_gpu_remapped_rows_failure",
+        decimals=0,
+    ),
+    Field(
+        "recovery_action",
+        "recovery_action",
+        int,
+        "code",
+        "Recovery the driver asks for: 0 none, 1 GPU reset, 2 node reboot, 3 drain P2P, "
+        "4 drain and reset (NVML_FI_DEV_GET_GPU_RECOVERY_ACTION).",
+        "gpu",
+        "gputel_gpu_recovery_action",
+        decimals=0,
+    ),
 )
 
 HOST_FIELDS: tuple[Field, ...] = (
@@ -467,6 +518,11 @@ class GpuReading:
     pcie_tx_bytes_per_s: float | None = None
     ecc_corrected_volatile: int | None = None
     ecc_uncorrected_volatile: int | None = None
+    remapped_rows_correctable: int | None = None
+    remapped_rows_uncorrectable: int | None = None
+    remapped_rows_pending: int | None = None
+    remapped_rows_failure: int | None = None
+    recovery_action: int | None = None
     stuck: bool = False
     """The GPU's read did not return within the tick's deadline (a hung call); values empty."""
     field_errors: dict[str, int] = field(default_factory=dict)

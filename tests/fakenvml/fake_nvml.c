@@ -38,6 +38,8 @@
  *   gpu.i.fan_speed_pct=N  gpu.i.pstate=N  gpu.i.pcie.tx_kbps=N  gpu.i.pcie.rx_kbps=N
  *   gpu.i.ecc.corrected=N  gpu.i.ecc.uncorrected=N   (volatile totals; aggregate = same)
  *   gpu.i.field.ID=N          any other nvmlDeviceGetFieldValues field id (unsigned long long)
+ *   gpu.i.remapped_rows.correctable=N  .uncorrectable=N  .pending=0|1  .failure=0|1
+ *                             nvmlDeviceGetRemappedRows (unsupported unless correctable is set)
  *   gpu.i.mig.mode=0|1  gpu.i.mig.pending=0|1  gpu.i.mig.max_count=N
  *   gpu.i.mig.j.gi=N  gpu.i.mig.j.ci=N  gpu.i.mig.j.uuid=S   MIG device j of GPU i exists when
  *                                                            mig.mode=1 and its gi is set
@@ -54,7 +56,7 @@
  * Errors and hangs, per call C of GPU i (C is one of: handle name uuid index pci utilization
  * memory temperature power power_limit energy clock max_clock clock_reasons fan_speed pcie
  * pstate ecc field_values mig_mode mig gpm processes graphics_processes process_utilization
- * events supported_events):
+ * events supported_events remapped_rows):
  *   gpu.i.C.error=N           that call returns N (999 UNKNOWN, 4 NO_PERMISSION, ...)
  *   gpu.i.memory_v2.error=N   only nvmlDeviceGetMemoryInfo_v2 fails (a driver without it)
  *   gpu.i.all.error=N         every call on GPU i returns N (15 GPU_IS_LOST), the handle too
@@ -699,6 +701,25 @@ nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t d, int count, nvmlFieldValue_
         values[i].nvmlReturn = field_value(d->index, values[i].fieldId, &v);
         values[i].value.ullVal = values[i].nvmlReturn == OK ? v : 0;
     }
+    return OK;
+}
+
+/* Row remapping (Ampere and newer): gpu.i.remapped_rows.{correctable,uncorrectable,pending,
+ * failure}; not supported unless `correctable` is set, the others default to 0. */
+nvmlReturn_t nvmlDeviceGetRemappedRows(nvmlDevice_t d, unsigned int *corr, unsigned int *unc,
+                                       unsigned int *pending, unsigned int *failure) {
+    ENTER(d, "remapped_rows");
+    if (corr == NULL || unc == NULL || pending == NULL || failure == NULL)
+        return E_INVALID_ARGUMENT;
+    unsigned long long c, u = 0, p = 0, f = 0;
+    NUM_OR_UNSUPPORTED(c, "gpu.%d.remapped_rows.correctable", d->index);
+    get_num(&u, "gpu.%d.remapped_rows.uncorrectable", d->index);
+    get_num(&p, "gpu.%d.remapped_rows.pending", d->index);
+    get_num(&f, "gpu.%d.remapped_rows.failure", d->index);
+    *corr = (unsigned int)c;
+    *unc = (unsigned int)u;
+    *pending = (unsigned int)p;
+    *failure = (unsigned int)f;
     return OK;
 }
 

@@ -33,6 +33,10 @@ DEMO_PATTERN = "0:3,85:8,0:30;0:4,55:6,0:30"
 DEMO_INTERVAL_S = 0.5
 DEMO_START_S = 1.0
 DEMO_STOP_S = 3.0
+#: GPU 0 reports Xid 94 (a contained ECC error) while it works: a row in events.csv, the
+#: counter, and a short capture window (DEMO_CAPTURE_S) that ends before the cycle does.
+DEMO_EVENTS = "0:94@6"
+DEMO_CAPTURE_S = 2.0
 
 
 @dataclass
@@ -58,6 +62,7 @@ def demo_env(
     interval_s: float = DEMO_INTERVAL_S,
     start_s: float = DEMO_START_S,
     stop_s: float = DEMO_STOP_S,
+    events: str = DEMO_EVENTS,
     port: int | None = None,
 ) -> dict[str, str]:
     """The agent's environment: ours minus service-manager and gputel variables, plus the demo's."""
@@ -71,6 +76,8 @@ def demo_env(
         GPUTEL_BACKEND="sim",
         GPUTEL_SIM_GPUS="2",
         GPUTEL_SIM_PATTERN=pattern,
+        GPUTEL_SIM_EVENTS=events,
+        GPUTEL_EVENT_CAPTURE_SECONDS=f"{DEMO_CAPTURE_S:g}",
         GPUTEL_INTERVAL=f"{interval_s:g}",
         GPUTEL_START_UTIL="20",
         GPUTEL_START_SECONDS=f"{start_s:g}",
@@ -137,7 +144,22 @@ def render(status: dict[str, Any] | None, elapsed: float, note: str = "") -> Gro
             t.get("to_state"),
             t.get("reason"),
         )
-    return Group(Panel(head, title="gputel agent"), gpus, trans)
+    parts: list[Any] = [Panel(head, title="gputel agent"), gpus, trans]
+    events = status.get("events") or []
+    if events:
+        table = Table(title="GPU events", expand=False)
+        for col in ("time (UTC)", "GPU", "event", "xid", "action"):
+            table.add_column(col)
+        for e in events[-4:]:
+            table.add_row(
+                str(e.get("timestamp", ""))[11:23],
+                str(e.get("gpu")),
+                str(e.get("event")),
+                "" if e.get("xid") is None else str(e.get("xid")),
+                str(e.get("action")),
+            )
+        parts.append(table)
+    return Group(*parts)
 
 
 def _head(path: Path, lines: int) -> list[str]:
@@ -158,6 +180,7 @@ def run_demo(
     interval_s: float = DEMO_INTERVAL_S,
     start_s: float = DEMO_START_S,
     stop_s: float = DEMO_STOP_S,
+    events: str = DEMO_EVENTS,
     poll_s: float = 0.25,
 ) -> DemoResult:
     """Run the cycle, show it live, stop the agent, print the files; never leaves a process."""
@@ -168,7 +191,12 @@ def run_demo(
     directory = Path(directory or tempfile.mkdtemp(prefix="gputel-demo-"))
     directory.mkdir(parents=True, exist_ok=True)
     env = demo_env(
-        directory, pattern=pattern, interval_s=interval_s, start_s=start_s, stop_s=stop_s
+        directory,
+        pattern=pattern,
+        interval_s=interval_s,
+        start_s=start_s,
+        stop_s=stop_s,
+        events=events,
     )
     run_dir = Path(env["GPUTEL_RUN_DIR"])
     log_dir = Path(env["GPUTEL_LOG_DIR"])

@@ -313,6 +313,23 @@ def render_human(status: dict[str, Any]) -> None:
                 )
         console.print(table)
 
+    events = status.get("events") or []
+    if events:
+        table = Table(title="recent GPU events", title_justify="left")
+        for col in ("time", "gpu", "event", "xid", "action", "allocations"):
+            table.add_column(col)
+        for e in events[-10:]:
+            if isinstance(e, dict):
+                table.add_row(
+                    _fmt(human_time(e.get("timestamp"))),
+                    _fmt(e.get("gpu")),
+                    _fmt(e.get("event")),
+                    _fmt(e.get("xid")),
+                    _fmt(e.get("action")),
+                    ",".join(str(a) for a in e.get("allocations") or []) or "–",
+                )
+        console.print(table)
+
     host = status.get("host")
     if isinstance(host, dict) and host:
         out(

@@ -8,6 +8,7 @@ keeps reporting the others.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,6 +72,33 @@ class GpuSource(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+#: Where a listener hands each GPU event: (GPU index, event name, Xid or None). The names are
+#: those of ``gputel.supervisor.events`` (``xid``, ``ecc_sbe``...). Called on the listener's own
+#: thread.
+EventSink = Callable[[int, str, "int | None"], None]
+
+
+class EventListener(Protocol):
+    """Waits for GPU events on a daemon thread of its own, for as long as the agent runs.
+
+    A source that can report events (nvml, sim) gives one from ``event_listener()``. The agent
+    never waits for the thread: a driver call that blocks costs that thread only.
+    """
+
+    def start(self, deliver: EventSink) -> None:
+        """Start listening; returns at once."""
+        ...
+
+    def stop(self) -> None:
+        """Ask the thread to end; returns at once (the thread may be inside a driver call)."""
+        ...
+
+    @property
+    def notice(self) -> str | None:
+        """One line when events cannot be (fully) received, for the log and ``gputel status``."""
+        ...
 
 
 class HostSource(Protocol):

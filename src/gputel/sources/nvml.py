@@ -39,7 +39,7 @@ from typing import Any
 from gputel.energy import PowerIntegrator
 from gputel.formats import one_line
 from gputel.schema import MIB, GpuReading
-from gputel.sources.base import GpuIdentity, GpuSelectionError, GpuSourceError
+from gputel.sources.base import EventListener, GpuIdentity, GpuSelectionError, GpuSourceError
 from gputel.sources.nvml_processes import NvmlProcessReader
 
 log = logging.getLogger("gputel.nvml")
@@ -93,12 +93,14 @@ _INIT_FIXES: dict[int, str] = {
 #: PCIe throughput comes in KB/s, where NVML's KB is 1024 bytes.
 _KIB = 1024
 
-# The three values fetched in one nvmlDeviceGetFieldValues call instead of three calls:
+# The values fetched in one nvmlDeviceGetFieldValues call instead of one call each:
 # (field key, binding constant name, its value in NVML's ABI).
-_BATCH_FIELDS: tuple[tuple[str, str, int], ...] = (
+_BATCH_FIELDS: tuple[tuple[str, str, int | None], ...] = (
     ("ecc_corrected_volatile", "NVML_FI_DEV_ECC_SBE_VOL_TOTAL", 3),
     ("ecc_uncorrected_volatile", "NVML_FI_DEV_ECC_DBE_VOL_TOTAL", 4),
     ("energy_j", "NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 83),
+    # Asked only where the binding defines it (no default): older drivers have no such field.
+    ("recovery_action", "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", None),
 )
 # nvmlValue_t members by nvmlValueType_t.
 _VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
@@ -243,7 +245,9 @@ class NvmlGpuSource:
         self.notices: list[str] = list(notices or [])
         """One line per GPU left out or not fully measurable, for the log and ``gputel status``."""
         self._batch = [
-            (key, int(getattr(nv, const, default))) for key, const, default in _BATCH_FIELDS
+            (key, int(fid))
+            for key, const, default in _BATCH_FIELDS
+            if (fid := getattr(nv, const, default)) is not None
         ]
         self._processes = NvmlProcessReader(self._ask)
 
@@ -476,6 +480,20 @@ class NvmlGpuSource:
         mj = self._ask(gpu, "energy_j", "nvmlDeviceGetTotalEnergyConsumption")
         return None if mj is None else mj / 1000.0
 
+    def _memory_health(self, gpu: _Gpu, r: GpuReading, batch: dict[str, Any] | None) -> None:
+        """Remapped rows and the recovery action the driver asks for (Ampere and newer; older
+        boards retire pages instead and answer NOT_SUPPORTED, which leaves the cells empty)."""
+        rows = self._ask(gpu, "remapped_rows", "nvmlDeviceGetRemappedRows")
+        if rows is not None:
+            (
+                r.remapped_rows_correctable,
+                r.remapped_rows_uncorrectable,
+                r.remapped_rows_pending,
+                r.remapped_rows_failure,
+            ) = (int(v) for v in rows)
+        action = None if batch is None else batch.get("recovery_action")
+        r.recovery_action = None if action is None else int(action)
+
     def _fill(self, gpu: _Gpu, r: GpuReading) -> None:
         nv = self._nv
         r.utilization_gpu_pct, r.utilization_memory_pct = self._utilization(gpu)
@@ -489,6 +507,7 @@ class NvmlGpuSource:
         r.ecc_corrected_volatile = self._ecc(gpu, "corrected", batch)
         r.ecc_uncorrected_volatile = self._ecc(gpu, "uncorrected", batch)
         r.energy_j = self._energy(gpu, batch, r.power_w, now)
+        self._memory_health(gpu, r, batch)
         sm = self._ask(
             gpu, "sm_clock_mhz", "nvmlDeviceGetClockInfo", self._const("NVML_CLOCK_SM", 1)
         )
@@ -604,6 +623,41 @@ class NvmlGpuSource:
                 except _GpuLost:
                     out[gpu.index] = None
         return out
+
+    # ------------------------------------------------- for the modules beside this one
+    @property
+    def binding(self) -> ModuleType:
+        """The loaded pynvml, for calls that name no GPU (``nvmlEventSetCreate``...)."""
+        return self._nv
+
+    def gpu_handles(self) -> dict[int, Any]:
+        """Handle per selected GPU that has one (a GPU lost at open has none)."""
+        return {g.index: g.handle for g in self._gpus if g.handle is not None}
+
+    def ask(self, index: int, key: str, fn_name: str, *args: Any) -> Any:
+        """:meth:`_ask` for GPU ``index`` under its lock: the one rule for every NVML call on a
+        GPU. None when there is no value (unsupported, failed this time, or the GPU is lost)."""
+        gpu = self._by_index[index]
+        with gpu.lock:
+            try:
+                return self._ask(gpu, key, fn_name, *args)
+            except _GpuLost:
+                return None
+
+    def unsupported(self, index: int, key: str) -> bool:
+        """Whether ``key`` turned out unsupported on GPU ``index`` (asked, never again)."""
+        return key in self._by_index[index].unsupported
+
+    def errors(self, index: int, key: str) -> int:
+        """Failed calls for ``key`` on GPU ``index`` since open (a call that returns nothing
+        tells its failure only here)."""
+        return self._by_index[index].field_errors.get(key, 0)
+
+    def event_listener(self) -> EventListener:
+        """The NVML event listener over these GPUs (``gputel.sources.nvml_events``)."""
+        from gputel.sources.nvml_events import NvmlEventListener
+
+        return NvmlEventListener(self)
 
     def close(self) -> None:
         with self._lock:

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gputel.schema import GpuProcess, GpuReading
-from gputel.sources.base import GpuIdentity, GpuSelectionError, GpuSourceError
+from gputel.sources.base import EventListener, GpuIdentity, GpuSelectionError, GpuSourceError
+from gputel.sources.simevents import SimEvent, SimEventListener, SimEventSchedule
 from gputel.sources.simpattern import PatternError, Timeline, parse_pattern, timeline_for_gpu
 
 SIM_GPU_NAME = "Simulated H100 80GB HBM3"
@@ -193,6 +194,11 @@ class _SimGpu:
             pcie_tx_bytes_per_s=PCIE_TX_BYTES_PER_S_AT_FULL * util / 100.0,
             ecc_corrected_volatile=0,
             ecc_uncorrected_volatile=0,
+            remapped_rows_correctable=0,
+            remapped_rows_uncorrectable=0,
+            remapped_rows_pending=0,
+            remapped_rows_failure=0,
+            recovery_action=0,
             processes=self._processes(util),
         )
 
@@ -230,6 +236,7 @@ class SimGpuSource:
         selected: tuple[int, ...] | None,
         epoch: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        events: tuple[SimEvent, ...] = (),
     ) -> None:
         if count < 1:
             raise GpuSourceError(f"GPUTEL_SIM_GPUS={count}: at least one simulated GPU is needed")
@@ -251,6 +258,7 @@ class SimGpuSource:
         self.epoch: float = clock() if epoch is None else epoch
         """The timeline's origin on ``clock``; pass it to a child in ``_GPUTEL_SIM_EPOCH``."""
         self._gpus = [_SimGpu(i, timeline_for_gpu(timelines, i)) for i in indices]
+        self._events = events
 
     def _now(self) -> float:
         return max(0.0, self._clock() - self.epoch)
@@ -273,6 +281,11 @@ class SimGpuSource:
     def read_energy_j(self) -> dict[int, float | None]:
         t = self._now()
         return {g.index: g.energy_at(t) for g in self._gpus}
+
+    def event_listener(self) -> EventListener:
+        """``GPUTEL_SIM_EVENTS`` on this timeline, for the selected GPUs only."""
+        schedule = SimEventSchedule(self._events, [g.index for g in self._gpus])
+        return SimEventListener(schedule, self.epoch, self._clock)
 
     def close(self) -> None:
         """Nothing to release; present for the protocol."""

@@ -33,6 +33,7 @@ from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics,
 from gputel.supervisor.child import ChildEvent, ChildSupervisor, ProcessHandle, Spawn, popen_spawn
 from gputel.supervisor.control_api import ControlApi, Degraded, DegradedReason, ModeState
 from gputel.supervisor.deadline import DeadlineRunner, Job, run_with_deadline
+from gputel.supervisor.events import CaptureWindow, EventRecorder, describe, make_event
 from gputel.supervisor.head_handoff import HeadHandoff
 from gputel.supervisor.notify import Notifier
 from gputel.supervisor.pretrigger import PretriggerRing
@@ -154,6 +155,13 @@ class Agent:
         self._http_retry_at: float | None = None
         self.sim_epoch: float | None = None
         self._session_spawned = False
+
+        self.events = EventRecorder(settings.log_dir)
+        """GPU events: events.csv, the counters on /metrics, the recent ones for status."""
+        self.capture = CaptureWindow(settings.event_capture_s)
+        self.listener: Any = None
+        """The source's GPU event listener (None: the source has none, or not opened yet)."""
+        self._uuids: dict[int, str] = {}
 
         self.handoff: HeadHandoff | None = None
         """The pre-trigger ring and its hand-off to the child (None: pre-trigger off)."""
@@ -354,6 +362,8 @@ class Agent:
         self.devices = list(devices) if status == "ok" else []
         if status != "ok":
             log.error("listing GPUs failed (%s); GPU names are unknown", status)
+        self._uuids = {d.index: d.uuid for d in self.devices}
+        self._start_listener(source)
         s = self.settings
         if s.pretrigger_s > 0 and self.devices:
             ring = PretriggerRing(s.pretrigger_s, s.interval_s, self.devices)
@@ -362,9 +372,53 @@ class Agent:
         if self.degraded is not None and self.degraded.reason is DegradedReason.SOURCE_OPENING:
             self.degraded = None
 
+    def _start_listener(self, source: Any) -> None:
+        """Listen for GPU events for as long as the agent runs, telemetry on or off."""
+        make = getattr(source, "event_listener", None)
+        if not callable(make):
+            return
+        try:
+            listener = make()
+            listener.start(self._gpu_event)
+        except Exception as exc:
+            log.error("GPU events are not received: the listener did not start (%s)", exc)
+            return
+        self.listener = listener
+
+    def _gpu_event(self, gpu: int, event: str, xid: int | None) -> None:
+        """One GPU event, on the listener's thread: record it, open the capture window, wake
+        the loop so the capture starts now rather than at the next tick."""
+        try:
+            ev = make_event(
+                time.time(), gpu, self._uuids.get(gpu), event, xid, self._allocations_on(gpu)
+            )
+        except ValueError as exc:
+            log.error("GPU event on GPU %d not recorded: %s", gpu, exc)
+            return
+        self.events.record(ev)
+        with self.lock:
+            opened = self.capture.trigger(ev, self.clock())
+        if opened:
+            log.info(
+                "telemetry forced on for %gs: capture after %s",
+                self.capture.seconds,
+                describe(ev),
+            )
+        self.wake()
+
+    def _allocations_on(self, gpu: int) -> list[str]:
+        """Ids of the allocations open on GPU ``gpu`` (those without a GPU list claim all)."""
+        store = self.store
+        if store is None:
+            return []
+        return [str(a["id"]) for a in store.list() if a.get("gpus") is None or gpu in a["gpus"]]
+
     def _teardown(self) -> None:
         if self._ready_sent:
             self.notifier.stopping()
+        if self.listener is not None:
+            # Never joined: its thread may be blocked inside the driver's wait.
+            self.listener.stop()
         if self._control is not None:
             self._control.stop()
             self._control = None
@@ -552,7 +606,8 @@ class Agent:
                     f"mode_{old.value}", "mode_auto", f"mode {old.value} for {m.set_for_s:g}s ended"
                 )
             n_alloc = self.open_allocations()
-            wanted, reason = telemetry_wanted(self.machine.state, self.mode.mode, n_alloc)
+            capture = self.capture.reason if self.capture.active(now) else None
+            wanted, reason = telemetry_wanted(self.machine.state, self.mode.mode, n_alloc, capture)
             if wanted != self.wanted:
                 # A new session's first child gets the head; a restart within it does not.
                 self._session_spawned = False

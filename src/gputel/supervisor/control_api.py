@@ -192,15 +192,23 @@ class ControlApi:
                 "processes_notice": hb.get("processes_notice"),
                 "child": child_info,
                 "transitions": [r.as_dict() for r in agent.recent],
+                "events": agent.events.recent.as_status(),
                 "degraded": None if agent.degraded is None else str(agent.degraded),
                 "backend": agent.backend,
-                "notice": agent.notice,
+                "notice": self.notice(),
                 "log_dir": str(s.log_dir),
                 "run_dir": str(s.run_dir),
                 "exporter": agent.exporter,
                 "exporter_error": agent.exporter_error,
                 "interval_s": s.interval_s,
             }
+
+    def notice(self) -> str | None:
+        """The source's notice and the event listener's, in one line (None: nothing to say)."""
+        agent = self.agent
+        listener = agent.listener
+        parts = [agent.notice, None if listener is None else listener.notice]
+        return "; ".join(p for p in parts if p) or None
 
     def status_line(self) -> str:
         """One line for sd_notify STATUS and ``/healthz``."""
@@ -242,4 +250,5 @@ class ControlApi:
                 transitions=dict(agent.transition_counts),
                 restarts=dict(child.restarts) if child is not None else {},
                 restart_seconds=child.restart_seconds() if child is not None else 0.0,
+                events=agent.events.counters.families(),
             )
