@@ -16,9 +16,8 @@ from typing import Any
 
 from gputel.analysis import duck
 from gputel.analysis.filter import ReportFilter
+from gputel.analysis.groups import THROTTLE_MASK
 
-#: clock_event_reasons bits that mean real slowdown (not idle or application/user settings).
-THROTTLE_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
 MAX_BUCKETS = 4000
 
 
