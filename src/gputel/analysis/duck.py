@@ -78,6 +78,8 @@ def connect(threads: int | None = None) -> Any:
         raise AnalysisUnavailable(f"this command needs DuckDB: {INSTALL_HINT}") from None
     con = duckdb.connect(":memory:")
     con.execute("SET preserve_insertion_order = false")
+    # Errors are one line on stderr; a long scan must not draw a progress bar there.
+    con.execute("SET enable_progress_bar = false")
     con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
     # Spill files go to the system's temporary directory, not the caller's working directory.
     spill = Path(tempfile.gettempdir()) / f"gputel-duckdb-{os.getpid()}"

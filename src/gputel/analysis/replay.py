@@ -42,13 +42,21 @@ def load_series(
     """
     flt = flt or ReportFilter()
     con = con or duck.connect()
-    duck.load(con, duck.find_files(list(paths)), "gpu", flt)
+    duck.load(
+        con,
+        duck.find_files(list(paths)),
+        "gpu",
+        flt,
+        # Every row's GPU index is read (and so checked) though only utilization is kept.
+        wrap=lambda inner: (
+            f"SELECT ts, max(utilization_gpu_pct) AS util, count(gpu) AS n FROM ({inner}) "
+            "GROUP BY ts"
+        ),
+    )
     ts_out = array("d")
     util_out = array("d")
     nan = float("nan")
-    for ts, util in con.execute(
-        "SELECT ts, max(utilization_gpu_pct) FROM gpu GROUP BY ts ORDER BY ts"
-    ).fetchall():
+    for ts, util in con.execute("SELECT ts, util FROM gpu ORDER BY ts").fetchall():
         ts_out.append(ts)
         util_out.append(nan if util is None else util)
     spacings = sorted(b - a for a, b in itertools.pairwise(ts_out) if b > a)
