@@ -196,8 +196,9 @@ def load(
     Columns: ``fid`` (index into ``{table}_files(fid, path, node)``), ``node``, ``ts`` (epoch
     seconds, DOUBLE), ``gpu`` (INTEGER, not for host files) and the kind's numeric and text
     columns. ``flt`` keeps the time range and GPU indices. ``wrap`` turns that SELECT into the
-    one the table is made of (per-row windows in the same pass, no second copy of the rows).
-    A damaged cell raises CsvReadError naming the file.
+    one the table is made of (a grouping or a narrower selection, in the same pass, no copy of
+    the rows); it is applied to one batch of files at a time, so it must not combine rows of
+    different files. A damaged cell raises CsvReadError naming the file.
     """
     table = table or kind
     headers = {p: _header(p, kind) for p in fs.files[kind]}
@@ -210,9 +211,65 @@ def load(
             f"INSERT INTO {table}_files VALUES (?, ?, ?)",
             [(i, str(p), fs.nodes[p]) for i, p in enumerate(paths)],
         )
-    present: set[str] = set()
+    where = []
+    if flt.since is not None:
+        where.append(f"ts >= {flt.since!r}")
+    if flt.until is not None:
+        where.append(f"ts <= {flt.until!r}")
+    if flt.gpus is not None and kind != "host":
+        where.append(f"gpu IN ({', '.join(str(g) for g in sorted(flt.gpus)) or 'NULL'})")
+    wrap = wrap or (lambda inner: inner)
+    if not paths:
+        inner = (
+            "SELECT * FROM (SELECT 0 AS fid, '' AS node, 0.0::DOUBLE AS ts"
+            + (", 0 AS gpu" if kind != "host" else "")
+            + "".join(f", NULL::DOUBLE AS {c}" for c in NUMERIC[kind])
+            + "".join(f", NULL::BIGINT AS {c}" for c in INTEGER[kind])
+            + "".join(f", NULL::VARCHAR AS {c}" for c in TEXT[kind])
+            + ") WHERE false"
+        )
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(inner)}")
+        return 0
+    for n, batch in enumerate(_batches(paths)):
+        present: set[str] = set()
+        for p in batch:
+            present.update(headers[p] or [])
+        verb = f"CREATE OR REPLACE TEMP TABLE {table} AS" if n == 0 else f"INSERT INTO {table}"
+        _load_batch(con, kind, table, batch, present, where, wrap, verb)
+    return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+#: CSV read per statement: a grouping wrap keeps one hash table per statement, and groups never
+#: span files, so a fleet's files are read a batch at a time (same result, bounded memory).
+BATCH_BYTES = 512 * 2**20
+#: How much larger than its size on disk a gzipped CSV reads.
+GZIP_RATIO = 8
+
+
+def _batches(paths: Sequence[Path]) -> list[list[Path]]:
+    batches: list[list[Path]] = []
+    size = 0
     for p in paths:
-        present.update(headers[p] or [])
+        est = p.stat().st_size * (GZIP_RATIO if p.name.endswith(".gz") else 1)
+        if not batches or size + est > BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(p)
+        size += est
+    return batches
+
+
+def _load_batch(
+    con: Any,
+    kind: str,
+    table: str,
+    paths: Sequence[Path],
+    present: set[str],
+    where: list[str],
+    wrap: Callable[[str], str],
+    verb: str,
+) -> None:
+    """Read one batch of files into ``table`` (``verb``: create it, or insert into it)."""
     select = [
         "f.fid AS fid",
         "f.node AS node",
@@ -233,25 +290,6 @@ def load(
         )
     for c in TEXT[kind]:
         select.append(f"r.{c} AS {c}" if c in present else f"NULL::VARCHAR AS {c}")
-    where = []
-    if flt.since is not None:
-        where.append(f"ts >= {flt.since!r}")
-    if flt.until is not None:
-        where.append(f"ts <= {flt.until!r}")
-    if flt.gpus is not None and kind != "host":
-        where.append(f"gpu IN ({', '.join(str(g) for g in sorted(flt.gpus)) or 'NULL'})")
-    wrap = wrap or (lambda inner: inner)
-    if not paths:
-        inner = (
-            "SELECT * FROM (SELECT 0 AS fid, '' AS node, 0.0::DOUBLE AS ts"
-            + (", 0 AS gpu" if kind != "host" else "")
-            + "".join(f", NULL::DOUBLE AS {c}" for c in NUMERIC[kind])
-            + "".join(f", NULL::BIGINT AS {c}" for c in INTEGER[kind])
-            + "".join(f", NULL::VARCHAR AS {c}" for c in TEXT[kind])
-            + ") WHERE false"
-        )
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(inner)}")
-        return 0
     # Fast path: DuckDB casts while parsing. Only if that fails is the file set read again with
     # every cell checked by hand, which turns the failure into one line naming the file.
     types = {"timestamp": "TIMESTAMP"}
@@ -276,16 +314,15 @@ def load(
     import duckdb
 
     try:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(inner)}")
+        con.execute(f"{verb} {wrap(inner)}")
     except duckdb.Error as exc:
         checked = (
             f"SELECT * FROM (SELECT {', '.join(select)} FROM {_read_csv_sql(paths)} r {join}"
             f") {filters}"
         )
-        _run(con, f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(checked)}", paths)
+        _run(con, f"{verb} {wrap(checked)}", paths)
         if not str(exc).startswith("Conversion Error"):
             raise CsvReadError(_one_line(str(exc), paths)) from None
-    return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
 def _ts_expr() -> str:

@@ -56,7 +56,7 @@ def load_series(
     ts_out = array("d")
     util_out = array("d")
     nan = float("nan")
-    for ts, util in con.execute("SELECT ts, util FROM gpu ORDER BY ts").fetchall():
+    for ts, util in con.execute("SELECT ts, max(util) FROM gpu GROUP BY ts ORDER BY ts").fetchall():
         ts_out.append(ts)
         util_out.append(nan if util is None else util)
     spacings = sorted(b - a for a, b in itertools.pairwise(ts_out) if b > a)

@@ -1,19 +1,21 @@
 """``gputel report``: what the GPUs did, per session, per GPU and per allocation, from the CSVs.
 
-The rows are loaded into DuckDB (:mod:`gputel.analysis.duck`) and summed there; Python only
-walks the few per-file and per-scope results.
+The rows are read once into DuckDB as per-minute groups (:mod:`gputel.analysis.groups`); the
+figures are sums over those groups, and Python only walks per-file and per-scope results and the
+allocation chains.
 
 A *session* is one telemetry run of the recorder. The recorder starts a new file per session and
 also rolls files over at a UTC day change or a size cap; a file whose first row follows the
 previous file's last row within a few intervals continues that session, anything later starts a
 new one. Files of different nodes (the part of the name after the timestamp) never mix.
 
-Energy (one rule, in ``_ROWS_SQL``): ``energy_j`` counts joules since its file began, so within a
-file a GPU's energy is the counter's rise between consecutive rows (never negative); between
-two files of one session, where the counter restarts, it is power integrated over the one
-interval between them (trapezoid, only across a gap no longer than the session's continuation
-gap). A session's energy per GPU is therefore the sum over its files of (last − first) plus those
-joins. An allocation's energy is the sum of the same per-row rises over the rows it is tagged on.
+Energy (one rule): ``energy_j`` counts joules since its file began, so within a file a GPU's
+energy is the counter's rise (:func:`groups.file_energy`); between two files of one session,
+where the counter restarts, it is power integrated over the one interval between them
+(trapezoid, only across a gap no longer than the session's continuation gap). A session's energy
+per GPU is therefore the sum over its files of (last − first) plus those joins. Each row stands
+for the interval that ends at it, so an allocation's energy is the counter's rise over the rows it
+is tagged on, each run of them counted from the row before it.
 """
 
 from __future__ import annotations
