@@ -4,11 +4,12 @@ The analysis commands run their arithmetic as SQL over these tables instead of p
 Python (an order of magnitude faster, and it grows with the machine). DuckDB is an optional
 extra, so nothing on the agent's or the recorder's path imports this module.
 
-Only the numeric columns are given types; every other cell stays text (``all_varchar``), so
+Only the numeric columns are given types; every other cell stays text (``VARCHAR``), so
 allocation ids such as ``0042`` or ``NA`` stay strings. A cell that does not cast stops the load;
 the files are then read again with each cell checked in SQL, so the error is one line naming the
 damaged file, never a silently dropped row. Files written by older versions may lack columns:
-``union_by_name`` gives NULL for them, which the analysis treats like an empty cell (no value).
+each batch of files reads one header, and a column a batch lacks is NULL, which the analysis
+treats like an empty cell (no value).
 """
 
 from __future__ import annotations
@@ -230,12 +231,9 @@ def load(
         )
         con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(inner)}")
         return 0
-    for n, batch in enumerate(_batches(paths)):
-        present: set[str] = set()
-        for p in batch:
-            present.update(headers[p] or [])
+    for n, (header, batch) in enumerate(_batches(paths, headers)):
         verb = f"CREATE OR REPLACE TEMP TABLE {table} AS" if n == 0 else f"INSERT INTO {table}"
-        _load_batch(con, kind, table, batch, present, where, wrap, verb)
+        _load_batch(con, kind, table, batch, header, where, wrap, verb)
     return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
@@ -246,16 +244,24 @@ BATCH_BYTES = 512 * 2**20
 GZIP_RATIO = 8
 
 
-def _batches(paths: Sequence[Path]) -> list[list[Path]]:
-    batches: list[list[Path]] = []
-    size = 0
+def _batches(
+    paths: Sequence[Path], headers: dict[Path, list[str] | None]
+) -> list[tuple[list[str], list[Path]]]:
+    """Files with one header at a time, up to ``BATCH_BYTES`` of CSV: each read names its
+    columns instead of reconciling the files' headers (older files lack newer columns)."""
+    by_header: dict[tuple[str, ...], list[Path]] = {}
     for p in paths:
-        est = p.stat().st_size * (GZIP_RATIO if p.name.endswith(".gz") else 1)
-        if not batches or size + est > BATCH_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(p)
-        size += est
+        by_header.setdefault(tuple(headers[p] or ()), []).append(p)
+    batches: list[tuple[list[str], list[Path]]] = []
+    for header, files in by_header.items():
+        size = BATCH_BYTES
+        for p in files:
+            est = p.stat().st_size * (GZIP_RATIO if p.name.endswith(".gz") else 1)
+            if size + est > BATCH_BYTES:
+                batches.append((list(header), []))
+                size = 0
+            batches[-1][1].append(p)
+            size += est
     return batches
 
 
@@ -264,12 +270,14 @@ def _load_batch(
     kind: str,
     table: str,
     paths: Sequence[Path],
-    present: set[str],
+    header: list[str],
     where: list[str],
     wrap: Callable[[str], str],
     verb: str,
 ) -> None:
-    """Read one batch of files into ``table`` (``verb``: create it, or insert into it)."""
+    """Read one batch of files, all with ``header``, into ``table`` (``verb``: create it, or
+    insert into it)."""
+    present = set(header)
     select = [
         "f.fid AS fid",
         "f.node AS node",
@@ -308,8 +316,8 @@ def _load_batch(
     filters = f"{'WHERE ' + ' AND '.join(where) if where else ''}"
     join = f"JOIN {table}_files f ON r.filename = f.path"
     inner = (
-        f"SELECT * FROM (SELECT {', '.join(fast)} FROM {_read_csv_sql(paths, types)} r {join}"
-        f") {filters}"
+        f"SELECT * FROM (SELECT {', '.join(fast)} "
+        f"FROM {_read_csv_sql(paths, header, types)} r {join}) {filters}"
     )
     import duckdb
 
@@ -317,8 +325,8 @@ def _load_batch(
         con.execute(f"{verb} {wrap(inner)}")
     except duckdb.Error as exc:
         checked = (
-            f"SELECT * FROM (SELECT {', '.join(select)} FROM {_read_csv_sql(paths)} r {join}"
-            f") {filters}"
+            f"SELECT * FROM (SELECT {', '.join(select)} "
+            f"FROM {_read_csv_sql(paths, header)} r {join}) {filters}"
         )
         _run(con, f"{verb} {wrap(checked)}", paths)
         if not str(exc).startswith("Conversion Error"):
@@ -334,15 +342,18 @@ def _ts_expr() -> str:
     )
 
 
-def _read_csv_sql(paths: Sequence[Path], types: dict[str, str] | None = None) -> str:
-    typed = ""
-    if types:
-        typed = ", types = {" + ", ".join(f"{quote(c)}: {quote(t)}" for c, t in types.items()) + "}"
+def _read_csv_sql(
+    paths: Sequence[Path], header: list[str], types: dict[str, str] | None = None
+) -> str:
+    """The files' columns named as their header gives them; text unless ``types`` says."""
+    types = types or {}
+    columns = ", ".join(f"{quote(c)}: {quote(types.get(c, 'VARCHAR'))}" for c in header)
     return (
         "read_csv(["
         + ", ".join(quote(str(p)) for p in paths)
-        + "], header = true, union_by_name = true, filename = true, all_varchar = true, "
-        "delim = ',', quote = '\"', escape = '\"', null_padding = false" + typed + ")"
+        + "], header = true, auto_detect = false, filename = true, "
+        "delim = ',', quote = '\"', escape = '\"', null_padding = false, "
+        "columns = {" + columns + "})"
     )
 
 
