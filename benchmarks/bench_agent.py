@@ -11,7 +11,11 @@ waits for) and of one control-socket round trip. Hook latency is the wall time o
 with the agent's mode set to off for the duration so no recorder child starts in between.
 
     python benchmarks/bench_agent.py                 # 60 s at 1 s ticks
+    python benchmarks/bench_agent.py --pretrigger 0  # the same without the pre-trigger ring
     python benchmarks/bench_agent.py --write         # and append to docs/performance.md
+
+``--ring-memory`` instead measures, in-process with ``tracemalloc``, the memory of a full
+pre-trigger ring of 8 GPUs at the largest window the settings allow (3600 ticks).
 """
 
 from __future__ import annotations
@@ -105,6 +109,33 @@ def append_report(doc: Path, report: str) -> None:
     doc.write_text("\n".join(out) + "\n")
 
 
+def ring_memory() -> str:
+    """Bytes held by a full pre-trigger ring of 8 GPUs at the largest window (3600 ticks)."""
+    import tracemalloc
+
+    from gputel.settings import MAX_PRETRIGGER_TICKS
+    from gputel.sources.sim import SimGpuSource
+    from gputel.supervisor.pretrigger import PretriggerRing
+
+    source = SimGpuSource(8, "0:10,90:100000", None, epoch=0.0, clock=lambda: 20.0)
+    readings = source.read_light()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    ring = PretriggerRing(float(MAX_PRETRIGGER_TICKS), 1.0, source.devices())
+    for k in range(2 * MAX_PRETRIGGER_TICKS):
+        ring.add(float(k), 1.7e9 + k, readings)
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    t = time.thread_time_ns()
+    for k in range(10_000):
+        ring.add(1e6 + k, 1.7e9 + k, readings)
+    add_us = (time.thread_time_ns() - t) / 10_000 / 1000
+    return (
+        f"full ring, 8 GPUs, {len(ring)} ticks: {held / 1024:.0f} KiB "
+        f"({held / len(ring):.0f} B per tick); add() {add_us:.1f} µs per tick"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,7 +149,14 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--status-runs", type=int, default=9)
     ap.add_argument("--write", action="store_true", help=f"append results to {DOC}")
+    ap.add_argument(
+        "--pretrigger", default=None, help="GPUTEL_PRETRIGGER_SECONDS (default: the setting's)"
+    )
+    ap.add_argument("--ring-memory", action="store_true", help="measure a full ring, in-process")
     args = ap.parse_args()
+    if args.ring_memory:
+        print(ring_memory())
+        return 0
 
     from gputel.control.client import request
 
@@ -136,6 +174,11 @@ def main() -> int:
         GPUTEL_EXPORTER_ADDR="127.0.0.1",
         GPUTEL_EXPORTER_PORT=str(free_port()),
     )
+    if args.pretrigger is not None:
+        env["GPUTEL_PRETRIGGER_SECONDS"] = args.pretrigger
+    from gputel.settings import load_settings
+
+    pretrigger_s = load_settings(env=env).pretrigger_s
     agent = subprocess.Popen(
         [sys.executable, "-m", "gputel", "agent"],
         env=env,
@@ -194,8 +237,8 @@ def main() -> int:
     lines = [
         f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}.",
         f"Agent idle on 8 simulated GPUs (utilization 0, no recorder child), exporter on, "
-        f"{args.interval:g} s ticks, measured for {elapsed:.0f} s after a {args.warmup:g} s "
-        "warm-up.",
+        f"{args.interval:g} s ticks, pre-trigger {pretrigger_s:g} s, measured for "
+        f"{elapsed:.0f} s after a {args.warmup:g} s warm-up.",
         "",
         "| measure | result | target |",
         "|---|---|---|",

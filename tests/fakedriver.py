@@ -78,6 +78,7 @@ CALL_KEYS = (
     "process_utilization",
     "events",
     "supported_events",
+    "remapped_rows",
 )
 
 
@@ -197,6 +198,11 @@ def gpu(index: int, **overrides: object) -> dict[str, object]:
         "pcie.rx_kbps": 2000,
         "ecc.corrected": 0,
         "ecc.uncorrected": 0,
+        "remapped_rows.correctable": 0,
+        "remapped_rows.uncorrectable": 0,
+        "remapped_rows.pending": 0,
+        "remapped_rows.failure": 0,
+        "field.230": 0,  # NVML_FI_DEV_GET_GPU_RECOVERY_ACTION: none
         "mig.mode": 0,
         "gpm.supported": 1,
     }

@@ -129,6 +129,43 @@ def test_telemetry_follows_mode_activity_and_allocations(
         assert st["telemetry_reason"] == f"GPUs {st['state']}"
 
 
+def test_a_gpu_event_captures_for_its_window_on_the_injected_clock(
+    node: Callable[..., Node],
+) -> None:
+    n = node({"GPUTEL_EVENT_CAPTURE_SECONDS": "10"})
+    assert n.ask(op="allocate", id="job-3", gpus=[1], pid=None)["created"] is True
+    assert n.ask(op="release", id="job-3")["released"] is True
+    assert n.ask(op="allocate", id="job-4", gpus=[0], pid=None)["created"] is True
+    n.agent._gpu_event(1, "xid", 79)  # what the listener's thread calls
+    (row,) = n.agent.events.recent.events()
+    assert (row.gpu, row.uuid, row.xid, row.allocations) == (1, "GPU-1", 79, ())
+    assert n.ask(op="release", id="job-4")["released"] is True
+    st = n.tick(util=0.0)
+    assert st["telemetry_active"] and st["telemetry_reason"] == "capture after Xid 79 on GPU 1"
+    assert st["events"][0]["action"] == "drain"
+    last = n.agent.recent[-1]
+    assert (last.to_state, last.reason) == ("telemetry_on", "capture after Xid 79 on GPU 1")
+    for _ in range(8):
+        assert n.tick()["telemetry_active"]
+    # A second event 9 s in opens a new window from now.
+    n.agent._gpu_event(0, "ecc_dbe", None)
+    for _ in range(9):
+        st = n.tick()
+        assert st["telemetry_active"] and st["telemetry_reason"] == "capture after ecc_dbe on GPU 0"
+    st = n.tick(2.0)
+    assert not st["telemetry_active"] and st["telemetry_reason"] == "GPUs idle"
+    assert n.agent.recent[-1].to_state == "telemetry_off"
+    counts = n.agent.events.counters.event_counts()
+    assert counts == {(1, "GPU-1", "xid"): 1, (0, "GPU-0", "ecc_dbe"): 1}
+
+
+def test_capture_zero_records_the_event_without_telemetry(node: Callable[..., Node]) -> None:
+    n = node({"GPUTEL_EVENT_CAPTURE_SECONDS": "0"})
+    n.agent._gpu_event(0, "xid", 13)
+    st = n.tick(util=0.0)
+    assert not st["telemetry_active"] and [e["xid"] for e in st["events"]] == [13]
+
+
 def test_hysteresis_on_the_injected_clock(node: Callable[..., Node]) -> None:
     n = node()
     assert n.tick(util=90.0)["state"] == "arming"
@@ -307,16 +344,20 @@ def test_a_session_started_by_activity_gets_the_head(node: Callable[..., Node]) 
     # The last 4 s of readings, ending with the tick that started the session.
     now = n.clock()
     assert spawned_with == [[now - 4, now - 3, now - 2, now - 1, now]]
-    # While the child starts, each tick refreshes the head up to that tick.
+    # While the child starts, each tick adds its reading after the whole window.
     n.tick()
-    assert [t.monotonic for t in decode_head(head_file(n).read_bytes())][-1] == n.clock()
+    n.tick()
+    head = [t.monotonic for t in decode_head(head_file(n).read_bytes())]
+    assert head == [now - 4, now - 3, now - 2, now - 1, now, now + 1, now + 2]
     # The child ticks: what is left is removed, and the ring starts over.
     n.beat()
     n.tick()
     assert not head_file(n).exists()
     assert n.agent.handoff is not None and len(n.agent.handoff.ring) == 0
-    n.tick()
+    st = n.tick()
     assert len(n.agent.handoff.ring) == 0  # no readings kept while the child records
+    # The light read goes on: status shows each GPU's power.
+    assert [g["power_w"] for g in st["gpus"]] == [190.0, 100.0]
 
 
 def test_a_restarted_child_gets_no_head_but_the_next_session_does(
@@ -363,6 +404,7 @@ def test_pretrigger_off_reads_only_utilization(node: Callable[..., Node]) -> Non
         n.tick(util=90.0)
     assert len(n.running) == 1
     assert n.agent.handoff is None and calls == [] and not head_file(n).exists()
+    assert [g["power_w"] for g in n.agent.api.status()["gpus"]] == [None, None]
 
 
 def test_hysteresis_timing_does_not_depend_on_the_pretrigger(tmp_path: Path) -> None:

@@ -42,6 +42,8 @@ def write_gpu_csv(
     allocations: Callable[[int], str] = lambda k: "",
     reasons: Callable[[int, float], int | None] = lambda k, u: 4 if u > 50 else 0,
     power_supported: bool = True,
+    sm: Callable[[int, int], float | None] = lambda k, g: None,
+    head: int = 0,
 ) -> dict[int, float]:
     """Rows like the recorder's; returns per-GPU joules between the first and last written row.
 
@@ -68,12 +70,14 @@ def write_gpu_csv(
                         name="Test GPU",
                         lost=0,
                         utilization_gpu_pct=u,
+                        sm_active_pct="" if sm(k, g) is None else sm(k, g),
                         memory_used_mib=1000 + 10 * u,
                         temperature_c=35 + u / 2,
                         power_w=p if power_supported else "",
                         energy_j=counters[g] - first.get(g, counters[g]),
                         clock_event_reasons=reasons(k, u),
                         allocations=allocations(k),
+                        pretrigger=1 if k < head else 0,
                     )
                     if power_supported:
                         first.setdefault(g, counters[g])
@@ -236,6 +240,34 @@ def test_replay_transitions_and_capture(tmp_path: Path) -> None:
     assert all(0 <= (r.capture_ratio or 0) <= 1 for r in grid)
 
 
+def test_replay_with_sm_activity_where_rows_have_it(tmp_path: Path) -> None:
+    """GPU 0 (GPM): utilization always 90, SMs busy only in ticks 10-39; GPU 1 (no GPM) idle."""
+    write_gpu_csv(
+        tmp_path / "gpu-20261122T100000Z-n.csv",
+        T0,
+        80,
+        lambda k, g: 90.0 if g == 0 else 0.0,
+        sm=lambda k, g: (80.0 if 10 <= k < 40 else 5.0) if g == 0 else None,
+    )
+    th = Thresholds(20, 5, 10, 15)
+    by_util = replay(load_series([tmp_path]), th)
+    assert [round(t.at - T0.timestamp()) for t in by_util.transitions] == [0, 5]
+    by_sm = replay(load_series([tmp_path], activity="sm"), th)
+    states = [(t.to_state, round(t.at - T0.timestamp())) for t in by_sm.transitions]
+    assert states == [
+        (ActivityState.ARMING, 10),
+        (ActivityState.ACTIVE, 15),
+        (ActivityState.COOLING, 40),
+        (ActivityState.IDLE, 55),
+    ]
+    # The CLI takes the signal from the setting, flag or environment.
+    res = _gputel("replay", str(tmp_path), "--activity", "sm", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["starts"] == 1
+    res = _gputel("replay", str(tmp_path), "--activity", "tensor")
+    assert res.returncode == 2 and "GPUTEL_ACTIVITY" in res.stderr
+
+
 def _gputel(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run(
@@ -354,3 +386,30 @@ def test_damaged_csv_is_one_line_naming_the_file(
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and str(path) in lines[0], res.stderr
         assert "Traceback" not in res.stderr
+
+
+def test_pretrigger_seconds_and_throttled_seconds(tmp_path: Path) -> None:
+    """The head's span before the recorder's first own row; seconds with a slowdown bit."""
+    reasons = {12: 0x4, 13: 0x4 | 0x40, 14: 0x1, 15: 0x2}  # power cap, + thermal, idle, setting
+    write_gpu_csv(
+        tmp_path / "gpu-20261122T100000Z-node1.csv",
+        T0,
+        30,
+        pattern,
+        interval=0.5,
+        head=8,
+        reasons=lambda k, u: reasons.get(k, 0),
+    )
+    write_gpu_csv(tmp_path / "gpu-20261122T110000Z-node1.csv", T0 + timedelta(hours=1), 10, pattern)
+    first, second = build_report([tmp_path])["sessions"]
+    assert first["pretrigger_s"] == 4.0  # 8 head ticks of 0.5 s
+    assert second["pretrigger_s"] == 0.0
+    assert first["duration_s"] == 15.0  # the head is part of the session
+    # Idle and a clocks setting are not throttling; two samples with a slowdown bit are 1 s.
+    assert [g["throttled_s"] for g in first["gpus"]] == [1.0, 1.0]
+    assert first["gpus"][0]["throttle_s"] == {
+        "applications_clocks_setting": 0.5,
+        "gpu_idle": 0.5,
+        "hw_thermal_slowdown": 0.5,
+        "sw_power_cap": 1.0,
+    }

@@ -26,11 +26,20 @@ def restart_seconds(text: str) -> float:
     return float(match.group(1))
 
 
+def scrape(agent: AgentProc) -> str | None:
+    try:
+        return agent.metrics()
+    except OSError:
+        return None
+
+
 def test_repeated_child_kills_come_back_after_the_policy_delays(
     spawn_agent: Callable[..., AgentProc],
 ) -> None:
     agent = spawn_agent({"GPUTEL_SIM_PATTERN": "0:3600"})
-    assert restart_seconds(agent.metrics()) == 0.0
+    # The control socket answers a moment before /metrics is bound.
+    first = wait_for(lambda: scrape(agent), 10, "/metrics")
+    assert restart_seconds(first) == 0.0
     assert agent.ask({"op": "set_mode", "mode": "on", "for_s": None})["ok"]
     gaps: list[float] = []
     for _ in range(3):

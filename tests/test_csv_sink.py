@@ -16,8 +16,11 @@ from gputel.schema import (
     GPU_FIELDS,
     HOST_CSV_COLUMNS,
     HOST_FIELDS,
+    MIG_CSV_COLUMNS,
+    MIG_FIELDS,
     GpuReading,
     HostReading,
+    MigReading,
     Sample,
     SourceStatus,
 )
@@ -208,14 +211,18 @@ def test_safe_host() -> None:
 
 def test_docs_list_every_column() -> None:
     text = DOCS.read_text()
-    for col in (*GPU_CSV_COLUMNS, *HOST_CSV_COLUMNS):
+    for col in (*GPU_CSV_COLUMNS, *HOST_CSV_COLUMNS, *MIG_CSV_COLUMNS):
         assert f"`{col}`" in text, col
 
 
 def test_docs_precision_column_is_the_schema_table() -> None:
     """docs/csv.md's precision column says what the sink writes: ``Field.decimals``."""
     text = DOCS.read_text()
-    for title, table in (("## `gpu-*.csv`", GPU_FIELDS), ("## `host-*.csv`", HOST_FIELDS)):
+    for title, table in (
+        ("## `gpu-*.csv`", GPU_FIELDS),
+        ("## `host-*.csv`", HOST_FIELDS),
+        ("## `mig-*.csv`", MIG_FIELDS),
+    ):
         section = text.split(title, 1)[1].split("\n## ", 1)[0]
         lines = section.split("\n")
         header = next(line for line in lines if line.startswith("| column |"))
@@ -299,3 +306,32 @@ def test_cells_at_their_precision(tmp_path: Path) -> None:
     assert host_row["disk_read_bytes"] == str(2**63 + 5)
     assert host_row["cpu_package_energy_j"] == "123.456789"
     assert host_row["dram_power_w"] == ""
+
+
+def test_mig_devices_get_their_own_file_only_where_there_are_some(tmp_path: Path) -> None:
+    sink = CsvSink(tmp_path, host="node01")
+    plain = GpuReading(0, "GPU-0", "H100", utilization_gpu_pct=50.0)
+    sink.write(Sample(T0, 0.0, [plain], HostReading(), []))
+    assert sink.mig_path is None and "mig" not in sink.paths()
+    mig = GpuReading(
+        1,
+        "GPU-1",
+        "H100",
+        mig=(
+            MigReading(1, 0, "MIG-a", sm_active_pct=61.25, memory_used_mib=1024.4),
+            MigReading(2, None, "MIG-b", memory_total_mib=20480.0),
+        ),
+    )
+    sample = Sample(T0 + timedelta(seconds=1), 1.0, [plain, mig], HostReading(), [])
+    sample.gpu_allocations = {1: ("job-1",)}
+    sink.write(sample)
+    assert sink.mig_path is not None and sink.paths()["mig"] == str(sink.mig_path)
+    assert sink.mig_path.name.startswith("mig-") and sink.mig_path.name.endswith("-node01.csv")
+    lines = sink.mig_path.read_text().splitlines()
+    assert lines[0] == ",".join(MIG_CSV_COLUMNS)
+    stamp = iso_utc_ms(T0 + timedelta(seconds=1))
+    assert lines[1:] == [
+        f"{stamp},1,GPU-1,1,0,MIG-a,61.2,1024,,job-1",
+        f"{stamp},1,GPU-1,2,,MIG-b,,,20480,job-1",
+    ]
+    sink.close()

@@ -24,6 +24,7 @@ def test_demo_cycle_on_a_short_timeline(tmp_path: Path) -> None:
         interval_s=0.2,
         start_s=0.5,
         stop_s=1.0,
+        events="0:94@2.5",
         max_seconds=25,
         poll_s=0.1,
     )
@@ -37,7 +38,16 @@ def test_demo_cycle_on_a_short_timeline(tmp_path: Path) -> None:
         to_states = [r["to_state"] for r in csv.DictReader(fh)]
     assert to_states[:3] == ["arming", "active", "telemetry_on"]
     assert to_states[-1] == "telemetry_off"
+    assert "events.csv" in names
+    with open(result.log_dir / "events.csv", newline="") as fh:
+        (event,) = csv.DictReader(fh)
+    assert (event["gpu"], event["event"], event["xid"]) == ("0", "xid", "94")
     assert str(result.log_dir) in text and "done" in text
+    # It ends with the answer: the session from the report code, the plot, the next commands.
+    assert result.summary is not None and result.summary["pretrigger_s"] > 0
+    assert [g["gpu"] for g in result.summary["gpus"]] == [0, 1]
+    assert result.plot is not None and result.plot.exists()
+    assert f"gputel report {result.log_dir}" in text
     assert not (tmp_path / "demo" / "run" / "control.sock").exists()
 
 
@@ -63,7 +73,9 @@ def test_render_before_the_agent_answers() -> None:
                 "mode": "auto",
                 "telemetry_active": True,
                 "child": {"pid": 5},
-                "gpus": [{"index": 0, "name": "Sim", "utilization_gpu_pct": 85.0}],
+                "gpus": [
+                    {"index": 0, "name": "Sim", "utilization_gpu_pct": 85.0, "power_w": 612.5}
+                ],
                 "transitions": [
                     {
                         "timestamp": "2026-01-01T00:00:00.000Z",
@@ -74,12 +86,14 @@ def test_render_before_the_agent_answers() -> None:
                 ],
             },
             3.0,
+            history={0: [0.0, None, 50.0, 100.0]},
         )
     )
     shown = buf.getvalue()[len(waiting) :]
     assert "active" in shown and "ON (recorder pid 5)" in shown
     assert "85.0%" in shown and "Sim" in shown
     assert "00:00:00.000" in shown and "arming" in shown
+    assert "612.5 W" in shown and "▁ ▅█" in shown
 
 
 def test_demo_help() -> None:
@@ -126,3 +140,87 @@ def test_closing_the_terminal_stops_the_demo_agent(tmp_path: Path) -> None:
     else:
         os.kill(agent_pid, signal.SIGKILL)
         raise AssertionError("the demo's agent outlived the demo")
+
+
+def test_a_person_running_the_demo_sees_the_live_view_and_the_answer(tmp_path: Path) -> None:
+    """The real command in a real terminal (tmux): what is on the screen, live and at the end."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    # A sparkline that rose from idle (▁) to full (█); the utilization bar never draws ▁.
+    risen = re.compile("▁[▁▂▃▄▅▆▇]*█")
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        pytest.skip("tmux is not installed")
+    server = ["tmux", "-L", f"gputel-demo-test-{os.getpid()}"]
+    demo = (
+        f"{sys.executable} -m gputel demo --dir {tmp_path / 'demo'} "
+        "--pattern '0:1,100:2.5,0:30' --interval 0.2 --seconds 60; echo DEMO-EXIT=$?; sleep 120"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TMUX"}
+    subprocess.run(
+        [*server, "new-session", "-d", "-x", "120", "-y", "40", "-s", "demo", demo],
+        check=True,
+        env={**env, "TERM": "xterm-256color"},
+    )
+
+    def screen() -> str:
+        out = subprocess.run(
+            [*server, "capture-pane", "-p", "-J", "-S", "-400", "-t", "demo"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout
+
+    try:
+        live = ""
+        deadline = time.monotonic() + 60
+        # The live view while the GPUs work: power in watts and a sparkline that has risen.
+        while time.monotonic() < deadline:
+            live = screen()
+            if "ON (recorder pid" in live and risen.search(live):
+                break
+            time.sleep(0.2)
+        assert "utilization, last 32 polls" in live and risen.search(live), live
+        gpu_rows = [line for line in live.splitlines() if "Simulated H100" in line]
+        assert gpu_rows and all(re.search(r"\d+\.\d W", row) for row in gpu_rows), live
+        final = ""
+        while time.monotonic() < deadline and "DEMO-EXIT=" not in final:
+            final = screen()
+            time.sleep(0.3)
+        assert "DEMO-EXIT=0" in final, final
+        summary = final.split("The session", 1)[1]
+        assert "pre-trigger" in summary and "duration" in summary
+        lines = summary.splitlines()
+        header = next(line for line in lines if "energy" in line)
+        assert all(w in header for w in ("GPU", "mean power", "peak power", "throttled"))
+        gpu0 = next(line.split() for line in lines if line.split()[:1] == ["0"])
+        # GPU 0 ran at full power for 2.5 s: held by the power cap, so throttled seconds show.
+        assert gpu0[1] != "n/a" and gpu0[2] == "J" and float(gpu0[-2]) > 0, gpu0
+        assert f"plot: {tmp_path / 'demo' / 'timeline.png'}" in summary
+        assert (tmp_path / "demo" / "timeline.png").stat().st_size > 10_000
+        assert f"gputel report {tmp_path / 'demo' / 'log'}" in summary
+        assert f"gputel plot {tmp_path / 'demo' / 'log'}" in summary
+    finally:
+        subprocess.run([*server, "kill-server"], capture_output=True)
+
+
+def test_without_the_analysis_extra_the_demo_says_how_to_get_the_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gputel.analysis import duck
+    from gputel.cli import demo
+
+    def no_duckdb(threads: int | None = None) -> None:
+        raise duck.AnalysisUnavailable(f"this command needs DuckDB: {duck.INSTALL_HINT}")
+
+    monkeypatch.setattr(duck, "connect", no_duckdb)
+    out = io.StringIO()
+    summary, picture = demo._answer(Console(file=out, width=120), tmp_path, tmp_path / "t.png")
+    assert (summary, picture) == (None, None)
+    assert "pip install 'gputel[analysis]'" in out.getvalue()

@@ -586,6 +586,8 @@ def test_forced_runs_rotate_compress_and_expire(tmp_path: Path) -> None:
     header = "timestamp,from_state,to_state,reason\n"
     rig.write("transitions.csv", header + "2026-11-20T10:00:00.000Z,idle,arming,busy\n")
     rig.write("allocations.csv", "id,gpus,start,end,duration_s,energy_j\n")
+    events = "timestamp,gpu,uuid,event,xid,detail,allocations\n"
+    rig.write("events.csv", events + "2026-11-20T10:00:01.000Z,0,GPU-x,xid,79,off the bus,\n")
     too_old = rig.write_gz("transitions.csv.4.gz", header, age_days=500)
     beyond_count = rig.write_gz("transitions.csv.12.gz", header, age_days=20)
     rig.write("gpu-live.csv", GPU_ROWS)
@@ -596,6 +598,7 @@ def test_forced_runs_rotate_compress_and_expire(tmp_path: Path) -> None:
     new = rig.dir / "transitions.csv"
     assert new.exists() and new.stat().st_size == 0, "create: an empty file for the next row"
     assert stat.S_IMODE(new.stat().st_mode) == 0o640
+    assert (rig.dir / "events.csv.1").read_text().startswith(events)
     # A forced run overrides minage: the live session file is renamed, so the recorder is
     # told to start new files (the reload marker) before it is compressed.
     assert (rig.dir / "gpu-live.csv.1.gz").exists()

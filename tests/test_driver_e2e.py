@@ -112,7 +112,7 @@ def test_record_writes_the_drivers_values(fake_driver: FakeDriver, tmp_path: Pat
     assert float(row0["utilization_gpu_pct"]) == 42.0
     assert float(row0["memory_used_mib"]) == 2048.0
     assert float(row0["memory_total_mib"]) == 81559.0
-    assert float(row0["power_w"]) == pytest.approx(123.456)
+    assert row0["power_w"] == "123.46"  # watts to 0.01 (docs/csv.md)
     assert float(row1["temperature_c"]) == 71.0
     assert row0["fan_speed_pct"] == ""  # the H100 has no fan: unsupported, an empty cell
     assert row0["lost"] == "0" and row0["name"] == "NVIDIA H100 80GB HBM3"
@@ -219,7 +219,10 @@ def test_a_fan_answering_unknown_is_counted_not_lost(
 def test_a_mig_gpu_is_named_in_status_and_log(
     agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
-    fake_driver.set(gpu__0__mig__mode=1, gpu__0__utilization__gpu_pct=None)
+    # Without GPM: a MIG GPU with GPM is measured by its instances (tests/test_gpm_e2e.py).
+    fake_driver.set(
+        gpu__0__mig__mode=1, gpu__0__utilization__gpu_pct=None, gpu__0__gpm__supported=0
+    )
     agent = agents()
     notice = agent.status()["notice"]
     assert "GPU 0" in notice and "MIG mode" in notice and "activity cannot be measured" in notice
@@ -306,7 +309,7 @@ def test_a_hung_gpu_does_not_stall_the_recorder(
     stuck_rows = [r for r in _gpu_rows(agent.log_dir, 0)[-3:]]
     assert all(r["temperature_c"] == "" and r["power_w"] == "" for r in stuck_rows)
     assert all(r["lost"] == "0" for r in stuck_rows)
-    assert _gpu_rows(agent.log_dir, 1)[-1]["temperature_c"] == "31.0"
+    assert float(_gpu_rows(agent.log_dir, 1)[-1]["temperature_c"]) == 31.0
     text = agent.metrics()
     stuck = [x for x in text.splitlines() if x.startswith("gputel_gpu_read_stuck{")]
     assert any('gpu="0"' in x and x.endswith(" 1.0") for x in stuck)
@@ -314,5 +317,7 @@ def test_a_hung_gpu_does_not_stall_the_recorder(
 
     fake_driver.set(gpu__0__temperature__sleep_ms=None)
     wait_for(lambda: agent.status()["child"]["gpus_stuck"] == [], 15, "GPU 0 reading again")
-    wait_for(lambda: _gpu_rows(agent.log_dir, 0)[-1]["temperature_c"] == "31.0", 15, "GPU 0 values")
+    wait_for(
+        lambda: _gpu_rows(agent.log_dir, 0)[-1]["temperature_c"] == "31.00", 15, "GPU 0 values"
+    )
     assert agent.terminate() == 0

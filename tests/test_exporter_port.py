@@ -23,7 +23,10 @@ def test_squatted_port_is_reported_and_taken_once_free(
     try:
         agent = spawn_agent({"GPUTEL_EXPORTER_PORT": str(port)})
         agent.port = port
-        status = agent.status()
+        # The control socket answers a moment before the exporter is tried.
+        status = wait_for(
+            lambda: (st := agent.status())["exporter_error"] and st, 10, "the exporter error"
+        )
         where = f"127.0.0.1:{port}"
         assert status["agent"] == "running" and status["exporter"] is None
         assert where in status["exporter_error"], status

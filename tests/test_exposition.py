@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from fakesysfs import add_hwmon_chip, add_rapl_zone, set_energy
-from gputel.schema import GpuReading, HostReading, Sample, SourceStatus
+from gputel.schema import MIB, GpuReading, HostReading, MigReading, Sample, SourceStatus
 from gputel.sources.hwmon import HwmonSource
 from gputel.sources.rapl import RaplSource
 from gputel.sources.sim import SimGpuSource
@@ -104,6 +104,8 @@ def test_golden_has_the_contract_series() -> None:
     assert "gputel_telemetry_active" not in text
     assert 'gputel_source_up{source="rapl"} 1.0' in text
     assert "gputel_gpu_fan_speed_ratio" not in text  # sim boards are passively cooled: None
+    for name in ("sm_active", "sm_occupancy", "tensor_active", "dram_active"):
+        assert f"\ngputel_gpu_{name}_ratio{{" in text, name  # simulated GPM
 
 
 def test_fast_render_is_byte_identical_to_generate_latest(tmp_path: Path) -> None:
@@ -115,6 +117,46 @@ def test_fast_render_is_byte_identical_to_generate_latest(tmp_path: Path) -> Non
     for sample in (None, s):
         fast = exp.update(sample, ticks_missed=1, rows_failed=2, ticks_total=3)
         assert fast == exp.render_reference()
+
+
+def mig_sample() -> Sample:
+    g = GpuReading(
+        0,
+        "GPU-m",
+        "H100",
+        sm_active_pct=None,
+        mig=(
+            MigReading(1, 0, "MIG-a", sm_active_pct=61.5, memory_used_mib=1024.0),
+            MigReading(2, None, "MIG-b", sm_active_pct=None, memory_total_mib=20480.0),
+        ),
+    )
+    gpm = GpuReading(1, "GPU-g", "H100", sm_active_pct=40.0, nvlink_rx_bytes_per_s=2.5e9)
+    return Sample(T_WALL, 1.0, [g, gpm], HostReading(), [])
+
+
+def test_gpm_and_mig_series() -> None:
+    exp = Exposition()
+    text = exp.update(mig_sample()).decode()
+    assert exp.update(mig_sample()) == exp.render_reference()
+    assert 'gputel_gpu_sm_active_ratio{gpu="1",name="H100",uuid="GPU-g"} 0.4\n' in text
+    assert 'gputel_gpu_nvlink_rx_bytes_per_second{gpu="1",name="H100",uuid="GPU-g"} 2.5e+09' in text
+    assert 'gputel_gpu_sm_active_ratio{gpu="0"' not in text  # a MIG GPU: per instance only
+    labels = 'ci="0",gi="1",gpu="0",mig_uuid="MIG-a",uuid="GPU-m"'
+    assert f"gputel_mig_sm_active_ratio{{{labels}}} 0.615\n" in text
+    assert 1024.0 * MIB == 1.073741824e09
+    assert f"gputel_mig_memory_used_bytes{{{labels}}} 1.073741824e+09\n" in text
+    labels_b = 'ci="",gi="2",gpu="0",mig_uuid="MIG-b",uuid="GPU-m"'
+    assert f"gputel_mig_memory_total_bytes{{{labels_b}}} 2.147483648e+10\n" in text
+    assert "gputel_mig_sm_active_ratio{" + labels_b not in text  # None: no series
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_check_gpm_and_mig_metrics() -> None:
+    data = Exposition().update(mig_sample()) + telemetry_active_text(True)
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=data, capture_output=True, timeout=30
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
 def test_line_reuse_across_ticks_never_serves_a_stale_value() -> None:

@@ -138,6 +138,15 @@ def test_row_appender_failure_counted_logged_once_and_recovery_logged(
     assert made.append([1]) and (tmp_path / "new" / "y.csv").exists()
 
 
+def test_row_appender_never_writes_through_a_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_text("keep\n")
+    (tmp_path / "x.csv").symlink_to(target)
+    rows = RowAppender(tmp_path / "x.csv", ("a",), logging.getLogger("t"))
+    assert not rows.append([1]) and rows.rows_failed == 1
+    assert target.read_text() == "keep\n"
+
+
 class _ShortFd:
     """Stands in for ``os.write``/``os.ftruncate`` on one real descriptor: the disk "fills"
     after ``room`` bytes, as a full filesystem does."""

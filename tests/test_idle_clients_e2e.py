@@ -17,7 +17,8 @@ import pytest
 from gputel import hooks
 from gputel.control.client import request
 from gputel.runtime import CONTROL_SOCKET
-from test_agent_e2e import AgentProc, spawn_agent
+from test_agent_e2e import AgentProc, spawn_agent, wait_for
+from test_child_restarts_e2e import scrape
 
 __all__ = ["spawn_agent"]  # the fixture, used by name
 
@@ -94,6 +95,7 @@ def test_status_hooks_and_scrapes_succeed_among_hundreds_of_idle_connections(
     for name, value in agent.env.items():
         if name.startswith("GPUTEL_"):
             monkeypatch.setenv(name, value)
+    wait_for(lambda: scrape(agent), 10, "/metrics")  # bound a moment after the socket
     with idle_flood(agent):
         for i in range(15):
             reply = request(agent.run_dir, {"op": "status"}, timeout=1.0)

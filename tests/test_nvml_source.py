@@ -26,12 +26,27 @@ from fakedriver import (
 from gputel.schema import GpuReading
 from gputel.sources import nvml
 from gputel.sources.base import LIGHT_FIELDS, GpuSourceError
+from gputel.sources.nvml_gpm import GPM_METRICS
 
+GPM_ONLY = {attr for attr, _c, _f in GPM_METRICS} - {"pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s"}
+
+#: Every measurement of a GPU without GPM (GPM and MIG devices: tests/test_nvml_gpm.py).
 MEASUREMENTS = [
     f.name
     for f in fields(GpuReading)
-    if f.name not in ("index", "uuid", "name", "lost", "stuck", "field_errors")
+    if f.name not in ("index", "uuid", "name", "lost", "stuck", "field_errors", "mig", "has_gpm")
+    and f.name not in GPM_ONLY
 ]
+
+
+def measured(src: nvml.NvmlGpuSource) -> list[str]:
+    """The measurements this binding can give: the recovery action is a field id only newer
+    bindings define (nvidia-ml-py 12.535 has none)."""
+    if hasattr(src.binding, "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION"):
+        return MEASUREMENTS
+    return [m for m in MEASUREMENTS if m != "recovery_action"]
+
+
 TIMEOUT = 10
 FUNCTION_NOT_FOUND = 13
 ARGUMENT_VERSION_MISMATCH = 25
@@ -48,8 +63,10 @@ class Clock:
 
 
 def rich_gpu(index: int, **overrides: object) -> dict[str, object]:
-    """A GPU that answers every field, with distinct values per index."""
+    """A GPU that answers every field, with distinct values per index; without GPM (its PCIe
+    throughput comes from nvmlDeviceGetPcieThroughput; GPM: tests/test_nvml_gpm.py)."""
     values: dict[str, object] = {
+        "gpm__supported": 0,
         "utilization__gpu_pct": 50 + index,
         "utilization__memory_pct": 20 + index,
         "memory__used_bytes": 10 * 1024**3,
@@ -65,6 +82,11 @@ def rich_gpu(index: int, **overrides: object) -> dict[str, object]:
         "pcie__tx_kbps": 2000,
         "ecc__corrected": 2,
         "ecc__uncorrected": 0,
+        "remapped_rows__correctable": 3,
+        "remapped_rows__uncorrectable": 1,
+        "remapped_rows__pending": 1,
+        "remapped_rows__failure": 0,
+        "field__230": 1,  # recovery action: GPU reset
     }
     values.update(overrides)
     return gpu(index, **values)
@@ -119,11 +141,16 @@ def test_full_reading_converts_every_field_to_its_unit(drv: FakeDriver) -> None:
         pcie_tx_bytes_per_s=2000 * 1024.0,
         ecc_corrected_volatile=2,
         ecc_uncorrected_volatile=0,
+        remapped_rows_correctable=3,
+        remapped_rows_uncorrectable=1,
+        remapped_rows_pending=1,
+        remapped_rows_failure=0,
+        recovery_action=1 if "recovery_action" in measured(src) else None,
     )
     # The binding gives str, not bytes, and ctypes numbers: the reading holds plain values.
     assert type(r0.name) is str and type(r0.utilization_gpu_pct) is float
     assert r1.power_w == 301.0 and r1.energy_j == 5000.001 and r1.temperature_c == 41.0
-    assert all(getattr(r0, m) is not None for m in MEASUREMENTS)
+    assert all(getattr(r0, m) is not None for m in measured(src))
     assert src.read_utilization() == {0: 50.0, 1: 51.0}
     assert src.read_energy_j() == {0: 5000.0, 1: 5000.001}
     src.close()
@@ -234,7 +261,7 @@ def test_one_lost_gpu_does_not_stop_the_others(
     assert all(getattr(lost, m) is None for m in MEASUREMENTS)
     for healthy in (readings[0], readings[2]):
         assert not healthy.lost
-        assert all(getattr(healthy, m) is not None for m in MEASUREMENTS)
+        assert all(getattr(healthy, m) is not None for m in measured(src))
     assert len([r for r in caplog.records if "lost" in r.getMessage()]) == 1
 
     # Never asked again, on any path, yet still reported with its identity.
@@ -343,7 +370,7 @@ def test_lost_gpu_recovers_after_a_successful_probe(
     for _ in range(3):
         r1 = src.read()[1]
         assert not r1.lost and (r1.uuid, r1.power_w, r1.energy_j) == (_uuid(1), 301.0, 5000.001)
-        assert all(getattr(r1, m) is not None for m in MEASUREMENTS)
+        assert all(getattr(r1, m) is not None for m in measured(src))
     assert src.read_energy_j() == {0: 5000.0, 1: 5000.001}
     assert len(caplog.records) == 1
     src.close()
@@ -516,7 +543,7 @@ def test_batching_saves_calls(drv: FakeDriver) -> None:
     before = drv.gpu_calls(0)
     src.read()
     assert drv.calls("ecc", 0) == 0 and drv.calls("energy", 0) == 0
-    assert drv.gpu_calls(0) - before == 13
+    assert drv.gpu_calls(0) - before == 14  # remapped rows included
     src.close()
 
 

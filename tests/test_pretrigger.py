@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from gputel.telemetry.head import (
     head_rows,
     take_head,
 )
+from test_agent_e2e import AgentProc, pid_alive, wait_for
 
 T0 = datetime(2026, 11, 22, 3, 45, 12, tzinfo=timezone.utc)
 DEVICES = [GpuIdentity(0, "GPU-a", "X"), GpuIdentity(1, "GPU-b", "X")]
@@ -222,6 +224,7 @@ def test_child_writes_the_head_before_its_own_rows(tmp_path: Path) -> None:
     )
     n_head = 2 * state["pretrigger"]["ticks"]
     head, own = rows[:n_head], rows[n_head:]
+    assert {r["pretrigger"] for r in head} == {"1"} and {r["pretrigger"] for r in own} == {"0"}
     # The first row is from before the GPUs got busy (1 s after the epoch).
     first = datetime.fromisoformat(rows[0]["timestamp"].replace("Z", "+00:00"))
     busy_at = datetime.fromtimestamp(now_wall - 2.0, timezone.utc)
@@ -244,3 +247,135 @@ def test_child_writes_the_head_before_its_own_rows(tmp_path: Path) -> None:
     with open(host_file, newline="") as fh:
         host_rows = list(csv.DictReader(fh))
     assert host_rows[0]["timestamp"] == own[0]["timestamp"]
+
+
+# ---------------------------------------------------------------------------------- the agent
+@pytest.fixture
+def spawn_agent(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], AgentProc]]:
+    """The real ``gputel agent`` on two simulated GPUs; it and its child are gone afterwards."""
+    agents: list[AgentProc] = []
+
+    def make(env: dict[str, str]) -> AgentProc:
+        agents.append(AgentProc(tmp_path / f"a{len(agents)}", env))
+        return agents[-1]
+
+    yield make
+    for a in agents:
+        hb = runtime.read_json(a.run_dir / runtime.RECORDER_STATE_FILE)
+        a.kill()
+        child = hb.get("pid") if isinstance(hb, dict) else None
+        if isinstance(child, int) and pid_alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _stamp(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _session_rows(agent: AgentProc) -> tuple[list[dict[str, str]], str]:
+    """The one gpu file's rows after the agent stopped, checked for order; and its text."""
+    (gpu_file,) = agent.log_dir.glob("gpu-*.csv")
+    text = gpu_file.read_text()
+    assert text.count("timestamp,") == 1
+    assert text.splitlines()[0].split(",") == list(GPU_CSV_COLUMNS)
+    with open(gpu_file, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) % 2 == 0
+    stamps = []
+    for k in range(0, len(rows), 2):
+        pair = rows[k : k + 2]
+        assert [r["gpu"] for r in pair] == ["0", "1"] and pair[0]["timestamp"] == pair[1][
+            "timestamp"
+        ]
+        stamps.append(pair[0]["timestamp"])
+    assert stamps == sorted(set(stamps))  # strictly increasing: no tick twice
+    for gpu in ("0", "1"):
+        energy = [float(r["energy_j"]) for r in rows if r["gpu"] == gpu]
+        assert energy[0] == 0.0 and energy == sorted(energy)
+    return rows, text
+
+
+def _transition(agent: AgentProc, to_state: str) -> datetime:
+    return _stamp(next(t for t in agent.transitions() if t["to_state"] == to_state)["timestamp"])
+
+
+def _until_recording(agent: AgentProc, ticks: int = 5) -> None:
+    def recording() -> bool:
+        hb = runtime.read_json(agent.run_dir / runtime.RECORDER_STATE_FILE)
+        return isinstance(hb, dict) and hb.get("tick", 0) >= ticks
+
+    wait_for(recording, 30, "the recorder's ticks")
+    assert agent.terminate() == 0
+
+
+def test_a_load_that_starts_at_t_has_its_first_row_before_t(
+    spawn_agent: Callable[[dict[str, str]], AgentProc],
+) -> None:
+    """Default pre-trigger: the session's file begins with the idle readings before the load."""
+    agent = spawn_agent(
+        {
+            "GPUTEL_INTERVAL": "0.05",
+            "GPUTEL_SIM_PATTERN": "0:2,90:600",  # busy 2 s after the agent started
+            "GPUTEL_START_SECONDS": "0.5",
+        }
+    )
+    _until_recording(agent)
+    rows, _ = _session_rows(agent)
+    first_busy = next(r for r in rows if r["utilization_gpu_pct"] == "90.0")
+    arming, on = _transition(agent, "arming"), _transition(agent, "telemetry_on")
+    # Rows read while the GPUs were idle, i.e. before the load started at t, lead the file...
+    assert rows[0]["utilization_gpu_pct"] == "0.0"
+    assert _stamp(rows[0]["timestamp"]) < _stamp(first_busy["timestamp"]) <= arming
+    # ...reaching back well before telemetry came on (2 s idle + 0.5 s arming).
+    assert on - _stamp(rows[0]["timestamp"]) >= timedelta(seconds=1.5)
+    head = [r for r in rows if r["pretrigger"] == "1"]
+    own = rows[len(head) :]
+    assert head and own and all(r["pretrigger"] == "0" for r in own)
+    assert all(r["utilization_memory_pct"] == "" for r in head)  # the agent does not read it
+    assert _stamp(head[-1]["timestamp"]) < _stamp(own[0]["timestamp"])
+    assert not (agent.run_dir / runtime.PRETRIGGER_FILE).exists()
+
+
+def test_a_session_started_by_the_operator_gets_the_head(
+    spawn_agent: Callable[[dict[str, str]], AgentProc],
+) -> None:
+    agent = spawn_agent(
+        {
+            "GPUTEL_INTERVAL": "0.05",
+            "GPUTEL_SIM_PATTERN": "0:600",
+            "GPUTEL_PRETRIGGER_SECONDS": "1",
+        }
+    )
+    time.sleep(2.0)  # idle readings, more than the window
+    started = subprocess.run(
+        [sys.executable, "-m", "gputel", "start"],
+        env=agent.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 0, started.stderr
+    _until_recording(agent)
+    rows, _ = _session_rows(agent)
+    on = _transition(agent, "telemetry_on")
+    lead = on - _stamp(rows[0]["timestamp"])
+    # The 1 s window before the start, and no more (two ticks of slack for a slow machine).
+    assert timedelta(seconds=0.7) <= lead <= timedelta(seconds=1.1)
+
+
+def test_pretrigger_zero_starts_the_file_at_the_session(
+    spawn_agent: Callable[[dict[str, str]], AgentProc],
+) -> None:
+    agent = spawn_agent(
+        {
+            "GPUTEL_INTERVAL": "0.05",
+            "GPUTEL_SIM_PATTERN": "0:1,90:600",
+            "GPUTEL_START_SECONDS": "0.3",
+            "GPUTEL_PRETRIGGER_SECONDS": "0",
+        }
+    )
+    _until_recording(agent)
+    rows, _ = _session_rows(agent)
+    assert _stamp(rows[0]["timestamp"]) >= _transition(agent, "telemetry_on")
+    assert all(r["pretrigger"] == "0" and r["utilization_memory_pct"] != "" for r in rows)
+    assert all(r["utilization_gpu_pct"] == "90.0" for r in rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gputel.schema import CLOCK_EVENT_REASONS, GpuReading
+from gputel.schema import CLOCK_EVENT_REASONS, GPU_FIELDS
 from gputel.sources.base import LIGHT_FIELDS, GpuSource, GpuSourceError
 from gputel.sources.sim import (
     MEMORY_TOTAL_MIB,
@@ -259,8 +259,6 @@ def test_light_read_is_the_full_read_cut_to_the_light_fields() -> None:
                 full.name,
                 False,
             )
-            for name in GpuReading.__slots__:
-                if name in ("index", "uuid", "name", "lost"):
-                    continue
+            for name in (f.attr for f in GPU_FIELDS):
                 expected = getattr(full, name) if name in LIGHT_FIELDS else None
                 assert getattr(light, name) == expected, (t, name)

@@ -120,6 +120,22 @@ def test_telemetry_wanted(state: ActivityState, mode: Mode, allocations: int, wa
     assert reason
 
 
+@pytest.mark.parametrize(
+    ("state", "mode", "allocations", "wanted", "reason"),
+    [
+        (S.IDLE, Mode.AUTO, 0, True, "capture after Xid 79 on GPU 0"),
+        (S.ACTIVE, Mode.AUTO, 2, True, "capture after Xid 79 on GPU 0"),
+        (S.IDLE, Mode.ON, 0, True, "operator mode on"),
+        (S.ACTIVE, Mode.OFF, 1, False, "operator mode off"),  # off wins over a capture too
+    ],
+)
+def test_a_capture_forces_telemetry_on_unless_the_operator_says_otherwise(
+    state: ActivityState, mode: Mode, allocations: int, wanted: bool, reason: str
+) -> None:
+    capture = "capture after Xid 79 on GPU 0"
+    assert telemetry_wanted(state, mode, allocations, capture) == (wanted, reason)
+
+
 # ---------------------------------------------------------------------------------- property
 utils = st.one_of(st.none(), st.floats(min_value=0, max_value=100, allow_nan=False))
 gaps = st.floats(min_value=0.0, max_value=20.0, allow_nan=False)

@@ -166,6 +166,9 @@ class FailureCounter:
             self._log.warning(self._recovered_msg, where, self.rows_failed)
 
 
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
 class RowAppender:
     """Appends whole rows to one CSV file, writing the header first when the file is new.
 
@@ -203,7 +206,9 @@ class RowAppender:
             if self.make_dir:
                 with contextlib.suppress(FileExistsError):
                     self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            # Never through a symlink: an agent running as root must not append to whatever
+            # file someone pointed transitions.csv at.
+            fd = os.open(self.path, _APPEND_FLAGS, 0o640)
             try:
                 # Decide on the header from the file actually opened: logrotate may have moved
                 # the old one away an instant ago.

@@ -58,6 +58,10 @@ CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
     (0x0000000000000100, "display_clock_setting"),
 )
 
+#: The reasons that mean a real slowdown under load (power cap, thermal, hardware), not an idle
+#: GPU or clocks held by a setting: what "throttled" counts in the report, the plot and the fleet.
+THROTTLE_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+
 MIB = 1024 * 1024
 
 GPU_FIELDS: tuple[Field, ...] = (
@@ -82,6 +86,103 @@ GPU_FIELDS: tuple[Field, ...] = (
         "gputel_gpu_memory_utilization_ratio",
         scale=0.01,
         decimals=1,
+    ),
+    Field(
+        "sm_active_pct",
+        "sm_active_pct",
+        float,
+        "%",
+        "GPM: share of SMs busy over the tick (empty without GPM).",
+        "gpu",
+        "gputel_gpu_sm_active_ratio",
+        scale=0.01,
+        decimals=1,
+    ),
+    Field(
+        "sm_occupancy_pct",
+        "sm_occupancy_pct",
+        float,
+        "%",
+        "GPM: resident warps as a share of the SMs' maximum.",
+        "gpu",
+        "gputel_gpu_sm_occupancy_ratio",
+        scale=0.01,
+        decimals=1,
+    ),
+    Field(
+        "tensor_active_pct",
+        "tensor_active_pct",
+        float,
+        "%",
+        "GPM: share of time the SMs ran any tensor-core instruction.",
+        "gpu",
+        "gputel_gpu_tensor_active_ratio",
+        scale=0.01,
+        decimals=1,
+    ),
+    Field(
+        "dram_active_pct",
+        "dram_active_pct",
+        float,
+        "%",
+        "GPM: device memory bandwidth used as a share of the maximum.",
+        "gpu",
+        "gputel_gpu_dram_active_ratio",
+        scale=0.01,
+        decimals=1,
+    ),
+    Field(
+        "fp16_active_pct",
+        "fp16_active_pct",
+        float,
+        "%",
+        "GPM: share of time the SMs ran non-tensor FP16 math.",
+        "gpu",
+        "gputel_gpu_fp16_active_ratio",
+        scale=0.01,
+        decimals=1,
+    ),
+    Field(
+        "fp32_active_pct",
+        "fp32_active_pct",
+        float,
+        "%",
+        "GPM: share of time the SMs ran non-tensor FP32 math.",
+        "gpu",
+        "gputel_gpu_fp32_active_ratio",
+        scale=0.01,
+        decimals=1,
+    ),
+    Field(
+        "fp64_active_pct",
+        "fp64_active_pct",
+        float,
+        "%",
+        "GPM: share of time the SMs ran non-tensor FP64 math.",
+        "gpu",
+        "gputel_gpu_fp64_active_ratio",
+        scale=0.01,
+        decimals=1,
+    ),
+    Field(
+        "nvlink_rx_bytes_per_s",
+        "nvlink_rx_bytes_per_s",
+        float,
+        "B/s",
+        "GPM: NVLink receive throughput over all links.",
+        "gpu",
+        "gputel_gpu_nvlink_rx_bytes_per_second",
+        decimals=0,
+    ),
+    Field(
+        "nvlink_tx_bytes_per_s",
+        "nvlink_tx_bytes_per_s",
+        float,
+        "B/s",
+        "GPM: NVLink transmit throughput over all links.",
+        "gpu",
+        "gputel_gpu_nvlink_tx_bytes_per_second",
+        decimals=0,
     ),
     Field(
         "memory_used_mib",
@@ -204,7 +305,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "pcie_rx_bytes_per_s",
         float,
         "B/s",
-        "PCIe receive throughput over the driver's 20 ms sample.",
+        "PCIe receive throughput: GPM over the tick, else the driver's 20 ms sample.",
         "gpu",
         "gputel_gpu_pcie_rx_bytes_per_second",
         decimals=0,
@@ -214,7 +315,7 @@ GPU_FIELDS: tuple[Field, ...] = (
         "pcie_tx_bytes_per_s",
         float,
         "B/s",
-        "PCIe transmit throughput over the driver's 20 ms sample.",
+        "PCIe transmit throughput: GPM over the tick, else the driver's 20 ms sample.",
         "gpu",
         "gputel_gpu_pcie_tx_bytes_per_second",
         decimals=0,
@@ -239,6 +340,57 @@ GPU_FIELDS: tuple[Field, ...] = (
         "gpu",
         "gputel_gpu_ecc_uncorrected_errors_total",
         "counter",
+        decimals=0,
+    ),
+    Field(
+        "remapped_rows_correctable",
+        "remapped_rows_correctable",
+        int,
+        "rows",
+        "Memory rows remapped after correctable errors (kept by the GPU across reboots).",
+        "gpu",
+        "gputel_gpu_remapped_rows_correctable",
+        decimals=0,
+    ),
+    Field(
+        "remapped_rows_uncorrectable",
+        "remapped_rows_uncorrectable",
+        int,
+        "rows",
+        "Memory rows remapped after uncorrectable errors (kept by the GPU across reboots).",
+        "gpu",
+        "gputel_gpu_remapped_rows_uncorrectable",
+        decimals=0,
+    ),
+    Field(
+        "remapped_rows_pending",
+        "remapped_rows_pending",
+        int,
+        "0/1",
+        "1 while a row remapping waits for a GPU reset to take effect.",
+        "gpu",
+        "gputel_gpu_remapped_rows_pending",
+        decimals=0,
+    ),
+    Field(
+        "remapped_rows_failure",
+        "remapped_rows_failure",
+        int,
+        "0/1",
+        "1 when a row remapping failed (no spare row left): the board needs service.",
+        "gpu",
+        "gputel_gpu_remapped_rows_failure",
+        decimals=0,
+    ),
+    Field(
+        "recovery_action",
+        "recovery_action",
+        int,
+        "code",
+        "Recovery the driver asks for: 0 none, 1 GPU reset, 2 node reboot, 3 drain P2P, "
+        "4 drain and reset (NVML_FI_DEV_GET_GPU_RECOVERY_ACTION).",
+        "gpu",
+        "gputel_gpu_recovery_action",
         decimals=0,
     ),
 )
@@ -411,6 +563,59 @@ HWMON_HELP = "Temperature of each hwmon sensor."
 
 
 @dataclass(slots=True)
+class MigReading:
+    """One MIG device (a compute instance of a GPU instance) of a GPU at one tick.
+
+    SM activity is measured per GPU instance (GPM has no finer view), so the compute instances
+    of one GPU instance show the same value; memory belongs to the GPU instance too.
+    """
+
+    gi: int
+    ci: int | None
+    mig_uuid: str
+    sm_active_pct: float | None = None
+    memory_used_mib: float | None = None
+    memory_total_mib: float | None = None
+
+
+MIG_FIELDS: tuple[Field, ...] = (
+    Field(
+        "sm_active_pct",
+        "sm_active_pct",
+        float,
+        "%",
+        "GPM: share of the GPU instance's SMs busy over the tick.",
+        "gpu",
+        "gputel_mig_sm_active_ratio",
+        scale=0.01,
+        decimals=1,
+    ),
+    Field(
+        "memory_used_mib",
+        "memory_used_mib",
+        float,
+        "MiB",
+        "Memory in use in the GPU instance.",
+        "gpu",
+        "gputel_mig_memory_used_bytes",
+        scale=MIB,
+        decimals=0,
+    ),
+    Field(
+        "memory_total_mib",
+        "memory_total_mib",
+        float,
+        "MiB",
+        "Memory of the GPU instance.",
+        "gpu",
+        "gputel_mig_memory_total_bytes",
+        scale=MIB,
+        decimals=0,
+    ),
+)
+
+
+@dataclass(slots=True)
 class GpuReading:
     """One GPU at one tick. Identity fields are always set; every measurement may be None."""
 
@@ -420,6 +625,15 @@ class GpuReading:
     lost: bool = False
     utilization_gpu_pct: float | None = None
     utilization_memory_pct: float | None = None
+    sm_active_pct: float | None = None
+    sm_occupancy_pct: float | None = None
+    tensor_active_pct: float | None = None
+    dram_active_pct: float | None = None
+    fp16_active_pct: float | None = None
+    fp32_active_pct: float | None = None
+    fp64_active_pct: float | None = None
+    nvlink_rx_bytes_per_s: float | None = None
+    nvlink_tx_bytes_per_s: float | None = None
     memory_used_mib: float | None = None
     memory_total_mib: float | None = None
     temperature_c: float | None = None
@@ -436,6 +650,16 @@ class GpuReading:
     pcie_tx_bytes_per_s: float | None = None
     ecc_corrected_volatile: int | None = None
     ecc_uncorrected_volatile: int | None = None
+    remapped_rows_correctable: int | None = None
+    remapped_rows_uncorrectable: int | None = None
+    remapped_rows_pending: int | None = None
+    remapped_rows_failure: int | None = None
+    recovery_action: int | None = None
+    has_gpm: bool = False
+    """The GPU has GPM: an empty ``sm_active_pct`` is unknown (first tick, failed sample), not a
+    reason to judge its activity by utilization under ``GPUTEL_ACTIVITY=sm``."""
+    mig: tuple[MigReading, ...] = ()
+    """The GPU's MIG devices (MIG mode only): ``mig-*.csv`` rows and the ``gputel_mig_*`` series."""
     stuck: bool = False
     """The GPU's read did not return within the tick's deadline (a hung call); values empty."""
     field_errors: dict[str, int] = field(default_factory=dict)
@@ -515,8 +739,19 @@ GPU_CSV_COLUMNS: tuple[str, ...] = (
     "lost",
     *(f.csv for f in GPU_FIELDS),
     "allocations",
+    "pretrigger",
 )
 HOST_CSV_COLUMNS: tuple[str, ...] = ("timestamp", *(f.csv for f in HOST_FIELDS))
+MIG_CSV_COLUMNS: tuple[str, ...] = (
+    "timestamp",
+    "gpu",
+    "uuid",
+    "gi",
+    "ci",
+    "mig_uuid",
+    *(f.csv for f in MIG_FIELDS),
+    "allocations",
+)
 
 
 def _check_table() -> None:
@@ -527,6 +762,9 @@ def _check_table() -> None:
         assert f.attr in gpu_attrs, f.attr
     for f in HOST_FIELDS:
         assert f.attr in host_attrs, f.attr
+    mig_attrs = {f.name for f in fields(MigReading)}
+    for f in MIG_FIELDS:
+        assert f.attr in mig_attrs, f.attr
 
 
 _check_table()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gputel.activity import ACTIVITY_SIGNALS
 from gputel.sources.simevents import SimEventsError, parse_sim_events
 from gputel.sources.simpattern import PatternError, parse_pattern
 
@@ -88,6 +89,13 @@ def _percent(text: str) -> float:
         raise ValueError("expected a percentage 0-100") from None
     if not math.isfinite(value) or not 0 <= value <= 100:
         raise ValueError("expected a percentage 0-100")
+    return value
+
+
+def _activity(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ACTIVITY_SIGNALS:
+        raise ValueError(f"expected one of {', '.join(ACTIVITY_SIGNALS)}")
     return value
 
 
@@ -369,6 +377,15 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _sim_events,
     ),
     SettingSpec(
+        "GPUTEL_ACTIVITY",
+        "activity",
+        "--activity",
+        "utilization",
+        "activity signal: utilization (any kernel running, every GPU), or sm (GPM SM activity "
+        "where the GPU has it, else its utilization)",
+        _activity,
+    ),
+    SettingSpec(
         "GPUTEL_EVENT_CAPTURE_SECONDS",
         "event_capture_s",
         "--event-capture-seconds",
@@ -428,6 +445,7 @@ class Settings:
     sim_gpus: int = DEFAULTS["sim_gpus"]
     sim_pattern: str = DEFAULTS["sim_pattern"]
     sim_events: str = DEFAULTS["sim_events"]
+    activity: str = DEFAULTS["activity"]
     event_capture_s: float = DEFAULTS["event_capture_s"]
     pretrigger_s: float = DEFAULTS["pretrigger_s"]
 

@@ -38,12 +38,15 @@
  *   gpu.i.fan_speed_pct=N  gpu.i.pstate=N  gpu.i.pcie.tx_kbps=N  gpu.i.pcie.rx_kbps=N
  *   gpu.i.ecc.corrected=N  gpu.i.ecc.uncorrected=N   (volatile totals; aggregate = same)
  *   gpu.i.field.ID=N          any other nvmlDeviceGetFieldValues field id (unsigned long long)
+ *   gpu.i.remapped_rows.correctable=N  .uncorrectable=N  .pending=0|1  .failure=0|1
+ *                             nvmlDeviceGetRemappedRows (unsupported unless correctable is set)
  *   gpu.i.mig.mode=0|1  gpu.i.mig.pending=0|1  gpu.i.mig.max_count=N
  *   gpu.i.mig.j.gi=N  gpu.i.mig.j.ci=N  gpu.i.mig.j.uuid=S   MIG device j of GPU i exists when
  *                                                            mig.mode=1 and its gi is set
  *   gpu.i.gpm.supported=0|1   nvmlGpmQueryDeviceSupport
  *   gpu.i.gpm.ID=F            GPM metric ID (nvmlGpmMetricId_t) value for the whole GPU
  *   gpu.i.mig.GI.gpm.ID=F     GPM metric ID for GPU instance GI (nvmlGpmMigSampleGet)
+ *   gpu.i.mig.j.memory.total_bytes=N  gpu.i.mig.j.memory.used_bytes=N   MIG device j's memory
  *   gpu.i.processes=PID:BYTES:SM[,PID:BYTES:SM...]  compute processes (SM = sm util %, for
  *                             the process-utilization calls; may be left out: PID:BYTES)
  *   gpu.i.graphics_processes=PID:BYTES[,...]
@@ -54,7 +57,7 @@
  * Errors and hangs, per call C of GPU i (C is one of: handle name uuid index pci utilization
  * memory temperature power power_limit energy clock max_clock clock_reasons fan_speed pcie
  * pstate ecc field_values mig_mode mig gpm processes graphics_processes process_utilization
- * events supported_events):
+ * events supported_events remapped_rows):
  *   gpu.i.C.error=N           that call returns N (999 UNKNOWN, 4 NO_PERMISSION, ...)
  *   gpu.i.memory_v2.error=N   only nvmlDeviceGetMemoryInfo_v2 fails (a driver without it)
  *   gpu.i.all.error=N         every call on GPU i returns N (15 GPU_IS_LOST), the handle too
@@ -544,9 +547,15 @@ static nvmlReturn_t memory_values(nvmlDevice_t d, unsigned long long *total,
                                   unsigned long long *used, unsigned long long *free_,
                                   unsigned long long *reserved) {
     ENTER(d, "memory");
-    NUM_OR_UNSUPPORTED(*total, "gpu.%d.memory.total_bytes", d->index);
     *used = 0;
     *reserved = 0;
+    if (d->mig >= 0) { /* a MIG device: its own memory slice */
+        NUM_OR_UNSUPPORTED(*total, "gpu.%d.mig.%d.memory.total_bytes", d->index, d->mig);
+        get_num(used, "gpu.%d.mig.%d.memory.used_bytes", d->index, d->mig);
+        *free_ = *total > *used ? *total - *used : 0;
+        return OK;
+    }
+    NUM_OR_UNSUPPORTED(*total, "gpu.%d.memory.total_bytes", d->index);
     get_num(used, "gpu.%d.memory.used_bytes", d->index);
     get_num(reserved, "gpu.%d.memory.reserved_bytes", d->index);
     if (!get_num(free_, "gpu.%d.memory.free_bytes", d->index))
@@ -699,6 +708,25 @@ nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t d, int count, nvmlFieldValue_
         values[i].nvmlReturn = field_value(d->index, values[i].fieldId, &v);
         values[i].value.ullVal = values[i].nvmlReturn == OK ? v : 0;
     }
+    return OK;
+}
+
+/* Row remapping (Ampere and newer): gpu.i.remapped_rows.{correctable,uncorrectable,pending,
+ * failure}; not supported unless `correctable` is set, the others default to 0. */
+nvmlReturn_t nvmlDeviceGetRemappedRows(nvmlDevice_t d, unsigned int *corr, unsigned int *unc,
+                                       unsigned int *pending, unsigned int *failure) {
+    ENTER(d, "remapped_rows");
+    if (corr == NULL || unc == NULL || pending == NULL || failure == NULL)
+        return E_INVALID_ARGUMENT;
+    unsigned long long c, u = 0, p = 0, f = 0;
+    NUM_OR_UNSUPPORTED(c, "gpu.%d.remapped_rows.correctable", d->index);
+    get_num(&u, "gpu.%d.remapped_rows.uncorrectable", d->index);
+    get_num(&p, "gpu.%d.remapped_rows.pending", d->index);
+    get_num(&f, "gpu.%d.remapped_rows.failure", d->index);
+    *corr = (unsigned int)c;
+    *unc = (unsigned int)u;
+    *pending = (unsigned int)p;
+    *failure = (unsigned int)f;
     return OK;
 }
 

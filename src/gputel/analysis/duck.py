@@ -53,7 +53,7 @@ NUMERIC = {
 INTEGER = {"gpu": ("clock_event_reasons",), "host": (), "events": ()}
 #: Text columns kept as they are (ids stay strings).
 TEXT = {
-    "gpu": ("uuid", "name", "lost", "allocations"),
+    "gpu": ("uuid", "name", "lost", "allocations", "pretrigger"),
     "host": (),
     "events": ("uuid", "event", "xid", "detail", "allocations"),
 }
@@ -347,7 +347,17 @@ def _read_csv_sql(
 ) -> str:
     """The files' columns named as their header gives them; text unless ``types`` says."""
     types = types or {}
-    columns = ", ".join(f"{quote(c)}: {quote(types.get(c, 'VARCHAR'))}" for c in header)
+    # A name that repeats is read under ``name_N`` (as DuckDB's own detection names it): the
+    # first of them is the column.
+    seen: dict[str, int] = {}
+    names: list[str] = []
+    for c in header:
+        names.append(f"{c}_{seen[c]}" if c in seen else c)
+        seen[c] = seen.get(c, 0) + 1
+    columns = ", ".join(
+        f"{quote(n)}: {quote(types.get(n, 'VARCHAR') if n == c else 'VARCHAR')}"
+        for n, c in zip(names, header, strict=True)
+    )
     return (
         "read_csv(["
         + ", ".join(quote(str(p)) for p in paths)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gputel.schema import CLOCK_EVENT_REASONS
+from gputel.schema import CLOCK_EVENT_REASONS, THROTTLE_MASK
 
 JOULES_PER_KWH = 3.6e6
 #: Width of a time bucket in seconds, and the shortest allowed (a finer idle threshold).
@@ -35,8 +35,6 @@ MIN_BUCKET_S = 1.0
 #: ``STALLED_SM_PCT`` means it waits (memory, I/O, host): "busy but stalled" seconds.
 STALLED_UTIL_PCT = 50.0
 STALLED_SM_PCT = 20.0
-#: clock_event_reasons bits that mean real slowdown (not idle or application/user settings).
-THROTTLE_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
 
 
 def bucket_width(idle_limit_s: float) -> float:
@@ -73,12 +71,15 @@ SELECT fid, gpu, coalesce(alloc, '') AS alloc, floor(ts / {float(width)!r})::BIG
        min(CASE WHEN {idle} THEN NULL ELSE ts END) AS work_t0,
        max(CASE WHEN {idle} THEN NULL ELSE ts END) AS work_t1,
        histogram({_bin("util")}) AS bins,
-       arg_min(uuid, ts) AS uuid, arg_min(name, ts) AS name
+       arg_min(uuid, ts) AS uuid, arg_min(name, ts) AS name,
+       min(CASE WHEN head THEN ts END) AS head_t0,
+       min(CASE WHEN head THEN NULL ELSE ts END) AS own_t0
 FROM (
   SELECT fid, gpu, ts, utilization_gpu_pct AS util, memory_used_mib AS mem,
          temperature_c AS temp, power_w AS power, energy_j AS energy,
          clock_event_reasons AS reasons, lost = '1' AS lost, allocations AS alloc,
-         sm_active_pct AS sm, tensor_active_pct AS tensor, uuid, name
+         sm_active_pct AS sm, tensor_active_pct AS tensor, uuid, name,
+         coalesce(pretrigger = '1', false) AS head
   FROM ({inner})
 )
 GROUP BY ALL

@@ -2,9 +2,8 @@
 
 Utilization, power and temperature per GPU on a shared time axis, with throttling shaded and
 allocation spans drawn as bands, so the slow minute of a job can be seen at a glance. Long
-recordings are bucketed in DuckDB (a bucket width that doubles from one second until at most
-``MAX_BUCKETS`` buckets span the recording), so Python only sees a few thousand points per GPU.
-matplotlib and DuckDB: the ``analysis`` extra.
+recordings are decimated while streaming (buckets double in width whenever there are too many),
+so a week of data plots in constant memory. matplotlib and DuckDB: the ``analysis`` extra.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import Any
 
 from gputel.analysis import duck
 from gputel.analysis.filter import ReportFilter
-from gputel.analysis.groups import THROTTLE_MASK
+from gputel.schema import THROTTLE_MASK
 
 MAX_BUCKETS = 4000
 
@@ -28,10 +27,28 @@ class PlotUnavailable(RuntimeError):
 
 @dataclass
 class _Series:
-    """Bucket means of one metric (bucket index → mean) at one bucket width."""
+    """Bucketed (time, mean) points; merges neighbours whenever the bucket count doubles."""
 
     width: float
-    buckets: dict[int, float] = field(default_factory=dict)
+    buckets: dict[int, list[float]] = field(default_factory=dict)  # index -> [sum, n]
+
+    def add(self, ts: float, value: float | None) -> None:
+        if value is None:
+            return
+        b = self.buckets.setdefault(int(ts // self.width), [0.0, 0])
+        b[0] += value
+        b[1] += 1
+        if len(self.buckets) > MAX_BUCKETS:
+            self._coarsen()
+
+    def _coarsen(self) -> None:
+        merged: dict[int, list[float]] = {}
+        for idx, (s, n) in self.buckets.items():
+            m = merged.setdefault(idx // 2, [0.0, 0])
+            m[0] += s
+            m[1] += n
+        self.buckets = merged
+        self.width *= 2
 
     def points(self) -> tuple[list[float], list[float]]:
         """Bucket centres and means; a NaN where buckets are missing, so lines break at gaps."""
@@ -42,8 +59,9 @@ class _Series:
             if prev is not None and idx > prev + 1:
                 xs.append((prev + 1.5) * self.width)
                 ys.append(float("nan"))
+            s, n = self.buckets[idx]
             xs.append((idx + 0.5) * self.width)
-            ys.append(self.buckets[idx])
+            ys.append(s / n)
             prev = idx
         return xs, ys
 
@@ -57,59 +75,31 @@ class _Gpu:
     throttle: _Series = field(default_factory=lambda: _Series(1.0))
 
 
-def bucket_width(span_s: float) -> float:
-    """One second, doubled until the span fits in ``MAX_BUCKETS`` buckets."""
-    width = 1.0
-    while span_s / width > MAX_BUCKETS:
-        width *= 2
-    return width
-
-
-#: Per GPU and bucket: the means the figure draws (a bucket with no value of a metric has none).
-_BUCKETS_SQL = f"""
-SELECT gpu, floor(ts / $width)::BIGINT AS idx, avg(utilization_gpu_pct), avg(power_w),
-       avg(temperature_c),
-       avg(CASE WHEN clock_event_reasons & {THROTTLE_MASK} <> 0 THEN 1.0
-                WHEN clock_event_reasons IS NOT NULL THEN 0.0 END)
-FROM gpu GROUP BY ALL
-"""
-
-
 def collect(
     paths: Iterable[Path], flt: ReportFilter | None = None, con: Any = None
 ) -> tuple[dict[int, _Gpu], dict[str, list[float]]]:
-    """Per-GPU bucketed series (bucketed in DuckDB) and allocation spans (id → [first, last])."""
+    """Per-GPU decimated series and allocation spans (id → [first, last])."""
     flt = flt or ReportFilter()
     con = con or duck.connect()
-    duck.load(
-        con,
-        duck.find_files(list(paths)),
-        "gpu",
-        flt,
-        wrap=lambda inner: (
-            "SELECT ts, gpu, utilization_gpu_pct, power_w, temperature_c, clock_event_reasons, "
-            f"allocations, name FROM ({inner})"
-        ),
-    )
+    duck.load(con, duck.find_files(list(paths)), "gpu", flt)
     gpus: dict[int, _Gpu] = {
         idx: _Gpu(name=name or "")
         for idx, name in con.execute(
             "SELECT gpu, arg_min(name, ts) FROM gpu GROUP BY gpu"
         ).fetchall()
     }
-    first, last = con.execute("SELECT min(ts), max(ts) FROM gpu").fetchone()
-    width = bucket_width((last - first) if first is not None else 0.0)
-    for g in gpus.values():
-        g.util, g.power, g.temp, g.throttle = (_Series(width) for _ in range(4))
-    for idx, bucket, util, power, temp, throttle in con.execute(
-        _BUCKETS_SQL, {"width": width}
-    ).fetchall():
-        g = gpus[idx]
-        for series, value in ((g.util, util), (g.power, power), (g.temp, temp)):
-            if value is not None:
-                series.buckets[bucket] = value
-        if throttle is not None:
-            g.throttle.buckets[bucket] = throttle
+    cur = con.execute(
+        "SELECT ts, gpu, utilization_gpu_pct, power_w, temperature_c, clock_event_reasons "
+        "FROM gpu ORDER BY ts, gpu"
+    )
+    while batch := cur.fetchmany(100_000):
+        for ts, idx, util, power, temp, reasons in batch:
+            g = gpus[idx]
+            g.util.add(ts, util)
+            g.power.add(ts, power)
+            g.temp.add(ts, temp)
+            if reasons is not None:
+                g.throttle.add(ts, 1.0 if reasons & THROTTLE_MASK else 0.0)
     only = "" if flt.allocation is None else f"WHERE id = {duck.quote(flt.allocation)}"
     spans = {
         alloc_id: [first, last]
@@ -129,17 +119,16 @@ def _load_matplotlib() -> Any:
         matplotlib.use("Agg")
         import matplotlib.dates as mdates
         import matplotlib.pyplot as plt
-        from matplotlib.colors import to_rgba
     except ImportError:
         raise PlotUnavailable(
             "gputel plot needs matplotlib: pip install 'gputel[analysis]'"
         ) from None
-    return plt, mdates, to_rgba
+    return plt, mdates
 
 
 def plot(paths: Iterable[Path], output: Path, flt: ReportFilter | None = None) -> int:
     """Write the figure to ``output`` (PNG, SVG or PDF by suffix); returns the GPU count."""
-    plt, mdates, to_rgba = _load_matplotlib()
+    plt, mdates = _load_matplotlib()
     gpus, spans = collect(paths, flt)
     if not gpus:
         raise ValueError("no GPU rows in the given files and time range")
@@ -156,22 +145,17 @@ def plot(paths: Iterable[Path], output: Path, flt: ReportFilter | None = None) -
         ax.set_ylim(0, 105)
         ax.set_ylabel(f"GPU {idx} util %")
         ax.set_title(f"GPU {idx} {g.name}".strip(), fontsize=9, loc="left")
-        # One collection of bars, shaded by the throttled share of each bucket (a patch per
-        # bucket took seconds per GPU to draw on a week).
         tx, ty = g.throttle.points()
-        days = g.throttle.width / 86400
-        bars = [
-            (mdates.date2num(datetime.fromtimestamp(x, timezone.utc)) - days / 2, days)
-            for x, y in zip(tx, ty, strict=True)
-            if y > 0  # NaN (a gap) compares False
-        ]
-        if bars:
-            ax.broken_barh(
-                bars,
-                (0, 105),
-                facecolors=[to_rgba("tab:red", 0.15 * y) for y in ty if y > 0],
-                lw=0,
-            )
+        for x, y in zip(tx, ty, strict=True):
+            if y > 0:  # NaN (a gap) compares False
+                half = g.throttle.width / 2
+                ax.axvspan(
+                    datetime.fromtimestamp(x - half, timezone.utc),
+                    datetime.fromtimestamp(x + half, timezone.utc),
+                    color="tab:red",
+                    alpha=0.15 * y,
+                    lw=0,
+                )
         for n, (alloc_id, (a, b)) in enumerate(sorted(spans.items())):
             ax.axvspan(
                 datetime.fromtimestamp(a, timezone.utc),

@@ -8,6 +8,10 @@ the agent computes it) through :func:`gputel.supervisor.states.step` - the same 
 Where the recording has a gap (telemetry was off, or rows are missing) the agent's reading is
 unknown, so replay feeds a single missing reading at the first absent tick, which is what the live
 agent does with a reading that hit its deadline: it breaks any pending condition.
+
+``GPUTEL_ACTIVITY=sm`` (``--activity sm``) replays GPM's SM activity (``sm_active_pct``) where a
+row has it and the row's utilization elsewhere, by the agent's own rule (``gputel.activity``).
+MIG instances (``mig-*.csv``) are not replayed: their GPUs' rows carry no activity.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gputel.activity import pick
 from gputel.analysis import duck
 from gputel.analysis.filter import ReportFilter
 from gputel.supervisor.states import ActivityState, Machine, Thresholds, Transition, step
@@ -34,9 +39,13 @@ class UtilSeries:
 
 
 def load_series(
-    paths: Iterable[Path], flt: ReportFilter | None = None, con: Any = None
+    paths: Iterable[Path],
+    flt: ReportFilter | None = None,
+    con: Any = None,
+    activity: str = "utilization",
 ) -> UtilSeries:
-    """Max utilization per tick over the selected GPUs, in time order, from ``gpu-*.csv``.
+    """Max activity per tick over the selected GPUs, in time order, from ``gpu-*.csv``:
+    utilization, or with ``activity="sm"`` each row's SM activity where it has one.
 
     A tick recorded twice (overlapping files) counts once; the interval is the median spacing.
     """
@@ -47,18 +56,23 @@ def load_series(
         duck.find_files(list(paths)),
         "gpu",
         flt,
-        # Every row's GPU index is read (and so checked) though only utilization is kept.
         wrap=lambda inner: (
-            f"SELECT ts, max(utilization_gpu_pct) AS util, count(gpu) AS n FROM ({inner}) "
-            "GROUP BY ts"
+            f"SELECT node, gpu, ts, utilization_gpu_pct, sm_active_pct FROM ({inner})"
         ),
     )
     ts_out = array("d")
     util_out = array("d")
     nan = float("nan")
-    for ts, util in con.execute("SELECT ts, max(util) FROM gpu GROUP BY ts ORDER BY ts").fetchall():
+    # The rule picks per row (a row twice, from overlapping files, changes no maximum); a GPU
+    # has GPM when any of its rows has SM activity.
+    rows = con.execute(
+        "SELECT ts, utilization_gpu_pct, sm_active_pct, "
+        "count(sm_active_pct) OVER (PARTITION BY node, gpu) > 0 FROM gpu ORDER BY ts"
+    ).fetchall()
+    for ts, group in itertools.groupby(rows, key=lambda row: row[0]):
+        known = [v for _, u, sm, gpm in group if (v := pick(u, sm, gpm, activity)) is not None]
         ts_out.append(ts)
-        util_out.append(nan if util is None else util)
+        util_out.append(max(known) if known else nan)
     spacings = sorted(b - a for a, b in itertools.pairwise(ts_out) if b > a)
     interval = spacings[len(spacings) // 2] if spacings else 1.0
     return UtilSeries(ts_out, util_out, interval)

@@ -76,6 +76,18 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def _pretrigger_s(
+    head: tuple[float | None, float | None] | None, last: float, interval: float | None
+) -> float:
+    """How long before the recorder's first own row the session's pre-trigger head begins."""
+    head_first, own_first = head or (None, None)
+    if head_first is None:
+        return 0.0
+    if own_first is None:  # the recorder never got to its own first row
+        return _round(last - head_first + (interval or 0.0)) or 0.0
+    return _round(max(0.0, own_first - head_first)) or 0.0
+
+
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -254,6 +266,7 @@ class ScopeStats:
         power_peak, lost, sm, tensor, stalled = self.values[8:13]
         interval = interval or _interval_from(self.spacings)
         throttle = self.values[16:]
+        throttled = self.throttled
         energy = self.energy
         return {
             "samples": int(n),
@@ -276,6 +289,7 @@ class ScopeStats:
                 )
                 if count
             },
+            "throttled_s": _round(throttled * interval) if interval else None,
             "sm_active_mean_pct": _round(sm),
             "tensor_active_mean_pct": _round(tensor),
             "stalled_s": _round(stalled * interval) if interval and sm is not None else None,
@@ -606,6 +620,13 @@ def build_report(
         ).fetchall()
     }
     nodes_of = {sid: files[0].node for sid, files in enumerate(gpu_sessions, 1)}
+    heads = {
+        sid: (head_first, own_first)
+        for sid, head_first, own_first in con.execute(
+            "SELECT m.sid, min(g.head_t0), min(g.own_t0) FROM g JOIN gpu_sessions m USING (fid) "
+            "GROUP BY m.sid"
+        ).fetchall()
+    }
 
     events = fleet.EventCounts(con)
     out_sessions: list[dict[str, Any]] = []
@@ -644,6 +665,7 @@ def build_report(
                     "start": _iso(first),
                     "end": _iso(last),
                     "duration_s": _round(last - first + (interval or 0.0)),
+                    "pretrigger_s": _pretrigger_s(heads.get(sid), last, interval),
                     "interval_s": interval,
                     "files": [f.path for f in files],
                     "gpus": gpus_out,

@@ -293,8 +293,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Replay recorded utilization through the agent's state machine with given thresholds.
 
-        Thresholds come from the usual settings (--start-util, --start-seconds, --stop-util,
-        --stop-seconds or GPUTEL_*), so the answer is what the agent would do with them.
+        Thresholds and the activity signal come from the usual settings (--start-util,
+        --start-seconds, --stop-util, --stop-seconds, --activity or GPUTEL_*), so the answer is
+        what the agent would do with them.
         """
         from gputel.analysis.replay import load_series
         from gputel.analysis.replay import replay as run_replay
@@ -303,7 +304,7 @@ def register(app: typer.Typer) -> None:
 
         flt = _filter(since, until, gpu)
         try:
-            series = load_series(_paths(paths, settings), flt)
+            series = load_series(_paths(paths, settings), flt, activity=settings.activity)
         except AnalysisUnavailable as exc:
             fail(str(exc), EXIT_FAILURE)
         except CsvReadError as exc:

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,16 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-#: GPU 0 idles 3 s, works 8 s, idles; GPU 1 works a little later and less.
-DEMO_PATTERN = "0:3,85:8,0:30;0:4,55:6,0:30"
+#: GPU 0 idles 3 s, works 8 s (4 of them at full power, held by the power cap), idles; GPU 1
+#: works a little later and less.
+DEMO_PATTERN = "0:3,85:4,100:4,0:30;0:4,55:6,0:30"
 DEMO_INTERVAL_S = 0.5
 DEMO_START_S = 1.0
 DEMO_STOP_S = 3.0
+#: GPU 0 reports Xid 94 (a contained ECC error) while it works: a row in events.csv, the
+#: counter, and a short capture window (DEMO_CAPTURE_S) that ends before the cycle does.
+DEMO_EVENTS = "0:94@6"
+DEMO_CAPTURE_S = 2.0
 
 
 @dataclass
@@ -43,6 +50,10 @@ class DemoResult:
     message: str
     states_seen: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+    """The session as ``gputel report --json`` gives it (None without the analysis extra)."""
+    plot: Path | None = None
+    """The timeline picture, when matplotlib is installed."""
 
 
 def _free_port(addr: str = "127.0.0.1") -> int:
@@ -58,6 +69,7 @@ def demo_env(
     interval_s: float = DEMO_INTERVAL_S,
     start_s: float = DEMO_START_S,
     stop_s: float = DEMO_STOP_S,
+    events: str = DEMO_EVENTS,
     port: int | None = None,
 ) -> dict[str, str]:
     """The agent's environment: ours minus service-manager and gputel variables, plus the demo's."""
@@ -71,6 +83,8 @@ def demo_env(
         GPUTEL_BACKEND="sim",
         GPUTEL_SIM_GPUS="2",
         GPUTEL_SIM_PATTERN=pattern,
+        GPUTEL_SIM_EVENTS=events,
+        GPUTEL_EVENT_CAPTURE_SECONDS=f"{DEMO_CAPTURE_S:g}",
         GPUTEL_INTERVAL=f"{interval_s:g}",
         GPUTEL_START_UTIL="20",
         GPUTEL_START_SECONDS=f"{start_s:g}",
@@ -84,6 +98,29 @@ def demo_env(
     return env
 
 
+_SPARKS = "▁▂▃▄▅▆▇█"
+#: How many polls of utilization the live view's sparkline shows.
+SPARK_POINTS = 32
+
+
+def sparkline(values: Iterable[float | None]) -> Text:
+    """Utilization history as one line of block characters (0-100 %), a gap where unknown."""
+    chars = []
+    for v in values:
+        if v is None:
+            chars.append(" ")
+        else:
+            level = round(max(0.0, min(100.0, v)) / 100 * (len(_SPARKS) - 1))
+            chars.append(_SPARKS[level])
+    return Text("".join(chars), style="green")
+
+
+def _power(watts: object) -> Text:
+    if not isinstance(watts, (int, float)):
+        return Text("n/a", style="dim")
+    return Text(f"{watts:6.1f} W")
+
+
 def _bar(pct: float | None, width: int = 20) -> Text:
     if pct is None:
         return Text("n/a", style="dim")
@@ -95,8 +132,14 @@ def _bar(pct: float | None, width: int = 20) -> Text:
 _STATE_STYLE = {"idle": "dim", "arming": "yellow", "active": "bold green", "cooling": "cyan"}
 
 
-def render(status: dict[str, Any] | None, elapsed: float, note: str = "") -> Group:
-    """One frame of the live view from a status reply (None: the agent is not answering yet)."""
+def render(
+    status: dict[str, Any] | None,
+    elapsed: float,
+    note: str = "",
+    history: Mapping[int, Iterable[float | None]] | None = None,
+) -> Group:
+    """One frame of the live view from a status reply (None: the agent is not answering yet);
+    ``history`` is each GPU's recent utilization, oldest first, for the sparkline."""
     if not status:
         return Group(Panel(Text(f"starting the agent... {elapsed:4.1f}s {note}".rstrip())))
     head = Table.grid(padding=(0, 2))
@@ -122,8 +165,18 @@ def render(status: dict[str, Any] | None, elapsed: float, note: str = "") -> Gro
     gpus.add_column("GPU", justify="right")
     gpus.add_column("name")
     gpus.add_column("utilization")
+    gpus.add_column("power", justify="right")
+    gpus.add_column(f"utilization, last {SPARK_POINTS} polls")
     for g in status.get("gpus") or []:
-        gpus.add_row(str(g.get("index")), str(g.get("name")), _bar(g.get("utilization_gpu_pct")))
+        index = g.get("index")
+        past = (history or {}).get(index, ()) if isinstance(index, int) else ()
+        gpus.add_row(
+            str(index),
+            str(g.get("name")),
+            _bar(g.get("utilization_gpu_pct")),
+            _power(g.get("power_w")),
+            sparkline(past),
+        )
 
     trans = Table(title="transitions", expand=False)
     trans.add_column("time (UTC)")
@@ -137,7 +190,22 @@ def render(status: dict[str, Any] | None, elapsed: float, note: str = "") -> Gro
             t.get("to_state"),
             t.get("reason"),
         )
-    return Group(Panel(head, title="gputel agent"), gpus, trans)
+    parts: list[Any] = [Panel(head, title="gputel agent"), gpus, trans]
+    events = status.get("events") or []
+    if events:
+        table = Table(title="GPU events", expand=False)
+        for col in ("time (UTC)", "GPU", "event", "xid", "action"):
+            table.add_column(col)
+        for e in events[-4:]:
+            table.add_row(
+                str(e.get("timestamp", ""))[11:23],
+                str(e.get("gpu")),
+                str(e.get("event")),
+                "" if e.get("xid") is None else str(e.get("xid")),
+                str(e.get("action")),
+            )
+        parts.append(table)
+    return Group(*parts)
 
 
 def _head(path: Path, lines: int) -> list[str]:
@@ -158,6 +226,7 @@ def run_demo(
     interval_s: float = DEMO_INTERVAL_S,
     start_s: float = DEMO_START_S,
     stop_s: float = DEMO_STOP_S,
+    events: str = DEMO_EVENTS,
     poll_s: float = 0.25,
 ) -> DemoResult:
     """Run the cycle, show it live, stop the agent, print the files; never leaves a process."""
@@ -168,7 +237,12 @@ def run_demo(
     directory = Path(directory or tempfile.mkdtemp(prefix="gputel-demo-"))
     directory.mkdir(parents=True, exist_ok=True)
     env = demo_env(
-        directory, pattern=pattern, interval_s=interval_s, start_s=start_s, stop_s=stop_s
+        directory,
+        pattern=pattern,
+        interval_s=interval_s,
+        start_s=start_s,
+        stop_s=stop_s,
+        events=events,
     )
     run_dir = Path(env["GPUTEL_RUN_DIR"])
     log_dir = Path(env["GPUTEL_LOG_DIR"])
@@ -191,6 +265,7 @@ def run_demo(
         )
     t0 = time.monotonic()
     status: dict[str, Any] | None = None
+    history: dict[int, deque[float | None]] = {}
     # The agent takes SIGHUP as "reopen the CSV files" (logrotate), so closing the terminal
     # would leave it running: turn SIGHUP and SIGTERM into an exit that runs the cleanup below.
     previous = _exit_on_signals((signal.SIGHUP, signal.SIGTERM))
@@ -208,6 +283,10 @@ def run_demo(
                 except ControlError:
                     pass
                 if status:
+                    for g in status.get("gpus") or []:
+                        if isinstance(g.get("index"), int):
+                            past = history.setdefault(g["index"], deque(maxlen=SPARK_POINTS))
+                            past.append(g.get("utilization_gpu_pct"))
                     state = str(status.get("state"))
                     if not seen or seen[-1] != state:
                         seen.append(state)
@@ -215,7 +294,7 @@ def run_demo(
                         went_on = True
                     elif went_on:
                         went_off = True
-                live.update(render(status, elapsed))
+                live.update(render(status, elapsed, history=history))
                 if went_on and went_off and status and status.get("state") == "idle":
                     message = "one full idle → busy → idle cycle"
                     finished = True
@@ -231,6 +310,9 @@ def run_demo(
     ok = finished and proc.returncode == 0
     files = sorted(log_dir.glob("*.csv")) if log_dir.is_dir() else []
     _show_files(console, log_dir, files)
+    summary = plot_path = None
+    if ok:
+        summary, plot_path = _answer(console, log_dir, directory / "timeline.png")
     if ok:
         console.print(f"[bold green]done[/]: {message}; the agent exited cleanly.")
     else:
@@ -242,7 +324,63 @@ def run_demo(
         console.print(f"files kept in {directory} (remove it when done)")
     else:
         shutil.rmtree(directory, ignore_errors=True)
-    return DemoResult(ok, directory, log_dir, message, seen, files)
+    return DemoResult(ok, directory, log_dir, message, seen, files, summary, plot_path)
+
+
+def _answer(
+    console: Console, log_dir: Path, picture: Path
+) -> tuple[dict[str, Any] | None, Path | None]:
+    """The recorded session as the report code sums it, the plot, and the commands to go on.
+
+    Both come from the analysis code (DuckDB, matplotlib: the ``analysis`` extra); without it the
+    demo says how to install it rather than summing the CSVs a second way.
+    """
+    from gputel.analysis.duck import INSTALL_HINT, AnalysisUnavailable
+    from gputel.analysis.plot import PlotUnavailable, plot
+    from gputel.analysis.report import build_report
+
+    console.print("\n[bold]The session[/] (from the report code, as `gputel report` sums it):")
+    try:
+        report = build_report([log_dir])
+    except AnalysisUnavailable:
+        console.print(f"  the summary needs the analysis extra: {INSTALL_HINT}", markup=False)
+        return None, None
+    sessions = [s for s in report["sessions"] if s["gpus"]]
+    session = sessions[-1] if sessions else None
+    if session is None:
+        console.print("  no GPU rows were recorded")
+        return None, None
+    console.print(
+        f"  duration {_num(session['duration_s'], 1)} s, of which pre-trigger "
+        f"{_num(session.get('pretrigger_s'), 1)} s (recorded before telemetry started)"
+    )
+    table = Table(box=None, padding=(0, 2), show_edge=False)
+    for col in ("GPU", "energy", "mean power", "peak power", "throttled"):
+        table.add_column(col, justify="right")
+    for g in session["gpus"]:
+        table.add_row(
+            str(g["gpu"]),
+            f"{_num(g['energy_j'], 1)} J",
+            f"{_num(g['power_mean_w'], 1)} W",
+            f"{_num(g['power_peak_w'], 1)} W",
+            f"{_num(g.get('throttled_s'), 1)} s",
+        )
+    console.print(table)
+    made: Path | None = None
+    try:
+        plot([log_dir], picture)
+        made = picture
+        console.print(f"plot: {picture}", markup=False)
+    except (PlotUnavailable, AnalysisUnavailable):
+        console.print(f"no plot: it needs matplotlib ({INSTALL_HINT})", markup=False)
+    console.print("go further:")
+    console.print(f"  gputel report {log_dir}", markup=False)
+    console.print(f"  gputel plot {log_dir} -o timeline.png", markup=False)
+    return session, made
+
+
+def _num(value: object, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
 
 
 def _exit_on_signals(signums: tuple[int, ...]) -> dict[int, Any]:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gputel.cli.options import EXIT_FAILURE, EXIT_OK
+from gputel.cli.options import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 
 def demo(
@@ -28,14 +28,42 @@ def demo(
             "--dir", help="use this directory instead of a new temporary one", show_default=False
         ),
     ] = None,
+    pattern: Annotated[
+        str | None,
+        typer.Option(
+            "--pattern",
+            help="simulated utilization timeline, as GPUTEL_SIM_PATTERN",
+            show_default=False,
+        ),
+    ] = None,
+    interval: Annotated[
+        float | None,
+        typer.Option(
+            "--interval", min=0.05, max=5.0, help="seconds between ticks", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Run the agent on 2 simulated GPUs (no root, no GPU) through one idle → busy → idle cycle.
 
-    Shows the live state, then stops the agent and prints where the CSV files are.
+    Shows the live state (power and a utilization sparkline per GPU), then stops the agent,
+    prints the session summary from the report code, writes a plot and says where the files are.
     """
-    from gputel.cli.demo import run_demo
+    from gputel.cli.demo import DEMO_INTERVAL_S, DEMO_PATTERN, run_demo
+    from gputel.cli.options import fail
+    from gputel.sources.simpattern import PatternError, parse_pattern
 
-    result = run_demo(keep=keep, max_seconds=seconds, directory=directory)
+    if pattern is not None:
+        try:
+            parse_pattern(pattern)
+        except PatternError as exc:
+            fail(f"invalid --pattern: {exc}", EXIT_USAGE)
+    result = run_demo(
+        keep=keep,
+        max_seconds=seconds,
+        directory=directory,
+        pattern=pattern or DEMO_PATTERN,
+        interval_s=interval or DEMO_INTERVAL_S,
+    )
     raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILURE)
 
 

@@ -12,7 +12,7 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any
 
 import typer
@@ -42,7 +42,8 @@ def _read_gpus(settings: Settings) -> tuple[list[dict[str, Any]], str | None, st
 
 
 def _reading_dict(reading: Any) -> dict[str, Any]:
-    return {f.name: getattr(reading, f.name) for f in fields(reading)}
+    # asdict: a MIG GPU's devices (MigReading) become JSON objects too.
+    return asdict(reading)
 
 
 def _host_snapshot(settings: Settings) -> tuple[dict[str, Any], str | None]:
@@ -263,6 +264,23 @@ def render_human(status: dict[str, Any]) -> None:
                     _fmt(t.get("from_state") or t.get("from")),
                     _fmt(t.get("to_state") or t.get("to")),
                     _fmt(t.get("reason")),
+                )
+        console.print(table)
+
+    events = status.get("events") or []
+    if events:
+        table = Table(title="recent GPU events", title_justify="left")
+        for col in ("time", "gpu", "event", "xid", "action", "allocations"):
+            table.add_column(col)
+        for e in events[-10:]:
+            if isinstance(e, dict):
+                table.add_row(
+                    _fmt(human_time(e.get("timestamp"))),
+                    _fmt(e.get("gpu")),
+                    _fmt(e.get("event")),
+                    _fmt(e.get("xid")),
+                    _fmt(e.get("action")),
+                    ",".join(str(a) for a in e.get("allocations") or []) or "–",
                 )
         console.print(table)
 

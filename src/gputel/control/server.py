@@ -429,7 +429,8 @@ class ControlServer:
             self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
 
     def _write(self, conn: _Conn) -> None:
-        assert conn.out is not None
+        if conn.out is None:  # already answered and closed earlier in this round
+            return
         try:
             while conn.out:
                 conn.out = conn.out[conn.sock.send(conn.out) :]

@@ -8,6 +8,7 @@ keeps reporting the others.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,11 +23,13 @@ class GpuSelectionError(GpuSourceError):
     """``GPUTEL_GPUS`` names a GPU that does not exist: a configuration error, never a fallback."""
 
 
-#: What :meth:`GpuSource.read_light` fills: utilization (read every tick anyway) and the fields a
-#: driver answers from values it keeps (no bus sampling, no per-process walk). They make the
-#: pre-trigger rows at the head of a session's ``gpu-*.csv``; every other column stays empty.
+#: What :meth:`GpuSource.read_light` fills: utilization (read every tick anyway), GPM's SM
+#: activity where the GPU has it (the ``sm`` activity signal), and the fields a driver answers
+#: from values it keeps (no bus sampling, no per-process walk). They make the pre-trigger rows
+#: at the head of a session's ``gpu-*.csv``; every other column stays empty.
 LIGHT_FIELDS: tuple[str, ...] = (
     "utilization_gpu_pct",
+    "sm_active_pct",
     "memory_used_mib",
     "temperature_c",
     "power_w",
@@ -53,12 +56,14 @@ class GpuSource(Protocol):
         ...
 
     def read_utilization(self) -> dict[int, float | None]:
-        """The light read the agent makes every tick: GPU utilization % per selected GPU."""
+        """The light read the agent makes every tick: GPU utilization % per selected GPU (a MIG
+        GPU, which has none: its busiest GPU instance's SM activity, ``gputel.activity``)."""
         ...
 
     def read_light(self) -> list[GpuReading]:
-        """The agent's read while it keeps a pre-trigger: one reading per selected GPU with only
-        :data:`LIGHT_FIELDS` set (a lost GPU: ``lost`` and no values). ``energy_j`` is the same
+        """The agent's read while it keeps a pre-trigger or uses the ``sm`` activity signal: one
+        reading per selected GPU with only :data:`LIGHT_FIELDS` set, and a MIG GPU's devices
+        with their SM activity (a lost GPU: ``lost`` and no values). ``energy_j`` is the same
         cumulative counter :meth:`read` gives, or None where the GPU has no counter."""
         ...
 
@@ -71,6 +76,33 @@ class GpuSource(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+#: Where a listener hands each GPU event: (GPU index, event name, Xid or None). The names are
+#: those of ``gputel.supervisor.events`` (``xid``, ``ecc_sbe``...). Called on the listener's own
+#: thread.
+EventSink = Callable[[int, str, "int | None"], None]
+
+
+class EventListener(Protocol):
+    """Waits for GPU events on a daemon thread of its own, for as long as the agent runs.
+
+    A source that can report events (nvml, sim) gives one from ``event_listener()``. The agent
+    never waits for the thread: a driver call that blocks costs that thread only.
+    """
+
+    def start(self, deliver: EventSink) -> None:
+        """Start listening; returns at once."""
+        ...
+
+    def stop(self) -> None:
+        """Ask the thread to end; returns at once (the thread may be inside a driver call)."""
+        ...
+
+    @property
+    def notice(self) -> str | None:
+        """One line when events cannot be (fully) received, for the log and ``gputel status``."""
+        ...
 
 
 class HostSource(Protocol):

@@ -14,8 +14,9 @@ Everything NVML can do wrong is decided here, once, so the rest of gputel sees p
   that got over a hiccup is read again without a restart;
 - a GPU whose handle NVML refuses (``NO_PERMISSION``: hidden by the cgroup or the container's
   device list) is left out with one notice naming it; the others are read;
-- a GPU in MIG mode gives no device utilization: it is not asked, and a notice says that
-  activity cannot be measured there;
+- a GPU in MIG mode gives no device utilization: it is not asked; where GPM works its activity
+  is its busiest GPU instance's SM activity (``sources/nvml_gpm.py``), elsewhere a notice says
+  that activity cannot be measured there;
 - ``pynvml`` is imported inside :func:`open_nvml`, never at import time, so ``gputel`` imports on
   machines without the binding and tests can put a fake in ``sys.modules``.
 
@@ -36,10 +37,12 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from gputel.activity import busiest_instance_pct
 from gputel.energy import PowerIntegrator
 from gputel.formats import one_line
 from gputel.schema import MIB, GpuReading
-from gputel.sources.base import GpuIdentity, GpuSelectionError, GpuSourceError
+from gputel.sources.base import EventListener, GpuIdentity, GpuSelectionError, GpuSourceError
+from gputel.sources.nvml_gpm import GpmReader, GpmState
 
 log = logging.getLogger("gputel.nvml")
 
@@ -92,12 +95,14 @@ _INIT_FIXES: dict[int, str] = {
 #: PCIe throughput comes in KB/s, where NVML's KB is 1024 bytes.
 _KIB = 1024
 
-# The three values fetched in one nvmlDeviceGetFieldValues call instead of three calls:
+# The values fetched in one nvmlDeviceGetFieldValues call instead of one call each:
 # (field key, binding constant name, its value in NVML's ABI).
-_BATCH_FIELDS: tuple[tuple[str, str, int], ...] = (
+_BATCH_FIELDS: tuple[tuple[str, str, int | None], ...] = (
     ("ecc_corrected_volatile", "NVML_FI_DEV_ECC_SBE_VOL_TOTAL", 3),
     ("ecc_uncorrected_volatile", "NVML_FI_DEV_ECC_DBE_VOL_TOTAL", 4),
     ("energy_j", "NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 83),
+    # Asked only where the binding defines it (no default): older drivers have no such field.
+    ("recovery_action", "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", None),
 )
 # nvmlValue_t members by nvmlValueType_t.
 _VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
@@ -171,6 +176,10 @@ def reset_nvml_state() -> None:
 
 
 # ------------------------------------------------------------------------------------ the source
+#: ``_ask(..., device=NO_DEVICE)``: a call that takes no device handle (GPM samples, metrics).
+NO_DEVICE = object()
+
+
 class _GpuLost(Exception):
     """Unwinds one GPU's read as soon as it turns out to be lost."""
 
@@ -198,6 +207,8 @@ class _Gpu:
     power_integral: PowerIntegrator = field(default_factory=PowerIntegrator)
     """Integrated joules for :meth:`NvmlGpuSource.read` only, where the driver has no energy
     counter."""
+    gpm: GpmState = field(default_factory=GpmState)
+    """GPM support, samples and MIG devices (``sources/nvml_gpm.py``)."""
 
 
 _PCIE_COUNTERS = (
@@ -242,13 +253,20 @@ class NvmlGpuSource:
         self.notices: list[str] = list(notices or [])
         """One line per GPU left out or not fully measurable, for the log and ``gputel status``."""
         self._batch = [
-            (key, int(getattr(nv, const, default))) for key, const, default in _BATCH_FIELDS
+            (key, int(fid))
+            for key, const, default in _BATCH_FIELDS
+            if (fid := getattr(nv, const, default)) is not None
         ]
+        self.gpm = GpmReader(nv, self._ask, self._failed, NO_DEVICE, clock)
 
     # ---------------------------------------------------------------- the one way to ask NVML
-    def _ask(self, gpu: _Gpu, key: str, fn_name: str, *args: Any, **kwargs: Any) -> Any:
+    def _ask(
+        self, gpu: _Gpu, key: str, fn_name: str, *args: Any, device: Any = None, **kwargs: Any
+    ) -> Any:
         """Call ``fn_name(handle, *args)`` for ``key``; None when it gives no value.
 
+        ``device``: the handle passed first instead of the GPU's own (one of its MIG devices),
+        or ``NO_DEVICE`` for a call about the GPU that takes no handle (GPM samples, metrics).
         Raises _GpuLost when the GPU is (or just became) lost.
         """
         if gpu.lost:
@@ -260,8 +278,10 @@ class NvmlGpuSource:
         if fn is None:
             self._failed(gpu, key, _FUNCTION_NOT_FOUND, f"this pynvml has no {fn_name}")
             return None
+        if device is not NO_DEVICE:
+            args = (gpu.handle if device is None else device, *args)
         try:
-            return fn(gpu.handle, *args, **kwargs)
+            return fn(*args, **kwargs)
         except self._error as exc:
             self._failed(gpu, key, getattr(exc, "value", None), one_line(exc))
             return None
@@ -462,9 +482,24 @@ class NvmlGpuSource:
         mj = self._ask(gpu, "energy_j", "nvmlDeviceGetTotalEnergyConsumption")
         return None if mj is None else mj / 1000.0
 
+    def _memory_health(self, gpu: _Gpu, r: GpuReading, batch: dict[str, Any] | None) -> None:
+        """Remapped rows and the recovery action the driver asks for (Ampere and newer; older
+        boards retire pages instead and answer NOT_SUPPORTED, which leaves the cells empty)."""
+        rows = self._ask(gpu, "remapped_rows", "nvmlDeviceGetRemappedRows")
+        if rows is not None:
+            (
+                r.remapped_rows_correctable,
+                r.remapped_rows_uncorrectable,
+                r.remapped_rows_pending,
+                r.remapped_rows_failure,
+            ) = (int(v) for v in rows)
+        action = None if batch is None else batch.get("recovery_action")
+        r.recovery_action = None if action is None else int(action)
+
     def _fill(self, gpu: _Gpu, r: GpuReading) -> None:
         nv = self._nv
         r.utilization_gpu_pct, r.utilization_memory_pct = self._utilization(gpu)
+        self.gpm.fill(gpu, r)
         r.memory_used_mib, r.memory_total_mib = self._memory(gpu)
         r.temperature_c = self._temperature(gpu)
         r.power_w = self._power(gpu)
@@ -475,6 +510,7 @@ class NvmlGpuSource:
         r.ecc_corrected_volatile = self._ecc(gpu, "corrected", batch)
         r.ecc_uncorrected_volatile = self._ecc(gpu, "uncorrected", batch)
         r.energy_j = self._energy(gpu, batch, r.power_w, now)
+        self._memory_health(gpu, r, batch)
         sm = self._ask(
             gpu, "sm_clock_mhz", "nvmlDeviceGetClockInfo", self._const("NVML_CLOCK_SM", 1)
         )
@@ -496,7 +532,10 @@ class NvmlGpuSource:
             ],
         )
         r.clock_event_reasons = None if reasons is None else int(reasons)
-        # Each throughput call samples the bus for ~20 ms inside the driver.
+        if self.gpm.gives_pcie(gpu):
+            return
+        # Each throughput call samples the bus for ~20 ms inside the driver: GPM's counters
+        # replace them where the GPU has them.
         for attr, counter, default in _PCIE_COUNTERS:
             kib = self._ask(gpu, attr, "nvmlDeviceGetPcieThroughput", self._const(counter, default))
             setattr(r, attr, None if kib is None else float(kib) * _KIB)
@@ -506,7 +545,9 @@ class NvmlGpuSource:
         return [GpuIdentity(g.index, g.uuid, g.name) for g in self._gpus]
 
     def read_utilization(self) -> dict[int, float | None]:
-        """One call per GPU: the agent polls this every tick, busy or idle.
+        """One call per GPU: the agent polls this every tick, busy or idle. A MIG GPU, which
+        has no utilization, gives its busiest GPU instance's SM activity where GPM works
+        (``gputel.activity``).
 
         A failed call is this tick's ``None``; only GPU_IS_LOST loses the GPU here (one call is
         too little to apply the every-read-failed rule to).
@@ -515,7 +556,13 @@ class NvmlGpuSource:
         for gpu in self._gpus:
             with gpu.lock:
                 try:
-                    out[gpu.index] = self._utilization(gpu)[0] if self._answers(gpu) else None
+                    if not self._answers(gpu):
+                        out[gpu.index] = None
+                    elif gpu.mig and self.gpm.supported(gpu):
+                        instances = self.gpm.mig_readings(gpu, memory=False)
+                        out[gpu.index] = busiest_instance_pct(instances)
+                    else:
+                        out[gpu.index] = self._utilization(gpu)[0]
                 except _GpuLost:
                     out[gpu.index] = None
         return out
@@ -535,6 +582,7 @@ class NvmlGpuSource:
                     if not self._answers(gpu):
                         raise _GpuLost
                     reading.utilization_gpu_pct = self._utilization(gpu)[0]
+                    self.gpm.fill_light(gpu, reading)
                     reading.memory_used_mib = self._memory(gpu)[0]
                     reading.temperature_c = self._temperature(gpu)
                     reading.power_w = self._power(gpu)
@@ -590,11 +638,53 @@ class NvmlGpuSource:
                     out[gpu.index] = None
         return out
 
+    # ------------------------------------------------- for the modules beside this one
+    @property
+    def binding(self) -> ModuleType:
+        """The loaded pynvml, for calls that name no GPU (``nvmlEventSetCreate``...)."""
+        return self._nv
+
+    def gpu_handles(self) -> dict[int, Any]:
+        """Handle per selected GPU that has one (a GPU lost at open has none)."""
+        return {g.index: g.handle for g in self._gpus if g.handle is not None}
+
+    def ask(self, index: int, key: str, fn_name: str, *args: Any) -> Any:
+        """:meth:`_ask` for GPU ``index`` under its lock: the one rule for every NVML call on a
+        GPU. None when there is no value (unsupported, failed this time, or the GPU is lost)."""
+        gpu = self._by_index[index]
+        with gpu.lock:
+            try:
+                return self._ask(gpu, key, fn_name, *args)
+            except _GpuLost:
+                return None
+
+    def unsupported(self, index: int, key: str) -> bool:
+        """Whether ``key`` turned out unsupported on GPU ``index`` (asked, never again)."""
+        return key in self._by_index[index].unsupported
+
+    def errors(self, index: int, key: str) -> int:
+        """Failed calls for ``key`` on GPU ``index`` since open (a call that returns nothing
+        tells its failure only here)."""
+        return self._by_index[index].field_errors.get(key, 0)
+
+    def event_listener(self) -> EventListener:
+        """The NVML event listener over these GPUs (``gputel.sources.nvml_events``)."""
+        from gputel.sources.nvml_events import NvmlEventListener
+
+        return NvmlEventListener(self)
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        for gpu in self._gpus:
+            # A read hung in the driver may hold a sample: leave its samples to the process exit.
+            if gpu.lock.acquire(blocking=False):
+                try:
+                    self.gpm.close(gpu)
+                finally:
+                    gpu.lock.release()
         _release(self._nv)
 
 
@@ -670,6 +760,11 @@ def _open(
             continue
         if mode is not None and int(mode[0]) == _MIG_ENABLED:
             gpu.mig = True
+            try:
+                if source.gpm.supported(gpu):
+                    continue  # activity from its GPU instances' SM activity
+            except _GpuLost:
+                continue
             notices.append(
                 f"GPU {gpu.index} ({gpu.uuid}) is in MIG mode: NVML gives no utilization for it, "
                 "so its activity cannot be measured and only allocations and the operator mode "

@@ -23,6 +23,7 @@ from gputel.sources.host import ProcfsHostSource
 from gputel.sources.hwmon import HwmonSource
 from gputel.sources.rapl import RaplSource
 from gputel.sources.sim import NoneGpuSource, SimGpuSource
+from gputel.sources.simevents import parse_sim_events
 
 __all__ = [
     "NoneGpuSource",
@@ -93,7 +94,12 @@ def open_gpu_source(
     if backend == "sim":
         epoch, notice = sim_epoch_from_env(env, clock)
         source = SimGpuSource(
-            settings.sim_gpus, settings.sim_pattern, settings.gpus, epoch=epoch, clock=clock
+            settings.sim_gpus,
+            settings.sim_pattern,
+            settings.gpus,
+            epoch=epoch,
+            clock=clock,
+            events=parse_sim_events(settings.sim_events),
         )
         return source, notice
     if backend == "none":

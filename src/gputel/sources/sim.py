@@ -12,7 +12,8 @@ exercised on machines without a GPU, and so tests can predict every value. Hence
   per segment in closed form rather than accumulated from samples (sampling would make energy
   depend on the tick rate, and the agent and the child would disagree);
 - the board is modelled on an H100 SXM: passively cooled, so the fan is ``None`` (unsupported),
-  not ``0``; ECC is supported and genuinely zero.
+  not ``0``; ECC is supported and genuinely zero; GPM's counters are there, with SM activity a
+  per-GPU share of utilization and tensor, occupancy and the FP pipes shares of SM activity.
 
 Temperature follows a first-order lag toward an equilibrium set by utilization, also in closed
 form per segment, so it too is independent of how often it is read.
@@ -27,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gputel.schema import GpuReading
-from gputel.sources.base import GpuIdentity, GpuSelectionError, GpuSourceError
+from gputel.sources.base import EventListener, GpuIdentity, GpuSelectionError, GpuSourceError
+from gputel.sources.simevents import SimEvent, SimEventListener, SimEventSchedule
 from gputel.sources.simpattern import PatternError, Timeline, parse_pattern, timeline_for_gpu
 
 SIM_GPU_NAME = "Simulated H100 80GB HBM3"
@@ -44,6 +46,8 @@ POWER_CAP_SHARE = 0.95
 #: Host↔device bytes per second at 100 % utilization (a busy PCIe Gen5 x16 link).
 PCIE_RX_BYTES_PER_S_AT_FULL = 12.0e9
 PCIE_TX_BYTES_PER_S_AT_FULL = 4.0e9
+#: NVLink bytes per second each way at 100 % utilization (an all-reduce-heavy job).
+NVLINK_BYTES_PER_S_AT_FULL = 150.0e9
 #: What nvidia-smi shows on an idle H100 with no process: driver reservations only.
 MEMORY_IDLE_MIB = 4.0
 
@@ -68,6 +72,9 @@ class BoardModel:
     temperature_per_pct_c: float
     memory_util_share: float
     job_memory_base_share: float
+    sm_share: float
+    """SM activity per point of utilization: below 1, because "a kernel ran" (utilization) is
+    not "every SM was busy" (GPM's SM activity)."""
 
     @classmethod
     def for_index(cls, index: int) -> BoardModel:
@@ -78,7 +85,11 @@ class BoardModel:
             temperature_per_pct_c=0.42 + 0.01 * ((index * 2) % 5),
             memory_util_share=0.50 + 0.05 * (index % 3),
             job_memory_base_share=0.30 + 0.04 * (index % 4),
+            sm_share=0.70 + 0.05 * (index % 4),
         )
+
+    def sm_active_pct(self, util_pct: float) -> float:
+        return round(util_pct * self.sm_share, 1)
 
     def power_w(self, util_pct: float) -> float:
         return self.idle_power_w + (self.peak_power_w - self.idle_power_w) * util_pct / 100.0
@@ -156,6 +167,8 @@ class _SimGpu:
             power_w=power,
             energy_j=self._energy_at_start[k] + power * (t - self._starts[k]),
             sm_clock_mhz=_sm_clock_mhz(util, power),
+            sm_active_pct=model.sm_active_pct(util),
+            has_gpm=True,
         )
 
     def reading_at(self, t: float) -> GpuReading:
@@ -166,12 +179,25 @@ class _SimGpu:
         capped = power >= POWER_CAP_SHARE * POWER_LIMIT_W
         reasons = (_GPU_IDLE if util <= 0 else 0) | (_SW_POWER_CAP if capped else 0)
         sm_clock = _sm_clock_mhz(util, power)
+        sm_active = model.sm_active_pct(util)
+        # A transformer-training mix: tensor cores most of the SMs' busy time, some FP32
+        # (norms, softmax), little FP16 outside the tensor cores, next to no FP64.
         return GpuReading(
             index=self.index,
             uuid=self.uuid,
             name=SIM_GPU_NAME,
             utilization_gpu_pct=util,
             utilization_memory_pct=round(util * model.memory_util_share, 1),
+            sm_active_pct=sm_active,
+            has_gpm=True,
+            sm_occupancy_pct=round(sm_active * 0.45, 1),
+            tensor_active_pct=round(sm_active * 0.6, 1),
+            dram_active_pct=round(util * model.memory_util_share * 0.9, 1),
+            fp16_active_pct=round(sm_active * 0.05, 1),
+            fp32_active_pct=round(sm_active * 0.15, 1),
+            fp64_active_pct=round(sm_active * 0.01, 1),
+            nvlink_rx_bytes_per_s=NVLINK_BYTES_PER_S_AT_FULL * util / 100.0,
+            nvlink_tx_bytes_per_s=NVLINK_BYTES_PER_S_AT_FULL * util / 100.0,
             memory_used_mib=model.memory_used_mib(util),
             memory_total_mib=MEMORY_TOTAL_MIB,
             temperature_c=round(self._lag(self._temp_at_start[k], util, t - self._starts[k]), 2),
@@ -187,6 +213,11 @@ class _SimGpu:
             pcie_tx_bytes_per_s=PCIE_TX_BYTES_PER_S_AT_FULL * util / 100.0,
             ecc_corrected_volatile=0,
             ecc_uncorrected_volatile=0,
+            remapped_rows_correctable=0,
+            remapped_rows_uncorrectable=0,
+            remapped_rows_pending=0,
+            remapped_rows_failure=0,
+            recovery_action=0,
         )
 
 
@@ -208,6 +239,7 @@ class SimGpuSource:
         selected: tuple[int, ...] | None,
         epoch: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        events: tuple[SimEvent, ...] = (),
     ) -> None:
         if count < 1:
             raise GpuSourceError(f"GPUTEL_SIM_GPUS={count}: at least one simulated GPU is needed")
@@ -229,6 +261,7 @@ class SimGpuSource:
         self.epoch: float = clock() if epoch is None else epoch
         """The timeline's origin on ``clock``; pass it to a child in ``_GPUTEL_SIM_EPOCH``."""
         self._gpus = [_SimGpu(i, timeline_for_gpu(timelines, i)) for i in indices]
+        self._events = events
 
     def _now(self) -> float:
         return max(0.0, self._clock() - self.epoch)
@@ -251,6 +284,11 @@ class SimGpuSource:
     def read_energy_j(self) -> dict[int, float | None]:
         t = self._now()
         return {g.index: g.energy_at(t) for g in self._gpus}
+
+    def event_listener(self) -> EventListener:
+        """``GPUTEL_SIM_EVENTS`` on this timeline, for the selected GPUs only."""
+        schedule = SimEventSchedule(self._events, [g.index for g in self._gpus])
+        return SimEventListener(schedule, self.epoch, self._clock)
 
     def close(self) -> None:
         """Nothing to release; present for the protocol."""

@@ -9,10 +9,13 @@ the bad entry, because a typo in a test schedule should fail rather than silentl
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from gputel.sources.base import EventSink
 from gputel.sources.simpattern import parse_number
+from gputel.supervisor.events import XID
 
 #: Highest GPU index and Xid accepted: beyond any real machine or driver, below any overflow.
 MAX_GPU = 1023
@@ -102,3 +105,46 @@ class SimEventSchedule:
     def next_at(self) -> float | None:
         """When the next event falls due (timeline seconds), or None when none is left."""
         return self._pending[self._next].at_s if self._next < len(self._pending) else None
+
+
+class SimEventListener:
+    """Delivers a :class:`SimEventSchedule` as GPU events, on a daemon thread like NVML's.
+
+    ``clock() - epoch`` is the shared simulated timeline (the one the utilization pattern
+    follows), so an event at 12 s falls 12 s into the pattern.
+    """
+
+    #: Longest sleep between two looks at the stop flag and the clock.
+    POLL_S = 0.5
+
+    def __init__(
+        self, schedule: SimEventSchedule, epoch: float, clock: Callable[[], float]
+    ) -> None:
+        self._schedule = schedule
+        self._epoch = epoch
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def notice(self) -> str | None:
+        return None
+
+    def start(self, deliver: EventSink) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(deliver,), name="gputel-sim-events", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self, deliver: EventSink) -> None:
+        while not self._stop.is_set():
+            elapsed = self._clock() - self._epoch
+            for event in self._schedule.due(elapsed):
+                deliver(event.gpu, XID, event.xid)
+            upcoming = self._schedule.next_at()
+            if upcoming is None:
+                return
+            self._stop.wait(min(max(upcoming - elapsed, 0.01), self.POLL_S))

@@ -1,10 +1,10 @@
 """``gputel agent``: the supervisor daemon.
 
-One loop thread owns all decisions: each tick it reads GPU utilization, steps the pure state
-machine, applies the operator mode and the open allocations, and starts or stops the telemetry
-child. Other threads only ask: the control socket (``control_api.py``: status, mode,
-allocations) and the HTTP exporter read a snapshot under a lock and wake the loop when something
-changed.
+One loop thread owns all decisions: each tick it reads GPU activity (``gputel.activity``:
+utilization, or SM activity under ``GPUTEL_ACTIVITY=sm``), steps the pure state machine, applies
+the operator mode and the open allocations, and starts or stops the telemetry child. Other
+threads only ask: the control socket (``control_api.py``: status, mode, allocations) and the
+HTTP exporter read a snapshot under a lock and wake the loop when something changed.
 
 Every GPU call goes through a :class:`~gputel.supervisor.deadline.DeadlineRunner` (one
 dedicated thread, a deadline per call), because an NVML call can block forever (a GPU off the
@@ -27,12 +27,14 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from gputel import __version__, runtime
+from gputel.activity import activity_pct
 from gputel.formats import iso_utc_ms
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
 from gputel.supervisor.child import ChildEvent, ChildSupervisor, ProcessHandle, Spawn, popen_spawn
 from gputel.supervisor.control_api import ControlApi, Degraded, DegradedReason, ModeState
 from gputel.supervisor.deadline import DeadlineRunner, Job, run_with_deadline
+from gputel.supervisor.events import CaptureWindow, EventRecorder, describe, make_event
 from gputel.supervisor.head_handoff import HeadHandoff
 from gputel.supervisor.notify import Notifier
 from gputel.supervisor.pretrigger import PretriggerRing
@@ -142,6 +144,11 @@ class Agent:
         )
         self.transition_counts: collections.Counter[str] = collections.Counter()
         self.utilization: dict[int, float | None] = {}
+        """Per GPU, its utilization at the last poll (a MIG GPU, which has none: its activity)."""
+        self.activity: dict[int, float | None] = {}
+        """Per GPU, what the state machine judged at the last poll (``gputel.activity``)."""
+        self.power: dict[int, float | None] = {}
+        """Board power per GPU from the light read (empty when the pre-trigger is off)."""
         self.util_max: float | None = None
         self.poll_duration_s: float | None = None
         self.degraded: Degraded | None = None
@@ -154,6 +161,13 @@ class Agent:
         self._http_retry_at: float | None = None
         self.sim_epoch: float | None = None
         self._session_spawned = False
+
+        self.events = EventRecorder(settings.log_dir)
+        """GPU events: events.csv, the counters on /metrics, the recent ones for status."""
+        self.capture = CaptureWindow(settings.event_capture_s)
+        self.listener: Any = None
+        """The source's GPU event listener (None: the source has none, or not opened yet)."""
+        self._uuids: dict[int, str] = {}
 
         self.handoff: HeadHandoff | None = None
         """The pre-trigger ring and its hand-off to the child (None: pre-trigger off)."""
@@ -221,6 +235,10 @@ class Agent:
             s, sim_epoch=self.sim_epoch, spawn=self._spawn_child, clock=self.clock
         )
 
+        # /metrics first: whoever gets an answer on the control socket may scrape at once.
+        if s.exporter_port:
+            self._start_http(self.clock())
+
         from gputel.control.client import socket_path
         from gputel.control.protocol import ControlSocketInUse
         from gputel.control.server import ControlServer
@@ -234,8 +252,6 @@ class Agent:
         except OSError as exc:
             self._control = None
             raise AgentError(f"cannot create the control socket: {exc}") from None
-        if s.exporter_port:
-            self._start_http(self.clock())
         log.info(
             "gputel agent %s running: backend %s, %d GPU(s), interval %gs, run dir %s, "
             "log dir %s, exporter %s",
@@ -354,6 +370,8 @@ class Agent:
         self.devices = list(devices) if status == "ok" else []
         if status != "ok":
             log.error("listing GPUs failed (%s); GPU names are unknown", status)
+        self._uuids = {d.index: d.uuid for d in self.devices}
+        self._start_listener(source)
         s = self.settings
         if s.pretrigger_s > 0 and self.devices:
             ring = PretriggerRing(s.pretrigger_s, s.interval_s, self.devices)
@@ -362,9 +380,53 @@ class Agent:
         if self.degraded is not None and self.degraded.reason is DegradedReason.SOURCE_OPENING:
             self.degraded = None
 
+    def _start_listener(self, source: Any) -> None:
+        """Listen for GPU events for as long as the agent runs, telemetry on or off."""
+        make = getattr(source, "event_listener", None)
+        if not callable(make):
+            return
+        try:
+            listener = make()
+            listener.start(self._gpu_event)
+        except Exception as exc:
+            log.error("GPU events are not received: the listener did not start (%s)", exc)
+            return
+        self.listener = listener
+
+    def _gpu_event(self, gpu: int, event: str, xid: int | None) -> None:
+        """One GPU event, on the listener's thread: record it, open the capture window, wake
+        the loop so the capture starts now rather than at the next tick."""
+        try:
+            ev = make_event(
+                time.time(), gpu, self._uuids.get(gpu), event, xid, self._allocations_on(gpu)
+            )
+        except ValueError as exc:
+            log.error("GPU event on GPU %d not recorded: %s", gpu, exc)
+            return
+        self.events.record(ev)
+        with self.lock:
+            opened = self.capture.trigger(ev, self.clock())
+        if opened:
+            log.info(
+                "telemetry forced on for %gs: capture after %s",
+                self.capture.seconds,
+                describe(ev),
+            )
+        self.wake()
+
+    def _allocations_on(self, gpu: int) -> list[str]:
+        """Ids of the allocations open on GPU ``gpu`` (those without a GPU list claim all)."""
+        store = self.store
+        if store is None:
+            return []
+        return [str(a["id"]) for a in store.list() if a.get("gpus") is None or gpu in a["gpus"]]
+
     def _teardown(self) -> None:
         if self._ready_sent:
             self.notifier.stopping()
+        if self.listener is not None:
+            # Never joined: its thread may be blocked inside the driver's wait.
+            self.listener.stop()
         if self._control is not None:
             self._control.stop()
             self._control = None
@@ -471,9 +533,13 @@ class Agent:
             self.degraded = None
         t0 = self.clock()
         handoff = self.handoff
-        light = handoff is not None and handoff.wants_readings(self.wanted)
+        keep = handoff is not None and handoff.wants_readings(self.wanted)
+        # With a pre-trigger the light read replaces the utilization read (its cheap fields also
+        # give status its power), whether or not this tick's readings go into the ring; SM
+        # activity comes with the light read only (GPM needs its sample every tick).
+        light = handoff is not None or self.settings.activity == "sm"
+        wall = time.time()
         if light:
-            wall = time.time()
             job = self.gpu.submit(self.source.read_light)
         else:
             job = self.gpu.submit(self.source.read_utilization)
@@ -493,25 +559,34 @@ class Agent:
             self._forget_utilization()
             return None
         self.poll_duration_s = self.clock() - t0
+        power: dict[int, float | None] = {}
         if job.error is not None:
             if self.degraded is None or self.degraded.reason is not DegradedReason.READ_FAILED:
                 log.error("GPU utilization read failed: %s", job.error)
             self.degraded = Degraded(DegradedReason.READ_FAILED, type(job.error).__name__)
             values: dict[int, float | None] = {}
+            utilization = values
         else:
             if self.degraded is not None and self.degraded.reason.is_read:
                 log.info("GPU utilization reads work again")
                 self.degraded = None
             if light:
-                assert handoff is not None
                 readings = job.value or []
-                handoff.ring.add(t0, wall, readings)
-                values = {r.index: None if r.lost else r.utilization_gpu_pct for r in readings}
+                if keep:
+                    assert handoff is not None
+                    handoff.ring.add(t0, wall, readings)
+                signal = self.settings.activity
+                values = {r.index: activity_pct(r, signal) for r in readings}
+                utilization = {r.index: None if r.lost else r.utilization_gpu_pct for r in readings}
+                power = {r.index: r.power_w for r in readings}
             else:
                 values = dict(job.value or {})
+                utilization = values
         known = [v for v in values.values() if v is not None]
         with self.lock:
-            self.utilization = values
+            self.utilization = utilization
+            self.activity = values
+            self.power = power
             self.util_max = max(known) if known else None
         return self.util_max
 
@@ -519,6 +594,8 @@ class Agent:
         """No reading this tick: status and /metrics must not keep showing the last one."""
         with self.lock:
             self.utilization = dict.fromkeys(self.utilization)
+            self.activity = dict.fromkeys(self.activity)
+            self.power = {}
             self.util_max = None
 
     def energy_now(self) -> dict[int, float | None]:
@@ -552,7 +629,8 @@ class Agent:
                     f"mode_{old.value}", "mode_auto", f"mode {old.value} for {m.set_for_s:g}s ended"
                 )
             n_alloc = self.open_allocations()
-            wanted, reason = telemetry_wanted(self.machine.state, self.mode.mode, n_alloc)
+            capture = self.capture.reason if self.capture.active(now) else None
+            wanted, reason = telemetry_wanted(self.machine.state, self.mode.mode, n_alloc, capture)
             if wanted != self.wanted:
                 # A new session's first child gets the head; a restart within it does not.
                 self._session_spawned = False

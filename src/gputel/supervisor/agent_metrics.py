@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gputel import runtime
+from gputel.supervisor.events import EVENTS, XID_ERRORS
+from gputel.supervisor.events import Sample as EventSample
 from gputel.supervisor.states import ActivityState, Mode
 from gputel.telemetry import promtext
 from gputel.telemetry.promtext import Family
@@ -51,6 +53,9 @@ class AgentSnapshot:
     transitions: Mapping[str, int] = field(default_factory=dict)
     restarts: Mapping[str, int] = field(default_factory=dict)
     restart_seconds: float = 0.0
+    events: list[tuple[Family, list[EventSample]]] = field(default_factory=list)
+    """The GPU event counters (``EventCounters.families()``): served whether telemetry is on or
+    off, because the agent, not the recorder, receives the events."""
 
 
 TELEMETRY_ACTIVE = promtext.TELEMETRY_ACTIVE
@@ -106,6 +111,8 @@ AGENT_FAMILIES: tuple[Family, ...] = (
     POLL_DURATION,
     INFO,
     START_TIME,
+    XID_ERRORS,
+    EVENTS,
 )
 """Every family the agent renders; none of them is ever in the recorder's exposition."""
 
@@ -136,6 +143,7 @@ def render_agent(s: AgentSnapshot) -> bytes:
         parts.append(POLL_DURATION.render([(_NO_LABELS, s.poll_duration_s)]))
     parts.append(INFO.render([({"version": s.version, "backend": s.backend}, 1.0)]))
     parts.append(START_TIME.render([(_NO_LABELS, s.start_time_s)]))
+    parts.extend(family.render(samples) for family, samples in s.events)
     return "".join(parts).encode()
 
 

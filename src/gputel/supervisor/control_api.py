@@ -148,6 +148,8 @@ class ControlApi:
                     "uuid": d.uuid,
                     "name": d.name,
                     "utilization_gpu_pct": agent.utilization.get(d.index),
+                    "activity_pct": agent.activity.get(d.index),
+                    "power_w": agent.power.get(d.index),
                 }
                 for d in agent.devices
             ]
@@ -162,19 +164,28 @@ class ControlApi:
                 "telemetry_active": agent.wanted,
                 "telemetry_reason": agent.wanted_reason,
                 "utilization_pct": agent.util_max,
+                "activity": s.activity,
                 "allocations": allocations,
                 "gpus": gpus,
                 "child": child_info,
                 "transitions": [r.as_dict() for r in agent.recent],
+                "events": agent.events.recent.as_status(),
                 "degraded": None if agent.degraded is None else str(agent.degraded),
                 "backend": agent.backend,
-                "notice": agent.notice,
+                "notice": self.notice(),
                 "log_dir": str(s.log_dir),
                 "run_dir": str(s.run_dir),
                 "exporter": agent.exporter,
                 "exporter_error": agent.exporter_error,
                 "interval_s": s.interval_s,
             }
+
+    def notice(self) -> str | None:
+        """The source's notice and the event listener's, in one line (None: nothing to say)."""
+        agent = self.agent
+        listener = agent.listener
+        parts = [agent.notice, None if listener is None else listener.notice]
+        return "; ".join(p for p in parts if p) or None
 
     def status_line(self) -> str:
         """One line for sd_notify STATUS and ``/healthz``."""
@@ -216,4 +227,5 @@ class ControlApi:
                 transitions=dict(agent.transition_counts),
                 restarts=dict(child.restarts) if child is not None else {},
                 restart_seconds=child.restart_seconds() if child is not None else 0.0,
+                events=agent.events.counters.families(),
             )

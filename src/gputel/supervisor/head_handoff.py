@@ -4,9 +4,10 @@ The agent writes the ring's ticks to ``RUN_DIR/pretrigger.json`` just before it 
 of a new session (activity, allocation, operator or event capture alike). The child takes the
 file once, before its first tick (``telemetry/head.py``). Between the two, the child is still
 starting (imports, opening its sources); the agent keeps reading and rewrites the file each tick
-while it is still there, so the head reaches up to the child's first own row instead of stopping
-where the child was spawned. Once the child's heartbeat shows it ticking, whatever file is left
-(a rewrite that raced the child's take) is removed and the ring starts over empty: those
+while it is still there, with the window from before the session's start kept whole and the
+new readings added after it, so the head reaches up to the child's first own row instead of
+stopping where the child was spawned. Once the child's heartbeat shows it ticking, whatever file
+is left (a rewrite that raced the child's take) is removed and the ring starts over empty: those
 readings belong to this session now, and the next session's head must not repeat them.
 
 A crash-restart of the child during a session gets no head (its ticks were recorded by the
@@ -23,7 +24,7 @@ from pathlib import Path
 from gputel import runtime
 from gputel.formats import atomic_write_bytes
 from gputel.supervisor.pretrigger import PretriggerRing
-from gputel.telemetry.head import encode_head
+from gputel.telemetry.head import HeadTick, encode_head
 
 log = logging.getLogger("gputel.supervisor.agent")
 
@@ -37,12 +38,12 @@ class HeadHandoff:
         self.offered = False
         """A head was written for a child that has not ticked yet."""
         self._failing = False
-        self._written: float | None = None
-        """The newest tick in the file last written (no rewrite until the ring has a newer)."""
+        self._head: list[HeadTick] = []
+        """What was offered: the window at the session's start, then the ticks after it."""
 
     def wants_readings(self, telemetry_wanted: bool) -> bool:
         """Whether this tick's light readings go into the ring: while telemetry is off, and
-        while a starting child may still take a fresher head."""
+        while a starting child may still take a fresher head (the recorder has the rest)."""
         return self.ring.enabled and (not telemetry_wanted or self.offered)
 
     def remove_stale(self) -> None:
@@ -54,28 +55,30 @@ class HeadHandoff:
         """Write the head for the child about to be started for a new session."""
         if not self.ring.enabled:
             return
-        self.offered = self._write(now)
+        self._head = self.ring.ticks(now)
+        self.offered = bool(self._head) and self._write()
 
     def tick(self, now: float, child_running: bool, child_ticking: bool) -> None:
-        """After the loop's read: refresh an offered head, or end the offer."""
+        """After the loop's read: extend an offered head, or end the offer."""
         if not self.offered:
             return
         if child_ticking or not child_running:
             self.offered = False
+            self._head = []
             self.remove_stale()
             if child_ticking:
                 self.ring.clear()
             return
-        if self.ring.newest != self._written and self.path.exists():
-            self._write(now)
+        # The window before the session started stays whole; the readings taken while the
+        # child starts are added after it.
+        newer = self.ring.ticks(after=self._head[-1].monotonic)
+        if newer and self.path.exists():
+            self._head += newer
+            self._write()
 
-    def _write(self, now: float) -> bool:
-        ticks = self.ring.ticks(now)
-        if not ticks:
-            return False
-        self._written = self.ring.newest
+    def _write(self) -> bool:
         try:
-            atomic_write_bytes(self.path, encode_head(ticks))
+            atomic_write_bytes(self.path, encode_head(self._head))
         except OSError as exc:
             if not self._failing:
                 self._failing = True

@@ -80,21 +80,16 @@ class PretriggerRing:
         while ticks[0][0] < oldest:
             ticks.popleft()
 
-    @property
-    def newest(self) -> float | None:
-        """The monotonic time of the newest tick kept, None when empty."""
-        return self._ticks[-1][0] if self._ticks else None
-
     def clear(self) -> None:
         self._ticks.clear()
 
-    def ticks(self, now: float | None = None) -> list[HeadTick]:
+    def ticks(self, now: float | None = None, after: float | None = None) -> list[HeadTick]:
         """The kept ticks as plain readings, oldest first; with ``now``, only the window
-        ending there."""
+        ending there; with ``after``, only those newer than that monotonic time."""
         oldest = -math.inf if now is None else now - self.seconds
         out: list[HeadTick] = []
         for monotonic, wall, lost, values in self._ticks:
-            if monotonic < oldest:
+            if monotonic < oldest or (after is not None and monotonic <= after):
                 continue
             gpus: list[GpuReading] = []
             for k, d in enumerate(self._devices):

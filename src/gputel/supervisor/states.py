@@ -123,12 +123,22 @@ def step(
     return machine, None
 
 
-def telemetry_wanted(state: ActivityState, mode: Mode, allocations_open: int) -> tuple[bool, str]:
-    """Whether the recorder should run, and the reason in words (for logs and transitions)."""
+def telemetry_wanted(
+    state: ActivityState, mode: Mode, allocations_open: int, capture: str | None = None
+) -> tuple[bool, str]:
+    """Whether the recorder should run, and the reason in words (for logs and transitions).
+
+    ``capture`` is the reason of an open event capture window (``capture after Xid 79 on
+    GPU 0``), None when none is open: it forces telemetry on and names itself as the reason,
+    before allocations and activity, so status says why the node records; the operator's mode
+    still wins.
+    """
     if mode is Mode.OFF:
         return False, "operator mode off"
     if mode is Mode.ON:
         return True, "operator mode on"
+    if capture is not None:
+        return True, capture
     if allocations_open > 0:
         return True, f"{allocations_open} allocation(s) open"
     if state in (ActivityState.ACTIVE, ActivityState.COOLING):

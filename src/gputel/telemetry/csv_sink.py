@@ -1,4 +1,5 @@
-"""The per-second CSV files: ``gpu-*.csv`` (one row per GPU per tick) and ``host-*.csv``.
+"""The per-second CSV files: ``gpu-*.csv`` (one row per GPU per tick), ``host-*.csv`` and, on
+GPUs in MIG mode, ``mig-*.csv`` (one row per MIG device per tick; no file where there is none).
 
 Rules that keep the files trustworthy after crashes, rotation and full disks:
 
@@ -13,7 +14,8 @@ Rules that keep the files trustworthy after crashes, rotation and full disks:
   recovers, and retried on the next tick; sampling and exporting never wait for the disk.
 
 A session may begin with the pre-trigger head (``write_head``): the agent's readings from
-before telemetry started, GPU rows only, at the head of the first ``gpu-*.csv``.
+before telemetry started, GPU rows only, at the head of the first ``gpu-*.csv``, marked by a 1
+in their ``pretrigger`` column.
 
 Every value cell is written at its field's precision from the schema table (``Field.decimals``),
 through ``formats.csv_cell``.
@@ -43,6 +45,9 @@ from gputel.schema import (
     GPU_FIELDS,
     HOST_CSV_COLUMNS,
     HOST_FIELDS,
+    MIG_CSV_COLUMNS,
+    MIG_FIELDS,
+    GpuReading,
     HostReading,
     Sample,
 )
@@ -58,6 +63,8 @@ _ENERGY_POS = _GPU_VALUE_ATTRS.index("energy_j")
 _GPU_DECIMALS = tuple(f.decimals for f in GPU_FIELDS)
 _HOST_VALUE_ATTRS = tuple(f.attr for f in HOST_FIELDS)
 _HOST_DECIMALS = tuple(f.decimals for f in HOST_FIELDS)
+_MIG_VALUE_ATTRS = tuple(f.attr for f in MIG_FIELDS)
+_MIG_DECIMALS = tuple(f.decimals for f in MIG_FIELDS)
 
 
 def short_hostname() -> str:
@@ -165,6 +172,7 @@ class CsvSink:
         hostname = safe_host(host) if host is not None else short_hostname()
         self._gpu = _CsvFile(self.log_dir, "gpu", hostname, GPU_CSV_COLUMNS)
         self._host = _CsvFile(self.log_dir, "host", hostname, HOST_CSV_COLUMNS)
+        self._mig = _CsvFile(self.log_dir, "mig", hostname, MIG_CSV_COLUMNS)
         self._failures = FailureCounter(
             log,
             "cannot write CSV rows in %s; counting failed rows "
@@ -192,16 +200,24 @@ class CsvSink:
     def host_path(self) -> Path | None:
         return self._host.path if self._host.fd is not None else None
 
+    @property
+    def mig_path(self) -> Path | None:
+        return self._mig.path if self._mig.fd is not None else None
+
     def paths(self) -> dict[str, str | None]:
-        return {
+        paths = {
             "gpu": str(self.gpu_path) if self.gpu_path else None,
             "host": str(self.host_path) if self.host_path else None,
         }
+        if self.mig_path:
+            paths["mig"] = str(self.mig_path)
+        return paths
 
     def reopen(self) -> None:
         """Close the current files; the next write starts new ones (logrotate's SIGHUP)."""
         self._close_gpu()
         self._host.close()
+        self._mig.close()
 
     def close(self) -> None:
         self.reopen()
@@ -224,6 +240,14 @@ class CsvSink:
         if err:
             errors.append(err)
             failed += 1
+        mig = [g for g in sample.gpus if g.mig]
+        if mig:
+            err = self._emit(
+                self._mig, sample.timestamp, lambda: self._mig_rows(sample, mig, stamp)
+            )
+            if err:
+                errors.append(err)
+                failed += sum(len(g.mig) for g in mig)
         if failed:
             self._failures.failed(failed, f"{self.log_dir}: {'; '.join(errors)}")
         else:
@@ -236,7 +260,9 @@ class CsvSink:
         for tick in ticks:
             sample = Sample(tick.timestamp, tick.monotonic, list(tick.gpus), HostReading(), [])
             stamp = iso_utc_ms(tick.timestamp)
-            err = self._emit(self._gpu, tick.timestamp, partial(self._gpu_rows, sample, stamp))
+            err = self._emit(
+                self._gpu, tick.timestamp, partial(self._gpu_rows, sample, stamp, True)
+            )
             if err:
                 self._failures.failed(len(tick.gpus), f"{self.log_dir}: {err}")
             else:
@@ -267,8 +293,9 @@ class CsvSink:
             return f"{f.prefix}: {exc.strerror or exc}"
         return None
 
-    def _gpu_rows(self, sample: Sample, stamp: str) -> bytes:
+    def _gpu_rows(self, sample: Sample, stamp: str, head: bool = False) -> bytes:
         lines: list[str] = []
+        pretrigger = "1" if head else "0"
         energy = self._energy
         default_alloc = ";".join(sample.allocations)
         per_gpu = sample.gpu_allocations
@@ -288,7 +315,25 @@ class CsvSink:
             ]
             cells.extend(map(csv_cell, values, _GPU_DECIMALS))
             cells.append(csv_cell(alloc) if alloc else "")
+            cells.append(pretrigger)
             lines.append(",".join(cells))
+        lines.append("")
+        return "\n".join(lines).encode()
+
+    def _mig_rows(self, sample: Sample, gpus: list[GpuReading], stamp: str) -> bytes:
+        lines: list[str] = []
+        default_alloc = ";".join(sample.allocations)
+        per_gpu = sample.gpu_allocations
+        for g in gpus:
+            alloc = ";".join(per_gpu[g.index]) if g.index in per_gpu else default_alloc
+            head = [stamp, str(g.index), csv_cell(g.uuid)]
+            for m in g.mig:
+                cells = [*head, str(m.gi), "" if m.ci is None else str(m.ci), csv_cell(m.mig_uuid)]
+                cells.extend(
+                    map(csv_cell, [getattr(m, a) for a in _MIG_VALUE_ATTRS], _MIG_DECIMALS)
+                )
+                cells.append(csv_cell(alloc) if alloc else "")
+                lines.append(",".join(cells))
         lines.append("")
         return "\n".join(lines).encode()
 

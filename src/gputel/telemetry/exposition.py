@@ -28,7 +28,9 @@ from gputel.schema import (
     HOST_FIELDS,
     HWMON_HELP,
     HWMON_METRIC,
+    MIG_FIELDS,
     Field,
+    MigReading,
     Sample,
 )
 from gputel.telemetry.promtext import Family, format_value, label_block
@@ -55,6 +57,8 @@ def _from_field(f: Field) -> _Family:
 
 GPU_FAMILIES: tuple[_Family, ...] = tuple(_from_field(f) for f in GPU_FIELDS if f.metric)
 HOST_FAMILIES: tuple[_Family, ...] = tuple(_from_field(f) for f in HOST_FIELDS if f.metric)
+#: Per MIG device, labelled ``gpu``, ``uuid`` (the GPU's), ``gi``, ``ci`` and ``mig_uuid``.
+MIG_FAMILIES: tuple[_Family, ...] = tuple(_from_field(f) for f in MIG_FIELDS if f.metric)
 GPU_LOST = _family(
     "gputel_gpu_lost", "Whether the GPU has fallen off the bus or stopped answering (1).", "gauge"
 )
@@ -101,6 +105,7 @@ ALL_FAMILIES: tuple[_Family, ...] = (
     GPU_READ_STUCK,
     GPU_FIELD_ERRORS,
     CLOCK_REASON,
+    *MIG_FAMILIES,
     *HOST_FAMILIES,
     HWMON,
     SOURCE_UP,
@@ -151,6 +156,7 @@ class SampleCollector(Collector):
         self._source_labels: dict[str, _Labels] = {}
         self._hwmon_labels: dict[tuple[str, str], _Labels] = {}
         self._error_labels: dict[tuple[int, str, str], _Labels] = {}
+        self._mig_labels: dict[tuple[int, str, int, int | None, str], _Labels] = {}
 
     def _labels_for(self, index: int, uuid: str, name: str) -> tuple[_Labels, list[_Labels]]:
         key = (index, uuid, name)
@@ -213,6 +219,37 @@ class SampleCollector(Collector):
                 rows.append((rl, 1 if mask & bit else 0))
         if rows:
             out.append((CLOCK_REASON, rows))
+        if any(g.mig for g in sample.gpus):
+            self._mig_families(sample, out)
+
+    def _mig_families(self, sample: Sample, out: list[tuple[_Family, list[Row]]]) -> None:
+        devices: list[tuple[_Labels, MigReading]] = []
+        for g in sample.gpus:
+            for m in g.mig:
+                key = (g.index, g.uuid, m.gi, m.ci, m.mig_uuid)
+                labels = self._mig_labels.get(key)
+                if labels is None:
+                    ci = "" if m.ci is None else str(m.ci)
+                    gi = str(m.gi)
+                    labels = _Labels(
+                        {
+                            "gpu": str(g.index),
+                            "uuid": g.uuid,
+                            "gi": gi,
+                            "ci": ci,
+                            "mig_uuid": m.mig_uuid,
+                        }
+                    )
+                    self._mig_labels[key] = labels
+                devices.append((labels, m))
+        for fam in MIG_FAMILIES:
+            rows: list[Row] = []
+            for labels, m in devices:
+                value = getattr(m, fam.attr)  # type: ignore[arg-type]
+                if value is not None:
+                    rows.append((labels, value * fam.scale if fam.scale != 1.0 else value))
+            if rows:
+                out.append((fam, rows))
 
     def _host_families(self, sample: Sample, out: list[tuple[_Family, list[Row]]]) -> None:
         host = sample.host

@@ -1,0 +1,231 @@
+"""NVML events (Xid, ECC, retirement, GPU unavailable, recovery action) on a thread of their own.
+
+``nvmlEventSetWait_v2`` blocks inside the driver, and a driver in trouble may block there for
+good, which is exactly when its events matter most. So the wait runs on a daemon thread that
+nobody joins: the agent loop, its watchdog, ``gputel status`` and shutdown never wait for it. The
+wait has a timeout (``WAIT_MS``) so a healthy thread sees a stop request within a second.
+
+Every call that names a GPU goes through the source's one NVML rule
+(:meth:`~gputel.sources.nvml.NvmlGpuSource.ask`): NOT_SUPPORTED is "no events of that kind
+here", a lost GPU is left out. A driver without the event API, or one whose waits keep failing,
+costs one notice (log and ``gputel status``); telemetry and everything else work as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from gputel.formats import one_line
+from gputel.sources.base import EventSink
+from gputel.supervisor.events import (
+    DRAM_RETIREMENT,
+    ECC_DBE,
+    ECC_SBE,
+    GPU_UNAVAILABLE,
+    RECOVERY_ACTION,
+    XID,
+)
+
+if TYPE_CHECKING:
+    from gputel.sources.nvml import NvmlGpuSource
+
+log = logging.getLogger("gputel.nvml.events")
+
+#: Milliseconds one wait may take before the thread looks at its stop flag again.
+WAIT_MS = 1000
+#: Seconds between attempts while the wait itself fails (the driver may get over it).
+RETRY_S = 5.0
+
+_TIMEOUT = 10
+_UNINITIALIZED = 1
+
+#: (binding constant, its bit where every binding has it, event name). The first three are in
+#: NVML's ABI since the event API began; the others only where the binding defines them.
+EVENT_TYPES: tuple[tuple[str, int | None, str], ...] = (
+    ("nvmlEventTypeXidCriticalError", 0x8, XID),
+    ("nvmlEventTypeSingleBitEccError", 0x1, ECC_SBE),
+    ("nvmlEventTypeDoubleBitEccError", 0x2, ECC_DBE),
+    ("nvmlEventTypeDramRetirementEvent", None, DRAM_RETIREMENT),
+    ("nvmlEventTypeGpuUnavailableError", None, GPU_UNAVAILABLE),
+    ("nvmlEventTypeGpuRecoveryAction", None, RECOVERY_ACTION),
+)
+
+
+def _address(handle: Any) -> int | None:
+    """The pointer value of an NVML device handle, to match an event to its GPU."""
+    try:
+        return ctypes.cast(handle, ctypes.c_void_p).value
+    except (TypeError, ctypes.ArgumentError):
+        return None
+
+
+class NvmlEventListener:
+    """Registers every selected GPU for the fault events it supports and waits for them."""
+
+    def __init__(self, source: NvmlGpuSource, wait_ms: int = WAIT_MS) -> None:
+        self._source = source
+        self._nv = source.binding
+        self._error: type[BaseException] = getattr(self._nv, "NVMLError", Exception)
+        self._wait_ms = wait_ms
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._notice: str | None = None
+        self._thread: threading.Thread | None = None
+        self._types = [
+            (int(bit), name)
+            for const, default, name in EVENT_TYPES
+            if (bit := getattr(self._nv, const, default)) is not None
+        ]
+        self._by_address: dict[int, int] = {}
+        self.registered: dict[int, list[str]] = {}
+        """Event names registered per GPU index (filled by the thread; for status and tests)."""
+
+    @property
+    def notice(self) -> str | None:
+        with self._lock:
+            return self._notice
+
+    def _say(self, text: str | None) -> None:
+        """Set the notice (None: clear it), logging each new one once."""
+        with self._lock:
+            new = text is not None and text != self._notice
+            self._notice = text
+        if new:
+            log.warning("%s", text)
+
+    def start(self, deliver: EventSink) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(deliver,), name="gputel-gpu-events", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the thread to end (tests); True when it has."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self, deliver: EventSink) -> None:
+        try:
+            event_set = self._register()
+        except Exception as exc:  # a binding or driver answering garbage must not kill the agent
+            self._say(f"GPU events are not received: registering for them failed ({one_line(exc)})")
+            return
+        if event_set is None:
+            return
+        try:
+            self._listen(event_set, deliver)
+        except Exception as exc:  # an answer the binding cannot decode: stop, and say so
+            self._say(f"GPU events are no longer received: the wait broke ({one_line(exc)})")
+        finally:
+            if self._stop.is_set():
+                try:
+                    self._nv.nvmlEventSetFree(event_set)
+                except Exception as exc:  # the process is ending; the driver frees it at exit
+                    log.debug("nvmlEventSetFree failed: %s", one_line(exc))
+
+    def _register(self) -> Any:
+        """The event set with every GPU registered; None (and the notice) when none could be."""
+        nv = self._nv
+        handles = self._source.gpu_handles()
+        try:
+            event_set = nv.nvmlEventSetCreate()
+        except (self._error, AttributeError) as exc:
+            self._say(
+                "GPU events (Xid, ECC) are not received: this driver or binding has no NVML "
+                f"event API ({one_line(exc)}); telemetry works without them"
+            )
+            return None
+        without: list[int] = []
+        for index, handle in sorted(handles.items()):
+            supported = self._source.ask(
+                index, "supported_events", "nvmlDeviceGetSupportedEventTypes"
+            )
+            wanted = [(bit, name) for bit, name in self._types if int(supported or 0) & bit]
+            mask = 0
+            for bit, _name in wanted:
+                mask |= bit
+            if not mask:
+                without.append(index)
+                continue
+            # Registering returns nothing: a failure shows as one more error, or as unsupported.
+            errors = self._source.errors(index, "events")
+            self._source.ask(index, "events", "nvmlDeviceRegisterEvents", mask, event_set)
+            if self._source.unsupported(index, "events") or (
+                self._source.errors(index, "events") > errors
+            ):
+                without.append(index)
+                continue
+            self.registered[index] = [name for _bit, name in wanted]
+            address = _address(handle)
+            if address is not None:
+                self._by_address[address] = index
+        missing = sorted(set(handles) - set(self.registered))
+        if not self.registered:
+            self._say(
+                "GPU events (Xid, ECC) are not received: the driver offers none on "
+                f"{'any selected GPU' if handles else 'GPUs it cannot open'}; telemetry works "
+                "without them"
+            )
+            return None
+        if missing:
+            names = ", ".join(str(i) for i in missing)
+            self._say(f"GPU events (Xid, ECC) are not received from GPU {names}: not offered")
+        log.info(
+            "listening for GPU events on %s",
+            "; ".join(f"GPU {i}: {', '.join(n)}" for i, n in sorted(self.registered.items())),
+        )
+        return event_set
+
+    def _listen(self, event_set: Any, deliver: EventSink) -> None:
+        standing = self.notice  # what registration had to say stays true while waits fail
+        failing = False
+        while not self._stop.is_set():
+            try:
+                data = self._nv.nvmlEventSetWait_v2(event_set, self._wait_ms)
+            except self._error as exc:
+                code = getattr(exc, "value", None)
+                if code == _TIMEOUT:
+                    continue
+                if self._stop.is_set() or code == _UNINITIALIZED:
+                    return
+                if not failing:
+                    failing = True
+                    self._say(
+                        f"waiting for GPU events fails ({one_line(exc)}); trying again every "
+                        f"{RETRY_S:g}s, telemetry works without them"
+                    )
+                self._stop.wait(RETRY_S)
+                continue
+            if failing:
+                failing = False
+                self._say(standing)
+                log.info("waiting for GPU events works again")
+            self._deliver(data, deliver)
+
+    def _deliver(self, data: Any, deliver: EventSink) -> None:
+        index = self._by_address.get(_address(data.device) or -1)
+        if index is None:
+            if len(self.registered) != 1:
+                log.warning(
+                    "GPU event type 0x%x from a device that is not a selected GPU; dropped",
+                    int(data.eventType),
+                )
+                return
+            (index,) = self.registered
+        kinds = int(data.eventType)
+        for bit, name in self._types:
+            if kinds & bit and name in self.registered.get(index, ()):
+                xid = int(data.eventData) if name == XID else None
+                try:
+                    deliver(index, name, xid)
+                except Exception:
+                    log.exception("recording GPU event %s on GPU %d failed", name, index)
