@@ -202,8 +202,10 @@ The report reads the CSVs once, into a streaming aggregate per file, GPU, alloca
 minute (`gputel.analysis.groups`), and works out spacings, gaps, energy and idle stretches over
 those groups (about sixty times fewer than the rows), so the rows are never stored or sorted.
 Before that (per-row windows over a table of every row, which spilled past DuckDB's 640 MB cap)
-the same week took 11.2 s (7.1× the pure-Python reader) and the fleet day 251 s, 982 MiB.
-DuckDB's memory stays capped at 640 MB (`gputel.analysis.duck.MEMORY_LIMIT`). Where the wall time
+the week took 11.2 s (7.1× the pure-Python reader), 737 MiB, and the fleet day 251 s, 982 MiB, on
+files with fewer columns (483 MiB for the week). The files are read a batch of up to 512 MiB of
+CSV at a time (groups never span files), so DuckDB's memory stays under its 640 MB cap
+(`gputel.analysis.duck.MEMORY_LIMIT`) however many nodes there are. Where the wall time
 is below the CPU time, DuckDB used both cores. One-minute load average {load_before:.1f} before
 and {load_after:.1f} after the run: the machine's two cores were shared with other work, so the
 times are noisy.
