@@ -197,7 +197,7 @@ def test_unwritable_directory_counts_rows_and_recovers(tmp_path: Path) -> None:
     for k in range(3):
         sink.write(sample(T0 + timedelta(seconds=k), [1.0, 2.0]))
     assert sink.rows_failed == 9
-    assert sink.paths() == {"gpu": None, "host": None}
+    assert sink.paths() == {"gpu": None, "host": None, "processes": None}
     blocker.unlink()
     sink.write(sample(T0 + timedelta(seconds=3), [1.0, 2.0]))
     assert sink.rows_failed == 9

@@ -61,6 +61,8 @@ RECORDER_METRICS = frozenset(
         "gputel_gpu_read_stuck",
         "gputel_gpu_field_errors_total",
         "gputel_gpu_clock_event_reason_active",
+        "gputel_gpu_job_memory_used_bytes",
+        "gputel_gpu_job_sm_util_ratio",
         "gputel_source_up",
         "gputel_source_duration_seconds",
         "gputel_ticks_missed_total",

@@ -146,6 +146,7 @@ def test_full_reading_converts_every_field_to_its_unit(drv: FakeDriver) -> None:
         remapped_rows_pending=1,
         remapped_rows_failure=0,
         recovery_action=1 if "recovery_action" in measured(src) else None,
+        processes=(),  # listed, none running
     )
     # The binding gives str, not bytes, and ctypes numbers: the reading holds plain values.
     assert type(r0.name) is str and type(r0.utilization_gpu_pct) is float
@@ -543,7 +544,8 @@ def test_batching_saves_calls(drv: FakeDriver) -> None:
     before = drv.gpu_calls(0)
     src.read()
     assert drv.calls("ecc", 0) == 0 and drv.calls("energy", 0) == 0
-    assert drv.gpu_calls(0) - before == 14  # remapped rows included
+    # Remapped rows included, and the process list (no process running: no utilization call).
+    assert drv.gpu_calls(0) - before == 15
     src.close()
 
 

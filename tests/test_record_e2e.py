@@ -467,7 +467,8 @@ def metric(text: str, name: str) -> float:
 def test_disk_full_counts_rows_and_resumes(tmp_path: Path, recorders: list[Record]) -> None:
     with tiny_tmpfs(tmp_path / "small", "64k") as log_dir:
         filler = log_dir / "filler"
-        r = Record(tmp_path, "--child", log_dir=log_dir)
+        # Busy from the first tick: two simulated processes per GPU on every tick.
+        r = Record(tmp_path, "--child", "--sim-pattern", "90:60", log_dir=log_dir)
         recorders.append(r)
         r.wait_ticks(3)
         # Fill every remaining block.
@@ -491,8 +492,10 @@ def test_disk_full_counts_rows_and_resumes(tmp_path: Path, recorders: list[Recor
         assert stamps == sorted(set(stamps))
         host_rows = sum(len(read_rows(p)[1]) for p in csv_files(log_dir, "host"))
         final = r.state()
-        # every row of every tick is either in a file or counted as failed
-        assert 2 * len(stamps) + host_rows + final["rows_failed"] == 3 * final["tick"]
+        proc_rows = sum(len(read_rows(p)[1]) for p in csv_files(log_dir, "processes"))
+        # every row of every tick (2 GPUs, host, 4 processes) is in a file or counted as failed
+        written = 2 * len(stamps) + host_rows + proc_rows
+        assert written + final["rows_failed"] == 7 * final["tick"]
         stderr = r.stderr()
         assert stderr.count("cannot write CSV rows") == 1
         assert stderr.count("recovered") == 1

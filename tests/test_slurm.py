@@ -258,7 +258,11 @@ def _wait(what: str, predicate: object, timeout: float, daemons: Daemons) -> Non
 
 
 @pytest.fixture
-def slurm(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], Daemons]]:
+def slurm(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Path, dict[str, str], Daemons]]:
+    """A single-node Slurm; with ``indirect`` parameter False, without gputel's prolog/epilog."""
+    with_prolog = getattr(request, "param", True)
     missing = [b for b in SLURM_BINARIES if not shutil.which(b)]
     if missing:
         pytest.skip(f"Slurm/munge not installed: {', '.join(missing)} missing")
@@ -294,6 +298,7 @@ def slurm(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], Daemons]]:
             wrapper.chmod(0o755)
 
         cpus = os.cpu_count() or 1
+        prolog = f"Prolog={base}/prolog.sh\nEpilog={base}/epilog.sh\n" if with_prolog else ""
         conf = f"""
 ClusterName=gputeltest
 SlurmctldHost=localhost(127.0.0.1)
@@ -314,9 +319,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/linear
 SchedulerType=sched/builtin
-Prolog={base}/prolog.sh
-Epilog={base}/epilog.sh
-PrologFlags=Alloc
+{prolog}PrologFlags=Alloc
 MailProg=/bin/true
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none

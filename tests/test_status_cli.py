@@ -41,7 +41,16 @@ def test_sim_gpus_follow_the_pattern(run_dir: Path, monkeypatch: pytest.MonkeyPa
     assert status["allocations"] == []
     assert [g["index"] for g in status["gpus"]] == [0, 1, 2]
     assert [g["utilization_gpu_pct"] for g in status["gpus"]] == [37, 55, 55]
-    gpu_keys = {f for f in GpuReading.__dataclass_fields__}
+    # The processes are listed once, at the top level, with their owners.
+    gpu_keys = {f for f in GpuReading.__dataclass_fields__} - {"processes"}
+    assert [(p["gpu"], p["job"]) for p in status["processes"]] == [
+        (0, None),
+        (0, None),
+        (1, None),
+        (1, None),
+        (2, None),
+        (2, None),
+    ]
     for g in status["gpus"]:
         assert set(g) == gpu_keys
         assert g["fan_speed_pct"] is None  # unsupported is null, never 0

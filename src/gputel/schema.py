@@ -562,6 +562,37 @@ HWMON_METRIC = "gputel_host_hwmon_temperature_celsius"
 HWMON_HELP = "Temperature of each hwmon sensor."
 
 
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """One compute process on one GPU at one tick, as the driver names it: by host PID.
+
+    ``sm_util_pct`` is the process's share of SM time over the driver's last sample period;
+    None when the driver gives no per-process utilization (or did not sample the process).
+    """
+
+    gpu: int
+    pid: int
+    memory_used_mib: float | None
+    sm_util_pct: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRecord:
+    """A :class:`GpuProcess` with its owner from procfs: one row of ``processes-*.csv``.
+
+    ``user``, ``command`` and ``job`` are None when the owner is unknown (the process exited
+    before it was looked up, or the host's PIDs are not visible to gputel).
+    """
+
+    gpu: int
+    pid: int
+    user: str | None
+    command: str | None
+    job: str | None
+    memory_used_mib: float | None
+    sm_util_pct: float | None
+
+
 @dataclass(slots=True)
 class MigReading:
     """One MIG device (a compute instance of a GPU instance) of a GPU at one tick.
@@ -664,6 +695,8 @@ class GpuReading:
     """The GPU's read did not return within the tick's deadline (a hung call); values empty."""
     field_errors: dict[str, int] = field(default_factory=dict)
     """Failed reads per field since the source opened (``gputel_gpu_field_errors_total``)."""
+    processes: tuple[GpuProcess, ...] | None = None
+    """The compute processes on the GPU (empty: none); None when the source cannot list them."""
 
 
 @dataclass(slots=True)
@@ -729,6 +762,8 @@ class Sample:
     """Ids of the allocations open at this tick (tags every GPU row)."""
     gpu_allocations: dict[int, tuple[str, ...]] = field(default_factory=dict)
     """Per GPU index, the open allocations that claim it; GPUs absent here use ``allocations``."""
+    processes: list[ProcessRecord] = field(default_factory=list)
+    """Every GPU process of this tick with its owner (``processes-*.csv``, the job metrics)."""
 
 
 GPU_CSV_COLUMNS: tuple[str, ...] = (
@@ -752,6 +787,22 @@ MIG_CSV_COLUMNS: tuple[str, ...] = (
     *(f.csv for f in MIG_FIELDS),
     "allocations",
 )
+PROCESS_CSV_COLUMNS: tuple[str, ...] = (
+    "timestamp",
+    "gpu",
+    "pid",
+    "user",
+    "command",
+    "job",
+    "memory_used_mib",
+    "sm_util_pct",
+)
+#: CSV precision of the process columns: memory as ``gpu-*.csv``'s ``memory_used_mib``, SM
+#: utilization in whole percent (the driver's resolution).
+PROCESS_DECIMALS = {
+    "memory_used_mib": next(f.decimals for f in GPU_FIELDS if f.attr == "memory_used_mib"),
+    "sm_util_pct": 0,
+}
 
 
 def _check_table() -> None:

@@ -353,6 +353,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _path,
     ),
     SettingSpec(
+        "GPUTEL_PROC_ROOT",
+        "proc_root",
+        "--proc-root",
+        "/proc",
+        "root for process -> job attribution reads (the host's procfs)",
+        _path,
+    ),
+    SettingSpec(
         "GPUTEL_SIM_GPUS",
         "sim_gpus",
         "--sim-gpus",
@@ -442,6 +450,7 @@ class Settings:
     exporter_port: int = DEFAULTS["exporter_port"]
     web_config: str = DEFAULTS["web_config"]
     sysfs_root: Path = DEFAULTS["sysfs_root"]
+    proc_root: Path = DEFAULTS["proc_root"]
     sim_gpus: int = DEFAULTS["sim_gpus"]
     sim_pattern: str = DEFAULTS["sim_pattern"]
     sim_events: str = DEFAULTS["sim_events"]

@@ -29,21 +29,33 @@ HOST_CPU_WINDOW_S = 0.1
 
 
 # ---------------------------------------------------------------------------------- local snapshot
-def _read_gpus(settings: Settings) -> tuple[list[dict[str, Any]], str | None, str | None]:
-    """(gpus, source name, notice): open the GPU source, read once, close."""
+def _read_gpus(
+    settings: Settings,
+) -> tuple[list[dict[str, Any]], str | None, str | None, dict[str, Any]]:
+    """(gpus, source name, notice, processes): open the GPU source, read once, close.
+
+    ``processes``: ``{"processes": [...], "processes_notice": ...}``, the GPU processes with
+    their owners from ``GPUTEL_PROC_ROOT``, as the agent's status gives them.
+    """
     from gputel.sources.select import open_gpu_source
+    from gputel.telemetry.jobs import ProcessAttribution
 
     source, notice = open_gpu_source(settings)
     try:
-        gpus = [_reading_dict(r) for r in source.read()]
+        readings = source.read()
     finally:
         source.close()
-    return gpus, getattr(source, "name", None), notice
+    attribution = ProcessAttribution(settings.proc_root)
+    processes = {
+        "processes": [asdict(p) for p in attribution.records(readings)],
+        "processes_notice": attribution.notice,
+    }
+    return [_reading_dict(r) for r in readings], getattr(source, "name", None), notice, processes
 
 
 def _reading_dict(reading: Any) -> dict[str, Any]:
-    # asdict: a MIG GPU's devices (MigReading) become JSON objects too.
-    return asdict(reading)
+    # asdict: a MIG GPU's devices (MigReading) become JSON objects too; processes are listed apart.
+    return {k: v for k, v in asdict(reading).items() if k != "processes"}
 
 
 def _host_snapshot(settings: Settings) -> tuple[dict[str, Any], str | None]:
@@ -89,9 +101,10 @@ def local_status(settings: Settings) -> tuple[dict[str, Any], bool]:
     gpus: list[dict[str, Any]] = []
     source: str | None = None
     notice: str | None
+    processes: dict[str, Any] = {"processes": [], "processes_notice": None}
     failed = outcome != "ok"
     if outcome == "ok":
-        gpus, source, notice = value
+        gpus, source, notice, processes = value
     elif outcome == "error":
         if isinstance(value, GpuSelectionError):
             fail(str(value), EXIT_USAGE)
@@ -110,6 +123,7 @@ def local_status(settings: Settings) -> tuple[dict[str, Any], bool]:
         "telemetry_active": False,
         "allocations": [],
         "gpus": gpus,
+        **processes,
         "host": host,
         "backend": settings.backend,
         "source": source,
@@ -183,6 +197,32 @@ def _gpu_table(table_cls: Any, gpus: list[dict[str, Any]]) -> Any:
     return table
 
 
+def _process_table(table_cls: Any, processes: list[dict[str, Any]]) -> Any:
+    """nvidia-smi's process table, with the owner's user and job."""
+    table = table_cls(title="processes", title_justify="left")
+    for col, justify in (
+        ("gpu", "right"),
+        ("pid", "right"),
+        ("user", "left"),
+        ("job", "left"),
+        ("memory (MiB)", "right"),
+        ("sm", "right"),
+        ("command", "left"),
+    ):
+        table.add_column(col, justify=justify, no_wrap=col != "command")
+    for p in processes:
+        table.add_row(
+            _fmt(p.get("gpu")),
+            _fmt(p.get("pid")),
+            _fmt(p.get("user")),
+            _fmt(p.get("job")),
+            _fmt(p.get("memory_used_mib")),
+            _fmt(p.get("sm_util_pct"), 0, " %"),
+            _fmt(p.get("command")),
+        )
+    return table
+
+
 def render_human(status: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -234,10 +274,16 @@ def render_human(status: dict[str, Any]) -> None:
         notice = str(status.get("notice") or "none present or selected")
         out(f"no GPU found: {notice.removeprefix('no GPU telemetry: ')}")
 
+    processes = [p for p in status.get("processes") or [] if isinstance(p, dict)]
+    if status.get("processes_notice"):
+        out(f"[yellow]processes:[/yellow] {status['processes_notice']}")
+    if processes:
+        console.print(_process_table(Table, processes))
+
     allocations = status.get("allocations") or []
     if allocations:
         table = Table(title="allocations", title_justify="left")
-        for col in ("id", "gpus", "pid", "since"):
+        for col in ("id", "gpus", "pid", "since", "kind"):
             table.add_column(col)
         for a in allocations:
             if isinstance(a, dict):
@@ -247,6 +293,7 @@ def render_human(status: dict[str, Any]) -> None:
                     "all" if gl is None else ",".join(str(x) for x in gl),
                     _fmt(a.get("pid")),
                     _fmt(a.get("start")),
+                    "detected" if a.get("detected") else "announced",
                 )
         console.print(table)
     elif agent == "running":

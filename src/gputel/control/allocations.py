@@ -49,7 +49,12 @@ SUMMARY_COLUMNS = (
     "energy_j",
     *STAT_FIELDS,
     "release_reason",
+    "shared",
 )
+"""``shared`` is empty for an announced allocation (its energy is its GPUs' whole energy); for
+a detected job (``docs/attribution.md``) it is ``0`` when the job had its GPUs to itself for its
+whole span and ``1`` when another job (or a process of unknown owner) was on one of them at some
+tick, in which case ``energy_j`` is empty: the GPU's energy cannot be split between jobs."""
 _PID_MAX = 2**22
 
 
@@ -236,7 +241,7 @@ class AllocationStore:
         self._now = now
         self._lock = threading.Lock()
         self._open: dict[str, Allocation] = {}
-        self._summaries = RowAppender(self.summary_path, SUMMARY_COLUMNS, log, make_dir=True)
+        self._summaries = SummaryLog(self.log_dir)
         self._load()
 
     @property
@@ -443,8 +448,24 @@ class AllocationStore:
         return stats_from_json(entry) if entry is not None else {}
 
     def _append_summary(self, summary: Mapping[str, Any]) -> None:
-        """One whole row per release; an unwritable log directory costs the row, not the call."""
-        self._summaries.append(
+        self._summaries.append(summary)
+
+
+class SummaryLog:
+    """``LOG_DIR/allocations.csv``: one whole row per ended allocation, announced (the agent's
+    store) or detected (the recorder). Both processes append whole rows with ``O_APPEND``."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.path = Path(log_dir) / SUMMARY_FILE
+        self._rows = RowAppender(self.path, SUMMARY_COLUMNS, log, make_dir=True)
+
+    @property
+    def rows_failed(self) -> int:
+        return self._rows.rows_failed
+
+    def append(self, summary: Mapping[str, Any]) -> None:
+        """One whole row; an unwritable log directory costs the row, not the call."""
+        self._rows.append(
             ";".join(str(g) for g in summary["gpus"]) if key == "gpus" else _fmt(summary.get(key))
             for key in SUMMARY_COLUMNS
         )

@@ -43,6 +43,7 @@ from gputel.formats import one_line
 from gputel.schema import MIB, GpuReading
 from gputel.sources.base import EventListener, GpuIdentity, GpuSelectionError, GpuSourceError
 from gputel.sources.nvml_gpm import GpmReader, GpmState
+from gputel.sources.nvml_processes import NvmlProcessReader
 
 log = logging.getLogger("gputel.nvml")
 
@@ -258,15 +259,24 @@ class NvmlGpuSource:
             if (fid := getattr(nv, const, default)) is not None
         ]
         self.gpm = GpmReader(nv, self._ask, self._failed, NO_DEVICE, clock)
+        self._processes = NvmlProcessReader(self._ask)
 
     # ---------------------------------------------------------------- the one way to ask NVML
     def _ask(
-        self, gpu: _Gpu, key: str, fn_name: str, *args: Any, device: Any = None, **kwargs: Any
+        self,
+        gpu: _Gpu,
+        key: str,
+        fn_name: str,
+        *args: Any,
+        device: Any = None,
+        quiet: frozenset[int] = frozenset(),
+        **kwargs: Any,
     ) -> Any:
         """Call ``fn_name(handle, *args)`` for ``key``; None when it gives no value.
 
         ``device``: the handle passed first instead of the GPU's own (one of its MIG devices),
         or ``NO_DEVICE`` for a call about the GPU that takes no handle (GPM samples, metrics).
+        ``quiet``: return codes that are an answer ("nothing to report"), not a failure.
         Raises _GpuLost when the GPU is (or just became) lost.
         """
         if gpu.lost:
@@ -283,7 +293,10 @@ class NvmlGpuSource:
         try:
             return fn(*args, **kwargs)
         except self._error as exc:
-            self._failed(gpu, key, getattr(exc, "value", None), one_line(exc))
+            code = getattr(exc, "value", None)
+            if code in quiet:
+                return None
+            self._failed(gpu, key, code, one_line(exc))
             return None
 
     def _failed(self, gpu: _Gpu, key: str, code: int | None, detail: str) -> None:
@@ -532,13 +545,15 @@ class NvmlGpuSource:
             ],
         )
         r.clock_event_reasons = None if reasons is None else int(reasons)
-        if self.gpm.gives_pcie(gpu):
-            return
         # Each throughput call samples the bus for ~20 ms inside the driver: GPM's counters
         # replace them where the GPU has them.
-        for attr, counter, default in _PCIE_COUNTERS:
-            kib = self._ask(gpu, attr, "nvmlDeviceGetPcieThroughput", self._const(counter, default))
-            setattr(r, attr, None if kib is None else float(kib) * _KIB)
+        if not self.gpm.gives_pcie(gpu):
+            for attr, counter, default in _PCIE_COUNTERS:
+                kib = self._ask(
+                    gpu, attr, "nvmlDeviceGetPcieThroughput", self._const(counter, default)
+                )
+                setattr(r, attr, None if kib is None else float(kib) * _KIB)
+        r.processes = self._processes.read(gpu)
 
     # --------------------------------------------------------------------------- GpuSource
     def devices(self) -> list[GpuIdentity]:

@@ -27,12 +27,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gputel.schema import GpuReading
+from gputel.schema import GpuProcess, GpuReading
 from gputel.sources.base import EventListener, GpuIdentity, GpuSelectionError, GpuSourceError
 from gputel.sources.simevents import SimEvent, SimEventListener, SimEventSchedule
 from gputel.sources.simpattern import PatternError, Timeline, parse_pattern, timeline_for_gpu
 
 SIM_GPU_NAME = "Simulated H100 80GB HBM3"
+#: Simulated GPU processes get PIDs from here up: above Linux's PID_MAX_LIMIT (2**22), so no
+#: real process can have one and they are recorded without owner (no user, command or job).
+SIM_PID_BASE = 2**22 + 1
+#: A busy simulated GPU runs two processes (a trainer and a helper, say) sharing its job memory
+#: and SM time in these proportions.
+SIM_PROCESS_SHARES = (0.75, 0.25)
 MEMORY_TOTAL_MIB = 81559.0
 POWER_LIMIT_W = 700.0
 SM_CLOCK_IDLE_MHZ = 345.0
@@ -218,6 +224,22 @@ class _SimGpu:
             remapped_rows_pending=0,
             remapped_rows_failure=0,
             recovery_action=0,
+            processes=self._processes(util),
+        )
+
+    def _processes(self, util: float) -> tuple[GpuProcess, ...]:
+        """Two processes on a busy GPU (none on an idle one), with fake PIDs (SIM_PID_BASE)."""
+        if util <= 0:
+            return ()
+        job_mib = self.model.memory_used_mib(util) - MEMORY_IDLE_MIB
+        return tuple(
+            GpuProcess(
+                self.index,
+                SIM_PID_BASE + 2 * self.index + n,
+                float(round(job_mib * share)),
+                float(round(util * share)),
+            )
+            for n, share in enumerate(SIM_PROCESS_SHARES)
         )
 
 

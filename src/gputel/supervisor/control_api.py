@@ -59,6 +59,27 @@ class ModeState:
     set_for_s: float | None = None
 
 
+def detected_allocations(heartbeat: dict[str, Any], announced: set[str]) -> list[dict[str, Any]]:
+    """The jobs the recorder detected on the GPUs (``recorder.json``'s ``detected``), as status
+    allocations; an id an announced allocation has is that allocation, listed once."""
+    out: list[dict[str, Any]] = []
+    entries = heartbeat.get("detected")
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            if entry["id"] in announced:
+                continue
+            out.append(
+                {
+                    "id": entry["id"],
+                    "gpus": entry.get("gpus"),
+                    "pid": None,
+                    "start": entry.get("start"),
+                    "detected": True,
+                }
+            )
+    return out
+
+
 class ControlApi:
     """Answers control requests from the state of ``agent``."""
 
@@ -139,9 +160,12 @@ class ControlApi:
                     "gpus_stuck": hb.get("gpus_stuck") or [],
                 }
             allocations = [
-                {k: a.get(k) for k in ("id", "gpus", "pid", "start")}
+                {**{k: a.get(k) for k in ("id", "gpus", "pid", "start")}, "detected": False}
                 for a in (agent.store.list() if agent.store is not None else [])
             ]
+            hb = (child.fresh_heartbeat() if child is not None else None) or {}
+            allocations += detected_allocations(hb, {str(a["id"]) for a in allocations})
+            processes = hb.get("processes")
             gpus = [
                 {
                     "index": d.index,
@@ -167,6 +191,8 @@ class ControlApi:
                 "activity": s.activity,
                 "allocations": allocations,
                 "gpus": gpus,
+                "processes": processes if isinstance(processes, list) else [],
+                "processes_notice": hb.get("processes_notice"),
                 "child": child_info,
                 "transitions": [r.as_dict() for r in agent.recent],
                 "events": agent.events.recent.as_status(),

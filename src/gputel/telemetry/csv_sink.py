@@ -1,5 +1,7 @@
-"""The per-second CSV files: ``gpu-*.csv`` (one row per GPU per tick), ``host-*.csv`` and, on
-GPUs in MIG mode, ``mig-*.csv`` (one row per MIG device per tick; no file where there is none).
+"""The per-second CSV files: ``gpu-*.csv`` (one row per GPU per tick), ``host-*.csv``, on GPUs in
+MIG mode ``mig-*.csv`` (one row per MIG device per tick; no file where there is none) and
+``processes-*.csv`` (one row per GPU process per tick; a file is opened only once a tick has a
+process). Every kind follows the same session, day, size and reopen rules.
 
 Rules that keep the files trustworthy after crashes, rotation and full disks:
 
@@ -47,6 +49,8 @@ from gputel.schema import (
     HOST_FIELDS,
     MIG_CSV_COLUMNS,
     MIG_FIELDS,
+    PROCESS_CSV_COLUMNS,
+    PROCESS_DECIMALS,
     GpuReading,
     HostReading,
     Sample,
@@ -65,6 +69,8 @@ _HOST_VALUE_ATTRS = tuple(f.attr for f in HOST_FIELDS)
 _HOST_DECIMALS = tuple(f.decimals for f in HOST_FIELDS)
 _MIG_VALUE_ATTRS = tuple(f.attr for f in MIG_FIELDS)
 _MIG_DECIMALS = tuple(f.decimals for f in MIG_FIELDS)
+_MEMORY_DECIMALS = PROCESS_DECIMALS["memory_used_mib"]
+_SM_DECIMALS = PROCESS_DECIMALS["sm_util_pct"]
 
 
 def short_hostname() -> str:
@@ -173,6 +179,7 @@ class CsvSink:
         self._gpu = _CsvFile(self.log_dir, "gpu", hostname, GPU_CSV_COLUMNS)
         self._host = _CsvFile(self.log_dir, "host", hostname, HOST_CSV_COLUMNS)
         self._mig = _CsvFile(self.log_dir, "mig", hostname, MIG_CSV_COLUMNS)
+        self._procs = _CsvFile(self.log_dir, "processes", hostname, PROCESS_CSV_COLUMNS)
         self._failures = FailureCounter(
             log,
             "cannot write CSV rows in %s; counting failed rows "
@@ -204,10 +211,15 @@ class CsvSink:
     def mig_path(self) -> Path | None:
         return self._mig.path if self._mig.fd is not None else None
 
+    @property
+    def processes_path(self) -> Path | None:
+        return self._procs.path if self._procs.fd is not None else None
+
     def paths(self) -> dict[str, str | None]:
         paths = {
             "gpu": str(self.gpu_path) if self.gpu_path else None,
             "host": str(self.host_path) if self.host_path else None,
+            "processes": str(self.processes_path) if self.processes_path else None,
         }
         if self.mig_path:
             paths["mig"] = str(self.mig_path)
@@ -218,6 +230,7 @@ class CsvSink:
         self._close_gpu()
         self._host.close()
         self._mig.close()
+        self._procs.close()
 
     def close(self) -> None:
         self.reopen()
@@ -248,6 +261,13 @@ class CsvSink:
             if err:
                 errors.append(err)
                 failed += sum(len(g.mig) for g in mig)
+        if sample.processes:
+            err = self._emit(
+                self._procs, sample.timestamp, lambda: self._process_rows(sample, stamp)
+            )
+            if err:
+                errors.append(err)
+                failed += len(sample.processes)
         if failed:
             self._failures.failed(failed, f"{self.log_dir}: {'; '.join(errors)}")
         else:
@@ -334,6 +354,25 @@ class CsvSink:
                 )
                 cells.append(csv_cell(alloc) if alloc else "")
                 lines.append(",".join(cells))
+        lines.append("")
+        return "\n".join(lines).encode()
+
+    def _process_rows(self, sample: Sample, stamp: str) -> bytes:
+        lines = [
+            ",".join(
+                (
+                    stamp,
+                    str(p.gpu),
+                    str(p.pid),
+                    csv_cell(p.user),
+                    csv_cell(p.command),
+                    csv_cell(p.job),
+                    csv_cell(p.memory_used_mib, _MEMORY_DECIMALS),
+                    csv_cell(p.sm_util_pct, _SM_DECIMALS),
+                )
+            )
+            for p in sample.processes
+        ]
         lines.append("")
         return "\n".join(lines).encode()
 

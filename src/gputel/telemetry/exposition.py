@@ -28,6 +28,7 @@ from gputel.schema import (
     HOST_FIELDS,
     HWMON_HELP,
     HWMON_METRIC,
+    MIB,
     MIG_FIELDS,
     Field,
     MigReading,
@@ -77,6 +78,16 @@ CLOCK_REASON = _family(
     "Whether a clock event (throttle) reason is active (1) or not (0), from NVML's bitmask.",
     "gauge",
 )
+JOB_MEMORY = _family(
+    "gputel_gpu_job_memory_used_bytes",
+    "GPU memory used by the processes of one job on the GPU (job empty: owner unknown).",
+    "gauge",
+)
+JOB_SM_UTIL = _family(
+    "gputel_gpu_job_sm_util_ratio",
+    "Share of SM time the processes of one job used over the driver's last sample period.",
+    "gauge",
+)
 HWMON = _family(HWMON_METRIC, HWMON_HELP, "gauge")
 SOURCE_UP = _family("gputel_source_up", "Whether the source's last read succeeded (1).", "gauge")
 SOURCE_DURATION = _family(
@@ -106,6 +117,8 @@ ALL_FAMILIES: tuple[_Family, ...] = (
     GPU_FIELD_ERRORS,
     CLOCK_REASON,
     *MIG_FAMILIES,
+    JOB_MEMORY,
+    JOB_SM_UTIL,
     *HOST_FAMILIES,
     HWMON,
     SOURCE_UP,
@@ -157,6 +170,7 @@ class SampleCollector(Collector):
         self._hwmon_labels: dict[tuple[str, str], _Labels] = {}
         self._error_labels: dict[tuple[int, str, str], _Labels] = {}
         self._mig_labels: dict[tuple[int, str, int, int | None, str], _Labels] = {}
+        self._job_labels: dict[tuple[int, str, str], _Labels] = {}
 
     def _labels_for(self, index: int, uuid: str, name: str) -> tuple[_Labels, list[_Labels]]:
         key = (index, uuid, name)
@@ -221,6 +235,8 @@ class SampleCollector(Collector):
             out.append((CLOCK_REASON, rows))
         if any(g.mig for g in sample.gpus):
             self._mig_families(sample, out)
+        if sample.processes:
+            self._job_families(sample, out)
 
     def _mig_families(self, sample: Sample, out: list[tuple[_Family, list[Row]]]) -> None:
         devices: list[tuple[_Labels, MigReading]] = []
@@ -250,6 +266,32 @@ class SampleCollector(Collector):
                     rows.append((labels, value * fam.scale if fam.scale != 1.0 else value))
             if rows:
                 out.append((fam, rows))
+
+    def _job_families(self, sample: Sample, out: list[tuple[_Family, list[Row]]]) -> None:
+        """Per GPU and job, never per PID: a job's processes add up (bounded cardinality)."""
+        uuids = {g.index: g.uuid for g in sample.gpus}
+        memory: dict[tuple[int, str], float] = {}
+        sm: dict[tuple[int, str], float] = {}
+        for p in sample.processes:
+            key = (p.gpu, p.job or "")
+            if p.memory_used_mib is not None:
+                memory[key] = memory.get(key, 0.0) + p.memory_used_mib * MIB
+            if p.sm_util_pct is not None:
+                sm[key] = sm.get(key, 0.0) + p.sm_util_pct * 0.01
+        for fam, values in ((JOB_MEMORY, memory), (JOB_SM_UTIL, sm)):
+            if values:
+                out.append((fam, [(self._job_label(k, uuids), v) for k, v in values.items()]))
+
+    def _job_label(self, key: tuple[int, str], uuids: dict[int, str]) -> _Labels:
+        gpu, job = key
+        uuid = uuids.get(gpu, "")
+        found = self._job_labels.get((gpu, uuid, job))
+        if found is None:
+            if len(self._job_labels) > 4096:
+                self._job_labels.clear()  # jobs come and go; keep the cache bounded
+            found = _Labels({"gpu": str(gpu), "uuid": uuid, "job": job})
+            self._job_labels[(gpu, uuid, job)] = found
+        return found
 
     def _host_families(self, sample: Sample, out: list[tuple[_Family, list[Row]]]) -> None:
         host = sample.host

@@ -25,14 +25,14 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
 from gputel import runtime
 from gputel.allocstats import AllocationStats
-from gputel.control.allocations import parse_store, recorder_stats_entry
+from gputel.control.allocations import SummaryLog, parse_store, recorder_stats_entry
 from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
 from gputel.schema import Sample
 from gputel.settings import Settings
@@ -41,6 +41,7 @@ from gputel.telemetry.csv_sink import DEFAULT_MAX_BYTES, CsvSink
 from gputel.telemetry.exposition import Exposition
 from gputel.telemetry.gpu_deadline import with_read_deadline
 from gputel.telemetry.head import HeadTick, head_rows, take_head
+from gputel.telemetry.jobs import DetectedJobs, ProcessAttribution, merge_ids
 from gputel.telemetry.metrics_http import MetricsServer
 from gputel.telemetry.promtext import telemetry_active_text
 from gputel.telemetry.sampler import Sampler, utc_now
@@ -129,6 +130,11 @@ class Recorder:
         self._alloc_ids: tuple[str, ...] = ()
         self._gpu_alloc: dict[int, tuple[str, ...]] = {}
         self._alloc_stats: dict[str, AllocationStats] = {}
+        self.attribution = ProcessAttribution(settings.proc_root)
+        if self.attribution.notice:
+            log.warning("%s", self.attribution.notice)
+        self.detected = DetectedJobs(SummaryLog(settings.log_dir))
+        self._wallclock = wallclock
         self._previous_state: object = (
             runtime.read_json(self.run_dir / runtime.RECORDER_STATE_FILE) if write_runtime else None
         )
@@ -191,6 +197,8 @@ class Recorder:
         return 0
 
     def close(self) -> None:
+        if self.ticks:
+            self.detected.close_all(self._wallclock())
         self.sink.close()
         self.waker.close()
 
@@ -198,6 +206,7 @@ class Recorder:
         if self.allocations.poll():
             self._update_allocations()
         sample = self.sampler.sample(self._alloc_ids, self._gpu_alloc)
+        self._attribute(sample)
         self.ticks += 1
         if self._head is not None:
             self._write_head(sample)
@@ -214,6 +223,19 @@ class Recorder:
         if self.write_runtime:
             self._publish(sample, data)
         return sample
+
+    def _attribute(self, sample: Sample) -> None:
+        """Owners of this tick's GPU processes, and the jobs they belong to as allocations of
+        their GPUs (``telemetry/jobs.py``): merged into each GPU row's allocations."""
+        sample.processes = self.attribution.records(sample.gpus)
+        announced = {
+            d.index: self._gpu_alloc.get(d.index, self._alloc_ids) for d in self.sampler.devices
+        }
+        detected, _ = self.detected.update(sample, announced, self._alloc_ids)
+        if detected:
+            sample.gpu_allocations = {
+                gpu: merge_ids(ids, detected.get(gpu, ())) for gpu, ids in announced.items()
+            }
 
     def _write_head(self, first: Sample) -> None:
         ticks = head_rows(
@@ -266,6 +288,9 @@ class Recorder:
             "allocation_stats": {k: v.to_json() for k, v in self._alloc_stats.items()},
             "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
             "pretrigger": {"ticks": self.head_ticks, "seconds": round(self.head_s, 3)},
+            "detected": self.detected.open(),
+            "processes": [asdict(p) for p in sample.processes],
+            "processes_notice": self.attribution.notice,
         }
         try:
             atomic_write_fixed_tmp(self._metrics_path, data)

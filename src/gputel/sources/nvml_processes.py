@@ -1,0 +1,99 @@
+"""The compute processes on each GPU, with their memory and SM utilization, through NVML.
+
+Read once per GPU in the recorder's full read (never in the agent's light reads): two calls per
+GPU, one to list the processes (``nvmlDeviceGetComputeRunningProcesses``, which the binding
+maps to ``_v3`` or ``_v2``) and, only when some are listed, one for their SM utilization
+(``nvmlDeviceGetProcessesUtilizationInfo``, or ``nvmlDeviceGetProcessUtilization`` where the
+driver or binding lacks it). Every call goes through the source's one field-read helper, so an
+unsupported call is never asked again, a failed one costs this tick's values and a lost GPU is
+lost here as everywhere.
+
+NVML answers per-process utilization with the samples taken since a timestamp the caller
+passes. Each GPU keeps the newest timestamp it was given, so each tick sees the samples of its
+own interval; the newest sample per PID gives the process's ``sm_util_pct``. A process with no
+sample in the interval (or a driver that answers "not found": nothing ran) has no SM value:
+empty, never 0.
+
+The owners of the PIDs (user, command, job) are not read here: they come from procfs, in the
+recorder (``gputel.sources.owners``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from gputel.schema import MIB, GpuProcess
+
+if TYPE_CHECKING:
+    from gputel.sources.nvml import _Gpu
+
+#: nvmlReturn_t values that mean "no sample", not a failure: NOT_FOUND is what the driver says
+#: when no process ran since the timestamp; SUCCESS is what the binding raises when the count
+#: call finds nothing to fetch (it expects INSUFFICIENT_SIZE).
+_NO_SAMPLES = frozenset({0, 6})
+
+#: (key for the unsupported set, binding function): the first supported one is used.
+_UTILIZATION_CALLS = (
+    ("process_utilization", "nvmlDeviceGetProcessesUtilizationInfo"),
+    ("process_utilization_legacy", "nvmlDeviceGetProcessUtilization"),
+)
+
+Ask = Callable[..., Any]
+
+
+class NvmlProcessReader:
+    """Per-GPU process lists for :class:`~gputel.sources.nvml.NvmlGpuSource`'s full read.
+
+    ``ask`` is the source's field-read helper (``NvmlGpuSource._ask``). Calls for one GPU run
+    under that GPU's lock; GPUs are read concurrently, each touching only its own timestamp.
+    """
+
+    def __init__(self, ask: Ask) -> None:
+        self._ask = ask
+        self._last_seen: dict[int, int] = {}
+        """Per GPU index: the newest utilization sample timestamp (µs) seen so far."""
+
+    def read(self, gpu: _Gpu) -> tuple[GpuProcess, ...] | None:
+        """The GPU's compute processes (empty: none); None when NVML cannot list them."""
+        infos = self._ask(gpu, "processes", "nvmlDeviceGetComputeRunningProcesses")
+        if infos is None:
+            return None
+        memory: dict[int, float | None] = {}
+        for info in infos:
+            pid = int(info.pid)
+            used = getattr(info, "usedGpuMemory", None)
+            mib = None if used is None else int(used) / MIB
+            if pid in memory:
+                # One process in several MIG instances (or listed twice): its memory adds up.
+                before = memory[pid]
+                memory[pid] = None if before is None or mib is None else before + mib
+            else:
+                memory[pid] = mib
+        if not memory:
+            return ()
+        sm = self._sm_util(gpu)
+        return tuple(GpuProcess(gpu.index, pid, mib, sm.get(pid)) for pid, mib in memory.items())
+
+    def _sm_util(self, gpu: _Gpu) -> dict[int, float]:
+        """PID → SM utilization % from the samples since the GPU's last seen timestamp."""
+        since = self._last_seen.get(gpu.index, 0)
+        samples = None
+        for key, fn_name in _UTILIZATION_CALLS:
+            if key in gpu.unsupported:
+                continue
+            samples = self._ask(gpu, key, fn_name, since, quiet=_NO_SAMPLES)
+            if samples is not None or key not in gpu.unsupported:
+                break
+        if not samples:
+            return {}
+        newest: dict[int, tuple[int, float]] = {}
+        latest = since
+        for s in samples:
+            stamp = int(s.timeStamp)
+            latest = max(latest, stamp)
+            pid = int(s.pid)
+            if pid not in newest or stamp >= newest[pid][0]:
+                newest[pid] = (stamp, float(s.smUtil))
+        self._last_seen[gpu.index] = latest
+        return {pid: util for pid, (_, util) in newest.items()}
