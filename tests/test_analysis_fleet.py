@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gputel.analysis import duck
 from gputel.analysis.export import ExportRefused, export_parquet
 from gputel.analysis.report import build_report
 from gputel.schema import GPU_CSV_COLUMNS
@@ -120,8 +121,13 @@ def test_idle_thresholds_are_flags(fleet: Path) -> None:
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_gpm_columns_and_events_when_present(tmp_path: Path) -> None:
-    """Newer files carry GPM columns and an events.csv; older ones lack them and still load."""
+@pytest.mark.parametrize("batch_bytes", [duck.BATCH_BYTES, 1], ids=["one-batch", "file-by-file"])
+def test_gpm_columns_and_events_when_present(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_bytes: int
+) -> None:
+    """Newer files carry GPM columns and an events.csv; older ones lack them and still load,
+    also when each file is read in a batch of its own (the columns differ between batches)."""
+    monkeypatch.setattr(duck, "BATCH_BYTES", batch_bytes)
     old = tmp_path / "gpu-20261122T100000Z-n.csv"
     write_gpu_csv(old, T0, 20, lambda k, g: 90.0, gpus=1, allocations=lambda k: "job-1")
     new = tmp_path / "gpu-20261122T100020Z-n.csv"
@@ -159,6 +165,14 @@ def test_gpm_columns_and_events_when_present(tmp_path: Path) -> None:
     (job,) = report["allocations"]
     assert job["events"] == [{"event": "xid", "xid": "79", "count": 2}]
     assert report["nodes"][0]["events"] == 3
+
+
+def test_reading_in_batches_gives_the_same_report(
+    fleet: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = build_report([fleet])
+    monkeypatch.setattr(duck, "BATCH_BYTES", 1)
+    assert build_report([fleet]) == whole
 
 
 def test_gpm_absent_gives_empty_values(tmp_path: Path) -> None:
@@ -225,3 +239,56 @@ def test_agent_and_recorder_never_import_duckdb() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+def test_idle_stretch_is_exact_mid_minute_and_across_a_rollover(tmp_path: Path) -> None:
+    """Minute groups, not rows: an idle stretch that starts mid-minute and crosses a file
+    rollover still counts to the tick; a gap in the recording ends it."""
+    start = T0 + timedelta(seconds=30)
+    busy, idle = 450, 2000
+
+    def util(k: int, g: int) -> float:
+        return 90.0 if k < busy else 0.0
+
+    write_gpu_csv(
+        tmp_path / "gpu-20261122T100030Z-n.csv",
+        start,
+        1200,
+        util,
+        gpus=1,
+        allocations=lambda k: "job",
+    )
+    write_gpu_csv(
+        tmp_path / "gpu-20261122T102030Z-n.csv",
+        start + timedelta(seconds=1200),
+        busy + idle - 1200,
+        lambda k, g: util(k + 1200, g),
+        gpus=1,
+        allocations=lambda k: "job",
+    )
+    report = build_report([tmp_path])
+    (session,) = report["sessions"]
+    assert session["gpus"][0]["samples"] == busy + idle
+    assert session["gpus"][0]["missing"] == 0
+    (item,) = report["idle_allocations"]
+    assert item["idle_minutes"] == round(idle / 60, 1)
+    assert item["idle_gpu_hours"] == round(idle / 3600, 3)
+    (job,) = report["allocations"]
+    # Every tagged row but the very first carries its interval's energy.
+    assert job["energy_j"] == pytest.approx(session["gpus"][0]["energy_j"])
+    assert build_report([tmp_path], idle_minutes=(idle + 4) / 60)["idle_allocations"] == []
+    # Two ticks missing in the middle of the idle time split it into two shorter stretches.
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    write_gpu_csv(
+        gap / "gpu-20261122T100030Z-n.csv",
+        start,
+        busy + idle,
+        util,
+        gpus=1,
+        drop=frozenset({busy + 1500, busy + 1501}),
+        allocations=lambda k: "job",
+    )
+    (split,) = build_report([gap], idle_minutes=20)["idle_allocations"]
+    assert split["idle_minutes"] == pytest.approx(1500 / 60, abs=1.01)
+    assert build_report([gap], idle_minutes=26)["idle_allocations"] == []

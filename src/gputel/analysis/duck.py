@@ -4,11 +4,12 @@ The analysis commands run their arithmetic as SQL over these tables instead of p
 Python (an order of magnitude faster, and it grows with the machine). DuckDB is an optional
 extra, so nothing on the agent's or the recorder's path imports this module.
 
-Only the numeric columns are given types; every other cell stays text (``all_varchar``), so
+Only the numeric columns are given types; every other cell stays text (``VARCHAR``), so
 allocation ids such as ``0042`` or ``NA`` stay strings. A cell that does not cast stops the load;
 the files are then read again with each cell checked in SQL, so the error is one line naming the
 damaged file, never a silently dropped row. Files written by older versions may lack columns:
-``union_by_name`` gives NULL for them, which the analysis treats like an empty cell (no value).
+each batch of files reads one header, and a column a batch lacks is NULL, which the analysis
+treats like an empty cell (no value).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def connect(threads: int | None = None) -> Any:
         raise AnalysisUnavailable(f"this command needs DuckDB: {INSTALL_HINT}") from None
     con = duckdb.connect(":memory:")
     con.execute("SET preserve_insertion_order = false")
+    # Errors are one line on stderr; a long scan must not draw a progress bar there.
+    con.execute("SET enable_progress_bar = false")
     con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
     # Spill files go to the system's temporary directory, not the caller's working directory.
     spill = Path(tempfile.gettempdir()) / f"gputel-duckdb-{os.getpid()}"
@@ -194,8 +197,9 @@ def load(
     Columns: ``fid`` (index into ``{table}_files(fid, path, node)``), ``node``, ``ts`` (epoch
     seconds, DOUBLE), ``gpu`` (INTEGER, not for host files) and the kind's numeric and text
     columns. ``flt`` keeps the time range and GPU indices. ``wrap`` turns that SELECT into the
-    one the table is made of (per-row windows in the same pass, no second copy of the rows).
-    A damaged cell raises CsvReadError naming the file.
+    one the table is made of (a grouping or a narrower selection, in the same pass, no copy of
+    the rows); it is applied to one batch of files at a time, so it must not combine rows of
+    different files. A damaged cell raises CsvReadError naming the file.
     """
     table = table or kind
     headers = {p: _header(p, kind) for p in fs.files[kind]}
@@ -208,9 +212,72 @@ def load(
             f"INSERT INTO {table}_files VALUES (?, ?, ?)",
             [(i, str(p), fs.nodes[p]) for i, p in enumerate(paths)],
         )
-    present: set[str] = set()
+    where = []
+    if flt.since is not None:
+        where.append(f"ts >= {flt.since!r}")
+    if flt.until is not None:
+        where.append(f"ts <= {flt.until!r}")
+    if flt.gpus is not None and kind != "host":
+        where.append(f"gpu IN ({', '.join(str(g) for g in sorted(flt.gpus)) or 'NULL'})")
+    wrap = wrap or (lambda inner: inner)
+    if not paths:
+        inner = (
+            "SELECT * FROM (SELECT 0 AS fid, '' AS node, 0.0::DOUBLE AS ts"
+            + (", 0 AS gpu" if kind != "host" else "")
+            + "".join(f", NULL::DOUBLE AS {c}" for c in NUMERIC[kind])
+            + "".join(f", NULL::BIGINT AS {c}" for c in INTEGER[kind])
+            + "".join(f", NULL::VARCHAR AS {c}" for c in TEXT[kind])
+            + ") WHERE false"
+        )
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(inner)}")
+        return 0
+    for n, (header, batch) in enumerate(_batches(paths, headers)):
+        verb = f"CREATE OR REPLACE TEMP TABLE {table} AS" if n == 0 else f"INSERT INTO {table}"
+        _load_batch(con, kind, table, batch, header, where, wrap, verb)
+    return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+#: CSV read per statement: a grouping wrap keeps one hash table per statement, and groups never
+#: span files, so a fleet's files are read a batch at a time (same result, bounded memory).
+BATCH_BYTES = 512 * 2**20
+#: How much larger than its size on disk a gzipped CSV reads.
+GZIP_RATIO = 8
+
+
+def _batches(
+    paths: Sequence[Path], headers: dict[Path, list[str] | None]
+) -> list[tuple[list[str], list[Path]]]:
+    """Files with one header at a time, up to ``BATCH_BYTES`` of CSV: each read names its
+    columns instead of reconciling the files' headers (older files lack newer columns)."""
+    by_header: dict[tuple[str, ...], list[Path]] = {}
     for p in paths:
-        present.update(headers[p] or [])
+        by_header.setdefault(tuple(headers[p] or ()), []).append(p)
+    batches: list[tuple[list[str], list[Path]]] = []
+    for header, files in by_header.items():
+        size = BATCH_BYTES
+        for p in files:
+            est = p.stat().st_size * (GZIP_RATIO if p.name.endswith(".gz") else 1)
+            if size + est > BATCH_BYTES:
+                batches.append((list(header), []))
+                size = 0
+            batches[-1][1].append(p)
+            size += est
+    return batches
+
+
+def _load_batch(
+    con: Any,
+    kind: str,
+    table: str,
+    paths: Sequence[Path],
+    header: list[str],
+    where: list[str],
+    wrap: Callable[[str], str],
+    verb: str,
+) -> None:
+    """Read one batch of files, all with ``header``, into ``table`` (``verb``: create it, or
+    insert into it)."""
+    present = set(header)
     select = [
         "f.fid AS fid",
         "f.node AS node",
@@ -231,25 +298,6 @@ def load(
         )
     for c in TEXT[kind]:
         select.append(f"r.{c} AS {c}" if c in present else f"NULL::VARCHAR AS {c}")
-    where = []
-    if flt.since is not None:
-        where.append(f"ts >= {flt.since!r}")
-    if flt.until is not None:
-        where.append(f"ts <= {flt.until!r}")
-    if flt.gpus is not None and kind != "host":
-        where.append(f"gpu IN ({', '.join(str(g) for g in sorted(flt.gpus)) or 'NULL'})")
-    wrap = wrap or (lambda inner: inner)
-    if not paths:
-        inner = (
-            "SELECT * FROM (SELECT 0 AS fid, '' AS node, 0.0::DOUBLE AS ts"
-            + (", 0 AS gpu" if kind != "host" else "")
-            + "".join(f", NULL::DOUBLE AS {c}" for c in NUMERIC[kind])
-            + "".join(f", NULL::BIGINT AS {c}" for c in INTEGER[kind])
-            + "".join(f", NULL::VARCHAR AS {c}" for c in TEXT[kind])
-            + ") WHERE false"
-        )
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(inner)}")
-        return 0
     # Fast path: DuckDB casts while parsing. Only if that fails is the file set read again with
     # every cell checked by hand, which turns the failure into one line naming the file.
     types = {"timestamp": "TIMESTAMP"}
@@ -268,22 +316,21 @@ def load(
     filters = f"{'WHERE ' + ' AND '.join(where) if where else ''}"
     join = f"JOIN {table}_files f ON r.filename = f.path"
     inner = (
-        f"SELECT * FROM (SELECT {', '.join(fast)} FROM {_read_csv_sql(paths, types)} r {join}"
-        f") {filters}"
+        f"SELECT * FROM (SELECT {', '.join(fast)} "
+        f"FROM {_read_csv_sql(paths, header, types)} r {join}) {filters}"
     )
     import duckdb
 
     try:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(inner)}")
+        con.execute(f"{verb} {wrap(inner)}")
     except duckdb.Error as exc:
         checked = (
-            f"SELECT * FROM (SELECT {', '.join(select)} FROM {_read_csv_sql(paths)} r {join}"
-            f") {filters}"
+            f"SELECT * FROM (SELECT {', '.join(select)} "
+            f"FROM {_read_csv_sql(paths, header)} r {join}) {filters}"
         )
-        _run(con, f"CREATE OR REPLACE TEMP TABLE {table} AS {wrap(checked)}", paths)
+        _run(con, f"{verb} {wrap(checked)}", paths)
         if not str(exc).startswith("Conversion Error"):
             raise CsvReadError(_one_line(str(exc), paths)) from None
-    return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
 def _ts_expr() -> str:
@@ -295,15 +342,28 @@ def _ts_expr() -> str:
     )
 
 
-def _read_csv_sql(paths: Sequence[Path], types: dict[str, str] | None = None) -> str:
-    typed = ""
-    if types:
-        typed = ", types = {" + ", ".join(f"{quote(c)}: {quote(t)}" for c, t in types.items()) + "}"
+def _read_csv_sql(
+    paths: Sequence[Path], header: list[str], types: dict[str, str] | None = None
+) -> str:
+    """The files' columns named as their header gives them; text unless ``types`` says."""
+    types = types or {}
+    # A name that repeats is read under ``name_N`` (as DuckDB's own detection names it): the
+    # first of them is the column.
+    seen: dict[str, int] = {}
+    names: list[str] = []
+    for c in header:
+        names.append(f"{c}_{seen[c]}" if c in seen else c)
+        seen[c] = seen.get(c, 0) + 1
+    columns = ", ".join(
+        f"{quote(n)}: {quote(types.get(n, 'VARCHAR') if n == c else 'VARCHAR')}"
+        for n, c in zip(names, header, strict=True)
+    )
     return (
         "read_csv(["
         + ", ".join(quote(str(p)) for p in paths)
-        + "], header = true, union_by_name = true, filename = true, all_varchar = true, "
-        "delim = ',', quote = '\"', escape = '\"', null_padding = false" + typed + ")"
+        + "], header = true, auto_detect = false, filename = true, "
+        "delim = ',', quote = '\"', escape = '\"', null_padding = false, "
+        "columns = {" + columns + "})"
     )
 
 

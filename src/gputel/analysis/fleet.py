@@ -3,17 +3,17 @@
 Fleet operators ask one question above all: which GPUs were allocated and did nothing. An
 allocation is *idle* on a GPU when the GPU stayed under ``idle_util`` % utilization, without a
 break and without a gap in the recording, for more than ``idle_minutes`` while the allocation
-was open on it. Works on the tables :mod:`gputel.analysis.report` builds (``r``, ``a``, ``sess``,
-``events``).
+was open on it. The stretches are followed over the allocation's bucket groups
+(:mod:`gputel.analysis.groups`), never over single rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from gputel.schema import THROTTLE_MASK
-
-JOULES_PER_KWH = 3.6e6
+from gputel.analysis.groups import JOULES_PER_KWH, AllocGroup
 
 
 class EventCounts:
@@ -37,87 +37,138 @@ class EventCounts:
     def for_allocation(self, alloc_id: str) -> list[dict[str, Any]]:
         return self._count([r for r in self._rows if alloc_id in r[4].split(";")])
 
-
-_TOTALS = """
-SELECT {key}, count(DISTINCT (s.node, r.gpu)) AS gpus,
-       round(sum(s.interval) / 3600, 3) AS gpu_hours_recorded,
-       round(coalesce(sum(s.interval) FILTER (WHERE r.util >= {idle_util}), 0) / 3600, 3)
-         AS gpu_hours_busy,
-       round(sum(r.delta) / {kwh}, 6) AS energy_kwh,
-       round(coalesce(sum(s.interval) FILTER (WHERE r.reasons & {mask} <> 0), 0), 3)
-         AS throttled_s
-FROM rv r JOIN sess s USING (sid) JOIN ident i USING (sid, gpu) GROUP BY ALL ORDER BY ALL
-"""
-
-_IDLE = """
-WITH x AS (
-  SELECT a.node, a.alloc_id, a.gpu, a.ts, s.interval, coalesce(a.util < {idle_util}, false) AS idle,
-         CASE WHEN NOT coalesce(a.util < {idle_util}, false) OR a.alloc_spacing IS NULL
-                   OR a.alloc_spacing > 1.5 * s.interval THEN 1 ELSE 0 END AS brk
-  FROM a JOIN sess s USING (sid, node)
-), y AS (
-  SELECT *, sum(brk) OVER (PARTITION BY node, alloc_id, gpu ORDER BY ts
-                           ROWS UNBOUNDED PRECEDING) AS stretch
-  FROM x
-), z AS (
-  SELECT node, alloc_id, gpu, max(ts) - min(ts) + max(interval) AS idle_s
-  FROM y WHERE idle GROUP BY node, alloc_id, gpu, stretch
-), w AS (
-  SELECT node, alloc_id, gpu, max(idle_s) AS longest,
-         sum(idle_s) FILTER (WHERE idle_s > {limit}) AS total
-  FROM z GROUP BY ALL HAVING max(idle_s) > {limit}
-)
-SELECT node, alloc_id, list(gpu ORDER BY gpu), max(longest), sum(total)
-FROM w GROUP BY ALL ORDER BY sum(total) DESC, max(longest) DESC, node, alloc_id
-"""
+    def per_node(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for node, *_ in self._rows:
+            out[node] = out.get(node, 0) + 1
+        return out
 
 
-def fleet_summary(con: Any, idle_util: float, idle_minutes: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class GpuTotals:
+    """One GPU in one session: what the node and model totals add up."""
+
+    node: str
+    gpu: int
+    model: str
+    interval: float
+    samples: int
+    busy: int
+    throttled: int
+    energy: float | None
+
+
+class IdleAllocations:
+    """Idle stretches of allocated GPUs, fed one (node, allocation, GPU) sequence at a time.
+
+    A stretch is a run of rows under the idle threshold with no spacing over 1.5 intervals; its
+    length is last − first + one interval. Inside a group that is partly busy only its leading
+    and trailing idle rows can join a stretch (anything between is shorter than a bucket, and a
+    bucket is never longer than the threshold); a group with a gap inside ends the stretch.
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit = limit_s
+        self._found: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+
+    def add(self, node: str, alloc_id: str, gpu: int, seq: list[AllocGroup]) -> None:
+        longest = 0.0
+        total = 0.0
+        start: float | None = None
+        end = 0.0
+        interval = 1.0
+        prev: AllocGroup | None = None
+
+        def close() -> None:
+            nonlocal start, longest, total
+            if start is not None:
+                length = end - start + interval
+                longest = max(longest, length)
+                if length > self.limit:
+                    total += length
+            start = None
+
+        for grp in seq:
+            adjacent = prev is not None and grp.t0 - prev.t1 <= 1.5 * grp.interval
+            prev = grp
+            if not adjacent:
+                close()
+            interval = grp.interval
+            if grp.idle_n == 0 or grp.idle_t0 is None or grp.idle_t1 is None:
+                close()
+                continue
+            if not grp.gapless(grp.interval):
+                close()
+                continue
+            if grp.idle_n >= grp.n:
+                if start is None:
+                    start = grp.t0
+                end = grp.t1
+                continue
+            if grp.idle_t0 == grp.t0 and grp.work_t0 is not None:
+                if start is None:
+                    start = grp.t0
+                end = grp.work_t0 - grp.interval
+            close()
+            if grp.idle_t1 == grp.t1 and grp.work_t1 is not None:
+                start, end = grp.work_t1 + grp.interval, grp.t1
+        close()
+        if longest > self.limit:
+            self._found.setdefault((node, alloc_id), []).append((gpu, longest, total))
+
+    def result(self) -> list[dict[str, Any]]:
+        """Idle allocations, worst first: most idle GPU-time, then the longest stretch."""
+        rows = []
+        for (node, alloc_id), per_gpu in self._found.items():
+            longest = max(x[1] for x in per_gpu)
+            total = sum(x[2] for x in per_gpu)
+            rows.append((node, alloc_id, sorted(x[0] for x in per_gpu), longest, total))
+        rows.sort(key=lambda r: (-r[4], -r[3], r[0], r[1]))
+        return [
+            {
+                "node": node,
+                "allocation": alloc_id,
+                "gpus": gpus,
+                "idle_minutes": round(longest / 60, 1),
+                "idle_gpu_hours": round(total / 3600, 3),
+            }
+            for node, alloc_id, gpus, longest, total in rows
+        ]
+
+
+def _totals(rows: Iterable[GpuTotals]) -> dict[str, Any]:
+    rows = list(rows)
+    joules = [r.energy for r in rows if r.energy is not None]
+    return {
+        "gpus": len({(r.node, r.gpu) for r in rows}),
+        "gpu_hours_recorded": round(sum(r.samples * r.interval for r in rows) / 3600, 3),
+        "gpu_hours_busy": round(sum(r.busy * r.interval for r in rows) / 3600, 3),
+        "energy_kwh": round(sum(joules) / JOULES_PER_KWH, 6) if joules else None,
+        "throttled_s": round(sum(r.throttled * r.interval for r in rows), 3),
+    }
+
+
+def fleet_summary(
+    events: EventCounts, gpus: list[GpuTotals], idle: list[dict[str, Any]]
+) -> dict[str, Any]:
     """``nodes``, ``models`` and ``idle_allocations`` of the report."""
-    fmt = {"idle_util": float(idle_util), "kwh": JOULES_PER_KWH, "mask": THROTTLE_MASK}
-    event_counts = dict(con.execute("SELECT node, count(*) FROM events GROUP BY node").fetchall())
-    idle = [
-        {
-            "node": node,
-            "allocation": alloc_id,
-            "gpus": list(gpus),
-            "idle_minutes": round(longest / 60, 1),
-            "idle_gpu_hours": round(total / 3600, 3),
-        }
-        for node, alloc_id, gpus, longest, total in con.execute(
-            _IDLE.format(idle_util=float(idle_util), limit=float(idle_minutes) * 60)
-        ).fetchall()
-    ]
+    event_counts = events.per_node()
     idle_per_node: dict[str, int] = {}
     for item in idle:
         idle_per_node[item["node"]] = idle_per_node.get(item["node"], 0) + 1
-    nodes = []
-    for node, gpus, recorded, busy, kwh, throttled in con.execute(
-        _TOTALS.format(key="s.node", **fmt)
-    ).fetchall():
-        nodes.append(
-            {
-                "node": node,
-                "gpus": gpus,
-                "gpu_hours_recorded": recorded,
-                "gpu_hours_busy": busy,
-                "energy_kwh": kwh,
-                "throttled_s": throttled,
-                "events": event_counts.get(node, 0),
-                "idle_allocations": idle_per_node.get(node, 0),
-            }
-        )
-    models = [
+    by_node: dict[str, list[GpuTotals]] = {}
+    by_model: dict[str, list[GpuTotals]] = {}
+    for g in gpus:
+        by_node.setdefault(g.node, []).append(g)
+        by_model.setdefault(g.model, []).append(g)
+    nodes = [
         {
-            "model": model or "",
-            "gpus": gpus,
-            "gpu_hours_recorded": recorded,
-            "gpu_hours_busy": busy,
-            "energy_kwh": kwh,
-            "throttled_s": throttled,
+            "node": node,
+            **_totals(rows),
+            "events": event_counts.get(node, 0),
+            "idle_allocations": idle_per_node.get(node, 0),
         }
-        for model, gpus, recorded, busy, kwh, throttled in con.execute(
-            _TOTALS.format(key="coalesce(i.name, '')", **fmt)
-        ).fetchall()
+        for node, rows in sorted(by_node.items())
     ]
+    models = [{"model": model, **_totals(rows)} for model, rows in sorted(by_model.items())]
     return {"nodes": nodes, "models": models, "idle_allocations": idle}

@@ -51,7 +51,15 @@ def load_series(
     """
     flt = flt or ReportFilter()
     con = con or duck.connect()
-    duck.load(con, duck.find_files(list(paths)), "gpu", flt)
+    duck.load(
+        con,
+        duck.find_files(list(paths)),
+        "gpu",
+        flt,
+        wrap=lambda inner: (
+            f"SELECT node, gpu, ts, utilization_gpu_pct, sm_active_pct FROM ({inner})"
+        ),
+    )
     ts_out = array("d")
     util_out = array("d")
     nan = float("nan")

@@ -1,37 +1,37 @@
 """``gputel report``: what the GPUs did, per session, per GPU and per allocation, from the CSVs.
 
-The rows are loaded into DuckDB (:mod:`gputel.analysis.duck`) and summed there; Python only
-walks the few per-file and per-scope results.
+The rows are read once into DuckDB as per-minute groups (:mod:`gputel.analysis.groups`); the
+figures are sums over those groups, and Python only walks per-file and per-scope results and the
+allocation chains.
 
 A *session* is one telemetry run of the recorder. The recorder starts a new file per session and
 also rolls files over at a UTC day change or a size cap; a file whose first row follows the
 previous file's last row within a few intervals continues that session, anything later starts a
 new one. Files of different nodes (the part of the name after the timestamp) never mix.
 
-Energy (one rule, in ``_ROWS_SQL``): ``energy_j`` counts joules since its file began, so within a
-file a GPU's energy is the counter's rise between consecutive rows (never negative); between
-two files of one session, where the counter restarts, it is power integrated over the one
-interval between them (trapezoid, only across a gap no longer than the session's continuation
-gap). A session's energy per GPU is therefore the sum over its files of (last − first) plus those
-joins. An allocation's energy is the sum of the same per-row rises over the rows it is tagged on.
+Energy (one rule): ``energy_j`` counts joules since its file began, so within a file a GPU's
+energy is the counter's rise (:func:`groups.file_energy`); between two files of one session,
+where the counter restarts, it is power integrated over the one interval between them
+(trapezoid, only across a gap no longer than the session's continuation gap). A session's energy
+per GPU is therefore the sum over its files of (last − first) plus those joins. Each row stands
+for the interval that ends at it, so an allocation's energy is the counter's rise over the rows it
+is tagged on, each run of them counted from the row before it.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gputel.analysis import duck
+from gputel.analysis import duck, groups
 from gputel.analysis.filter import ReportFilter
-from gputel.schema import CLOCK_EVENT_REASONS, THROTTLE_MASK
+from gputel.schema import CLOCK_EVENT_REASONS
 
-JOULES_PER_KWH = 3.6e6
-#: GPU utilization at or above which a GPU is busy while its SM activity under
-#: ``STALLED_SM_PCT`` means it waits (memory, I/O, host): "busy but stalled" seconds.
-STALLED_UTIL_PCT = 50.0
-STALLED_SM_PCT = 20.0
+JOULES_PER_KWH = groups.JOULES_PER_KWH
 
 
 def host_key(path: Path) -> str:
@@ -108,24 +108,36 @@ class _FileSpan:
     first: float
     last: float
     spacings: Counter[float] = field(default_factory=Counter)
+    #: The continuation gap in force when this file joined its session.
+    max_gap: float = 0.0
 
 
-def assign_sessions(con: Any, table: str, kind: str | None = None) -> list[list[_FileSpan]]:
-    """Group the files of ``table`` into sessions; writes ``{kind}_sessions(fid, sid, max_gap)``.
+#: Spacings that bucket groups show: each group's first spacing and the spacing from the
+#: previous group of the same GPU within ``part`` (the file, or the session).
+_SPACINGS_SQL = """
+SELECT {part}, gpu, s, count(*) FROM (
+  SELECT {part}, gpu, round_even(head[2] - head[1], 3) AS s FROM {chain} WHERE len(head) = 2
+  UNION ALL
+  SELECT {part}, gpu, round_even(t0 - lag(t1) OVER (PARTITION BY {part}, gpu ORDER BY t0, fid), 3)
+  FROM {chain}
+) WHERE s > 0 GROUP BY ALL
+"""
+
+
+def assign_sessions(con: Any, buckets: str, files: str, kind: str) -> list[list[_FileSpan]]:
+    """Group the files of ``buckets`` into sessions; writes ``{kind}_sessions(fid, sid, max_gap)``.
 
     Files are walked per node in time order; the continuation gap grows with the interval seen
-    so far in the session (the most common spacing of its distinct ticks).
+    so far in the session (the most common spacing of its ticks).
     """
     spans: dict[int, _FileSpan] = {}
     for fid, node, path, first, last in con.execute(
-        f"SELECT t.fid, f.node, f.path, min(t.ts), max(t.ts) FROM {table} t "
-        f"JOIN {table}_files f USING (fid) GROUP BY ALL ORDER BY t.fid"
+        f"SELECT x.fid, f.node, f.path, min(x.t0), max(x.t1) FROM {buckets} x "
+        f"JOIN {files} f USING (fid) GROUP BY ALL ORDER BY x.fid"
     ).fetchall():
         spans[fid] = _FileSpan(fid, node, path, first, last)
-    for fid, step, n in con.execute(
-        f"SELECT fid, s, count(*) FROM (SELECT fid, "
-        f"round_even(ts - lag(ts) OVER (PARTITION BY fid ORDER BY ts), 3) AS s "
-        f"FROM (SELECT DISTINCT fid, ts FROM {table})) WHERE s > 0 GROUP BY ALL"
+    for fid, _gpu, step, n in con.execute(
+        _SPACINGS_SQL.format(part="fid", chain=buckets)
     ).fetchall():
         spans[fid].spacings[step] += n
     by_node: dict[str, list[_FileSpan]] = {}
@@ -146,11 +158,11 @@ def assign_sessions(con: Any, table: str, kind: str | None = None) -> list[list[
                 last = span.last
             elif span.first > last:
                 spacing[round(span.first - last, 3)] += 1
-            rows.append((span.fid, len(sessions), _continuation_gap(spacing)))
+            span.max_gap = _continuation_gap(spacing)
+            rows.append((span.fid, len(sessions), span.max_gap))
             spacing.update(span.spacings)
             current.append(span)
             last = max(last, span.last)
-    kind = kind or table
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {kind}_sessions (fid INTEGER, sid INTEGER, max_gap DOUBLE)"
     )
@@ -159,117 +171,56 @@ def assign_sessions(con: Any, table: str, kind: str | None = None) -> list[list[
     return sessions
 
 
-#: Per-row GPU table ``r``, made while the files are read: tick spacing per GPU and the energy
-#: of the interval ending at each row, within its file (the energy rule in the module docstring:
-#: the counter's rise, or power integrated where a file has no counter; ``delta_p`` is applied
-#: only across spacings within the session's continuation gap). A file's first rows get their
-#: spacing and energy from the session's previous file afterwards (:func:`_join_files`).
-_ROWS_SQL = """
-SELECT fid, gpu, ts,
-       utilization_gpu_pct AS util, memory_used_mib AS mem, temperature_c AS temp,
-       power_w AS power, clock_event_reasons AS reasons, lost = '1' AS lost,
-       allocations AS alloc, sm_active_pct AS sm, tensor_active_pct AS tensor, uuid, name,
-       coalesce(pretrigger = '1', false) AS head,
-       ts - lag(ts) OVER w AS spacing,
-       CASE WHEN energy_j IS NOT NULL AND lag(energy_j) OVER w IS NOT NULL
-            THEN greatest(0.0, energy_j - lag(energy_j) OVER w) END AS delta_e,
-       CASE WHEN power_w IS NOT NULL AND lag(power_w) OVER w IS NOT NULL
-            THEN (power_w + lag(power_w) OVER w) / 2 * (ts - lag(ts) OVER w) END AS delta_p
-FROM ({inner})
-WINDOW w AS (PARTITION BY fid, gpu ORDER BY ts)
-"""
-
-#: The rows of ``r`` with their session, node and energy: the view every GPU query reads.
-_VIEW_SQL = """
-CREATE OR REPLACE TEMP VIEW rv AS
-SELECT r.* EXCLUDE (delta_e, delta_p, uuid, name), m.sid, f.node,
-       coalesce(r.delta_e, CASE WHEN r.spacing > 0 AND r.spacing <= m.max_gap
-                                THEN r.delta_p END) AS delta
-FROM r JOIN gpu_sessions m USING (fid) JOIN r_files f USING (fid)
-"""
-
-#: First uuid and model name of each GPU in each session.
-_IDENTITY_SQL = """
-CREATE OR REPLACE TEMP TABLE ident AS
-SELECT m.sid, r.gpu, arg_min(r.uuid, r.ts) AS uuid, arg_min(r.name, r.ts) AS name
-FROM r JOIN gpu_sessions m USING (fid) GROUP BY ALL
-"""
-
-
-def _join_files(con: Any, sessions: list[list[_FileSpan]]) -> None:
-    """Spacing and energy of each file's first row per GPU, from the session's previous rows.
-
-    Across a file boundary the energy counter restarts, so the interval between the last row
-    before and the first row of the file counts as power integrated over it (trapezoid).
-    """
-    ends: dict[int, dict[int, tuple[tuple[float, float | None], tuple[float, float | None]]]] = {}
-    for fid, gpu, t0, p0, t1, p1 in con.execute(
-        "SELECT fid, gpu, min(ts), arg_min_null(power, ts), max(ts), arg_max_null(power, ts) "
-        "FROM r GROUP BY ALL"
-    ).fetchall():
-        ends.setdefault(fid, {})[gpu] = ((t0, p0), (t1, p1))
-    fixes: list[tuple[int, int, float, float, float | None]] = []
-    for files in sessions:
-        seen: dict[int, tuple[float, float | None]] = {}
-        for span in files:
-            for gpu, (first, last) in sorted(ends.get(span.fid, {}).items()):
-                prev = seen.get(gpu)
-                if prev is not None and first[0] >= prev[0]:
-                    dt = first[0] - prev[0]
-                    energy = (
-                        (first[1] + prev[1]) / 2 * dt
-                        if first[1] is not None and prev[1] is not None
-                        else None
-                    )
-                    fixes.append((span.fid, gpu, first[0], dt, energy))
-                if prev is None or last[0] >= prev[0]:
-                    seen[gpu] = last
+def _session_chain(con: Any, buckets: str, kind: str) -> dict[tuple[int, int], Counter[float]]:
+    """Per (session, GPU) spacings; writes ``{kind}_chain``, the buckets in session order."""
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE joins (fid INTEGER, gpu INTEGER, ts DOUBLE, "
-        "spacing DOUBLE, delta_p DOUBLE)"
+        f"CREATE OR REPLACE TEMP TABLE {kind}_chain AS "
+        f"SELECT m.sid, x.fid, x.gpu, x.n, x.t0, x.t1, x.head, "
+        f"x.t0 - lag(x.t1) OVER (PARTITION BY m.sid, x.gpu ORDER BY x.t0, x.fid) AS d "
+        f"FROM {buckets} x JOIN {kind}_sessions m USING (fid)"
     )
-    if fixes:
-        con.executemany("INSERT INTO joins VALUES (?, ?, ?, ?, ?)", fixes)
-        con.execute(
-            "UPDATE r SET spacing = j.spacing, delta_p = j.delta_p FROM joins j "
-            "WHERE r.fid = j.fid AND r.gpu = j.gpu AND r.ts = j.ts"
-        )
+    out: dict[tuple[int, int], Counter[float]] = {}
+    for sid, gpu, step, n in con.execute(
+        _SPACINGS_SQL.format(part="sid", chain=f"{kind}_chain")
+    ).fetchall():
+        out.setdefault((sid, gpu), Counter())[step] += n
+    return out
 
 
-#: Rows tagged with an allocation, one per (row, allocation id), with the per-(node, allocation,
-#: GPU) spacing that gap detection and idle stretches need.
-_ALLOC_ROWS_SQL = """
-CREATE OR REPLACE TEMP TABLE a AS
-SELECT *, ts - lag(ts) OVER (PARTITION BY node, alloc_id, gpu ORDER BY ts) AS alloc_spacing
-FROM (
-  SELECT * EXCLUDE (alloc, spacing), unnest(string_split(alloc, ';')) AS alloc_id
-  FROM rv WHERE alloc IS NOT NULL AND alloc <> ''
-) WHERE alloc_id <> '' {only}
-"""
+def _session_missing(
+    con: Any, kind: str, intervals: dict[int, float | None]
+) -> dict[tuple[int, int], int]:
+    """Ticks missing per (session, GPU): inside each bucket (the grid its first and last row
+    span, less its rows) and between buckets (spacings over 1.5 intervals)."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {kind}_iv (sid INTEGER, i DOUBLE)")
+    known = [(sid, i) for sid, i in intervals.items() if i]
+    if known:
+        con.executemany(f"INSERT INTO {kind}_iv VALUES (?, ?)", known)
+    return {
+        (sid, gpu): int(missing)
+        for sid, gpu, missing in con.execute(
+            f"SELECT sid, gpu, sum(greatest(0, round_even((t1 - t0) / i, 0) + 1 - n)) + "
+            f"sum(CASE WHEN d > 1.5 * i THEN round_even(d / i, 0) - 1 ELSE 0 END) "
+            f"FROM {kind}_chain JOIN {kind}_iv USING (sid) GROUP BY ALL"
+        ).fetchall()
+    }
 
 
-def _stats_sql(source: str, keys: str, spacing: str) -> tuple[str, str, str]:
-    bits = ", ".join(
-        f"count(*) FILTER (WHERE reasons & {bit} <> 0) AS t_{name}"
-        for bit, name in CLOCK_EVENT_REASONS
-    )
+def _scope_sql(source: str, keys: str) -> tuple[str, str]:
+    bits = ", ".join(f"sum(t_{name})" for _, name in CLOCK_EVENT_REASONS)
     main = (
-        f"SELECT {keys}, count(*), min(ts), max(ts), avg(util), max(util), max(mem), max(temp), "
-        f"sum(delta), count(delta), avg(power), max(power), count(*) FILTER (WHERE lost), "
-        f"avg(sm), avg(tensor), count(*) FILTER (WHERE util >= {STALLED_UTIL_PCT} "
-        f"AND sm < {STALLED_SM_PCT}), list(DISTINCT gpu ORDER BY gpu), {bits}, "
-        f"count(*) FILTER (WHERE reasons & {THROTTLE_MASK} <> 0) "
+        f"SELECT {keys}, sum(n), min(t0), max(t1), sum(util_sum) / nullif(sum(util_n), 0), "
+        f"max(util_max), max(mem_max), max(temp_max), sum(p_sum) / nullif(sum(p_n), 0), "
+        f"max(p_max), sum(lost_n), sum(sm_sum) / nullif(sum(sm_n), 0), "
+        f"sum(tensor_sum) / nullif(sum(tensor_n), 0), sum(stalled_n), "
+        f"list(DISTINCT gpu ORDER BY gpu), sum(busy_n), sum(throttled_n), {bits} "
         f"FROM {source} GROUP BY ALL"
     )
     hist = (
-        f"SELECT {keys}, least(1000, greatest(0, round_even(util * 10, 0)))::INTEGER AS b, "
-        f"count(*) FROM {source} WHERE util IS NOT NULL GROUP BY ALL"
+        f"SELECT {keys}, k, sum(v) FROM (SELECT {keys}, unnest(map_keys(bins)) AS k, "
+        f"unnest(map_values(bins)) AS v FROM {source}) GROUP BY ALL"
     )
-    spacings = (
-        f"SELECT {keys}, round_even({spacing}, 3) AS s, count(*) FROM {source} "
-        f"WHERE {spacing} IS NOT NULL GROUP BY ALL"
-    )
-    return main, hist, spacings
+    return main, hist
 
 
 @dataclass
@@ -279,10 +230,12 @@ class ScopeStats:
     values: tuple[Any, ...]
     bins: dict[int, int] = field(default_factory=dict)
     spacings: Counter[float] = field(default_factory=Counter)
+    missing: int = 0
+    energy: float | None = None
 
     @property
-    def gpus(self) -> list[int]:
-        return list(self.values[15])
+    def samples(self) -> int:
+        return int(self.values[0])
 
     @property
     def first(self) -> float:
@@ -292,27 +245,41 @@ class ScopeStats:
     def last(self) -> float:
         return float(self.values[2])
 
+    @property
+    def gpus(self) -> list[int]:
+        return list(self.values[13])
+
+    @property
+    def busy(self) -> int:
+        return int(self.values[14] or 0)
+
+    @property
+    def throttled(self) -> int:
+        return int(self.values[15] or 0)
+
+    def add_energy(self, joules: float | None) -> None:
+        if joules is not None:
+            self.energy = (self.energy or 0.0) + joules
+
     def to_dict(self, interval: float | None) -> dict[str, Any]:
-        (n, first, last, util_mean, util_max, mem, temp, energy, energy_n, power_mean) = (
-            self.values[:10]
-        )
-        power_peak, lost, sm, tensor, stalled = self.values[10:15]
+        n, first, last, util_mean, util_max, mem, temp, power_mean = self.values[:8]
+        power_peak, lost, sm, tensor, stalled = self.values[8:13]
         interval = interval or _interval_from(self.spacings)
-        throttle = self.values[16:-1]
-        throttled = self.values[-1]
-        known = energy_n > 0
+        throttle = self.values[16:]
+        throttled = self.throttled
+        energy = self.energy
         return {
-            "samples": n,
-            "missing": _missing(self.spacings, interval),
-            "lost_samples": lost,
+            "samples": int(n),
+            "missing": self.missing,
+            "lost_samples": int(lost or 0),
             "duration_s": _round(last - first + (interval or 0.0)),
             "util_mean_pct": _round(util_mean),
             "util_p95_pct": _percentile(self.bins, 95),
             "util_max_pct": util_max,
             "memory_peak_mib": mem,
             "temperature_max_c": temp,
-            "energy_j": _round(energy if known else None),
-            "energy_kwh": _round(energy / JOULES_PER_KWH if known else None, 6),
+            "energy_j": _round(energy),
+            "energy_kwh": _round(None if energy is None else energy / JOULES_PER_KWH, 6),
             "power_mean_w": _round(power_mean),
             "power_peak_w": power_peak,
             "throttle_s": {
@@ -329,65 +296,118 @@ class ScopeStats:
         }
 
 
-def scope_stats(
-    con: Any, source: str, keys: str, spacing: str
-) -> dict[tuple[Any, ...], ScopeStats]:
-    """Per-key aggregates of ``source`` (a table of GPU rows), keyed by the ``keys`` columns."""
+def scope_stats(con: Any, source: str, keys: str) -> dict[tuple[Any, ...], ScopeStats]:
+    """Per-key aggregates of ``source`` (bucket groups of GPU rows), keyed by ``keys``."""
     nkeys = len(keys.split(","))
-    main, hist, spacings = _stats_sql(source, keys, spacing)
+    main, hist = _scope_sql(source, keys)
     out: dict[tuple[Any, ...], ScopeStats] = {}
     for row in con.execute(main).fetchall():
         out[tuple(row[:nkeys])] = ScopeStats(tuple(row[nkeys:]))
     for row in con.execute(hist).fetchall():
-        out[tuple(row[:nkeys])].bins[row[nkeys]] = row[nkeys + 1]
-    for row in con.execute(spacings).fetchall():
-        out[tuple(row[:nkeys])].spacings[row[nkeys]] += row[nkeys + 1]
+        out[tuple(row[:nkeys])].bins[row[nkeys]] = int(row[nkeys + 1])
     return out
+
+
+@dataclass
+class _FileEnds:
+    """A GPU's (or the host's) first and last row in one file, and its energy there."""
+
+    first: tuple[float, float | None]
+    last: tuple[float, float | None]
+    #: The arguments of :func:`groups.file_energy` but the interval.
+    energy: tuple[float | None, float | None, int, float | None, int, float | None, float | None]
+
+
+#: Per (file, GPU): first and last row with power, and the energy inputs of the whole file.
+_FILE_ENDS_SQL = """
+SELECT fid, gpu, min(t0), arg_min_null(p_first, t0), max(t1), arg_max_null(p_last, t1),
+       arg_min(e_first, t0), arg_max(e_last, t1), sum(e_n), sum(p_sum), sum(p_n)
+FROM {source} GROUP BY fid, gpu
+"""
+
+
+def _file_ends(con: Any, source: str) -> dict[int, dict[int, _FileEnds]]:
+    out: dict[int, dict[int, _FileEnds]] = {}
+    for fid, gpu, t0, p0, t1, p1, e0, e1, e_n, p_sum, p_n in con.execute(
+        _FILE_ENDS_SQL.format(source=source)
+    ).fetchall():
+        out.setdefault(fid, {})[gpu] = _FileEnds(
+            (t0, p0), (t1, p1), (e0, e1, int(e_n or 0), p_sum, int(p_n or 0), p0, p1)
+        )
+    return out
+
+
+def _session_energy(
+    sessions: list[list[_FileSpan]],
+    ends: dict[int, dict[int, _FileEnds]],
+    intervals: dict[int, float | None],
+) -> tuple[dict[tuple[int, int], float | None], dict[tuple[int, int], float]]:
+    """Energy per (session, GPU) and the join energy at each (file, GPU)'s first row.
+
+    Within a file the counter's rise (or power integrated, :func:`groups.file_energy`); across
+    a file boundary of one session, where the counter restarts, power integrated over the one
+    interval between the files (trapezoid), only across a gap within the continuation gap.
+    """
+    energy: dict[tuple[int, int], float | None] = {}
+    joins: dict[tuple[int, int], float] = {}
+
+    def add(key: tuple[int, int], joules: float | None) -> None:
+        if joules is not None:
+            energy[key] = (energy.get(key) or 0.0) + joules
+        else:
+            energy.setdefault(key, None)
+
+    for sid, files in enumerate(sessions, 1):
+        interval = intervals.get(sid) or 1.0
+        seen: dict[int, tuple[float, float | None]] = {}
+        for span in files:
+            for gpu, fe in sorted(ends.get(span.fid, {}).items()):
+                add((sid, gpu), groups.file_energy(*fe.energy, interval=interval))
+                prev = seen.get(gpu)
+                if prev is not None and fe.first[0] >= prev[0]:
+                    dt = fe.first[0] - prev[0]
+                    if fe.first[1] is not None and prev[1] is not None and 0 < dt <= span.max_gap:
+                        joins[(span.fid, gpu)] = (fe.first[1] + prev[1]) / 2 * dt
+                        add((sid, gpu), joins[(span.fid, gpu)])
+                if prev is None or fe.last[0] >= prev[0]:
+                    seen[gpu] = fe.last
+    return energy, joins
 
 
 def _host_sessions(con: Any) -> list[tuple[str, dict[str, Any], float, float]]:
     """Per host-file session: (node, host_stats, first, last)."""
-    sessions = assign_sessions(con, "host")
+    sessions = assign_sessions(con, "host_b", "host_b_files", "host")
     if not sessions:
         return []
-    con.execute(
-        """
-        CREATE OR REPLACE TEMP TABLE hr AS
-        SELECT s.sid, h.ts, h.cpu_util_pct AS cpu,
-               h.ts - lag(h.ts) OVER (PARTITION BY s.sid ORDER BY h.ts) AS spacing,
-               CASE
-                 WHEN h.cpu_package_energy_j IS NOT NULL
-                      AND lag(h.cpu_package_energy_j) OVER f IS NOT NULL
-                   THEN greatest(0.0, h.cpu_package_energy_j - lag(h.cpu_package_energy_j) OVER f)
-                 WHEN h.cpu_package_power_w IS NOT NULL
-                      AND lag(h.cpu_package_power_w) OVER f IS NOT NULL
-                   THEN (h.cpu_package_power_w + lag(h.cpu_package_power_w) OVER f) / 2
-                        * (h.ts - lag(h.ts) OVER f)
-               END AS delta
-        FROM host h JOIN host_sessions s USING (fid)
-        WINDOW f AS (PARTITION BY h.fid ORDER BY h.ts)
-        """
-    )
-    stats: dict[int, list[Any]] = {}
-    for sid, n, first, last, cpu, energy, energy_n in con.execute(
-        "SELECT sid, count(*), min(ts), max(ts), avg(cpu), sum(delta), count(delta) "
-        "FROM hr GROUP BY sid"
-    ).fetchall():
-        stats[sid] = [n, first, last, cpu, energy if energy_n else None, Counter()]
-    for sid, s, n in con.execute(
-        "SELECT sid, round_even(spacing, 3), count(*) FROM hr WHERE spacing IS NOT NULL "
-        "GROUP BY ALL"
-    ).fetchall():
-        stats[sid][5][s] += n
+    spacings = _session_chain(con, "host_b", "host")
+    intervals = {
+        sid: _interval_from(spacings.get((sid, 0), Counter()))
+        for sid in range(1, len(sessions) + 1)
+    }
+    missing = _session_missing(con, "host", intervals)
+    ends = _file_ends(con, "host_b")
+    stats: dict[int, tuple[Any, ...]] = {
+        sid: rest
+        for sid, *rest in con.execute(
+            "SELECT sid, sum(n), min(t0), max(t1), sum(cpu_sum) / nullif(sum(cpu_n), 0) "
+            "FROM host_b JOIN host_sessions USING (fid) GROUP BY sid"
+        ).fetchall()
+    }
     out = []
     for sid, files in enumerate(sessions, 1):
         if sid not in stats:
             continue
-        n, first, last, cpu, energy, spacings = stats[sid]
-        interval = _interval_from(spacings)
+        n, first, last, cpu = stats[sid]
+        interval = intervals[sid]
+        energy: float | None = None
+        for span in files:
+            for fe in ends.get(span.fid, {}).values():
+                joules = groups.file_energy(*fe.energy, interval=interval or 1.0)
+                if joules is not None:
+                    energy = (energy or 0.0) + joules
         host_dict = {
-            "samples": n,
-            "missing": _missing(spacings, interval),
+            "samples": int(n),
+            "missing": missing.get((sid, 0), 0),
             "cpu_util_mean_pct": _round(cpu),
             "rapl_energy_j": _round(energy),
             "interval_s": interval,
@@ -396,10 +416,163 @@ def _host_sessions(con: Any) -> list[tuple[str, dict[str, Any], float, float]]:
     return out
 
 
-def _load_all(con: Any, paths: list[Path], flt: ReportFilter) -> duck.FileSet:
+#: One row per (allocation id, row bucket): the tagged groups, a tag such as ``a;b`` counted
+#: for each id, with the row just before each group in its file (an ASOF match on the groups:
+#: the group of the same file and GPU that ended last before this one began).
+_ALLOC_SQL = """
+CREATE OR REPLACE TEMP TABLE au AS
+SELECT * FROM (
+  SELECT x.*, p.t1 AS prev_t1, p.e_last AS prev_e, p.p_last AS prev_p, k.t0 AS bucket_t0,
+         unnest(string_split(x.alloc, ';')) AS alloc_id
+  FROM (SELECT * FROM g WHERE alloc <> '') x
+  JOIN gpu_b k USING (fid, gpu, b)
+  ASOF LEFT JOIN g p ON x.fid = p.fid AND x.gpu = p.gpu AND x.t0 > p.t1
+) WHERE alloc_id <> '' {only}
+"""
+
+#: The groups of each (allocation, node, GPU) merged per bucket, in time order.
+_ALLOC_CHAIN_SQL = """
+SELECT au.alloc_id, f.node, au.gpu, au.fid, min(au.t0) AS t0, max(au.t1) AS t1, sum(au.n),
+       list_sort(flatten(list(au.head)))[1:2], any_value(coalesce(v.i, 1.0)),
+       arg_min(au.e_first, au.t0), arg_max(au.e_last, au.t1), sum(au.e_n),
+       arg_min_null(au.p_first, au.t0), arg_max_null(au.p_last, au.t1), sum(au.p_sum),
+       sum(au.p_n), sum(au.idle_n), min(au.idle_t0), max(au.idle_t1), min(au.work_t0),
+       max(au.work_t1), arg_min_null(au.prev_t1, au.t0), arg_min_null(au.prev_e, au.t0),
+       arg_min_null(au.prev_p, au.t0), any_value(m.max_gap), min(au.bucket_t0)
+FROM au JOIN g_files f USING (fid) JOIN gpu_sessions m USING (fid) LEFT JOIN gpu_iv v USING (sid)
+GROUP BY au.alloc_id, f.node, au.gpu, au.fid, au.b
+ORDER BY au.alloc_id, f.node, au.gpu, t0, au.fid
+"""
+
+
+def _alloc_groups(con: Any) -> Iterator[tuple[str, str, int, list[groups.AllocGroup]]]:
+    """(allocation, node, GPU, its groups in time order), streamed."""
+    cur = con.execute(_ALLOC_CHAIN_SQL)
+    key: tuple[str, str, int] | None = None
+    seq: list[groups.AllocGroup] = []
+    while batch := cur.fetchmany(50_000):
+        for alloc_id, node, gpu, fid, *rest in batch:
+            if key != (alloc_id, node, gpu):
+                if key is not None:
+                    yield (*key, seq)
+                key, seq = (alloc_id, node, gpu), []
+            t0, t1, n, head, interval = rest[:5]
+            seq.append(
+                groups.AllocGroup(
+                    fid,
+                    t0,
+                    t1,
+                    int(n),
+                    tuple(head),
+                    interval,
+                    rest[5],
+                    rest[6],
+                    int(rest[7] or 0),
+                    rest[8],
+                    rest[9],
+                    rest[10],
+                    int(rest[11] or 0),
+                    int(rest[12] or 0),
+                    rest[13],
+                    rest[14],
+                    rest[15],
+                    rest[16],
+                    groups.Before(rest[17], rest[18], rest[19], rest[20], rest[21]),
+                )
+            )
+    if key is not None:
+        yield (*key, seq)
+
+
+def _alloc_energy(
+    seq: list[groups.AllocGroup], joins: dict[tuple[int, int], float], gpu: int
+) -> float | None:
+    """Each tagged row carries the energy of the interval that ends at it (the module's energy
+    rule): within a group the counter's rise, into a group the rise from the row before it in
+    its file, or at a file's first row the join from the session's previous file."""
+    total: float | None = None
+    for grp in seq:
+        parts = [
+            groups.file_energy(
+                grp.e_first,
+                grp.e_last,
+                grp.e_n,
+                grp.p_sum,
+                grp.p_n,
+                grp.p_first,
+                grp.p_last,
+                grp.interval,
+            )
+        ]
+        before = grp.before
+        starts_bucket = grp.t0 <= before.bucket_t0
+        if before.t1 is None and starts_bucket:
+            parts.append(joins.get((grp.fid, gpu)))
+        elif before.t1 is not None and (starts_bucket or grp.t0 - before.t1 <= 1.5 * grp.interval):
+            if grp.e_first is not None and before.energy is not None:
+                parts.append(max(0.0, grp.e_first - before.energy))
+            elif (
+                grp.p_first is not None
+                and before.power is not None
+                and 0 < grp.t0 - before.t1 <= before.max_gap
+            ):
+                parts.append((grp.p_first + before.power) / 2 * (grp.t0 - before.t1))
+        elif grp.p_first is not None:
+            # The row before lies inside another group of this bucket: its counter value is
+            # not kept, so the interval is the first row's power over one interval.
+            parts.append(grp.p_first * grp.interval)
+        for joules in parts:
+            if joules is not None:
+                total = (total or 0.0) + joules
+    return total
+
+
+def _alloc_spacings(seq: list[groups.AllocGroup]) -> Counter[float]:
+    out: Counter[float] = Counter()
+    prev: groups.AllocGroup | None = None
+    for grp in seq:
+        if len(grp.head) == 2 and grp.head[1] > grp.head[0]:
+            out[round(grp.head[1] - grp.head[0], 3)] += 1
+        if prev is not None and grp.t0 > prev.t1:
+            out[round(grp.t0 - prev.t1, 3)] += 1
+        prev = grp
+    return out
+
+
+def _alloc_missing(seq: list[groups.AllocGroup], interval: float | None) -> int:
+    if not interval:
+        return 0
+    missing = 0
+    prev: groups.AllocGroup | None = None
+    for grp in seq:
+        missing += max(0, round((grp.t1 - grp.t0) / interval) + 1 - grp.n)
+        if prev is not None and grp.t0 - prev.t1 > 1.5 * interval:
+            missing += round((grp.t0 - prev.t1) / interval) - 1
+        prev = grp
+    return missing
+
+
+def _load_all(
+    con: Any, paths: list[Path], flt: ReportFilter, width: float, idle_util: float
+) -> duck.FileSet:
     fs = duck.find_files(paths)
-    duck.load(con, fs, "gpu", flt, table="r", wrap=lambda inner: _ROWS_SQL.format(inner=inner))
-    duck.load(con, fs, "host", flt if flt.allocation is None else ReportFilter(since=1, until=0))
+    duck.load(
+        con,
+        fs,
+        "gpu",
+        flt,
+        table="g",
+        wrap=lambda inner: groups.gpu_groups_sql(inner, width, idle_util),
+    )
+    host_flt = flt if flt.allocation is None else ReportFilter(since=1, until=0)
+    duck.load(
+        con,
+        fs,
+        "host",
+        host_flt,
+        table="host_b",
+        wrap=lambda inner: groups.host_groups_sql(inner, width),
+    )
     duck.load(con, fs, "events", flt)
     return fs
 
@@ -416,36 +589,44 @@ def build_report(
 
     flt = flt or ReportFilter()
     con = con or duck.connect()
-    _load_all(con, list(paths), flt)
-    gpu_sessions = assign_sessions(con, "r", "gpu")
-    _join_files(con, gpu_sessions)
-    con.execute(_VIEW_SQL)
-    con.execute(_IDENTITY_SQL)
+    idle_limit = float(idle_minutes) * 60
+    _load_all(con, list(paths), flt, groups.bucket_width(idle_limit), idle_util)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE gpu_b AS SELECT fid, gpu, b, sum(n) AS n, min(t0) AS t0, "
+        "max(t1) AS t1, list_sort(flatten(list(head)))[1:2] AS head FROM g GROUP BY fid, gpu, b"
+    )
+    gpu_sessions = assign_sessions(con, "gpu_b", "g_files", "gpu")
+    chain_spacings = _session_chain(con, "gpu_b", "gpu")
+    session_spacing: dict[int, Counter[float]] = {}
+    for (sid, _gpu), counts in chain_spacings.items():
+        session_spacing.setdefault(sid, Counter()).update(counts)
+    intervals = {sid: _interval_from(c) for sid, c in session_spacing.items()}
+    missing = _session_missing(con, "gpu", intervals)
+    ends = _file_ends(con, "g")
+    energy, joins = _session_energy(gpu_sessions, ends, intervals)
 
-    per_gpu = scope_stats(con, "rv", "sid, gpu", "spacing")
+    per_gpu = scope_stats(
+        con, "(SELECT m.sid, g.* FROM g JOIN gpu_sessions m USING (fid))", "sid, gpu"
+    )
+    for key, st in per_gpu.items():
+        st.spacings = chain_spacings.get(key, Counter())
+        st.missing = missing.get(key, 0)
+        st.energy = energy.get(key)
+    identity = {
+        (sid, gpu): (uuid or "", name or "")
+        for sid, gpu, uuid, name in con.execute(
+            "SELECT m.sid, g.gpu, arg_min(g.uuid, g.t0), arg_min(g.name, g.t0) "
+            "FROM g JOIN gpu_sessions m USING (fid) GROUP BY ALL"
+        ).fetchall()
+    }
+    nodes_of = {sid: files[0].node for sid, files in enumerate(gpu_sessions, 1)}
     heads = {
         sid: (head_first, own_first)
         for sid, head_first, own_first in con.execute(
-            "SELECT sid, min(ts) FILTER (WHERE head), min(ts) FILTER (WHERE NOT head) "
-            "FROM rv GROUP BY sid"
+            "SELECT m.sid, min(g.head_t0), min(g.own_t0) FROM g JOIN gpu_sessions m USING (fid) "
+            "GROUP BY m.sid"
         ).fetchall()
     }
-    identity = {
-        (sid, gpu): (uuid or "", name or "")
-        for sid, gpu, uuid, name in con.execute("SELECT * FROM ident").fetchall()
-    }
-    session_spacing: dict[int, Counter[float]] = {}
-    for (sid, _gpu), st in per_gpu.items():
-        session_spacing.setdefault(sid, Counter()).update(st.spacings)
-    intervals = {sid: _interval_from(c) for sid, c in session_spacing.items()}
-    con.execute("CREATE OR REPLACE TEMP TABLE sess (sid INTEGER, node VARCHAR, interval DOUBLE)")
-    rows = [
-        (sid, files[0].node, intervals.get(sid) or 1.0) for sid, files in enumerate(gpu_sessions, 1)
-    ]
-    if rows:
-        con.executemany("INSERT INTO sess VALUES (?, ?, ?)", rows)
-    only = "" if flt.allocation is None else f"AND alloc_id = {duck.quote(flt.allocation)}"
-    con.execute(_ALLOC_ROWS_SQL.format(only=only))
 
     events = fleet.EventCounts(con)
     out_sessions: list[dict[str, Any]] = []
@@ -508,15 +689,27 @@ def build_report(
                         "events": events.between(h, h_first, h_last),
                     }
                 )
-    per_alloc = scope_stats(con, "a", "alloc_id", "alloc_spacing")
+
+    only = "" if flt.allocation is None else f"AND alloc_id = {duck.quote(flt.allocation)}"
+    con.execute(_ALLOC_SQL.format(only=only))
+    per_alloc = scope_stats(con, "au", "alloc_id")
     alloc_nodes: dict[str, list[str]] = {}
-    for alloc_id, node in con.execute(
-        "SELECT DISTINCT alloc_id, node FROM a ORDER BY ALL"
-    ).fetchall():
-        alloc_nodes.setdefault(alloc_id, []).append(node)
+    idle = fleet.IdleAllocations(idle_limit)
+    # The chain comes ordered by allocation: one allocation's sequences in memory at a time.
+    for alloc_id, items in itertools.groupby(_alloc_groups(con), key=lambda x: x[0]):
+        st = per_alloc[(alloc_id,)]
+        seqs = []
+        for _, node, gpu, seq in items:
+            if not alloc_nodes.get(alloc_id) or alloc_nodes[alloc_id][-1] != node:
+                alloc_nodes.setdefault(alloc_id, []).append(node)
+            st.spacings.update(_alloc_spacings(seq))
+            st.add_energy(_alloc_energy(seq, joins, gpu))
+            idle.add(node, alloc_id, gpu, seq)
+            seqs.append(seq)
+        st.missing = sum(_alloc_missing(seq, _interval_from(st.spacings)) for seq in seqs)
     alloc_list = []
     for (alloc_id,), st in sorted(per_alloc.items()):
-        d = st.to_dict(None)
+        d = st.to_dict(_interval_from(st.spacings))
         alloc_list.append(
             {
                 "id": alloc_id,
@@ -529,7 +722,20 @@ def build_report(
             }
         )
     report: dict[str, Any] = {"sessions": out_sessions, "allocations": alloc_list}
-    report.update(fleet.fleet_summary(con, idle_util, idle_minutes))
+    totals = [
+        fleet.GpuTotals(
+            node=nodes_of[sid],
+            gpu=gpu,
+            model=identity.get((sid, gpu), ("", ""))[1],
+            interval=intervals.get(sid) or 1.0,
+            samples=st.samples,
+            busy=st.busy,
+            throttled=st.throttled,
+            energy=st.energy,
+        )
+        for (sid, gpu), st in sorted(per_gpu.items())
+    ]
+    report.update(fleet.fleet_summary(events, totals, idle.result()))
     return report
 
 
