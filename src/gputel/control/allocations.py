@@ -248,10 +248,6 @@ class AllocationStore:
     def path(self) -> Path:
         return self.run_dir / ALLOCATIONS_FILE
 
-    @property
-    def summary_path(self) -> Path:
-        return self.log_dir / SUMMARY_FILE
-
     # -- persistence
     def _load(self) -> None:
         path = self.path
