@@ -415,10 +415,6 @@ class AllocationStore:
         with self._lock:
             return [a.to_json() for a in self._open.values()]
 
-    def ids(self) -> builtins.list[str]:
-        with self._lock:
-            return list(self._open)
-
     def open_count(self) -> int:
         with self._lock:
             return len(self._open)
