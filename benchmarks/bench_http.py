@@ -16,19 +16,20 @@ import base64
 import http.client
 import os
 import platform
-import socket
 import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = ROOT / "tests" / "golden" / "metrics.prom"
+sys.path.insert(0, str(ROOT / "tests"))
+from flood import Flood  # noqa: E402
+
 SERVER = """
 import sys, time
 from gputel.telemetry.metrics_http import MetricsServer
@@ -64,31 +65,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-class Flood(threading.Thread):
-    def __init__(self, port: int, size: int) -> None:
-        super().__init__(daemon=True)
-        self.port, self.size, self.opened = port, size, 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        socks: list[socket.socket] = []
-        while not self.stop.is_set():
-            for i in range(50):
-                try:
-                    s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
-                    if i % 2:
-                        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Half: ")
-                except OSError:
-                    continue
-                socks.append(s)
-                self.opened += 1
-            while len(socks) > self.size:
-                socks.pop(0).close()
-            self.stop.wait(0.1)
-        for s in socks:
-            s.close()
 
 
 def scrape_all(port: int, n: int, tls: ssl.SSLContext | None, auth: str | None) -> list[float]:
@@ -158,8 +134,7 @@ def bench(name: str, n: int, flood: int, tls_dir: Path | None) -> Result:
         rss = rss_mib(proc.pid)
         opened = 0
         if flooder is not None:
-            flooder.stop.set()
-            flooder.join()
+            flooder.stop()
             opened = flooder.opened
     finally:
         proc.kill()

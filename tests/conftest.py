@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fakedriver import fake_driver, fake_nvml_lib, gpu_driver, inproc_driver
+from fakedriver import driver_agents, fake_driver, fake_nvml_lib, gpu_driver, inproc_driver
 
 # Fixtures for every test module.
-__all__ = ["fake_driver", "fake_nvml_lib", "gpu_driver", "inproc_driver"]
+__all__ = ["driver_agents", "fake_driver", "fake_nvml_lib", "gpu_driver", "inproc_driver"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -18,16 +18,23 @@ Two ways to load it:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from test_agent_e2e import AgentProc
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "fakenvml" / "fake_nvml.c"
@@ -410,3 +417,36 @@ def gpu_driver(
         monkeypatch.delitem(sys.modules, "pynvml", raising=False)
         yield "fake"
     nvml.reset_nvml_state()
+
+
+@pytest.fixture
+def driver_agents(tmp_path: Path, fake_driver: FakeDriver) -> Iterator[Callable[..., AgentProc]]:
+    """``gputel agent`` processes over the fake driver (nvml backend, fast thresholds), each
+    killed after the test together with the recorder child it left."""
+    from test_agent_e2e import AgentProc, pid_alive
+
+    started: list[AgentProc] = []
+
+    def make(**env: str) -> AgentProc:
+        settings = {
+            "GPUTEL_BACKEND": "nvml",
+            "GPUTEL_INTERVAL": "0.1",
+            "GPUTEL_START_UTIL": "20",
+            "GPUTEL_START_SECONDS": "0.3",
+            "GPUTEL_STOP_UTIL": "10",
+            "GPUTEL_STOP_SECONDS": "0.6",
+            **env,
+        }
+        agent = AgentProc(tmp_path / f"a{len(started)}", fake_driver.env({}, **settings))
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        hb = None
+        with contextlib.suppress(OSError, ValueError):
+            hb = json.loads((agent.run_dir / "recorder.json").read_text())
+        agent.kill()
+        child = hb.get("pid") if isinstance(hb, dict) else None
+        if isinstance(child, int) and pid_alive(child):
+            os.kill(child, signal.SIGKILL)

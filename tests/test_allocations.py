@@ -398,6 +398,6 @@ def test_threads_leave_consistent_state(dirs: tuple[Path, Path]) -> None:
     for t in threads:
         t.join()
     expected = {f"t{n}-{i}" for n in range(8) for i in range(0, 20, 2)}
-    assert set(store.ids()) == expected
+    assert {a["id"] for a in store.list()} == expected
     assert set(read_open_ids(dirs[0])) == expected
     assert len(rows(dirs[1] / "allocations.csv")) == 80

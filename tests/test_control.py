@@ -41,7 +41,7 @@ class Recorder:
         if req["op"] == "status":
             return {"agent": "running", "state": "idle"}
         if req["op"] == "release" and req["id"] == "boom":
-            raise RuntimeError("kaboom")
+            raise RuntimeError("kaboom\n  in the handler")
         if req["op"] == "release" and req["id"] == "refuse":
             raise RequestError("no such allocation")
         return {"echo": req}
@@ -175,7 +175,7 @@ def test_handler_errors_become_replies(
 ) -> None:
     reply = request(run_dir, {"op": "release", "id": "boom"})
     assert reply["ok"] is False
-    assert "internal error" in reply["error"] and "kaboom" in reply["error"]
+    assert reply["error"] == "internal error in op release: RuntimeError: kaboom in the handler"
     assert reply["code"] == "internal"
     assert "kaboom" in caplog.text
     reply = request(run_dir, {"op": "release", "id": "refuse"})

@@ -11,18 +11,17 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fakedriver import GPU_IS_LOST, UNKNOWN, FakeDriver, scenario
-from test_agent_e2e import AgentProc, pid_alive, promtool_ok, wait_for
+from test_agent_e2e import AgentProc, promtool_ok, wait_for
 
 
 def _rows(log_dir: Path, pattern: str) -> list[dict[str, str]]:
@@ -37,35 +36,27 @@ def _gpu_rows(log_dir: Path, gpu: int) -> list[dict[str, str]]:
     return [r for r in _rows(log_dir, "gpu-*.csv") if r["gpu"] == str(gpu)]
 
 
-@pytest.fixture
-def agents(tmp_path: Path, fake_driver: FakeDriver) -> Iterator[Callable[..., AgentProc]]:
-    """``gputel agent`` processes over the fake driver (nvml backend), cleaned up after."""
-    started: list[AgentProc] = []
-
-    def make(**env: str) -> AgentProc:
-        settings = {
+def record_three_ticks(fake_driver: FakeDriver, tmp_path: Path) -> Path:
+    """Run ``gputel record`` over the fake driver until GPU 1 has three rows, stop it with
+    SIGTERM (it must exit 0) and return its log directory."""
+    log_dir = tmp_path / "log"
+    proc = fake_driver.popen_gputel(
+        "record",
+        env={
             "GPUTEL_BACKEND": "nvml",
             "GPUTEL_INTERVAL": "0.1",
-            "GPUTEL_START_UTIL": "20",
-            "GPUTEL_START_SECONDS": "0.3",
-            "GPUTEL_STOP_UTIL": "10",
-            "GPUTEL_STOP_SECONDS": "0.6",
-            **env,
-        }
-        driver_env = fake_driver.env({}, **settings)
-        agent = AgentProc(tmp_path / f"a{len(started)}", driver_env)
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        hb = None
-        with contextlib.suppress(OSError, ValueError):
-            hb = json.loads((agent.run_dir / "recorder.json").read_text())
-        agent.kill()
-        child = hb.get("pid") if isinstance(hb, dict) else None
-        if isinstance(child, int) and pid_alive(child):
-            os.kill(child, signal.SIGKILL)
+            "GPUTEL_LOG_DIR": str(log_dir),
+            "GPUTEL_RUN_DIR": str(tmp_path / "run"),
+            "GPUTEL_EXPORTER_PORT": "0",
+        },
+    )
+    try:
+        wait_for(lambda: len(_gpu_rows(log_dir, 1)) >= 3, 20, "three ticks of rows")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    return log_dir
 
 
 # ---------------------------------------------------------------------------- status and record
@@ -90,23 +81,7 @@ def test_record_writes_the_drivers_values(fake_driver: FakeDriver, tmp_path: Pat
         gpu__0__power_mw=123_456,
         gpu__1__temperature_c=71,
     )
-    log_dir = tmp_path / "log"
-    proc = fake_driver.popen_gputel(
-        "record",
-        env={
-            "GPUTEL_BACKEND": "nvml",
-            "GPUTEL_INTERVAL": "0.1",
-            "GPUTEL_LOG_DIR": str(log_dir),
-            "GPUTEL_RUN_DIR": str(tmp_path / "run"),
-            "GPUTEL_EXPORTER_PORT": "0",
-        },
-    )
-    try:
-        wait_for(lambda: len(_gpu_rows(log_dir, 1)) >= 3, 20, "three ticks of rows")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
+    log_dir = record_three_ticks(fake_driver, tmp_path)
     row0 = _gpu_rows(log_dir, 0)[-1]
     row1 = _gpu_rows(log_dir, 1)[-1]
     assert float(row0["utilization_gpu_pct"]) == 42.0
@@ -160,9 +135,9 @@ def test_a_refused_gpu_is_listed_as_unavailable(fake_driver: FakeDriver, tmp_pat
 
 # ----------------------------------------------------------------------------------- the agent
 def test_agent_idle_active_idle_over_the_driver(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
-    agent = agents()
+    agent = driver_agents()
     assert agent.status()["state"] == "idle"
     assert agent.status()["backend"] == "nvml"
     fake_driver.set(gpu__1__utilization__gpu_pct=85)
@@ -181,9 +156,9 @@ def test_agent_idle_active_idle_over_the_driver(
 
 
 def test_a_lost_gpu_keeps_the_others_recording(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
-    agent = agents()
+    agent = driver_agents()
     assert agent.ask({"op": "set_mode", "mode": "on", "for_s": None})["ok"]
     wait_for(lambda: len(_gpu_rows(agent.log_dir, 1)) >= 2, 20, "recorded rows")
     fake_driver.set(gpu__1__all__error=GPU_IS_LOST)
@@ -200,10 +175,10 @@ def test_a_lost_gpu_keeps_the_others_recording(
 
 
 def test_a_fan_answering_unknown_is_counted_not_lost(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
     fake_driver.set(gpu__1__fan_speed__error=UNKNOWN)
-    agent = agents()
+    agent = driver_agents()
     assert agent.ask({"op": "set_mode", "mode": "on", "for_s": None})["ok"]
     wait_for(lambda: len(_gpu_rows(agent.log_dir, 1)) >= 3, 20, "recorded rows")
     assert all(r["lost"] == "0" for r in _gpu_rows(agent.log_dir, 1))
@@ -217,13 +192,13 @@ def test_a_fan_answering_unknown_is_counted_not_lost(
 
 
 def test_a_mig_gpu_is_named_in_status_and_log(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
     # Without GPM: a MIG GPU with GPM is measured by its instances (tests/test_gpm_e2e.py).
     fake_driver.set(
         gpu__0__mig__mode=1, gpu__0__utilization__gpu_pct=None, gpu__0__gpm__supported=0
     )
-    agent = agents()
+    agent = driver_agents()
     notice = agent.status()["notice"]
     assert "GPU 0" in notice and "MIG mode" in notice and "activity cannot be measured" in notice
     assert "MIG mode" in agent.stderr()
@@ -232,7 +207,7 @@ def test_a_mig_gpu_is_named_in_status_and_log(
 
 # ---------------------------------------------------------------------------------- hung calls
 def test_a_hung_call_degrades_the_agent_but_not_its_loop(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver, tmp_path: Path
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver, tmp_path: Path
 ) -> None:
     notify_path = tmp_path / "n.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -249,7 +224,7 @@ def test_a_hung_call_degrades_the_agent_but_not_its_loop(
     receiver = threading.Thread(target=receive, daemon=True)
     receiver.start()
     try:
-        agent = agents(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="600000")
+        agent = driver_agents(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="600000")
         wait_for(lambda: "READY=1" in " ".join(messages), 10, "READY=1")
         fake_driver.set(gpu__0__utilization__sleep_ms=120_000)
         status = wait_for(
@@ -270,9 +245,9 @@ def test_a_hung_call_degrades_the_agent_but_not_its_loop(
 
 
 def test_the_agent_recovers_when_the_hung_call_returns(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
-    agent = agents()
+    agent = driver_agents()
     fake_driver.set(gpu__0__utilization__sleep_ms=120_000)
     wait_for(lambda: agent.status()["degraded"], 15, "degraded")
     fake_driver.set(gpu__0__utilization__sleep_ms=None)
@@ -282,10 +257,10 @@ def test_the_agent_recovers_when_the_hung_call_returns(
 
 
 def test_a_hung_gpu_does_not_stall_the_recorder(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
     """Host rows and the healthy GPU's rows keep coming; the hung GPU is empty and 'stuck'."""
-    agent = agents()
+    agent = driver_agents()
     assert agent.ask({"op": "set_mode", "mode": "on", "for_s": None})["ok"]
     wait_for(lambda: len(_gpu_rows(agent.log_dir, 0)) >= 2, 20, "recorded rows")
     # Only the recorder's full read asks for temperature: the agent's light read stays healthy.

@@ -9,22 +9,16 @@ does not hold up SIGTERM; a driver without events is one notice. Simulated event
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import json
-import os
 import re
-import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from fakedriver import EVENT_XID, UNKNOWN, FakeDriver
 from gputel.supervisor.xid import xid_info
-from test_agent_e2e import AgentProc, pid_alive, promtool_ok, wait_for
+from test_agent_e2e import AgentProc, promtool_ok, wait_for
 
 UUID0 = "GPU-fake-0000-0000-0000-0000-000000000000"
 UUID1 = "GPU-fake-0001-0000-0000-0000-000000000000"
@@ -57,40 +51,10 @@ def gpu_rows(agent: AgentProc) -> list[dict[str, str]]:
     return out
 
 
-@pytest.fixture
-def agents(tmp_path: Path, fake_driver: FakeDriver) -> Iterator[Callable[..., AgentProc]]:
-    """``gputel agent`` processes over the fake driver (nvml backend), cleaned up after."""
-    started: list[AgentProc] = []
-
-    def make(**env: str) -> AgentProc:
-        settings = {
-            "GPUTEL_BACKEND": "nvml",
-            "GPUTEL_INTERVAL": "0.1",
-            "GPUTEL_START_UTIL": "20",
-            "GPUTEL_START_SECONDS": "0.3",
-            "GPUTEL_STOP_UTIL": "10",
-            "GPUTEL_STOP_SECONDS": "0.6",
-            **env,
-        }
-        agent = AgentProc(tmp_path / f"a{len(started)}", fake_driver.env({}, **settings))
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        hb = None
-        with contextlib.suppress(OSError, ValueError):
-            hb = json.loads((agent.run_dir / "recorder.json").read_text())
-        agent.kill()
-        child = hb.get("pid") if isinstance(hb, dict) else None
-        if isinstance(child, int) and pid_alive(child):
-            os.kill(child, signal.SIGKILL)
-
-
 def test_an_xid_while_idle_is_recorded_counted_shown_and_captured(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
-    agent = agents(GPUTEL_EVENT_CAPTURE_SECONDS="1.5")
+    agent = driver_agents(GPUTEL_EVENT_CAPTURE_SECONDS="1.5")
     assert agent.status()["state"] == "idle" and not agent.status()["telemetry_active"]
     fake_driver.set({"event.1": f"0,{EVENT_XID},79"})
 
@@ -144,9 +108,9 @@ def test_an_xid_while_idle_is_recorded_counted_shown_and_captured(
 
 
 def test_operator_off_wins_over_a_capture(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
-    agent = agents(GPUTEL_EVENT_CAPTURE_SECONDS="60")
+    agent = driver_agents(GPUTEL_EVENT_CAPTURE_SECONDS="60")
     assert agent.ask({"op": "set_mode", "mode": "off", "for_s": None})["ok"]
     wait_for(lambda: agent.status()["telemetry_reason"] == "operator mode off", 15, "mode off")
     fake_driver.set({"event.1": f"1,{EVENT_XID},48"})
@@ -162,10 +126,10 @@ def test_operator_off_wins_over_a_capture(
 
 
 def test_a_wait_that_never_returns_does_not_delay_sigterm(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
     fake_driver.set({"event_wait.sleep_ms": 600_000, "event.1": f"0,{EVENT_XID},79"})
-    agent = agents()
+    agent = driver_agents()
     # The loop, status and the exporter go on while the listener is stuck in the driver.
     fake_driver.set(gpu__0__utilization__gpu_pct=85)
     wait_for(lambda: agent.status()["telemetry_active"], 15, "telemetry on")
@@ -176,10 +140,10 @@ def test_a_wait_that_never_returns_does_not_delay_sigterm(
 
 
 def test_a_driver_without_events_is_one_notice_and_the_rest_works(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
     fake_driver.set(gpu__0__supported_events=0, gpu__1__supported_events=0)
-    agent = agents()
+    agent = driver_agents()
     wait_for(lambda: agent.status()["notice"], 15, "the notice")
     assert "GPU events (Xid, ECC) are not received" in agent.status()["notice"]
     assert agent.ask({"op": "set_mode", "mode": "on", "for_s": None})["ok"]
@@ -201,10 +165,10 @@ def test_a_driver_without_events_is_one_notice_and_the_rest_works(
 
 
 def test_failing_waits_are_one_notice(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
     fake_driver.set({"event_wait.error": UNKNOWN})
-    agent = agents()
+    agent = driver_agents()
     wait_for(lambda: agent.status()["notice"], 15, "the notice")
     assert "waiting for GPU events fails" in agent.status()["notice"]
     fake_driver.set(gpu__1__utilization__gpu_pct=85)

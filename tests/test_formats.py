@@ -23,6 +23,7 @@ from gputel.formats import (
     atomic_write_fixed_tmp,
     csv_cell,
     csv_row,
+    error_line,
     finite,
     iso_utc_ms,
     one_line,
@@ -218,6 +219,11 @@ def test_one_line() -> None:
     assert one_line(ValueError("bad\n  thing\there")) == "bad thing here"
     assert one_line(KeyError()) == "KeyError"
     assert one_line("") == "error"
+
+
+def test_error_line_names_the_type_on_one_line() -> None:
+    assert error_line(RuntimeError("driver\n  wedged")) == "RuntimeError: driver wedged"
+    assert error_line(KeyError()) == "KeyError"
 
 
 def test_process_alive() -> None:

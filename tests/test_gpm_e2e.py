@@ -8,7 +8,6 @@ busy, and ``GPUTEL_ACTIVITY=sm`` must start telemetry on SM activity and not on 
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +16,7 @@ import pytest
 
 from fakedriver import MIB, FakeDriver
 from test_agent_e2e import AgentProc, promtool_ok, wait_for
-from test_driver_e2e import _gpu_rows, _rows, agents
-
-__all__ = ["agents"]
+from test_driver_e2e import _gpu_rows, _rows, record_three_ticks
 
 GPM = {2: 61.5, 3: 33.2, 5: 40.0, 10: 72.5, 11: 0.5, 12: 12.0, 13: 3.0, 20: 100, 21: 250, 60: 1024}
 COLUMNS = {
@@ -46,23 +43,7 @@ def test_record_writes_gpm_values_and_leaves_the_first_row_empty(
     fake_driver: FakeDriver, tmp_path: Path
 ) -> None:
     _gpm_world(fake_driver)
-    log_dir = tmp_path / "log"
-    proc = fake_driver.popen_gputel(
-        "record",
-        env={
-            "GPUTEL_BACKEND": "nvml",
-            "GPUTEL_INTERVAL": "0.1",
-            "GPUTEL_LOG_DIR": str(log_dir),
-            "GPUTEL_RUN_DIR": str(tmp_path / "run"),
-            "GPUTEL_EXPORTER_PORT": "0",
-        },
-    )
-    try:
-        wait_for(lambda: len(_gpu_rows(log_dir, 1)) >= 3, 20, "three ticks of rows")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
+    log_dir = record_three_ticks(fake_driver, tmp_path)
     first, *later = _gpu_rows(log_dir, 0)
     assert all(first[c] == "" for c in COLUMNS)  # no pair yet: empty, never 0
     for row in later:
@@ -75,10 +56,10 @@ def test_record_writes_gpm_values_and_leaves_the_first_row_empty(
 
 
 def test_gpm_metrics_under_the_agent(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
     _gpm_world(fake_driver)
-    agent = agents()
+    agent = driver_agents()
     assert agent.ask({"op": "set_mode", "mode": "on", "for_s": None})["ok"]
     text = wait_for(
         lambda: "gputel_gpu_sm_active_ratio{" in (t := agent.metrics()) and t, 20, "GPM series"
@@ -114,10 +95,10 @@ def _mig_world(driver: FakeDriver) -> None:
 
 
 def test_a_busy_mig_instance_starts_telemetry(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:
     _mig_world(fake_driver)
-    agent = agents()
+    agent = driver_agents()
     status = agent.status()
     assert not status.get("notice")  # measured through its instances
     time.sleep(1.0)  # ten ticks at 0.1 s, start after 0.3 s: idle instances start nothing
@@ -142,12 +123,12 @@ def test_a_busy_mig_instance_starts_telemetry(
 
 @pytest.mark.parametrize("pretrigger", ["30", "0"])
 def test_activity_sm_starts_on_sm_activity_not_on_utilization(
-    agents: Callable[..., AgentProc], fake_driver: FakeDriver, pretrigger: str
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver, pretrigger: str
 ) -> None:
     """High utilization with idle SMs (a trickle of tiny kernels) stays idle under ``sm``; busy
     SMs start telemetry. With and without the pre-trigger (the agent's light read either way)."""
     fake_driver.set({"gpu.0.utilization.gpu_pct": 95, "gpu.0.gpm.2": 4.0, "gpu.1.gpm.supported": 0})
-    agent = agents(GPUTEL_ACTIVITY="sm", GPUTEL_PRETRIGGER_SECONDS=pretrigger)
+    agent = driver_agents(GPUTEL_ACTIVITY="sm", GPUTEL_PRETRIGGER_SECONDS=pretrigger)
     time.sleep(1.5)  # fifteen ticks at 0.1 s, start after 0.3 s
     assert agent.status()["state"] == "idle"
     assert not agent.transitions() or all(r["to_state"] != "arming" for r in agent.transitions())

@@ -194,7 +194,7 @@ def test_a_starting_agent_is_asked_again(agent: ServedAgent) -> None:
     assert took < BOUND_S
     assert result.action == "registered", result
     assert [r["op"] for r in agent.requests].count("allocate") >= 2
-    assert agent.store.ids() == ["job-s"]
+    assert [a["id"] for a in agent.store.list()] == ["job-s"]
 
 
 @pytest.mark.usefixtures("enabled")
@@ -218,7 +218,7 @@ def test_context_manager(agent: ServedAgent) -> None:
         assert agent.store.list()[0]["pid"] == os.getpid()
     assert agent.store.list() == []
     with pytest.raises(ZeroDivisionError), hooks.allocation("ctx2"):
-        assert agent.store.ids() == ["ctx2"]
+        assert [a["id"] for a in agent.store.list()] == ["ctx2"]
         _ = 1 / 0
     assert agent.store.list() == []
 
@@ -352,7 +352,7 @@ def test_absent_agent_started_in_budget(
         fake.stop()
     assert took < BOUND_S
     assert result.action == "registered" and "agent started: test" in result.detail
-    assert fake.store.ids() == ["late"]
+    assert [a["id"] for a in fake.store.list()] == ["late"]
 
 
 @pytest.mark.usefixtures("enabled")
@@ -492,7 +492,7 @@ def test_many_threads(agent: ServedAgent) -> None:
     for t in threads:
         t.join()
     assert all(r.action == "registered" for r in results), results
-    assert sorted(agent.store.ids()) == sorted(f"th-{n}" for n in range(16))
+    assert sorted(a["id"] for a in agent.store.list()) == sorted(f"th-{n}" for n in range(16))
 
 
 CLIENT = """
@@ -545,7 +545,7 @@ def check_consistent(run_dir: Path, log_dir: Path, workers: int, pairs: int) -> 
 def test_fifty_pairs_from_several_processes(agent: ServedAgent, tmp_path: Path) -> None:
     run_clients(None, 5, 10)
     check_consistent(agent.run_dir, tmp_path / "log", 5, 10)
-    assert set(agent.store.ids()) == {f"keep-{w}" for w in range(5)}
+    assert {a["id"] for a in agent.store.list()} == {f"keep-{w}" for w in range(5)}
 
 
 def test_fifty_pairs_against_the_real_agent(tmp_path: Path) -> None:

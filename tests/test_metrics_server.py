@@ -16,7 +16,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -28,6 +27,7 @@ import bcrypt
 import pytest
 import yaml
 
+from flood import Flood
 from gputel.telemetry import basic_auth
 from gputel.telemetry.metrics_http import CONTENT_TYPE, MetricsServer
 from selfsigned import make_cert
@@ -264,42 +264,6 @@ def test_at_the_connection_limit_a_scraper_still_gets_in() -> None:
         finally:
             for s in idle:
                 s.close()
-
-
-class Flood:
-    """Keeps hundreds of connections open to a port: silent ones and half-sent requests."""
-
-    def __init__(self, port: int, size: int = 400) -> None:
-        self.port, self.size = port, size
-        self.opened = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        socks: list[socket.socket] = []
-        while not self._stop.is_set():
-            for i in range(50):
-                try:
-                    s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
-                    if i % 2:
-                        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Half: ")
-                except OSError:
-                    continue
-                socks.append(s)
-                self.opened += 1
-            while len(socks) > self.size:
-                socks.pop(0).close()
-            self._stop.wait(0.1)
-        for s in socks:
-            s.close()
-
-    def __enter__(self) -> Flood:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 def test_hundreds_of_idle_connections_cost_no_scrape(tmp_path: Path) -> None:

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from gputel.formats import iso_utc_ms
-from gputel.supervisor.transitions_log import HEADER, TransitionRecord, TransitionsLog
+from gputel.supervisor.transitions_log import TransitionRecord, TransitionsLog
+
+#: The contract's header of ``transitions.csv``.
+HEADER = "timestamp,from_state,to_state,reason\n"
 
 
 def rec(to: str = "arming", reason: str = "utilization 85% >= 20%") -> TransitionRecord:

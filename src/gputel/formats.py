@@ -272,6 +272,14 @@ def one_line(error: object) -> str:
     return type(error).__name__ if isinstance(error, BaseException) else "error"
 
 
+def error_line(exc: BaseException) -> str:
+    """An unexpected exception as one line with its type (``ValueError: bad``), for logs and
+    replies where the type is the only clue; the type alone when it has no message."""
+    kind = type(exc).__name__
+    text = one_line(exc)
+    return kind if text == kind else f"{kind}: {text}"
+
+
 # ---------------------------------------------------------------------------------- processes
 #: psutil derives a process's start time from boot time and clock ticks; two reads of the same
 #: process agree far better than this, while a reused pid almost never starts within it.

@@ -36,6 +36,7 @@ from gputel.control.allocations import (
     validate_id,
     validate_pid,
 )
+from gputel.formats import error_line
 from gputel.settings import AUTOSTART_ENV, Settings, SettingsError, autostart_enabled, load_settings
 from gputel.supervisor.deadline import run_with_deadline
 
@@ -174,7 +175,7 @@ def _run_bounded(
         return value
     if status == "error":
         log.debug("hook worker failed", exc_info=value)
-        return _failed(f"unexpected error: {value.__class__.__name__}: {value}")
+        return _failed(f"unexpected error: {error_line(value)}")
     outcome.abandoned = True
     return on_timeout(outcome)
 
@@ -203,7 +204,7 @@ def allocation_created(
     try:
         result = _allocation_created(id, gpus, pid)
     except Exception as exc:
-        result = _failed(f"unexpected error: {exc.__class__.__name__}: {exc}")
+        result = _failed(f"unexpected error: {error_line(exc)}")
     _log_result("allocation_created", id, result)
     return result
 
@@ -313,7 +314,7 @@ def allocation_released(id: str) -> HookResult:
     try:
         result = _allocation_released(id)
     except Exception as exc:
-        result = _failed(f"unexpected error: {exc.__class__.__name__}: {exc}")
+        result = _failed(f"unexpected error: {error_line(exc)}")
     _log_result("allocation_released", id, result)
     return result
 

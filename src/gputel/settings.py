@@ -420,7 +420,6 @@ SETTINGS: tuple[SettingSpec, ...] = (
     ),
 )
 
-SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
 SETTINGS_BY_ATTR = {s.attr: s for s in SETTINGS}
 
 

@@ -219,6 +219,46 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def release_summary(
+    ident: str,
+    gpus: Iterable[int],
+    start: str | datetime,
+    end: datetime,
+    energy_j: float | None,
+    stats: Mapping[str, float | int | None],
+    reason: str,
+) -> dict[str, Any]:
+    """The summary of an ended allocation: the ``release`` reply and, through
+    :class:`SummaryLog`, its ``allocations.csv`` row.
+
+    One shape for the agent's announced allocations and the recorder's detected jobs (which add
+    ``shared``), so both kinds of row mean the same. ``stats`` is an ``AllocationStats`` JSON
+    object (missing fields stay None); ``start`` is the allocation's timestamp text as stored, or
+    the moment it began.
+    """
+    if isinstance(start, str):
+        text = start
+        try:
+            duration = (end - parse_iso_utc(start)).total_seconds()
+        except ValueError:
+            duration = 0.0
+    else:
+        text, duration = iso_utc_ms(start), (end - start).total_seconds()
+    summary: dict[str, Any] = {
+        "id": ident,
+        "gpus": list(gpus),
+        "start": text,
+        "end": iso_utc_ms(end),
+        "duration_s": round(max(0.0, duration), 3),
+        "energy_j": energy_j,
+    }
+    for key in STAT_FIELDS:
+        summary[key] = stats.get(key)
+    summary["samples"] = stats.get("samples")
+    summary["release_reason"] = reason
+    return summary
+
+
 # ---------------------------------------------------------------------------------- the store
 class AllocationStore:
     """The agent's open allocations. Thread-safe; the agent is its only writer.
@@ -247,10 +287,6 @@ class AllocationStore:
     @property
     def path(self) -> Path:
         return self.run_dir / ALLOCATIONS_FILE
-
-    @property
-    def summary_path(self) -> Path:
-        return self.log_dir / SUMMARY_FILE
 
     # -- persistence
     def _load(self) -> None:
@@ -379,10 +415,6 @@ class AllocationStore:
         with self._lock:
             return [a.to_json() for a in self._open.values()]
 
-    def ids(self) -> builtins.list[str]:
-        with self._lock:
-            return list(self._open)
-
     def open_count(self) -> int:
         with self._lock:
             return len(self._open)
@@ -417,30 +449,19 @@ class AllocationStore:
     def _summarise(
         self, alloc: Allocation, energy_j: Mapping[int, float | None] | None, reason: str
     ) -> dict[str, Any]:
-        end = self._now()
-        try:
-            start = parse_iso_utc(alloc.start)
-            duration = max(0.0, (end - start).total_seconds())
-        except ValueError:
-            duration = 0.0
         gpus = alloc.gpus if alloc.gpus is not None else sorted(alloc.start_energy_j)
         if alloc.gpus is None and not gpus:
             gpus = list(self.known_gpus)
         end_energy = _energy_snapshot(energy_j, gpus)
-        stats = self._recorder_stats(alloc.id, alloc.start)
-        summary: dict[str, Any] = {
-            "id": alloc.id,
-            "gpus": list(gpus),
-            "start": alloc.start,
-            "end": iso_utc_ms(end),
-            "duration_s": round(duration, 3),
-            "energy_j": energy_between(alloc.start_energy_j, end_energy, gpus),
-        }
-        for key in STAT_FIELDS:
-            summary[key] = stats.get(key)
-        summary["samples"] = stats.get("samples")
-        summary["release_reason"] = reason
-        return summary
+        return release_summary(
+            alloc.id,
+            gpus,
+            alloc.start,
+            self._now(),
+            energy_between(alloc.start_energy_j, end_energy, gpus),
+            self._recorder_stats(alloc.id, alloc.start),
+            reason,
+        )
 
     def _recorder_stats(self, ident: str, start: str) -> dict[str, float | int | None]:
         """The recorder's running stats for ``ident``, if they are about this allocation."""

@@ -52,6 +52,7 @@ from gputel.control.protocol import (
     error_reply,
     validate_request,
 )
+from gputel.formats import error_line
 
 log = logging.getLogger(__name__)
 
@@ -490,7 +491,7 @@ class ControlServer:
         except Exception as exc:
             log.exception("control handler failed on op %s", request["op"])
             return error_reply(
-                f"internal error in op {request['op']}: {type(exc).__name__}: {exc}",
+                f"internal error in op {request['op']}: {error_line(exc)}",
                 ErrorCode.INTERNAL,
             )
         if not isinstance(result, dict):

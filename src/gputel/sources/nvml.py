@@ -57,7 +57,6 @@ _FUNCTION_NOT_FOUND = 13
 _GPU_IS_LOST = 15
 _LIB_RM_VERSION_MISMATCH = 18
 _ARGUMENT_VERSION_MISMATCH = 25
-_UNKNOWN = 999
 _PSTATE_UNKNOWN = 32
 
 _MIG_ENABLED = 1
@@ -428,6 +427,10 @@ class NvmlGpuSource:
         )
         return None if value is None else float(value)
 
+    def _clock_mhz(self, gpu: _Gpu, key: str, clock: str, default: int) -> float | None:
+        mhz = self._ask(gpu, key, "nvmlDeviceGetClockInfo", self._const(clock, default))
+        return None if mhz is None else float(mhz)
+
     def _power(self, gpu: _Gpu) -> float | None:
         # nvmlDeviceGetPowerUsage, not the FI_DEV_POWER_INSTANT field: on Ampere and later it is
         # the average over the last second, which suits one sample per second (and the energy
@@ -524,14 +527,8 @@ class NvmlGpuSource:
         r.ecc_uncorrected_volatile = self._ecc(gpu, "uncorrected", batch)
         r.energy_j = self._energy(gpu, batch, r.power_w, now)
         self._memory_health(gpu, r, batch)
-        sm = self._ask(
-            gpu, "sm_clock_mhz", "nvmlDeviceGetClockInfo", self._const("NVML_CLOCK_SM", 1)
-        )
-        r.sm_clock_mhz = None if sm is None else float(sm)
-        mem = self._ask(
-            gpu, "memory_clock_mhz", "nvmlDeviceGetClockInfo", self._const("NVML_CLOCK_MEM", 2)
-        )
-        r.memory_clock_mhz = None if mem is None else float(mem)
+        r.sm_clock_mhz = self._clock_mhz(gpu, "sm_clock_mhz", "NVML_CLOCK_SM", 1)
+        r.memory_clock_mhz = self._clock_mhz(gpu, "memory_clock_mhz", "NVML_CLOCK_MEM", 2)
         fan = self._ask(gpu, "fan_speed_pct", "nvmlDeviceGetFanSpeed")
         r.fan_speed_pct = None if fan is None else float(fan)
         pstate = self._ask(gpu, "performance_state", "nvmlDeviceGetPerformanceState")
@@ -602,13 +599,7 @@ class NvmlGpuSource:
                     reading.temperature_c = self._temperature(gpu)
                     reading.power_w = self._power(gpu)
                     reading.energy_j = self._energy_counter(gpu)
-                    sm = self._ask(
-                        gpu,
-                        "sm_clock_mhz",
-                        "nvmlDeviceGetClockInfo",
-                        self._const("NVML_CLOCK_SM", 1),
-                    )
-                    reading.sm_clock_mhz = None if sm is None else float(sm)
+                    reading.sm_clock_mhz = self._clock_mhz(gpu, "sm_clock_mhz", "NVML_CLOCK_SM", 1)
                 except _GpuLost:
                     reading = GpuReading(gpu.index, gpu.uuid, gpu.name, lost=True)
                 readings.append(reading)

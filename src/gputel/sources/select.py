@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
-from gputel.formats import one_line
+from gputel.formats import error_line, one_line
 from gputel.runtime import SIM_EPOCH_ENV
 from gputel.settings import Settings
 from gputel.sources.base import GpuSelectionError, GpuSource, GpuSourceError, HostSource
@@ -117,7 +117,7 @@ def open_gpu_source(
     except GpuSourceError as exc:
         reason = one_line(exc)
     except Exception as exc:
-        reason = f"NVML failed unexpectedly ({type(exc).__name__}: {one_line(exc)})"
+        reason = f"NVML failed unexpectedly ({error_line(exc)})"
     # The binding cannot load NVML, yet nvidia-smi (which links the driver's own library) may
     # still work: "NVML library not found" while nvidia-smi runs.
     try:

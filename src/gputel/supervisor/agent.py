@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from gputel import __version__, runtime
 from gputel.activity import activity_pct
-from gputel.formats import iso_utc_ms
+from gputel.formats import error_line, iso_utc_ms
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
 from gputel.supervisor.child import ChildEvent, ChildSupervisor, ProcessHandle, Spawn, popen_spawn
@@ -356,7 +356,7 @@ class Agent:
                 raise AgentConfigError(str(job.error))
             if isinstance(job.error, GpuSourceError):
                 raise AgentError(str(job.error))
-            raise AgentError(f"cannot open the GPU source: {type(job.error).__name__}: {job.error}")
+            raise AgentError(f"cannot open the GPU source: {error_line(job.error)}")
         source, notice = job.value
         self.source = source
         self.backend = getattr(source, "name", self.settings.backend)

@@ -16,13 +16,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from gputel.formats import RowAppender, csv_row
+from gputel.formats import RowAppender
 
 log = logging.getLogger(__name__)
 
 TRANSITIONS_FILE = "transitions.csv"
 COLUMNS = ("timestamp", "from_state", "to_state", "reason")
-HEADER = csv_row(COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from gputel.allocstats import STAT_FIELDS, AllocationStats
+from gputel.allocstats import AllocationStats
+from gputel.control.allocations import release_summary
 from gputel.energy import counter_delta
 from gputel.formats import iso_utc_ms
 from gputel.schema import GpuReading, ProcessRecord, Sample
@@ -217,19 +218,15 @@ class DetectedJobs:
 
     def _close(self, job: _Job, end: datetime, reason: str) -> dict[str, Any]:
         del self._jobs[job.id]
-        summary: dict[str, Any] = {
-            "id": job.id,
-            "gpus": sorted(job.gpus),
-            "start": iso_utc_ms(job.start),
-            "end": iso_utc_ms(end),
-            "duration_s": round(max(0.0, (end - job.start).total_seconds()), 3),
-            "energy_j": None if job.shared or job.energy_j is None else round(job.energy_j, 6),
-        }
-        stats = job.stats.to_json()
-        for key in STAT_FIELDS:
-            summary[key] = stats.get(key)
-        summary["samples"] = stats.get("samples")
-        summary["release_reason"] = reason
+        summary = release_summary(
+            job.id,
+            sorted(job.gpus),
+            job.start,
+            end,
+            None if job.shared or job.energy_j is None else round(job.energy_j, 6),
+            job.stats.to_json(),
+            reason,
+        )
         summary["shared"] = 1 if job.shared else 0
         if self._summaries is not None:
             self._summaries.append(summary)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 
-from gputel.formats import one_line
+from gputel.formats import error_line
 from gputel.schema import GpuReading, HostReading, Sample, SourceStatus
 from gputel.sources.base import GpuSource, HostSource
 
@@ -64,7 +64,7 @@ class Sampler:
             error = None
         except Exception as exc:
             gpus = [GpuReading(d.index, d.uuid, d.name) for d in self.devices]
-            error = _describe(exc)
+            error = error_line(exc)
         statuses.append(self._status(gpu_name, start, error))
 
         host = HostReading()
@@ -79,7 +79,7 @@ class Sampler:
                             "source %s gave an unknown field %r; ignored", source.name, attr
                         )
             except Exception as exc:
-                error = _describe(exc)
+                error = error_line(exc)
             statuses.append(self._status(source.name, start, error))
 
         return Sample(
@@ -106,10 +106,3 @@ class Sampler:
                 seen.add(error)
             log.warning("source %s failed: %s (its values stay empty)", name, error)
         return SourceStatus(name, False, duration, error)
-
-
-def _describe(exc: BaseException) -> str:
-    """The error with its type, as one line (the type alone when it has no message)."""
-    kind = type(exc).__name__
-    text = one_line(exc)
-    return kind if text == kind else f"{kind}: {text}"
