@@ -11,7 +11,8 @@ scripts/setup-dev.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-.venv/bin/pytest -q "$@"
+# One worker per core, tests that share a resource grouped (xdist_group).
+.venv/bin/pytest -q -n auto --dist loadgroup "$@"
 if [ $# -eq 0 ]; then
   # The NVML tests again with the lowest nvidia-ml-py pyproject.toml allows.
   echo "test: NVML tests with $(.venv-minnvml/bin/python -c 'import importlib.metadata as m; print("nvidia-ml-py", m.version("nvidia-ml-py"))')"

@@ -312,6 +312,7 @@ def copy_process(real: int, root: Path, cgroup: str) -> None:
     (d / "cgroup").write_text(cgroup)
 
 
+@pytest.mark.xdist_group("slurm")  # one real Slurm at a time on the node
 @pytest.mark.root
 @pytest.mark.parametrize("slurm", [False], indirect=True)
 def test_real_slurm_job_on_a_gpu_is_tagged_without_the_prolog(

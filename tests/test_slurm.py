@@ -375,6 +375,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.xdist_group("slurm")  # one real Slurm at a time on the node
 @pytest.mark.root
 def test_real_slurm_job_turns_telemetry_on_and_off(
     tmp_path: Path, slurm: tuple[Path, dict[str, str], Daemons]

@@ -99,7 +99,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("text", "message"), BAD)
+@pytest.mark.parametrize(("text", "message"), BAD, ids=[m for _, m in BAD])
 def test_bad_files_name_the_file_and_the_key(certs: Path, text: str, message: str) -> None:
     path = write(certs, text)
     with pytest.raises(WebConfigError) as info:
