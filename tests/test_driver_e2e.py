@@ -134,6 +134,23 @@ def test_a_refused_gpu_is_listed_as_unavailable(fake_driver: FakeDriver, tmp_pat
 
 
 # ----------------------------------------------------------------------------------- the agent
+def test_under_an_agent_the_refused_gpu_warning_is_logged_once(
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
+) -> None:
+    """The agent warns; its recorder child, which opens the same GPUs, does not say it again."""
+    fake_driver.write(scenario(3, gpu__1__handle__error=4))
+    agent = driver_agents()
+    assert agent.ask({"op": "set_mode", "mode": "on", "for_s": None})["ok"]
+    wait_for(lambda: len(_gpu_rows(agent.log_dir, 2)) >= 2, 20, "the child recording")
+    warnings = [
+        line
+        for line in agent.stderr().splitlines()
+        if "GPU 1 is unavailable" in line and "WARNING" in line
+    ]
+    assert len(warnings) == 1, agent.stderr()
+    assert agent.terminate() == 0
+
+
 def test_agent_idle_active_idle_over_the_driver(
     driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver
 ) -> None:

@@ -331,7 +331,9 @@ def run_record(settings: Settings, *, child: bool) -> int:
 
     gpu_source, notice = open_gpu_source(settings)
     if notice:
-        log.warning("%s", notice)
+        # Under an agent the same notice is already in the journal (and in gputel status) from
+        # the agent's own open of the GPUs: once is enough.
+        log.log(logging.INFO if child else logging.WARNING, "%s", notice)
     gpu_source = with_read_deadline(gpu_source, settings.interval_s)
     host_sources = open_host_sources(settings)
 
