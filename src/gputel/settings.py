@@ -148,13 +148,14 @@ def _address(text: str) -> str:
     return value
 
 
+def _whole_number(text: str, low: int, high: int, expected: str) -> int:
+    if not text.strip().isdigit() or not low <= int(text) <= high:
+        raise ValueError(expected)
+    return int(text)
+
+
 def _port(text: str) -> int:
-    if not text.strip().isdigit():
-        raise ValueError("expected a TCP port 0-65535 (0 disables the exporter)")
-    value = int(text)
-    if value > 65535:
-        raise ValueError("expected a TCP port 0-65535 (0 disables the exporter)")
-    return value
+    return _whole_number(text, 0, 65535, "expected a TCP port 0-65535 (0 disables the exporter)")
 
 
 def _web_config(text: str) -> str:
@@ -167,28 +168,24 @@ def _web_config(text: str) -> str:
 
 
 def _sim_gpus(text: str) -> int:
-    if not text.strip().isdigit():
-        raise ValueError("expected a whole number of GPUs 1-256")
-    value = int(text)
-    if not 1 <= value <= 256:
-        raise ValueError("expected a whole number of GPUs 1-256")
-    return value
+    return _whole_number(text, 1, 256, "expected a whole number of GPUs 1-256")
 
 
-def _sim_pattern(text: str) -> str:
-    try:
-        parse_pattern(text)
-    except PatternError as exc:
-        raise ValueError(str(exc)) from None
-    return text.strip()
+def _grammar(parse: Callable[[str], object], error: type[Exception]) -> Callable[[str], str]:
+    """A setting whose text must parse by its own grammar; the grammar's message names the part."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except error as exc:
+            raise ValueError(str(exc)) from None
+        return text.strip()
+
+    return check
 
 
-def _sim_events(text: str) -> str:
-    try:
-        parse_sim_events(text)
-    except SimEventsError as exc:
-        raise ValueError(str(exc)) from None
-    return text.strip()
+_sim_pattern = _grammar(parse_pattern, PatternError)
+_sim_events = _grammar(parse_sim_events, SimEventsError)
 
 
 def parse_bool(text: str) -> bool:
