@@ -68,6 +68,36 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+class NotifyListener:
+    """A stand-in for systemd's notify socket: every datagram the agent sends, in order.
+
+    systemd drains its socket at once; so must we, or the small datagram queue fills up.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.05)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+
+    def _receive(self) -> None:
+        while not self._done.is_set():
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self._sock.recv(4096).decode())
+
+    def __enter__(self) -> NotifyListener:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(2)
+        self._sock.close()
+
+
 class AgentProc:
     def __init__(self, tmp: Path, extra_env: dict[str, str] | None = None) -> None:
         self.run_dir = tmp / "run"
@@ -248,21 +278,8 @@ def test_lifecycle_notify_metrics_crash_restart_and_shutdown(
     spawn_agent: Callable[..., AgentProc], tmp_path: Path
 ) -> None:
     notify_path = tmp_path / "n.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify_path))
-    sock.settimeout(0.05)
-    messages: list[str] = []
-    done = threading.Event()
-
-    def receive() -> None:
-        # systemd drains its socket at once; so must we, or the small datagram queue fills up.
-        while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                messages.append(sock.recv(4096).decode())
-
-    receiver = threading.Thread(target=receive, daemon=True)
-    receiver.start()
-    try:
+    with NotifyListener(notify_path) as notify:
+        messages = notify.messages
         agent = spawn_agent(
             {
                 "GPUTEL_SIM_PATTERN": "0:0.6,90:120",
@@ -344,10 +361,6 @@ def test_lifecycle_notify_metrics_crash_restart_and_shutdown(
         assert not (agent.run_dir / runtime.CONTROL_SOCKET).exists()
         wait_for(lambda: "STOPPING=1" in drain(), 2, "STOPPING=1")
         assert drain()[-1] == "STOPPING=1"
-    finally:
-        done.set()
-        receiver.join(2)
-        sock.close()
 
 
 def test_no_gpu_mode_and_allocations_drive_telemetry(

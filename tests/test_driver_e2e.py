@@ -8,12 +8,9 @@ a loaded machine delays ticks without changing the outcome.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import signal
-import socket
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fakedriver import GPU_IS_LOST, UNKNOWN, FakeDriver, scenario
-from test_agent_e2e import AgentProc, promtool_ok, wait_for
+from test_agent_e2e import AgentProc, NotifyListener, promtool_ok, wait_for
 
 
 def _rows(log_dir: Path, pattern: str) -> list[dict[str, str]]:
@@ -227,20 +224,8 @@ def test_a_hung_call_degrades_the_agent_but_not_its_loop(
     driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver, tmp_path: Path
 ) -> None:
     notify_path = tmp_path / "n.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify_path))
-    sock.settimeout(0.05)
-    messages: list[str] = []
-    done = threading.Event()
-
-    def receive() -> None:
-        while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                messages.append(sock.recv(4096).decode())
-
-    receiver = threading.Thread(target=receive, daemon=True)
-    receiver.start()
-    try:
+    with NotifyListener(notify_path) as notify:
+        messages = notify.messages
         agent = driver_agents(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="600000")
         wait_for(lambda: "READY=1" in " ".join(messages), 10, "READY=1")
         fake_driver.set(gpu__0__utilization__sleep_ms=120_000)
@@ -255,10 +240,6 @@ def test_a_hung_call_degrades_the_agent_but_not_its_loop(
         t0 = time.monotonic()
         assert agent.terminate() == 0  # SIGTERM is honoured with a call still hung
         assert time.monotonic() - t0 < 8
-    finally:
-        done.set()
-        receiver.join(2)
-        sock.close()
 
 
 def test_the_agent_recovers_when_the_hung_call_returns(
