@@ -21,12 +21,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from flood import IdleConnections  # noqa: E402
+
 SERVER = """
 import sys
 from pathlib import Path
@@ -56,38 +58,6 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def flood(path: str, keep: int, stop: threading.Event, opened: list[int]) -> None:
-    """Keep ``keep`` silent connections open, replacing those the server closes."""
-    held: list[socket.socket] = []
-    while not stop.is_set():
-        alive = []
-        for s in held:
-            try:
-                gone = s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
-            except BlockingIOError:
-                gone = False
-            except OSError:
-                gone = True
-            if gone:
-                s.close()
-            else:
-                alive.append(s)
-        held = alive
-        for _ in range(keep - len(held)):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(0.5)
-            try:
-                s.connect(path)
-            except OSError:
-                s.close()
-                continue
-            held.append(s)
-            opened[0] += 1
-        stop.wait(0.02)
-    for s in held:
-        s.close()
-
-
 def run(src: Path, requests: int, keep: int) -> Result:
     from gputel.control.client import request
     from gputel.control.protocol import ControlError
@@ -103,29 +73,23 @@ def run(src: Path, requests: int, keep: int) -> Result:
             env=env,
         )
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        stop = threading.Event()
-        opened = [0]
-        flooder = threading.Thread(target=flood, args=(str(path), keep, stop, opened))
-        if keep:
-            flooder.start()
-            time.sleep(1.0)
         times: list[float] = []
         failures = 0
-        cpu0 = cpu_s(proc.pid)
         try:
-            for _ in range(requests):
-                t0 = time.perf_counter()
-                try:
-                    ok = request(run_dir, {"op": "status"}, timeout=1.0).get("ok") is True
-                except ControlError:
-                    ok = False
-                times.append(time.perf_counter() - t0)
-                failures += not ok
+            with IdleConnections([(socket.AF_UNIX, str(path), keep)], period=0.02) as idle:
+                if keep:
+                    time.sleep(1.0)
+                cpu0 = cpu_s(proc.pid)
+                for _ in range(requests):
+                    t0 = time.perf_counter()
+                    try:
+                        ok = request(run_dir, {"op": "status"}, timeout=1.0).get("ok") is True
+                    except ControlError:
+                        ok = False
+                    times.append(time.perf_counter() - t0)
+                    failures += not ok
+                cpu = cpu_s(proc.pid) - cpu0
         finally:
-            cpu = cpu_s(proc.pid) - cpu0
-            stop.set()
-            if keep:
-                flooder.join()
             proc.stdin.close()  # type: ignore[union-attr]
             proc.wait(5)
     times.sort()
@@ -137,7 +101,7 @@ def run(src: Path, requests: int, keep: int) -> Result:
         p99_ms=times[int(0.99 * (len(times) - 1))] * 1e3,
         max_ms=times[-1] * 1e3,
         cpu_ms=cpu / requests * 1e3,
-        flood_opened=opened[0],
+        flood_opened=idle.opened,
     )
 
 

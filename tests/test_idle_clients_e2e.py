@@ -7,13 +7,13 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from flood import IdleConnections
 from gputel import hooks
 from gputel.control.client import request
 from gputel.runtime import CONTROL_SOCKET
@@ -26,65 +26,21 @@ UNIX_IDLE = 400
 TCP_IDLE = 150
 
 
-def _connect(family: int, address: object) -> socket.socket | None:
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.settimeout(2)
-    try:
-        s.connect(address)  # type: ignore[arg-type]
-    except OSError:  # a full backlog (EAGAIN on Unix sockets): try again on the next round
-        s.close()
-        return None
-    return s
-
-
 @contextlib.contextmanager
 def idle_flood(agent: AgentProc) -> Iterator[None]:
     """Keeps UNIX_IDLE Unix and TCP_IDLE TCP connections open that never send a byte; the
     ones the servers close are replaced, so the pressure lasts for the whole test."""
-    stop = threading.Event()
-    unix_path = str(agent.run_dir / CONTROL_SOCKET)
-    tcp_address = ("127.0.0.1", agent.port)
-    held: list[socket.socket] = []
-
-    def keep_up() -> None:
-        while not stop.is_set():
-            alive = []
-            for s in held:
-                s.setblocking(False)
-                try:
-                    gone = s.recv(1, socket.MSG_PEEK) is not None  # a reply or EOF: closed
-                except BlockingIOError:
-                    gone = False
-                except OSError:
-                    gone = True
-                if gone:
-                    s.close()
-                else:
-                    alive.append(s)
-            held[:] = alive
-            unix = sum(1 for s in held if s.family == socket.AF_UNIX)
-            for _ in range(UNIX_IDLE - unix):
-                if (s := _connect(socket.AF_UNIX, unix_path)) is not None:
-                    held.append(s)
-            for _ in range(TCP_IDLE - (len(held) - unix)):
-                if (s := _connect(socket.AF_INET, tcp_address)) is not None:
-                    held.append(s)
-            stop.wait(0.1)
-
-    flooder = threading.Thread(target=keep_up, daemon=True)
-    flooder.start()
-    try:
+    targets = [
+        (socket.AF_UNIX, str(agent.run_dir / CONTROL_SOCKET), UNIX_IDLE),
+        (socket.AF_INET, ("127.0.0.1", agent.port), TCP_IDLE),
+    ]
+    with IdleConnections(targets) as idle:
         deadline = time.monotonic() + 10
-        while len(held) < (UNIX_IDLE + TCP_IDLE) // 2 and time.monotonic() < deadline:
+        while len(idle.held) < (UNIX_IDLE + TCP_IDLE) // 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(held) >= (UNIX_IDLE + TCP_IDLE) // 2, "the idle connections did not open"
+        assert len(idle.held) >= (UNIX_IDLE + TCP_IDLE) // 2, "the idle connections did not open"
         yield
-        assert len(held) >= (UNIX_IDLE + TCP_IDLE) // 2, "the idle connections did not last"
-    finally:
-        stop.set()
-        flooder.join(5)
-        for s in held:
-            s.close()
+        assert len(idle.held) >= (UNIX_IDLE + TCP_IDLE) // 2, "the idle connections did not last"
 
 
 def test_status_hooks_and_scrapes_succeed_among_hundreds_of_idle_connections(
