@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import fields
 
 import pytest
 
+from fakedriver import FakeDriver, scenario
 from gputel.schema import GpuReading
+from gputel.sources import nvml
 from gputel.sources.base import GpuIdentity
 from gputel.telemetry.gpu_deadline import DeadlineGpuSource, with_read_deadline
+from gputel.telemetry.sampler import Sampler
 
 
 class TwoGpus:
@@ -80,3 +84,50 @@ def test_only_sources_that_read_one_gpu_are_wrapped() -> None:
 
     whole = Whole()
     assert with_read_deadline(whole, 1.0) is whole  # type: ignore[arg-type]
+
+
+# ------------------------------------------------- one GPU's exception, over the real binding
+def _filled(r: GpuReading) -> set[str]:
+    return {f.name for f in fields(r) if getattr(r, f.name) not in (None, False, {}, ())}
+
+
+@pytest.mark.parametrize("error", ["nvml", "python"])
+def test_an_exception_on_one_gpu_leaves_the_others_row_whole(
+    inproc_driver: FakeDriver, error: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read of GPU 1 that raises (an NVML error the source did not turn into values, or any
+    Python exception) empties GPU 1's row for that tick; GPU 0's row is whole."""
+    inproc_driver.write(scenario(2))
+    source = nvml.open_nvml(None)
+    try:
+        source.read()  # the first read finds out what the GPUs support
+        healthy = source.read()
+        nv = source.binding
+        fault: BaseException = nv.NVMLError(999) if error == "nvml" else ValueError("garbled")
+        read_gpu = source.read_gpu
+        failing = {1}
+
+        def faulty(index: int) -> GpuReading:
+            reading = read_gpu(index)
+            if index in failing:
+                raise fault
+            return reading
+
+        source.read_gpu = faulty  # type: ignore[method-assign]
+        sampler = Sampler(with_read_deadline(source, 1.0))
+        for _ in range(2):
+            r0, r1 = sampler.sample().gpus
+            assert r0.temperature_c == 31.0 and r0.power_w == 69.5 and not r0.stuck
+            assert _filled(r0) >= _filled(healthy[0])  # every value GPU 0 gives when alone
+            assert (r1.index, r1.uuid, r1.temperature_c, r1.stuck) == (
+                1,
+                healthy[1].uuid,
+                None,
+                False,
+            )
+        failed = [r for r in caplog.records if "its read failed" in r.getMessage()]
+        assert len(failed) == 1 and "GPU 1" in failed[0].getMessage()  # once, not every tick
+        failing.clear()
+        assert sampler.sample().gpus[1].temperature_c == 31.0
+    finally:
+        source.close()

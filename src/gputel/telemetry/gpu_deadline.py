@@ -6,7 +6,8 @@ heartbeat (and the agent would then kill the recorder as hung and start a new on
 hang). So each GPU gets its own reader thread; each tick hands every idle reader one read and
 waits until the tick's deadline. A GPU whose read has not returned by then gives an empty row
 marked ``stuck`` (``gputel_gpu_read_stuck`` 1) and is not asked again until that read returns;
-its late result is dropped (it belongs to a past tick) and the next tick reads it afresh.
+its late result is dropped (it belongs to a past tick) and the next tick reads it afresh. A read
+that raises costs that GPU's row for that tick only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, cast
 
+from gputel.formats import error_line
 from gputel.schema import GpuReading
 from gputel.sources.base import GpuIdentity, GpuSource
 
@@ -102,6 +104,8 @@ class DeadlineGpuSource:
         self._devices = list(source.devices())
         self._readers = {d.index: _Reader(d.index, source.read_gpu) for d in self._devices}
         self._stuck: set[int] = set()
+        self._failing: dict[int, str] = {}
+        """GPU index -> the error its last read raised, while its reads fail."""
 
     def devices(self) -> list[GpuIdentity]:
         return self.source.devices()
@@ -128,7 +132,6 @@ class DeadlineGpuSource:
         started = {i: r.start(now) for i, r in self._readers.items()}
         end = now + self.deadline_s
         readings: list[GpuReading] = []
-        error: BaseException | None = None
         for d in self.source.devices():
             reader = self._readers.get(d.index)
             outcome = None
@@ -142,12 +145,31 @@ class DeadlineGpuSource:
                 self._stuck.discard(d.index)
                 log.warning("GPU %d answers again: its reads resume", d.index)
             if exc is not None:
-                error = error or exc
+                self._failed(d, exc)
                 result = None
+            elif d.index in self._failing:
+                del self._failing[d.index]
+                log.info("GPU %d reads again after a failed read", d.index)
             readings.append(result if result is not None else GpuReading(d.index, d.uuid, d.name))
-        if error is not None:
-            raise error  # a bug, not the driver: the sampler reports the source down
         return readings
+
+    def _failed(self, d: GpuIdentity, exc: BaseException) -> None:
+        """A read that raised costs that GPU's row this tick, never the other GPUs' rows.
+
+        The source turns every driver answer into values, so an exception here is a bug or a
+        binding surprise: logged with its traceback once per distinct error, while it repeats.
+        """
+        line = error_line(exc)
+        if self._failing.get(d.index) != line:
+            self._failing[d.index] = line
+            log.error(
+                "GPU %d (%s): its read failed (%s); its values stay empty while the other GPUs "
+                "keep recording",
+                d.index,
+                d.uuid or "uuid unknown",
+                line,
+                exc_info=exc,
+            )
 
     def _stuck_reading(self, d: GpuIdentity, reader: _Reader | None) -> GpuReading:
         if d.index not in self._stuck:
