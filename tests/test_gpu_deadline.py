@@ -62,7 +62,7 @@ def test_a_hung_gpu_is_stuck_until_its_call_returns(caplog: pytest.LogCaptureFix
     assert len([r for r in caplog.records if "did not return" in r.getMessage()]) == 1
     inner.release.set()
     deadline = time.monotonic() + 10
-    while src._readers[0].busy and time.monotonic() < deadline:
+    while src.readers.stuck and time.monotonic() < deadline:
         time.sleep(0.01)  # the hung call returning, on its own thread
     first = src.read()[0]  # the late result belongs to a past tick; this tick reads afresh
     assert not first.stuck and first.temperature_c == 40.0
@@ -131,3 +131,32 @@ def test_an_exception_on_one_gpu_leaves_the_others_row_whole(
         assert sampler.sample().gpus[1].temperature_c == 31.0
     finally:
         source.close()
+
+
+def test_a_gpu_over_its_budget_is_stuck_while_the_others_rows_come_every_tick(
+    inproc_driver: FakeDriver,
+) -> None:
+    """Over the real binding: GPU 1's temperature call hangs in the driver. Every tick GPU 0
+    and GPU 2 give whole rows, GPU 1 an empty 'stuck' one, and GPU 1 is not asked again until
+    its call returns."""
+    inproc_driver.write(scenario(3))
+    source = nvml.open_nvml(None)
+    src = DeadlineGpuSource(source, deadline_s=0.2)
+    try:
+        assert [r.temperature_c for r in src.read()] == [31.0, 31.0, 31.0]
+        inproc_driver.set(gpu__1__temperature__sleep_ms=120_000)
+        for _ in range(5):
+            r0, r1, r2 = src.read()
+            assert r0.temperature_c == r2.temperature_c == 31.0 and not (r0.stuck or r2.stuck)
+            assert r1.stuck and r1.temperature_c is None and r1.power_w is None
+        assert src.stuck == [1]
+        assert inproc_driver.calls("temperature", 1) == 2  # the healthy read and the hung one
+        assert inproc_driver.calls("temperature", 0) == 6
+        inproc_driver.set(gpu__1__temperature__sleep_ms=None)
+        deadline = time.monotonic() + 30
+        while src.readers.stuck and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r1 = src.read()[1]
+        assert not r1.stuck and r1.temperature_c == 31.0 and src.stuck == []
+    finally:
+        src.close()
