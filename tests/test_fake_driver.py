@@ -28,6 +28,7 @@ from fakedriver import (
     exported_symbols,
     scenario,
 )
+from gputel.sources import nvml_binding
 
 SRC = Path(nvml_module.__file__).resolve().parents[1]
 
@@ -39,7 +40,8 @@ def _pynvml_calls_in_gputel() -> set[str]:
         text = path.read_text()
         names.update(re.findall(r"\bnv\.(nvml\w+)\(", text))
         names.update(re.findall(r"[\"'](nvml(?:Device|System|Gpm|Event)\w+)[\"']", text))
-    names.update({"nvmlInit", "nvmlShutdown", "nvmlErrorString"})
+    names.update(nvml_binding.FUNCTIONS)
+    names.update({"nvmlErrorString"})
     return names
 
 

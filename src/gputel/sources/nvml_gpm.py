@@ -14,8 +14,8 @@ bandwidth, FP16/32/64 pipes, PCIe and NVLink bytes. How it is read:
 - a MIG GPU is sampled per GPU instance (``nvmlGpmMigSampleGet``), one pair per instance; its
   MIG devices (found through their handles, re-listed once a minute) carry SM activity and
   memory;
-- every NVML call goes through the source's one asking rule (``NvmlGpuSource._ask``), and a
-  metric the driver answers ``NOT_SUPPORTED`` for is not requested again.
+- every NVML call goes through the one asking rule (``sources/nvml_calls.py``), and a metric the
+  driver answers ``NOT_SUPPORTED`` for is not requested again.
 
 The metrics request is the binding's ``c_nvmlGpmMetricsGet_t``, whose ``metrics`` array length
 differs between binding versions (98 entries in 12.535, 477 later): only ``numMetrics`` entries
@@ -29,10 +29,13 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import Any, Protocol
+from typing import Any
 
+from gputel.formats import one_line
 from gputel.schema import MIB, GpuReading, MigReading
+from gputel.sources import nvml_binding as b
+from gputel.sources.nvml_calls import NvmlCalls
+from gputel.sources.nvml_gpu import NO_DEVICE, NvmlGpu, text
 
 log = logging.getLogger("gputel.nvml")
 
@@ -56,19 +59,6 @@ _PCIE = ("pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s")
 #: Seconds between re-listings of a MIG GPU's devices (instances are created and destroyed by
 #: the operator, rarely; listing costs a few calls).
 _MIG_RELIST_S = 60.0
-_NOT_FOUND = 6
-
-
-class Ask(Protocol):
-    """``NvmlGpuSource._ask``: one NVML call for one field, None when it gives no value."""
-
-    def __call__(
-        self, gpu: Any, key: str, fn_name: str, *args: Any, device: Any = ..., **kwargs: Any
-    ) -> Any: ...
-
-
-#: ``NvmlGpuSource._failed``: what a per-metric return code means (same rule as a call's).
-Failed = Callable[[Any, str, "int | None", str], None]
 
 
 @dataclass(eq=False)
@@ -91,7 +81,7 @@ class _MigDevice:
 
 @dataclass(eq=False)
 class GpmState:
-    """One GPU's GPM state, kept in the source's per-GPU record (``_Gpu.gpm``)."""
+    """One GPU's GPM state, kept by the reader per GPU index."""
 
     supported: bool | None = None
     """None until asked."""
@@ -102,46 +92,55 @@ class GpmState:
 
 
 class GpmReader:
-    """GPM reads for the GPUs of one :class:`~gputel.sources.nvml.NvmlGpuSource`.
+    """GPM reads for the GPUs of one source, over its asking rule. Callers hold the GPU's
+    lock; each GPU's state is touched only under it."""
 
-    ``nv`` is the loaded binding; ``ask`` and ``failed`` are the source's asking rule. Callers
-    hold the GPU's lock.
-    """
-
-    def __init__(
-        self,
-        nv: ModuleType,
-        ask: Ask,
-        failed: Failed,
-        no_device: object,
-        clock: Callable[[], float],
-    ) -> None:
-        self._nv = nv
-        self._ask = ask
-        self._failed = failed
-        self._no_device = no_device
+    def __init__(self, calls: NvmlCalls, clock: Callable[[], float]) -> None:
+        self._calls = calls
+        self._ask = calls.ask
         self._clock = clock
+        api = calls.api
+        self._error = api.error
         self._metrics = [
-            (attr, int(getattr(nv, const)), factor)
+            (attr, metric, factor)
             for attr, const, factor in GPM_METRICS
-            if hasattr(nv, const)
+            if (metric := api.optional_const(const)) is not None
         ]
-        self._request_type = getattr(nv, "c_nvmlGpmMetricsGet_t", None)
-        self._version = int(getattr(nv, "NVML_GPM_METRICS_GET_VERSION", 1))
+        self._request_type = getattr(api.module, "c_nvmlGpmMetricsGet_t", None)
+        self._version = api.const("NVML_GPM_METRICS_GET_VERSION", 1)
+        self._support_fn = api.fn("nvmlGpmQueryDeviceSupport")
+        self._alloc_fn = api.fn("nvmlGpmSampleAlloc")
+        self._free_fn = api.fn("nvmlGpmSampleFree")
+        self._sample_fn = api.fn("nvmlGpmSampleGet")
+        self._mig_sample_fn = api.fn("nvmlGpmMigSampleGet")
+        self._metrics_fn = api.fn("nvmlGpmMetricsGet")
+        self._mig_count_fn = api.fn("nvmlDeviceGetMaxMigDeviceCount")
+        self._mig_handle_fn = api.fn("nvmlDeviceGetMigDeviceHandleByIndex")
+        self._gi_fn = api.fn("nvmlDeviceGetGpuInstanceId")
+        self._ci_fn = api.fn("nvmlDeviceGetComputeInstanceId")
+        self._uuid_fn = api.fn("nvmlDeviceGetUUID")
+        self._memory_fn = api.fn("nvmlDeviceGetMemoryInfo")
+        self._states: dict[int, GpmState] = {}
+
+    def _state(self, gpu: NvmlGpu) -> GpmState:
+        state = self._states.get(gpu.index)
+        if state is None:
+            state = self._states[gpu.index] = GpmState()
+        return state
 
     # ------------------------------------------------------------------------ support
-    def supported(self, gpu: Any) -> bool:
+    def supported(self, gpu: NvmlGpu) -> bool:
         """Whether the driver offers GPM for ``gpu`` (asked once; no binding support: no)."""
-        state: GpmState = gpu.gpm
+        state = self._state(gpu)
         if state.supported is None:
             if self._request_type is None:
                 state.supported = False
             else:
-                support = self._ask(gpu, "gpm", "nvmlGpmQueryDeviceSupport")
+                support = self._ask(gpu, "gpm", self._support_fn)
                 state.supported = bool(support is not None and support.isSupportedDevice)
         return state.supported
 
-    def gives_pcie(self, gpu: Any) -> bool:
+    def gives_pcie(self, gpu: NvmlGpu) -> bool:
         """Whether PCIe throughput comes from GPM (so the ~20 ms throughput calls are skipped)."""
         return (
             not gpu.mig
@@ -151,7 +150,7 @@ class GpmReader:
         )
 
     # ------------------------------------------------------------------------ reads
-    def fill(self, gpu: Any, reading: GpuReading) -> None:
+    def fill(self, gpu: NvmlGpu, reading: GpuReading) -> None:
         """The full read: every metric of the whole GPU, or the MIG devices of a MIG GPU."""
         if not self.supported(gpu):
             return
@@ -163,7 +162,7 @@ class GpmReader:
             setattr(reading, attr, value)
         reading.has_gpm = self._gives_sm(gpu)
 
-    def fill_light(self, gpu: Any, reading: GpuReading) -> None:
+    def fill_light(self, gpu: NvmlGpu, reading: GpuReading) -> None:
         """The agent's light read: SM activity only (MIG: per device, without memory)."""
         if not self.supported(gpu):
             return
@@ -175,14 +174,14 @@ class GpmReader:
         reading.has_gpm = self._gives_sm(gpu)
 
     @staticmethod
-    def _gives_sm(gpu: Any) -> bool:
+    def _gives_sm(gpu: NvmlGpu) -> bool:
         """Whether the GPU's SM activity is measured (if not this tick, then from the next)."""
         return "gpm" not in gpu.unsupported and f"gpm.{_SM}" not in gpu.unsupported
 
-    def mig_readings(self, gpu: Any, *, memory: bool) -> tuple[MigReading, ...]:
+    def mig_readings(self, gpu: NvmlGpu, *, memory: bool) -> tuple[MigReading, ...]:
         """One reading per MIG device: its GPU instance's SM activity, with ``memory`` its
         memory (from the MIG device's own handle)."""
-        state: GpmState = gpu.gpm
+        state = self._state(gpu)
         now = self._clock()
         if state.mig_listed_at is None or now - state.mig_listed_at >= _MIG_RELIST_S:
             self._list_mig(gpu, now)
@@ -197,7 +196,7 @@ class GpmReader:
                 info = self._ask(
                     gpu,
                     f"mig.{dev.gi}.{dev.ci}.memory",
-                    "nvmlDeviceGetMemoryInfo",
+                    self._memory_fn,
                     device=dev.handle,
                 )
                 if info is not None:
@@ -206,39 +205,39 @@ class GpmReader:
             out.append(r)
         return tuple(out)
 
-    def _list_mig(self, gpu: Any, now: float) -> None:
+    def _list_mig(self, gpu: NvmlGpu, now: float) -> None:
         """The GPU's MIG devices. Slots without a device answer NOT_FOUND, which is the answer,
         not a failed read; any other failure keeps the previous list for this minute."""
-        state: GpmState = gpu.gpm
+        state = self._state(gpu)
         state.mig_listed_at = now
-        count = self._ask(gpu, "mig.count", "nvmlDeviceGetMaxMigDeviceCount")
+        count = self._ask(gpu, "mig.count", self._mig_count_fn)
         if count is None:
             return
-        nv = self._nv
-        error: type[BaseException] = getattr(nv, "NVMLError", Exception)
         devices: list[_MigDevice] = []
         for j in range(int(count)):
             try:
-                handle = nv.nvmlDeviceGetMigDeviceHandleByIndex(gpu.handle, j)
-            except error as exc:
-                if getattr(exc, "value", None) == _NOT_FOUND:
+                if self._mig_handle_fn is None:
+                    raise self._calls.api.function_not_found("nvmlDeviceGetMigDeviceHandleByIndex")
+                handle = self._mig_handle_fn(gpu.handle, j)
+            except self._error as exc:
+                code = b.error_code(exc)
+                if code == b.NOT_FOUND:
                     continue
-                self._failed(gpu, "mig.devices", getattr(exc, "value", None), str(exc))
+                self._calls.failed(gpu, "mig.devices", code, one_line(exc))
                 return
-            gi = self._ask(gpu, "mig.gi", "nvmlDeviceGetGpuInstanceId", device=handle)
+            gi = self._ask(gpu, "mig.gi", self._gi_fn, device=handle)
             if gi is None:
                 continue
-            ci = self._ask(gpu, "mig.ci", "nvmlDeviceGetComputeInstanceId", device=handle)
-            uuid = self._ask(gpu, "mig.uuid", "nvmlDeviceGetUUID", device=handle)
-            text = uuid.decode() if isinstance(uuid, bytes) else str(uuid or "")
-            devices.append(_MigDevice(handle, int(gi), None if ci is None else int(ci), text))
+            ci = self._ask(gpu, "mig.ci", self._ci_fn, device=handle)
+            uuid = text(self._ask(gpu, "mig.uuid", self._uuid_fn, device=handle))
+            devices.append(_MigDevice(handle, int(gi), None if ci is None else int(ci), uuid))
         gone = {d.gi for d in state.mig_devices} - {d.gi for d in devices}
         for gi in gone:
             self._free_pair(state.pairs.pop(gi, None))
         state.mig_devices = devices
 
     def _measure(
-        self, gpu: Any, instance: int, wanted: list[tuple[str, int, float]]
+        self, gpu: NvmlGpu, instance: int, wanted: list[tuple[str, int, float]]
     ) -> dict[str, float | None]:
         """Take one sample of the GPU (``instance`` -1) or a GPU instance and compute ``wanted``
         over it and the previous one; empty on the first sample or a failed one."""
@@ -250,9 +249,9 @@ class GpmReader:
         target = 0 if pair.newest < 0 else 1 - pair.newest
         sample = pair.samples[target]
         if instance < 0:
-            got = self._ask(gpu, "gpm", "nvmlGpmSampleGet", sample)
+            got = self._ask(gpu, "gpm", self._sample_fn, sample)
         else:
-            got = self._ask(gpu, f"gpm.mig.{instance}", "nvmlGpmMigSampleGet", instance, sample)
+            got = self._ask(gpu, f"gpm.mig.{instance}", self._mig_sample_fn, instance, sample)
         if got is None:
             return {}
         previous = pair.newest
@@ -266,7 +265,7 @@ class GpmReader:
         request.sample2 = sample
         for k, (_attr, metric_id, _factor) in enumerate(wanted):
             request.metrics[k].metricId = metric_id
-        result = self._ask(gpu, "gpm.metrics", "nvmlGpmMetricsGet", request, device=self._no_device)
+        result = self._ask(gpu, "gpm.metrics", self._metrics_fn, request, device=NO_DEVICE)
         if result is None:
             return {}
         gpu.reads += len(wanted) - 1  # each metric is a read of its own for the lost rule
@@ -275,7 +274,7 @@ class GpmReader:
             m = result.metrics[k]
             status = int(m.nvmlReturn)
             if status != 0:
-                self._failed(
+                self._calls.failed(
                     gpu, f"gpm.{attr}", status, f"GPM metric {metric_id} returned {status}"
                 )
                 out[attr] = None
@@ -284,14 +283,14 @@ class GpmReader:
             out[attr] = value * factor if math.isfinite(value) and value >= 0 else None
         return out
 
-    def _pair(self, gpu: Any, instance: int) -> _Pair | None:
-        state: GpmState = gpu.gpm
+    def _pair(self, gpu: NvmlGpu, instance: int) -> _Pair | None:
+        state = self._state(gpu)
         pair = state.pairs.get(instance)
         if pair is not None:
             return pair
         samples: list[Any] = []
         for _ in range(2):
-            sample = self._ask(gpu, "gpm.alloc", "nvmlGpmSampleAlloc", device=self._no_device)
+            sample = self._ask(gpu, "gpm.alloc", self._alloc_fn, device=NO_DEVICE)
             if sample is None:
                 for s in samples:
                     self._free(s)
@@ -303,9 +302,9 @@ class GpmReader:
         return pair
 
     # ------------------------------------------------------------------------ close
-    def close(self, gpu: Any) -> None:
+    def close(self, gpu: NvmlGpu) -> None:
         """Free the GPU's samples (before NVML shuts down; the caller holds the GPU's lock)."""
-        state: GpmState = gpu.gpm
+        state = self._state(gpu)
         for pair in state.pairs.values():
             self._free_pair(pair)
         state.pairs.clear()
@@ -316,8 +315,8 @@ class GpmReader:
                 self._free(s)
 
     def _free(self, sample: Any) -> None:
-        nv = self._nv
         try:
-            nv.nvmlGpmSampleFree(sample)
+            if self._free_fn is not None:
+                self._free_fn(sample)
         except Exception as exc:  # the driver frees it at exit anyway
-            log.debug("nvmlGpmSampleFree failed: %s", exc)
+            log.debug("nvmlGpmSampleFree failed: %s", one_line(exc))
