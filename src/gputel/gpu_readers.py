@@ -71,9 +71,10 @@ class _Wakeup:
 
 
 class _Round:
-    __slots__ = ("calls", "done", "next", "pending", "results", "workers")
+    __slots__ = ("budget", "calls", "done", "next", "pending", "results", "workers")
 
-    def __init__(self) -> None:
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
         self.calls: list[tuple[int, Callable[[], Any]]] = []
         self.next = 0
         self.results: dict[int, Outcome] = {}
@@ -83,13 +84,16 @@ class _Round:
 
 
 class _Worker:
-    __slots__ = ("key", "round", "slow", "started", "wake")
+    __slots__ = ("key", "round", "slow", "started", "started_at", "wake")
 
     def __init__(self) -> None:
         self.wake = _Wakeup()
         self.round: _Round | None = None
         self.key: int | None = None
         self.started = 0.0
+        """``time.monotonic()`` when the current read began: budgets are real time."""
+        self.started_at = 0.0
+        """The same moment on the reader's clock (an injected one in tests): ``stuck_for``."""
         self.slow = False
 
 
@@ -114,11 +118,14 @@ class GpuReaders:
         self._closed = False
 
     # ------------------------------------------------------------------ the caller's side
-    def read(self, calls: Sequence[tuple[int, Callable[[], Any]]]) -> dict[int, Outcome]:
+    def read(
+        self, calls: Sequence[tuple[int, Callable[[], Any]]], budget_s: float | None = None
+    ) -> dict[int, Outcome]:
         """Each call's outcome by its key; a key whose earlier call is still parked is
-        ``stuck`` without being called."""
+        ``stuck`` without being called. ``budget_s``: this round's budget per read, instead of
+        the reader's."""
         with self._round_lock:
-            rnd = _Round()
+            rnd = _Round(self.budget_s if budget_s is None else budget_s)
             with self._mu:
                 for key, fn in calls:
                     if key in self._parked:
@@ -135,11 +142,11 @@ class GpuReaders:
     def _watch(self, rnd: _Round) -> float:
         """Mark overrunning reads stuck, let another worker past slow ones; the seconds until
         the next reason to look again."""
-        budget = self.budget_s
+        budget = rnd.budget
         with self._mu:
             if not rnd.pending:
                 return 0.0
-            now = self._clock()
+            now = time.monotonic()
             wake_at = now + PATIENCE_S
             more = not rnd.workers
             for w in list(rnd.workers):
@@ -149,7 +156,7 @@ class GpuReaders:
                 if now - w.started >= budget:
                     rnd.results[key] = STUCK
                     rnd.pending -= 1
-                    self._parked[key] = (w, w.started)
+                    self._parked[key] = (w, w.started_at)
                     w.round = None
                     rnd.workers.remove(w)
                     more = True
@@ -202,7 +209,8 @@ class GpuReaders:
                     return self._retire(w, rnd)
                 key, fn = rnd.calls[rnd.next]
                 rnd.next += 1
-                w.key, w.started, w.slow = key, self._clock(), False
+                w.key, w.started, w.started_at = key, time.monotonic(), self._clock()
+                w.slow = False
             outcome: Outcome
             try:
                 outcome = ("ok", fn())

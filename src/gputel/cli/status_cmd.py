@@ -193,6 +193,8 @@ def _gpu_table(table_cls: Any, gpus: list[dict[str, Any]]) -> Any:
         name = str(g.get("name") or "")
         if g.get("lost"):
             name += " [red](lost)[/red]"
+        if g.get("stuck"):
+            name = f"[red](stuck)[/red] {name}"  # first: a long name is cut at the right
         table.add_row(_fmt(g.get("index")), name, *(_gpu_cell(t, g) for t in shown))
     return table
 

@@ -166,6 +166,7 @@ class ControlApi:
             hb = (child.fresh_heartbeat() if child is not None else None) or {}
             allocations += detected_allocations(hb, {str(a["id"]) for a in allocations})
             processes = hb.get("processes")
+            stuck = set(agent.stuck) | set(child_info["gpus_stuck"] if child_info else [])
             gpus = [
                 {
                     "index": d.index,
@@ -174,6 +175,7 @@ class ControlApi:
                     "utilization_gpu_pct": agent.utilization.get(d.index),
                     "activity_pct": agent.activity.get(d.index),
                     "power_w": agent.power.get(d.index),
+                    "stuck": d.index in stuck,
                 }
                 for d in agent.devices
             ]
@@ -249,6 +251,7 @@ class ControlApi:
                 child_up=child is not None and child.running,
                 allocations_open=agent.open_allocations(),
                 gpu_read_degraded=agent.degraded is not None,
+                gpus_stuck=[(str(d.index), d.uuid, d.index in agent.stuck) for d in agent.devices],
                 poll_duration_s=agent.poll_duration_s,
                 transitions=dict(agent.transition_counts),
                 restarts=dict(child.restarts) if child is not None else {},

@@ -16,20 +16,14 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Protocol, cast
+from typing import cast
 
 from gputel.formats import error_line
 from gputel.gpu_readers import GpuReaders
 from gputel.schema import GpuReading
-from gputel.sources.base import GpuIdentity, GpuSource
+from gputel.sources.base import GpuIdentity, GpuSource, PerGpuSource
 
 log = logging.getLogger("gputel.telemetry.gpu_deadline")
-
-
-class PerGpuSource(GpuSource, Protocol):
-    """A GPU source whose GPUs can be read one at a time, each while another is hung (NVML)."""
-
-    def read_gpu(self, index: int) -> GpuReading: ...
 
 
 class DeadlineGpuSource:
