@@ -33,8 +33,11 @@ Outcome = tuple[ReadStatus, Any]
 """``("ok", value)``, ``("error", exception)`` or ``("stuck", None)``."""
 
 #: A read still running after this long lets another worker carry on with the next GPUs. A
-#: healthy read of one GPU takes well under a millisecond of CPU (docs/performance.md).
-PATIENCE_S = 0.005
+#: healthy read of one GPU takes well under a millisecond of CPU (docs/performance.md), yet on a
+#: busy machine a worker may wait several milliseconds for a core: shorter would start second
+#: workers for nothing. A GPU without GPM spends ~40 ms in its PCIe throughput calls, so such GPUs
+#: start 20 ms apart: 8 of them take about 200 ms of wall time per tick, not 320 ms.
+PATIENCE_S = 0.02
 #: Idle workers kept for later rounds; more exit once their read returns.
 MAX_IDLE = 4
 
