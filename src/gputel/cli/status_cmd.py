@@ -47,7 +47,7 @@ def _read_gpus(
         source.close()
     attribution = ProcessAttribution(settings.proc_root)
     processes = {
-        "processes": [asdict(p) for p in attribution.records(readings)],
+        "processes": [p.to_json() for p in attribution.records(readings)],
         "processes_notice": attribution.notice,
     }
     return [_reading_dict(r) for r in readings], getattr(source, "name", None), notice, processes

@@ -25,7 +25,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -289,7 +289,7 @@ class Recorder:
             "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
             "pretrigger": {"ticks": self.head_ticks, "seconds": round(self.head_s, 3)},
             "detected": self.detected.open(),
-            "processes": [asdict(p) for p in sample.processes],
+            "processes": [p.to_json() for p in sample.processes],
             "processes_notice": self.attribution.notice,
         }
         try:
