@@ -19,6 +19,15 @@ class GpuLost(Exception):
     """Unwinds one GPU's read as soon as it turns out to be lost."""
 
 
+class CallRefused(Exception):
+    """A call answered a code its caller declared a refusal (``NvmlCalls.ask(refused=...)``):
+    the caller decides what the refusal means for the GPU."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
 #: ``NvmlCalls.ask(..., device=NO_DEVICE)``: a call that takes no device handle (GPM samples,
 #: metrics).
 NO_DEVICE = object()
