@@ -42,6 +42,7 @@ from gputel.formats import one_line
 from gputel.schema import MIB, GpuReading, MigReading
 from gputel.sources import nvml_binding as b
 from gputel.sources.nvml_calls import NvmlCalls
+from gputel.sources.nvml_direct import plain
 from gputel.sources.nvml_gpu import NO_DEVICE, CallRefused, NvmlGpu, text
 
 log = logging.getLogger("gputel.nvml")
@@ -75,6 +76,18 @@ REFUSAL_FIX = (
 )
 #: The driver's module parameters, under GPUTEL_PROC_ROOT.
 PARAMS_FILE = Path("driver/nvidia/params")
+
+
+def _request_type(module: Any) -> Any:
+    """The metrics request, as a plain mirror of the binding's structure where it can be (its
+    results are read field by field every tick); None without GPM in the binding."""
+    struct = getattr(module, "c_nvmlGpmMetricsGet_t", None)
+    if struct is None:
+        return None
+    try:
+        return plain(struct)
+    except (AttributeError, TypeError):
+        return struct
 
 
 def profiling_admin_only(proc_root: Path) -> bool | None:
@@ -150,7 +163,7 @@ class GpmReader:
             for attr, const, factor in GPM_METRICS
             if (metric := api.optional_const(const)) is not None
         ]
-        self._request_type = getattr(api.module, "c_nvmlGpmMetricsGet_t", None)
+        self._request_type = _request_type(api.module)
         self._version = api.const("NVML_GPM_METRICS_GET_VERSION", 1)
         self._support_fn = api.fn("nvmlGpmQueryDeviceSupport")
         self._alloc_fn = api.fn("nvmlGpmSampleAlloc")
