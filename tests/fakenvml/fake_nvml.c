@@ -38,12 +38,19 @@
  *   gpu.i.fan_speed_pct=N  gpu.i.pstate=N  gpu.i.pcie.tx_kbps=N  gpu.i.pcie.rx_kbps=N
  *   gpu.i.ecc.corrected=N  gpu.i.ecc.uncorrected=N   (volatile totals; aggregate = same)
  *   gpu.i.field.ID=N          any other nvmlDeviceGetFieldValues field id (unsigned long long)
+ *   gpu.i.pcie.counters=1     field values 197/198 (NVML_FI_DEV_PCIE_COUNT_TX/RX_BYTES): byte
+ *                             counters growing at pcie.tx_kbps / pcie.rx_kbps (x1024 B/s)
  *   gpu.i.remapped_rows.correctable=N  .uncorrectable=N  .pending=0|1  .failure=0|1
  *                             nvmlDeviceGetRemappedRows (unsupported unless correctable is set)
  *   gpu.i.mig.mode=0|1  gpu.i.mig.pending=0|1  gpu.i.mig.max_count=N
  *   gpu.i.mig.j.gi=N  gpu.i.mig.j.ci=N  gpu.i.mig.j.uuid=S   MIG device j of GPU i exists when
  *                                                            mig.mode=1 and its gi is set
  *   gpu.i.gpm.supported=0|1   nvmlGpmQueryDeviceSupport
+ *   gpu.i.gpm.admin_only=1    profiling restricted to admin users, as a driver loaded with
+ *                             NVreg_RestrictProfilingToAdminUsers=1 (the default): the support
+ *                             query still answers, but GPM samples answer NO_PERMISSION (4) to
+ *                             a caller that is not an admin (effective uid 0; `caller.admin=0|1`
+ *                             overrides that, for tests that run as root)
  *   gpu.i.gpm.ID=F            GPM metric ID (nvmlGpmMetricId_t) value for the whole GPU
  *   gpu.i.mig.GI.gpm.ID=F     GPM metric ID for GPU instance GI (nvmlGpmMigSampleGet)
  *   gpu.i.mig.j.memory.total_bytes=N  gpu.i.mig.j.memory.used_bytes=N   MIG device j's memory
@@ -89,7 +96,7 @@
 typedef int nvmlReturn_t;
 enum {
     OK = 0, E_UNINITIALIZED = 1, E_INVALID_ARGUMENT = 2, E_NOT_SUPPORTED = 3,
-    E_NOT_FOUND = 6, E_INSUFFICIENT_SIZE = 7, E_TIMEOUT = 10,
+    E_NO_PERMISSION = 4, E_NOT_FOUND = 6, E_INSUFFICIENT_SIZE = 7, E_TIMEOUT = 10,
     E_ARGUMENT_VERSION_MISMATCH = 25,
 };
 
@@ -683,12 +690,21 @@ nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t d, int error_type, int cou
 }
 
 /* Field ids with a scenario key of their own: ECC totals (volatile) and the energy counter. */
-static nvmlReturn_t field_value(int index, unsigned int id, unsigned long long *v) {
+static nvmlReturn_t field_value(int index, unsigned int id, unsigned long long *v,
+                                unsigned long long t_ms) {
     const char *call = NULL, *key = NULL;
     if (id == 3) { call = "ecc"; key = "ecc.corrected"; }
     else if (id == 4) { call = "ecc"; key = "ecc.uncorrected"; }
     else if (id == 83) { call = "energy"; key = "energy_mj"; }
-    unsigned long long code;
+    unsigned long long code, on = 0, kbps = 0;
+    if ((id == 197 || id == 198) && get_num(&on, "gpu.%d.pcie.counters", index) && on) {
+        /* PCIe byte counters that grow at the scenario's throughput (KB/s of 1024 bytes). */
+        if (get_num(&code, "gpu.%d.field.%u.error", index, id)) return (nvmlReturn_t)code;
+        if (!get_num(&kbps, "gpu.%d.pcie.%s_kbps", index, id == 197 ? "tx" : "rx"))
+            return E_NOT_SUPPORTED;
+        *v = kbps * 1024ull * t_ms / 1000ull;
+        return OK;
+    }
     if (call != NULL) {
         if (get_num(&code, "gpu.%d.%s.error", index, call)) return (nvmlReturn_t)code;
         return get_num(v, "gpu.%d.%s", index, key) ? OK : E_NOT_SUPPORTED;
@@ -700,12 +716,13 @@ static nvmlReturn_t field_value(int index, unsigned int id, unsigned long long *
 nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t d, int count, nvmlFieldValue_t *values) {
     ENTER(d, "field_values");
     if (count < 0 || (count > 0 && values == NULL)) return E_INVALID_ARGUMENT;
+    unsigned long long t_ms = now_ms();
     for (int i = 0; i < count; i++) {
         unsigned long long v = 0;
-        values[i].timestamp = (long long)now_ms() * 1000;
+        values[i].timestamp = (long long)t_ms * 1000;
         values[i].latencyUsec = 0;
         values[i].valueType = 3; /* NVML_VALUE_TYPE_UNSIGNED_LONG_LONG */
-        values[i].nvmlReturn = field_value(d->index, values[i].fieldId, &v);
+        values[i].nvmlReturn = field_value(d->index, values[i].fieldId, &v, t_ms);
         values[i].value.ullVal = values[i].nvmlReturn == OK ? v : 0;
     }
     return OK;
@@ -1036,12 +1053,21 @@ nvmlReturn_t nvmlGpmSampleFree(nvmlGpmSample_t sample) {
     return OK;
 }
 
+/* Whether the caller may read profiling counters: root, unless the scenario says otherwise. */
+static int caller_is_admin(void) {
+    unsigned long long admin = geteuid() == 0;
+    get_num(&admin, "caller.admin");
+    return admin != 0;
+}
+
 static nvmlReturn_t gpm_sample(nvmlDevice_t d, int gpu_instance, nvmlGpmSample_t sample) {
     ENTER(d, "gpm");
     if (sample == NULL) return E_INVALID_ARGUMENT;
-    unsigned long long v = 0;
+    unsigned long long v = 0, admin_only = 0;
     get_num(&v, "gpu.%d.gpm.supported", d->index);
     if (v == 0) return E_NOT_SUPPORTED;
+    get_num(&admin_only, "gpu.%d.gpm.admin_only", d->index);
+    if (admin_only && !caller_is_admin()) return E_NO_PERMISSION;
     sample->device = d;
     sample->gpu_instance = gpu_instance;
     sample->taken_ns = now_ms() * 1000000ull;

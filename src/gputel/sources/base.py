@@ -43,6 +43,9 @@ class GpuIdentity:
     index: int
     uuid: str
     name: str
+    gpm: str | None = None
+    """GPM on this GPU as the source found it at open: ``available``, ``not supported`` or
+    ``refused: <why>; <fix>`` (None: the source cannot tell)."""
 
 
 class GpuSource(Protocol):

@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from gputel.activity import busiest_instance_pct
 from gputel.formats import one_line
@@ -42,8 +43,13 @@ from gputel.sources.base import EventListener, GpuIdentity, GpuSelectionError
 from gputel.sources.nvml_binding import NvmlApi, reset_nvml_state
 from gputel.sources.nvml_calls import LOST_CODES, REPROBE_S, NvmlCalls
 from gputel.sources.nvml_events import NvmlEventListener
-from gputel.sources.nvml_fields import FieldReader
-from gputel.sources.nvml_gpm import GpmReader
+from gputel.sources.nvml_fields import SLOW_EVERY, FieldReader
+from gputel.sources.nvml_gpm import (
+    GpmReader,
+    profiling_admin_only,
+    refusal_notice,
+    refusal_reason,
+)
 from gputel.sources.nvml_gpu import GpuLost, NvmlGpu, text
 from gputel.sources.nvml_processes import NvmlProcessReader
 
@@ -65,6 +71,7 @@ class NvmlGpuSource:
         gpus: list[NvmlGpu],
         clock: Callable[[], float],
         notices: list[str] | None = None,
+        admin_only: bool | None = None,
     ) -> None:
         self._api = api
         self._gpus = gpus
@@ -76,7 +83,7 @@ class NvmlGpuSource:
         """One line per GPU left out or not fully measurable, for the log and ``gputel status``."""
         self.calls = NvmlCalls(api, clock)
         self.fields = FieldReader(self.calls)
-        self.gpm = GpmReader(self.calls, clock)
+        self.gpm = GpmReader(self.calls, clock, admin_only)
         self._processes = NvmlProcessReader(self.calls)
 
     def _fill(self, gpu: NvmlGpu, r: GpuReading) -> None:
@@ -87,25 +94,31 @@ class NvmlGpuSource:
         r.temperature_c = f.temperature(gpu)
         r.power_w = f.power_w(gpu)
         now = self._clock()
-        r.power_limit_w = f.power_limit_w(gpu)
-        batch = f.batch_values(gpu)
-        r.ecc_corrected_volatile = f.ecc(gpu, "corrected", batch)
-        r.ecc_uncorrected_volatile = f.ecc(gpu, "uncorrected", batch)
+        slow = gpu.slow_due_in <= 0
+        # GPM's PCIe metrics, else the driver's byte counters, else the ~20 ms throughput calls.
+        pcie_from_gpm = self.gpm.gives_pcie(gpu)
+        failures = gpu.failures
+        batch = f.batch_values(gpu, slow=slow, pcie=not pcie_from_gpm)
+        if slow:
+            gpu.carried = f.slow_fields(gpu, batch)
+            # A slow field that failed this time is asked again on the next read, not in ten.
+            gpu.slow_due_in = SLOW_EVERY if gpu.failures == failures else 1
+        gpu.slow_due_in -= 1
+        for attr, value in gpu.carried.items():
+            setattr(r, attr, value)
         r.energy_j = f.energy_j(gpu, batch, r.power_w, now)
-        f.memory_health(gpu, r, batch)
         r.sm_clock_mhz = f.sm_clock_mhz(gpu)
         r.memory_clock_mhz = f.memory_clock_mhz(gpu)
         r.fan_speed_pct = f.fan_speed_pct(gpu)
         r.performance_state = f.performance_state(gpu)
         r.clock_event_reasons = f.clock_event_reasons(gpu)
-        # GPM's PCIe counters replace the ~20 ms throughput calls where the GPU has them.
-        if not self.gpm.gives_pcie(gpu):
+        if not pcie_from_gpm and not f.pcie_counters(gpu, r, batch):
             f.pcie_throughput(gpu, r)
         r.processes = self._processes.read(gpu)
 
     # --------------------------------------------------------------------------- GpuSource
     def devices(self) -> list[GpuIdentity]:
-        return [GpuIdentity(g.index, g.uuid, g.name) for g in self._gpus]
+        return [GpuIdentity(g.index, g.uuid, g.name, self.gpm.status(g)) for g in self._gpus]
 
     def read_utilization(self) -> dict[int, float | None]:
         return {g.index: self.read_gpu_utilization(g.index) for g in self._gpus}
@@ -216,24 +229,30 @@ class NvmlGpuSource:
 
 
 def open_nvml(
-    selected: tuple[int, ...] | None, clock: Callable[[], float] = time.monotonic
+    selected: tuple[int, ...] | None,
+    clock: Callable[[], float] = time.monotonic,
+    proc_root: Path = Path("/proc"),
 ) -> NvmlGpuSource:
     """Start NVML (once per process) and open the selected GPUs (all when ``None``).
 
     Raises GpuSourceError with one line naming the likely fix when NVML cannot start, finds no
     GPU, or a selected index does not exist. A GPU that is already lost is opened as lost, and its
-    uuid and name are filled in if it answers a later re-probe.
+    uuid and name are filled in if it answers a later re-probe. ``proc_root``: where the
+    driver's params file is read (``GPUTEL_PROC_ROOT``), to name why GPM is refused.
     """
     api = b.acquire()
     try:
-        return _open(api, selected, clock)
+        return _open(api, selected, clock, profiling_admin_only(proc_root))
     except BaseException:
         b.release(api)
         raise
 
 
 def _open(
-    api: NvmlApi, selected: tuple[int, ...] | None, clock: Callable[[], float]
+    api: NvmlApi,
+    selected: tuple[int, ...] | None,
+    clock: Callable[[], float],
+    admin_only: bool | None,
 ) -> NvmlGpuSource:
     try:
         count = int(api.call("nvmlDeviceGetCount"))
@@ -272,27 +291,28 @@ def _open(
         gpus.append(NvmlGpu(index, handle))
     if not gpus and refused is not None:
         raise b.init_error(refused) from None
-    source = NvmlGpuSource(api, gpus, clock)
+    source = NvmlGpuSource(api, gpus, clock, admin_only=admin_only)
     ask, fn = source.calls.ask, api.fn
     for gpu in gpus:
         try:
             gpu.uuid = text(ask(gpu, "uuid", fn("nvmlDeviceGetUUID")))
             gpu.name = text(ask(gpu, "name", fn("nvmlDeviceGetName")))
             mode = ask(gpu, "mig_mode", fn("nvmlDeviceGetMigMode"))
+            gpu.mig = mode is not None and int(mode[0]) == _MIG_ENABLED
+            source.gpm.probe(gpu)
+            # A MIG GPU's activity comes from its GPU instances' SM activity, where GPM works.
+            mig_unmeasured = gpu.mig and not source.gpm.supported(gpu)
         except GpuLost:
             continue
-        if mode is not None and int(mode[0]) == _MIG_ENABLED:
-            gpu.mig = True
-            try:
-                if source.gpm.supported(gpu):
-                    continue  # activity from its GPU instances' SM activity
-            except GpuLost:
-                continue
+        if mig_unmeasured:
             notices.append(
                 f"GPU {gpu.index} ({gpu.uuid}) is in MIG mode: NVML gives no utilization for it, "
                 "so its activity cannot be measured and only allocations and the operator mode "
                 "(gputel start) start telemetry for it"
             )
+    gpm_refused = [g.index for g in gpus if source.gpm.refused(g)]
+    if gpm_refused:
+        notices.append(refusal_notice(gpm_refused, refusal_reason(admin_only)))
     source.notices = notices
     return source
 

@@ -23,7 +23,7 @@ from typing import Any
 from gputel.formats import one_line
 from gputel.sources import nvml_binding as b
 from gputel.sources.nvml_binding import NvmlApi
-from gputel.sources.nvml_gpu import NO_DEVICE, GpuLost, NvmlGpu, text
+from gputel.sources.nvml_gpu import NO_DEVICE, CallRefused, GpuLost, NvmlGpu, text
 
 log = logging.getLogger("gputel.nvml")
 
@@ -57,6 +57,7 @@ class NvmlCalls:
         *args: Any,
         device: Any = None,
         quiet: frozenset[int] = frozenset(),
+        refused: frozenset[int] = frozenset(),
         **kwargs: Any,
     ) -> Any:
         """Call ``fn(handle, *args)`` for ``key``; None when it gives no value.
@@ -65,6 +66,8 @@ class NvmlCalls:
         ``device``: the handle passed first instead of the GPU's own (one of its MIG devices),
         or ``NO_DEVICE`` for a call about the GPU that takes no handle (GPM samples, metrics).
         ``quiet``: return codes that are an answer ("nothing to report"), not a failure.
+        ``refused``: return codes raised to the caller as :class:`CallRefused` (GPM's
+        ``NO_PERMISSION``: a standing refusal, neither unsupported nor transient).
         Raises GpuLost when the GPU is (or just became) lost.
         """
         if gpu.lost:
@@ -83,6 +86,9 @@ class NvmlCalls:
             code = b.error_code(exc)
             if code in quiet:
                 return None
+            if code is not None and code in refused:
+                gpu.reads = max(0, gpu.reads - 1)  # an answer about the field, not a failure
+                raise CallRefused(code, one_line(exc)) from None
             self.failed(gpu, key, code, one_line(exc))
             return None
 
@@ -133,8 +139,8 @@ class NvmlCalls:
     def mark_lost(self, gpu: NvmlGpu) -> None:
         gpu.lost = True
         gpu.lost_checked = self._clock()
-        # The power integral must not bridge the outage with a trapezoid over it.
-        gpu.power_integral.gap()
+        # No integral or rate bridges the outage; the slow fields are read again after it.
+        gpu.gap()
 
     def answers(self, gpu: NvmlGpu) -> bool:
         """Whether ``gpu`` may be read now; a lost GPU is re-probed here, at most once per

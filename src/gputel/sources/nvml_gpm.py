@@ -6,6 +6,12 @@ bandwidth, FP16/32/64 pipes, PCIe and NVLink bytes. How it is read:
 
 - ``nvmlGpmQueryDeviceSupport`` once per GPU decides; a GPU without GPM has these fields empty
   and costs no further call;
+- profiling counters may be restricted to admin users (the driver's default,
+  ``RmProfilingAdminOnly: 1`` in ``/proc/driver/nvidia/params``): a sample answered
+  ``NO_PERMISSION`` means GPM is *refused* on that GPU for the life of the source (asked again
+  when the agent restarts), with one notice naming the fix; the GPU is then read as one without
+  GPM (PCIe from the throughput calls, ``GPUTEL_ACTIVITY=sm`` from utilization). The first
+  sample is taken when the source opens, so the refusal is known before the first reading;
 - two samples per GPU (``nvmlGpmSampleAlloc`` once, freed at close): each read takes ONE new
   sample into the older of the two, then ``nvmlGpmMetricsGet`` computes the metrics over the
   pair (previous sample -> this one), i.e. over the time since the previous read in this process.
@@ -29,13 +35,15 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gputel.formats import one_line
 from gputel.schema import MIB, GpuReading, MigReading
 from gputel.sources import nvml_binding as b
 from gputel.sources.nvml_calls import NvmlCalls
-from gputel.sources.nvml_gpu import NO_DEVICE, NvmlGpu, text
+from gputel.sources.nvml_direct import plain
+from gputel.sources.nvml_gpu import NO_DEVICE, CallRefused, NvmlGpu, text
 
 log = logging.getLogger("gputel.nvml")
 
@@ -59,6 +67,48 @@ _PCIE = ("pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s")
 #: Seconds between re-listings of a MIG GPU's devices (instances are created and destroyed by
 #: the operator, rarely; listing costs a few calls).
 _MIG_RELIST_S = 60.0
+#: Codes of a GPM sample that mean "not for this caller": a standing refusal, not a failure.
+_REFUSED = frozenset({b.NO_PERMISSION})
+#: What lifts the refusal (docs/hardware.md explains the trade-off of each).
+REFUSAL_FIX = (
+    "give the service CAP_SYS_ADMIN (install.sh --profiling) or load the nvidia module with "
+    "NVreg_RestrictProfilingToAdminUsers=0 (docs/hardware.md: the side-channel trade-off)"
+)
+#: The driver's module parameters, under GPUTEL_PROC_ROOT.
+PARAMS_FILE = Path("driver/nvidia/params")
+
+
+def _request_type(module: Any) -> Any:
+    """The metrics request, as a plain mirror of the binding's structure where it can be (its
+    results are read field by field every tick); None without GPM in the binding."""
+    struct = getattr(module, "c_nvmlGpmMetricsGet_t", None)
+    if struct is None:
+        return None
+    try:
+        return plain(struct)
+    except (AttributeError, TypeError):
+        return struct
+
+
+def profiling_admin_only(proc_root: Path) -> bool | None:
+    """Whether the driver restricts profiling counters to admin users (``RmProfilingAdminOnly``
+    in its params file); None where the file or the line does not exist."""
+    try:
+        lines = (proc_root / PARAMS_FILE).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "RmProfilingAdminOnly":
+            return value.strip() == "1"
+    return None
+
+
+def refusal_reason(admin_only: bool | None) -> str:
+    """Why GPM was refused, in the words ``gputel status`` shows after ``refused: ``."""
+    if admin_only:
+        return "profiling counters are restricted to admin users (RmProfilingAdminOnly=1)"
+    return "the driver answers NO_PERMISSION to profiling counters"
 
 
 @dataclass(eq=False)
@@ -89,14 +139,21 @@ class GpmState:
     """-1: the whole GPU; else a GPU instance id."""
     mig_devices: list[_MigDevice] = field(default_factory=list)
     mig_listed_at: float | None = None
+    refused: str | None = None
+    """Why the driver refuses GPM to this process (then ``supported`` is False)."""
 
 
 class GpmReader:
     """GPM reads for the GPUs of one source, over its asking rule. Callers hold the GPU's
     lock; each GPU's state is touched only under it."""
 
-    def __init__(self, calls: NvmlCalls, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, calls: NvmlCalls, clock: Callable[[], float], admin_only: bool | None = None
+    ) -> None:
+        """``admin_only``: the driver's profiling restriction (:func:`profiling_admin_only`),
+        to name the cause of a refusal."""
         self._calls = calls
+        self._admin_only = admin_only
         self._ask = calls.ask
         self._clock = clock
         api = calls.api
@@ -106,7 +163,7 @@ class GpmReader:
             for attr, const, factor in GPM_METRICS
             if (metric := api.optional_const(const)) is not None
         ]
-        self._request_type = getattr(api.module, "c_nvmlGpmMetricsGet_t", None)
+        self._request_type = _request_type(api.module)
         self._version = api.const("NVML_GPM_METRICS_GET_VERSION", 1)
         self._support_fn = api.fn("nvmlGpmQueryDeviceSupport")
         self._alloc_fn = api.fn("nvmlGpmSampleAlloc")
@@ -139,6 +196,43 @@ class GpmReader:
                 support = self._ask(gpu, "gpm", self._support_fn)
                 state.supported = bool(support is not None and support.isSupportedDevice)
         return state.supported
+
+    def probe(self, gpu: NvmlGpu) -> None:
+        """At open: ask for support and take one sample of a whole GPU, so a refusal is known
+        (and said) before the first reading. The sample is not kept: the first reading still
+        has no pair, as without the probe."""
+        if gpu.mig or not self.supported(gpu):
+            return
+        state = self._state(gpu)
+        pair = self._pair(gpu, -1)
+        if pair is None or pair.newest >= 0:
+            return
+        try:
+            self._ask(gpu, "gpm", self._sample_fn, pair.samples[0], refused=_REFUSED)
+        except CallRefused:
+            self._refuse(gpu, state, announce=False)
+
+    def status(self, gpu: NvmlGpu) -> str | None:
+        """``available``, ``not supported`` or ``refused: <why>; <fix>`` (None: not asked)."""
+        state = self._state(gpu)
+        if state.refused is not None:
+            return f"refused: {state.refused}; {REFUSAL_FIX}"
+        if state.supported is None:
+            return None
+        return "available" if state.supported and "gpm" not in gpu.unsupported else "not supported"
+
+    def refused(self, gpu: NvmlGpu) -> bool:
+        return self._state(gpu).refused is not None
+
+    def _refuse(self, gpu: NvmlGpu, state: GpmState, *, announce: bool) -> None:
+        """GPM refused to this process: stop asking until the source is opened again."""
+        state.refused = refusal_reason(self._admin_only)
+        state.supported = False
+        for pair in state.pairs.values():
+            self._free_pair(pair)
+        state.pairs.clear()
+        if announce:
+            log.warning("GPU %d: %s", gpu.index, refusal_notice([gpu.index], state.refused))
 
     def gives_pcie(self, gpu: NvmlGpu) -> bool:
         """Whether PCIe throughput comes from GPM (so the ~20 ms throughput calls are skipped)."""
@@ -241,17 +335,28 @@ class GpmReader:
     ) -> dict[str, float | None]:
         """Take one sample of the GPU (``instance`` -1) or a GPU instance and compute ``wanted``
         over it and the previous one; empty on the first sample or a failed one."""
-        if not wanted:
+        if not wanted or self._state(gpu).refused is not None:
             return {}
         pair = self._pair(gpu, instance)
         if pair is None:
             return {}
         target = 0 if pair.newest < 0 else 1 - pair.newest
         sample = pair.samples[target]
-        if instance < 0:
-            got = self._ask(gpu, "gpm", self._sample_fn, sample)
-        else:
-            got = self._ask(gpu, f"gpm.mig.{instance}", self._mig_sample_fn, instance, sample)
+        try:
+            if instance < 0:
+                got = self._ask(gpu, "gpm", self._sample_fn, sample, refused=_REFUSED)
+            else:
+                got = self._ask(
+                    gpu,
+                    f"gpm.mig.{instance}",
+                    self._mig_sample_fn,
+                    instance,
+                    sample,
+                    refused=_REFUSED,
+                )
+        except CallRefused:
+            self._refuse(gpu, self._state(gpu), announce=True)
+            return {}
         if got is None:
             return {}
         previous = pair.newest
@@ -320,3 +425,13 @@ class GpmReader:
                 self._free_fn(sample)
         except Exception as exc:  # the driver frees it at exit anyway
             log.debug("nvmlGpmSampleFree failed: %s", one_line(exc))
+
+
+def refusal_notice(indices: list[int], reason: str) -> str:
+    """The one line for GPUs whose GPM is refused: the cause, the fix, what stands in."""
+    names = ", ".join(str(i) for i in indices)
+    return (
+        f"GPM (SM, tensor, DRAM activity) is refused on GPU {names}: {reason}; {REFUSAL_FIX}. "
+        "Until then those GPM columns stay empty, PCIe comes from the throughput calls and "
+        "GPUTEL_ACTIVITY=sm uses utilization there; asked again when the agent restarts"
+    )
