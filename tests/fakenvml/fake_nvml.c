@@ -265,11 +265,21 @@ static void reload(void) {
     loaded_mtime = st.st_mtim;
 }
 
+/* Set while a device call, past its hang, reads its values: the world was checked at the start
+ * of the call, so its further lookups skip the stat (one per call, not one per key). Cleared
+ * when the call returns (ENTER's cleanup). */
+static __thread int pinned;
+
+static void unpin(int *unused) {
+    (void)unused;
+    pinned = 0;
+}
+
 /* Copies the value of `key` into out (VAL_LEN); 1 when set. */
 static int lookup(const char *key, char *out) {
     int found = 0;
     pthread_mutex_lock(&lock);
-    reload();
+    if (!pinned) reload();
     int i = n_entries > 0 ? key_index[key_slot(key)] : 0;
     if (i != 0) {
         memcpy(out, entries[i - 1].val, VAL_LEN);
@@ -387,11 +397,16 @@ void fakeNvmlReset(void) {
     pthread_mutex_unlock(&lock);
 }
 
-/* Every device call starts here: the hang, then the scripted error, if any. */
+/* Every device call starts here: the hang, then the scripted error, if any. The caller unpins
+ * when it returns (ENTER, or its own cleanup variable). */
 static nvmlReturn_t enter_gpu(int index, const char *call) {
     if (init_count <= 0) return E_UNINITIALIZED;
     count_call(index, call);
     hang(index, call);
+    pthread_mutex_lock(&lock);
+    reload();
+    pthread_mutex_unlock(&lock);
+    pinned = 1;
     unsigned long long code;
     if (get_num(&code, "gpu.%d.all.error", index)) return (nvmlReturn_t)code;
     if (get_num(&code, "gpu.%d.%s.error", index, call)) return (nvmlReturn_t)code;
@@ -414,6 +429,8 @@ static int valid(nvmlDevice_t d) {
 
 /* The GPU call prologue: a valid handle, then enter_gpu. */
 #define ENTER(dev, call)                                   \
+    int pin_ __attribute__((cleanup(unpin))) = 0;          \
+    (void)pin_;                                            \
     do {                                                   \
         if (init_count <= 0) return E_UNINITIALIZED;       \
         if (!valid(dev)) return E_INVALID_ARGUMENT;        \
@@ -510,6 +527,8 @@ nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) {
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device) {
     if (init_count <= 0) return E_UNINITIALIZED;
     if (device == NULL || index >= (unsigned int)device_count()) return E_INVALID_ARGUMENT;
+    int pin_ __attribute__((cleanup(unpin))) = 0;
+    (void)pin_;
     nvmlReturn_t rc = enter_gpu((int)index, "handle");
     if (rc != OK) return rc;
     gpus[index].index = (int)index;
