@@ -43,6 +43,9 @@ class GpuIdentity:
     index: int
     uuid: str
     name: str
+    pci_bus_id: str = ""
+    """NVML's ``busId`` (``00000000:3B:00.0``); empty where the source has none (sim, a GPU
+    lost at start). It ties the kernel log's Xid lines to the GPU (``sources/kernel_xid.py``)."""
 
 
 class GpuSource(Protocol):

@@ -190,6 +190,8 @@ class _Gpu:
     handle: Any
     uuid: str = ""
     name: str = ""
+    pci_bus_id: str = ""
+    """NVML's ``busId``, read once at open: it names the GPU in the kernel log's Xid lines."""
     lost: bool = False
     mig: bool = False
     """MIG mode is on: NVML has no device utilization for it."""
@@ -554,7 +556,7 @@ class NvmlGpuSource:
 
     # --------------------------------------------------------------------------- GpuSource
     def devices(self) -> list[GpuIdentity]:
-        return [GpuIdentity(g.index, g.uuid, g.name) for g in self._gpus]
+        return [GpuIdentity(g.index, g.uuid, g.name, g.pci_bus_id) for g in self._gpus]
 
     def read_utilization(self) -> dict[int, float | None]:
         """One call per GPU: the agent polls this every tick, busy or idle. A MIG GPU, which
@@ -761,6 +763,8 @@ def _open(
         try:
             gpu.uuid = _text(source._ask(gpu, "uuid", "nvmlDeviceGetUUID"))
             gpu.name = _text(source._ask(gpu, "name", "nvmlDeviceGetName"))
+            pci = source._ask(gpu, "pci", "nvmlDeviceGetPciInfo")
+            gpu.pci_bus_id = _text(getattr(pci, "busId", None))
             mode = source._ask(gpu, "mig_mode", "nvmlDeviceGetMigMode")
         except _GpuLost:
             continue
