@@ -112,6 +112,8 @@ class AgentProc:
             GPUTEL_LOG_DIR=str(self.log_dir),
             GPUTEL_EXPORTER_ADDR="127.0.0.1",
             GPUTEL_EXPORTER_PORT=str(self.port),
+            # The machine's own kernel log is no test's business; a test names its file.
+            GPUTEL_KMSG="",
         )
         env.update(extra_env or {})
         self.env = env
