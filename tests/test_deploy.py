@@ -221,6 +221,27 @@ def test_uninstall_removes_everything_it_installed(tmp_path: Path) -> None:
     assert list(root.iterdir()) == [], proc.stdout
 
 
+def test_profiling_dropin_only_when_asked_kept_on_rerun_removed_on_uninstall(
+    tmp_path: Path,
+) -> None:
+    """``--profiling``: the drop-in that gives the service CAP_SYS_ADMIN for GPM (never by
+    default: docs/hardware.md)."""
+    root = tmp_path / "root"
+    dropin = root / "etc/systemd/system/gputel.service.d/profiling.conf"
+    stage(root, "service")
+    assert not dropin.exists()
+    stage(root, "service", "--profiling")
+    assert dropin.read_bytes() == (REPO / "systemd/gputel-profiling.conf").read_bytes()
+    assert stat.S_IMODE(dropin.stat().st_mode) == 0o644
+    directives = unit_directives(dropin.read_text())
+    assert directives[("Service", "AmbientCapabilities")] == ["CAP_SYS_ADMIN"]
+    assert directives[("Service", "CapabilityBoundingSet")] == ["CAP_SYS_ADMIN"]
+    proc = stage(root, "service")
+    assert dropin.exists() and "kept" in proc.stdout
+    stage(root, "--uninstall")
+    assert list(root.iterdir()) == []
+
+
 def test_uninstall_keeps_csvs_and_edited_defaults(tmp_path: Path) -> None:
     root = tmp_path / "root"
     stage(root)

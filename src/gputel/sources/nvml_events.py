@@ -5,8 +5,8 @@ good, which is exactly when its events matter most. So the wait runs on a daemon
 nobody joins: the agent loop, its watchdog, ``gputel status`` and shutdown never wait for it. The
 wait has a timeout (``WAIT_MS``) so a healthy thread sees a stop request within a second.
 
-Every call that names a GPU goes through the source's one NVML rule
-(:meth:`~gputel.sources.nvml.NvmlGpuSource.ask`): NOT_SUPPORTED is "no events of that kind
+Every call that names a GPU goes through the one asking rule (``sources/nvml_calls.py``), under
+that GPU's lock: NOT_SUPPORTED is "no events of that kind
 here", a lost GPU is left out. A driver without the event API, or one whose waits keep failing,
 costs one notice (log and ``gputel status``); telemetry and everything else work as before.
 """
@@ -16,10 +16,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gputel.formats import one_line
+from gputel.sources import nvml_binding as b
 from gputel.sources.base import EventSink
+from gputel.sources.nvml_calls import NvmlCalls
+from gputel.sources.nvml_gpu import GpuLost, NvmlGpu
 from gputel.supervisor.events import (
     DRAM_RETIREMENT,
     ECC_DBE,
@@ -29,18 +32,12 @@ from gputel.supervisor.events import (
     XID,
 )
 
-if TYPE_CHECKING:
-    from gputel.sources.nvml import NvmlGpuSource
-
 log = logging.getLogger("gputel.nvml.events")
 
 #: Milliseconds one wait may take before the thread looks at its stop flag again.
 WAIT_MS = 1000
 #: Seconds between attempts while the wait itself fails (the driver may get over it).
 RETRY_S = 5.0
-
-_TIMEOUT = 10
-_UNINITIALIZED = 1
 
 #: (binding constant, its bit where every binding has it, event name). The first three are in
 #: NVML's ABI since the event API began; the others only where the binding defines them.
@@ -65,10 +62,14 @@ def _address(handle: Any) -> int | None:
 class NvmlEventListener:
     """Registers every selected GPU for the fault events it supports and waits for them."""
 
-    def __init__(self, source: NvmlGpuSource, wait_ms: int = WAIT_MS) -> None:
-        self._source = source
-        self._nv = source.binding
-        self._error: type[BaseException] = getattr(self._nv, "NVMLError", Exception)
+    def __init__(self, calls: NvmlCalls, gpus: list[NvmlGpu], wait_ms: int = WAIT_MS) -> None:
+        self._calls = calls
+        self._gpus = gpus
+        api = calls.api
+        self._api = api
+        self._error = api.error
+        self._supported_fn = api.fn("nvmlDeviceGetSupportedEventTypes")
+        self._register_fn = api.fn("nvmlDeviceRegisterEvents")
         self._wait_ms = wait_ms
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -77,7 +78,7 @@ class NvmlEventListener:
         self._types = [
             (int(bit), name)
             for const, default, name in EVENT_TYPES
-            if (bit := getattr(self._nv, const, default)) is not None
+            if (bit := getattr(api.module, const, default)) is not None
         ]
         self._by_address: dict[int, int] = {}
         self.registered: dict[int, list[str]] = {}
@@ -128,17 +129,17 @@ class NvmlEventListener:
         finally:
             if self._stop.is_set():
                 try:
-                    self._nv.nvmlEventSetFree(event_set)
+                    self._api.call("nvmlEventSetFree", event_set)
                 except Exception as exc:  # the process is ending; the driver frees it at exit
                     log.debug("nvmlEventSetFree failed: %s", one_line(exc))
 
     def _register(self) -> Any:
         """The event set with every GPU registered; None (and the notice) when none could be."""
-        nv = self._nv
-        handles = self._source.gpu_handles()
+        handles = {g.index: g.handle for g in self._gpus if g.handle is not None}
+        by_index = {g.index: g for g in self._gpus}
         try:
-            event_set = nv.nvmlEventSetCreate()
-        except (self._error, AttributeError) as exc:
+            event_set = self._api.call("nvmlEventSetCreate")
+        except self._error as exc:
             self._say(
                 "GPU events (Xid, ECC) are not received: this driver or binding has no NVML "
                 f"event API ({one_line(exc)}); telemetry works without them"
@@ -146,25 +147,11 @@ class NvmlEventListener:
             return None
         without: list[int] = []
         for index, handle in sorted(handles.items()):
-            supported = self._source.ask(
-                index, "supported_events", "nvmlDeviceGetSupportedEventTypes"
-            )
-            wanted = [(bit, name) for bit, name in self._types if int(supported or 0) & bit]
-            mask = 0
-            for bit, _name in wanted:
-                mask |= bit
-            if not mask:
+            wanted = self._register_gpu(by_index[index], event_set)
+            if not wanted:
                 without.append(index)
                 continue
-            # Registering returns nothing: a failure shows as one more error, or as unsupported.
-            errors = self._source.errors(index, "events")
-            self._source.ask(index, "events", "nvmlDeviceRegisterEvents", mask, event_set)
-            if self._source.unsupported(index, "events") or (
-                self._source.errors(index, "events") > errors
-            ):
-                without.append(index)
-                continue
-            self.registered[index] = [name for _bit, name in wanted]
+            self.registered[index] = wanted
             address = _address(handle)
             if address is not None:
                 self._by_address[address] = index
@@ -185,17 +172,37 @@ class NvmlEventListener:
         )
         return event_set
 
+    def _register_gpu(self, gpu: NvmlGpu, event_set: Any) -> list[str]:
+        """Register one GPU for the kinds it offers; their names (none: not registered)."""
+        with gpu.lock:
+            try:
+                supported = self._calls.ask(gpu, "supported_events", self._supported_fn)
+                wanted = [(bit, name) for bit, name in self._types if int(supported or 0) & bit]
+                mask = 0
+                for bit, _name in wanted:
+                    mask |= bit
+                if not mask:
+                    return []
+                # Registering returns nothing: a failure shows as one more error or unsupported.
+                errors = gpu.field_errors.get("events", 0)
+                self._calls.ask(gpu, "events", self._register_fn, mask, event_set)
+                if "events" in gpu.unsupported or gpu.field_errors.get("events", 0) > errors:
+                    return []
+            except GpuLost:
+                return []
+        return [name for _bit, name in wanted]
+
     def _listen(self, event_set: Any, deliver: EventSink) -> None:
         standing = self.notice  # what registration had to say stays true while waits fail
         failing = False
         while not self._stop.is_set():
             try:
-                data = self._nv.nvmlEventSetWait_v2(event_set, self._wait_ms)
+                data = self._api.call("nvmlEventSetWait_v2", event_set, self._wait_ms)
             except self._error as exc:
-                code = getattr(exc, "value", None)
-                if code == _TIMEOUT:
+                code = b.error_code(exc)
+                if code == b.TIMEOUT:
                     continue
-                if self._stop.is_set() or code == _UNINITIALIZED:
+                if self._stop.is_set() or code == b.UNINITIALIZED:
                     return
                 if not failing:
                     failing = True

@@ -174,6 +174,7 @@ class ControlApi:
                     "utilization_gpu_pct": agent.utilization.get(d.index),
                     "activity_pct": agent.activity.get(d.index),
                     "power_w": agent.power.get(d.index),
+                    "gpm": d.gpm,
                 }
                 for d in agent.devices
             ]
