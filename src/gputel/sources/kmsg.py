@@ -33,7 +33,7 @@ from gputel.sources.kernel_xid import KernelFault, parse_line, record_message
 log = logging.getLogger("gputel.kmsg")
 
 #: Seconds between looks at a followed file (and the longest a stop request waits).
-POLL_S = 0.25
+POLL_S = 0.5
 #: Seconds :meth:`KmsgReader.start` waits for the thread to reach the log's end.
 START_WAIT_S = 2.0
 #: One ``/dev/kmsg`` record is at most this long (the kernel's CONSOLE_EXT_LOG_MAX).
