@@ -446,6 +446,7 @@ def test_stuck_gpu_read_degrades_but_loop_and_status_keep_going(tmp_path: Path) 
         backend="nvml",
         interval_s=0.1,
         start_seconds=60,
+        kmsg="",
         run_dir=tmp_path / "run",
         log_dir=tmp_path / "log",
         exporter_port=0,
