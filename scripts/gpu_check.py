@@ -250,14 +250,16 @@ def gpm_summary(root: Path, nobody: Path) -> int:
 def pci(sys_root: Path) -> int:
     """Each GPU's PCI address as NVML reports it and as the kernel log writes it; whether the
     kernel knows a device there (exit 1: some not, 3: none, as over a fake driver)."""
+    from gputel.sources.kernel_xid import pci_key
     from gputel.sources.nvml import open_nvml
 
     source = open_nvml(None)
     try:
-        addresses = source.pci_addresses()
-        uuids = {d.index: d.uuid for d in source.devices()}
+        devices_ = source.devices()
     finally:
         source.close()
+    uuids = {d.index: d.uuid for d in devices_}
+    addresses = {d.index: a for d in devices_ if (a := pci_key(d.pci_bus_id)) is not None}
     devices = sys_root / "bus" / "pci" / "devices"
     found = 0
     for index, address in sorted(addresses.items()):

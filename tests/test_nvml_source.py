@@ -110,6 +110,18 @@ def _uuid(i: int) -> str:
 
 
 # ------------------------------------------------------------------------------ full readings
+def test_identities_carry_the_pci_bus_id_in_nvml_form(drv: FakeDriver) -> None:
+    """The key that places the kernel log's Xid lines (``sources/kernel_xid.pci_key``)."""
+    from gputel.sources.kernel_xid import pci_key
+
+    drv.set(gpu__1__pci_bus_id="00000001:B7:00.0")
+    src = nvml.open_nvml(None, clock=Clock())
+    ids = [d.pci_bus_id for d in src.devices()]
+    assert ids == ["00000000:18:00.0", "00000001:B7:00.0"]
+    assert [pci_key(i) for i in ids] == ["0000:18:00", "0001:b7:00"]
+    src.close()
+
+
 def test_full_reading_converts_every_field_to_its_unit(drv: FakeDriver) -> None:
     src = nvml.open_nvml(None, clock=Clock())
     assert src.name == "nvml"

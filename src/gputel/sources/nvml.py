@@ -49,7 +49,7 @@ from gputel.sources.nvml_gpm import (
     refusal_notice,
     refusal_reason,
 )
-from gputel.sources.nvml_gpu import GpuLost, NvmlGpu, kernel_pci_address, text
+from gputel.sources.nvml_gpu import GpuLost, NvmlGpu, text
 from gputel.sources.nvml_processes import NvmlProcessReader
 
 __all__ = ["NvmlGpuSource", "open_nvml", "reset_nvml_state"]
@@ -117,12 +117,10 @@ class NvmlGpuSource:
 
     # --------------------------------------------------------------------------- GpuSource
     def devices(self) -> list[GpuIdentity]:
-        return [GpuIdentity(g.index, g.uuid, g.name, self.gpm.status(g)) for g in self._gpus]
-
-    def pci_addresses(self) -> dict[int, str]:
-        """GPU index -> its PCI address in the kernel log's format (``0000:3b:00``), read at
-        open, for matching the kernel's ``NVRM: Xid (PCI:…)`` lines to GPUs."""
-        return {g.index: g.pci_address for g in self._gpus if g.pci_address is not None}
+        return [
+            GpuIdentity(g.index, g.uuid, g.name, gpm=self.gpm.status(g), pci_bus_id=g.pci_bus_id)
+            for g in self._gpus
+        ]
 
     def read_utilization(self) -> dict[int, float | None]:
         """One call per GPU: the agent polls this every tick, busy or idle. A MIG GPU, which
@@ -301,10 +299,9 @@ def _open(
         try:
             gpu.uuid = text(ask(gpu, "uuid", fn("nvmlDeviceGetUUID")))
             gpu.name = text(ask(gpu, "name", fn("nvmlDeviceGetName")))
-            mode = ask(gpu, "mig_mode", fn("nvmlDeviceGetMigMode"))
             pci = ask(gpu, "pci", fn("nvmlDeviceGetPciInfo"))
-            if pci is not None:
-                gpu.pci_address = kernel_pci_address(pci.domain, pci.bus, pci.device)
+            gpu.pci_bus_id = text(getattr(pci, "busId", None))
+            mode = ask(gpu, "mig_mode", fn("nvmlDeviceGetMigMode"))
             gpu.mig = mode is not None and int(mode[0]) == _MIG_ENABLED
             source.gpm.probe(gpu)
             # A MIG GPU's activity comes from its GPU instances' SM activity, where GPM works.

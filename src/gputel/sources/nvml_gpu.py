@@ -39,6 +39,8 @@ class NvmlGpu:
     handle: Any
     uuid: str = ""
     name: str = ""
+    pci_bus_id: str = ""
+    """NVML's ``busId``, read once at open: it names the GPU in the kernel log's Xid lines."""
     lost: bool = False
     mig: bool = False
     """MIG mode is on: NVML has no device utilization for it."""
@@ -55,8 +57,6 @@ class NvmlGpu:
     warned: set[str] = field(default_factory=set)
     power_integral: PowerIntegrator = field(default_factory=PowerIntegrator)
     """Integrated joules for the full read only, where the driver has no energy counter."""
-    pci_address: str | None = None
-    """Its PCI address as the kernel log writes it (``0000:3b:00``); None where NVML gives none."""
     slow_due_in: int = 0
     """Full reads until the slow-changing fields are read again (0: this read)."""
     carried: dict[str, Any] = field(default_factory=dict)
@@ -71,12 +71,6 @@ class NvmlGpu:
         self.pcie_counts.clear()
         self.carried.clear()
         self.slow_due_in = 0
-
-
-def kernel_pci_address(domain: int, bus: int, device: int) -> str:
-    """A PCI address as the NVIDIA kernel module writes it in ``NVRM: Xid (PCI:0000:3b:00): …``:
-    domain, bus and device in lower-case hex, without the function."""
-    return f"{domain:04x}:{bus:02x}:{device:02x}"
 
 
 def text(value: Any) -> str:
