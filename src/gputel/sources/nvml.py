@@ -50,6 +50,7 @@ from gputel.sources.nvml_gpm import (
     refusal_reason,
 )
 from gputel.sources.nvml_gpu import GpuLost, NvmlGpu, text
+from gputel.sources.nvml_pcie import PcieSampler
 from gputel.sources.nvml_processes import NvmlProcessReader
 
 __all__ = ["NvmlGpuSource", "open_nvml", "reset_nvml_state"]
@@ -84,6 +85,7 @@ class NvmlGpuSource:
         self.fields = FieldReader(self.calls)
         self.gpm = GpmReader(self.calls, clock, admin_only)
         self._processes = NvmlProcessReader(self.calls)
+        self._pcie = PcieSampler(api, clock)
 
     def _fill(self, gpu: NvmlGpu, r: GpuReading) -> None:
         f = self.fields
@@ -112,7 +114,8 @@ class NvmlGpuSource:
         r.performance_state = f.performance_state(gpu)
         r.clock_event_reasons = f.clock_event_reasons(gpu)
         if not pcie_from_gpm and not f.pcie_counters(gpu, r, batch):
-            f.pcie_throughput(gpu, r)
+            for attr, value in self._pcie.latest(gpu).items():  # sampled off this path
+                setattr(r, attr, value)
         r.processes = self._processes.read(gpu)
 
     # --------------------------------------------------------------------------- GpuSource
@@ -220,6 +223,7 @@ class NvmlGpuSource:
             if self._closed:
                 return
             self._closed = True
+        self._pcie.stop()
         for gpu in self._gpus:
             # A read hung in the driver may hold a sample: leave its samples to the process exit.
             if gpu.lock.acquire(blocking=False):
