@@ -37,6 +37,8 @@ from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
 from gputel.schema import Sample
 from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
+from gputel.sources.pods import PodNames
+from gputel.telemetry.allocation_info import AllocationNames
 from gputel.telemetry.csv_sink import DEFAULT_MAX_BYTES, CsvSink
 from gputel.telemetry.exposition import Exposition
 from gputel.telemetry.gpu_deadline import with_read_deadline
@@ -134,6 +136,7 @@ class Recorder:
         if self.attribution.notice:
             log.warning("%s", self.attribution.notice)
         self.detected = DetectedJobs(SummaryLog(settings.log_dir))
+        self.names = AllocationNames(PodNames(settings.pod_logs_dir))
         self._wallclock = wallclock
         self._previous_state: object = (
             runtime.read_json(self.run_dir / runtime.RECORDER_STATE_FILE) if write_runtime else None
@@ -218,6 +221,9 @@ class Recorder:
             ticks_missed=self.ticker.missed,
             rows_failed=self.sink.rows_failed,
             ticks_total=self.ticks,
+            allocations=self.names.infos(
+                [*self._alloc_ids, *(j["id"] for j in self.detected.open())], sample.processes
+            ),
         )
         self.last_tick_monotonic = self._clock()
         if self.write_runtime:
