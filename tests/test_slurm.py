@@ -667,6 +667,8 @@ def test_real_slurm_epilog_stores_the_summary_in_admin_comment(
     assert back["energy_j"] == pytest.approx(energy, abs=0.05)
     assert back["gpus"] == [int(g) for g in row["gpus"].split(";")]
     assert back["duration_s"] == pytest.approx(float(row["duration_s"]), abs=0.05)
+    for key in ("util_mean_pct", "memory_max_mib", "sm_active_mean_pct", "throttled_s"):
+        assert back[key] == pytest.approx(float(row[key]), abs=0.05), key
     epilog_log = (base / "epilog.log").read_text()
     assert f"summary stored in Slurm job {job}" in epilog_log, epilog_log
 

@@ -205,6 +205,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"max {_num(summary.get('util_max_pct'), ' %')}",
         f"  temperature  max {_num(summary.get('temperature_max_c'), ' °C')}",
         f"  memory       max {_num(summary.get('memory_max_mib'), ' MiB', '{:.0f}')}",
+        f"  SM activity  mean {_num(summary.get('sm_active_mean_pct'), ' %')}",
+        f"  throttled    {_num(summary.get('throttled_s'), ' s')}",
     ]
     reason = summary.get("release_reason")
     if reason and reason != "released":

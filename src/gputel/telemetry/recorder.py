@@ -135,7 +135,7 @@ class Recorder:
         self.attribution = ProcessAttribution(settings.proc_root)
         if self.attribution.notice:
             log.warning("%s", self.attribution.notice)
-        self.detected = DetectedJobs(SummaryLog(settings.log_dir))
+        self.detected = DetectedJobs(SummaryLog(settings.log_dir), settings.interval_s)
         self.names = AllocationNames(PodNames(settings.pod_logs_dir))
         self._wallclock = wallclock
         self._previous_state: object = (
@@ -215,7 +215,7 @@ class Recorder:
             self._write_head(sample)
         self.sink.write(sample)
         for alloc in self.allocations.allocations:
-            self._alloc_stats[alloc.id].add_tick(sample.gpus, alloc.gpus)
+            self._alloc_stats[alloc.id].add_tick(sample.gpus, alloc.gpus, self.settings.interval_s)
         data = self.exposition.update(
             sample,
             ticks_missed=self.ticker.missed,
