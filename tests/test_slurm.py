@@ -195,6 +195,13 @@ def test_scripts_against_the_real_agent(tmp_path: Path) -> None:
     )
     env = {"GPUTEL_BIN": GPUTEL, "GPUTEL_DEFAULTS_FILE": str(defaults), "SLURM_JOB_ID": "1234"}
     with running_agent(tmp_path) as run:
+        # A GPU the agent does not watch: one line naming the GPUs it knows, nothing opened.
+        out, _, _ = run_script(PROLOG, tmp_path, SLURM_JOB_GPUS="7", **env)
+        assert out.returncode == 0
+        (line,) = out.stderr.splitlines()
+        assert "gputel hook allocate slurm-1234 failed (exit 2: " in line, line
+        assert "GPU 7 not present on this node (GPUs known to the agent: 0,1)" in line, line
+        assert request(run, {"op": "status"})["allocations"] == []
         out, took, _ = run_script(PROLOG, tmp_path, SLURM_JOB_GPUS="1", **env)
         assert out.returncode == 0 and took < 6, out.stderr
         status = request(run, {"op": "status"})
