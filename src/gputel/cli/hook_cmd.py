@@ -207,6 +207,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  memory       max {_num(summary.get('memory_max_mib'), ' MiB', '{:.0f}')}",
         f"  SM activity  mean {_num(summary.get('sm_active_mean_pct'), ' %')}",
         f"  throttled    {_num(summary.get('throttled_s'), ' s')}",
+        f"  Xids         {','.join(str(x) for x in summary.get('xids') or []) or 'none'}",
     ]
     reason = summary.get("release_reason")
     if reason and reason != "released":

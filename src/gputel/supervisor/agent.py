@@ -694,7 +694,7 @@ class Agent:
         if store is None or store.open_count() == 0:
             return
         try:
-            reaped = store.reap_dead_owners(LazyEnergy(self.energy_now))
+            reaped = store.reap_dead_owners(LazyEnergy(self.energy_now), self.events.take_xids)
         except Exception:
             log.exception("reaping allocations of exited owners failed")
             return
@@ -704,7 +704,7 @@ class Agent:
         hooked = [a["id"] for a in store.list() if a.get("pid") is None]
         for ident in self.slurm_jobs.gone(hooked):
             try:
-                store.release(ident, LazyEnergy(self.energy_now), JOB_GONE)
+                store.release(ident, LazyEnergy(self.energy_now), JOB_GONE, self.events.take_xids)
             except Exception:
                 log.exception("releasing %s after its Slurm job ended failed", ident)
 
