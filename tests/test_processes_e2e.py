@@ -169,8 +169,14 @@ def test_record_names_each_process_job_and_summarises_jobs(
         'allocation="user-root",kind="user",namespace="",pod="",slurm_job="",user="root"',
     }
 
-    # recorder.json reports what the agent shows.
+    # recorder.json reports what the agent shows, the pod's names beside its process.
     state = json.loads((run_dir / "recorder.json").read_text())
+    by_job = {p["job"]: p for p in state["processes"]}
+    assert (by_job[f"k8s-{POD_UID}"]["namespace"], by_job[f"k8s-{POD_UID}"]["pod"]) == (
+        "ml-team",
+        "trainer-7f9c",
+    )
+    assert "pod" not in by_job["slurm-77"]
     assert {d["id"]: d["gpus"] for d in state["detected"]} == {
         "slurm-77": [0],
         f"k8s-{POD_UID}": [1],

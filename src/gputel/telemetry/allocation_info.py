@@ -60,6 +60,12 @@ class AllocationNames:
         self.pods = pods
         self._users: dict[str, str] = {}
 
+    def pod_of(self, ident: str | None) -> tuple[str, str] | None:
+        """(namespace, pod) of a ``k8s-<uid>`` id, when the pod log directory names it."""
+        if ident is None or kind_of(ident) != "k8s":
+            return None
+        return self.pods.lookup(ident.removeprefix("k8s-"))
+
     def infos(
         self, open_ids: Iterable[str], processes: Iterable[ProcessRecord]
     ) -> list[AllocationInfo]:
@@ -74,11 +80,7 @@ class AllocationNames:
         out: list[AllocationInfo] = []
         for ident in ids:
             kind = kind_of(ident)
-            namespace = pod = ""
-            if kind == "k8s":
-                names = self.pods.lookup(ident.removeprefix("k8s-"))
-                if names is not None:
-                    namespace, pod = names
+            namespace, pod = self.pod_of(ident) or ("", "")
             user = self._users.get(ident, "")
             if not user and kind == "user":
                 user = ident.removeprefix("user-")

@@ -34,7 +34,7 @@ from gputel import runtime
 from gputel.allocstats import AllocationStats
 from gputel.control.allocations import SummaryLog, parse_store, recorder_stats_entry
 from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
-from gputel.schema import Sample
+from gputel.schema import ProcessRecord, Sample
 from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
 from gputel.sources.pods import PodNames
@@ -230,6 +230,15 @@ class Recorder:
             self._publish(sample, data)
         return sample
 
+    def _process_json(self, process: ProcessRecord) -> dict[str, object]:
+        """A process for ``recorder.json`` (``gputel status``): a pod's namespace and name
+        beside its ``k8s-<uid>`` job, when the kubelet's pod log directory names it."""
+        out: dict[str, object] = asdict(process)
+        names = self.names.pod_of(process.job)
+        if names is not None:
+            out["namespace"], out["pod"] = names
+        return out
+
     def _attribute(self, sample: Sample) -> None:
         """Owners of this tick's GPU processes, and the jobs they belong to as allocations of
         their GPUs (``telemetry/jobs.py``): merged into each GPU row's allocations."""
@@ -295,7 +304,7 @@ class Recorder:
             "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
             "pretrigger": {"ticks": self.head_ticks, "seconds": round(self.head_s, 3)},
             "detected": self.detected.open(),
-            "processes": [asdict(p) for p in sample.processes],
+            "processes": [self._process_json(p) for p in sample.processes],
             "processes_notice": self.attribution.notice,
         }
         try:
