@@ -76,12 +76,12 @@ def encode(summary: Mapping[str, Any]) -> str:
 def decode(comment: str | None) -> dict[str, Any] | None:
     """The summary fields of the ``gputel=`` token in an AdminComment; None when there is none.
 
-    Tolerant of what Slurm does to text (lowercase, backticks) and of other tools' text around
-    the token; a field that does not parse is left out.
+    The token has nothing Slurm changes (no capitals, no quotes); other tools' text around it
+    is skipped, and a field that does not parse is left out.
     """
     if not comment:
         return None
-    found = _TOKEN.search(comment.replace("`", '"'))
+    found = _TOKEN.search(comment)
     if found is None:
         return None
     out: dict[str, Any] = {}
