@@ -3,7 +3,9 @@
 The real-Slurm test starts munged, slurmctld and slurmd on loopback with a ``slurm.conf`` of its
 own in a temporary directory, runs a gputel agent on idle simulated GPUs, submits a batch job and
 checks that the prolog turned telemetry on, rows carry the job's allocation id, the epilog turned
-telemetry off, ``allocations.csv`` has the job, and the node is not drained.
+telemetry off, ``allocations.csv`` has the job, and the node is not drained. With slurmdbd on
+MariaDB (started by the test on loopback) the epilog's summary reaches the job's AdminComment;
+without the epilog the job's allocation ends ``job-gone``.
 """
 
 from __future__ import annotations
