@@ -326,7 +326,7 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert 10_000 < len(data) < 2_000_000
     width = int.from_bytes(data[16:20], "big")
     height = int.from_bytes(data[20:24], "big")
-    assert (width, height) == (1200, 640)
+    assert (width, height) == (1200, 670)
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gputel.analysis.filter import CsvReadError, ReportFilter
+from gputel.analysis.filter import CsvReadError, ReportFilter, UnknownAllocation
 from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
 from gputel.settings import Settings, parse_duration, parse_gpu_list
 
@@ -387,7 +387,8 @@ def register(app: typer.Typer) -> None:
         until: UntilOpt = None,
         gpu: GpuOpt = None,
         allocation: Annotated[
-            str | None, typer.Option("--allocation", help="only this allocation's span")
+            str | None,
+            typer.Option("--allocation", help="only this allocation's GPUs, around its span"),
         ] = None,
         *,
         settings: Settings,
@@ -403,7 +404,7 @@ def register(app: typer.Typer) -> None:
             n = draw(_paths(paths, settings), output, flt)
         except (PlotUnavailable, AnalysisUnavailable) as exc:
             fail(str(exc))
-        except CsvReadError as exc:
+        except (CsvReadError, UnknownAllocation) as exc:
             fail(str(exc), EXIT_USAGE)
         except ValueError as exc:
             fail(str(exc))
