@@ -276,3 +276,17 @@ def test_page_escapes_what_users_wrote(tmp_path: Path) -> None:
     assert_self_contained(html)
     bad = _gputel("job", JOB, str(tmp_path), "--html", str(tmp_path / "job.txt"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_job_known_only_from_its_summary_row(tmp_path: Path) -> None:
+    """Telemetry was off (operator) the whole time: the summary row still answers."""
+    row = {"id": "k8s-abc", "gpus": "2", "start": _at(0), "end": _at(30), "duration_s": "30.0"}
+    _write_rows(tmp_path / "allocations.csv", (*row, "energy_j"), [{**row, "energy_j": ""}])
+    job = build_job([tmp_path], "k8s-abc")
+    assert (job.gpus, job.duration_s, job.energy_j, job.per_gpu) == ([2], 30.0, None, [])
+    assert job.verdict == []
+    page = tmp_path / "job.html"
+    res = _gputel("job", "k8s-abc", str(tmp_path), "--html", str(page))
+    assert res.returncode == 0, res.stderr
+    assert "energy: n/a" in res.stdout and "no recorded rows for this allocation" in res.stdout
+    assert "no plot" in page.read_text()

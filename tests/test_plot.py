@@ -85,7 +85,10 @@ def test_panels_axes_and_marks(tmp_path: Path) -> None:
     assert len(_gids(gpu0, plot.GID_EVENT)) == 1 and len(_gids(gpu1, plot.GID_EVENT)) == 1
     assert {t.get_text().strip() for t in gpu1.texts} >= {"Xid 79", "job-a"}
     # Throttled shading only where GPU 0 ran over the power cap (util > 50 in the test rows).
-    assert _gids(gpu0, plot.GID_THROTTLED) and not _gids(gpu1, plot.GID_THROTTLED)
+    # One span for the throttled stretch (ticks 5-39), not one per bucket.
+    (throttled,) = _gids(gpu0, plot.GID_THROTTLED)
+    assert throttled.get_width() * 86400 == pytest.approx(35, abs=0.01)
+    assert not _gids(gpu1, plot.GID_THROTTLED)
     # The 60 s without rows between the sessions is shaded on both panels.
     for ax in panels:
         (off,) = _gids(ax, plot.GID_OFF)

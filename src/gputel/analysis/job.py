@@ -138,67 +138,95 @@ def known_ids(paths: list[Path], flt: ReportFilter | None = None) -> list[str]:
     return sorted(ids)
 
 
+#: ``2026-11-22T10:00:00.000Z``: the recorder's timestamps, which compare as text in time order.
+_ISO_MS_LEN = 24
+
+
+def _canonical(text: str) -> str | None:
+    """The timestamp in the recorder's form (as written, or re-written), None if unreadable."""
+    if len(text) == _ISO_MS_LEN and text.endswith("Z") and text[10] == "T":
+        return text
+    ts = _ts(text)
+    return None if ts is None else iso_utc_ms(ts)
+
+
 def _processes(
     paths: list[Path], nodes: list[str], gpus: list[int], first: float, last: float
 ) -> list[dict[str, Any]]:
     """The processes seen on the job's GPUs between ``first`` and ``last``, one entry per
-    (node, GPU, pid, command) with its user, job tag, peak memory and mean SM share."""
+    (node, GPU, pid, command) with its user, job tag, peak memory and mean SM share.
+
+    A week of a busy node is millions of rows: timestamps are compared as text (the recorder's
+    form sorts in time order) and only the job's rows are looked at further.
+    """
+    lo, hi = iso_utc_ms(first), iso_utc_ms(last)
     seen: dict[tuple[str, int, str, str], dict[str, Any]] = {}
-    wanted = set(gpus)
+    wanted = {str(g) for g in gpus}
     for path in _files(paths, "processes-"):
         node = duck.node_of(path.with_name("gpu-" + path.name.removeprefix("processes-")))
         if nodes and node not in nodes:
             continue
         try:
             with _open_text(path) as fh:
-                for row in csv.DictReader(fh):
-                    ts = _ts(row.get("timestamp") or "")
-                    if ts is None or not first <= ts <= last:
+                reader = csv.reader(fh)
+                header = next(reader, [])
+                col = {name: i for i, name in enumerate(header)}
+                if not {"timestamp", "gpu", "pid"} <= col.keys():
+                    continue
+                width = len(header)
+                at, on = col["timestamp"], col["gpu"]
+                for cells in reader:
+                    if len(cells) != width or cells[on] not in wanted:
                         continue
-                    try:
-                        gpu = int(row.get("gpu") or "")
-                    except ValueError:
+                    stamp = _canonical(cells[at])
+                    if stamp is None or not lo <= stamp <= hi:
                         continue
-                    if gpu not in wanted:
-                        continue
-                    key = (node, gpu, row.get("pid") or "", row.get("command") or "")
-                    entry = seen.setdefault(
-                        key,
-                        {
-                            "node": node,
-                            "gpu": gpu,
-                            "pid": key[2],
-                            "user": row.get("user") or "",
-                            "command": key[3],
-                            "job": row.get("job") or "",
-                            "first": ts,
-                            "last": ts,
-                            "samples": 0,
-                            "memory_peak_mib": None,
-                            "_sm": [0.0, 0],
-                        },
-                    )
-                    entry["first"] = min(entry["first"], ts)
-                    entry["last"] = max(entry["last"], ts)
-                    entry["samples"] += 1
-                    mem = _float(row.get("memory_used_mib"))
-                    if mem is not None:
-                        peak = entry["memory_peak_mib"]
-                        entry["memory_peak_mib"] = mem if peak is None else max(peak, mem)
-                    sm = _float(row.get("sm_util_pct"))
-                    if sm is not None:
-                        entry["_sm"][0] += sm
-                        entry["_sm"][1] += 1
+                    row = dict(zip(header, cells, strict=True))
+                    _add_process(seen, node, int(cells[on]), stamp, row)
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise CsvReadError(f"{path}: {exc}") from None
     out = []
     for entry in sorted(seen.values(), key=lambda e: (e["first"], e["gpu"], e["pid"])):
         total, n = entry.pop("_sm")
         entry["sm_util_mean_pct"] = round(total / n, 1) if n else None
-        entry["first"] = iso_utc_ms(entry["first"])
-        entry["last"] = iso_utc_ms(entry["last"])
         out.append(entry)
     return out
+
+
+def _add_process(
+    seen: dict[tuple[str, int, str, str], dict[str, Any]],
+    node: str,
+    gpu: int,
+    stamp: str,
+    row: dict[str, str],
+) -> None:
+    key = (node, gpu, row.get("pid") or "", row.get("command") or "")
+    entry = seen.get(key)
+    if entry is None:
+        entry = seen[key] = {
+            "node": node,
+            "gpu": gpu,
+            "pid": key[2],
+            "user": row.get("user") or "",
+            "command": key[3],
+            "job": row.get("job") or "",
+            "first": stamp,
+            "last": stamp,
+            "samples": 0,
+            "memory_peak_mib": None,
+            "_sm": [0.0, 0],
+        }
+    entry["first"] = min(entry["first"], stamp)
+    entry["last"] = max(entry["last"], stamp)
+    entry["samples"] += 1
+    mem = _float(row.get("memory_used_mib"))
+    if mem is not None:
+        peak = entry["memory_peak_mib"]
+        entry["memory_peak_mib"] = mem if peak is None else max(peak, mem)
+    sm = _float(row.get("sm_util_pct"))
+    if sm is not None:
+        entry["_sm"][0] += sm
+        entry["_sm"][1] += 1
 
 
 def _float(text: str | None) -> float | None:

@@ -8,8 +8,9 @@ allocations whose rows are on that GPU (a band along the top, named where there 
 legend is one per figure and lists kinds of marks, never every allocation, so it stays readable
 over a week. With ``allocation`` the figure shows only that allocation's GPUs around its span.
 
-Long recordings are decimated while streaming (buckets double in width whenever there are too
-many), so a week of data plots in constant memory. matplotlib and DuckDB: the ``analysis`` extra.
+Long recordings are averaged in DuckDB into buckets (one second wide, doubled until at most
+MAX_BUCKETS span the range), so a week of data plots in constant memory and time. matplotlib
+and DuckDB: the ``analysis`` extra.
 """
 
 from __future__ import annotations
@@ -52,30 +53,20 @@ class PlotUnavailable(RuntimeError):
     """matplotlib is not installed."""
 
 
+def bucket_width(first: float, last: float) -> float:
+    """One second, doubled until at most MAX_BUCKETS buckets span ``first`` to ``last``."""
+    width = 1.0
+    while (last - first) / width > MAX_BUCKETS:
+        width *= 2
+    return width
+
+
 @dataclass
 class _Series:
-    """Bucketed (time, mean) points; merges neighbours whenever the bucket count doubles."""
+    """Per-bucket means (index → [mean, 1]), averaged in DuckDB."""
 
     width: float
-    buckets: dict[int, list[float]] = field(default_factory=dict)  # index -> [sum, n]
-
-    def add(self, ts: float, value: float | None) -> None:
-        if value is None:
-            return
-        b = self.buckets.setdefault(int(ts // self.width), [0.0, 0])
-        b[0] += value
-        b[1] += 1
-        if len(self.buckets) > MAX_BUCKETS:
-            self._coarsen()
-
-    def _coarsen(self) -> None:
-        merged: dict[int, list[float]] = {}
-        for idx, (s, n) in self.buckets.items():
-            m = merged.setdefault(idx // 2, [0.0, 0])
-            m[0] += s
-            m[1] += n
-        self.buckets = merged
-        self.width *= 2
+    buckets: dict[int, list[float]] = field(default_factory=dict)
 
     def points(self) -> tuple[list[float], list[float]]:
         """Bucket centres and means; a NaN where buckets are missing, so lines break at gaps."""
@@ -171,20 +162,29 @@ def collect(
             f"SELECT gpu, arg_min(name, ts) FROM gpu WHERE {where} GROUP BY gpu"
         ).fetchall()
     }
-    cur = con.execute(
-        "SELECT ts, gpu, utilization_gpu_pct, sm_active_pct, power_w, temperature_c, "
-        f"clock_event_reasons FROM gpu WHERE {where} ORDER BY ts, gpu"
+    lo, hi = con.execute(f"SELECT min(ts), max(ts) FROM gpu WHERE {where}").fetchone()
+    width = bucket_width(float(lo or 0.0), float(hi or 0.0))
+    throttled = (
+        f"CASE WHEN clock_event_reasons IS NULL THEN NULL "
+        f"WHEN (clock_event_reasons & {THROTTLE_MASK}) <> 0 THEN 1.0 ELSE 0.0 END"
     )
-    while batch := cur.fetchmany(100_000):
-        for ts, idx, util, sm, power, temp, reasons in batch:
-            g = gpu_rows[idx]
-            g.rows.add(ts, 0.0)
-            g.util.add(ts, util)
-            g.sm.add(ts, sm)
-            g.power.add(ts, power)
-            g.temp.add(ts, temp)
-            if reasons is not None:
-                g.throttle.add(ts, 1.0 if reasons & THROTTLE_MASK else 0.0)
+    for idx, b, util, sm, power, temp, throttle in con.execute(
+        f"SELECT gpu, floor(ts / {width!r})::BIGINT, avg(utilization_gpu_pct), "
+        f"avg(sm_active_pct), avg(power_w), avg(temperature_c), avg({throttled}) "
+        f"FROM gpu WHERE {where} GROUP BY ALL"
+    ).fetchall():
+        g = gpu_rows[idx]
+        for series, value in (
+            (g.rows, 0.0),
+            (g.util, util),
+            (g.sm, sm),
+            (g.power, power),
+            (g.temp, temp),
+            (g.throttle, throttle),
+        ):
+            series.width = width
+            if value is not None:
+                series.buckets[int(b)] = [float(value), 1]
     spans: dict[int, dict[str, tuple[float, float]]] = {}
     for idx, alloc_id, first, last in con.execute(
         "SELECT gpu, id, min(ts), max(ts) FROM (SELECT ts, gpu, "
@@ -236,6 +236,26 @@ def _off_spans(series: _Series) -> list[tuple[float, float]]:
             out.append(((prev + 1) * series.width, idx * series.width))
         prev = idx
     return out
+
+
+def _runs(series: _Series) -> list[tuple[float, float, float]]:
+    """Runs of adjacent buckets with a positive value: (start, end, mean value) — one shaded
+    span per throttled stretch, not one per bucket."""
+    runs: list[list[float]] = []  # [first index, last index, sum, count]
+    current: list[float] | None = None
+    for idx in sorted(series.buckets):
+        value = series.buckets[idx][0]
+        if value <= 0:
+            current = None
+        elif current is not None and idx == current[1] + 1:
+            current[1] = idx
+            current[2] += value
+            current[3] += 1
+        else:
+            current = [idx, idx, value, 1]
+            runs.append(current)
+    w = series.width
+    return [(a * w, (b + 1) * w, total / n) for a, b, total, n in runs]
 
 
 def _markers(events: list[tuple[float, int, str]], gpu: int, width: float) -> list[Any]:
@@ -307,18 +327,16 @@ def _panel(ax: Any, idx: int, g: _Gpu, timeline: Timeline, full: float) -> None:
     # would otherwise hide it.
     ax.set_zorder(temp.get_zorder() + 1)
     ax.patch.set_visible(False)
-    half = g.throttle.width / 2
-    for x, y in zip(*g.throttle.points(), strict=True):
-        if y > 0:  # NaN (a gap) compares False
-            ax.axvspan(
-                _dt(x - half),
-                _dt(x + half),
-                color="tab:red",
-                alpha=0.1 + 0.15 * y,
-                lw=0,
-                gid=GID_THROTTLED,
-                label="throttled",
-            )
+    for a, b, share in _runs(g.throttle):
+        ax.axvspan(
+            _dt(a),
+            _dt(b),
+            color="tab:red",
+            alpha=0.1 + 0.15 * share,
+            lw=0,
+            gid=GID_THROTTLED,
+            label="throttled",
+        )
     for a, b in _off_spans(g.rows):
         ax.axvspan(_dt(a), _dt(b), color="0.6", alpha=0.25, lw=0, gid=GID_OFF, label="no rows")
     for a, b in timeline.pretrigger:
