@@ -168,6 +168,7 @@ def test_cli_text_fits_80_columns_and_json_has_everything(tmp_path: Path) -> Non
     assert "  - GPU 1 idle 100 % of the job" in text
     assert "throttled: power cap 80 s" in text
     assert "python train.py" in text and "Xid 79 fell off" in text
+    assert all(len(line) <= 80 for line in text.splitlines()), text
     data = json.loads(_gputel("job", JOB, str(tmp_path), "--json").stdout)
     assert data["id"] == JOB and len(data["per_gpu"]) == 2
     assert data["per_gpu"][1]["idle_s"] == 100.0

@@ -6,6 +6,7 @@ Short labelled lines rather than a table: nothing is cut at 80 columns.
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 from gputel.analysis.job import REASON_WORDS, THROTTLE_NAMES, Job
@@ -99,4 +100,21 @@ def lines(job: Job) -> list[str]:
     for source, figures in sorted(job.sources.items()):
         out.append(f"{source}:")
         out += [f"  {k}: {v}" for k, v in figures.items()]
+    return out
+
+
+def wrapped(text_lines: list[str], width: int) -> list[str]:
+    """Lines wrapped between words to ``width``, continuation lines indented under their
+    line's text; a word longer than the width (a path, a command) is kept whole."""
+    out: list[str] = []
+    for line in text_lines:
+        lead = line[: len(line) - len(line.lstrip())]
+        bullet = "- " if line.lstrip().startswith("- ") else ""
+        out += textwrap.wrap(
+            line,
+            width=max(20, width),
+            subsequent_indent=lead + " " * len(bullet) + "  ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        ) or [line]
     return out

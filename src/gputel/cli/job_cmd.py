@@ -64,9 +64,11 @@ def register(app: typer.Typer) -> None:
             json.dump(result.to_dict(), sys.stdout, indent=2)
             print()
             return
-        from gputel.analysis.job_text import lines
+        import shutil
 
-        for line in lines(result):
+        from gputel.analysis.job_text import lines, wrapped
+
+        for line in wrapped(lines(result), shutil.get_terminal_size().columns):
             print(line)
         if html is not None:
             print(f"wrote {html}")
