@@ -17,7 +17,7 @@ import pytest
 from rich.console import Console
 
 from gputel.analysis.filter import UnknownAllocation
-from gputel.analysis.job import build_job
+from gputel.analysis.job import build_job, verdict
 from gputel.cli.demo import DEMO_JOB, run_demo
 from gputel.schema import PROCESS_CSV_COLUMNS
 from test_analysis import T0, iso, power_of, write_gpu_csv
@@ -291,3 +291,29 @@ def test_a_job_known_only_from_its_summary_row(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "energy: n/a" in res.stdout and "no recorded rows for this allocation" in res.stdout
     assert "no plot" in page.read_text()
+
+
+def test_verdict_names_gpus_with_one_finding_together() -> None:
+    def gpu(n: int, idle: float, cap: float, node: str = "n") -> dict[str, object]:
+        return {
+            "node": node,
+            "gpu": n,
+            "duration_s": 100.0,
+            "idle_s": idle,
+            "stalled_s": None,
+            "throttle_s": {"sw_power_cap": cap, "gpu_idle": 90.0},
+            "util_mean_pct": 50.0,
+        }
+
+    assert verdict([gpu(0, 10, 20), gpu(1, 84, 22), gpu(2, 0, 5)], []) == [
+        "GPUs 0, 1 throttled by power cap 20–22 % of the time",
+        "GPU 1 idle 84 % of the job",
+    ]
+    events = [{"node": "a", "gpu": 3, "event": "xid", "xid": "79"}] * 2
+    assert verdict([gpu(3, 0, 0, "a"), gpu(3, 60, 0, "b")], events) == [
+        "GPU b:3 idle 60 % of the job",
+        "Xid 79 2× on GPU a:3",
+    ]
+    assert verdict([gpu(0, 0, 0)], []) == [
+        "mean utilization 50 %, no idle GPU, no throttling, no GPU events"
+    ]

@@ -269,34 +269,52 @@ def _pct(part: float | None, whole: float | None) -> float | None:
     return 100.0 * part / whole
 
 
+def _gpu_names(names: list[str]) -> str:
+    return f"GPU {names[0]}" if len(names) == 1 else "GPUs " + ", ".join(names)
+
+
+def _shares(pcts: list[float]) -> str:
+    lo, hi = round(min(pcts)), round(max(pcts))
+    return f"{lo} %" if lo == hi else f"{lo}–{hi} %"
+
+
 def verdict(per_gpu: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[str]:
-    """What a person should look at first, in words; one line per finding."""
-    lines: list[str] = []
+    """What a person should look at first, in words; one line per finding, the GPUs with the
+    same finding named together (eight GPUs under the power cap are one line, not eight)."""
+    several_nodes = len({g.get("node") for g in per_gpu}) > 1
+    # finding (a template with {gpus} and {share}) -> [(GPU name, share %)], in first-seen order
+    found: dict[str, list[tuple[str, float]]] = {}
     for g in per_gpu:
         span = g.get("duration_s")
-        label = f"GPU {g['gpu']}"
+        name = f"{g['node']}:{g['gpu']}" if several_nodes else str(g["gpu"])
         idle = _pct(g.get("idle_s"), span)
         if idle is not None and idle >= IDLE_SHARE * 100:
-            lines.append(f"{label} idle {idle:.0f} % of the job")
+            found.setdefault("{gpus} idle {share} of the job", []).append((name, idle))
         for reason, seconds in (g.get("throttle_s") or {}).items():
             share = _pct(seconds, span)
             if reason in THROTTLE_NAMES and share is not None and share >= THROTTLE_SHARE * 100:
                 words = REASON_WORDS.get(reason, reason)
-                lines.append(f"{label} throttled by {words} {share:.0f} % of the time")
+                key = "{gpus} throttled by " + words + " {share} of the time"
+                found.setdefault(key, []).append((name, share))
         stalled = _pct(g.get("stalled_s"), span)
         if stalled is not None and stalled >= STALLED_SHARE * 100:
-            lines.append(
-                f"{label} busy but stalled {stalled:.0f} % of the time (utilization ≥ "
+            key = (
+                "{gpus} busy but stalled {share} of the time (utilization ≥ "
                 f"{STALLED_UTIL_PCT:g} % with SM activity < {STALLED_SM_PCT:g} %)"
             )
+            found.setdefault(key, []).append((name, stalled))
+    lines = [
+        key.format(gpus=_gpu_names([n for n, _ in hits]), share=_shares([p for _, p in hits]))
+        for key, hits in found.items()
+    ]
     xids: dict[str, list[str]] = {}
     for e in events:
         what = f"Xid {e['xid']}" if e.get("xid") else str(e["event"])
-        xids.setdefault(what, []).append(str(e["gpu"]))
+        where = f"{e['node']}:{e['gpu']}" if several_nodes else str(e["gpu"])
+        xids.setdefault(what, []).append(where)
     for what, on in sorted(xids.items()):
-        gpus = ", ".join(dict.fromkeys(on))
         times = f"{len(on)}×" if len(on) > 1 else "once"
-        lines.append(f"{what} {times} on GPU {gpus}")
+        lines.append(f"{what} {times} on {_gpu_names(list(dict.fromkeys(on)))}")
     if not lines and per_gpu:
         means = [g["util_mean_pct"] for g in per_gpu if g.get("util_mean_pct") is not None]
         mean = f"mean utilization {sum(means) / len(means):.0f} %, " if means else ""
