@@ -103,6 +103,7 @@ def test_one_job_per_gpu_with_processes_events_and_a_verdict(tmp_path: Path) -> 
     assert g0["stalled_s"] == 80.0 and g1["stalled_s"] == 0.0
     assert g0["throttle_s"] == {"sw_power_cap": 80.0}
     assert g0["memory_peak_mib"] == 1900.0 and g0["temperature_max_c"] == 80.0
+    assert g0["temperature_mean_c"] == pytest.approx(35 + 72.0 / 2)
     assert g0["energy_j"] == pytest.approx(80 * busy + 20 * idle)
     assert g1["energy_j"] == pytest.approx(100 * idle)
     assert [(p["gpu"], p["user"], p["command"]) for p in job.processes] == [

@@ -61,7 +61,10 @@ def gpu_lines(g: dict[str, Any]) -> list[tuple[str, str]]:
         ("idle", minutes(g.get("idle_s"))),
         ("busy but stalled", minutes(g.get("stalled_s"))),
         ("memory peak", f"{num(g.get('memory_peak_mib'), 0)} MiB"),
-        ("temperature max", f"{num(g.get('temperature_max_c'))} °C"),
+        (
+            "temperature mean/max",
+            f"{num(g.get('temperature_mean_c'))}/{num(g.get('temperature_max_c'))} °C",
+        ),
         ("power mean/peak", f"{power} W"),
         ("energy", f"{num(g.get('energy_j'), 0)} J"),
         ("throttled", throttle_words(g)),

@@ -213,7 +213,8 @@ def _scope_sql(source: str, keys: str) -> tuple[str, str]:
         f"max(util_max), max(mem_max), max(temp_max), sum(p_sum) / nullif(sum(p_n), 0), "
         f"max(p_max), sum(lost_n), sum(sm_sum) / nullif(sum(sm_n), 0), "
         f"sum(tensor_sum) / nullif(sum(tensor_n), 0), sum(stalled_n), "
-        f"list(DISTINCT gpu ORDER BY gpu), sum(busy_n), sum(throttled_n), sum(idle_n), {bits} "
+        f"list(DISTINCT gpu ORDER BY gpu), sum(busy_n), sum(throttled_n), sum(idle_n), "
+        f"sum(temp_sum) / nullif(sum(temp_n), 0), {bits} "
         f"FROM {source} GROUP BY ALL"
     )
     hist = (
@@ -265,7 +266,8 @@ class ScopeStats:
         n, first, last, util_mean, util_max, mem, temp, power_mean = self.values[:8]
         power_peak, lost, sm, tensor, stalled = self.values[8:13]
         interval = interval or _interval_from(self.spacings)
-        throttle = self.values[17:]
+        throttle = self.values[18:]
+        temp_mean = self.values[17]
         throttled = self.throttled
         idle = int(self.values[16] or 0)
         energy = self.energy
@@ -279,6 +281,7 @@ class ScopeStats:
             "util_max_pct": util_max,
             "memory_peak_mib": mem,
             "temperature_max_c": temp,
+            "temperature_mean_c": _round(temp_mean),
             "energy_j": _round(energy),
             "energy_kwh": _round(None if energy is None else energy / JOULES_PER_KWH, 6),
             "power_mean_w": _round(power_mean),
