@@ -15,7 +15,7 @@ import pytest
 
 from gputel.analysis import plot
 from gputel.analysis.filter import ReportFilter, UnknownAllocation
-from test_analysis import T0, iso, write_gpu_csv
+from test_analysis import T0, iso, pattern, write_gpu_csv
 
 pytest.importorskip("duckdb")
 pytest.importorskip("matplotlib")
@@ -166,3 +166,21 @@ def test_cli_allocation(tmp_path: Path) -> None:
     (line,) = res.stderr.strip().splitlines()
     assert line.startswith("gputel: no allocation 'job-x' in the given files (closest: job-")
     assert not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("interval", [0.5, 1.0, 5.0])
+def test_no_rows_shading_only_where_rows_are_missing(tmp_path: Path, interval: float) -> None:
+    """A slow recording interval is not "telemetry off"; a hole of a minute is."""
+    write_gpu_csv(tmp_path / "gpu-20261122T100000Z-n.csv", T0, 40, pattern, interval=interval)
+    (ax, *_) = plot.figure(plot.collect([tmp_path])).axes
+    assert _gids(ax, plot.GID_OFF) == []
+    write_gpu_csv(
+        tmp_path / "gpu-20261122T101000Z-n.csv",
+        T0 + timedelta(seconds=40 * interval + 60),
+        40,
+        pattern,
+        interval=interval,
+    )
+    (ax, *_) = plot.figure(plot.collect([tmp_path])).axes
+    (off,) = _gids(ax, plot.GID_OFF)
+    assert off.get_width() * 86400 == pytest.approx(60, abs=2 * max(interval, 1.0))

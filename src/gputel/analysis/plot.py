@@ -16,6 +16,7 @@ and DuckDB: the ``analysis`` extra.
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -53,12 +54,33 @@ class PlotUnavailable(RuntimeError):
     """matplotlib is not installed."""
 
 
-def bucket_width(first: float, last: float) -> float:
-    """One second, doubled until at most MAX_BUCKETS buckets span ``first`` to ``last``."""
+def bucket_width(first: float, last: float, interval: float = 1.0) -> float:
+    """One second, doubled until it is at least the recording interval (so every bucket of a
+    recording has a row) and at most MAX_BUCKETS buckets span ``first`` to ``last``."""
     width = 1.0
-    while (last - first) / width > MAX_BUCKETS:
+    while width < interval or (last - first) / width > MAX_BUCKETS:
         width *= 2
     return width
+
+
+#: Rows of one GPU whose spacings give the recording interval.
+INTERVAL_SAMPLE = 1000
+
+
+def _interval(con: Any, where: str) -> float:
+    """The recording interval: the median spacing of the first rows of one GPU in one file."""
+    row = con.execute(f"SELECT min(fid), min(gpu) FROM gpu WHERE {where}").fetchone()
+    if row is None or row[0] is None:
+        return 1.0
+    stamps = [
+        float(ts)
+        for (ts,) in con.execute(
+            f"SELECT ts FROM gpu WHERE {where} AND fid = ? AND gpu = ? ORDER BY ts LIMIT ?",
+            [row[0], row[1], INTERVAL_SAMPLE + 1],
+        ).fetchall()
+    ]
+    steps = sorted(b - a for a, b in itertools.pairwise(stamps) if b > a)
+    return steps[len(steps) // 2] if steps else 1.0
 
 
 @dataclass
@@ -163,7 +185,7 @@ def collect(
         ).fetchall()
     }
     lo, hi = con.execute(f"SELECT min(ts), max(ts) FROM gpu WHERE {where}").fetchone()
-    width = bucket_width(float(lo or 0.0), float(hi or 0.0))
+    width = bucket_width(float(lo or 0.0), float(hi or 0.0), _interval(con, where))
     throttled = (
         f"CASE WHEN clock_event_reasons IS NULL THEN NULL "
         f"WHEN (clock_event_reasons & {THROTTLE_MASK}) <> 0 THEN 1.0 ELSE 0.0 END"
@@ -228,11 +250,13 @@ def _dt(x: float) -> datetime:
 
 
 def _off_spans(series: _Series) -> list[tuple[float, float]]:
-    """Stretches with no row at all (telemetry off, or rows lost), from the row buckets."""
+    """Stretches with no row at all (telemetry off, or rows lost), from the row buckets: two
+    empty buckets or more (a bucket is at least one interval wide, so one late tick can empty
+    one bucket but not two)."""
     out = []
     prev: int | None = None
     for idx in sorted(series.buckets):
-        if prev is not None and idx > prev + 1:
+        if prev is not None and idx > prev + 2:
             out.append(((prev + 1) * series.width, idx * series.width))
         prev = idx
     return out
@@ -338,7 +362,15 @@ def _panel(ax: Any, idx: int, g: _Gpu, timeline: Timeline, full: float) -> None:
             label="throttled",
         )
     for a, b in _off_spans(g.rows):
-        ax.axvspan(_dt(a), _dt(b), color="0.6", alpha=0.25, lw=0, gid=GID_OFF, label="no rows")
+        ax.axvspan(
+            _dt(a),
+            _dt(b),
+            color="0.6",
+            alpha=0.25,
+            lw=0,
+            gid=GID_OFF,
+            label="no rows (telemetry off)",
+        )
     for a, b in timeline.pretrigger:
         ax.axvspan(
             _dt(a),
