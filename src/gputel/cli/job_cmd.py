@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from gputel.cli.analysis_cmd import PathsArg, _paths
 from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
 from gputel.settings import Settings
+
+if TYPE_CHECKING:
+    from gputel.analysis.job import Job
 
 
 def register(app: typer.Typer) -> None:
@@ -74,13 +77,12 @@ def register(app: typer.Typer) -> None:
             print(f"wrote {html}")
 
 
-def _write_html(result: object, where: list[Path], html: Path) -> None:
+def _write_html(result: Job, where: list[Path], html: Path) -> None:
+    """The page, with the allocation's timeline when it has rows and matplotlib is there."""
     from gputel.analysis.filter import ReportFilter
-    from gputel.analysis.job import Job
     from gputel.analysis.job_html import page
     from gputel.analysis.plot import PlotUnavailable, svg
 
-    assert isinstance(result, Job)
     figure: str | None = None
     if result.per_gpu:
         try:
