@@ -66,3 +66,21 @@ def test_no_cut_cell(tmp_path: Path, columns: int) -> None:
     assert f"{alloc['util_mean_pct']:.1f}/{alloc['util_max_pct']:.1f}" in text
     if columns >= 200:
         assert "┃ GPU" in text  # wide enough: the table itself
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_fleet_tables_fit(tmp_path: Path, columns: int) -> None:
+    for node in ("node-a-long-hostname-01", "node-b-long-hostname-02"):
+        (tmp_path / node).mkdir()
+        write_gpu_csv(
+            tmp_path / node / f"gpu-20261122T100000Z-{node}.csv",
+            T0,
+            120,
+            lambda k, g: 0.0,
+            allocations=lambda k: "slurm-77" if k > 5 else "",
+        )
+    text = _report(tmp_path, columns, "--idle-minutes", "1")
+    assert "…" not in text
+    assert all(len(line.rstrip()) <= columns for line in text.splitlines()), text
+    # Each node name whole (in a table cell or a block's heading), the idle allocation listed.
+    assert text.count("node-a-long-hostname-01") >= 2 and "slurm-77" in text
