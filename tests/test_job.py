@@ -318,3 +318,19 @@ def test_verdict_names_gpus_with_one_finding_together() -> None:
     assert verdict([gpu(0, 0, 0)], []) == [
         "mean utilization 50 %, no idle GPU, no throttling, no GPU events"
     ]
+
+
+def test_a_damaged_process_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    recorded(tmp_path)
+    procs = tmp_path / "processes-20261122T100000Z-n.csv"
+    lines = procs.read_text().splitlines()
+    lines[30] = lines[30].replace(_at(19), "yesterday")
+    procs.write_text("\n".join(lines) + "\n")
+    res = _gputel("job", JOB, str(tmp_path))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"gputel: {procs}: line 31: bad timestamp 'yesterday'"
+    ]
+    procs.write_text("\n".join([*lines[:5], "1,2", *lines[5:]]) + "\n")
+    res = _gputel("job", JOB, str(tmp_path))
+    assert res.returncode == 2 and "line 6 has 2 cells, expected 8" in res.stderr

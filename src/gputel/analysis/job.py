@@ -176,10 +176,19 @@ def _processes(
                 width = len(header)
                 at, on = col["timestamp"], col["gpu"]
                 for cells in reader:
-                    if len(cells) != width or cells[on] not in wanted:
+                    if len(cells) != width:
+                        raise CsvReadError(
+                            f"{path}: line {reader.line_num} has {len(cells)} cells, "
+                            f"expected {width}"
+                        )
+                    if cells[on] not in wanted:
                         continue
                     stamp = _canonical(cells[at])
-                    if stamp is None or not lo <= stamp <= hi:
+                    if stamp is None:
+                        raise CsvReadError(
+                            f"{path}: line {reader.line_num}: bad timestamp {cells[at]!r}"
+                        )
+                    if not lo <= stamp <= hi:
                         continue
                     row = dict(zip(header, cells, strict=True))
                     _add_process(seen, node, int(cells[on]), stamp, row)
