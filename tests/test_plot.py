@@ -58,6 +58,13 @@ def recording(tmp: Path) -> Path:
         w.writerow(EVENT_COLUMNS)
         w.writerow([iso(T0 + timedelta(seconds=20)), 1, "GPU-1", "xid", "79", "", "job-a"])
         w.writerow([iso(T0 + timedelta(seconds=110)), 0, "GPU-0", "xid", "13", "", ""])
+    with open(tmp / "transitions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(("timestamp", "from_state", "to_state", "reason"))
+        for at, to_state in ((0, "telemetry_on"), (40, "telemetry_off"), (20, "active")):
+            w.writerow([iso(T0 + timedelta(seconds=at)), "x", to_state, "test"])
+        for at, to_state in ((105, "telemetry_on"), (130.2, "telemetry_off")):
+            w.writerow([iso(T0 + timedelta(seconds=at)), "x", to_state, "test"])
     return tmp
 
 
@@ -95,6 +102,15 @@ def test_panels_axes_and_marks(tmp_path: Path) -> None:
         x0, x1 = off.get_x(), off.get_x() + off.get_width()
         assert (x1 - x0) * 86400 == pytest.approx(60, abs=2)
         assert len(_gids(ax, plot.GID_PRETRIGGER)) == 1
+    # The agent's telemetry switches (transitions.csv), on every panel.
+    for ax in panels:
+        switches = _gids(ax, plot.GID_SWITCH)
+        assert [line.get_label() for line in switches] == [
+            "telemetry on",
+            "telemetry off",
+            "telemetry on",
+            "telemetry off",
+        ]
     # job-a's band only on GPU 1 (its rows); job-b on both.
     assert len(_gids(gpu0, plot.GID_ALLOCATION)) == 1
     assert len(_gids(gpu1, plot.GID_ALLOCATION)) == 2
@@ -102,6 +118,7 @@ def test_panels_axes_and_marks(tmp_path: Path) -> None:
     (legend,) = fig.legends
     labels = [t.get_text() for t in legend.get_texts()]
     assert plot.UTIL_LABEL in labels and plot.POWER_LABEL in labels and "Xid" in labels
+    assert "telemetry on" in labels and "pre-trigger" in labels
     assert not any("job-" in label for label in labels)
     assert len(labels) == len(set(labels))
 

@@ -44,6 +44,7 @@ GID_OFF = "telemetry-off"
 GID_PRETRIGGER = "pretrigger"
 GID_ALLOCATION = "allocation"
 GID_FOCUS = "allocation-span"
+GID_SWITCH = "telemetry-switch"
 
 UTIL_LABEL = "utilization %"
 POWER_LABEL = "power W"
@@ -130,6 +131,9 @@ class Timeline:
     pretrigger: list[tuple[float, float]]
     #: The allocation the figure is about, with its span; None for a whole recording.
     focus: tuple[str, float, float] | None = None
+    #: (time, on?) of each telemetry on/off switch the agent logged (``transitions.csv``), when
+    #: the figure is of one node.
+    switches: list[tuple[float, bool]] = field(default_factory=list)
 
 
 def _allocation_extent(con: Any, alloc_id: str) -> tuple[list[int], float, float] | None:
@@ -228,7 +232,45 @@ def collect(
         ).fetchall()
         if gpu in gpu_rows
     ]
-    return Timeline(gpu_rows, spans, events, pretrigger, focus)
+    nodes = [n for (n,) in con.execute(f"SELECT DISTINCT node FROM gpu WHERE {where}").fetchall()]
+    switches: list[tuple[float, bool]] = []
+    if len(nodes) == 1 and lo is not None:
+        dirs = {p.parent for p in fs.files["gpu"] if fs.nodes.get(p) == nodes[0]}
+        switches = _switches(sorted(dirs), float(lo), float(hi))
+    return Timeline(gpu_rows, spans, events, pretrigger, focus, switches)
+
+
+def _switches(dirs: list[Path], first: float, last: float) -> list[tuple[float, bool]]:
+    """Telemetry on/off switches between ``first`` and ``last`` from the agent's
+    ``transitions.csv`` in ``dirs`` (rotated copies included); unreadable rows are skipped, as
+    the marks only annotate the rows."""
+    import csv
+    from datetime import datetime
+
+    from gputel.supervisor.transitions_log import TRANSITIONS_FILE
+
+    out: set[tuple[float, bool]] = set()
+    for d in dirs:
+        for path in sorted(d.glob(TRANSITIONS_FILE + "*")):
+            if path.suffix == ".gz" or not path.is_file():
+                continue
+            try:
+                with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+                    for row in csv.DictReader(fh):
+                        to_state = row.get("to_state")
+                        if to_state not in ("telemetry_on", "telemetry_off"):
+                            continue
+                        try:
+                            ts = datetime.fromisoformat(
+                                (row.get("timestamp") or "").replace("Z", "+00:00")
+                            ).timestamp()
+                        except ValueError:
+                            continue
+                        if first - 60 <= ts <= last + 60:
+                            out.add((ts, to_state == "telemetry_on"))
+            except (OSError, csv.Error):
+                continue
+    return sorted(out)[:MAX_MARKERS]
 
 
 def _load_matplotlib() -> Any:
@@ -414,6 +456,15 @@ def _panel(ax: Any, idx: int, g: _Gpu, timeline: Timeline, full: float) -> None:
                 va="center",
                 clip_on=True,
             )
+    for ts, on in timeline.switches:
+        ax.axvline(
+            _dt(ts),
+            color="tab:green" if on else "0.4",
+            lw=1,
+            ls=":",
+            gid=GID_SWITCH,
+            label="telemetry on" if on else "telemetry off",
+        )
     for ts, label in _markers(timeline.events, idx, full / 2000):
         xid = label.startswith("Xid")
         line = ax.axvline(
