@@ -334,3 +334,14 @@ def test_a_damaged_process_file_is_one_line_naming_it(tmp_path: Path) -> None:
     procs.write_text("\n".join([*lines[:5], "1,2", *lines[5:]]) + "\n")
     res = _gputel("job", JOB, str(tmp_path))
     assert res.returncode == 2 and "line 6 has 2 cells, expected 8" in res.stderr
+
+
+def test_a_detected_job_that_shared_its_gpu_has_no_energy(tmp_path: Path) -> None:
+    recorded(tmp_path)
+    row = {"id": JOB, "gpus": "0;1", "start": _at(10), "end": _at(109), "energy_j": ""}
+    _write_rows(tmp_path / "allocations.csv", (*row, "shared"), [{**row, "shared": "1"}])
+    job = build_job([tmp_path], JOB)
+    assert job.energy_j is None and job.energy_source is not None
+    assert "shared" in job.energy_source
+    res = _gputel("job", JOB, str(tmp_path))
+    assert "energy: n/a (none: a GPU was shared with another job)" in res.stdout

@@ -43,6 +43,8 @@ REASON_WORDS = {
 }
 THROTTLE_NAMES = frozenset(name for bit, name in CLOCK_EVENT_REASONS if bit & THROTTLE_MASK)
 SUMMARY_FILE = "allocations.csv"
+#: ``energy_source`` of a detected job that shared a GPU with another job.
+SHARED = "none: a GPU was shared with another job"
 
 
 @dataclass
@@ -375,6 +377,10 @@ def build_job(
         gpus = gpus or [int(x) for x in (last.get("gpus") or "").split(";") if x.isdigit()]
         if _float(last.get("energy_j")) is not None:
             energy, source = _float(last.get("energy_j")), SUMMARY_FILE
+        elif last.get("shared") == "1":
+            # A detected job that shared a GPU with another: the GPU's energy cannot be split
+            # between them (docs/attribution.md), so the job has none, not the GPU's whole.
+            energy, source = None, SHARED
     first = _ts(start or "") if start else None
     last_ts = _ts(end or "") if end else None
     processes: list[dict[str, Any]] = []

@@ -24,7 +24,7 @@ def headline(job: Job) -> list[tuple[str, str]]:
     """(label, value) pairs: when, where, how long, energy."""
     where = ", ".join(job.nodes) or "unknown node"
     gpus = ", ".join(str(g) for g in job.gpus) or "n/a"
-    energy = "n/a"
+    energy = f"n/a ({job.energy_source})" if job.energy_source else "n/a"
     if job.energy_j is not None:
         energy = f"{job.energy_j:.0f} J ({job.energy_j / 3.6e6:.4f} kWh, {job.energy_source})"
         rows = (job.recorded or {}).get("energy_j")
