@@ -680,6 +680,18 @@ def test_real_slurm_epilog_stores_the_summary_in_admin_comment(
         assert back[key] == pytest.approx(float(row[key]), abs=0.05), key
     epilog_log = (base / "epilog.log").read_text()
     assert f"summary stored in Slurm job {job}" in epilog_log, epilog_log
+    # gputel job shows Slurm's copy beside the recorded figures.
+    shown_job = subprocess.run(
+        [GPUTEL, "job", ident, str(tmp_path / "log"), "--json"],
+        env=dict(env_for(tmp_path), SLURM_CONF=env["SLURM_CONF"]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown_job.returncode == 0, shown_job.stderr
+    slurm_copy = json.loads(shown_job.stdout)["sources"]["slurm"]
+    assert slurm_copy["energy_j"] == pytest.approx(energy, abs=0.05)
+    assert slurm_copy == back
 
 
 @pytest.mark.xdist_group("slurm")
