@@ -119,6 +119,8 @@ class _Pair:
     request: Any
     newest: int = -1
     """Which of ``samples`` holds the latest reading; -1 before the first."""
+    metric_ids: tuple[int, ...] = ()
+    """The metrics the request asks for now: written into it only when they change."""
 
 
 @dataclass(eq=False)
@@ -364,12 +366,15 @@ class GpmReader:
         if previous < 0:
             return {}
         request = pair.request
-        request.version = self._version
-        request.numMetrics = len(wanted)
+        ids = tuple(metric_id for _attr, metric_id, _factor in wanted)
+        if ids != pair.metric_ids:  # built once, rebuilt only when a metric drops out
+            request.version = self._version
+            request.numMetrics = len(ids)
+            for k, metric_id in enumerate(ids):
+                request.metrics[k].metricId = metric_id
+            pair.metric_ids = ids
         request.sample1 = pair.samples[previous]
         request.sample2 = sample
-        for k, (_attr, metric_id, _factor) in enumerate(wanted):
-            request.metrics[k].metricId = metric_id
         result = self._ask(gpu, "gpm.metrics", self._metrics_fn, request, device=NO_DEVICE)
         if result is None:
             return {}
