@@ -174,3 +174,22 @@ def test_local_status_json_names_the_refusal(fake_driver: FakeDriver, tmp_path: 
     status = json.loads(result.stdout)
     assert status["gpus"][0]["gpm"].startswith(f"refused: {RESTRICTED}; ")
     assert status["gpus"][1]["gpm"] == "available"
+
+
+def test_a_refused_mig_gpu_is_known_at_open_and_says_its_activity_is_unmeasured(
+    inproc_driver: FakeDriver, tmp_path: Path
+) -> None:
+    from test_nvml_gpm import mig_gpu
+
+    inproc_driver.write({**world(mig_gpu(0)), "gpu.0.gpm.admin_only": 1, "caller.admin": 0})
+    src = nvml.open_nvml(None, clock=Clock(), proc_root=_params(tmp_path / "proc", 1))
+    try:
+        gpm = src.devices()[0].gpm
+        assert gpm is not None and gpm.startswith(f"refused: {RESTRICTED}")
+        assert any("MIG mode" in n and "cannot be measured" in n for n in src.notices)
+        assert any(RESTRICTED in n for n in src.notices)
+        asked = inproc_driver.calls("gpm", 0)
+        assert src.read_utilization() == {0: None}
+        assert src.read()[0].mig == () and inproc_driver.calls("gpm", 0) == asked
+    finally:
+        src.close()

@@ -200,17 +200,28 @@ class GpmReader:
         return state.supported
 
     def probe(self, gpu: NvmlGpu) -> None:
-        """At open: ask for support and take one sample of a whole GPU, so a refusal is known
-        (and said) before the first reading. The sample is not kept: the first reading still
-        has no pair, as without the probe."""
-        if gpu.mig or not self.supported(gpu):
+        """At open: ask for support and take one sample (of the whole GPU, or of a MIG GPU's
+        first GPU instance), so a refusal is known (and said) before the first reading. The
+        sample is not kept: the first reading still has no pair, as without the probe."""
+        if not self.supported(gpu):
             return
         state = self._state(gpu)
-        pair = self._pair(gpu, -1)
+        instance = -1
+        if gpu.mig:
+            self._list_mig(gpu, self._clock())
+            if not state.mig_devices:
+                return
+            instance = state.mig_devices[0].gi
+        pair = self._pair(gpu, instance)
         if pair is None or pair.newest >= 0:
             return
         try:
-            self._ask(gpu, "gpm", self._sample_fn, pair.samples[0], refused=_REFUSED)
+            if instance < 0:
+                self._ask(gpu, "gpm", self._sample_fn, pair.samples[0], refused=_REFUSED)
+            else:
+                key = f"gpm.mig.{instance}"
+                fn = self._mig_sample_fn
+                self._ask(gpu, key, fn, instance, pair.samples[0], refused=_REFUSED)
         except CallRefused:
             self._refuse(gpu, state, announce=False)
 
