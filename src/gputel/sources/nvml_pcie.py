@@ -11,7 +11,9 @@ thread is stuck in a GPU's call, or that GPU is lost), never an invented number.
 
 The thread does not take the GPU's read lock: the reads never wait for a sample, and it keeps
 its own record of what each GPU does not support (asked once, as everywhere). It is a daemon
-nobody joins: a call hung in the driver costs that thread only.
+nobody joins: a call hung in the driver costs that thread only — and with it the PCIe cells of
+the GPUs it samples, which go empty once their last sample is stale; every other cell and every
+read go on.
 """
 
 from __future__ import annotations
