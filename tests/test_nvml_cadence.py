@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fakedriver import GPU_IS_LOST, FakeDriver, scenario
+from fakedriver import GPU_IS_LOST, FakeDriver, read_until, scenario
 from gputel.sources import nvml
 from gputel.sources.nvml_fields import SLOW_EVERY, SLOW_FIELDS
 from test_nvml_gpm import Clock
@@ -81,9 +81,31 @@ def test_pcie_from_the_drivers_byte_counters_not_the_throughput_calls(drv: FakeD
             assert r.pcie_tx_bytes_per_s == pytest.approx(1000 * 1024.0)
             assert r.pcie_rx_bytes_per_s == pytest.approx(2000 * 1024.0)
         assert drv.calls("pcie", 0) == 0  # no ~20 ms sample on the read's path
-        # GPU 1's driver has no counters: the throughput calls, as before.
-        r1 = src.read_gpu(1)
-        assert r1.pcie_rx_bytes_per_s == 2000 * 1024.0 and drv.calls("pcie", 1) == 2
+        # GPU 1's driver has no counters: the throughput calls, sampled off the read's path.
+        r1 = read_until(lambda: src.read_gpu(1), lambda r: r.pcie_rx_bytes_per_s is not None)
+        assert r1.pcie_rx_bytes_per_s == 2000 * 1024.0
         assert r1.field_errors == {} and r.field_errors == {}
     finally:
+        src.close()
+
+
+def test_throughput_samples_are_off_the_reads_path(drv: FakeDriver) -> None:
+    """GPU 1 has neither GPM nor byte counters: its ~20 ms throughput calls run on the source's
+    sampling thread. Hung there, they hold up no read; the stale sample is dropped, not kept."""
+    clock = Clock()
+    src = nvml.open_nvml(None, clock=clock)
+    try:
+        r1 = read_until(lambda: src.read_gpu(1), lambda r: r.pcie_rx_bytes_per_s is not None)
+        assert r1.pcie_rx_bytes_per_s == 2000 * 1024.0
+        calls = drv.calls("pcie", 1)
+        drv.set(gpu__1__pcie__sleep_ms=600_000)  # the driver's next sample never returns
+        read_until(lambda: drv.calls("pcie", 1), lambda n: n > calls)  # the thread is in it
+        for _ in range(3):  # reads go on, with the last sample while it is fresh
+            r1 = src.read_gpu(1)
+            assert r1.power_w is not None and r1.pcie_rx_bytes_per_s == 2000 * 1024.0
+        clock.now += 10  # older than MAX_AGE_S: empty, never a stale number
+        r1 = src.read_gpu(1)
+        assert r1.pcie_rx_bytes_per_s is None and r1.power_w is not None and not r1.lost
+    finally:
+        drv.set(gpu__1__pcie__sleep_ms=None)
         src.close()

@@ -167,6 +167,14 @@ def _web_config(text: str) -> str:
     return str(load(_path(text)).path)
 
 
+def _kmsg(text: str) -> str:
+    """Empty turns the kernel log off; whether the path can be read is found out at start (one
+    notice, never a failure: the log needs a privilege the agent may lack)."""
+    if not text.strip():
+        return ""
+    return str(_path(text))
+
+
 def _sim_gpus(text: str) -> int:
     return _whole_number(text, 1, 256, "expected a whole number of GPUs 1-256")
 
@@ -358,6 +366,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _path,
     ),
     SettingSpec(
+        "GPUTEL_POD_LOGS_DIR",
+        "pod_logs_dir",
+        "--pod-logs-dir",
+        "/var/log/pods",
+        "kubelet pod log directories (NAMESPACE_POD_UID): names for k8s-<uid> jobs",
+        _path,
+    ),
+    SettingSpec(
         "GPUTEL_SIM_GPUS",
         "sim_gpus",
         "--sim-gpus",
@@ -397,6 +413,15 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "300",
         "seconds telemetry is forced on after a GPU event (0 = off)",
         _seconds,
+    ),
+    SettingSpec(
+        "GPUTEL_KMSG",
+        "kmsg",
+        "--kmsg",
+        "/dev/kmsg",
+        "kernel log read for the driver's Xid and SXid lines (empty = off; a plain file is "
+        "followed from its end)",
+        _kmsg,
     ),
     SettingSpec(
         "GPUTEL_PRETRIGGER_SECONDS",
@@ -447,11 +472,13 @@ class Settings:
     web_config: str = DEFAULTS["web_config"]
     sysfs_root: Path = DEFAULTS["sysfs_root"]
     proc_root: Path = DEFAULTS["proc_root"]
+    pod_logs_dir: Path = DEFAULTS["pod_logs_dir"]
     sim_gpus: int = DEFAULTS["sim_gpus"]
     sim_pattern: str = DEFAULTS["sim_pattern"]
     sim_events: str = DEFAULTS["sim_events"]
     activity: str = DEFAULTS["activity"]
     event_capture_s: float = DEFAULTS["event_capture_s"]
+    kmsg: str = DEFAULTS["kmsg"]
     pretrigger_s: float = DEFAULTS["pretrigger_s"]
 
     def to_env(self) -> dict[str, str]:

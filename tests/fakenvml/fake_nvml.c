@@ -571,7 +571,12 @@ nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *pci) {
     memset(pci, 0, sizeof *pci);
     snprintf(pci->busId, sizeof pci->busId, "%.31s", val);
     snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "%.15s", val + (strlen(val) > 12 ? 4 : 0));
-    pci->bus = (unsigned int)d->index + 1;
+    unsigned int domain = 0, bus = 0, device = 0;
+    if (sscanf(val, "%x:%x:%x", &domain, &bus, &device) == 3) {
+        pci->domain = domain;
+        pci->bus = bus;
+        pci->device = device;
+    }
     pci->pciDeviceId = 0x233010de;
     return OK;
 }

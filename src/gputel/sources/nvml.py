@@ -51,6 +51,7 @@ from gputel.sources.nvml_gpm import (
     refusal_reason,
 )
 from gputel.sources.nvml_gpu import GpuLost, NvmlGpu, text
+from gputel.sources.nvml_pcie import PcieSampler
 from gputel.sources.nvml_processes import NvmlProcessReader
 
 __all__ = ["NvmlGpuSource", "open_nvml", "reset_nvml_state"]
@@ -85,6 +86,7 @@ class NvmlGpuSource:
         self.fields = FieldReader(self.calls)
         self.gpm = GpmReader(self.calls, clock, admin_only)
         self._processes = NvmlProcessReader(self.calls)
+        self._pcie = PcieSampler(api, clock)
 
     def _fill(self, gpu: NvmlGpu, r: GpuReading) -> None:
         f = self.fields
@@ -113,12 +115,16 @@ class NvmlGpuSource:
         r.performance_state = f.performance_state(gpu)
         r.clock_event_reasons = f.clock_event_reasons(gpu)
         if not pcie_from_gpm and not f.pcie_counters(gpu, r, batch):
-            f.pcie_throughput(gpu, r)
+            for attr, value in self._pcie.latest(gpu).items():  # sampled off this path
+                setattr(r, attr, value)
         r.processes = self._processes.read(gpu)
 
     # --------------------------------------------------------------------------- GpuSource
     def devices(self) -> list[GpuIdentity]:
-        return [GpuIdentity(g.index, g.uuid, g.name, self.gpm.status(g)) for g in self._gpus]
+        return [
+            GpuIdentity(g.index, g.uuid, g.name, gpm=self.gpm.status(g), pci_bus_id=g.pci_bus_id)
+            for g in self._gpus
+        ]
 
     def read_utilization(self) -> dict[int, float | None]:
         return {g.index: self.read_gpu_utilization(g.index) for g in self._gpus}
@@ -218,6 +224,7 @@ class NvmlGpuSource:
             if self._closed:
                 return
             self._closed = True
+        self._pcie.stop()
         for gpu in self._gpus:
             # A read hung in the driver may hold a sample: leave its samples to the process exit.
             if gpu.lock.acquire(blocking=False):
@@ -297,6 +304,8 @@ def _open(
         try:
             gpu.uuid = text(ask(gpu, "uuid", fn("nvmlDeviceGetUUID")))
             gpu.name = text(ask(gpu, "name", fn("nvmlDeviceGetName")))
+            pci = ask(gpu, "pci", fn("nvmlDeviceGetPciInfo"))
+            gpu.pci_bus_id = text(getattr(pci, "busId", None))
             mode = ask(gpu, "mig_mode", fn("nvmlDeviceGetMigMode"))
             gpu.mig = mode is not None and int(mode[0]) == _MIG_ENABLED
             source.gpm.probe(gpu)

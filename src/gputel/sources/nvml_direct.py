@@ -196,6 +196,52 @@ def _processes(b: _Binder) -> Callable[..., Any] | None:
     return processes
 
 
+def _temperature_v(b: _Binder) -> Callable[..., Any]:
+    nv = b.nv
+    c, error, struct = b.c("nvmlDeviceGetTemperatureV"), b.error, plain(nv.c_nvmlTemperature_v1_t)
+    version = nv.nvmlTemperature_v1
+
+    def temperature(handle: Any, sensor: int) -> int:
+        out = struct()
+        out.version = version
+        out.sensorType = sensor
+        ret = c(handle, ctypes.byref(out))
+        if ret:
+            raise error(ret)
+        return int(out.temperature)
+
+    return temperature
+
+
+def _process_utilization(b: _Binder) -> Callable[..., Any]:
+    nv = b.nv
+    c, error = b.c("nvmlDeviceGetProcessesUtilizationInfo"), b.error
+    info_type = plain(nv.c_nvmlProcessesUtilizationInfo_v1_t)
+    sample = plain(nv.c_nvmlProcessUtilizationInfo_v1_t)
+    version = nv.ProcessesUtilizationInfo_v1
+    pointer = dict(info_type._fields_)["procUtilArray"]
+    room = [8]
+
+    def utilization(handle: Any, since: int) -> list[Any]:
+        while True:
+            size = room[0]
+            array = (sample * size)()
+            info = info_type()
+            info.version = version
+            info.processSamplesCount = size
+            info.lastSeenTimeStamp = since
+            info.procUtilArray = ctypes.cast(array, pointer)
+            ret = c(handle, ctypes.byref(info))
+            if ret == _INSUFFICIENT_SIZE:
+                room[0] = max(size * 2, int(info.processSamplesCount) + 8)
+                continue
+            if ret:
+                raise error(ret)
+            return array[: int(info.processSamplesCount)]
+
+    return utilization
+
+
 def _scalar(symbol: str, ctype: Any) -> Callable[[_Binder], Callable[..., Any]]:
     return lambda b: b.out(symbol, ctype, scalar=True)
 
@@ -237,6 +283,15 @@ FAST: dict[str, tuple[tuple[str, ...], Callable[[_Binder], Callable[..., Any] | 
         _scalar("nvmlDeviceGetFanSpeed", ctypes.c_uint),
     ),
     "nvmlDeviceGetFieldValues": (("nvmlDeviceGetFieldValues",), _field_values),
+    "nvmlDeviceGetTemperatureV": (("nvmlDeviceGetTemperatureV",), _temperature_v),
+    "nvmlDeviceGetTemperature": (
+        ("nvmlDeviceGetTemperature",),
+        _scalar("nvmlDeviceGetTemperature", ctypes.c_uint),
+    ),
+    "nvmlDeviceGetProcessesUtilizationInfo": (
+        ("nvmlDeviceGetProcessesUtilizationInfo",),
+        _process_utilization,
+    ),
     "nvmlGpmSampleGet": (("nvmlGpmSampleGet",), _gpm_sample),
     "nvmlGpmMetricsGet": (("nvmlGpmMetricsGet",), _gpm_metrics),
     "nvmlDeviceGetComputeRunningProcesses": (

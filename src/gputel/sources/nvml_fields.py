@@ -9,7 +9,8 @@ at open. Two cost rules live here:
 - PCIe throughput, where GPM does not give it, comes from the driver's PCIe byte counters (field
   values 197/198, ``NVML_FI_DEV_PCIE_COUNT_TX_BYTES``/``RX_BYTES``) in the same field-value call
   as the energy counter: a rate over the time between two reads, empty on the first. Only where
-  the driver has no such counters do the ~20 ms ``nvmlDeviceGetPcieThroughput`` samples remain.
+  the driver has no such counters do the ~20 ms ``nvmlDeviceGetPcieThroughput`` samples remain,
+  taken off the read's path (``sources/nvml_pcie.py``).
  The GPM metrics and the process list have modules of their own
 (``sources/nvml_gpm.py``, ``sources/nvml_processes.py``); :mod:`gputel.sources.nvml` puts the
 pieces of a reading together. Callers hold the GPU's lock.
@@ -23,9 +24,6 @@ from gputel.schema import MIB, GpuReading
 from gputel.sources import nvml_binding as b
 from gputel.sources.nvml_calls import NvmlCalls, Option
 from gputel.sources.nvml_gpu import NvmlGpu
-
-#: PCIe throughput comes in KB/s, where NVML's KB is 1024 bytes.
-_KIB = 1024
 
 # The values fetched in one nvmlDeviceGetFieldValues call instead of one call each:
 # (field key, binding constant name, its value in NVML's ABI).
@@ -59,12 +57,6 @@ SLOW_FIELDS: tuple[str, ...] = (
 )
 # nvmlValue_t members by nvmlValueType_t.
 _VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
-
-_PCIE_COUNTERS = (
-    ("pcie_rx_bytes_per_s", "NVML_PCIE_UTIL_RX_BYTES", 1),
-    ("pcie_tx_bytes_per_s", "NVML_PCIE_UTIL_TX_BYTES", 0),
-)
-"""(reading field, NVML counter constant, its value where the binding lacks the name)."""
 
 
 def _field_value(value: Any) -> Any:
@@ -116,8 +108,6 @@ class FieldReader:
         self._fan_fn = fn("nvmlDeviceGetFanSpeed")
         self._pstate_fn = fn("nvmlDeviceGetPerformanceState")
         self._pstate_unknown = api.const("NVML_PSTATE_UNKNOWN", b.PSTATE_UNKNOWN)
-        self._pcie_fn = fn("nvmlDeviceGetPcieThroughput")
-        self._pcie = [(attr, api.const(c, d)) for attr, c, d in _PCIE_COUNTERS]
         self._batch = [
             (key, int(fid), slow)
             for key, const, default, slow in _BATCH_FIELDS
@@ -174,12 +164,6 @@ class FieldReader:
     def clock_event_reasons(self, gpu: NvmlGpu) -> int | None:
         reasons = self._calls.first(gpu, self._reasons_options)
         return None if reasons is None else int(reasons)
-
-    def pcie_throughput(self, gpu: NvmlGpu, reading: GpuReading) -> None:
-        """Each throughput call samples the bus for ~20 ms inside the driver."""
-        for attr, counter in self._pcie:
-            kib = self._ask(gpu, attr, self._pcie_fn, counter)
-            setattr(reading, attr, None if kib is None else float(kib) * _KIB)
 
     # ------------------------------------------------------------------ counters
     def batch_values(self, gpu: NvmlGpu, *, slow: bool, pcie: bool) -> dict[str, Any] | None:

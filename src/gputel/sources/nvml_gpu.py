@@ -39,6 +39,8 @@ class NvmlGpu:
     handle: Any
     uuid: str = ""
     name: str = ""
+    pci_bus_id: str = ""
+    """NVML's ``busId``, read once at open: it names the GPU in the kernel log's Xid lines."""
     lost: bool = False
     mig: bool = False
     """MIG mode is on: NVML has no device utilization for it."""
