@@ -3,9 +3,10 @@ agent read GPUs that may hang.
 
 An NVML call can block for minutes (a GPU off the bus, a wedged driver) and cannot be cancelled,
 so a GPU must never be read on a thread someone waits for without a deadline. A thread per GPU
-isolates a hung GPU, but eight threads woken at once every tick fight for the GIL: that hand-off
-cost three times the reads themselves. So a round of reads runs on ONE worker thread, GPU after
-GPU, while the caller sleeps until the round is done:
+isolates a hung GPU, but eight threads woken at once every tick fight for the GIL and the CPUs:
+2.3 times the CPU of the reads themselves with 8 GPUs, 2.9 times with 64 (docs/performance.md). So
+a round of reads runs on ONE worker thread, GPU after GPU, while the caller sleeps until the
+round is done:
 
 - a read that takes longer than ``PATIENCE_S`` (a driver sleeping in a call: PCIe throughput
   sampling, a slow process list) lets another worker go on with the GPUs after it, so slow
