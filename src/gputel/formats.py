@@ -8,7 +8,10 @@
   row (a line break inside a value becomes a space, so ``grep``/``tail`` never see half a row).
 - Whole-row appends: a row goes out in ONE ``write`` on an ``O_APPEND`` descriptor; a short
   write (disk full) is truncated back to the last whole row, so a later write never follows half
-  a row. Failures are counted, logged once when they start and once when they stop.
+  a row. Failures are counted, logged once when they start and once when they stop. A file whose
+  header is not this version's (written by an older one) is moved aside to
+  ``<name>-pre-<UTC stamp>.csv`` before the first row and a new file is started: rows are never
+  appended under another header.
 - Atomic replace: readers of a state file see the old or the new content, never a mix.
 - An exception as one line, for logs and control replies.
 - Whether a process is alive (zombies and reused pids count as dead).
@@ -20,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -166,14 +171,38 @@ class FailureCounter:
             self._log.warning(self._recovered_msg, where, self.rows_failed)
 
 
-_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+#: The longest header line read back to compare with this version's.
+_HEADER_READ = 64 * 1024
+#: How many older-layout files of one name may be moved aside within one second.
+_ASIDE_SUFFIXES = 1000
+
+
+def moved_aside_name(path: Path, now: float | None = None) -> Path:
+    """A free name for an older-layout ``path`` (``events.csv`` →
+    ``events-pre-20261207T024700Z.csv``, then ``_001``…): the logrotate policy's
+    ``*-pre-*.csv`` globs and the analysis commands' ``events-*.csv`` match it."""
+    stamp = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
+    base = f"{path.stem}-pre-{stamp.strftime('%Y%m%dT%H%M%SZ')}"
+    for n in range(_ASIDE_SUFFIXES):
+        candidate = path.with_name(f"{base}.csv" if n == 0 else f"{base}_{n:03d}.csv")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise OSError(errno.EEXIST, f"no free name to move {path.name} aside")
+
+
+def _first_line(fd: int) -> bytes:
+    head = os.pread(fd, _HEADER_READ, 0)
+    end = head.find(b"\n")
+    return head[: end + 1] if end >= 0 else head
 
 
 class RowAppender:
     """Appends whole rows to one CSV file, writing the header first when the file is new.
 
     The file is opened per row, so logrotate may move it at any time: the next row starts a new
-    file with its header. A failure costs that row only; nothing here raises.
+    file with its header. A file with another header (an older version's layout) is moved aside
+    first and never appended to. A failure costs that row only; nothing here raises.
     """
 
     def __init__(
@@ -188,6 +217,9 @@ class RowAppender:
         self.make_dir = make_dir
         """Create the missing directory (else a missing one is a failure like any other)."""
         self.header = csv_row(header).encode()
+        self._log = logger
+        self._checked: tuple[int, int] | None = None
+        """(device, inode) of the last file whose header was found to be this version's."""
         self.failures = FailureCounter(
             logger,
             "cannot write %s; rows are being lost until it works again "
@@ -206,21 +238,63 @@ class RowAppender:
             if self.make_dir:
                 with contextlib.suppress(FileExistsError):
                     self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-            # Never through a symlink: an agent running as root must not append to whatever
-            # file someone pointed transitions.csv at.
-            fd = os.open(self.path, _APPEND_FLAGS, 0o640)
-            try:
-                # Decide on the header from the file actually opened: logrotate may have moved
-                # the old one away an instant ago.
-                size = os.fstat(fd).st_size
-                write_whole(fd, row if size else self.header + row, size)
-            finally:
-                os.close(fd)
+            for _ in range(3):
+                # Never through a symlink: an agent running as root must not append to whatever
+                # file someone pointed transitions.csv at.
+                fd = os.open(self.path, _APPEND_FLAGS, 0o640)
+                try:
+                    # Decide on the header from the file actually opened: logrotate may have
+                    # moved the old one away an instant ago.
+                    st = os.fstat(fd)
+                    known = (st.st_dev, st.st_ino) == self._checked
+                    if st.st_size and not known and not self._header_is_ours(fd, st):
+                        continue  # moved aside (by this or another writer): open anew
+                    write_whole(fd, row if st.st_size else self.header + row, st.st_size)
+                    if not st.st_size:
+                        self._checked = (st.st_dev, st.st_ino)
+                    break
+                finally:
+                    os.close(fd)
+            else:
+                raise OSError(errno.EAGAIN, "the file kept changing under the writer")
         except OSError as exc:
             self.failures.failed(1, f"{self.path} ({exc.strerror or exc})")
             return False
         self.failures.succeeded(self.path)
         return True
+
+    def _header_is_ours(self, fd: int, st: os.stat_result) -> bool:
+        """Whether the open file has this version's header; if not, move it aside.
+
+        Writers of the same file (the agent and the recorder both append to allocations.csv)
+        decide under an exclusive lock on the old file, and rename only while the name still
+        names that file: the loser of a race sees a name that moved on and simply reopens.
+        """
+        if _first_line(fd) == self.header:
+            self._checked = (st.st_dev, st.st_ino)
+            return True
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            try:
+                now = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                return False
+            aside = moved_aside_name(self.path)
+            # link + unlink, not rename: rename would replace a file that appeared at the
+            # aside name in the meantime.
+            os.link(self.path, aside, follow_symlinks=False)
+            os.unlink(self.path)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        self._log.warning(
+            "%s was written by another version (other columns); moved it aside to %s "
+            "and started a new file",
+            self.path,
+            aside.name,
+        )
+        return False
 
 
 # ---------------------------------------------------------------------------------- replace
