@@ -6,6 +6,9 @@
   decimals from the schema table; ``repr``, which round-trips exactly, where no precision is
   given), integers exact, 1/0 for flags, quotes only where needed, and one physical line per
   row (a line break inside a value becomes a space, so ``grep``/``tail`` never see half a row).
+  Text that a spreadsheet would run as a formula (a leading ``= + - @``, tab or CR) gets a
+  leading ``'`` (OWASP's advice), as does text that already starts with one, so dropping a
+  leading ``'`` always gives the original back (:func:`safe_text`, :func:`original_text`).
 - Whole-row appends: a row goes out in ONE ``write`` on an ``O_APPEND`` descriptor; a short
   write (disk full) is truncated back to the last whole row, so a later write never follows half
   a row. Failures are counted, logged once when they start and once when they stop. A file whose
@@ -76,6 +79,27 @@ def finite(value: object) -> float | None:
 # ---------------------------------------------------------------------------------- CSV cells
 _SPECIAL = re.compile(r'[,"\r\n]')
 
+#: First characters a spreadsheet reads as a formula (or, tab and CR, skips before one).
+FORMULA_START = frozenset("=+-@\t\r")
+_NEUTRALISED = FORMULA_START | {"'"}
+
+
+def safe_text(text: str) -> str:
+    """``text`` as a CSV cell may hold it: a leading ``'`` added where a spreadsheet would read
+    a formula, and where the text already starts with ``'`` (so the rule reverses exactly).
+
+    Every text cell goes through it (:func:`csv_cell`): ids, commands, user and job names,
+    event details, reasons. Numbers are passed as numbers and never changed.
+    """
+    if text and text[0] in _NEUTRALISED:
+        return "'" + text
+    return text
+
+
+def original_text(cell: str) -> str:
+    """A text cell read back: the value before :func:`safe_text` (a leading ``'`` dropped)."""
+    return cell[1:] if cell.startswith("'") else cell
+
 
 #: ``format`` specs by number of decimals, built once (a tick formats hundreds of cells).
 _FIXED = tuple(f".{d}f" for d in range(10))
@@ -83,7 +107,7 @@ _FIXED = tuple(f".{d}f" for d in range(10))
 
 def csv_cell(value: object, decimals: int | None = None) -> str:
     """One CSV cell: None → empty, float → ``decimals`` fixed decimals (``repr`` when None),
-    int → exact, bool → 1/0, text quoted only if needed.
+    int → exact, bool → 1/0, text through :func:`safe_text` and quoted only if needed.
 
     Integers are never formatted as floats: a 64-bit byte counter would lose its low digits.
     """
@@ -104,6 +128,8 @@ def csv_cell(value: object, decimals: int | None = None) -> str:
     if value is False:
         return "0"
     text = str(value)
+    if text and text[0] in _NEUTRALISED:
+        text = "'" + text
     if _SPECIAL.search(text) is None:
         return text
     one_row = text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")

@@ -27,7 +27,14 @@ from typing import Any
 
 from gputel.allocstats import STAT_FIELDS, stats_from_json
 from gputel.energy import energy_between
-from gputel.formats import RowAppender, finite, iso_utc_ms, parse_iso_utc, process_alive
+from gputel.formats import (
+    FORMULA_START,
+    RowAppender,
+    finite,
+    iso_utc_ms,
+    parse_iso_utc,
+    process_alive,
+)
 from gputel.runtime import ALLOCATIONS_FILE, RECORDER_STATE_FILE, atomic_write_json, read_json
 from gputel.settings import parse_gpu_list
 
@@ -35,9 +42,6 @@ log = logging.getLogger(__name__)
 
 ID_MAX_LEN = 128
 _ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
-#: First characters a spreadsheet reads as a formula (``=``, ``+``, ``-``, ``@``; tab and CR are
-#: outside the allowed characters already). Ids land in CSV cells that people open in Excel.
-FORMULA_START = frozenset("=+-@\t\r")
 STORE_VERSION = 1
 SUMMARY_FILE = "allocations.csv"
 SUMMARY_COLUMNS = (
@@ -73,6 +77,8 @@ def validate_id(value: object) -> str:
         raise AllocationError(
             f"allocation id is {len(value)} characters long; at most {ID_MAX_LEN} are allowed"
         )
+    # Refused outright rather than neutralised: an id is typed again on command lines, and a
+    # cell would show it with a leading quote.
     if value[0] in FORMULA_START:
         raise AllocationError(
             f"allocation id {value[:40]!r} starts with {value[0]!r}, which a spreadsheet reads "
