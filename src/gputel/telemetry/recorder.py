@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
-from gputel import runtime
+from gputel import lineage, runtime
 from gputel.allocstats import AllocationStats
 from gputel.control.allocations import SummaryLog, parse_store, recorder_stats_entry
 from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
@@ -329,6 +329,15 @@ def run_record(settings: Settings, *, child: bool) -> int:
     """
     from gputel.sources.select import open_gpu_source, open_host_sources
 
+    agent: lineage.Identity | None = None
+    if child:
+        agent = lineage.agent_of_child()
+        # Ask first, then look: an agent that died before the request is caught by the look,
+        # one that dies after it by the kernel (SIGTERM: the loop stops after its tick).
+        lineage.die_with_parent(signal.SIGTERM)
+        if not lineage.parent_is(agent):
+            log.warning("agent (pid %d) is gone before the recorder started; exiting", agent.pid)
+            return 1
     gpu_source, notice = open_gpu_source(settings)
     if notice:
         # Under an agent the same notice is already in the journal (and in gputel status) from
@@ -343,6 +352,8 @@ def run_record(settings: Settings, *, child: bool) -> int:
     head: list[HeadTick] = []
     if child:
         runtime.ensure_run_dir(settings.run_dir)
+        # Held until this process exits: an older child still writing is stopped first.
+        runtime.take_recorder_lock(settings.run_dir)
         # Taken once, before the first tick: the agent wrote it just before starting us.
         head = take_head(settings.run_dir / runtime.PRETRIGGER_FILE)
     recorder = Recorder(
@@ -350,7 +361,7 @@ def run_record(settings: Settings, *, child: bool) -> int:
         gpu_source,
         host_sources,
         write_runtime=write_runtime,
-        parent_pid=os.getppid() if child else None,
+        parent_pid=agent.pid if agent is not None else None,
         head=head,
     )
     recorder.install_signal_handlers()
