@@ -10,6 +10,7 @@ killed and reported. Each pytest-xdist worker has its own marker, so it checks i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -75,10 +76,8 @@ def _nothing_left_running() -> Iterator[None]:
         return
     names = [describe(p) for p in left]
     for proc in left:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(left, timeout=5)
     pytest.fail(
         f"{len(names)} process(es) started by the tests outlived them (now killed): "
