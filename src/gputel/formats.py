@@ -175,7 +175,8 @@ class FailureCounter:
     """Counts rows that could not be written; logs when failing starts and when it stops.
 
     ``failing`` is a ``%``-style message with one ``%s`` (where it fails and why); ``recovered``
-    one with a ``%s`` (where) and a ``%d`` (rows lost in total).
+    one with a ``%s`` (where) and a ``%d`` (rows lost in total). ``since`` (epoch seconds) and
+    ``error`` describe the current failure for ``gputel status`` (:meth:`status`).
     """
 
     def __init__(self, logger: logging.Logger, failing: str, recovered: str) -> None:
@@ -184,17 +185,37 @@ class FailureCounter:
         self._recovered_msg = recovered
         self.rows_failed = 0
         self.failing = False
+        self.since: float | None = None
+        """When the current failure began (None while writing works)."""
+        self.error: str | None = None
+        """The latest failure's reason (kept after recovery: what went wrong last)."""
 
     def failed(self, rows: int, detail: str) -> None:
         self.rows_failed += rows
+        self.error = detail
         if not self.failing:
             self.failing = True
+            self.since = time.time()
             self._log.error(self._failing_msg, detail)
 
     def succeeded(self, where: object) -> None:
         if self.failing:
             self.failing = False
+            self.since = None
             self._log.warning(self._recovered_msg, where, self.rows_failed)
+
+    def status(self, file: str) -> dict[str, object] | None:
+        """``{"file", "failing", "since", "rows_failed", "error"}`` once a row was lost; None
+        while none was (nothing to say)."""
+        if not self.rows_failed and not self.failing:
+            return None
+        return {
+            "file": file,
+            "failing": self.failing,
+            "since": None if self.since is None else iso_utc_ms(self.since),
+            "rows_failed": self.rows_failed,
+            "error": self.error,
+        }
 
 
 _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW

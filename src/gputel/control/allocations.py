@@ -29,6 +29,7 @@ from gputel.allocstats import STAT_FIELDS, stats_from_json
 from gputel.energy import energy_between
 from gputel.formats import (
     FORMULA_START,
+    FailureCounter,
     RowAppender,
     finite,
     iso_utc_ms,
@@ -294,6 +295,11 @@ class AllocationStore:
     def path(self) -> Path:
         return self.run_dir / ALLOCATIONS_FILE
 
+    @property
+    def summary_failures(self) -> FailureCounter:
+        """Rows of ``allocations.csv`` this store could not write."""
+        return self._summaries.failures
+
     # -- persistence
     def _load(self) -> None:
         path = self.path
@@ -489,6 +495,10 @@ class SummaryLog:
     @property
     def rows_failed(self) -> int:
         return self._rows.rows_failed
+
+    @property
+    def failures(self) -> FailureCounter:
+        return self._rows.failures
 
     def append(self, summary: Mapping[str, Any]) -> None:
         """One whole row; an unwritable log directory costs the row, not the call."""

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from gputel import __version__, runtime
 from gputel.activity import activity_pct
-from gputel.formats import error_line, iso_utc_ms
+from gputel.formats import FailureCounter, error_line, iso_utc_ms
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
 from gputel.supervisor.child import ChildEvent, ChildSupervisor, ProcessHandle, Spawn, popen_spawn
@@ -700,6 +700,16 @@ class Agent:
             return None
         max_age = 3 * self.settings.interval_s + 1.0
         return read_fresh_metrics(self.settings.run_dir / runtime.METRICS_FILE, max_age)
+
+    def write_counters(self) -> list[tuple[str, FailureCounter]]:
+        """The agent's appended files and their failure counters (status, /metrics)."""
+        counters = [
+            ("transitions.csv", self.transitions.failures),
+            ("events.csv", self.events.log.failures),
+        ]
+        if self.store is not None:
+            counters.append(("allocations.csv", self.store.summary_failures))
+        return counters
 
     def metrics_bytes(self) -> bytes:
         return join_exposition(render_agent(self.api.snapshot()), self.child_metrics())

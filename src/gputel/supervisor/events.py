@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gputel.formats import RowAppender, iso_utc_ms
+from gputel.formats import FailureCounter, RowAppender, iso_utc_ms
 from gputel.formats import csv_row as _csv_row
 from gputel.supervisor.xid import DRAIN, RESET, WATCH, xid_info
 from gputel.telemetry.promtext import Family
@@ -181,6 +181,10 @@ class EventsLog:
     @property
     def rows_failed(self) -> int:
         return self._rows.rows_failed
+
+    @property
+    def failures(self) -> FailureCounter:
+        return self._rows.failures
 
     def append(self, event: GpuEvent) -> bool:
         return self._rows.append(event.csv_values())

@@ -200,6 +200,10 @@ class CsvSink:
         return self._failures.failing
 
     @property
+    def failures(self) -> FailureCounter:
+        return self._failures
+
+    @property
     def gpu_path(self) -> Path | None:
         return self._gpu.path if self._gpu.fd is not None else None
 

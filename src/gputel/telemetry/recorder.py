@@ -37,6 +37,7 @@ from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
 from gputel.schema import Sample
 from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
+from gputel.supervisor.write_failures import RECORDER_CSV, entries
 from gputel.telemetry.csv_sink import DEFAULT_MAX_BYTES, CsvSink
 from gputel.telemetry.exposition import Exposition
 from gputel.telemetry.gpu_deadline import with_read_deadline
@@ -133,7 +134,8 @@ class Recorder:
         self.attribution = ProcessAttribution(settings.proc_root)
         if self.attribution.notice:
             log.warning("%s", self.attribution.notice)
-        self.detected = DetectedJobs(SummaryLog(settings.log_dir))
+        self._summary_log = SummaryLog(settings.log_dir)
+        self.detected = DetectedJobs(self._summary_log)
         self._wallclock = wallclock
         self._previous_state: object = (
             runtime.read_json(self.run_dir / runtime.RECORDER_STATE_FILE) if write_runtime else None
@@ -216,7 +218,8 @@ class Recorder:
         data = self.exposition.update(
             sample,
             ticks_missed=self.ticker.missed,
-            rows_failed=self.sink.rows_failed,
+            # Its per-second files and the detected jobs' allocations.csv rows.
+            rows_failed=self.sink.rows_failed + self._summary_log.rows_failed,
             ticks_total=self.ticks,
         )
         self.last_tick_monotonic = self._clock()
@@ -284,6 +287,13 @@ class Recorder:
             "interval_s": self.settings.interval_s,
             "files": self.sink.paths(),
             "rows_failed": self.sink.rows_failed,
+            "write_failures": entries(
+                [
+                    (RECORDER_CSV, self.sink.failures),
+                    ("allocations.csv", self._summary_log.failures),
+                ],
+                "recorder",
+            ),
             "ticks_missed": self.ticker.missed,
             "allocation_stats": {k: v.to_json() for k, v in self._alloc_stats.items()},
             "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
