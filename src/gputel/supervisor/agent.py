@@ -407,7 +407,9 @@ class Agent:
         with self.lock:
             opened = self.capture.trigger(ev, self.clock())
         if opened:
-            log.info(
+            self.events.lines.log(
+                f"capture after {describe(ev)}",
+                logging.INFO,
                 "telemetry forced on for %gs: capture after %s",
                 self.capture.seconds,
                 describe(ev),
@@ -469,6 +471,7 @@ class Agent:
                     else "not forwarded, no telemetry child up (a new one opens new files)",
                 )
             now = self.clock()
+            self.events.lines.flush()
             if k is None:
                 self._reconcile(now)
             else:
