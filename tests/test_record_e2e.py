@@ -527,7 +527,7 @@ def test_child_stops_when_its_agent_is_gone(tmp_path: Path) -> None:
         "GPUTEL_INTERVAL": "0.05",
         "GPUTEL_LOG_DIR": str(tmp_path / "log"),
         "GPUTEL_RUN_DIR": str(tmp_path / "run"),
-        "GPUTEL_SYSFS_ROOT": str(tmp_path / "nosys"),
+        "GPUTEL_SYSFS_ROOT": str(tmp_path),  # no RAPL, no hwmon
     }
     parent_code = (
         "import subprocess, sys, time\n"
