@@ -18,13 +18,19 @@ def gpu(index: int, util: float | None, temp: float | None, mem: float | None) -
 
 def test_accumulates_only_the_allocation_gpus_and_skips_missing_values() -> None:
     stats = AllocationStats()
-    assert stats.to_json() == {"samples": 0, "util_readings": 0, **dict.fromkeys(STAT_FIELDS)}
+    assert stats.to_json() == {
+        "samples": 0,
+        "util_readings": 0,
+        "energy_j": None,
+        **dict.fromkeys(STAT_FIELDS),
+    }
     stats.add_tick([gpu(0, 10.0, 40.0, None), gpu(1, 100.0, 90.0, 9000.0)], only=(0,))
     stats.add_tick([gpu(0, None, 50.0, 1000.0), gpu(1, 100.0, 90.0, 9000.0)], only=(0,))
     stats.add_tick([gpu(0, 30.0, None, 500.0)], only=(0,))
     assert stats.to_json() == {
         "samples": 3,
         "util_readings": 2,
+        "energy_j": None,
         "util_mean_pct": 20.0,
         "util_max_pct": 30.0,
         "temperature_max_c": 50.0,
@@ -41,6 +47,7 @@ def test_read_back_from_json() -> None:
     stats.samples = 1
     shipped = stats.to_json()
     assert shipped.pop("util_readings") == 1
+    assert shipped.pop("energy_j") is None
     assert stats_from_json(stats.to_json()) == shipped
     bad = stats_from_json({"samples": -1, "util_mean_pct": "x", "memory_max_mib": True})
     assert bad == {"samples": None, **dict.fromkeys(STAT_FIELDS)}

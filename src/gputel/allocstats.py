@@ -10,7 +10,7 @@ Pure Python, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from gputel.formats import finite
@@ -44,6 +44,7 @@ class AllocationStats:
     """
 
     __slots__ = (
+        "energy_j",
         "memory_max_mib",
         "samples",
         "temperature_max_c",
@@ -59,6 +60,17 @@ class AllocationStats:
         self.util_max_pct: float | None = None
         self.temperature_max_c: float | None = None
         self.memory_max_mib: float | None = None
+        self.energy_j: float | None = None
+        """Joules of the intervals ending at its ticks, on its GPUs (``gputel.energy``, rule
+        4); None until one is known. An unknown interval is left out, as the report does."""
+
+    def add_energy(
+        self, shares: Mapping[int, float | None], only: tuple[int, ...] | None = None
+    ) -> None:
+        """One tick's energy per GPU (``CsvSink.tick_energy``); ``only`` as for add_tick."""
+        for gpu, joules in shares.items():
+            if joules is not None and (only is None or gpu in only):
+                self.energy_j = (self.energy_j or 0.0) + joules
 
     def add_values(
         self, util_pct: float | None, temperature_c: float | None, memory_mib: float | None
@@ -90,6 +102,7 @@ class AllocationStats:
         return {
             "samples": self.samples,
             "util_readings": self.util_n,
+            "energy_j": self.energy_j,
             **{k: getattr(self, k) for k in STAT_FIELDS},
         }
 
@@ -116,6 +129,7 @@ class AllocationStats:
         out.util_max_pct = fields["util_max_pct"]
         out.temperature_max_c = fields["temperature_max_c"]
         out.memory_max_mib = fields["memory_max_mib"]
+        out.energy_j = finite(entry.get("energy_j")) if isinstance(entry, dict) else None
         return out
 
 

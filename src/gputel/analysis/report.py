@@ -9,8 +9,11 @@ also rolls files over at a UTC day change or a size cap; a file whose first row 
 previous file's last row within a few intervals continues that session, anything later starts a
 new one. Files of different nodes (the part of the name after the timestamp) never mix.
 
-Energy (one rule): ``energy_j`` counts joules since its file began, so within a file a GPU's
-energy is the counter's rise (:func:`groups.file_energy`); between two files of one session,
+Energy (one rule, ``gputel.energy`` rule 4, which the recorder also follows tick by tick for
+the release reply and ``allocations.csv``): ``energy_j`` counts joules since its file began, a
+restarted counter's interval already counted as power × interval by the recorder, so within a
+file a GPU's energy is the counter's rise (:func:`groups.file_energy`); between two files of one
+session,
 where the counter restarts, it is power integrated over the one interval between them
 (trapezoid, only across a gap no longer than the session's continuation gap). A session's energy
 per GPU is therefore the sum over its files of (last − first) plus those joins. Each row stands
@@ -29,6 +32,7 @@ from typing import Any
 
 from gputel.analysis import duck, groups
 from gputel.analysis.filter import ReportFilter
+from gputel.energy import continuation_gap
 from gputel.schema import CLOCK_EVENT_REASONS
 
 JOULES_PER_KWH = groups.JOULES_PER_KWH
@@ -54,8 +58,7 @@ def _missing(spacings: Counter[float], interval: float | None) -> int:
 
 
 def _continuation_gap(spacings: Counter[float]) -> float:
-    interval = _interval_from(spacings) or 1.0
-    return max(2.5 * interval, 2.0)
+    return continuation_gap(_interval_from(spacings) or 1.0)
 
 
 def _percentile(bins: dict[int, int], q: float) -> float | None:

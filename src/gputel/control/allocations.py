@@ -464,21 +464,27 @@ class AllocationStore:
         gpus = alloc.gpus if alloc.gpus is not None else sorted(alloc.start_energy_j)
         if alloc.gpus is None and not gpus:
             gpus = list(self.known_gpus)
-        end_energy = _energy_snapshot(energy_j, gpus)
+        entry = recorder_stats_entry(
+            read_json(self.run_dir / RECORDER_STATE_FILE), alloc.id, alloc.start
+        )
+        if entry is not None:
+            # The one allocation rule (gputel.energy, rule 4), tick by tick in the recorder:
+            # the number gputel report counts from the same rows.
+            energy = finite(entry.get("energy_j"))
+            energy = None if energy is None else round(energy, 6)
+        else:
+            # No recorder ticked during it (telemetry forced off): the agent's own counter
+            # readings at open and release are its only two ticks.
+            energy = energy_between(alloc.start_energy_j, _energy_snapshot(energy_j, gpus), gpus)
         return release_summary(
             alloc.id,
             gpus,
             alloc.start,
             self._now(),
-            energy_between(alloc.start_energy_j, end_energy, gpus),
-            self._recorder_stats(alloc.id, alloc.start),
+            energy,
+            stats_from_json(entry) if entry is not None else {},
             reason,
         )
-
-    def _recorder_stats(self, ident: str, start: str) -> dict[str, float | int | None]:
-        """The recorder's running stats for ``ident``, if they are about this allocation."""
-        entry = recorder_stats_entry(read_json(self.run_dir / RECORDER_STATE_FILE), ident, start)
-        return stats_from_json(entry) if entry is not None else {}
 
     def _append_summary(self, summary: Mapping[str, Any]) -> None:
         self._summaries.append(summary)

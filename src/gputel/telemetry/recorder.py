@@ -33,7 +33,7 @@ from types import FrameType
 from gputel import lineage, runtime
 from gputel.allocstats import AllocationStats
 from gputel.control.allocations import SummaryLog, parse_store, recorder_stats_entry
-from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
+from gputel.formats import atomic_write_fixed_tmp, finite, iso_utc_ms
 from gputel.schema import Sample
 from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
@@ -121,7 +121,12 @@ class Recorder:
         self.gpu_source = gpu_source
         self._clock = clock
         self.sampler = Sampler(gpu_source, host_sources, clock=clock, wallclock=wallclock)
-        self.sink = CsvSink(settings.log_dir, host=hostname, max_bytes=max_file_bytes)
+        self.sink = CsvSink(
+            settings.log_dir,
+            host=hostname,
+            max_bytes=max_file_bytes,
+            interval_s=settings.interval_s,
+        )
         self.exposition = Exposition()
         self.waker = Waker()
         self.ticker = Ticker(settings.interval_s, clock=clock, wait=self.waker.wait)
@@ -141,7 +146,9 @@ class Recorder:
             runtime.read_json(self.run_dir / runtime.RECORDER_STATE_FILE) if write_runtime else None
         )
         """The last ``recorder.json`` of the recorder before us (a crashed or stopped child):
-        the statistics of allocations still open go on from it."""
+        the statistics of allocations still open go on from it, and our first rows' energy
+        joins its last ones."""
+        self.sink.last_power.update(last_power_from(self._previous_state))
         self.ticks = 0
         self.last_tick_monotonic: float | None = None
         self._stop = False
@@ -213,8 +220,12 @@ class Recorder:
         if self._head is not None:
             self._write_head(sample)
         self.sink.write(sample)
+        shares = self.sink.tick_energy
         for alloc in self.allocations.allocations:
-            self._alloc_stats[alloc.id].add_tick(sample.gpus, alloc.gpus)
+            stats = self._alloc_stats[alloc.id]
+            stats.add_tick(sample.gpus, alloc.gpus)
+            stats.add_energy(shares, alloc.gpus)
+        self.detected.add_energy(shares)
         data = self.exposition.update(
             sample,
             ticks_missed=self.ticker.missed,
@@ -296,6 +307,7 @@ class Recorder:
             ),
             "ticks_missed": self.ticker.missed,
             "allocation_stats": {k: v.to_json() for k, v in self._alloc_stats.items()},
+            "last_power": {str(g): list(tp) for g, tp in self.sink.last_power.items()},
             "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
             "pretrigger": {"ticks": self.head_ticks, "seconds": round(self.head_s, 3)},
             "detected": self.detected.open(),
@@ -330,6 +342,24 @@ class Recorder:
         if age > limit:
             return False, f"no tick for {age:.1f} s"
         return True, f"ok: tick {self.ticks}, {self.sink.rows_failed} rows failed"
+
+
+def last_power_from(state: object) -> dict[int, tuple[float, float | None]]:
+    """``last_power`` of a predecessor's ``recorder.json``: per GPU, its last row's time and
+    power (where a new recorder's first rows join, as ``gputel report`` joins their files)."""
+    items = state.get("last_power") if isinstance(state, dict) else None
+    out: dict[int, tuple[float, float | None]] = {}
+    if not isinstance(items, dict):
+        return out
+    for key, value in items.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(value, list)):
+            continue
+        if len(value) != 2:
+            continue
+        t, p = finite(value[0]), finite(value[1])
+        if t is not None:
+            out[int(key)] = (t, p)
+    return out
 
 
 def run_record(settings: Settings, *, child: bool) -> int:
