@@ -43,6 +43,7 @@ def _read_gpus(
     source, notice = open_gpu_source(settings)
     try:
         readings = source.read()
+        gpm = {d.index: d.gpm for d in source.devices()}
     finally:
         source.close()
     attribution = ProcessAttribution(settings.proc_root)
@@ -50,12 +51,15 @@ def _read_gpus(
         "processes": [asdict(p) for p in attribution.records(readings)],
         "processes_notice": attribution.notice,
     }
-    return [_reading_dict(r) for r in readings], getattr(source, "name", None), notice, processes
+    gpus = [_reading_dict(r, gpm.get(r.index)) for r in readings]
+    return gpus, getattr(source, "name", None), notice, processes
 
 
-def _reading_dict(reading: Any) -> dict[str, Any]:
+def _reading_dict(reading: Any, gpm: str | None) -> dict[str, Any]:
     # asdict: a MIG GPU's devices (MigReading) become JSON objects too; processes are listed apart.
-    return {k: v for k, v in asdict(reading).items() if k != "processes"}
+    out = {k: v for k, v in asdict(reading).items() if k != "processes"}
+    out["gpm"] = gpm  # available, not supported, or refused with the reason and the fix
+    return out
 
 
 def _host_snapshot(settings: Settings) -> tuple[dict[str, Any], str | None]:
