@@ -103,6 +103,7 @@ BAD: list[tuple[str, Callable[[Path], str]]] = [
     *[("GPUTEL_SIM_EVENTS", const(v)) for v in ("x", "5:79@1", "0:79@-1", "0:xid@1")],
     *[("GPUTEL_ACTIVITY", const(v)) for v in ("gpm", "sm,utilization")],
     *[("GPUTEL_EVENT_CAPTURE_SECONDS", const(v)) for v in ("-1", "8d", "x")],
+    *[("GPUTEL_KMSG", const(v)) for v in ("/dev/kmsg\n", "/tmp/k\x1bmsg", "/dev/\tkmsg")],
     *[("GPUTEL_PRETRIGGER_SECONDS", const(v)) for v in ("601", "-1", "x")],
 ]
 
