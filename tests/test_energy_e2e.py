@@ -119,3 +119,54 @@ def test_a_job_across_counter_restarts_has_one_energy_everywhere(
     fleet_j = node["energy_kwh"] * 3.6e6
     assert near(fleet_j, session_expected, 0.01), (fleet_j, session_expected)
     assert near(fleet_j, alloc["energy_j"], 0.02), (fleet_j, places)
+
+
+def test_the_running_total_survives_an_agent_restart(tmp_path: Path) -> None:
+    """Simulated GPUs restart their counter with the agent: the allocation's energy goes on
+    from the recorder state across the restart, and the release reply still equals the report."""
+    env = {
+        "GPUTEL_SIM_PATTERN": "60:3600",
+        "GPUTEL_SIM_GPUS": "1",
+        "GPUTEL_PRETRIGGER_SECONDS": "0",
+    }
+    first = AgentProc(tmp_path / "a", env)
+    try:
+        assert first.ask({"op": "allocate", "id": "job-r", "gpus": None, "pid": None})["ok"]
+        state = first.run_dir / "recorder.json"
+        wait_for(
+            lambda: (json.loads(state.read_text()) if state.exists() else {}).get("tick", 0) >= 20,
+            30,
+            "the first recorder's ticks",
+        )
+        last = json.loads(state.read_text())
+        before, old_pid = last["allocation_stats"]["job-r"]["energy_j"], last["pid"]
+        first.proc.terminate()
+        first.proc.wait(30)
+    finally:
+        first.kill()
+    second = AgentProc(tmp_path / "a", env)
+    try:
+        wait_for(
+            lambda: json.loads(state.read_text()).get("pid") != old_pid,
+            30,
+            "a recorder of the new agent",
+        )
+        time.sleep(2)
+        released = second.ask({"op": "release", "id": "job-r"})
+        assert released["released"] is True, released
+        wait_for(lambda: second.status().get("child") is None, 30, "telemetry to stop")
+    finally:
+        second.kill()
+    energy = released["summary"]["energy_j"]
+    assert isinstance(energy, float) and energy > before > 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "gputel", "report", "--json", str(second.log_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (alloc,) = [a for a in json.loads(proc.stdout)["allocations"] if a["id"] == "job-r"]
+    assert near(energy, alloc["energy_j"], 0.001), (energy, alloc["energy_j"])
+    assert len(list(second.log_dir.glob("gpu-*.csv"))) == 2

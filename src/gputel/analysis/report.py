@@ -32,7 +32,7 @@ from typing import Any
 
 from gputel.analysis import duck, groups
 from gputel.analysis.filter import ReportFilter
-from gputel.energy import continuation_gap
+from gputel.energy import continuation_gap, trapezoid
 from gputel.schema import CLOCK_EVENT_REASONS
 
 JOULES_PER_KWH = groups.JOULES_PER_KWH
@@ -369,9 +369,11 @@ def _session_energy(
                 prev = seen.get(gpu)
                 if prev is not None and fe.first[0] >= prev[0]:
                     dt = fe.first[0] - prev[0]
-                    if fe.first[1] is not None and prev[1] is not None and 0 < dt <= span.max_gap:
-                        joins[(span.fid, gpu)] = (fe.first[1] + prev[1]) / 2 * dt
-                        add((sid, gpu), joins[(span.fid, gpu)])
+                    # The join of gputel.energy's rule 4, as the recorder counts it.
+                    joined = trapezoid(prev[1], fe.first[1], dt) if dt <= span.max_gap else None
+                    if joined is not None:
+                        joins[(span.fid, gpu)] = joined
+                        add((sid, gpu), joined)
                 if prev is None or fe.last[0] >= prev[0]:
                     seen[gpu] = fe.last
     return energy, joins
@@ -514,12 +516,8 @@ def _alloc_energy(
         elif before.t1 is not None and (starts_bucket or grp.t0 - before.t1 <= 1.5 * grp.interval):
             if grp.e_first is not None and before.energy is not None:
                 parts.append(max(0.0, grp.e_first - before.energy))
-            elif (
-                grp.p_first is not None
-                and before.power is not None
-                and 0 < grp.t0 - before.t1 <= before.max_gap
-            ):
-                parts.append((grp.p_first + before.power) / 2 * (grp.t0 - before.t1))
+            elif grp.t0 - before.t1 <= before.max_gap:
+                parts.append(trapezoid(before.power, grp.p_first, grp.t0 - before.t1))
         elif grp.p_first is not None:
             # The row before lies inside another group of this bucket: its counter value is
             # not kept, so the interval is the first row's power over one interval.
