@@ -36,6 +36,11 @@ def test_cell_rule_neutralises_and_reads_back(text: str) -> None:
     assert not csv_cell(text).lstrip('"').startswith(LIVE)
 
 
+def test_plain_numbers_stay_numbers() -> None:
+    for number in ("-3.5", "+2", "-1e3", "-0"):
+        assert safe_text(number) == number == csv_cell(number)
+
+
 def test_process_rows_neutralise_user_command_and_job(tmp_path: Path) -> None:
     t = datetime(2026, 11, 22, 3, 45, 12, tzinfo=timezone.utc)
     procs = [

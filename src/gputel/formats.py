@@ -82,6 +82,9 @@ _SPECIAL = re.compile(r'[,"\r\n]')
 #: First characters a spreadsheet reads as a formula (or, tab and CR, skips before one).
 FORMULA_START = frozenset("=+-@\t\r")
 _NEUTRALISED = FORMULA_START | {"'"}
+#: A plain signed decimal is a number, not a formula: it stays as it is (a summary's figures
+#: arrive here as text).
+_PLAIN_NUMBER = re.compile(r"[-+]?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 
 
 def safe_text(text: str) -> str:
@@ -89,9 +92,9 @@ def safe_text(text: str) -> str:
     a formula, and where the text already starts with ``'`` (so the rule reverses exactly).
 
     Every text cell goes through it (:func:`csv_cell`): ids, commands, user and job names,
-    event details, reasons. Numbers are passed as numbers and never changed.
+    event details, reasons. A plain number (``-3.5``) is no formula and stays as it is.
     """
-    if text and text[0] in _NEUTRALISED:
+    if text and text[0] in _NEUTRALISED and not _PLAIN_NUMBER.fullmatch(text):
         return "'" + text
     return text
 
@@ -127,9 +130,7 @@ def csv_cell(value: object, decimals: int | None = None) -> str:
         return "1"
     if value is False:
         return "0"
-    text = str(value)
-    if text and text[0] in _NEUTRALISED:
-        text = "'" + text
+    text = safe_text(str(value))
     if _SPECIAL.search(text) is None:
         return text
     one_row = text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
