@@ -130,7 +130,9 @@ def _is_recorder(pid: int) -> bool:
             argv = fh.read().split(b"\0")
     except OSError:
         return False
-    return b"gputel" in argv and b"record" in argv
+    # ``python -m gputel record`` or an installed ``/usr/bin/gputel record``.
+    names = [os.path.basename(a) for a in argv]
+    return b"gputel" in names and b"record" in argv
 
 
 #: How long an old recorder gets to stop after SIGTERM before it is killed.
