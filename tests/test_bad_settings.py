@@ -68,6 +68,7 @@ BAD: list[tuple[str, Callable[[Path], str]]] = [
             lambda tmp: str(tmp / "a\nb"),
             lambda tmp: str(tmp / "a\x1b[2Jb"),
             lambda tmp: str(tmp / "tab\there"),
+            lambda tmp: str(tmp / ("x" * 300) / "logs"),  # a name longer than NAME_MAX
         )
     ],
     *[
@@ -86,6 +87,8 @@ BAD: list[tuple[str, Callable[[Path], str]]] = [
             lambda tmp: str(tmp / "missing.yml"),
             world_readable_web_config,
             lambda tmp: str(tmp / "web\n.yml"),
+            str,  # the directory itself
+
         )
     ],
     *[
