@@ -88,7 +88,6 @@ BAD: list[tuple[str, Callable[[Path], str]]] = [
             world_readable_web_config,
             lambda tmp: str(tmp / "web\n.yml"),
             str,  # the directory itself
-
         )
     ],
     *[
