@@ -111,3 +111,29 @@ def test_report_reads_old_and_new_event_layouts(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert [n["events"] for n in report["nodes"]] == [2]
+
+
+def test_appended_file_names() -> None:
+    from gputel.formats import is_appended_file
+
+    for good in (
+        "allocations.csv",
+        "allocations.csv.1",
+        "allocations.csv.2.gz",
+        "allocations-pre-20261207T024700Z.csv",
+        "allocations-pre-20261207T024700Z_001.csv.1.gz",
+    ):
+        assert is_appended_file(good, "allocations.csv"), good
+    for bad in ("allocations.json", "allocationsX.csv", "events.csv", "gpu-x.csv"):
+        assert not is_appended_file(bad, "allocations.csv"), bad
+
+
+def test_gputel_job_reads_an_old_layout_summary_moved_aside(tmp_path: Path) -> None:
+    from gputel.analysis.job import summary_rows
+
+    (tmp_path / "allocations.csv").write_text(OLD_ALLOCATIONS)
+    SummaryLog(tmp_path).append(
+        {"id": "job-1", "gpus": [0], "start": "2026-11-21T10:00:00.000Z", "energy_j": 5.0}
+    )
+    rows = summary_rows([tmp_path], "job-1")
+    assert [r["energy_j"] for r in rows] == ["1000.0", "5"]
