@@ -24,7 +24,7 @@ from typing import Any
 from gputel.analysis import duck
 from gputel.analysis.filter import CsvReadError, ReportFilter, UnknownAllocation
 from gputel.analysis.groups import STALLED_SM_PCT, STALLED_UTIL_PCT
-from gputel.formats import is_appended_file, iso_utc_ms
+from gputel.formats import is_appended_file, iso_utc_ms, original_text
 from gputel.schema import CLOCK_EVENT_REASONS, THROTTLE_MASK
 
 #: A GPU idle for at least this share of the job is named in the verdict.
@@ -167,6 +167,10 @@ def _canonical(text: str) -> str | None:
     return None if ts is None else iso_utc_ms(ts)
 
 
+#: The ``processes-*.csv`` columns a user's process decides (``formats.safe_text`` on write).
+_TEXT_CELLS = frozenset({"user", "command", "job"})
+
+
 def _processes(
     paths: list[Path], nodes: list[str], gpus: list[int], first: float, last: float
 ) -> list[dict[str, Any]]:
@@ -207,7 +211,11 @@ def _processes(
                         )
                     if not lo <= stamp <= hi:
                         continue
-                    row = dict(zip(header, cells, strict=True))
+                    # Text cells back as the process gave them (the CSV cell rule's quote off).
+                    row = {
+                        k: original_text(v) if k in _TEXT_CELLS else v
+                        for k, v in zip(header, cells, strict=True)
+                    }
                     _add_process(seen, node, int(cells[on]), stamp, row)
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise CsvReadError(f"{path}: {exc}") from None
