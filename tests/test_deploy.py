@@ -705,3 +705,16 @@ def test_install_docs_cover_the_operator_tasks() -> None:
         "--destdir",
     ):
         assert needed in text, needed
+
+
+@needs_logrotate
+def test_forced_run_compresses_files_moved_aside_by_an_upgrade(tmp_path: Path) -> None:
+    rig = LogrotateRig(tmp_path)
+    old = "timestamp,gpu,uuid,event,xid,detail\n2026-11-20T10:00:01.000Z,0,GPU-x,xid,79,bus\n"
+    rig.write("events-pre-20261120T100000Z.csv", old)
+    expired = rig.write_gz("allocations-pre-20250101T000000Z.csv.1.gz", "id\n", age_days=500)
+    rig.run("-f")
+    done = rig.dir / "events-pre-20261120T100000Z.csv.1.gz"
+    assert gzip.decompress(done.read_bytes()).decode() == old
+    assert not (rig.dir / "events-pre-20261120T100000Z.csv").exists(), "nocreate"
+    assert not expired.exists()

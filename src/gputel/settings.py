@@ -129,11 +129,17 @@ def _gpus(text: str) -> tuple[int, ...] | None:
     return parse_gpu_list(value)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must not be empty")
-    if "\x00" in text:
-        raise ValueError("must not contain NUL")
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        # A newline or escape in a path breaks every log line and CSV cell that names it, and
+        # is a typo or an attack, never a real directory name.
+        raise ValueError(f"must not contain control characters (found {bad.group()!r})")
     return Path(text).expanduser()
 
 
@@ -589,6 +595,65 @@ def load_settings(
     _check_pretrigger(values, raw)
     _check_sim_events(values, raw)
     return Settings(**values)
+
+
+# ---------------------------------------------------------------------------------- at start
+def _missing_dir_problem(path: Path) -> str | None:
+    """Why ``path`` (missing) can never be created, or None when it can be."""
+    parent = path.parent
+    while True:
+        try:
+            st = parent.stat()
+        except FileNotFoundError:
+            if parent == parent.parent:
+                return None
+            parent = parent.parent
+            continue
+        except NotADirectoryError:
+            parent = parent.parent
+            continue
+        except OSError as exc:
+            return f"cannot be created: {parent}: {exc.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"cannot be created: {parent} is not a directory"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"cannot be created: {parent} is not writable by this user"
+        return None
+
+
+def _dir_problem(path: Path, *, may_create: bool) -> str | None:
+    """Why ``path`` can never serve as the directory, or None."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        if not may_create:
+            return "no such directory"
+        return _missing_dir_problem(path)
+    except OSError as exc:
+        return f"cannot be used: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return "exists and is not a directory"
+    return None
+
+
+def check_for_start(settings: Settings) -> None:
+    """Refuse what can never work, before the agent or recorder touches anything (SettingsError,
+    exit 2): a log or run directory that is not a directory and cannot be created, and a
+    sysfs or proc root that is not an existing directory. Creates nothing.
+
+    An existing directory that is not writable now is accepted: permissions and mounts are
+    fixed while the service runs, and rows lost meanwhile are counted (``gputel status``).
+    """
+    checks = (
+        ("log_dir", settings.log_dir, True),
+        ("run_dir", settings.run_dir, True),
+        ("sysfs_root", settings.sysfs_root, False),
+        ("proc_root", settings.proc_root, False),
+    )
+    for attr, path, may_create in checks:
+        problem = _dir_problem(Path(path), may_create=may_create)
+        if problem is not None:
+            raise SettingsError(SETTINGS_BY_ATTR[attr].env, str(path), problem)
 
 
 def autostart_enabled(env: Mapping[str, str] | None = None) -> bool:

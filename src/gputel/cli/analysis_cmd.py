@@ -17,6 +17,7 @@ import typer
 
 from gputel.analysis.filter import CsvReadError, ReportFilter, UnknownAllocation
 from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
+from gputel.formats import safe_text
 from gputel.settings import Settings, parse_duration, parse_gpu_list
 
 PathsArg = Annotated[
@@ -287,7 +288,10 @@ def register(app: typer.Typer) -> None:
             writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, lineterminator="\n")
             writer.writeheader()
             for row in report_rows(result):
-                writer.writerow(row)
+                # The one cell rule for text (ids, node names) in every CSV gputel writes.
+                writer.writerow(
+                    {k: safe_text(v) if isinstance(v, str) else v for k, v in row.items()}
+                )
         else:
             _print_report(result)
             if result["nodes"]:

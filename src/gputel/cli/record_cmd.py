@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
-from gputel.settings import Settings
+from gputel.settings import Settings, SettingsError, check_for_start
 
 
 def _setup_logging() -> None:
@@ -37,6 +37,10 @@ def record(
     from gputel.telemetry.recorder import run_record
 
     _setup_logging()
+    try:
+        check_for_start(settings)
+    except SettingsError as exc:
+        fail(str(exc), EXIT_USAGE)
     try:
         code = run_record(settings, child=not standalone)
     except GpuSelectionError as exc:

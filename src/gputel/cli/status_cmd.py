@@ -335,6 +335,9 @@ def render_human(status: dict[str, Any]) -> None:
                 )
         console.print(table)
 
+    for line in write_failure_lines(status):
+        out(line)
+
     host = status.get("host")
     if isinstance(host, dict) and host:
         out(
@@ -344,6 +347,27 @@ def render_human(status: dict[str, Any]) -> None:
             f"memory used {_fmt(host.get('memory_used_mib'), 0, ' MiB')}, "
             f"cpu package {_fmt(host.get('cpu_package_power_w'), 0, ' W')}"
         )
+
+
+def write_failure_lines(status: dict[str, Any]) -> list[str]:
+    """One line per file whose rows are failing (or failed) to be written: which file, since
+    when, how many rows, why."""
+    lines = []
+    for f in status.get("write_failures") or []:
+        if not isinstance(f, dict):
+            continue
+        who = f" ({f['writer']})" if f.get("writer") else ""
+        rows = f"{_fmt(f.get('rows_failed'))} rows lost"
+        why = f": {f['error']}" if f.get("error") else ""
+        if f.get("failing"):
+            since = human_time(f.get("since")) or "–"
+            lines.append(
+                f"[red]writes failing:[/red] {f.get('file')}{who} failing since {since}, "
+                f"{rows}{why}"
+            )
+        else:
+            lines.append(f"[yellow]writes:[/yellow] {f.get('file')}{who} recovered, {rows}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------- command

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from gputel import __version__, runtime
 from gputel.activity import activity_pct
 from gputel.control.slurm_jobs import JOB_GONE, SlurmJobWatch
-from gputel.formats import error_line, iso_utc_ms
+from gputel.formats import FailureCounter, error_line, iso_utc_ms
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
 from gputel.supervisor.child import ChildEvent, ChildSupervisor, ProcessHandle, Spawn, popen_spawn
@@ -483,7 +483,9 @@ class Agent:
         with self.lock:
             opened = self.capture.trigger(ev, self.clock())
         if opened:
-            log.info(
+            self.events.lines.log(
+                f"capture after {describe(ev)}",
+                logging.INFO,
                 "telemetry forced on for %gs: capture after %s",
                 self.capture.seconds,
                 describe(ev),
@@ -552,6 +554,7 @@ class Agent:
                     else "not forwarded, no telemetry child up (a new one opens new files)",
                 )
             now = self.clock()
+            self.events.lines.flush()
             if k is None:
                 self._reconcile(now)
             else:
@@ -790,6 +793,16 @@ class Agent:
             return None
         max_age = 3 * self.settings.interval_s + 1.0
         return read_fresh_metrics(self.settings.run_dir / runtime.METRICS_FILE, max_age)
+
+    def write_counters(self) -> list[tuple[str, FailureCounter]]:
+        """The agent's appended files and their failure counters (status, /metrics)."""
+        counters = [
+            ("transitions.csv", self.transitions.failures),
+            ("events.csv", self.events.log.failures),
+        ]
+        if self.store is not None:
+            counters.append(("allocations.csv", self.store.summary_failures))
+        return counters
 
     def metrics_bytes(self) -> bytes:
         return join_exposition(render_agent(self.api.snapshot()), self.child_metrics())

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from gputel import __version__
 from gputel.control.protocol import ErrorCode, RequestError
 from gputel.formats import iso_utc_ms
+from gputel.supervisor import write_failures
 from gputel.supervisor.agent_metrics import AgentSnapshot
 from gputel.supervisor.states import Mode
 
@@ -207,6 +208,8 @@ class ControlApi:
                 "exporter": agent.exporter,
                 "exporter_error": agent.exporter_error,
                 "interval_s": s.interval_s,
+                "write_failures": write_failures.entries(agent.write_counters(), "agent")
+                + write_failures.from_heartbeat(hb),
             }
 
     def notice(self) -> str | None:
@@ -262,4 +265,5 @@ class ControlApi:
                 restarts=dict(child.restarts) if child is not None else {},
                 restart_seconds=child.restart_seconds() if child is not None else 0.0,
                 events=agent.events.counters.families(),
+                files=[(f, c.rows_failed, c.failing) for f, c in agent.write_counters()],
             )
