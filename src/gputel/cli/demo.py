@@ -335,7 +335,7 @@ def _answer(
     Both come from the analysis code (DuckDB, matplotlib: the ``analysis`` extra); without it the
     demo says how to install it rather than summing the CSVs a second way.
     """
-    from gputel.analysis.duck import INSTALL_HINT, AnalysisUnavailable
+    from gputel.analysis.duck import AnalysisUnavailable, install_hint
     from gputel.analysis.plot import PlotUnavailable, plot
     from gputel.analysis.report import build_report
 
@@ -343,7 +343,7 @@ def _answer(
     try:
         report = build_report([log_dir])
     except AnalysisUnavailable:
-        console.print(f"  the summary needs the analysis extra: {INSTALL_HINT}", markup=False)
+        console.print(f"  the summary needs the analysis extra: {install_hint()}", markup=False)
         return None, None
     sessions = [s for s in report["sessions"] if s["gpus"]]
     session = sessions[-1] if sessions else None
@@ -372,7 +372,7 @@ def _answer(
         made = picture
         console.print(f"plot: {picture}", markup=False)
     except (PlotUnavailable, AnalysisUnavailable):
-        console.print(f"no plot: it needs matplotlib ({INSTALL_HINT})", markup=False)
+        console.print(f"no plot: it needs matplotlib ({install_hint()})", markup=False)
     console.print("go further:")
     console.print(f"  gputel report {log_dir}", markup=False)
     console.print(f"  gputel plot {log_dir} -o timeline.png", markup=False)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from gputel import __version__
 from gputel.control.protocol import ErrorCode, RequestError
 from gputel.formats import iso_utc_ms
+from gputel.gpu_status import gpu_entries
 from gputel.supervisor.agent_metrics import AgentSnapshot
 from gputel.supervisor.states import Mode
 
@@ -166,17 +167,14 @@ class ControlApi:
             hb = (child.fresh_heartbeat() if child is not None else None) or {}
             allocations += detected_allocations(hb, {str(a["id"]) for a in allocations})
             processes = hb.get("processes")
-            gpus = [
-                {
-                    "index": d.index,
-                    "uuid": d.uuid,
-                    "name": d.name,
-                    "utilization_gpu_pct": agent.utilization.get(d.index),
-                    "activity_pct": agent.activity.get(d.index),
-                    "power_w": agent.power.get(d.index),
-                }
-                for d in agent.devices
-            ]
+            gpus = gpu_entries(
+                agent.devices,
+                agent.utilization,
+                agent.activity,
+                agent.light,
+                agent.light_at,
+                hb,
+            )
             return {
                 "ok": True,
                 "agent": "running",
@@ -204,6 +202,7 @@ class ControlApi:
                 "exporter": agent.exporter,
                 "exporter_error": agent.exporter_error,
                 "interval_s": s.interval_s,
+                "settings": s.to_env(),
             }
 
     def notice(self) -> str | None:

@@ -34,6 +34,7 @@ from gputel import runtime
 from gputel.allocstats import AllocationStats
 from gputel.control.allocations import SummaryLog, parse_store, recorder_stats_entry
 from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
+from gputel.gpu_status import reading_values
 from gputel.schema import Sample
 from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
@@ -287,6 +288,7 @@ class Recorder:
             "ticks_missed": self.ticker.missed,
             "allocation_stats": {k: v.to_json() for k, v in self._alloc_stats.items()},
             "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
+            "gpus": [reading_values(g) for g in sample.gpus],
             "pretrigger": {"ticks": self.head_ticks, "seconds": round(self.head_s, 3)},
             "detected": self.detected.open(),
             "processes": [asdict(p) for p in sample.processes],
