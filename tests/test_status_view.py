@@ -128,8 +128,14 @@ def test_stuck_gpu_and_fields_this_view_does_not_know_yet() -> None:
         "mode": "auto",
         "allocations": [{"id": "j1", "gpus": None, "pid": None, "start": "2030-01-01T00:00Z"}],
         "gpus": [
-            {"index": 0, "name": "A", "utilization_gpu_pct": 5.0, "clock_event_reasons": 0x44},
-            {"index": 1, "name": "B", "stuck": True, "gpm_unavailable": "no permission"},
+            {
+                "index": 0,
+                "name": "A",
+                "utilization_gpu_pct": 5.0,
+                "clock_event_reasons": 0x44,
+                "gpm": "available",
+            },
+            {"index": 1, "name": "B", "stuck": True, "gpu_reset": "pending", "gpm": "refused: x"},
         ],
         "writes_failing": {"gpu": {"since": "2030-01-01T00:00:00.000Z", "rows": 3}},
     }
@@ -137,8 +143,8 @@ def test_stuck_gpu_and_fields_this_view_does_not_know_yet() -> None:
     a, b = (line for line in text.splitlines() if re.match(r"\s*[01]\s+[AB]\b", line))
     # Decoded by the schema's table (the cell wraps between names).
     assert "sw_power_cap," in a and "hw_thermal" in text and "j1" in a
-    assert "stuck" in b and "gpm_unavailable:" in b and "no permission" in text and "j1" in b
-    assert "stuck" not in a
+    assert "stuck" in b and "gpm refused: x;" in b and "gpu_reset: pending" in text and "j1" in b
+    assert "stuck" not in a and "gpm" not in a
     assert 'writes_failing: {"gpu":{"since":"2030-01-01T00:00:00.000Z","rows":3}}' in text
     assert "2030-01-01T00:00:00.000Z" in text  # the allocation's start, ISO with milliseconds
 

@@ -72,6 +72,8 @@ def gpu_entries(
         elif d.index in light:
             values, source, at = reading_values(light[d.index]), "agent", light_at
         entry: dict[str, Any] = {"index": d.index, "uuid": d.uuid, "name": d.name}
+        # GPM as the source found it at open: available, not supported, refused: why; fix.
+        entry["gpm"] = getattr(d, "gpm", None)
         for name in STATUS_FIELDS:
             value = values.get(name)
             entry[name] = bool(value) if name in ("lost", "stuck") else value

@@ -201,6 +201,14 @@ def _web_config(text: str) -> str:
     return str(load(_path(text)).path)
 
 
+def _kmsg(text: str) -> str:
+    """Empty turns the kernel log off; whether the path can be read is found out at start (one
+    notice, never a failure: the log needs a privilege the agent may lack)."""
+    if not text.strip():
+        return ""
+    return str(_path(text))
+
+
 def _sim_gpus(text: str) -> int:
     return _whole_number(text, 1, 256, "expected a whole number of GPUs 1-256")
 
@@ -458,6 +466,15 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _seconds,
     ),
     SettingSpec(
+        "GPUTEL_KMSG",
+        "kmsg",
+        "--kmsg",
+        "/dev/kmsg",
+        "kernel log read for the driver's Xid and SXid lines (empty = off; a plain file is "
+        "followed from its end)",
+        _kmsg,
+    ),
+    SettingSpec(
         "GPUTEL_PRETRIGGER_SECONDS",
         "pretrigger_s",
         "--pretrigger-seconds",
@@ -511,6 +528,7 @@ class Settings:
     sim_events: str = DEFAULTS["sim_events"]
     activity: str = DEFAULTS["activity"]
     event_capture_s: float = DEFAULTS["event_capture_s"]
+    kmsg: str = DEFAULTS["kmsg"]
     pretrigger_s: float = DEFAULTS["pretrigger_s"]
 
     def to_env(self) -> dict[str, str]:

@@ -323,8 +323,10 @@ def _load_batch(
         f"{_ts_expr()} AS ts",
     ]
     if kind != "host":
+        # An event on no selected GPU (an NVSwitch's SXid) has an empty gpu; a reading never.
+        empty = "WHEN r.gpu IS NULL THEN NULL " if kind == "events" else ""
         select.append(
-            "CASE WHEN regexp_full_match(r.gpu, '[0-9]+') THEN CAST(r.gpu AS INTEGER) "
+            f"CASE {empty}WHEN regexp_full_match(r.gpu, '[0-9]+') THEN CAST(r.gpu AS INTEGER) "
             "ELSE error(filename || ': bad GPU index ' || coalesce(r.gpu, '(empty)')) END AS gpu"
         )
     for c in NUMERIC[kind]:

@@ -50,6 +50,7 @@ def _read_gpus(
     source, notice = open_gpu_source(settings)
     try:
         readings = source.read()
+        gpm = {d.index: d.gpm for d in source.devices()}
     finally:
         source.close()
     attribution = ProcessAttribution(settings.proc_root)
@@ -57,12 +58,15 @@ def _read_gpus(
         "processes": [asdict(p) for p in attribution.records(readings)],
         "processes_notice": attribution.notice,
     }
-    return [_reading_dict(r) for r in readings], getattr(source, "name", None), notice, processes
+    gpus = [_reading_dict(r, gpm.get(r.index)) for r in readings]
+    return gpus, getattr(source, "name", None), notice, processes
 
 
-def _reading_dict(reading: Any) -> dict[str, Any]:
+def _reading_dict(reading: Any, gpm: str | None) -> dict[str, Any]:
     # asdict: a MIG GPU's devices (MigReading) become JSON objects too; processes are listed apart.
-    return {k: v for k, v in asdict(reading).items() if k != "processes"}
+    out = {k: v for k, v in asdict(reading).items() if k != "processes"}
+    out["gpm"] = gpm  # available, not supported, or refused with the reason and the fix
+    return out
 
 
 def _host_snapshot(settings: Settings) -> tuple[dict[str, Any], str | None]:
@@ -205,7 +209,12 @@ def _known_gpu_keys() -> frozenset[str]:
         "throttle_reasons",
         "values_from",
         "values_at",
+        "gpm",
     }
+
+
+#: What ``gpm`` says when there is nothing to explain (the ``sm`` column shows the rest).
+_GPM_PLAIN = (None, "available", "not supported")
 
 
 def _note_value(value: Any) -> str:
@@ -219,6 +228,9 @@ def notes(entry: dict[str, Any], known: frozenset[str]) -> list[str]:
     as ``key`` (a true flag) or ``key: value``, so a field the agent learns to report shows up
     here before anyone writes a column for it."""
     out: list[str] = []
+    gpm = entry.get("gpm")
+    if gpm not in _GPM_PLAIN:
+        out.append(f"gpm {_note_value(gpm)}")  # "gpm refused: <why>; <fix>"
     for key, value in entry.items():
         if key in known or value is None or value is False or value == "" or value == []:
             continue

@@ -35,7 +35,17 @@ from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics,
 from gputel.supervisor.child import ChildEvent, ChildSupervisor, ProcessHandle, Spawn, popen_spawn
 from gputel.supervisor.control_api import ControlApi, Degraded, DegradedReason, ModeState
 from gputel.supervisor.deadline import DeadlineRunner, Job, run_with_deadline
-from gputel.supervisor.events import CaptureWindow, EventRecorder, describe, make_event
+from gputel.supervisor.events import (
+    SOURCE_KMSG,
+    SXID,
+    SXID_FATAL,
+    XID,
+    CaptureWindow,
+    EventRecorder,
+    SameFault,
+    describe,
+    make_event,
+)
 from gputel.supervisor.head_handoff import HeadHandoff
 from gputel.supervisor.notify import Notifier
 from gputel.supervisor.pretrigger import PretriggerRing
@@ -45,6 +55,8 @@ from gputel.ticker import Ticker, Waker
 
 if TYPE_CHECKING:
     from gputel.control.allocations import AllocationStore
+    from gputel.sources.kernel_xid import KernelFault
+    from gputel.sources.kmsg import KmsgReader
 
 log = logging.getLogger("gputel.supervisor.agent")
 
@@ -92,6 +104,18 @@ class LazyEnergy(Mapping[int, "float | None"]):
 
 
 # ---------------------------------------------------------------------------------- the agent
+def _pci_map(devices: list[Any]) -> dict[str, int]:
+    """GPU index by PCI address in the kernel log's form, for the GPUs whose address is known."""
+    from gputel.sources.kernel_xid import pci_key
+
+    out: dict[str, int] = {}
+    for d in devices:
+        key = pci_key(getattr(d, "pci_bus_id", "") or "")
+        if key is not None:
+            out[key] = d.index
+    return out
+
+
 def _take_lock(run_dir: Path) -> int:
     try:
         return runtime.take_agent_lock(run_dir)
@@ -170,7 +194,13 @@ class Agent:
         self.capture = CaptureWindow(settings.event_capture_s)
         self.listener: Any = None
         """The source's GPU event listener (None: the source has none, or not opened yet)."""
+        self.kmsg: KmsgReader | None = None
+        """The kernel log reader (None: ``GPUTEL_KMSG`` empty, or simulated GPUs)."""
+        self.same_fault = SameFault()
+        """One fault from NVML and the kernel log is one event."""
         self._uuids: dict[int, str] = {}
+        self._by_pci: dict[str, int] = {}
+        """GPU index by PCI address in the kernel's form, from the identities read at start."""
 
         self.handoff: HeadHandoff | None = None
         """The pre-trigger ring and its hand-off to the child (None: pre-trigger off)."""
@@ -229,6 +259,8 @@ class Agent:
         self._waker = Waker()
         if self._install_signals:
             self._signals()
+        # Before the GPU source: kernel log Xids are read even while NVML hangs in its start.
+        self._start_kmsg()
         self._open_source()
         known = [d.index for d in self.devices]
         from gputel.control.allocations import AllocationStore
@@ -374,6 +406,7 @@ class Agent:
         if status != "ok":
             log.error("listing GPUs failed (%s); GPU names are unknown", status)
         self._uuids = {d.index: d.uuid for d in self.devices}
+        self._by_pci = _pci_map(self.devices)
         self._start_listener(source)
         s = self.settings
         if s.pretrigger_s > 0 and self.devices:
@@ -396,15 +429,56 @@ class Agent:
             return
         self.listener = listener
 
-    def _gpu_event(self, gpu: int, event: str, xid: int | None) -> None:
-        """One GPU event, on the listener's thread: record it, open the capture window, wake
-        the loop so the capture starts now rather than at the next tick."""
+    def _start_kmsg(self) -> None:
+        """Follow the kernel log for Xid lines, for as long as the agent runs. Simulated GPUs
+        have no kernel lines: with them the log is not read."""
+        path = self.settings.kmsg
+        if not path or self.settings.backend == "sim":
+            return
+        from gputel.sources.kmsg import KmsgReader
+
+        reader = KmsgReader(path)
+        reader.start(self._kernel_fault)
+        self.kmsg = reader
+
+    def _kernel_fault(self, fault: KernelFault) -> None:
+        """One Xid or SXid line from the kernel log, on the reader's thread."""
+        if fault.kind == XID:
+            gpu = self._by_pci.get(fault.pci)
+            event, xid = XID, fault.number
+        else:
+            gpu, event, xid = None, SXID_FATAL if fault.fatal else SXID, None
+        self._gpu_event(gpu, event, xid, source=SOURCE_KMSG, note=f"kernel: {fault.line}")
+
+    def _gpu_event(
+        self,
+        gpu: int | None,
+        event: str,
+        xid: int | None,
+        *,
+        source: str | None = None,
+        note: str = "",
+    ) -> None:
+        """One GPU event, on a listener's thread: record it (once, where NVML and the kernel
+        log both report it), open the capture window, wake the loop so the capture starts now
+        rather than at the next tick."""
+        source = source or self.backend
+        if self.same_fault.seen(gpu, event, xid, source, self.clock()):
+            log.debug("%s %s on GPU %s: already recorded from another source", source, event, gpu)
+            return
         try:
             ev = make_event(
-                time.time(), gpu, self._uuids.get(gpu), event, xid, self._allocations_on(gpu)
+                time.time(),
+                gpu,
+                None if gpu is None else self._uuids.get(gpu),
+                event,
+                xid,
+                self._allocations_on(gpu),
+                source,
+                note,
             )
         except ValueError as exc:
-            log.error("GPU event on GPU %d not recorded: %s", gpu, exc)
+            log.error("GPU event on GPU %s not recorded: %s", gpu, exc)
             return
         self.events.record(ev)
         with self.lock:
@@ -417,12 +491,17 @@ class Agent:
             )
         self.wake()
 
-    def _allocations_on(self, gpu: int) -> list[str]:
-        """Ids of the allocations open on GPU ``gpu`` (those without a GPU list claim all)."""
+    def _allocations_on(self, gpu: int | None) -> list[str]:
+        """Ids of the allocations open on GPU ``gpu`` (those without a GPU list claim all); on
+        no known GPU (an NVSwitch, an unknown PCI address), every open allocation."""
         store = self.store
         if store is None:
             return []
-        return [str(a["id"]) for a in store.list() if a.get("gpus") is None or gpu in a["gpus"]]
+        return [
+            str(a["id"])
+            for a in store.list()
+            if gpu is None or a.get("gpus") is None or gpu in a["gpus"]
+        ]
 
     def _teardown(self) -> None:
         if self._ready_sent:
@@ -430,6 +509,8 @@ class Agent:
         if self.listener is not None:
             # Never joined: its thread may be blocked inside the driver's wait.
             self.listener.stop()
+        if self.kmsg is not None:
+            self.kmsg.stop()
         if self._control is not None:
             self._control.stop()
             self._control = None

@@ -206,10 +206,15 @@ class ControlApi:
             }
 
     def notice(self) -> str | None:
-        """The source's notice and the event listener's, in one line (None: nothing to say)."""
+        """The source's notice, the event listener's and the kernel log reader's, in one line
+        (None: nothing to say)."""
         agent = self.agent
-        listener = agent.listener
-        parts = [agent.notice, None if listener is None else listener.notice]
+        listener, kmsg = agent.listener, agent.kmsg
+        parts = [
+            agent.notice,
+            None if listener is None else listener.notice,
+            None if kmsg is None else kmsg.notice,
+        ]
         return "; ".join(p for p in parts if p) or None
 
     def status_line(self) -> str:
