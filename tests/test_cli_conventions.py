@@ -37,6 +37,7 @@ DECISIONS = {
     "--activity",
     "--event-capture-seconds",
     "--pretrigger-seconds",
+    "--kmsg",
 }
 SNAPSHOT = {
     "--run-dir",
@@ -61,7 +62,8 @@ EXPECTED_SETTINGS: dict[str, set[str]] = {
     "hook list": {"--run-dir"},
     "demo": set(),
     "report": {"--log-dir"},
-    "replay": {"--log-dir"} | (DECISIONS - {"--event-capture-seconds", "--pretrigger-seconds"}),
+    "replay": {"--log-dir"}
+    | (DECISIONS - {"--event-capture-seconds", "--pretrigger-seconds", "--kmsg"}),
     "plot": {"--log-dir"},
     "export": set(),
 }
@@ -116,6 +118,12 @@ def _option_lines(text: str) -> str:
         line.split("  ", 2)[1] if line.startswith("  ") and len(line.split("  ", 2)) > 1 else ""
         for line in text.splitlines()
     )
+
+
+@pytest.mark.parametrize("spec", [s for s in SETTINGS if s.flag], ids=lambda s: s.flag)
+def test_every_setting_names_its_value_kind(spec: Any) -> None:
+    """A new setting's parser gets its kind in ``settings._KINDS`` (``--kmsg PATH``)."""
+    assert spec.metavar != "VALUE" and spec.metavar.isupper()
 
 
 @pytest.mark.parametrize("words", COMMANDS)

@@ -280,6 +280,7 @@ _KINDS: dict[Callable[[str], Any], str] = {
     _gpus: "LIST",
     _path: "PATH",
     _web_config: "PATH",
+    _kmsg: "PATH",
     _address: "ADDRESS",
     _port: "PORT",
     _sim_gpus: "N",

@@ -49,7 +49,8 @@ LOCAL_SNAPSHOT: tuple[str, ...] = (
     "sim_pattern",
     "sim_events",
 )
-#: The agent's own decisions (activity, events, pre-trigger): no use to a recorder.
+#: The agent's own decisions and sources (activity, events, pre-trigger, the kernel log): no use
+#: to a recorder.
 AGENT_DECISIONS: tuple[str, ...] = (
     "start_util_pct",
     "start_seconds",
@@ -58,6 +59,7 @@ AGENT_DECISIONS: tuple[str, ...] = (
     "activity",
     "event_capture_s",
     "pretrigger_s",
+    "kmsg",
 )
 
 
