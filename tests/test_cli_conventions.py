@@ -217,6 +217,24 @@ def test_build_app_twice_is_harmless() -> None:
 ISO_MS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
+@pytest.mark.parametrize(
+    ("moment", "shown"),
+    [
+        ("2026-12-07T03:10:25.309Z", "2026-12-07T03:10:25.309Z"),
+        ("2026-12-07T05:10:25.3+02:00", "2026-12-07T03:10:25.300Z"),
+        ("2026-12-07T03:10Z", "2026-12-07T03:10:00.000Z"),
+        (1796613025.309, "2026-12-07T03:10:25.309Z"),
+        ("soon", "soon"),  # not a time: shown as it is
+        (None, None),
+        ("", None),
+    ],
+)
+def test_display_time_is_the_one_form(moment: Any, shown: str | None) -> None:
+    from gputel.formats import display_time
+
+    assert display_time(moment) == shown
+
+
 def test_replay_prints_iso_times_with_milliseconds(tmp_path: Path) -> None:
     pytest.importorskip("duckdb")
     from test_analysis import T0, pattern, write_gpu_csv

@@ -30,6 +30,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gputel.formats import display_time
+
 #: GPU 0 idles 3 s, works 8 s (4 of them at full power, held by the power cap), idles; GPU 1
 #: works a little later and less.
 DEMO_PATTERN = "0:3,85:4,100:4,0:30;0:4,55:6,0:30"
@@ -179,13 +181,13 @@ def render(
         )
 
     trans = Table(title="transitions", expand=False)
-    trans.add_column("time (UTC)")
+    trans.add_column("time")
     trans.add_column("from")
     trans.add_column("to")
     trans.add_column("reason")
     for t in (status.get("transitions") or [])[-6:]:
         trans.add_row(
-            str(t.get("timestamp", ""))[11:23],
+            display_time(t.get("timestamp")) or "",
             t.get("from_state"),
             t.get("to_state"),
             t.get("reason"),
@@ -194,11 +196,11 @@ def render(
     events = status.get("events") or []
     if events:
         table = Table(title="GPU events", expand=False)
-        for col in ("time (UTC)", "GPU", "event", "xid", "action"):
+        for col in ("time", "GPU", "event", "xid", "action"):
             table.add_column(col)
         for e in events[-4:]:
             table.add_row(
-                str(e.get("timestamp", ""))[11:23],
+                display_time(e.get("timestamp")) or "",
                 str(e.get("gpu")),
                 str(e.get("event")),
                 "" if e.get("xid") is None else str(e.get("xid")),

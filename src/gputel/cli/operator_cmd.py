@@ -18,7 +18,7 @@ from gputel.cli.options import (
     settings_options,
     settings_options_only,
 )
-from gputel.formats import iso_utc_ms, parse_iso_utc
+from gputel.formats import display_time
 from gputel.settings import Settings, parse_duration
 
 START_WAIT_S = 5.0
@@ -44,29 +44,10 @@ def parse_for(text: str | None) -> float | None:
     return value
 
 
-def human_time(moment: Any) -> str | None:
-    """A timestamp from the agent (ISO text or epoch seconds) as every time the CLI prints it:
-    ISO 8601 UTC with milliseconds (``formats.iso_utc_ms``). Text that is not a time is shown
-    as it is; nothing (None, empty) is None."""
-    if isinstance(moment, bool) or moment is None or moment == "":
-        return None
-    if isinstance(moment, (int, float)):
-        try:
-            return iso_utc_ms(float(moment))
-        except (OverflowError, ValueError, OSError):
-            return str(moment)
-    if not isinstance(moment, str):
-        return None
-    try:
-        return iso_utc_ms(parse_iso_utc(moment))
-    except ValueError:
-        return moment
-
-
 def describe_mode(reply: dict[str, Any]) -> str:
     """One human line for a ``set_mode`` reply."""
     mode = reply.get("mode")
-    until = human_time(reply.get("until"))
+    until = display_time(reply.get("until"))
     if mode == "auto":
         line = "automatic: telemetry follows GPU activity and allocations"
     else:

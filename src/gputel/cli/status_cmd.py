@@ -17,7 +17,6 @@ from typing import Any
 
 import typer
 
-from gputel.cli.operator_cmd import human_time
 from gputel.cli.options import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -26,7 +25,7 @@ from gputel.cli.options import (
     fail,
     settings_options_only,
 )
-from gputel.formats import one_line
+from gputel.formats import display_time, one_line
 from gputel.settings import Settings, parse_duration
 from gputel.supervisor.deadline import start_job
 
@@ -308,7 +307,7 @@ def values_caption(gpus: list[dict[str, Any]]) -> str | None:
         return None
     parts = ["utilization from the agent's poll"]
     for source, at in sorted(sources, key=lambda x: (str(x[0]), str(x[1]))):
-        when = f" at {human_time(at)}" if at else ""
+        when = f" at {display_time(at)}" if at else ""
         if source == "recorder":
             parts.append(f"the rest from the recorder's tick{when}")
         elif source == "agent":
@@ -405,7 +404,7 @@ def renderables(status: dict[str, Any]) -> list[Any]:
             bits.append(f"up {_duration(status.get('uptime_s'))}")
         out(", ".join(bits))
         mode = status.get("mode")
-        until = human_time(status.get("mode_until"))
+        until = display_time(status.get("mode_until"))
         out(
             f"state: {status.get('state') or '–'}   mode: {mode or '–'}"
             + (f" until {until}" if until else "")
@@ -464,7 +463,7 @@ def renderables(status: dict[str, Any]) -> list[Any]:
                     str(a.get("id")),
                     "all" if gl is None else ",".join(str(x) for x in gl),
                     _fmt(a.get("pid")),
-                    _fmt(human_time(a.get("start"))),
+                    _fmt(display_time(a.get("start"))),
                     "detected" if a.get("detected") else "announced",
                 )
         parts.append(table)
@@ -479,7 +478,7 @@ def renderables(status: dict[str, Any]) -> list[Any]:
         for t in transitions[-10:]:
             if isinstance(t, dict):
                 table.add_row(
-                    _fmt(human_time(t.get("timestamp") or t.get("at"))),
+                    _fmt(display_time(t.get("timestamp") or t.get("at"))),
                     _fmt(t.get("from_state") or t.get("from")),
                     _fmt(t.get("to_state") or t.get("to")),
                     _fmt(t.get("reason")),
@@ -494,7 +493,7 @@ def renderables(status: dict[str, Any]) -> list[Any]:
         for e in events[-10:]:
             if isinstance(e, dict):
                 table.add_row(
-                    _fmt(human_time(e.get("timestamp"))),
+                    _fmt(display_time(e.get("timestamp"))),
                     _fmt(e.get("gpu")),
                     _fmt(e.get("event")),
                     _fmt(e.get("xid")),
