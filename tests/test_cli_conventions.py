@@ -15,9 +15,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
+import typer
 from typer._click.core import Command
 from typer.core import TyperGroup as Group
 from typer.core import TyperOption as Option
@@ -129,10 +130,48 @@ def test_every_setting_names_its_value_kind(spec: Any) -> None:
 @pytest.mark.parametrize("words", COMMANDS)
 def test_every_option_names_its_value_kind(words: str) -> None:
     """Checked on the parameters themselves, so a new option cannot slip a type name in."""
-    for param in commands()[words].params:
+    from typer._click.core import Context
+
+    cmd = commands()[words]
+    ctx = Context(cmd)
+    for param in cmd.params:
         if isinstance(param, Option) and (param.is_flag or param.hidden):
             continue
-        assert param.metavar and param.metavar.upper() == param.metavar, (words, param.name)
+        shown = param.display_type_rich(ctx) if isinstance(param, Option) else param.metavar
+        assert shown and re.fullmatch(r"[A-Z][A-Z_.]*", shown), (words, param.name, shown)
+
+
+@pytest.mark.parametrize(
+    ("label", "kind"),
+    [
+        ("<str>", "TEXT"),
+        ("<int>", "N"),
+        ("<float>", "NUMBER"),
+        ("<path>", "PATH"),
+        ("<list[Path]>", "PATH"),
+        ("<bytes>", "VALUE"),
+        (None, None),
+    ],
+)
+def test_an_option_without_a_kind_gets_one_from_its_type(label: str | None, kind: str) -> None:
+    from gputel.cli.value_kinds import kind_of
+
+    assert kind_of(label) == kind
+
+
+def test_a_new_option_without_a_metavar_shows_a_kind() -> None:
+    extra = build_app(("status_cmd",))
+
+    @extra.command("probe")
+    def probe(
+        count: Annotated[int, typer.Option("--count")] = 1,
+        where: Annotated[Path, typer.Option("--where")] = Path("."),
+    ) -> None:
+        """A command as a future module might write it."""
+
+    result = CliRunner().invoke(extra, ["probe", "--help"])
+    assert "--count N" in result.stdout and "--where PATH" in result.stdout
+    assert "<" not in result.stdout
 
 
 @pytest.mark.parametrize("words", COMMANDS)

@@ -292,3 +292,25 @@ def test_watch_refreshes_in_place_in_a_terminal(
         assert "WATCH-EXIT=0" in text and "Traceback" not in text, text
     finally:
         subprocess.run([*server, "kill-server"], check=False)
+
+
+def test_hook_allocate_applies_flags_to_the_agent_it_starts(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUTEL_")}
+    env.update(GPUTEL_RUN_DIR=str(tmp_path / "run"), GPUTEL_LOG_DIR=str(tmp_path / "log"))
+    args = ["--backend", "sim", "--sim-gpus", "1", "--exporter-port", "0", "--wait", "15"]
+    done = subprocess.run(
+        [*GPUTEL, "hook", "allocate", "job-9", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    pid_match = re.search(r"started a local agent \(pid (\d+)\)", done.stderr)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert "; with --backend sim --exporter-port 0 --sim-gpus 1" in done.stderr
+        assert "allocation opened job-9" in done.stdout
+    finally:
+        if pid_match:
+            os.kill(int(pid_match.group(1)), signal.SIGTERM)
+            wait_for(lambda: not process_alive(int(pid_match.group(1))), 15, "the agent to stop")

@@ -93,6 +93,10 @@ def _exchange(
         except AgentStartError as exc:
             fail(f"no gputel agent is running and none could be started: {exc}")
         if flags:
+            # A unit started through systemctl reads its own environment file, not our flags.
+            status = agent_status(settings.run_dir, timeout=max(0.2, deadline - time.monotonic()))
+            if status is not None:
+                refuse_unreachable(flags, status, started=how)
             how += f"; with {describe(flags)}"
         if not quiet:
             print(f"gputel: {how}", file=sys.stderr)

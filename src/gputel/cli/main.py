@@ -94,20 +94,12 @@ def usage_line(exc: Exception) -> str:
     return text
 
 
-def _arguments_named_by_metavar() -> None:
-    """typer prints an argument's Python type after its name (``ID <str>``); the metavar already
-    names the kind of value, so the type goes."""
-    from typer.core import TyperArgument
-
-    TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
-
-
 def build_app(modules: Sequence[str] = ALL_MODULES) -> typer.Typer:
     """A typer app with the commands of ``modules`` registered."""
-    from gputel.cli import lazy_coercion
+    from gputel.cli import lazy_coercion, value_kinds
 
     lazy_coercion.install()
-    _arguments_named_by_metavar()
+    value_kinds.install()
     app = typer.Typer(
         name="gputel",
         help="GPU node telemetry: per-second GPU and host records while the GPUs are busy.",
