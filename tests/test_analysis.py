@@ -328,7 +328,7 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert 10_000 < len(data) < 2_000_000
     width = int.from_bytes(data[16:20], "big")
     height = int.from_bytes(data[20:24], "big")
-    assert (width, height) == (1200, 640)
+    assert (width, height) == (1200, 670)
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(
@@ -342,13 +342,13 @@ def test_plot_without_matplotlib_says_how_to_get_it(
         plot.plot([tmp_path], tmp_path / "x.png")
 
 
-@pytest.mark.parametrize("command", ["report", "replay", "plot", "export"])
+@pytest.mark.parametrize("command", ["report", "replay", "plot", "export", "job"])
 def test_without_duckdb_one_line_says_how_to_get_it(tmp_path: Path, command: str) -> None:
     write_gpu_csv(tmp_path / "gpu-20261122T100000Z-n.csv", T0, 5, pattern)
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "duckdb.py").write_text("raise ImportError('no duckdb here')\n")
-    args = [command, str(tmp_path)]
+    args = [command, str(tmp_path)] if command != "job" else [command, "job-1", str(tmp_path)]
     if command == "export":
         args += ["--parquet", str(tmp_path / "out")]
     res = subprocess.run(

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gputel.analysis.filter import CsvReadError, ReportFilter
+from gputel.analysis.filter import CsvReadError, ReportFilter, UnknownAllocation
 from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options_only
 from gputel.formats import iso_utc_ms
 from gputel.settings import Settings, parse_duration, parse_gpu_list
@@ -89,9 +89,34 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+SESSION_COLUMNS = (
+    "GPU",
+    "samples",
+    "missing",
+    "util mean/p95/max %",
+    "mem peak MiB",
+    "temp max °C",
+    "energy J (kWh)",
+    "power mean/peak W",
+    "throttled s",
+)
+ALLOCATION_COLUMNS = (
+    "id",
+    "GPUs",
+    "start",
+    "duration s",
+    "util mean/max %",
+    "mem peak MiB",
+    "temp max °C",
+    "energy J",
+)
+
+
 def _print_report(report: dict[str, Any]) -> None:
+    """Per session a table (or stacked blocks where it does not fit), then the allocations."""
     from rich.console import Console
-    from rich.table import Table
+
+    from gputel.cli.fit import print_rows
 
     console = Console()
     if not report["sessions"] and not report["allocations"]:
@@ -107,50 +132,29 @@ def _print_report(report: dict[str, Any]) -> None:
             title += f"  host CPU {_fmt(host['cpu_util_mean_pct'])} %"
         if host and host.get("rapl_energy_j") is not None:
             title += f"  RAPL {_fmt(host['rapl_energy_j'], 0)} J"
-        table = Table(title=title, title_justify="left")
-        for col in (
-            "GPU",
-            "samples",
-            "missing",
-            "util mean/p95/max %",
-            "mem peak MiB",
-            "temp max °C",
-            "energy J (kWh)",
-            "power mean/peak W",
-            "throttled s",
-        ):
-            table.add_column(col)
+        rows = []
         for g in s["gpus"]:
             throttle = ", ".join(
                 f"{k} {_fmt(v, 0)}" for k, v in g["throttle_s"].items() if k != "gpu_idle"
             )
-            table.add_row(
-                f"{g['gpu']} {g['name']}",
-                str(g["samples"]),
-                str(g["missing"]),
-                f"{_fmt(g['util_mean_pct'])}/{_fmt(g['util_p95_pct'])}/{_fmt(g['util_max_pct'])}",
-                _fmt(g["memory_peak_mib"], 0),
-                _fmt(g["temperature_max_c"]),
-                f"{_fmt(g['energy_j'], 0)} ({_fmt(g['energy_kwh'], 4)})",
-                f"{_fmt(g['power_mean_w'])}/{_fmt(g['power_peak_w'])}",
-                throttle,
+            rows.append(
+                [
+                    f"{g['gpu']} {g['name']}".strip(),
+                    str(g["samples"]),
+                    str(g["missing"]),
+                    f"{_fmt(g['util_mean_pct'])}/{_fmt(g['util_p95_pct'])}/"
+                    f"{_fmt(g['util_max_pct'])}",
+                    _fmt(g["memory_peak_mib"], 0),
+                    _fmt(g["temperature_max_c"]),
+                    f"{_fmt(g['energy_j'], 0)} ({_fmt(g['energy_kwh'], 4)})",
+                    f"{_fmt(g['power_mean_w'])}/{_fmt(g['power_peak_w'])}",
+                    throttle,
+                ]
             )
-        console.print(table)
+        print_rows(console, title, SESSION_COLUMNS, rows)
     if report["allocations"]:
-        table = Table(title="allocations", title_justify="left")
-        for col in (
-            "id",
-            "GPUs",
-            "start",
-            "duration s",
-            "util mean/max %",
-            "mem peak MiB",
-            "temp max °C",
-            "energy J",
-        ):
-            table.add_column(col)
-        for a in report["allocations"]:
-            table.add_row(
+        rows = [
+            [
                 a["id"],
                 ",".join(str(g) for g in a["gpus"]),
                 str(a["start"]),
@@ -159,69 +163,81 @@ def _print_report(report: dict[str, Any]) -> None:
                 _fmt(a["memory_peak_mib"], 0),
                 _fmt(a["temperature_max_c"]),
                 _fmt(a["energy_j"], 0),
-            )
-        console.print(table)
+            ]
+            for a in report["allocations"]
+        ]
+        print_rows(console, "allocations", ALLOCATION_COLUMNS, rows)
 
 
 def _print_fleet(report: dict[str, Any], idle_util: float, idle_minutes: float) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from gputel.cli.fit import print_rows
 
     console = Console()
     if len(report["nodes"]) > 1:
-        table = Table(title="nodes", title_justify="left")
-        for col in (
-            "node",
-            "GPUs",
-            "GPU-h recorded",
-            "GPU-h busy",
-            "energy kWh",
-            "throttled s",
-            "events",
-            "idle allocations",
-        ):
-            table.add_column(col)
-        for n in report["nodes"]:
-            table.add_row(
-                n["node"],
-                str(n["gpus"]),
-                _fmt(n["gpu_hours_recorded"], 2),
-                _fmt(n["gpu_hours_busy"], 2),
-                _fmt(n["energy_kwh"], 3),
-                _fmt(n["throttled_s"], 0),
-                str(n["events"]),
-                str(n["idle_allocations"]),
-            )
-        console.print(table)
-        table = Table(title="GPU models", title_justify="left")
-        for col in ("model", "GPUs", "GPU-h recorded", "GPU-h busy", "energy kWh", "throttled s"):
-            table.add_column(col)
-        for m in report["models"]:
-            table.add_row(
-                m["model"],
-                str(m["gpus"]),
-                _fmt(m["gpu_hours_recorded"], 2),
-                _fmt(m["gpu_hours_busy"], 2),
-                _fmt(m["energy_kwh"], 3),
-                _fmt(m["throttled_s"], 0),
-            )
-        console.print(table)
+        print_rows(
+            console,
+            "nodes",
+            (
+                "node",
+                "GPUs",
+                "GPU-h recorded",
+                "GPU-h busy",
+                "energy kWh",
+                "throttled s",
+                "events",
+                "idle allocations",
+            ),
+            [
+                [
+                    n["node"],
+                    str(n["gpus"]),
+                    _fmt(n["gpu_hours_recorded"], 2),
+                    _fmt(n["gpu_hours_busy"], 2),
+                    _fmt(n["energy_kwh"], 3),
+                    _fmt(n["throttled_s"], 0),
+                    str(n["events"]),
+                    str(n["idle_allocations"]),
+                ]
+                for n in report["nodes"]
+            ],
+        )
+        print_rows(
+            console,
+            "GPU models",
+            ("model", "GPUs", "GPU-h recorded", "GPU-h busy", "energy kWh", "throttled s"),
+            [
+                [
+                    m["model"],
+                    str(m["gpus"]),
+                    _fmt(m["gpu_hours_recorded"], 2),
+                    _fmt(m["gpu_hours_busy"], 2),
+                    _fmt(m["energy_kwh"], 3),
+                    _fmt(m["throttled_s"], 0),
+                ]
+                for m in report["models"]
+            ],
+        )
     title = f"idle allocated GPUs (under {idle_util:g} % for more than {idle_minutes:g} min)"
     if not report["idle_allocations"]:
         console.print(f"{title}: none")
         return
-    table = Table(title=title, title_justify="left")
-    for col in ("node", "allocation", "idle GPUs", "longest idle min", "idle GPU-h"):
-        table.add_column(col)
-    for i in report["idle_allocations"]:
-        table.add_row(
-            i["node"],
-            i["allocation"],
-            ",".join(str(g) for g in i["gpus"]),
-            _fmt(i["idle_minutes"]),
-            _fmt(i["idle_gpu_hours"], 2),
-        )
-    console.print(table)
+    print_rows(
+        console,
+        title,
+        ("node", "allocation", "idle GPUs", "longest idle min", "idle GPU-h"),
+        [
+            [
+                i["node"],
+                i["allocation"],
+                ",".join(str(g) for g in i["gpus"]),
+                _fmt(i["idle_minutes"]),
+                _fmt(i["idle_gpu_hours"], 2),
+            ]
+            for i in report["idle_allocations"]
+        ],
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -403,7 +419,9 @@ def register(app: typer.Typer) -> None:
         gpu: GpuOpt = None,
         allocation: Annotated[
             str | None,
-            typer.Option("--allocation", metavar="ID", help="only this allocation's span"),
+            typer.Option(
+                "--allocation", metavar="ID", help="only this allocation's GPUs, around its span"
+            ),
         ] = None,
         *,
         settings: Settings,
@@ -419,7 +437,7 @@ def register(app: typer.Typer) -> None:
             n = draw(_paths(paths, settings), output, flt)
         except (PlotUnavailable, AnalysisUnavailable) as exc:
             fail(str(exc))
-        except CsvReadError as exc:
+        except (CsvReadError, UnknownAllocation) as exc:
             fail(str(exc), EXIT_USAGE)
         except ValueError as exc:
             fail(str(exc))

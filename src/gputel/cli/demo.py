@@ -42,6 +42,18 @@ DEMO_STOP_S = 3.0
 #: counter, and a short capture window (DEMO_CAPTURE_S) that ends before the cycle does.
 DEMO_EVENTS = "0:94@6"
 DEMO_CAPTURE_S = 2.0
+#: The job the demo opens through the hook API when the GPUs get busy and releases when they are
+#: quiet again, as a scheduler's prolog and epilog would: ``gputel job`` answers for it.
+DEMO_JOB = "demo-job-1"
+#: Utilization (%) under which, on every GPU, the demo's job is done.
+JOB_DONE_PCT = 10.0
+#: What the demo runs to call the hook API in the agent's environment (its run directory).
+_HOOK_SCRIPT = (
+    "import sys; from gputel import hooks; "
+    "r = hooks.allocation_created(sys.argv[2]) if sys.argv[1] == 'open' "
+    "else hooks.allocation_released(sys.argv[2]); "
+    "print(r.detail); sys.exit(0 if r.ok else 1)"
+)
 
 
 @dataclass
@@ -56,6 +68,8 @@ class DemoResult:
     """The session as ``gputel report --json`` gives it (None without the analysis extra)."""
     plot: Path | None = None
     """The timeline picture, when matplotlib is installed."""
+    job: str | None = None
+    """The allocation the demo opened and released through the hook API (None if it could not)."""
 
 
 def _free_port(addr: str = "127.0.0.1") -> int:
@@ -268,6 +282,7 @@ def run_demo(
     t0 = time.monotonic()
     status: dict[str, Any] | None = None
     history: dict[int, deque[float | None]] = {}
+    job = _DemoJob(env)
     # The agent takes SIGHUP as "reopen the CSV files" (logrotate), so closing the terminal
     # would leave it running: turn SIGHUP and SIGTERM into an exit that runs the cleanup below.
     previous = _exit_on_signals((signal.SIGHUP, signal.SIGTERM))
@@ -296,6 +311,7 @@ def run_demo(
                         went_on = True
                     elif went_on:
                         went_off = True
+                    job.follow(status)
                 live.update(render(status, elapsed, history=history))
                 if went_on and went_off and status and status.get("state") == "idle":
                     message = "one full idle → busy → idle cycle"
@@ -306,6 +322,7 @@ def run_demo(
                     break
                 time.sleep(poll_s)
     finally:
+        job.finish()
         _stop(proc)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -313,8 +330,9 @@ def run_demo(
     files = sorted(log_dir.glob("*.csv")) if log_dir.is_dir() else []
     _show_files(console, log_dir, files)
     summary = plot_path = None
+    job_id = DEMO_JOB if job.released else None
     if ok:
-        summary, plot_path = _answer(console, log_dir, directory / "timeline.png")
+        summary, plot_path = _answer(console, log_dir, directory / "timeline.png", job_id)
     if ok:
         console.print(f"[bold green]done[/]: {message}; the agent exited cleanly.")
     else:
@@ -326,11 +344,78 @@ def run_demo(
         console.print(f"files kept in {directory} (remove it when done)")
     else:
         shutil.rmtree(directory, ignore_errors=True)
-    return DemoResult(ok, directory, log_dir, message, seen, files, summary, plot_path)
+    return DemoResult(ok, directory, log_dir, message, seen, files, summary, plot_path, job_id)
+
+
+class _DemoJob:
+    """The demo's job: opened through the hook API once the agent is active, released once the
+    GPUs are quiet, each call a short process in the agent's environment (so it finds the agent's
+    socket).
+
+    ``phase`` goes waiting → opening → open → releasing → released (or failed); the live view
+    never waits for a call.
+    """
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = {**env, "GPU_TELEMETRY_AUTOSTART": "1"}
+        self.call: subprocess.Popen[bytes] | None = None
+        self.phase = "waiting"
+
+    @property
+    def released(self) -> bool:
+        return self.phase == "released"
+
+    def _run(self, op: str, phase: str) -> None:
+        self.phase = phase
+        self.call = subprocess.Popen(
+            [sys.executable, "-c", _HOOK_SCRIPT, op, DEMO_JOB],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def _settle(self, wait: float = 0.0) -> None:
+        """Move on from a finished call: opening → open, releasing → released, or failed."""
+        if self.call is None:
+            return
+        try:
+            code = self.call.wait(timeout=wait) if wait else self.call.poll()
+        except subprocess.TimeoutExpired:
+            self.call.kill()
+            code = self.call.wait()
+        if code is None:
+            return
+        self.call = None
+        if code != 0:
+            self.phase = "failed"
+        else:
+            self.phase = {"opening": "open", "releasing": "released"}.get(self.phase, self.phase)
+
+    def follow(self, status: Mapping[str, Any]) -> None:
+        self._settle()
+        utils = [
+            u
+            for g in status.get("gpus") or []
+            if isinstance(u := g.get("utilization_gpu_pct"), (int, float))
+        ]
+        if not utils:
+            return
+        if self.phase == "waiting" and status.get("state") == "active":
+            self._run("open", "opening")
+        elif self.phase == "open" and max(utils) < JOB_DONE_PCT:
+            self._run("release", "releasing")
+
+    def finish(self) -> None:
+        """Before the agent stops: wait for a call under way and release a job still open."""
+        self._settle(wait=5.0)
+        if self.phase == "open":
+            self._run("release", "releasing")
+            self._settle(wait=5.0)
 
 
 def _answer(
-    console: Console, log_dir: Path, picture: Path
+    console: Console, log_dir: Path, picture: Path, job: str | None = None
 ) -> tuple[dict[str, Any] | None, Path | None]:
     """The recorded session as the report code sums it, the plot, and the commands to go on.
 
@@ -378,6 +463,9 @@ def _answer(
     console.print("go further:")
     console.print(f"  gputel report {log_dir}", markup=False)
     console.print(f"  gputel plot {log_dir} -o timeline.png", markup=False)
+    if job is not None:
+        console.print(f"what did the job {job} do:", markup=False)
+        console.print(f"  gputel job {job} {log_dir}", markup=False)
     return session, made
 
 

@@ -30,6 +30,7 @@ COMMAND_MODULES: dict[str, str] = {
     "report": "analysis_cmd",
     "replay": "analysis_cmd",
     "plot": "analysis_cmd",
+    "job": "job_cmd",
     "export": "analysis_cmd",
 }
 ALL_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMAND_MODULES.values()))
