@@ -314,3 +314,37 @@ def test_hook_allocate_applies_flags_to_the_agent_it_starts(tmp_path: Path) -> N
         if pid_match:
             os.kill(int(pid_match.group(1)), signal.SIGTERM)
             wait_for(lambda: not process_alive(int(pid_match.group(1))), 15, "the agent to stop")
+
+
+def test_gpu_entries_take_each_value_from_its_source() -> None:
+    from gputel.gpu_status import gpu_entries
+    from gputel.schema import GpuReading
+    from gputel.sources.base import GpuIdentity
+
+    devices = [GpuIdentity(i, f"GPU-{i}", "G", gpm="available") for i in range(3)]
+    light = {
+        0: GpuReading(0, "GPU-0", "G", power_w=100.0, memory_used_mib=5.0),
+        1: GpuReading(1, "GPU-1", "G", power_w=200.0),
+    }
+    heartbeat = {
+        "timestamp": "2030-01-01T00:00:01.000Z",
+        "gpus": [
+            {"index": 1, "power_w": 210.0, "power_limit_w": 700.0, "clock_event_reasons": 0x4},
+            "junk",
+        ],
+    }
+    util = {0: 50.0, 1: 60.0, 2: None}
+    g0, g1, g2 = gpu_entries(
+        devices, util, util, light, "2030-01-01T00:00:00.500Z", heartbeat, stuck=[2]
+    )
+    assert (g0["values_from"], g0["values_at"], g0["power_w"]) == (
+        "agent",
+        "2030-01-01T00:00:00.500Z",
+        100.0,
+    )
+    assert g0["power_limit_w"] is None and g0["throttle_reasons"] is None
+    assert (g1["values_from"], g1["power_w"], g1["power_limit_w"]) == ("recorder", 210.0, 700.0)
+    assert g1["throttle_reasons"] == ["sw_power_cap"] and g1["values_at"].endswith("01.000Z")
+    assert g1["utilization_gpu_pct"] == 60.0  # the agent's poll, whatever the source of the rest
+    assert g2["values_from"] is None and g2["power_w"] is None and g2["stuck"] is True
+    assert g0["stuck"] is False and g0["gpm"] == "available"

@@ -16,7 +16,7 @@ Each GPU says which (``values_from``: ``recorder``, ``agent`` or null) and when 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from gputel.schema import GpuReading, clock_event_names
@@ -52,10 +52,15 @@ def gpu_entries(
     light: Mapping[int, GpuReading],
     light_at: str | None,
     heartbeat: Mapping[str, Any],
+    stuck: Collection[int] = (),
 ) -> list[dict[str, Any]]:
     """The status ``gpus``: per device, the agent's utilization and activity, then the other
     fields from the recorder's latest tick (``heartbeat``: a fresh ``recorder.json``), else from
-    the agent's light read; a field no source has is None."""
+    the agent's light read; a field no source has is None.
+
+    ``stuck``: GPUs known to hang in a read by other means (the recorder's ``gpus_stuck``, the
+    agent's own reads); each is ``stuck`` whatever its values say.
+    """
     recorded: dict[int, Mapping[str, Any]] = {}
     entries = heartbeat.get("gpus")
     for item in entries if isinstance(entries, list) else []:
@@ -77,6 +82,7 @@ def gpu_entries(
         for name in STATUS_FIELDS:
             value = values.get(name)
             entry[name] = bool(value) if name in ("lost", "stuck") else value
+        entry["stuck"] = entry["stuck"] or d.index in stuck
         entry["utilization_gpu_pct"] = utilization.get(d.index)
         entry["activity_pct"] = activity.get(d.index)
         mask = entry["clock_event_reasons"]

@@ -174,6 +174,7 @@ class ControlApi:
                 agent.light,
                 agent.light_at,
                 hb,
+                stuck=child_info["gpus_stuck"] if child_info else (),
             )
             return {
                 "ok": True,
