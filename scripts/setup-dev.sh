@@ -10,6 +10,7 @@ DEBIAN_PACKAGES=(
   prometheus                # promtool check/test rules, a real scraping server
   prometheus-node-exporter  # reference exporter for the benchmarks
   slurm-wlm munge           # single-node Slurm for the prolog/epilog test
+  slurmdbd mariadb-server   # Slurm accounting: the epilog's AdminComment test
   systemd                   # systemd-analyze verify/security for the unit
   util-linux                # mount (tmpfs disk-full test), flock
   procps                    # ps/pkill used by tests

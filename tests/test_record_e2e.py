@@ -208,7 +208,12 @@ def test_tick_publishes_state_and_tags_allocations(tmp_path: Path) -> None:
         "util_max_pct": 100.0,
         "temperature_max_c": stats["job-1"]["temperature_max_c"],
         "memory_max_mib": stats["job-1"]["memory_max_mib"],
+        # The simulated GPU at 100 % reports SM activity and its power cap active.
+        "sm_readings": 2,
+        "sm_active_mean_pct": stats["job-1"]["sm_active_mean_pct"],
+        "throttled_s": 2 * settings.interval_s,
     }
+    assert stats["job-1"]["sm_active_mean_pct"] > 50
     assert stats["job-all"]["samples"] == 2
     assert stats["job-all"]["util_mean_pct"] == pytest.approx((50 + 100 + 100) * 2 / 6)
     metrics = (settings.run_dir / runtime.METRICS_FILE).read_text()

@@ -426,6 +426,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _path,
     ),
     SettingSpec(
+        "GPUTEL_POD_LOGS_DIR",
+        "pod_logs_dir",
+        "--pod-logs-dir",
+        "/var/log/pods",
+        "kubelet pod log directories (NAMESPACE_POD_UID): names for k8s-<uid> jobs",
+        _path,
+    ),
+    SettingSpec(
         "GPUTEL_SIM_GPUS",
         "sim_gpus",
         "--sim-gpus",
@@ -524,6 +532,7 @@ class Settings:
     web_config: str = DEFAULTS["web_config"]
     sysfs_root: Path = DEFAULTS["sysfs_root"]
     proc_root: Path = DEFAULTS["proc_root"]
+    pod_logs_dir: Path = DEFAULTS["pod_logs_dir"]
     sim_gpus: int = DEFAULTS["sim_gpus"]
     sim_pattern: str = DEFAULTS["sim_pattern"]
     sim_events: str = DEFAULTS["sim_events"]

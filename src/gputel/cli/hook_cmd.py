@@ -169,13 +169,28 @@ def release(
     id: str = typer.Argument(..., metavar="ID", help="allocation id"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing on success"),
     as_json: bool = typer.Option(False, "--json", help="print the agent's reply"),
+    slurm_comment: bool = typer.Option(
+        False,
+        "--slurm-comment",
+        help="also store the summary in the Slurm job's AdminComment (id slurm-<jobid>; "
+        "the Slurm epilog)",
+    ),
     *,
     settings: Settings,
 ) -> None:
     """Close an allocation and print its summary (duration, energy, utilization)."""
     ident = _checked_id(id)
+    job_id = None
+    if slurm_comment:
+        from gputel.control.slurm_comment import slurm_job_id
+
+        job_id = slurm_job_id(ident)
+        if job_id is None:
+            fail(f"--slurm-comment needs an id slurm-<jobid>, not {ident!r}", EXIT_USAGE)
     reply = _exchange(settings, {"op": "release", "id": ident}, ASK_WAIT_S, quiet, start=False)
     _refused(reply, "the agent refused the release")
+    if job_id is not None:
+        _store_in_slurm(job_id, reply)
     if as_json:
         print(json.dumps(reply, sort_keys=True))
         return
@@ -184,6 +199,20 @@ def release(
         _say(quiet, f"allocation {ident} was not open")
         return
     _say(quiet, format_summary(summary))
+
+
+def _store_in_slurm(job_id: str, reply: dict[str, Any]) -> None:
+    """One line on stderr saying whether the summary reached Slurm; never a failure: the job's
+    record is a convenience, and an epilog must not fail over it."""
+    from gputel.control.slurm_comment import store_summary
+
+    summary = reply.get("summary")
+    if not reply.get("released") or not isinstance(summary, dict):
+        print(
+            f"gputel: nothing stored in Slurm for job {job_id}: no open allocation", file=sys.stderr
+        )
+        return
+    print(f"gputel: {store_summary(job_id, summary).line}", file=sys.stderr)
 
 
 def _num(value: object, unit: str, fmt: str = "{:.1f}") -> str:
@@ -205,6 +234,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"max {_num(summary.get('util_max_pct'), ' %')}",
         f"  temperature  max {_num(summary.get('temperature_max_c'), ' °C')}",
         f"  memory       max {_num(summary.get('memory_max_mib'), ' MiB', '{:.0f}')}",
+        f"  SM activity  mean {_num(summary.get('sm_active_mean_pct'), ' %')}",
+        f"  throttled    {_num(summary.get('throttled_s'), ' s')}",
+        f"  Xids         {','.join(str(x) for x in summary.get('xids') or []) or 'none'}",
     ]
     reason = summary.get("release_reason")
     if reason and reason != "released":

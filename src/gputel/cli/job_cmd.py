@@ -65,6 +65,7 @@ def register(app: typer.Typer) -> None:
             fail(str(exc), EXIT_USAGE)
         except OSError as exc:
             fail(f"cannot read: {exc}")
+        _merge_slurm(result)
         if html is not None:
             _write_html(result, where, html)
         if as_json:
@@ -79,6 +80,20 @@ def register(app: typer.Typer) -> None:
             print(line)
         if html is not None:
             print(f"wrote {html}")
+
+
+def _merge_slurm(result: Job) -> None:
+    """A Slurm job's summary as its epilog stored it in the accounting database (the
+    AdminComment's ``gputel=`` token), beside the recorded figures; one bounded ``sacct`` call,
+    nothing where Slurm accounting cannot be asked."""
+    from gputel.control.slurm_comment import read_slurm_summary, slurm_job_id
+
+    job_id = slurm_job_id(result.id)
+    if job_id is None:
+        return
+    figures = read_slurm_summary(job_id)
+    if figures:
+        result.merge("slurm", figures)
 
 
 def _write_html(result: Job, where: list[Path], html: Path) -> None:

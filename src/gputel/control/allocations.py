@@ -48,6 +48,7 @@ SUMMARY_COLUMNS = (
     "duration_s",
     "energy_j",
     *STAT_FIELDS,
+    "xids",
     "release_reason",
     "shared",
 )
@@ -56,6 +57,10 @@ a detected job (``docs/attribution.md``) it is ``0`` when the job had its GPUs t
 whole span and ``1`` when another job (or a process of unknown owner) was on one of them at some
 tick, in which case ``energy_j`` is empty: the GPU's energy cannot be split between jobs."""
 _PID_MAX = 2**22
+
+
+#: Who knows the Xid codes that hit an allocation (by id): the agent's event recorder.
+XidSource = Callable[[str], "builtins.list[int]"]
 
 
 class AllocationError(ValueError):
@@ -227,6 +232,7 @@ def release_summary(
     energy_j: float | None,
     stats: Mapping[str, float | int | None],
     reason: str,
+    xids: Iterable[int] = (),
 ) -> dict[str, Any]:
     """The summary of an ended allocation: the ``release`` reply and, through
     :class:`SummaryLog`, its ``allocations.csv`` row.
@@ -255,6 +261,7 @@ def release_summary(
     for key in STAT_FIELDS:
         summary[key] = stats.get(key)
     summary["samples"] = stats.get("samples")
+    summary["xids"] = list(xids)
     summary["release_reason"] = reason
     return summary
 
@@ -382,14 +389,20 @@ class AllocationStore:
         id: str,
         energy_j: Mapping[int, float | None] | None,
         reason: str = "released",
+        xids: XidSource | None = None,
     ) -> dict[str, Any]:
-        """Close ``id`` and summarise it; closing an unknown id is harmless."""
+        """Close ``id`` and summarise it; closing an unknown id is harmless. ``xids`` gives the
+        Xid codes that hit the allocation (the agent's event recorder)."""
         ident = validate_id(id)
         with self._lock:
-            return self._release_locked(ident, energy_j, reason)
+            return self._release_locked(ident, energy_j, reason, xids)
 
     def _release_locked(
-        self, ident: str, energy_j: Mapping[int, float | None] | None, reason: str
+        self,
+        ident: str,
+        energy_j: Mapping[int, float | None] | None,
+        reason: str,
+        xids: XidSource | None = None,
     ) -> dict[str, Any]:
         alloc = self._open.get(ident)
         if alloc is None:
@@ -400,7 +413,7 @@ class AllocationStore:
         except OSError as exc:
             self._open[ident] = alloc
             raise AllocationError(f"cannot record the release: {exc}") from None
-        summary = self._summarise(alloc, energy_j, reason)
+        summary = self._summarise(alloc, energy_j, reason, xids(ident) if xids else ())
         self._append_summary(summary)
         log.info(
             "allocation %s closed (%s) after %.1fs, energy %s J",
@@ -420,7 +433,7 @@ class AllocationStore:
             return len(self._open)
 
     def reap_dead_owners(
-        self, energy_j: Mapping[int, float | None] | None
+        self, energy_j: Mapping[int, float | None] | None, xids: XidSource | None = None
     ) -> builtins.list[dict[str, Any]]:
         """Close every allocation whose owner process has exited; return their summaries.
 
@@ -436,7 +449,7 @@ class AllocationStore:
             for alloc in dead:
                 try:
                     result = self._release_locked(
-                        alloc.id, energy_j, f"owner pid {alloc.pid} exited"
+                        alloc.id, energy_j, f"owner pid {alloc.pid} exited", xids
                     )
                 except AllocationError as exc:
                     log.error("cannot release %s after its owner exited: %s", alloc.id, exc)
@@ -447,7 +460,11 @@ class AllocationStore:
 
     # -- summaries
     def _summarise(
-        self, alloc: Allocation, energy_j: Mapping[int, float | None] | None, reason: str
+        self,
+        alloc: Allocation,
+        energy_j: Mapping[int, float | None] | None,
+        reason: str,
+        xids: Iterable[int] = (),
     ) -> dict[str, Any]:
         gpus = alloc.gpus if alloc.gpus is not None else sorted(alloc.start_energy_j)
         if alloc.gpus is None and not gpus:
@@ -461,6 +478,7 @@ class AllocationStore:
             energy_between(alloc.start_energy_j, end_energy, gpus),
             self._recorder_stats(alloc.id, alloc.start),
             reason,
+            xids,
         )
 
     def _recorder_stats(self, ident: str, start: str) -> dict[str, float | int | None]:
@@ -487,7 +505,9 @@ class SummaryLog:
     def append(self, summary: Mapping[str, Any]) -> None:
         """One whole row; an unwritable log directory costs the row, not the call."""
         self._rows.append(
-            ";".join(str(g) for g in summary["gpus"]) if key == "gpus" else _fmt(summary.get(key))
+            ";".join(str(v) for v in summary.get(key) or ())
+            if key in ("gpus", "xids")
+            else _fmt(summary.get(key))
             for key in SUMMARY_COLUMNS
         )
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from gputel import __version__, runtime
 from gputel.activity import activity_pct
+from gputel.control.slurm_jobs import JOB_GONE, SlurmJobWatch
 from gputel.formats import error_line, iso_utc_ms
 from gputel.schema import GpuReading
 from gputel.settings import Settings
@@ -211,6 +212,7 @@ class Agent:
         self._source_job: Job | None = None
         self._util_job: Job | None = None
         self.store: AllocationStore | None = None
+        self.slurm_jobs = SlurmJobWatch()
         self.child: ChildSupervisor | None = None
         self.transitions = TransitionsLog(settings.log_dir)
         self.notifier = Notifier(self._env, clock)
@@ -697,12 +699,19 @@ class Agent:
         if store is None or store.open_count() == 0:
             return
         try:
-            reaped = store.reap_dead_owners(LazyEnergy(self.energy_now))
+            reaped = store.reap_dead_owners(LazyEnergy(self.energy_now), self.events.take_xids)
         except Exception:
             log.exception("reaping allocations of exited owners failed")
             return
         for summary in reaped:
             log.info("allocation %s released: %s", summary.get("id"), summary.get("release_reason"))
+        # Prolog-opened allocations have no owner process: Slurm says when their job is gone.
+        hooked = [a["id"] for a in store.list() if a.get("pid") is None]
+        for ident in self.slurm_jobs.gone(hooked):
+            try:
+                store.release(ident, LazyEnergy(self.energy_now), JOB_GONE, self.events.take_xids)
+            except Exception:
+                log.exception("releasing %s after its Slurm job ended failed", ident)
 
     def _reconcile(self, now: float) -> None:
         """Mode expiry, telemetry decision, child lifecycle, sd_notify STATUS."""

@@ -109,7 +109,9 @@ class ControlApi:
                     request["id"], request.get("gpus"), request.get("pid"), agent.energy_now()
                 )
             elif op == "release":
-                result = store.release(request["id"], agent.energy_now())
+                result = store.release(
+                    request["id"], agent.energy_now(), xids=agent.events.take_xids
+                )
             else:
                 raise RequestError(f"unknown op {op!r}")
         except AllocationError as exc:

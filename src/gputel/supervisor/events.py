@@ -378,6 +378,10 @@ def describe(event: GpuEvent) -> str:
 
 
 # ---------------------------------------------------------------------------------- recorder
+#: Allocations whose Xids are remembered for their summaries at once, at most.
+XIDS_TRACKED_MAX = 4096
+
+
 class EventRecorder:
     """Records each event everywhere it belongs: the file, the counters, the recent ring."""
 
@@ -385,10 +389,26 @@ class EventRecorder:
         self.log = EventsLog(log_dir)
         self.counters = EventCounters()
         self.recent = RecentEvents(recent)
+        self._xids_lock = threading.Lock()
+        self._xids: dict[str, dict[int, None]] = {}
+        """Per allocation id, the Xid codes that hit it, in order: its release summary's
+        ``xids`` (kept in memory only: an agent restart forgets them)."""
 
     def record(self, event: GpuEvent) -> None:
         self.counters.add(event)
         self.recent.add(event)
+        if event.xid is not None and event.allocations:
+            with self._xids_lock:
+                if len(self._xids) > XIDS_TRACKED_MAX:
+                    self._xids.clear()  # allocations never released; keep memory bounded
+                for ident in event.allocations:
+                    self._xids.setdefault(ident, {})[event.xid] = None
         self.log.append(event)
         level = logging.WARNING if event.action in (RESET, DRAIN) else logging.INFO
         log.log(level, "GPU event: %s: %s", describe(event), event.detail)
+
+    def take_xids(self, ident: str) -> list[int]:
+        """The distinct Xid codes that hit allocation ``ident``, first seen first; forgotten
+        afterwards (the allocation is being released)."""
+        with self._xids_lock:
+            return list(self._xids.pop(ident, {}))

@@ -132,8 +132,12 @@ class DetectedJobs:
     the call failed) ends nobody on it and makes the job's energy unknown.
     """
 
-    def __init__(self, summaries: SummarySink | None = None) -> None:
+    def __init__(
+        self, summaries: SummarySink | None = None, interval_s: float | None = None
+    ) -> None:
         self._summaries = summaries
+        self._interval_s = interval_s
+        """The sampling interval: one throttled tick counts this many ``throttled_s``."""
         """Where summaries are written (None: they are only returned)."""
         self._jobs: dict[str, _Job] = {}
 
@@ -214,7 +218,7 @@ class DetectedJobs:
         job.last_energy = now_energy
         job.on = gpus
         job.gpus |= gpus
-        job.stats.add_tick(sample.gpus, tuple(sorted(gpus)))
+        job.stats.add_tick(sample.gpus, tuple(sorted(gpus)), self._interval_s)
 
     def _close(self, job: _Job, end: datetime, reason: str) -> dict[str, Any]:
         del self._jobs[job.id]

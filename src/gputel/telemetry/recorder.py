@@ -35,9 +35,11 @@ from gputel.allocstats import AllocationStats
 from gputel.control.allocations import SummaryLog, parse_store, recorder_stats_entry
 from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
 from gputel.gpu_status import reading_values
-from gputel.schema import Sample
+from gputel.schema import ProcessRecord, Sample
 from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
+from gputel.sources.pods import PodNames
+from gputel.telemetry.allocation_info import AllocationNames
 from gputel.telemetry.csv_sink import DEFAULT_MAX_BYTES, CsvSink
 from gputel.telemetry.exposition import Exposition
 from gputel.telemetry.gpu_deadline import with_read_deadline
@@ -134,7 +136,8 @@ class Recorder:
         self.attribution = ProcessAttribution(settings.proc_root)
         if self.attribution.notice:
             log.warning("%s", self.attribution.notice)
-        self.detected = DetectedJobs(SummaryLog(settings.log_dir))
+        self.detected = DetectedJobs(SummaryLog(settings.log_dir), settings.interval_s)
+        self.names = AllocationNames(PodNames(settings.pod_logs_dir))
         self._wallclock = wallclock
         self._previous_state: object = (
             runtime.read_json(self.run_dir / runtime.RECORDER_STATE_FILE) if write_runtime else None
@@ -213,17 +216,29 @@ class Recorder:
             self._write_head(sample)
         self.sink.write(sample)
         for alloc in self.allocations.allocations:
-            self._alloc_stats[alloc.id].add_tick(sample.gpus, alloc.gpus)
+            self._alloc_stats[alloc.id].add_tick(sample.gpus, alloc.gpus, self.settings.interval_s)
         data = self.exposition.update(
             sample,
             ticks_missed=self.ticker.missed,
             rows_failed=self.sink.rows_failed,
             ticks_total=self.ticks,
+            allocations=self.names.infos(
+                [*self._alloc_ids, *(j["id"] for j in self.detected.open())], sample.processes
+            ),
         )
         self.last_tick_monotonic = self._clock()
         if self.write_runtime:
             self._publish(sample, data)
         return sample
+
+    def _process_json(self, process: ProcessRecord) -> dict[str, object]:
+        """A process for ``recorder.json`` (``gputel status``): a pod's namespace and name
+        beside its ``k8s-<uid>`` job, when the kubelet's pod log directory names it."""
+        out: dict[str, object] = asdict(process)
+        names = self.names.pod_of(process.job)
+        if names is not None:
+            out["namespace"], out["pod"] = names
+        return out
 
     def _attribute(self, sample: Sample) -> None:
         """Owners of this tick's GPU processes, and the jobs they belong to as allocations of
@@ -291,7 +306,7 @@ class Recorder:
             "gpus": [reading_values(g) for g in sample.gpus],
             "pretrigger": {"ticks": self.head_ticks, "seconds": round(self.head_s, 3)},
             "detected": self.detected.open(),
-            "processes": [asdict(p) for p in sample.processes],
+            "processes": [self._process_json(p) for p in sample.processes],
             "processes_notice": self.attribution.notice,
         }
         try:
