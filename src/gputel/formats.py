@@ -65,6 +65,27 @@ def parse_iso_utc(text: str) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
+def display_time(moment: object) -> str | None:
+    """A timestamp as every command prints it: ISO 8601 UTC with milliseconds.
+
+    ``moment`` is ISO text in any offset (a status or reply field) or epoch seconds; text that is
+    not a time is returned as it is, nothing (None, empty) is None.
+    """
+    if moment is None or moment == "" or isinstance(moment, bool):
+        return None
+    if isinstance(moment, (int, float)):
+        try:
+            return iso_utc_ms(float(moment))
+        except (OverflowError, ValueError, OSError):
+            return str(moment)
+    if not isinstance(moment, str):
+        return None
+    try:
+        return iso_utc_ms(parse_iso_utc(moment))
+    except ValueError:
+        return moment
+
+
 def finite(value: object) -> float | None:
     """``value`` as a float if it is a finite number (read from JSON, say), else None.
 

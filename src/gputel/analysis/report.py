@@ -92,15 +92,9 @@ def _pretrigger_s(
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    from datetime import datetime, timezone
+    from gputel.formats import iso_utc_ms
 
-    return (
-        datetime.fromtimestamp(ts, timezone.utc)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    return None if ts is None else iso_utc_ms(ts)
 
 
 @dataclass

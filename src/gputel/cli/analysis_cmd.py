@@ -16,23 +16,31 @@ from typing import Annotated, Any
 import typer
 
 from gputel.analysis.filter import CsvReadError, ReportFilter, UnknownAllocation
-from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
-from gputel.formats import safe_text
+from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options_only
+from gputel.formats import iso_utc_ms, safe_text
 from gputel.settings import Settings, parse_duration, parse_gpu_list
 
 PathsArg = Annotated[
     list[Path] | None,
-    typer.Argument(help="CSV files or directories (default: GPUTEL_LOG_DIR)", show_default=False),
+    typer.Argument(
+        metavar="PATH",
+        help="CSV files or directories (default: GPUTEL_LOG_DIR)",
+        show_default=False,
+    ),
 ]
 SinceOpt = Annotated[
     str | None,
-    typer.Option("--since", help="start: ISO time (2026-11-22T10:00Z) or a duration ago (2h)"),
+    typer.Option(
+        "--since", metavar="TIME", help="start: ISO time (2026-11-22T10:00Z) or a duration ago (2h)"
+    ),
 ]
 UntilOpt = Annotated[
     str | None,
-    typer.Option("--until", help="end: ISO time or a duration ago"),
+    typer.Option("--until", metavar="TIME", help="end: ISO time or a duration ago"),
 ]
-GpuOpt = Annotated[str | None, typer.Option("--gpu", help="GPU indices, e.g. 0,1")]
+GpuOpt = Annotated[str | None, typer.Option("--gpu", metavar="LIST", help="GPU indices, e.g. 0,1")]
+#: What ``replay`` reads besides the files: the agent's thresholds and activity signal.
+REPLAY_SETTINGS = ("start_util_pct", "start_seconds", "stop_util_pct", "stop_seconds", "activity")
 
 
 def parse_when(text: str, now: float | None = None) -> float:
@@ -237,24 +245,33 @@ def register(app: typer.Typer) -> None:
     from gputel.analysis.duck import AnalysisUnavailable
 
     @app.command()
-    @settings_options
+    @settings_options_only("log_dir")
     def report(
         paths: PathsArg = None,
         since: SinceOpt = None,
         until: UntilOpt = None,
         gpu: GpuOpt = None,
         allocation: Annotated[
-            str | None, typer.Option("--allocation", help="only rows of this allocation id")
+            str | None,
+            typer.Option("--allocation", metavar="ID", help="only rows of this allocation id"),
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
         as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
         idle_util: Annotated[
             float,
-            typer.Option("--idle-util", help="an allocated GPU under this utilization % is idle"),
+            typer.Option(
+                "--idle-util",
+                metavar="PERCENT",
+                help="an allocated GPU under this utilization % is idle",
+            ),
         ] = 5.0,
         idle_minutes: Annotated[
             float,
-            typer.Option("--idle-minutes", help="list allocations idle for longer than this"),
+            typer.Option(
+                "--idle-minutes",
+                metavar="MINUTES",
+                help="list allocations idle for longer than this",
+            ),
         ] = 30.0,
         *,
         settings: Settings,
@@ -298,7 +315,7 @@ def register(app: typer.Typer) -> None:
                 _print_fleet(result, idle_util, idle_minutes)
 
     @app.command()
-    @settings_options
+    @settings_options_only("log_dir", *REPLAY_SETTINGS)
     def replay(
         paths: PathsArg = None,
         since: SinceOpt = None,
@@ -350,9 +367,6 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
 
-        def iso(ts: float) -> str:
-            return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%fZ")
-
         if not sweep:
             r = results[0]
             console.print(
@@ -361,9 +375,8 @@ def register(app: typer.Typer) -> None:
                 f"<{base.stop_util_pct:g}% for {base.stop_seconds:g}s"
             )
             for t in r.transitions:
-                console.print(
-                    f"{iso(t.at)}  {t.from_state.value:>7} → {t.to_state.value:<7} {t.reason}"
-                )
+                when = iso_utc_ms(t.at)
+                console.print(f"{when}  {t.from_state.value:>7} → {t.to_state.value:<7} {t.reason}")
             ratio = r.capture_ratio
             console.print(
                 f"telemetry would run {len(r.telemetry_spans)} time(s), {r.recorded_s:.0f} s in "
@@ -397,18 +410,21 @@ def register(app: typer.Typer) -> None:
         console.print(table)
 
     @app.command()
-    @settings_options
+    @settings_options_only("log_dir")
     def plot(
         paths: PathsArg = None,
         output: Annotated[
-            Path, typer.Option("-o", "--output", help="image file (.png, .svg or .pdf)")
+            Path,
+            typer.Option("-o", "--output", metavar="PATH", help="image file (.png, .svg or .pdf)"),
         ] = Path("gputel.png"),
         since: SinceOpt = None,
         until: UntilOpt = None,
         gpu: GpuOpt = None,
         allocation: Annotated[
             str | None,
-            typer.Option("--allocation", help="only this allocation's GPUs, around its span"),
+            typer.Option(
+                "--allocation", metavar="ID", help="only this allocation's GPUs, around its span"
+            ),
         ] = None,
         *,
         settings: Settings,
@@ -433,11 +449,14 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def export(
         paths: Annotated[
-            list[Path], typer.Argument(help="CSV files or directories (trees of many nodes)")
+            list[Path],
+            typer.Argument(metavar="PATH", help="CSV files or directories (trees of many nodes)"),
         ],
         parquet: Annotated[
             Path,
-            typer.Option("--parquet", help="output directory of the Parquet dataset"),
+            typer.Option(
+                "--parquet", metavar="PATH", help="output directory of the Parquet dataset"
+            ),
         ],
         overwrite: Annotated[
             bool, typer.Option("--overwrite", help="replace datasets already in the directory")

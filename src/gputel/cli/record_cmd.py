@@ -6,7 +6,13 @@ from typing import Annotated
 
 import typer
 
-from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
+from gputel.cli.options import (
+    AGENT_DECISIONS,
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    fail,
+    settings_options_except,
+)
 from gputel.settings import Settings, SettingsError, check_for_start
 
 
@@ -18,7 +24,7 @@ def _setup_logging() -> None:
     )
 
 
-@settings_options
+@settings_options_except(*AGENT_DECISIONS)
 def record(
     standalone: Annotated[
         bool,

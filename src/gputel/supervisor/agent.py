@@ -30,6 +30,7 @@ from gputel import __version__, runtime
 from gputel.activity import activity_pct
 from gputel.control.slurm_jobs import JOB_GONE, SlurmJobWatch
 from gputel.formats import FailureCounter, error_line, iso_utc_ms
+from gputel.schema import GpuReading
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
 from gputel.supervisor.child import ChildEvent, ChildSupervisor, ProcessHandle, Spawn, popen_spawn
@@ -172,8 +173,10 @@ class Agent:
         """Per GPU, its utilization at the last poll (a MIG GPU, which has none: its activity)."""
         self.activity: dict[int, float | None] = {}
         """Per GPU, what the state machine judged at the last poll (``gputel.activity``)."""
-        self.power: dict[int, float | None] = {}
-        """Board power per GPU from the light read (empty when the pre-trigger is off)."""
+        self.light: dict[int, GpuReading] = {}
+        """Per GPU, the last light read (empty without a pre-trigger or ``sm`` activity):
+        ``gputel status`` shows its values while no recorder runs (``gputel.gpu_status``)."""
+        self.light_at: str | None = None
         self.util_max: float | None = None
         self.poll_duration_s: float | None = None
         self.degraded: Degraded | None = None
@@ -645,7 +648,7 @@ class Agent:
             self._forget_utilization()
             return None
         self.poll_duration_s = self.clock() - t0
-        power: dict[int, float | None] = {}
+        light_readings: dict[int, GpuReading] = {}
         if job.error is not None:
             if self.degraded is None or self.degraded.reason is not DegradedReason.READ_FAILED:
                 log.error("GPU utilization read failed: %s", job.error)
@@ -664,7 +667,7 @@ class Agent:
                 signal = self.settings.activity
                 values = {r.index: activity_pct(r, signal) for r in readings}
                 utilization = {r.index: None if r.lost else r.utilization_gpu_pct for r in readings}
-                power = {r.index: r.power_w for r in readings}
+                light_readings = {r.index: r for r in readings}
             else:
                 values = dict(job.value or {})
                 utilization = values
@@ -672,7 +675,8 @@ class Agent:
         with self.lock:
             self.utilization = utilization
             self.activity = values
-            self.power = power
+            self.light = light_readings
+            self.light_at = iso_utc_ms(wall) if light_readings else None
             self.util_max = max(known) if known else None
         return self.util_max
 
@@ -681,7 +685,8 @@ class Agent:
         with self.lock:
             self.utilization = dict.fromkeys(self.utilization)
             self.activity = dict.fromkeys(self.activity)
-            self.power = {}
+            self.light = {}
+            self.light_at = None
             self.util_max = None
 
     def energy_now(self) -> dict[int, float | None]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from gputel import __version__
 from gputel.control.protocol import ErrorCode, RequestError
 from gputel.formats import iso_utc_ms
+from gputel.gpu_status import gpu_entries
 from gputel.supervisor import write_failures
 from gputel.supervisor.agent_metrics import AgentSnapshot
 from gputel.supervisor.states import Mode
@@ -169,18 +170,15 @@ class ControlApi:
             hb = (child.fresh_heartbeat() if child is not None else None) or {}
             allocations += detected_allocations(hb, {str(a["id"]) for a in allocations})
             processes = hb.get("processes")
-            gpus = [
-                {
-                    "index": d.index,
-                    "uuid": d.uuid,
-                    "name": d.name,
-                    "utilization_gpu_pct": agent.utilization.get(d.index),
-                    "activity_pct": agent.activity.get(d.index),
-                    "power_w": agent.power.get(d.index),
-                    "gpm": d.gpm,
-                }
-                for d in agent.devices
-            ]
+            gpus = gpu_entries(
+                agent.devices,
+                agent.utilization,
+                agent.activity,
+                agent.light,
+                agent.light_at,
+                hb,
+                stuck=child_info["gpus_stuck"] if child_info else (),
+            )
             return {
                 "ok": True,
                 "agent": "running",
@@ -208,6 +206,7 @@ class ControlApi:
                 "exporter": agent.exporter,
                 "exporter_error": agent.exporter_error,
                 "interval_s": s.interval_s,
+                "settings": s.to_env(),
                 "write_failures": write_failures.entries(agent.write_counters(), "agent")
                 + write_failures.from_heartbeat(hb),
             }

@@ -34,6 +34,7 @@ from gputel import lineage, runtime
 from gputel.allocstats import AllocationStats
 from gputel.control.allocations import SummaryLog, parse_store, recorder_stats_entry
 from gputel.formats import atomic_write_fixed_tmp, finite, iso_utc_ms
+from gputel.gpu_status import reading_values
 from gputel.schema import ProcessRecord, Sample
 from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
@@ -324,6 +325,7 @@ class Recorder:
             "allocation_stats": {k: v.to_json() for k, v in self._alloc_stats.items()},
             "last_power": {str(g): list(tp) for g, tp in self.sink.last_power.items()},
             "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
+            "gpus": [reading_values(g) for g in sample.gpus],
             "pretrigger": {"ticks": self.head_ticks, "seconds": round(self.head_s, 3)},
             "detected": self.detected.open(),
             "processes": [self._process_json(p) for p in sample.processes],
