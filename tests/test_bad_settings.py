@@ -106,6 +106,7 @@ BAD: list[tuple[str, Callable[[Path], str]]] = [
     *[("GPUTEL_ACTIVITY", const(v)) for v in ("gpm", "sm,utilization")],
     *[("GPUTEL_EVENT_CAPTURE_SECONDS", const(v)) for v in ("-1", "8d", "x")],
     *[("GPUTEL_KMSG", const(v)) for v in ("/dev/kmsg\n", "/tmp/k\x1bmsg", "/dev/\tkmsg")],
+    *[("GPUTEL_POD_LOGS_DIR", const(v)) for v in ("/var/log/pods\n", "/var/\x1blog/pods")],
     *[("GPUTEL_PRETRIGGER_SECONDS", const(v)) for v in ("601", "-1", "x")],
 ]
 
