@@ -10,7 +10,10 @@
 #      sampled at the same moments (GPU_CHECK_LOAD replaces the load with any command; without
 #      torch/CUDA and without it the step is skipped with the reason);
 #   4. times the CPU of `gputel record` against `nvidia-smi --query-gpu=... -l 1` and against
-#      spawning nvidia-smi once a second, for GPU_CHECK_TIMING_SECONDS (30) each.
+#      spawning nvidia-smi once a second, for GPU_CHECK_TIMING_SECONDS (30) each;
+#   5. GPM as root and as an unprivileged user (runuser -u nobody: the profiling restriction,
+#      docs/hardware.md), and the PCI address of each GPU in the kernel log's Xid format,
+#      checked against /sys/bus/pci/devices.
 #
 # Exit status 0 when every check passed (skips are not failures), 1 otherwise.
 set -euo pipefail
@@ -164,6 +167,32 @@ GPUTEL_BACKEND=nvml GPUTEL_INTERVAL=1 GPUTEL_LOG_DIR=$TIMING_DIR/log GPUTEL_EXPO
   "$PY" "$TOOLS" summary "$OUT_DIR"
 } | tee -a "$SUMMARY"
 result "timing" PASS "timing-*.json"
+
+# ---------------------------------------------------------------------------- 5. GPM, PCI
+GPM_ROOT=$OUT_DIR/gpm-root.json
+GPM_NOBODY=$OUT_DIR/gpm-nobody.json
+"$PY" "$TOOLS" gpm >"$GPM_ROOT" 2>&1 || true
+if [ "$(id -u)" -ne 0 ]; then
+  echo "not run: gpu-check runs as uid $(id -u), not root" >"$GPM_NOBODY"
+elif ! command -v runuser >/dev/null; then
+  echo "not run: no runuser on this machine" >"$GPM_NOBODY"
+else
+  # nobody must be able to read the venv: GPU_CHECK_VENV in a world-readable place if not.
+  runuser -u nobody -- "$PY" "$TOOLS" gpm >"$GPM_NOBODY" 2>&1 || true
+fi
+if GPM_LINE=$("$PY" "$TOOLS" gpm-summary "$GPM_ROOT" "$GPM_NOBODY"); then
+  result "GPM as root and as nobody" PASS "$GPM_LINE"
+else
+  result "GPM as root and as nobody" FAIL "$GPM_LINE"
+fi
+PCI_STATUS=0
+"$PY" "$TOOLS" pci >"$OUT_DIR/pci.txt" 2>&1 || PCI_STATUS=$?
+PCI_LINE=$(paste -sd ';' "$OUT_DIR/pci.txt")
+case $PCI_STATUS in
+  0) result "PCI addresses (kernel log format)" PASS "$PCI_LINE" ;;
+  3) result "PCI addresses (kernel log format)" SKIP "no NVML address under /sys: $PCI_LINE" ;;
+  *) result "PCI addresses (kernel log format)" FAIL "$PCI_LINE" ;;
+esac
 
 echo
 if [ "$FAILED" -eq 0 ]; then

@@ -1,4 +1,4 @@
-"""Helpers for scripts/gpu-check.sh (standard library only; PyTorch only for ``matmul``).
+"""Helpers for scripts/gpu-check.sh (standard library and gputel; PyTorch only for ``matmul``).
 
 gpu_check.py matmul SECONDS            a CUDA matrix-multiplication load (exit 3: no torch/CUDA)
 gpu_check.py cpu SECONDS -- CMD...     run CMD for SECONDS, SIGTERM it, print its CPU seconds
@@ -6,6 +6,12 @@ gpu_check.py spawn SECONDS -- CMD...   run CMD once a second for SECONDS, print 
 gpu_check.py cycle LOG_DIR             check transitions.csv went idle -> active -> idle
 gpu_check.py compare LOG_DIR SMI_CSV   compare gpu-*.csv rows with nvidia-smi samples
 gpu_check.py summary OUT_DIR           the timing table from the cpu/spawn results
+gpu_check.py gpm                       JSON: this user, the driver's profiling restriction, and
+                                       per GPU what gputel finds of GPM (available / refused: …)
+gpu_check.py gpm-summary ROOT NOBODY   one line from two ``gpm`` results (a missing one: why)
+gpu_check.py pci [SYS_ROOT]            NVML's PCI address of each GPU in the kernel log's format
+                                       (NVRM: Xid (PCI:0000:3b:00)), checked against
+                                       SYS_ROOT/bus/pci/devices (default /sys); exit 3: none there
 """
 
 from __future__ import annotations
@@ -204,6 +210,68 @@ def summary(out_dir: Path) -> int:
     return 0
 
 
+def gpm() -> int:
+    """What gputel's NVML source finds of GPM for the user running this (exit 3: no NVML)."""
+    import os
+
+    from gputel.sources.nvml import open_nvml
+    from gputel.sources.nvml_gpm import profiling_admin_only
+
+    try:
+        source = open_nvml(None)
+    except Exception as exc:  # the line gputel itself would print
+        print(json.dumps({"uid": os.geteuid(), "error": str(exc)}))
+        return 3
+    try:
+        gpus = [{"index": d.index, "uuid": d.uuid, "gpm": d.gpm} for d in source.devices()]
+    finally:
+        source.close()
+    doc = {"uid": os.geteuid(), "admin_only": profiling_admin_only(Path("/proc")), "gpus": gpus}
+    print(json.dumps(doc))
+    return 0
+
+
+def _gpm_line(path: Path) -> str:
+    try:
+        doc = json.loads(path.read_text().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        text = path.read_text(errors="replace").strip() if path.exists() else ""
+        return f"did not run ({text.splitlines()[-1] if text else 'no output'})"
+    if "error" in doc:
+        return f"NVML did not open ({doc['error']})"
+    return "; ".join(f"GPU {g['index']} {g['gpm']}" for g in doc["gpus"])
+
+
+def gpm_summary(root: Path, nobody: Path) -> int:
+    print(f"as root: {_gpm_line(root)} | as nobody: {_gpm_line(nobody)}")
+    return 0
+
+
+def pci(sys_root: Path) -> int:
+    """Each GPU's PCI address as NVML reports it and as the kernel log writes it; whether the
+    kernel knows a device there (exit 1: some not, 3: none, as over a fake driver)."""
+    from gputel.sources.kernel_xid import pci_key
+    from gputel.sources.nvml import open_nvml
+
+    source = open_nvml(None)
+    try:
+        devices_ = source.devices()
+    finally:
+        source.close()
+    uuids = {d.index: d.uuid for d in devices_}
+    addresses = {d.index: a for d in devices_ if (a := pci_key(d.pci_bus_id)) is not None}
+    devices = sys_root / "bus" / "pci" / "devices"
+    found = 0
+    for index, address in sorted(addresses.items()):
+        present = (devices / f"{address}.0").exists()
+        found += present
+        where = "present" if present else "absent"
+        print(f"GPU {index} {uuids.get(index, '')} NVRM: Xid (PCI:{address}) — {devices}: {where}")
+    if not addresses or found == 0:
+        return 3
+    return 0 if found == len(addresses) else 1
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
@@ -223,6 +291,12 @@ def main(argv: list[str]) -> int:
         return compare(Path(args[0]), Path(args[1]), offset)
     if command == "summary":
         return summary(Path(args[0]))
+    if command == "gpm":
+        return gpm()
+    if command == "gpm-summary":
+        return gpm_summary(Path(args[0]), Path(args[1]))
+    if command == "pci":
+        return pci(Path(args[0]) if args else Path("/sys"))
     print(f"unknown command {command!r}\n{__doc__}")
     return 2
 

@@ -27,14 +27,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
 if TYPE_CHECKING:
     from test_agent_e2e import AgentProc
+
+T = TypeVar("T")
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "fakenvml" / "fake_nvml.c"
@@ -174,6 +177,18 @@ def preload(lib_dir: Path) -> ctypes.CDLL:
     return _preloaded
 
 
+def read_until(read: Callable[[], T], done: Callable[[T], bool], timeout: float = 15.0) -> T:
+    """``read()`` again until ``done`` holds of its result (a value the source's background
+    sampling fills in, such as PCIe throughput without GPM); fails after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if done(value):
+            return value
+        assert time.monotonic() < deadline, f"not done after {timeout} s: {value!r}"
+        time.sleep(0.02)
+
+
 def gpu(index: int, **overrides: object) -> dict[str, object]:
     """A healthy, idle GPU of a plausible data-centre kind, with every field the fake knows.
 
@@ -265,9 +280,10 @@ class FakeDriver:
         assert _preloaded is not None, "calls are counted only for the in-process fake"
         return int(_preloaded.fakeNvmlCallCount(call.encode(), gpu))
 
-    def gpu_calls(self, gpu: int) -> int:
-        """Every call that reached GPU ``gpu`` in this process."""
-        return sum(self.calls(call, gpu) for call in CALL_KEYS)
+    def gpu_calls(self, gpu: int, *, but: tuple[str, ...] = ()) -> int:
+        """Every call that reached GPU ``gpu`` in this process (``but``: leave these keys out,
+        e.g. ``pcie``, which the source's own sampling thread calls at its own pace)."""
+        return sum(self.calls(call, gpu) for call in CALL_KEYS if call not in but)
 
     # ------------------------------------------------------------------ processes over it
     def env(

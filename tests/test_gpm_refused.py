@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fakedriver import FakeDriver, gpu
+from fakedriver import FakeDriver, gpu, read_until
 from gputel.activity import activity_pct
 from gputel.sources import nvml
 from test_agent_e2e import AgentProc, wait_for
@@ -59,10 +59,12 @@ def test_refused_gpm_leaves_gpm_empty_fills_pcie_and_falls_back(
         assert gpm is not None and gpm.startswith(f"refused: {RESTRICTED}; ")
         assert src.devices()[1].gpm == "not supported"
         asked = refused.calls("gpm", 0)
+        # PCIe from the throughput calls (the scenario's 2000/1000 KB/s, sampled off the read's
+        # path), not left empty.
+        read_until(lambda: src.read()[0], lambda r: r.pcie_rx_bytes_per_s is not None)
         for _ in range(3):
             r = src.read()[0]
             assert all(getattr(r, a) is None for a in GPM_ATTRS if a not in PCIE)
-            # PCIe from the throughput calls (the scenario's 2000/1000 KB/s), not left empty.
             assert (r.pcie_rx_bytes_per_s, r.pcie_tx_bytes_per_s) == (2000 * 1024.0, 1000 * 1024.0)
             assert not r.has_gpm and r.field_errors == {} and not r.lost
             light = src.read_light()[0]
@@ -108,6 +110,7 @@ def test_a_refusal_after_open_is_said_once_and_stands(
         src.read()
         refused.set({"caller.admin": 0})
         caplog.set_level("WARNING", logger="gputel.nvml")
+        read_until(lambda: src.read()[0], lambda r: r.pcie_rx_bytes_per_s is not None)
         for _ in range(3):
             r = src.read()[0]
             assert r.sm_active_pct is None and r.pcie_rx_bytes_per_s is not None
@@ -145,7 +148,11 @@ def test_status_says_why_and_sm_activity_falls_back_to_utilization(
     assert agent.status()["gpus"][0]["activity_pct"] == 95.0
     from test_driver_e2e import _gpu_rows
 
-    rows = wait_for(lambda: (r := _gpu_rows(agent.log_dir, 0)) and len(r) >= 3 and r, 20, "rows")
+    rows = wait_for(
+        lambda: (r := _gpu_rows(agent.log_dir, 0)) and r[-1]["pcie_rx_bytes_per_s"] and r,
+        20,
+        "rows with PCIe",
+    )
     assert all(r["sm_active_pct"] == "" for r in rows)
     assert rows[-1]["pcie_rx_bytes_per_s"] == str(2000 * 1024)
     assert agent.terminate() == 0
@@ -167,3 +174,22 @@ def test_local_status_json_names_the_refusal(fake_driver: FakeDriver, tmp_path: 
     status = json.loads(result.stdout)
     assert status["gpus"][0]["gpm"].startswith(f"refused: {RESTRICTED}; ")
     assert status["gpus"][1]["gpm"] == "available"
+
+
+def test_a_refused_mig_gpu_is_known_at_open_and_says_its_activity_is_unmeasured(
+    inproc_driver: FakeDriver, tmp_path: Path
+) -> None:
+    from test_nvml_gpm import mig_gpu
+
+    inproc_driver.write({**world(mig_gpu(0)), "gpu.0.gpm.admin_only": 1, "caller.admin": 0})
+    src = nvml.open_nvml(None, clock=Clock(), proc_root=_params(tmp_path / "proc", 1))
+    try:
+        gpm = src.devices()[0].gpm
+        assert gpm is not None and gpm.startswith(f"refused: {RESTRICTED}")
+        assert any("MIG mode" in n and "cannot be measured" in n for n in src.notices)
+        assert any(RESTRICTED in n for n in src.notices)
+        asked = inproc_driver.calls("gpm", 0)
+        assert src.read_utilization() == {0: None}
+        assert src.read()[0].mig == () and inproc_driver.calls("gpm", 0) == asked
+    finally:
+        src.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fakedriver import FakeDriver
-from gputel.sources import nvml, nvml_binding
+from gputel.sources import nvml, nvml_binding, nvml_direct
 
 SOURCES = Path(nvml_binding.__file__).resolve().parent
 NVML_MODULES = sorted(SOURCES.glob("nvml*.py"))
@@ -44,7 +44,7 @@ def _names_asked_for() -> set[str]:
     """Every string in the NVML modules that names an NVML function."""
     names: set[str] = set()
     for path in NVML_MODULES:
-        if path.name == "nvml_binding.py":
+        if path.name in ("nvml_binding.py", "nvml_direct.py"):  # declarations, C symbols
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if (
@@ -117,8 +117,8 @@ def test_only_the_binding_module_imports_pynvml_and_only_lazily() -> None:
             assert imports == [], path
 
 
-def test_no_module_imports_another_modules_private_names() -> None:
-    for path in sorted(SOURCES.parent.rglob("*.py")):
+def test_no_nvml_module_imports_another_modules_private_names() -> None:
+    for path in NVML_MODULES:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gputel"):
                 private = [a.name for a in node.names if a.name.startswith("_")]
@@ -146,3 +146,117 @@ def test_the_nvml_modules_import_no_circle() -> None:
         return False
 
     assert [m for m in graph if reaches(m, m, set())] == []
+
+
+# ------------------------------------------------------------------ the thin layer over pynvml
+def _c_symbols(pynvml: object, name: str) -> set[str]:
+    """The C symbols a pynvml function looks up, following the pynvml functions it calls."""
+    from test_fake_driver import _c_functions
+
+    return _c_functions(pynvml, name, set())
+
+
+def test_each_fast_function_calls_the_c_symbols_of_the_pynvml_function_it_replaces() -> None:
+    import pynvml
+
+    for name, (symbols, _make) in nvml_direct.FAST.items():
+        assert name in nvml_binding.FUNCTIONS, name
+        if getattr(pynvml, name, None) is None:
+            continue  # newer bindings only (FUNCTIONS says since when): never bound here
+        assert set(symbols) == _c_symbols(pynvml, name), name
+
+
+def _both(source: nvml.NvmlGpuSource, name: str, *args: object, **kwargs: object) -> tuple:
+    import pynvml
+
+    handle = source._gpus[0].handle
+    fast = source.calls.api.fn(name)
+    assert fast is not None and fast is not getattr(pynvml, name), f"{name} is not fast"
+    return fast(handle, *args, **kwargs), getattr(pynvml, name)(handle, *args, **kwargs)
+
+
+def test_fast_functions_answer_what_pynvml_answers(inproc_driver: FakeDriver) -> None:
+    import pynvml
+
+    inproc_driver.set(
+        gpu__0__utilization__gpu_pct=77,
+        gpu__0__processes="4242:1048576:40,4243:2097152",
+        gpu__0__fan_speed_pct=41,
+    )
+    source = nvml.open_nvml(None)
+    try:
+        for name, args in [
+            ("nvmlDeviceGetPowerUsage", ()),
+            ("nvmlDeviceGetEnforcedPowerLimit", ()),
+            ("nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_SM,)),
+            ("nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_MEM,)),
+            ("nvmlDeviceGetPerformanceState", ()),
+            ("nvmlDeviceGetCurrentClocksEventReasons", ()),
+            ("nvmlDeviceGetFanSpeed", ()),
+        ]:
+            fast, slow = _both(source, name, *args)
+            assert fast == slow, name
+        fast, slow = _both(source, "nvmlDeviceGetUtilizationRates")
+        assert (fast.gpu, fast.memory) == (slow.gpu, slow.memory) == (77, 0)
+        for kwargs in ({}, {"version": pynvml.nvmlMemory_v2}):
+            fast, slow = _both(source, "nvmlDeviceGetMemoryInfo", **kwargs)
+            assert (fast.used, fast.total) == (slow.used, slow.total)
+        fast, slow = _both(source, "nvmlDeviceGetFieldValues", [83, 3, 4])
+        assert [(v.fieldId, v.nvmlReturn, v.value.ullVal) for v in fast] == [
+            (v.fieldId, v.nvmlReturn, v.value.ullVal) for v in slow
+        ]
+        for name in ("nvmlDeviceGetTemperatureV", "nvmlDeviceGetTemperature"):
+            if getattr(pynvml, name, None) is not None:  # V: newer bindings only
+                fast, slow = _both(source, name, pynvml.NVML_TEMPERATURE_GPU)
+                assert fast == slow == 31, name
+        if getattr(pynvml, "nvmlDeviceGetProcessesUtilizationInfo", None) is not None:
+            fast, slow = _both(source, "nvmlDeviceGetProcessesUtilizationInfo", 0)
+            # The fake stamps each sample with the time of the call: the two calls differ there.
+            assert [(s.pid, s.smUtil) for s in fast] == [(s.pid, s.smUtil) for s in slow]
+            pairs = zip(fast, slow, strict=True)  # the fast call came first
+            assert all(0 < a.timeStamp <= b.timeStamp for a, b in pairs)
+            assert [s.pid for s in fast] == [4242, 4243]
+        fast, slow = _both(source, "nvmlDeviceGetComputeRunningProcesses")
+        assert (
+            [(p.pid, p.usedGpuMemory) for p in fast]
+            == [(p.pid, p.usedGpuMemory) for p in slow]
+            == [(4242, 1048576), (4243, 2097152)]
+        )
+    finally:
+        source.close()
+
+
+def test_a_long_process_list_is_read_whole(inproc_driver: FakeDriver) -> None:
+    """More processes than the array offered: the layer grows it and asks again."""
+    procs = ",".join(f"{500 + i}:{i + 1}" for i in range(40))  # the fake's 512-byte value
+    inproc_driver.set(gpu__0__processes=procs)
+    source = nvml.open_nvml(None)
+    try:
+        fast = source.calls.api.fn("nvmlDeviceGetComputeRunningProcesses")
+        assert fast is not None
+        listed = fast(source._gpus[0].handle)
+        assert [p.pid for p in listed] == [500 + i for i in range(40)]
+        assert len(source.read_gpu(0).processes or ()) == 40
+    finally:
+        source.close()
+
+
+def test_errors_from_the_fast_functions_are_the_bindings_classes(
+    inproc_driver: FakeDriver,
+) -> None:
+    import pynvml
+
+    inproc_driver.set(gpu__0__power__error=999)
+    source = nvml.open_nvml(None)
+    try:
+        fn = source.calls.api.fn("nvmlDeviceGetPowerUsage")
+        assert fn is not None
+        with pytest.raises(pynvml.NVMLError_Unknown):
+            fn(source._gpus[0].handle)
+        inproc_driver.set(gpu__0__power__error=None)
+        del inproc_driver.values["gpu.0.power_mw"]
+        inproc_driver.set()
+        with pytest.raises(pynvml.NVMLError_NotSupported):
+            fn(source._gpus[0].handle)
+    finally:
+        source.close()

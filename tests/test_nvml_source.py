@@ -21,6 +21,7 @@ from fakedriver import (
     UNKNOWN,
     FakeDriver,
     gpu,
+    read_until,
 )
 from gputel.schema import GpuReading
 from gputel.sources import nvml
@@ -129,7 +130,11 @@ def test_full_reading_converts_every_field_to_its_unit(drv: FakeDriver) -> None:
         (0, _uuid(0), "NVIDIA H100 80GB HBM3"),
         (1, _uuid(1), "NVIDIA H100 80GB HBM3"),
     ]
-    r0, r1 = src.read()
+    first = src.read()
+    # PCIe throughput (no GPM, no byte counters) is sampled off the read's path: empty until the
+    # source's sampling thread has a sample, never invented.
+    assert all(r.pcie_rx_bytes_per_s is None for r in first)
+    r0, r1 = read_until(src.read, lambda rs: all(r.pcie_rx_bytes_per_s is not None for r in rs))
     assert r0 == GpuReading(
         index=0,
         uuid=_uuid(0),
@@ -277,14 +282,14 @@ def test_one_lost_gpu_does_not_stop_the_others(
     assert len([r for r in caplog.records if "lost" in r.getMessage()]) == 1
 
     # Never asked again, on any path, yet still reported with its identity.
-    asked = drv.gpu_calls(1)
+    asked = drv.gpu_calls(1, but=("pcie",))
     for _ in range(3):
         again = src.read()
         assert again[1].lost and again[1].uuid == _uuid(1)
         assert not again[0].lost and again[0].power_w == 300.0
         assert src.read_utilization() == {0: 50.0, 1: None, 2: 52.0}
         assert src.read_energy_j()[1] is None
-    assert drv.gpu_calls(1) == asked
+    assert drv.gpu_calls(1, but=("pcie",)) == asked
     assert len([r for r in caplog.records if "lost" in r.getMessage()]) == 1
     src.close()
 
@@ -329,14 +334,14 @@ def _lose_gpu_1(drv: FakeDriver) -> tuple[nvml.NvmlGpuSource, Clock]:
 
 def test_lost_gpu_is_left_alone_until_the_probe_interval(drv: FakeDriver) -> None:
     src, clock = _lose_gpu_1(drv)
-    asked = drv.gpu_calls(1)
+    asked = drv.gpu_calls(1, but=("pcie",))
     drv.set(gpu__1__all__error=None)  # even a GPU that would answer is not asked early
     for now in (1.0, 30.0, 59.9):
         clock.now = now
         assert src.read()[1].lost
         assert src.read_utilization() == {0: 50.0, 1: None}
         assert src.read_energy_j() == {0: 5000.0, 1: None}
-    assert drv.gpu_calls(1) == asked
+    assert drv.gpu_calls(1, but=("pcie",)) == asked
     src.close()
 
 
@@ -346,19 +351,19 @@ def test_lost_gpu_stays_lost_after_a_failed_probe_quietly(
     src, clock = _lose_gpu_1(drv)
     caplog.set_level(logging.INFO, logger="gputel.nvml")
     caplog.clear()
-    asked = drv.gpu_calls(1)
+    asked = drv.gpu_calls(1, but=("pcie",))
     clock.now = 60.0
     assert src.read_utilization() == {0: 50.0, 1: None}
     # One probe, and it stops at its first failed call.
-    assert drv.gpu_calls(1) == asked + 1
+    assert drv.gpu_calls(1, but=("pcie",)) == asked + 1
     assert drv.calls("handle", 1) == 2  # at open, then the probe
     for now in (60.0, 100.0, 119.9):
         clock.now = now
         assert src.read()[1].lost and src.read_energy_j()[1] is None
-    assert drv.gpu_calls(1) == asked + 1
+    assert drv.gpu_calls(1, but=("pcie",)) == asked + 1
     clock.now = 120.0
     assert src.read()[1].lost
-    assert drv.gpu_calls(1) == asked + 2
+    assert drv.gpu_calls(1, but=("pcie",)) == asked + 2
     assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
     src.close()
 
@@ -379,6 +384,7 @@ def test_lost_gpu_recovers_after_a_successful_probe(
     assert [r.getMessage() for r in caplog.records] == [
         f"GPU 1 ({_uuid(1)}) answers again: reading it again"
     ]
+    read_until(lambda: src.read()[1], lambda r: r.pcie_rx_bytes_per_s is not None)  # sampled
     for _ in range(3):
         r1 = src.read()[1]
         assert not r1.lost and (r1.uuid, r1.power_w, r1.energy_j) == (_uuid(1), 301.0, 5000.001)
@@ -398,11 +404,11 @@ def test_recovered_gpu_can_be_lost_again(drv: FakeDriver, caplog: pytest.LogCapt
     drv.set(gpu__1__all__error=GPU_IS_LOST)
     clock.now = 61.0
     assert src.read()[1].lost
-    asked = drv.gpu_calls(1)
+    asked = drv.gpu_calls(1, but=("pcie",))
     clock.now = 120.0  # 59 s after the new loss: not yet
-    assert src.read()[1].lost and drv.gpu_calls(1) == asked
+    assert src.read()[1].lost and drv.gpu_calls(1, but=("pcie",)) == asked
     clock.now = 121.0
-    assert src.read()[1].lost and drv.gpu_calls(1) == asked + 1
+    assert src.read()[1].lost and drv.gpu_calls(1, but=("pcie",)) == asked + 1
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2 and "answers again" in messages[0] and "is lost" in messages[1]
     src.close()
@@ -505,7 +511,9 @@ def test_unsupported_fields_are_none_and_not_asked_again(inproc_driver: FakeDriv
         )
     )
     src = nvml.open_nvml(None, clock=Clock())
-    for _ in range(4):
+    src.read()
+    read_until(lambda: inproc_driver.calls("pcie", 0), lambda n: n == 2)  # sampled once each
+    for _ in range(3):
         (r,) = src.read()
         assert r.fan_speed_pct is None
         assert r.ecc_corrected_volatile is None and r.ecc_uncorrected_volatile is None
@@ -545,18 +553,20 @@ def test_functions_missing_from_the_driver_are_unsupported(drv: FakeDriver) -> N
         r, _ = src.read()
         assert (r.ecc_corrected_volatile, r.energy_j) == (2, 5000.0) and not r.lost
     assert drv.calls("field_values", 0) == 1
-    assert drv.calls("ecc", 0) == 6
+    assert drv.calls("ecc", 0) == 2  # slow fields: the first read only (nvml_fields.SLOW_EVERY)
     src.close()
 
 
 def test_batching_saves_calls(drv: FakeDriver) -> None:
     src = nvml.open_nvml(None, clock=Clock())
     src.read()
-    before = drv.gpu_calls(0)
+    before = drv.gpu_calls(0, but=("pcie",))
     src.read()
     assert drv.calls("ecc", 0) == 0 and drv.calls("energy", 0) == 0
-    # Remapped rows included, and the process list (no process running: no utilization call).
-    assert drv.gpu_calls(0) - before == 15
+    # The process list included (no process running: no utilization call); the slow fields
+    # (power limit, remapped rows, ECC in the batch) are not read on this read, nor PCIe (its
+    # sampling thread's calls are left out).
+    assert drv.gpu_calls(0, but=("pcie",)) - before == 11
     src.close()
 
 

@@ -38,6 +38,8 @@
  *   gpu.i.fan_speed_pct=N  gpu.i.pstate=N  gpu.i.pcie.tx_kbps=N  gpu.i.pcie.rx_kbps=N
  *   gpu.i.ecc.corrected=N  gpu.i.ecc.uncorrected=N   (volatile totals; aggregate = same)
  *   gpu.i.field.ID=N          any other nvmlDeviceGetFieldValues field id (unsigned long long)
+ *   gpu.i.pcie.counters=1     field values 197/198 (NVML_FI_DEV_PCIE_COUNT_TX/RX_BYTES): byte
+ *                             counters growing at pcie.tx_kbps / pcie.rx_kbps (x1024 B/s)
  *   gpu.i.remapped_rows.correctable=N  .uncorrectable=N  .pending=0|1  .failure=0|1
  *                             nvmlDeviceGetRemappedRows (unsupported unless correctable is set)
  *   gpu.i.mig.mode=0|1  gpu.i.mig.pending=0|1  gpu.i.mig.max_count=N
@@ -532,7 +534,12 @@ nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *pci) {
     memset(pci, 0, sizeof *pci);
     snprintf(pci->busId, sizeof pci->busId, "%.31s", val);
     snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "%.15s", val + (strlen(val) > 12 ? 4 : 0));
-    pci->bus = (unsigned int)d->index + 1;
+    unsigned int domain = 0, bus = 0, device = 0;
+    if (sscanf(val, "%x:%x:%x", &domain, &bus, &device) == 3) {
+        pci->domain = domain;
+        pci->bus = bus;
+        pci->device = device;
+    }
     pci->pciDeviceId = 0x233010de;
     return OK;
 }
@@ -688,12 +695,21 @@ nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t d, int error_type, int cou
 }
 
 /* Field ids with a scenario key of their own: ECC totals (volatile) and the energy counter. */
-static nvmlReturn_t field_value(int index, unsigned int id, unsigned long long *v) {
+static nvmlReturn_t field_value(int index, unsigned int id, unsigned long long *v,
+                                unsigned long long t_ms) {
     const char *call = NULL, *key = NULL;
     if (id == 3) { call = "ecc"; key = "ecc.corrected"; }
     else if (id == 4) { call = "ecc"; key = "ecc.uncorrected"; }
     else if (id == 83) { call = "energy"; key = "energy_mj"; }
-    unsigned long long code;
+    unsigned long long code, on = 0, kbps = 0;
+    if ((id == 197 || id == 198) && get_num(&on, "gpu.%d.pcie.counters", index) && on) {
+        /* PCIe byte counters that grow at the scenario's throughput (KB/s of 1024 bytes). */
+        if (get_num(&code, "gpu.%d.field.%u.error", index, id)) return (nvmlReturn_t)code;
+        if (!get_num(&kbps, "gpu.%d.pcie.%s_kbps", index, id == 197 ? "tx" : "rx"))
+            return E_NOT_SUPPORTED;
+        *v = kbps * 1024ull * t_ms / 1000ull;
+        return OK;
+    }
     if (call != NULL) {
         if (get_num(&code, "gpu.%d.%s.error", index, call)) return (nvmlReturn_t)code;
         return get_num(v, "gpu.%d.%s", index, key) ? OK : E_NOT_SUPPORTED;
@@ -705,12 +721,13 @@ static nvmlReturn_t field_value(int index, unsigned int id, unsigned long long *
 nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t d, int count, nvmlFieldValue_t *values) {
     ENTER(d, "field_values");
     if (count < 0 || (count > 0 && values == NULL)) return E_INVALID_ARGUMENT;
+    unsigned long long t_ms = now_ms();
     for (int i = 0; i < count; i++) {
         unsigned long long v = 0;
-        values[i].timestamp = (long long)now_ms() * 1000;
+        values[i].timestamp = (long long)t_ms * 1000;
         values[i].latencyUsec = 0;
         values[i].valueType = 3; /* NVML_VALUE_TYPE_UNSIGNED_LONG_LONG */
-        values[i].nvmlReturn = field_value(d->index, values[i].fieldId, &v);
+        values[i].nvmlReturn = field_value(d->index, values[i].fieldId, &v, t_ms);
         values[i].value.ullVal = values[i].nvmlReturn == OK ? v : 0;
     }
     return OK;

@@ -42,7 +42,7 @@ from gputel.sources.base import EventListener, GpuIdentity, GpuSelectionError
 from gputel.sources.nvml_binding import NvmlApi, reset_nvml_state
 from gputel.sources.nvml_calls import LOST_CODES, REPROBE_S, NvmlCalls
 from gputel.sources.nvml_events import NvmlEventListener
-from gputel.sources.nvml_fields import FieldReader
+from gputel.sources.nvml_fields import SLOW_EVERY, FieldReader
 from gputel.sources.nvml_gpm import (
     GpmReader,
     profiling_admin_only,
@@ -50,6 +50,7 @@ from gputel.sources.nvml_gpm import (
     refusal_reason,
 )
 from gputel.sources.nvml_gpu import GpuLost, NvmlGpu, text
+from gputel.sources.nvml_pcie import PcieSampler
 from gputel.sources.nvml_processes import NvmlProcessReader
 
 __all__ = ["NvmlGpuSource", "open_nvml", "reset_nvml_state"]
@@ -84,6 +85,7 @@ class NvmlGpuSource:
         self.fields = FieldReader(self.calls)
         self.gpm = GpmReader(self.calls, clock, admin_only)
         self._processes = NvmlProcessReader(self.calls)
+        self._pcie = PcieSampler(api, clock)
 
     def _fill(self, gpu: NvmlGpu, r: GpuReading) -> None:
         f = self.fields
@@ -93,26 +95,33 @@ class NvmlGpuSource:
         r.temperature_c = f.temperature(gpu)
         r.power_w = f.power_w(gpu)
         now = self._clock()
-        r.power_limit_w = f.power_limit_w(gpu)
-        batch = f.batch_values(gpu)
-        r.ecc_corrected_volatile = f.ecc(gpu, "corrected", batch)
-        r.ecc_uncorrected_volatile = f.ecc(gpu, "uncorrected", batch)
+        slow = gpu.slow_due_in <= 0
+        # GPM's PCIe metrics, else the driver's byte counters, else the ~20 ms throughput calls.
+        pcie_from_gpm = self.gpm.gives_pcie(gpu)
+        failures = gpu.failures
+        batch = f.batch_values(gpu, slow=slow, pcie=not pcie_from_gpm)
+        if slow:
+            gpu.carried = f.slow_fields(gpu, batch)
+            # A slow field that failed this time is asked again on the next read, not in ten.
+            gpu.slow_due_in = SLOW_EVERY if gpu.failures == failures else 1
+        gpu.slow_due_in -= 1
+        for attr, value in gpu.carried.items():
+            setattr(r, attr, value)
         r.energy_j = f.energy_j(gpu, batch, r.power_w, now)
-        f.memory_health(gpu, r, batch)
         r.sm_clock_mhz = f.sm_clock_mhz(gpu)
         r.memory_clock_mhz = f.memory_clock_mhz(gpu)
         r.fan_speed_pct = f.fan_speed_pct(gpu)
         r.performance_state = f.performance_state(gpu)
         r.clock_event_reasons = f.clock_event_reasons(gpu)
-        # GPM's PCIe counters replace the ~20 ms throughput calls where the GPU has them.
-        if not self.gpm.gives_pcie(gpu):
-            f.pcie_throughput(gpu, r)
+        if not pcie_from_gpm and not f.pcie_counters(gpu, r, batch):
+            for attr, value in self._pcie.latest(gpu).items():  # sampled off this path
+                setattr(r, attr, value)
         r.processes = self._processes.read(gpu)
 
     # --------------------------------------------------------------------------- GpuSource
     def devices(self) -> list[GpuIdentity]:
         return [
-            GpuIdentity(g.index, g.uuid, g.name, self.gpm.status(g), g.pci_bus_id)
+            GpuIdentity(g.index, g.uuid, g.name, gpm=self.gpm.status(g), pci_bus_id=g.pci_bus_id)
             for g in self._gpus
         ]
 
@@ -214,6 +223,7 @@ class NvmlGpuSource:
             if self._closed:
                 return
             self._closed = True
+        self._pcie.stop()
         for gpu in self._gpus:
             # A read hung in the driver may hold a sample: leave its samples to the process exit.
             if gpu.lock.acquire(blocking=False):

@@ -7,12 +7,13 @@ Three jobs, all about the binding rather than any GPU:
 - turning a failure to start into one :class:`GpuSourceError` line that names the likely fix,
   because an operator reading a journal needs "reload the nvidia module", not an error code;
 - resolving, once when a source opens, every NVML function gputel calls (:data:`FUNCTIONS`) into
-  the binding's function object (:class:`NvmlApi`). Code asks for a function by a declared name
-  only, so a misspelt name fails loudly (``KeyError``) in the tests instead of looking like an
-  old driver; ``tests/test_nvml_binding.py`` checks every declared name against the installed
-  ``nvidia-ml-py`` (run under the newest and the lowest supported one). A name a *driver* lacks
-  is a different thing: the binding raises ``NVMLError_FunctionNotFound`` when it is called, and
-  the asking rule (``sources/nvml_calls.py``) makes that field unsupported.
+  the binding's function object, or for the calls of every tick its stand-in from the thin layer
+  over it (``sources/nvml_direct.py``), into :class:`NvmlApi`. Code asks for a function by a
+  declared name only, so a misspelt name fails loudly (``KeyError``) in the tests instead of
+  looking like an old driver; ``tests/test_nvml_binding.py`` checks every declared name against
+  the installed ``nvidia-ml-py`` (run under the newest and the lowest supported one). A name a
+  *driver* lacks is a different thing: the binding raises ``NVMLError_FunctionNotFound`` when it
+  is called, and the asking rule (``sources/nvml_calls.py``) makes that field unsupported.
 
 The NVML return codes are part of NVML's C ABI: literals keep classification working with a
 binding that lacks a constant.
@@ -28,6 +29,7 @@ from typing import Any
 
 from gputel.formats import one_line
 from gputel.sources.base import GpuSourceError
+from gputel.sources.nvml_direct import fast_functions
 
 log = logging.getLogger("gputel.nvml")
 
@@ -156,6 +158,9 @@ class NvmlApi:
         self._functions: dict[str, Callable[..., Any] | None] = {
             name: getattr(module, name, None) for name in FUNCTIONS
         }
+        # The hot calls through the thin layer (sources/nvml_direct.py) where it can bind them.
+        present = {name for name, fn in self._functions.items() if fn is not None}
+        self._functions.update(fast_functions(module, present))
 
     def fn(self, name: str) -> Callable[..., Any] | None:
         """The resolved function; a name not in :data:`FUNCTIONS` raises KeyError (a bug)."""

@@ -139,8 +139,8 @@ class NvmlCalls:
     def mark_lost(self, gpu: NvmlGpu) -> None:
         gpu.lost = True
         gpu.lost_checked = self._clock()
-        # The power integral must not bridge the outage with a trapezoid over it.
-        gpu.power_integral.gap()
+        # No integral or rate bridges the outage; the slow fields are read again after it.
+        gpu.gap()
 
     def answers(self, gpu: NvmlGpu) -> bool:
         """Whether ``gpu`` may be read now; a lost GPU is re-probed here, at most once per

@@ -1,7 +1,17 @@
 """The device fields of one GPU's reading (utilization, memory, power, clocks, ECC...).
 
 Every call goes through the asking rule (``sources/nvml_calls.py``) with a function resolved once
-at open. The GPM metrics and the process list have modules of their own
+at open. Two cost rules live here:
+
+- slow-changing fields (:data:`SLOW_FIELDS`: power limit, ECC counts, remapped rows, recovery
+  action) are read every :data:`SLOW_EVERY` full reads of a GPU, not every read; between their
+  reads each reading carries their last value (the CSV has a value in every row; docs/csv.md);
+- PCIe throughput, where GPM does not give it, comes from the driver's PCIe byte counters (field
+  values 197/198, ``NVML_FI_DEV_PCIE_COUNT_TX_BYTES``/``RX_BYTES``) in the same field-value call
+  as the energy counter: a rate over the time between two reads, empty on the first. Only where
+  the driver has no such counters do the ~20 ms ``nvmlDeviceGetPcieThroughput`` samples remain,
+  taken off the read's path (``sources/nvml_pcie.py``).
+ The GPM metrics and the process list have modules of their own
 (``sources/nvml_gpm.py``, ``sources/nvml_processes.py``); :mod:`gputel.sources.nvml` puts the
 pieces of a reading together. Callers hold the GPU's lock.
 """
@@ -15,26 +25,38 @@ from gputel.sources import nvml_binding as b
 from gputel.sources.nvml_calls import NvmlCalls, Option
 from gputel.sources.nvml_gpu import NvmlGpu
 
-#: PCIe throughput comes in KB/s, where NVML's KB is 1024 bytes.
-_KIB = 1024
-
 # The values fetched in one nvmlDeviceGetFieldValues call instead of one call each:
 # (field key, binding constant name, its value in NVML's ABI).
-_BATCH_FIELDS: tuple[tuple[str, str, int | None], ...] = (
-    ("ecc_corrected_volatile", "NVML_FI_DEV_ECC_SBE_VOL_TOTAL", 3),
-    ("ecc_uncorrected_volatile", "NVML_FI_DEV_ECC_DBE_VOL_TOTAL", 4),
-    ("energy_j", "NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 83),
+# (field key, binding constant name, its value in NVML's ABI, read only on slow reads).
+_BATCH_FIELDS: tuple[tuple[str, str, int | None, bool], ...] = (
+    ("energy_j", "NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 83, False),
+    ("pcie_tx_count", "NVML_FI_DEV_PCIE_COUNT_TX_BYTES", 197, False),
+    ("pcie_rx_count", "NVML_FI_DEV_PCIE_COUNT_RX_BYTES", 198, False),
+    ("ecc_corrected_volatile", "NVML_FI_DEV_ECC_SBE_VOL_TOTAL", 3, True),
+    ("ecc_uncorrected_volatile", "NVML_FI_DEV_ECC_DBE_VOL_TOTAL", 4, True),
     # Asked only where the binding defines it (no default): older drivers have no such field.
-    ("recovery_action", "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", None),
+    ("recovery_action", "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", None, True),
+)
+#: Byte counter key -> the reading's rate field.
+_PCIE_COUNTS = (("pcie_tx_count", "pcie_tx_bytes_per_s"), ("pcie_rx_count", "pcie_rx_bytes_per_s"))
+_PCIE_COUNT_KEYS = frozenset(key for key, _attr in _PCIE_COUNTS)
+
+#: Full reads between two reads of the slow-changing fields (10 s at the default 1 s tick).
+SLOW_EVERY = 10
+#: The reading fields read every SLOW_EVERY full reads and carried over in between: what the
+#: driver changes rarely (a limit an operator sets, counters of rare faults, a board's state).
+SLOW_FIELDS: tuple[str, ...] = (
+    "power_limit_w",
+    "ecc_corrected_volatile",
+    "ecc_uncorrected_volatile",
+    "remapped_rows_correctable",
+    "remapped_rows_uncorrectable",
+    "remapped_rows_pending",
+    "remapped_rows_failure",
+    "recovery_action",
 )
 # nvmlValue_t members by nvmlValueType_t.
 _VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
-
-_PCIE_COUNTERS = (
-    ("pcie_rx_bytes_per_s", "NVML_PCIE_UTIL_RX_BYTES", 1),
-    ("pcie_tx_bytes_per_s", "NVML_PCIE_UTIL_TX_BYTES", 0),
-)
-"""(reading field, NVML counter constant, its value where the binding lacks the name)."""
 
 
 def _field_value(value: Any) -> Any:
@@ -86,11 +108,9 @@ class FieldReader:
         self._fan_fn = fn("nvmlDeviceGetFanSpeed")
         self._pstate_fn = fn("nvmlDeviceGetPerformanceState")
         self._pstate_unknown = api.const("NVML_PSTATE_UNKNOWN", b.PSTATE_UNKNOWN)
-        self._pcie_fn = fn("nvmlDeviceGetPcieThroughput")
-        self._pcie = [(attr, api.const(c, d)) for attr, c, d in _PCIE_COUNTERS]
         self._batch = [
-            (key, int(fid))
-            for key, const, default in _BATCH_FIELDS
+            (key, int(fid), slow)
+            for key, const, default, slow in _BATCH_FIELDS
             if (fid := api.optional_const(const) if default is None else api.const(const, default))
             is not None
         ]
@@ -145,19 +165,20 @@ class FieldReader:
         reasons = self._calls.first(gpu, self._reasons_options)
         return None if reasons is None else int(reasons)
 
-    def pcie_throughput(self, gpu: NvmlGpu, reading: GpuReading) -> None:
-        """Each throughput call samples the bus for ~20 ms inside the driver."""
-        for attr, counter in self._pcie:
-            kib = self._ask(gpu, attr, self._pcie_fn, counter)
-            setattr(reading, attr, None if kib is None else float(kib) * _KIB)
-
     # ------------------------------------------------------------------ counters
-    def batch_values(self, gpu: NvmlGpu) -> dict[str, Any] | None:
-        """ECC counts and the energy counter in one call; None when the caller must ask one by
-        one (the binding or driver has no nvmlDeviceGetFieldValues)."""
+    def batch_values(self, gpu: NvmlGpu, *, slow: bool, pcie: bool) -> dict[str, Any] | None:
+        """The energy counter (and with ``pcie`` the PCIe byte counters, as (bytes, driver
+        timestamp µs); with ``slow`` the ECC counts and recovery action) in one call; None when
+        the caller must ask one by one (the binding or driver has no nvmlDeviceGetFieldValues)."""
         if "field_values" in gpu.unsupported:
             return None
-        wanted = [(key, fid) for key, fid in self._batch if key not in gpu.unsupported]
+        wanted = [
+            (key, fid)
+            for key, fid, slow_field in self._batch
+            if key not in gpu.unsupported
+            and (slow or not slow_field)
+            and (pcie or key not in _PCIE_COUNT_KEYS)
+        ]
         if not wanted:
             return {}
         values = self._ask(gpu, "field_values", self._field_values_fn, [f for _, f in wanted])
@@ -168,10 +189,44 @@ class FieldReader:
         for (key, fid), value in zip(wanted, values, strict=False):
             status = getattr(value, "nvmlReturn", 0)
             if status == 0:
-                out[key] = _field_value(value)
+                number = _field_value(value)
+                out[key] = (number, int(value.timestamp)) if key in _PCIE_COUNT_KEYS else number
             else:
                 self._calls.failed(gpu, key, status, f"field value {fid} returned {status}")
         return out
+
+    def slow_fields(self, gpu: NvmlGpu, batch: dict[str, Any] | None) -> dict[str, Any]:
+        """The :data:`SLOW_FIELDS` read now (``batch``: a slow :meth:`batch_values`)."""
+        out: dict[str, Any] = {"power_limit_w": self.power_limit_w(gpu)}
+        out["ecc_corrected_volatile"] = self.ecc(gpu, "corrected", batch)
+        out["ecc_uncorrected_volatile"] = self.ecc(gpu, "uncorrected", batch)
+        rows = self._ask(gpu, "remapped_rows", self._remapped_fn)
+        keys = SLOW_FIELDS[3:7]
+        values = (None,) * 4 if rows is None else tuple(int(v) for v in rows)
+        out.update(zip(keys, values, strict=True))
+        # Ampere and newer; older boards retire pages instead and answer NOT_SUPPORTED, which
+        # leaves the cells empty.
+        action = None if batch is None else batch.get("recovery_action")
+        out["recovery_action"] = None if action is None else int(action)
+        return out
+
+    def pcie_counters(
+        self, gpu: NvmlGpu, reading: GpuReading, batch: dict[str, Any] | None
+    ) -> bool:
+        """PCIe rates from the driver's byte counters (``batch``: :meth:`batch_values` with
+        ``pcie``); False where the driver has none (the caller uses the throughput calls)."""
+        if batch is None or all(key in gpu.unsupported for key in _PCIE_COUNT_KEYS):
+            return False
+        for key, attr in _PCIE_COUNTS:
+            now = batch.get(key)
+            before = gpu.pcie_counts.pop(key, None)
+            rate = None
+            if now is not None:
+                gpu.pcie_counts[key] = now
+                if before is not None and now[1] > before[1] and now[0] >= before[0]:
+                    rate = (now[0] - before[0]) / ((now[1] - before[1]) / 1e6)
+            setattr(reading, attr, rate)
+        return True
 
     def ecc(self, gpu: NvmlGpu, kind: str, batch: dict[str, Any] | None) -> int | None:
         key = f"ecc_{kind}_volatile"
@@ -203,19 +258,3 @@ class FieldReader:
 
     def _energy_mj(self, gpu: NvmlGpu) -> Any:
         return self._ask(gpu, "energy_j", self._energy_fn)
-
-    def memory_health(
-        self, gpu: NvmlGpu, reading: GpuReading, batch: dict[str, Any] | None
-    ) -> None:
-        """Remapped rows and the recovery action the driver asks for (Ampere and newer; older
-        boards retire pages instead and answer NOT_SUPPORTED, which leaves the cells empty)."""
-        rows = self._ask(gpu, "remapped_rows", self._remapped_fn)
-        if rows is not None:
-            (
-                reading.remapped_rows_correctable,
-                reading.remapped_rows_uncorrectable,
-                reading.remapped_rows_pending,
-                reading.remapped_rows_failure,
-            ) = (int(v) for v in rows)
-        action = None if batch is None else batch.get("recovery_action")
-        reading.recovery_action = None if action is None else int(action)

@@ -42,6 +42,7 @@ from gputel.formats import one_line
 from gputel.schema import MIB, GpuReading, MigReading
 from gputel.sources import nvml_binding as b
 from gputel.sources.nvml_calls import NvmlCalls
+from gputel.sources.nvml_direct import plain
 from gputel.sources.nvml_gpu import NO_DEVICE, CallRefused, NvmlGpu, text
 
 log = logging.getLogger("gputel.nvml")
@@ -77,6 +78,18 @@ REFUSAL_FIX = (
 PARAMS_FILE = Path("driver/nvidia/params")
 
 
+def _request_type(module: Any) -> Any:
+    """The metrics request, as a plain mirror of the binding's structure where it can be (its
+    results are read field by field every tick); None without GPM in the binding."""
+    struct = getattr(module, "c_nvmlGpmMetricsGet_t", None)
+    if struct is None:
+        return None
+    try:
+        return plain(struct)
+    except (AttributeError, TypeError):
+        return struct
+
+
 def profiling_admin_only(proc_root: Path) -> bool | None:
     """Whether the driver restricts profiling counters to admin users (``RmProfilingAdminOnly``
     in its params file); None where the file or the line does not exist."""
@@ -106,6 +119,8 @@ class _Pair:
     request: Any
     newest: int = -1
     """Which of ``samples`` holds the latest reading; -1 before the first."""
+    metric_ids: tuple[int, ...] = ()
+    """The metrics the request asks for now: written into it only when they change."""
 
 
 @dataclass(eq=False)
@@ -150,7 +165,7 @@ class GpmReader:
             for attr, const, factor in GPM_METRICS
             if (metric := api.optional_const(const)) is not None
         ]
-        self._request_type = getattr(api.module, "c_nvmlGpmMetricsGet_t", None)
+        self._request_type = _request_type(api.module)
         self._version = api.const("NVML_GPM_METRICS_GET_VERSION", 1)
         self._support_fn = api.fn("nvmlGpmQueryDeviceSupport")
         self._alloc_fn = api.fn("nvmlGpmSampleAlloc")
@@ -185,17 +200,28 @@ class GpmReader:
         return state.supported
 
     def probe(self, gpu: NvmlGpu) -> None:
-        """At open: ask for support and take one sample of a whole GPU, so a refusal is known
-        (and said) before the first reading. The sample is not kept: the first reading still
-        has no pair, as without the probe."""
-        if gpu.mig or not self.supported(gpu):
+        """At open: ask for support and take one sample (of the whole GPU, or of a MIG GPU's
+        first GPU instance), so a refusal is known (and said) before the first reading. The
+        sample is not kept: the first reading still has no pair, as without the probe."""
+        if not self.supported(gpu):
             return
         state = self._state(gpu)
-        pair = self._pair(gpu, -1)
+        instance = -1
+        if gpu.mig:
+            self._list_mig(gpu, self._clock())
+            if not state.mig_devices:
+                return
+            instance = state.mig_devices[0].gi
+        pair = self._pair(gpu, instance)
         if pair is None or pair.newest >= 0:
             return
         try:
-            self._ask(gpu, "gpm", self._sample_fn, pair.samples[0], refused=_REFUSED)
+            if instance < 0:
+                self._ask(gpu, "gpm", self._sample_fn, pair.samples[0], refused=_REFUSED)
+            else:
+                key = f"gpm.mig.{instance}"
+                fn = self._mig_sample_fn
+                self._ask(gpu, key, fn, instance, pair.samples[0], refused=_REFUSED)
         except CallRefused:
             self._refuse(gpu, state, announce=False)
 
@@ -351,12 +377,15 @@ class GpmReader:
         if previous < 0:
             return {}
         request = pair.request
-        request.version = self._version
-        request.numMetrics = len(wanted)
+        ids = tuple(metric_id for _attr, metric_id, _factor in wanted)
+        if ids != pair.metric_ids:  # built once, rebuilt only when a metric drops out
+            request.version = self._version
+            request.numMetrics = len(ids)
+            for k, metric_id in enumerate(ids):
+                request.metrics[k].metricId = metric_id
+            pair.metric_ids = ids
         request.sample1 = pair.samples[previous]
         request.sample2 = sample
-        for k, (_attr, metric_id, _factor) in enumerate(wanted):
-            request.metrics[k].metricId = metric_id
         result = self._ask(gpu, "gpm.metrics", self._metrics_fn, request, device=NO_DEVICE)
         if result is None:
             return {}

@@ -57,6 +57,20 @@ class NvmlGpu:
     warned: set[str] = field(default_factory=set)
     power_integral: PowerIntegrator = field(default_factory=PowerIntegrator)
     """Integrated joules for the full read only, where the driver has no energy counter."""
+    slow_due_in: int = 0
+    """Full reads until the slow-changing fields are read again (0: this read)."""
+    carried: dict[str, Any] = field(default_factory=dict)
+    """The slow-changing fields' last values, put in every reading between their reads."""
+    pcie_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """PCIe byte counter -> (bytes, driver timestamp µs) of the previous read."""
+
+    def gap(self) -> None:
+        """Forget what spans reads (the GPU was lost): no rate or integral across the gap, and
+        the slow fields are read again on the next read."""
+        self.power_integral.gap()
+        self.pcie_counts.clear()
+        self.carried.clear()
+        self.slow_due_in = 0
 
 
 def text(value: Any) -> str:

@@ -1,0 +1,321 @@
+"""A thin layer over ``pynvml`` for the calls a full read makes every tick.
+
+NVIDIA's binding stays the binding: its C function lookup (``_nvmlGetFunctionPointer``), its
+structure definitions and its error classes (``NVMLError(code)`` gives the same subclass a
+pynvml function raises) are used as they are. What this layer removes is the binding's per-call
+Python work, which costs more than the driver call on a healthy GPU:
+
+- the C function is looked up once, when the source opens (pynvml looks it up, under a lock, on
+  every call); a symbol the driver lacks becomes a function that raises
+  ``NVMLError_FunctionNotFound``, so the asking rule makes that field unsupported as before;
+- results come in *plain* ctypes mirrors of pynvml's structures (:func:`plain`): the binding's
+  own structures format every field access in Python (``__getattribute__``), which made GPM
+  results and process lists the dearest part of a read;
+- the process list is read in one call into an array sized from the previous answer (pynvml asks
+  for the count first, then again for the entries).
+
+Each fast function has the signature and the result fields of the pynvml function it stands in
+for (:data:`FAST`), so callers cannot tell them apart; ``tests/test_nvml_binding.py`` checks
+that each binds the C symbol the pynvml function itself calls. A binding without
+``_nvmlGetFunctionPointer`` or with a structure of an unexpected size gets no fast function:
+pynvml's own is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, NamedTuple
+
+log = logging.getLogger("gputel.nvml")
+
+_INSUFFICIENT_SIZE = 7
+#: The driver's v3 process entry: pid, used memory, GPU and compute instance ids.
+_PROCESS_INFO_SIZE = 24
+_PLAIN: dict[Any, Any] = {}
+
+
+def plain(cls: Any) -> Any:
+    """A ctypes structure (or union) with ``cls``'s layout and none of its Python hooks."""
+    done = _PLAIN.get(cls)
+    if done is not None:
+        return done
+    fields = [(f[0], _plain_type(f[1]), *f[2:]) for f in cls._fields_]
+    base: type = ctypes.Union if issubclass(cls, ctypes.Union) else ctypes.Structure
+    namespace: dict[str, Any] = {"_fields_": fields}
+    if hasattr(cls, "_pack_"):
+        namespace["_pack_"] = cls._pack_
+    mirror = type(f"{cls.__name__}_plain", (base,), namespace)
+    if ctypes.sizeof(mirror) != ctypes.sizeof(cls):
+        raise TypeError(f"plain {cls.__name__} differs in size")
+    _PLAIN[cls] = mirror
+    return mirror
+
+
+def _plain_type(t: Any) -> Any:
+    if isinstance(t, type) and issubclass(t, ctypes.Structure | ctypes.Union):
+        return plain(t)
+    if isinstance(t, type) and issubclass(t, ctypes.Array):
+        inner = t._type_
+        if isinstance(inner, type) and issubclass(inner, ctypes.Structure | ctypes.Union):
+            return plain(inner) * t._length_
+    return t
+
+
+class Process(NamedTuple):
+    """One entry of the process list (the fields gputel reads of pynvml's friendly object)."""
+
+    pid: int
+    usedGpuMemory: int | None
+
+
+class _Binder:
+    """Looks up C functions once and wraps them with pynvml's error rule."""
+
+    def __init__(self, nv: ModuleType) -> None:
+        self.nv = nv
+        self.error: Callable[[int], BaseException] = nv.NVMLError
+        self._lookup: Callable[[str], Any] = nv._nvmlGetFunctionPointer
+
+    def c(self, symbol: str) -> Any:
+        """The C function, or a stand-in that raises what pynvml raises where it is missing."""
+        try:
+            return self._lookup(symbol)
+        except self.nv.NVMLError as exc:
+            value = exc.value
+
+            def missing(*_args: Any) -> int:
+                return int(value)
+
+            return missing
+
+    def out(self, symbol: str, out_type: Any, *, scalar: bool) -> Callable[..., Any]:
+        """``fn(handle, *args) -> value``: calls ``symbol(handle, *args, &out)``."""
+        c, error = self.c(symbol), self.error
+        byref = ctypes.byref
+
+        def call(handle: Any, *args: Any) -> Any:
+            out = out_type()
+            ret = c(handle, *args, byref(out))
+            if ret:
+                raise error(ret)
+            return out.value if scalar else out
+
+        return call
+
+
+def _memory(b: _Binder) -> Callable[..., Any]:
+    v1 = b.out("nvmlDeviceGetMemoryInfo", plain(b.nv.c_nvmlMemory_t), scalar=False)
+    c2, error, v2_type = b.c("nvmlDeviceGetMemoryInfo_v2"), b.error, plain(b.nv.c_nvmlMemory_v2_t)
+
+    def memory(handle: Any, version: Any = None) -> Any:
+        if not version:
+            return v1(handle)
+        out = v2_type()
+        out.version = version
+        ret = c2(handle, ctypes.byref(out))
+        if ret:
+            raise error(ret)
+        return out
+
+    return memory
+
+
+def _field_values(b: _Binder) -> Callable[..., Any]:
+    c, error, value_type = b.c("nvmlDeviceGetFieldValues"), b.error, plain(b.nv.c_nvmlFieldValue_t)
+
+    def field_values(handle: Any, field_ids: list[int]) -> Any:
+        values = (value_type * len(field_ids))()
+        for i, fid in enumerate(field_ids):
+            values[i].fieldId = fid
+        ret = c(handle, ctypes.c_int32(len(field_ids)), values)
+        if ret:
+            raise error(ret)
+        return values
+
+    return field_values
+
+
+def _gpm_sample(b: _Binder) -> Callable[..., Any]:
+    c, error = b.c("nvmlGpmSampleGet"), b.error
+
+    def sample_get(handle: Any, sample: Any) -> Any:
+        ret = c(handle, sample)
+        if ret:
+            raise error(ret)
+        return sample
+
+    return sample_get
+
+
+def _gpm_metrics(b: _Binder) -> Callable[..., Any]:
+    c, error = b.c("nvmlGpmMetricsGet"), b.error
+
+    def metrics_get(request: Any) -> Any:
+        ret = c(ctypes.byref(request))
+        if ret:
+            raise error(ret)
+        return request
+
+    return metrics_get
+
+
+def _processes(b: _Binder) -> Callable[..., Any] | None:
+    nv = b.nv
+    struct = getattr(nv, "c_nvmlProcessInfo_v3_t", None) or nv.c_nvmlProcessInfo_t
+    if ctypes.sizeof(struct) != _PROCESS_INFO_SIZE:
+        return None  # not the driver's v3 entry: leave it to pynvml
+    entry = plain(struct)
+    c, error = b.c("nvmlDeviceGetComputeRunningProcesses_v3"), b.error
+    not_available = int(
+        getattr(nv, "NVML_VALUE_NOT_AVAILABLE_ulonglong", ctypes.c_ulonglong(-1)).value
+    )
+    room = [8]  # entries the next call offers: the largest list seen so far, plus a margin
+
+    def processes(handle: Any) -> list[Process]:
+        while True:
+            size = room[0]
+            count = ctypes.c_uint(size)
+            array = (entry * size)()
+            ret = c(handle, ctypes.byref(count), array)
+            if ret == _INSUFFICIENT_SIZE:
+                room[0] = max(size * 2, int(count.value) + 8)
+                continue
+            if ret:
+                raise error(ret)
+            n = int(count.value)
+            out = []
+            for i in range(n):
+                e = array[i]
+                used = int(e.usedGpuMemory)
+                out.append(Process(int(e.pid), None if used == not_available else used))
+            return out
+
+    return processes
+
+
+def _temperature_v(b: _Binder) -> Callable[..., Any]:
+    nv = b.nv
+    c, error, struct = b.c("nvmlDeviceGetTemperatureV"), b.error, plain(nv.c_nvmlTemperature_v1_t)
+    version = nv.nvmlTemperature_v1
+
+    def temperature(handle: Any, sensor: int) -> int:
+        out = struct()
+        out.version = version
+        out.sensorType = sensor
+        ret = c(handle, ctypes.byref(out))
+        if ret:
+            raise error(ret)
+        return int(out.temperature)
+
+    return temperature
+
+
+def _process_utilization(b: _Binder) -> Callable[..., Any]:
+    nv = b.nv
+    c, error = b.c("nvmlDeviceGetProcessesUtilizationInfo"), b.error
+    info_type = plain(nv.c_nvmlProcessesUtilizationInfo_v1_t)
+    sample = plain(nv.c_nvmlProcessUtilizationInfo_v1_t)
+    version = nv.ProcessesUtilizationInfo_v1
+    pointer = dict(info_type._fields_)["procUtilArray"]
+    room = [8]
+
+    def utilization(handle: Any, since: int) -> list[Any]:
+        while True:
+            size = room[0]
+            array = (sample * size)()
+            info = info_type()
+            info.version = version
+            info.processSamplesCount = size
+            info.lastSeenTimeStamp = since
+            info.procUtilArray = ctypes.cast(array, pointer)
+            ret = c(handle, ctypes.byref(info))
+            if ret == _INSUFFICIENT_SIZE:
+                room[0] = max(size * 2, int(info.processSamplesCount) + 8)
+                continue
+            if ret:
+                raise error(ret)
+            return array[: int(info.processSamplesCount)]
+
+    return utilization
+
+
+def _scalar(symbol: str, ctype: Any) -> Callable[[_Binder], Callable[..., Any]]:
+    return lambda b: b.out(symbol, ctype, scalar=True)
+
+
+#: pynvml function -> (its C symbol(s), the factory of the fast function).
+FAST: dict[str, tuple[tuple[str, ...], Callable[[_Binder], Callable[..., Any] | None]]] = {
+    "nvmlDeviceGetUtilizationRates": (
+        ("nvmlDeviceGetUtilizationRates",),
+        lambda b: b.out(
+            "nvmlDeviceGetUtilizationRates", plain(b.nv.c_nvmlUtilization_t), scalar=False
+        ),
+    ),
+    "nvmlDeviceGetMemoryInfo": (
+        ("nvmlDeviceGetMemoryInfo", "nvmlDeviceGetMemoryInfo_v2"),
+        _memory,
+    ),
+    "nvmlDeviceGetPowerUsage": (
+        ("nvmlDeviceGetPowerUsage",),
+        _scalar("nvmlDeviceGetPowerUsage", ctypes.c_uint),
+    ),
+    "nvmlDeviceGetEnforcedPowerLimit": (
+        ("nvmlDeviceGetEnforcedPowerLimit",),
+        _scalar("nvmlDeviceGetEnforcedPowerLimit", ctypes.c_uint),
+    ),
+    "nvmlDeviceGetClockInfo": (
+        ("nvmlDeviceGetClockInfo",),
+        _scalar("nvmlDeviceGetClockInfo", ctypes.c_uint),
+    ),
+    "nvmlDeviceGetPerformanceState": (
+        ("nvmlDeviceGetPerformanceState",),
+        _scalar("nvmlDeviceGetPerformanceState", ctypes.c_uint),
+    ),
+    "nvmlDeviceGetCurrentClocksEventReasons": (
+        ("nvmlDeviceGetCurrentClocksEventReasons",),
+        _scalar("nvmlDeviceGetCurrentClocksEventReasons", ctypes.c_ulonglong),
+    ),
+    "nvmlDeviceGetFanSpeed": (
+        ("nvmlDeviceGetFanSpeed",),
+        _scalar("nvmlDeviceGetFanSpeed", ctypes.c_uint),
+    ),
+    "nvmlDeviceGetFieldValues": (("nvmlDeviceGetFieldValues",), _field_values),
+    "nvmlDeviceGetTemperatureV": (("nvmlDeviceGetTemperatureV",), _temperature_v),
+    "nvmlDeviceGetTemperature": (
+        ("nvmlDeviceGetTemperature",),
+        _scalar("nvmlDeviceGetTemperature", ctypes.c_uint),
+    ),
+    "nvmlDeviceGetProcessesUtilizationInfo": (
+        ("nvmlDeviceGetProcessesUtilizationInfo",),
+        _process_utilization,
+    ),
+    "nvmlGpmSampleGet": (("nvmlGpmSampleGet",), _gpm_sample),
+    "nvmlGpmMetricsGet": (("nvmlGpmMetricsGet",), _gpm_metrics),
+    "nvmlDeviceGetComputeRunningProcesses": (
+        ("nvmlDeviceGetComputeRunningProcesses_v3",),
+        _processes,
+    ),
+}
+
+
+def fast_functions(nv: ModuleType, available: set[str]) -> dict[str, Callable[..., Any]]:
+    """The fast stand-ins for the pynvml functions in ``available`` (those this binding has);
+    empty where the binding lacks what the layer needs."""
+    if not callable(getattr(nv, "_nvmlGetFunctionPointer", None)):
+        return {}
+    binder = _Binder(nv)
+    out: dict[str, Callable[..., Any]] = {}
+    for name, (_symbols, make) in FAST.items():
+        if name not in available:
+            continue
+        try:
+            fn = make(binder)
+        except (AttributeError, TypeError) as exc:  # a structure this binding lacks or changed
+            log.debug("no fast %s: %s", name, exc)
+            continue
+        if fn is not None:
+            out[name] = fn
+    return out
