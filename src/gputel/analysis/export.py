@@ -310,16 +310,21 @@ def _copy(con: Any, s: Source, csv: Path, first_row: int, staging: Path, out: Pa
         f"(FORMAT parquet, COMPRESSION zstd, PARTITION_BY (node, date), "
         f"FILENAME_PATTERN {duck.quote(pattern)})"
     )
+
+    def copy(select: str) -> str:
+        return f"COPY ({select}) TO {duck.quote(str(target))} {options}"
+
     try:
-        copy = f"COPY ({query(False)}) TO {duck.quote(str(target))} {options}"
-        rows = int(con.execute(copy).fetchone()[0])
-    except duckdb.Error as exc:
+        rows = int(con.execute(copy(query(False))).fetchone()[0])
+    except duckdb.Error:
+        # Read again with every cell checked: a bad cell is then named, with its file.
+        shutil.rmtree(target, ignore_errors=True)
         try:
-            # Read again with every cell checked: a bad cell is then named, with its file.
-            con.execute(f"SELECT count(*) FROM ({query(True)})").fetchone()
-        except duckdb.Error as checked:
-            raise CsvReadError(_one_line(str(checked), csv, s.path)) from None
-        raise OSError(_one_line(str(exc), csv, s.path)) from None
+            rows = int(con.execute(copy(query(True))).fetchone()[0])
+        except duckdb.IOException as exc:
+            raise OSError(_one_line(str(exc), csv, s.path)) from None
+        except duckdb.Error as exc:
+            raise CsvReadError(_one_line(str(exc), csv, s.path)) from None
     for part in sorted(target.rglob("*.parquet")):
         dest = out / kind.name / part.relative_to(target)
         dest.parent.mkdir(parents=True, exist_ok=True)
