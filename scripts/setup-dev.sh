@@ -16,6 +16,7 @@ DEBIAN_PACKAGES=(
   shellcheck                # lint of install.sh and the Slurm scripts
   gcc libc6-dev             # builds the fake libnvidia-ml.so.1 the NVML tests load
   tmux                      # drives gputel demo in a real terminal
+  default-jre-headless      # Java for Apache Spark, which reads the Parquet export in a test
 )
 
 if command -v apt-get >/dev/null 2>&1; then

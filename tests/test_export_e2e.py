@@ -20,7 +20,10 @@ AGENT_ENV = {
 }
 
 
-def gputel(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def gputel(env: dict[str, str] | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """A gputel command (``env`` None: this environment without gputel's settings)."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUTEL_")}
     return subprocess.run(
         [sys.executable, "-m", "gputel", *args],
         env=env,
@@ -34,10 +37,10 @@ def rows_of(log: Path, kind: str) -> int:
     return sum(csv_rows([log])[kind][1].values())
 
 
-def record_session(tmp: Path, job: str) -> AgentProc:
+def record_session(tmp: Path, job: str, **env: str) -> AgentProc:
     """An agent session with an allocation (opened and released by ``gputel hook``), an Xid
     and GPU processes; returns the agent, still running."""
-    agent = AgentProc(tmp, AGENT_ENV)
+    agent = AgentProc(tmp, {**AGENT_ENV, **env})
     try:
         opened = gputel(agent.env, "hook", "allocate", job, "--gpus", "0")
         assert opened.returncode == 0, opened.stderr
@@ -56,7 +59,7 @@ def finish(agent: AgentProc, job: str) -> None:
     assert agent.terminate() == 0
 
 
-def export(env: dict[str, str], out: Path, log: Path, *flags: str) -> dict[str, int]:
+def export(env: dict[str, str] | None, out: Path, log: Path, *flags: str) -> dict[str, int]:
     res = gputel(env, "export", "--parquet", str(out), *flags, str(log))
     assert res.returncode == 0, res.stderr
     added = {}
@@ -114,7 +117,7 @@ def test_non_empty_out_is_refused_in_one_line(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUTEL_")}
+    env = None
     for flags in ([], ["--incremental"], ["--incremental", "--overwrite"]):
         res = gputel(env, "export", "--parquet", str(out), *flags, str(log))
         assert res.returncode == 2, (flags, res.stderr)
