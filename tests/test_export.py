@@ -214,3 +214,45 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
     )
     assert res.returncode == 0 and res.stderr == ""
     assert res.stdout.strip() == f"wrote {tmp_path / 'o' / 'transitions'} (1 row)"
+
+
+def test_an_incremental_run_over_no_rows_is_no_failure(tmp_path: Path) -> None:
+    """A timer on a node that has recorded nothing yet: exit 0, nothing new."""
+    log = tmp_path / "log"
+    log.mkdir()
+    cmd = [sys.executable, "-m", "gputel", "export", "--parquet", str(tmp_path / "o"), str(log)]
+    res = subprocess.run([*cmd, "--incremental"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "nothing new" in res.stdout, res.stderr
+    # Without --incremental, no rows is an error, and no OUT is made.
+    cmd = [*cmd[:5], str(tmp_path / "p"), str(log)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "no telemetry rows" in res.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_terminal_shows_progress(tmp_path: Path) -> None:
+    import pty
+
+    log = tmp_path / "log"
+    log.mkdir()
+    (log / "transitions.csv").write_text(TRANSITIONS_HEADER + transition(0))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gputel", "export", "--parquet", str(tmp_path / "o"), str(log)],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env={**os.environ, "TERM": "xterm", "COLUMNS": "100"},
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=60) == 0
+    os.close(master)
+    assert b"exporting" in seen

@@ -100,9 +100,13 @@ def export_parquet(
         for p in fs.files[kind.name]
         if (s := _source(kind, p, fs.nodes[p])) is not None
     ]
+    if not sources and mode != "incremental":
+        return {}  # nothing to export: OUT is left as it was
     con = con or duck.connect()
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
+        for p in out.glob("_staging-*"):
+            shutil.rmtree(p, ignore_errors=True)  # left by a run that died
         if mode == "overwrite":
             _clear(out)
         files = _load_manifest(out) if mode == "incremental" else {}
@@ -152,8 +156,6 @@ def _clear(out: Path) -> None:
     """--overwrite: the datasets, the manifest and any leftover staging go."""
     for kind in KINDS:
         shutil.rmtree(out / kind.name, ignore_errors=True)
-    for p in out.glob("_staging-*"):
-        shutil.rmtree(p, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         (out / MANIFEST).unlink()
 
