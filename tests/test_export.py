@@ -256,3 +256,34 @@ def test_a_terminal_shows_progress(tmp_path: Path) -> None:
     assert proc.wait(timeout=60) == 0
     os.close(master)
     assert b"exporting" in seen
+
+
+def test_a_file_that_grows_while_it_is_read_goes_out_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorder appends while the export reads the file, and the read meets half a row:
+    the rows that were whole when the run began go out, the rest with the next run."""
+    from gputel.analysis import export
+
+    log = tmp_path / "log"
+    log.mkdir()
+    f = log / "transitions.csv"
+    f.write_text(TRANSITIONS_HEADER + transition(0) + transition(1))
+    real = export._copy
+    calls: list[Path] = []
+
+    def copy_while_writing(con: object, s: object, csv: Path, *rest: object) -> int:
+        if not calls:
+            with open(f, "a") as fh:
+                fh.write(transition(2) + transition(3)[:10])
+        calls.append(csv)
+        return real(con, s, csv, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(export, "_copy", copy_while_writing)
+    out = tmp_path / "out"
+    assert export_parquet([log], out)["transitions"] == 2
+    assert calls[0] == f and calls[1] != f  # the direct read, then the slice
+    with open(f, "a") as fh:
+        fh.write(transition(3)[10:])
+    assert export_parquet([log], out, "incremental")["transitions"] == 2
+    assert assert_dataset_equals_csvs(out, [log])["transitions"] == 4

@@ -219,13 +219,18 @@ def _export_source(
         return None  # unchanged since the last run (perhaps renamed, never rewritten)
     if done == 0 and (s.gz or _last_byte(s.path, s.size) == b"\n"):
         # The common case, a whole file not seen before: read it where it lies.
-        rows = _copy(con, s, s.path, done, staging, out)
-        if s.gz:
-            return _entry(s, rows, None)
-        if s.path.stat().st_size == s.size:
-            return _entry(s, rows, s.size)
-        # It grew while being read: the read may hold a partial last row. Read the part that
-        # was whole before, as a slice (same output names, so the first read is replaced).
+        try:
+            rows: int | None = _copy(con, s, s.path, done, staging)
+        except CsvReadError:
+            if s.gz or s.path.stat().st_size == s.size:
+                raise
+            rows = None  # it grew while being read, and the read met half a row
+        if rows is not None and (s.gz or s.path.stat().st_size == s.size):
+            _publish(s.kind, staging, out)
+            return _entry(s, rows, None if s.gz else s.size)
+        # It grew while being read: the read may hold a partial last row. Drop it and read the
+        # part that was whole before, as a slice.
+        shutil.rmtree(staging / s.kind.name, ignore_errors=True)
     return _export_slice(con, s, done, offset, out, staging)
 
 
@@ -264,8 +269,9 @@ def _export_slice(
     if rows == 0:
         tmp.unlink()
         return None
-    got = _copy(con, s, tmp, done, staging, out)
+    got = _copy(con, s, tmp, done, staging)
     tmp.unlink()
+    _publish(s.kind, staging, out)
     new_offset = None if s.gz or start < 0 else start + copied - len(tail)
     return _entry(s, done + got, new_offset)
 
@@ -277,9 +283,9 @@ def _entry(s: Source, rows: int, offset: int | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- copy
-def _copy(con: Any, s: Source, csv: Path, first_row: int, staging: Path, out: Path) -> int:
-    """Write the rows of ``csv`` (a file with ``s``'s header) into the dataset of ``s.kind``;
-    returns how many. The output is staged, then moved into place file by file."""
+def _copy(con: Any, s: Source, csv: Path, first_row: int, staging: Path) -> int:
+    """Write the rows of ``csv`` (a file with ``s``'s header) as Parquet files of ``s.kind``
+    under ``staging`` (see :func:`_publish`); returns how many."""
     import duckdb
 
     header = s.header_line.decode().strip("\r\n").split(",")
@@ -327,12 +333,17 @@ def _copy(con: Any, s: Source, csv: Path, first_row: int, staging: Path, out: Pa
             raise OSError(_one_line(str(exc), csv, s.path)) from None
         except duckdb.Error as exc:
             raise CsvReadError(_one_line(str(exc), csv, s.path)) from None
+    return rows
+
+
+def _publish(kind: FileKind, staging: Path, out: Path) -> None:
+    """Move the staged files of ``kind`` into the dataset, file by file (each whole)."""
+    target = staging / kind.name
     for part in sorted(target.rglob("*.parquet")):
         dest = out / kind.name / part.relative_to(target)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, dest)
     shutil.rmtree(target, ignore_errors=True)
-    return rows
 
 
 def _one_line(message: str, read: Path, source: Path) -> str:
