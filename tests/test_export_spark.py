@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,30 @@ def spark() -> Iterator[Any]:
         yield session
     finally:
         session.stop()
+        _stop_jvm()
+
+
+def _stop_jvm() -> None:
+    """End the JVM now rather than when this (pytest worker) process exits: no Java process
+    outlives the test."""
+    from pyspark import SparkContext
+
+    gateway = SparkContext._gateway
+    if gateway is None:
+        return
+    proc = getattr(gateway, "proc", None)
+    gateway.shutdown()
+    SparkContext._gateway = None
+    SparkContext._jvm = None
+    if proc is not None:
+        # The JVM's gateway server exits when its standard input closes.
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.timeout(300)
