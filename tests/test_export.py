@@ -287,3 +287,26 @@ def test_a_file_that_grows_while_it_is_read_goes_out_once(
         fh.write(transition(3)[10:])
     assert export_parquet([log], out, "incremental")["transitions"] == 2
     assert assert_dataset_equals_csvs(out, [log])["transitions"] == 4
+
+
+def test_a_log_filed_under_another_node_later_is_not_exported_twice(tmp_path: Path) -> None:
+    """Before the first session the node's transitions.csv belongs to its directory's name; once
+    a gpu file names the node, the rows already out are not exported again under it."""
+    log = tmp_path / "gputel"
+    log.mkdir()
+    f = log / "transitions.csv"
+    f.write_text(TRANSITIONS_HEADER + transition(0))
+    out = tmp_path / "out"
+    export_parquet([log], out)
+    (log / "gpu-20261122T235958Z-node7.csv").write_text(
+        f"timestamp,gpu,utilization_gpu_pct\n{iso(1)},0,50.0\n"
+    )
+    with open(f, "a") as fh:
+        fh.write(transition(1))
+    assert export_parquet([log], out, "incremental")["transitions"] == 1
+    con = duckdb.connect()
+    nodes = con.execute(
+        f"SELECT node, count(*) FROM read_parquet('{out}/transitions/**/*.parquet') "
+        "GROUP BY node ORDER BY node"
+    ).fetchall()
+    assert nodes == [("gputel", 1), ("node7", 1)]

@@ -12,9 +12,9 @@ Incremental by design: ``OUT/_gputel_export.json`` (the manifest, replaced atomi
 file) remembers per source file how many rows went out and, for an uncompressed file, the byte
 offset they end at. A later run exports only the rows after that, so it can run from a timer
 while the recorder writes: a file still being written is exported up to its last whole row and
-picked up there next time. A source file is known by its kind, node and first row, so a log
-that logrotate renamed or compressed is recognised, and a new ``events.csv`` is not taken for
-the old one. Output files are named after the source and the first row they hold and are moved
+picked up there next time. A source file is known by its kind, directory and first row, so a
+log that logrotate renamed or compressed is recognised, and a new ``events.csv`` is not taken
+for the old one. Output files are named after the source and the first row they hold and are moved
 into place only when whole, so a run that dies is repeated by the next one without duplicates.
 """
 
@@ -61,7 +61,9 @@ class Source:
     node: str
     header_line: bytes
     key: str
-    """``kind/node/<hash of header and first row>``: the same for the file when renamed."""
+    """``kind/<directory>/<hash of header and first row>``: the same for the file when logrotate
+    renames or compresses it, and when the node it is filed under changes (an appended log in a
+    directory without session files belongs to the directory's name until the first session)."""
     size: int
 
     @property
@@ -199,7 +201,8 @@ def _source(kind: FileKind, path: Path, node: str) -> Source | None:
     if kind.time_column not in columns:
         raise CsvReadError(f"{path}: not a gputel CSV (missing column {kind.time_column})")
     digest = hashlib.sha1(header + first, usedforsecurity=False).hexdigest()[:16]
-    return Source(kind, path, node, header, f"{kind.name}/{node}/{digest}", size)
+    key = f"{kind.name}/{path.parent.resolve()}/{digest}"
+    return Source(kind, path, node, header, key, size)
 
 
 def _last_byte(path: Path, size: int) -> bytes:
