@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # install.sh: install gputel on a GPU worker as a hardened systemd service.
 #
-#   sudo ./install.sh [all|service|logrotate] [--prefix DIR] [--uninstall]
-#   ./install.sh [all|service|logrotate] --destdir DIR [--prefix DIR] [--uninstall]
+#   sudo ./install.sh [all|service|logrotate] [--prefix DIR] [--profiling] [--uninstall]
+#   ./install.sh [all|service|logrotate] --destdir DIR [--prefix DIR] [--profiling] [--uninstall]
 #
 # Steps (each runs alone; "all" runs both):
 #   service    system user and group gputel, the package in its own venv (PREFIX, default
@@ -16,6 +16,10 @@
 #
 # --destdir DIR  stage every file under DIR and touch nothing else: no user, no venv, no chown,
 #                no systemctl, no udevadm, no sysfs (for packaging and tests).
+# --profiling    also install the unit drop-in that gives the service CAP_SYS_ADMIN, so GPM
+#                profiling counters work on a driver that restricts them to admin users (the
+#                default); off unless asked: docs/hardware.md weighs the trade-off. A drop-in
+#                installed earlier is kept by later runs without the flag.
 # --uninstall    remove what the steps installed; recorded CSVs and an edited
 #                /etc/default/gputel stay.
 # Environment: PYTHON (interpreter for the venv, default python3); pip honours PIP_INDEX_URL,
@@ -35,12 +39,13 @@ say() { printf '%s: %s\n' "$PROG" "$*"; }
 die() { printf '%s: %s\n' "$PROG" "$1" >&2; exit "${2:-1}"; }
 usage() {
     cat <<EOF
-usage: $PROG [all|service|logrotate] [--destdir DIR] [--prefix DIR] [--uninstall]
+usage: $PROG [all|service|logrotate] [--destdir DIR] [--prefix DIR] [--profiling] [--uninstall]
   all        service + logrotate (default)
   service    user, venv, unit, /etc/default/gputel, RAPL rule, log directory, systemctl
   logrotate  /etc/logrotate.d/gputel
   --destdir DIR  stage the files under DIR only (no user, venv, systemctl)
   --prefix DIR   venv location (default $DEFAULT_PREFIX)
+  --profiling    give the service CAP_SYS_ADMIN for GPM profiling counters (docs/hardware.md)
   --uninstall    remove what was installed; keeps CSVs and an edited /etc/default/gputel
 EOF
 }
@@ -50,6 +55,7 @@ STEP=all
 DESTDIR=
 PREFIX=$DEFAULT_PREFIX
 UNINSTALL=0
+PROFILING=0
 while [ $# -gt 0 ]; do
     case $1 in
         all | service | logrotate) STEP=$1 ;;
@@ -58,6 +64,7 @@ while [ $# -gt 0 ]; do
         --prefix) [ $# -ge 2 ] || die "--prefix needs a directory" 2; PREFIX=$2; shift ;;
         --prefix=*) PREFIX=${1#*=} ;;
         --uninstall) UNINSTALL=1 ;;
+        --profiling) PROFILING=1 ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown argument: $1 (see $PROG --help)" 2 ;;
     esac
@@ -88,7 +95,7 @@ elif [ "$(id -u)" -ne 0 ]; then
     die "must run as root for a real install (sudo $0 ...), or stage files with --destdir DIR"
 fi
 
-for f in systemd/gputel.service systemd/gputel-export.service systemd/gputel-export.timer etc-default/gputel logrotate/gputel udev/90-gputel-rapl.rules; do
+for f in systemd/gputel.service systemd/gputel-profiling.conf systemd/gputel-export.service systemd/gputel-export.timer etc-default/gputel logrotate/gputel udev/90-gputel-rapl.rules; do
     [ -f "$SRC_DIR/$f" ] || die "missing $SRC_DIR/$f: run install.sh from a gputel checkout"
 done
 
@@ -96,6 +103,8 @@ R=$DESTDIR
 UNIT_FILE=$R/etc/systemd/system/$UNIT_NAME
 EXPORT_SERVICE_FILE=$R/etc/systemd/system/gputel-export.service
 EXPORT_TIMER_FILE=$R/etc/systemd/system/$EXPORT_TIMER
+DROPIN_DIR=$R/etc/systemd/system/$UNIT_NAME.d
+PROFILING_FILE=$DROPIN_DIR/profiling.conf
 DEFAULTS_FILE=$R/etc/default/gputel
 LOGROTATE_FILE=$R/etc/logrotate.d/gputel
 UDEV_FILE=$R/etc/udev/rules.d/90-gputel-rapl.rules
@@ -319,6 +328,11 @@ service_install() {
     ensure_user
     install_venv
     render "$SRC_DIR/systemd/gputel.service" "$UNIT_FILE" 0644
+    if [ "$PROFILING" = 1 ]; then
+        put_file "$SRC_DIR/systemd/gputel-profiling.conf" "$PROFILING_FILE" 0644
+    elif [ -e "$PROFILING_FILE" ]; then
+        say "kept $PROFILING_FILE (GPM with CAP_SYS_ADMIN, from an earlier --profiling)"
+    fi
     put_file "$SRC_DIR/udev/90-gputel-rapl.rules" "$UDEV_FILE" 0644
     install_defaults
     if [ -f "$SRC_DIR/docs/install.md" ]; then
@@ -372,6 +386,8 @@ service_uninstall() {
     remove_file "$EXPORT_TIMER_FILE"
     remove_file "$EXPORT_SERVICE_FILE"
     remove_file "$UNIT_FILE"
+    remove_file "$PROFILING_FILE"
+    prune_dirs "$DROPIN_DIR" "$R/etc/systemd/system"
     systemd_running && systemctl daemon-reload
     remove_file "$UDEV_FILE"
     rapl_revert

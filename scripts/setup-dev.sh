@@ -10,6 +10,7 @@ DEBIAN_PACKAGES=(
   prometheus                # promtool check/test rules, a real scraping server
   prometheus-node-exporter  # reference exporter for the benchmarks
   slurm-wlm munge           # single-node Slurm for the prolog/epilog test
+  slurmdbd mariadb-server   # Slurm accounting: the epilog's AdminComment test
   systemd                   # systemd-analyze verify/security for the unit
   util-linux                # mount (tmpfs disk-full test), flock
   procps                    # ps/pkill used by tests
@@ -17,6 +18,7 @@ DEBIAN_PACKAGES=(
   gcc libc6-dev             # builds the fake libnvidia-ml.so.1 the NVML tests load
   tmux                      # drives gputel demo in a real terminal
   default-jre-headless      # Java for Apache Spark, which reads the Parquet export in a test
+  chromium                  # renders gputel job --html headless (self-contained page test)
 )
 
 if command -v apt-get >/dev/null 2>&1; then

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 # The tests that drive NVIDIA's binding (over the fake libnvidia-ml.so.1).
 NVML_TESTS=(tests/test_fake_driver.py tests/test_nvml_source.py tests/test_nvml_events.py
   tests/test_events_e2e.py tests/test_driver_e2e.py tests/test_gpu_real.py tests/test_gpu_deadline.py
-  tests/test_nvml_gpm.py tests/test_gpm_e2e.py tests/test_nvml_processes.py)
+  tests/test_nvml_gpm.py tests/test_gpm_e2e.py tests/test_nvml_processes.py
+  tests/test_nvml_binding.py tests/test_gpm_refused.py)
 scripts/setup-dev.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

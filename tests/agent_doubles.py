@@ -115,6 +115,7 @@ class ServedAgent:
                 "GPUTEL_RUN_DIR": str(run_dir),
                 "GPUTEL_LOG_DIR": str(log_dir),
                 "GPUTEL_EXPORTER_PORT": "0",
+                "GPUTEL_KMSG": "",  # the machine's kernel log is no test's business
             }
         )
         self.agent = Agent(

@@ -112,6 +112,8 @@ class AgentProc:
             GPUTEL_LOG_DIR=str(self.log_dir),
             GPUTEL_EXPORTER_ADDR="127.0.0.1",
             GPUTEL_EXPORTER_PORT=str(self.port),
+            # The machine's own kernel log is no test's business; a test names its file.
+            GPUTEL_KMSG="",
         )
         env.update(extra_env or {})
         self.env = env
@@ -444,6 +446,7 @@ def test_stuck_gpu_read_degrades_but_loop_and_status_keep_going(tmp_path: Path) 
         backend="nvml",
         interval_s=0.1,
         start_seconds=60,
+        kmsg="",
         run_dir=tmp_path / "run",
         log_dir=tmp_path / "log",
         exporter_port=0,

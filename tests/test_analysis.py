@@ -6,6 +6,7 @@ import csv
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from gputel.analysis.duck import install_hint
 from gputel.analysis.filter import ReportFilter
 from gputel.analysis.replay import load_series, replay, sweep
 from gputel.analysis.report import build_report, host_key
@@ -326,7 +328,7 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert 10_000 < len(data) < 2_000_000
     width = int.from_bytes(data[16:20], "big")
     height = int.from_bytes(data[20:24], "big")
-    assert (width, height) == (1200, 640)
+    assert (width, height) == (1200, 670)
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(
@@ -336,17 +338,17 @@ def test_plot_without_matplotlib_says_how_to_get_it(
 
     write_gpu_csv(tmp_path / "gpu-20261122T100000Z-n.csv", T0, 5, pattern)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(plot.PlotUnavailable, match=r"pip install 'gputel\[analysis\]'"):
+    with pytest.raises(plot.PlotUnavailable, match=re.escape(install_hint())):
         plot.plot([tmp_path], tmp_path / "x.png")
 
 
-@pytest.mark.parametrize("command", ["report", "replay", "plot", "export"])
+@pytest.mark.parametrize("command", ["report", "replay", "plot", "export", "job"])
 def test_without_duckdb_one_line_says_how_to_get_it(tmp_path: Path, command: str) -> None:
     write_gpu_csv(tmp_path / "gpu-20261122T100000Z-n.csv", T0, 5, pattern)
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "duckdb.py").write_text("raise ImportError('no duckdb here')\n")
-    args = [command, str(tmp_path)]
+    args = [command, str(tmp_path)] if command != "job" else [command, "job-1", str(tmp_path)]
     if command == "export":
         args += ["--parquet", str(tmp_path / "out")]
     res = subprocess.run(
@@ -358,7 +360,7 @@ def test_without_duckdb_one_line_says_how_to_get_it(tmp_path: Path, command: str
     )
     assert res.returncode == 1, res.stderr
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install 'gputel[analysis]'" in lines[0], res.stderr
+    assert len(lines) == 1 and lines[0].endswith(install_hint()), res.stderr
     assert not (tmp_path / "out").exists()
 
 

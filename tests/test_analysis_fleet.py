@@ -154,6 +154,8 @@ def test_gpm_columns_and_events_when_present(
         w.writerow([iso(T0 + timedelta(seconds=25)), 0, "GPU-0", "xid", "79", "fell off", "job-1"])
         w.writerow([iso(T0 + timedelta(seconds=26)), 0, "GPU-0", "xid", "79", "", "job-1"])
         w.writerow([iso(T0 + timedelta(hours=5)), 0, "GPU-0", "ecc_dbe", "", "", ""])
+        # A fault on no GPU (an NVSwitch's SXid from the kernel log): an empty gpu cell.
+        w.writerow([iso(T0 + timedelta(hours=6)), "", "", "sxid_fatal", "", "SXid 20034", ""])
     report = build_report([tmp_path])
     (session,) = report["sessions"]
     (g,) = session["gpus"]
@@ -164,7 +166,7 @@ def test_gpm_columns_and_events_when_present(
     assert session["events"] == [{"event": "xid", "xid": "79", "count": 2}]
     (job,) = report["allocations"]
     assert job["events"] == [{"event": "xid", "xid": "79", "count": 2}]
-    assert report["nodes"][0]["events"] == 3
+    assert report["nodes"][0]["events"] == 4
 
 
 def test_reading_in_batches_gives_the_same_report(

@@ -48,6 +48,12 @@ def test_demo_cycle_on_a_short_timeline(tmp_path: Path) -> None:
     assert [g["gpu"] for g in result.summary["gpus"]] == [0, 1]
     assert result.plot is not None and result.plot.exists()
     assert f"gputel report {result.log_dir}" in text
+    # The demo's job, opened and released through the hook API, and the command about it.
+    assert result.job == "demo-job-1"
+    assert f"gputel job demo-job-1 {result.log_dir}" in text
+    with open(result.log_dir / "allocations.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["id"] == "demo-job-1" and row["gpus"] == "0;1" and float(row["energy_j"]) > 0
     assert not (tmp_path / "demo" / "run" / "control.sock").exists()
 
 
@@ -209,6 +215,7 @@ def test_a_person_running_the_demo_sees_the_live_view_and_the_answer(tmp_path: P
         assert (tmp_path / "demo" / "timeline.png").stat().st_size > 10_000
         assert f"gputelreport{tmp_path / 'demo' / 'log'}" in flat
         assert f"gputelplot{tmp_path / 'demo' / 'log'}" in flat
+        assert f"gputeljobdemo-job-1{tmp_path / 'demo' / 'log'}" in flat
     finally:
         subprocess.run([*server, "kill-server"], capture_output=True)
 
@@ -220,10 +227,10 @@ def test_without_the_analysis_extra_the_demo_says_how_to_get_the_answer(
     from gputel.cli import demo
 
     def no_duckdb(threads: int | None = None) -> None:
-        raise duck.AnalysisUnavailable(f"this command needs DuckDB: {duck.INSTALL_HINT}")
+        raise duck.AnalysisUnavailable(f"this command needs DuckDB: {duck.install_hint()}")
 
     monkeypatch.setattr(duck, "connect", no_duckdb)
     out = io.StringIO()
     summary, picture = demo._answer(Console(file=out, width=120), tmp_path, tmp_path / "t.png")
     assert (summary, picture) == (None, None)
-    assert "pip install 'gputel[analysis]'" in out.getvalue()
+    assert duck.install_hint() in " ".join(out.getvalue().split())

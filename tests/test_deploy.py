@@ -228,6 +228,27 @@ def test_uninstall_removes_everything_it_installed(tmp_path: Path) -> None:
     assert list(root.iterdir()) == [], proc.stdout
 
 
+def test_profiling_dropin_only_when_asked_kept_on_rerun_removed_on_uninstall(
+    tmp_path: Path,
+) -> None:
+    """``--profiling``: the drop-in that gives the service CAP_SYS_ADMIN for GPM (never by
+    default: docs/hardware.md)."""
+    root = tmp_path / "root"
+    dropin = root / "etc/systemd/system/gputel.service.d/profiling.conf"
+    stage(root, "service")
+    assert not dropin.exists()
+    stage(root, "service", "--profiling")
+    assert dropin.read_bytes() == (REPO / "systemd/gputel-profiling.conf").read_bytes()
+    assert stat.S_IMODE(dropin.stat().st_mode) == 0o644
+    directives = unit_directives(dropin.read_text())
+    assert directives[("Service", "AmbientCapabilities")] == ["CAP_SYS_ADMIN"]
+    assert directives[("Service", "CapabilityBoundingSet")] == ["CAP_SYS_ADMIN"]
+    proc = stage(root, "service")
+    assert dropin.exists() and "kept" in proc.stdout
+    stage(root, "--uninstall")
+    assert list(root.iterdir()) == []
+
+
 def test_uninstall_keeps_csvs_and_edited_defaults(tmp_path: Path) -> None:
     root = tmp_path / "root"
     stage(root)
@@ -323,7 +344,11 @@ def test_unit_has_the_required_directives() -> None:
     assert one("Service", "ProtectHome") == "yes"
     assert one("Service", "PrivateTmp") == "yes"
     assert one("Service", "NoNewPrivileges") == "yes"
-    assert one("Service", "CapabilityBoundingSet") == ""
+    # The one capability: reading the driver's Xid lines in /dev/kmsg (GPUTEL_KMSG).
+    assert one("Service", "CapabilityBoundingSet") == "CAP_SYSLOG"
+    assert one("Service", "AmbientCapabilities") == "CAP_SYSLOG"
+    assert one("Service", "ProtectKernelLogs") == "no"
+    assert "/dev/kmsg r" in d[("Service", "DeviceAllow")]
     assert one("Service", "DevicePolicy") == "closed"
     allowed = {v.split()[0] for v in d[("Service", "DeviceAllow")]}
     nvidia = {"char-nvidiactl", "char-nvidia-frontend", "char-nvidia-uvm", "char-nvidia-caps"}
@@ -369,6 +394,36 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     relevant = [ln for ln in proc.stderr.splitlines() if "gputel" in ln]
     assert proc.returncode == 0, proc.stderr
     assert relevant == []
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed")
+def test_cap_syslog_cannot_clear_the_kernel_log() -> None:
+    """CAP_SYSLOG reads /dev/kmsg; the syslog(2) call it would also allow (clearing the log) is
+    not in the unit's allowed system calls."""
+    assert "@system-service" in unit_directives(UNIT.read_text())[("Service", "SystemCallFilter")]
+    proc = subprocess.run(
+        [str(SYSTEMD_ANALYZE), "syscall-filter"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    groups: dict[str, list[str]] = {}
+    members: list[str] = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("@"):
+            members = groups.setdefault(line.split()[0], [])
+        elif line.strip() and not line.strip().startswith("#"):
+            members.append(line.strip())
+
+    def calls(group: str) -> set[str]:
+        out: set[str] = set()
+        for m in groups.get(group, []):
+            out |= calls(m) if m.startswith("@") else {m}
+        return out
+
+    allowed = calls("@system-service")
+    assert "read" in allowed and "syslog" not in allowed
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed")
@@ -747,3 +802,16 @@ def test_install_docs_cover_the_operator_tasks() -> None:
         "--destdir",
     ):
         assert needed in text, needed
+
+
+@needs_logrotate
+def test_forced_run_compresses_files_moved_aside_by_an_upgrade(tmp_path: Path) -> None:
+    rig = LogrotateRig(tmp_path)
+    old = "timestamp,gpu,uuid,event,xid,detail\n2026-11-20T10:00:01.000Z,0,GPU-x,xid,79,bus\n"
+    rig.write("events-pre-20261120T100000Z.csv", old)
+    expired = rig.write_gz("allocations-pre-20250101T000000Z.csv.1.gz", "id\n", age_days=500)
+    rig.run("-f")
+    done = rig.dir / "events-pre-20261120T100000Z.csv.1.gz"
+    assert gzip.decompress(done.read_bytes()).decode() == old
+    assert not (rig.dir / "events-pre-20261120T100000Z.csv").exists(), "nocreate"
+    assert not expired.exists()

@@ -25,6 +25,11 @@ def test_readme_quick_start_commands_exist() -> None:
     quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     assert "gputel demo" in quick
     assert "./scripts/test.sh" in quick
+    # The demo's part ends at the command about the job the demo opened.
+    from gputel.cli.demo import DEMO_JOB
+
+    demo_part = quick.split("./scripts/test.sh", 1)[0]
+    assert demo_part.index("gputel demo") < demo_part.index(f"gputel job {DEMO_JOB}")
     assert (ROOT / "scripts" / "test.sh").stat().st_mode & 0o111
     ci = (ROOT / ".ci" / "run").read_text()
     assert "./scripts/test.sh" in ci

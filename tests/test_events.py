@@ -96,7 +96,34 @@ def test_an_xid_event_carries_the_table_detail_and_action() -> None:
         "xid": 79,
         "action": "drain",
         "allocations": ["job-1", "slurm-42"],
+        "source": "",
     }
+
+
+def test_the_detail_names_the_source_and_the_kernel_line() -> None:
+    line = (
+        "kernel: NVRM: Xid (PCI:0000:3b:00): 79, pid=42, name=python, GPU has fallen off the bus."
+    )
+    e = make_event(T0, 0, UUID0, "xid", 79, source="kmsg", note=line)
+    assert e.detail == f"{XID_TABLE[79].detail}; source=kmsg; {line}"
+    assert e.as_status()["source"] == "kmsg"
+    assert make_event(T0, 0, UUID0, "xid", 79, source="nvml").detail.endswith("; source=nvml")
+
+
+def test_a_fault_on_no_selected_gpu_has_empty_cells_and_labels() -> None:
+    sxid = make_event(T0, None, None, "sxid_fatal", source="kmsg")
+    other = make_event(T0, None, None, "xid", 79, source="kmsg")
+    assert sxid.action == xidmod.DRAIN and make_event(T0, None, None, "sxid").action == "watch"
+    assert describe(sxid) == "sxid_fatal on an NVSwitch"
+    assert describe(other) == "Xid 79 on an unknown GPU"
+    assert csv_row(sxid).split(",")[1:5] == ["", "", "sxid_fatal", ""]
+    assert sxid.as_status()["gpu"] is None
+    c = EventCounters()
+    for e in (other, make_event(T0, 1, UUID1, "xid", 79), sxid):
+        c.add(e)
+    text = c.exposition().decode()
+    assert text.index('gpu="1"') < text.index('gpu=""')
+    assert 'gputel_gpu_events_total{event="sxid_fatal",gpu="",uuid=""} 1.0' in text
 
 
 @pytest.mark.parametrize("kind", EVENT_KINDS[1:], ids=lambda k: k.name)

@@ -65,7 +65,7 @@ def test_an_xid_while_idle_is_recorded_counted_shown_and_captured(
         "uuid": UUID0,
         "event": "xid",
         "xid": "79",
-        "detail": xid_info(79).detail,
+        "detail": xid_info(79).detail + "; source=nvml",
         "allocations": "",
     }
     text = agent.metrics()

@@ -28,6 +28,7 @@ from fakedriver import (
     exported_symbols,
     scenario,
 )
+from gputel.sources import nvml_binding
 
 SRC = Path(nvml_module.__file__).resolve().parents[1]
 
@@ -39,7 +40,8 @@ def _pynvml_calls_in_gputel() -> set[str]:
         text = path.read_text()
         names.update(re.findall(r"\bnv\.(nvml\w+)\(", text))
         names.update(re.findall(r"[\"'](nvml(?:Device|System|Gpm|Event)\w+)[\"']", text))
-    names.update({"nvmlInit", "nvmlShutdown", "nvmlErrorString"})
+    names.update(nvml_binding.FUNCTIONS)
+    names.update({"nvmlErrorString"})
     return names
 
 
@@ -273,3 +275,24 @@ def test_device_count_follows_the_scenario(fake_driver: FakeDriver, n: int) -> N
     fake_driver.write(scenario(n))
     result = fake_driver.python(_COUNT)
     assert result.stdout.strip() == str(n)
+
+
+def test_gpm_restricted_to_admins_refuses_a_non_admin_caller(fake_driver: FakeDriver) -> None:
+    """``gpu.I.gpm.admin_only=1``: the support query answers, samples answer NO_PERMISSION (4)
+    unless the caller is an admin, as a driver with RmProfilingAdminOnly=1 does."""
+    code = (
+        "import pynvml as nv\n"
+        "nv.nvmlInit()\n"
+        "h = nv.nvmlDeviceGetHandleByIndex(0)\n"
+        "print(nv.nvmlGpmQueryDeviceSupport(h).isSupportedDevice)\n"
+        "s = nv.nvmlGpmSampleAlloc()\n"
+        "try:\n"
+        "    nv.nvmlGpmSampleGet(h, s)\n"
+        "    print('sampled')\n"
+        "except nv.NVMLError as e:\n"
+        "    print(e.value)\n"
+    )
+    fake_driver.set(gpu__0__gpm__admin_only=1, caller__admin=0)
+    assert fake_driver.python(code).stdout.split() == ["1", str(NO_PERMISSION)]
+    fake_driver.set(caller__admin=1)
+    assert fake_driver.python(code).stdout.split() == ["1", "sampled"]

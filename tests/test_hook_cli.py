@@ -166,3 +166,23 @@ def test_allocations_survive_agent_restart(tmp_path: Path) -> None:
         assert [a["id"] for a in listed["allocations"]] == ["persist", "other"]
     finally:
         stop_agent(run)
+
+
+def test_release_summary_names_the_xids_that_hit_the_allocation(tmp_path: Path) -> None:
+    """Xids on the allocation's GPU while it is open are in its summary and allocations.csv;
+    one on another GPU is not."""
+    events = "0:79@8,1:13@8,0:31@9,0:79@9"
+    with running_agent(tmp_path, GPUTEL_SIM_EVENTS=events) as run:
+        out = hook(tmp_path, "allocate", "xjob", "--gpus", "0")
+        assert out.returncode == 0, out.stderr
+        deadline = time.monotonic() + 30
+        while len(request(run, {"op": "status"}).get("events") or []) < 4:
+            assert time.monotonic() < deadline, "the simulated Xids never came"
+            time.sleep(0.2)
+        out = hook(tmp_path, "release", "xjob", "--json")
+        assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)["summary"]
+    assert summary["xids"] == [79, 31]
+    with open(tmp_path / "log" / "allocations.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["xids"] == "79;31"

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 
 import pytest
 
-from fakedriver import EVENT_XID, UNKNOWN, FakeDriver
+from fakedriver import EVENT_XID, UNKNOWN, FakeDriver, scenario
 from gputel.sources import nvml
 from gputel.sources.nvml_events import NvmlEventListener
 
@@ -128,3 +129,35 @@ def test_stop_does_not_wait_for_a_wait_that_never_returns(inproc_driver: FakeDri
     inproc_driver.set({"event_wait.sleep_ms": None})  # release it so the thread can end
     assert listener.join(5.0)
     source.close()
+
+
+def test_a_gpu_hung_in_a_read_does_not_keep_the_others_from_their_events(
+    inproc_driver: FakeDriver,
+) -> None:
+    """GPU 1's read blocks in the driver holding its lock: GPU 0 (before it) and GPU 2 (after
+    it) still get their events; GPU 1 is registered once its read returns."""
+    inproc_driver.write(scenario(3, gpu__1__utilization__sleep_ms=600_000))
+    source = nvml.open_nvml(None)
+    reader = threading.Thread(target=source.read_gpu, args=(1,), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while inproc_driver.calls("utilization", 1) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # GPU 1's read is inside the hung call now, holding its lock
+    listener = source.event_listener()
+    assert isinstance(listener, NvmlEventListener)
+    listener._wait_ms = 50
+    sink = Sink()
+    listener.start(sink)
+    inproc_driver.set({"event.1": f"0,{EVENT_XID},79", "event.2": f"2,{EVENT_XID},48"})
+    assert sorted(sink.take(2)) == [(0, "xid", 79), (2, "xid", 48)]
+    assert set(listener.registered) == {0, 2}
+    assert listener.notice is not None and "GPU 1" in listener.notice
+    inproc_driver.set({"gpu.1.utilization.sleep_ms": None})  # the hung read returns
+    reader.join(10)
+    deadline = time.monotonic() + 10
+    while 1 not in listener.registered and time.monotonic() < deadline:
+        time.sleep(0.02)
+    inproc_driver.set({"event.3": f"1,{EVENT_XID},31"})
+    assert sink.take(1) == [(1, "xid", 31)]
+    assert listener.notice is None
+    _close(source, listener)

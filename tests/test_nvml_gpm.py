@@ -109,7 +109,7 @@ def test_values_come_from_the_pair_and_the_first_read_is_empty(drv: FakeDriver) 
     gpm_calls = drv.calls("gpm", 1)
     src.read()
     assert drv.calls("gpm", 1) == gpm_calls == 1  # the support query, once
-    assert drv.calls("gpm", 0) == 1 + 3  # the query, then one sample per read
+    assert drv.calls("gpm", 0) == 1 + 1 + 3  # the query, the probe at open, one sample per read
     src.close()
 
 

@@ -11,7 +11,6 @@ import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 
@@ -42,7 +41,7 @@ MEASUREMENTS = [
 def measured(src: nvml.NvmlGpuSource) -> list[str]:
     """The measurements this binding can give: the recovery action is a field id only newer
     bindings define (nvidia-ml-py 12.535 has none)."""
-    if hasattr(src.binding, "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION"):
+    if hasattr(src.calls.api.module, "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION"):
         return MEASUREMENTS
     return [m for m in MEASUREMENTS if m != "recovery_action"]
 
@@ -111,6 +110,18 @@ def _uuid(i: int) -> str:
 
 
 # ------------------------------------------------------------------------------ full readings
+def test_identities_carry_the_pci_bus_id_in_nvml_form(drv: FakeDriver) -> None:
+    """The key that places the kernel log's Xid lines (``sources/kernel_xid.pci_key``)."""
+    from gputel.sources.kernel_xid import pci_key
+
+    drv.set(gpu__1__pci_bus_id="00000001:B7:00.0")
+    src = nvml.open_nvml(None, clock=Clock())
+    ids = [d.pci_bus_id for d in src.devices()]
+    assert ids == ["00000000:18:00.0", "00000001:B7:00.0"]
+    assert [pci_key(i) for i in ids] == ["0000:18:00", "0001:b7:00"]
+    src.close()
+
+
 def test_full_reading_converts_every_field_to_its_unit(drv: FakeDriver) -> None:
     src = nvml.open_nvml(None, clock=Clock())
     assert src.name == "nvml"
@@ -770,12 +781,6 @@ def test_init_is_process_wide_and_close_is_idempotent(drv: FakeDriver) -> None:
     c = nvml.open_nvml(None)  # a later source starts NVML again
     assert c.read_utilization() == {0: 50.0, 1: 51.0}
     c.close()
-
-
-def test_import_is_lazy() -> None:
-    source = Path(nvml.__file__).read_text(encoding="utf-8")
-    top = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
-    assert not [line for line in top if "pynvml" in line]
 
 
 def test_library_not_found_is_the_documented_line(fake_driver: FakeDriver) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -87,6 +88,7 @@ def recorder(
                 "GPUTEL_LOG_DIR": str(tmp_path / "log"),
                 "GPUTEL_RUN_DIR": str(tmp_path / "run"),
                 "GPUTEL_PROC_ROOT": str(tmp_path / "proc"),
+                "GPUTEL_POD_LOGS_DIR": str(tmp_path / "pods"),
             },
         )
         started.append(proc)
@@ -103,6 +105,9 @@ def test_record_names_each_process_job_and_summarises_jobs(
     fake_driver: FakeDriver, tmp_path: Path, recorder: Callable[[], subprocess.Popen[str]]
 ) -> None:
     fake_proc(tmp_path / "proc")
+    # The kubelet's pod log tree: the pod's directory, another pod's, and names to ignore.
+    for entry in (f"ml-team_trainer-7f9c_{POD_UID}", "kube-system_dns-1_0a0b", "junk", "a_b"):
+        (tmp_path / "pods" / entry).mkdir(parents=True)
     log_dir, run_dir = tmp_path / "log", tmp_path / "run"
     fake_driver.set(
         processes(
@@ -141,18 +146,37 @@ def test_record_names_each_process_job_and_summarises_jobs(
     assert {r["allocations"] for r in gpu if r["gpu"] == "0"} == {"slurm-77"}
     assert {r["allocations"] for r in gpu if r["gpu"] == "1"} == {f"k8s-{POD_UID};user-root"}
 
-    # Metrics by job, never by PID; the unknown owner's process under job="".
+    # Metrics by allocation, never by PID (and never a "job" label: Prometheus owns it); the
+    # unknown owner's process under allocation="".
     metrics = (run_dir / "metrics.prom").read_text()
     promtool_ok(metrics)
     uuid0 = "GPU-fake-0000-0000-0000-0000-000000000000"
-    labels = f'{{gpu="0",job="slurm-77",uuid="{uuid0}"}}'
-    assert metric(metrics, "gputel_gpu_job_memory_used_bytes" + labels) == 4096 * MIB
-    assert metric(metrics, "gputel_gpu_job_sm_util_ratio" + labels) == 0.6
-    assert 'job="user-root"' in metrics and 'job=""' in metrics
-    assert "pid=" not in metrics
+    labels = f'{{allocation="slurm-77",gpu="0",uuid="{uuid0}"}}'
+    assert metric(metrics, "gputel_gpu_allocation_memory_used_bytes" + labels) == 4096 * MIB
+    assert metric(metrics, "gputel_gpu_allocation_sm_util_ratio" + labels) == 0.6
+    assert 'allocation="user-root"' in metrics and 'allocation=""' in metrics
+    assert not re.search(r'[{,](pid|job)="', metrics)
+    # One info series per open allocation: the pod's names from the pod log tree.
+    info = {
+        line.split("{", 1)[1].split("}", 1)[0]
+        for line in metrics.splitlines()
+        if line.startswith("gputel_allocation_info{")
+    }
+    assert info == {
+        'allocation="slurm-77",kind="slurm",namespace="",pod="",slurm_job="77",user="root"',
+        f'allocation="k8s-{POD_UID}",kind="k8s",namespace="ml-team",pod="trainer-7f9c",'
+        'slurm_job="",user="root"',
+        'allocation="user-root",kind="user",namespace="",pod="",slurm_job="",user="root"',
+    }
 
-    # recorder.json reports what the agent shows.
+    # recorder.json reports what the agent shows, the pod's names beside its process.
     state = json.loads((run_dir / "recorder.json").read_text())
+    by_job = {p["job"]: p for p in state["processes"]}
+    assert (by_job[f"k8s-{POD_UID}"]["namespace"], by_job[f"k8s-{POD_UID}"]["pod"]) == (
+        "ml-team",
+        "trainer-7f9c",
+    )
+    assert "pod" not in by_job["slurm-77"]
     assert {d["id"]: d["gpus"] for d in state["detected"]} == {
         "slurm-77": [0],
         f"k8s-{POD_UID}": [1],
@@ -212,6 +236,8 @@ def agent(fake_driver: FakeDriver, tmp_path: Path) -> Iterator[AgentProc]:
         GPUTEL_PRETRIGGER_SECONDS="0",
         GPUTEL_PROC_ROOT=str(tmp_path / "proc"),
     )
+    # The procfs root must exist at start; the test fills it in.
+    (tmp_path / "proc").mkdir(exist_ok=True)
     a = AgentProc(tmp_path / "agent", env)
     yield a
     hb = None
@@ -246,7 +272,7 @@ def test_agent_detected_jobs_tag_and_summarise_but_never_start_telemetry(
         ("slurm-77", [0], True)
     ]
     metrics = agent.metrics()
-    assert 'gputel_gpu_job_memory_used_bytes{gpu="0",job="slurm-77"' in metrics
+    assert 'gputel_gpu_allocation_memory_used_bytes{allocation="slurm-77",gpu="0"' in metrics
     promtool_ok(metrics)
     wait_for(
         lambda: any(r["allocations"] == "slurm-77" for r in rows(agent.log_dir, "gpu-*.csv")),

@@ -201,6 +201,7 @@ def test_tick_publishes_state_and_tags_allocations(tmp_path: Path) -> None:
     assert state["files"]["gpu"].endswith("gpu-20261122T034512Z-node01.csv")
     assert state["rows_failed"] == 0 and state["ticks_missed"] == 0
     stats = state["allocation_stats"]
+    job1_energy = stats["job-1"].pop("energy_j")
     assert stats["job-1"] == {
         "samples": 2,
         "util_readings": 2,
@@ -208,7 +209,12 @@ def test_tick_publishes_state_and_tags_allocations(tmp_path: Path) -> None:
         "util_max_pct": 100.0,
         "temperature_max_c": stats["job-1"]["temperature_max_c"],
         "memory_max_mib": stats["job-1"]["memory_max_mib"],
+        # The simulated GPU at 100 % reports SM activity and its power cap active.
+        "sm_readings": 2,
+        "sm_active_mean_pct": stats["job-1"]["sm_active_mean_pct"],
+        "throttled_s": 2 * settings.interval_s,
     }
+    assert stats["job-1"]["sm_active_mean_pct"] > 50
     assert stats["job-all"]["samples"] == 2
     assert stats["job-all"]["util_mean_pct"] == pytest.approx((50 + 100 + 100) * 2 / 6)
     metrics = (settings.run_dir / runtime.METRICS_FILE).read_text()
@@ -220,6 +226,9 @@ def test_tick_publishes_state_and_tags_allocations(tmp_path: Path) -> None:
         "job-all", "job-1;job-all", "job-all",
         "job-all", "job-1;job-all", "job-all",
     ]  # fmt: skip
+    # The one allocation energy rule: the rise of GPU 1's energy_j over its tagged rows, each
+    # from the row before it (gputel report counts the same).
+    assert job1_energy == pytest.approx(float(rows[7]["energy_j"]) - float(rows[1]["energy_j"]))
 
     # A restarted recorder (a crashed child) goes on with the statistics of open allocations.
     rec = Recorder(
@@ -527,7 +536,7 @@ def test_child_stops_when_its_agent_is_gone(tmp_path: Path) -> None:
         "GPUTEL_INTERVAL": "0.05",
         "GPUTEL_LOG_DIR": str(tmp_path / "log"),
         "GPUTEL_RUN_DIR": str(tmp_path / "run"),
-        "GPUTEL_SYSFS_ROOT": str(tmp_path / "nosys"),
+        "GPUTEL_SYSFS_ROOT": str(tmp_path),  # no RAPL, no hwmon
     }
     parent_code = (
         "import subprocess, sys, time\n"

@@ -193,7 +193,7 @@ def test_auto_does_not_fall_back_when_a_selected_gpu_is_missing(
     from gputel.sources import select
     from gputel.sources.base import GpuSelectionError
 
-    def missing(selected: object, clock: object = None) -> object:
+    def missing(selected: object, **settings: object) -> object:
         raise GpuSelectionError("GPUTEL_GPUS selects GPU 7, but this node has 2 GPU(s)")
 
     fake = types.ModuleType("gputel.sources.nvml")

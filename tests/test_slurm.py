@@ -3,7 +3,9 @@
 The real-Slurm test starts munged, slurmctld and slurmd on loopback with a ``slurm.conf`` of its
 own in a temporary directory, runs a gputel agent on idle simulated GPUs, submits a batch job and
 checks that the prolog turned telemetry on, rows carry the job's allocation id, the epilog turned
-telemetry off, ``allocations.csv`` has the job, and the node is not drained.
+telemetry off, ``allocations.csv`` has the job, and the node is not drained. With slurmdbd on
+MariaDB (started by the test on loopback) the epilog's summary reaches the job's AdminComment;
+without the epilog the job's allocation ends ``job-gone``.
 """
 
 from __future__ import annotations
@@ -100,8 +102,6 @@ def test_scripts_exit_0_without_their_library(tmp_path: Path) -> None:
         ("3", "hook allocate slurm-42 --gpus 3 --quiet"),
         ("0,2-4", "hook allocate slurm-42 --gpus 0,2,3,4 --quiet"),
         ("", "hook allocate slurm-42 --quiet"),
-        ("0;reboot", "hook allocate slurm-42 --quiet"),
-        ("*", "hook allocate slurm-42 --quiet"),
     ],
 )
 def test_prolog_calls_allocate(
@@ -114,10 +114,22 @@ def test_prolog_calls_allocate(
     assert calls[0] == expected
 
 
+@pytest.mark.parametrize("gpus", ["0;reboot", "*", "3-1", "a,b"])
+def test_prolog_refuses_an_unreadable_gpu_list(tmp_path: Path, fake_bin: Path, gpus: str) -> None:
+    """Never all GPUs instead: one line says why, and no allocation is opened."""
+    out, _, calls = run_script(
+        PROLOG, tmp_path, SLURM_JOB_ID="42", SLURM_JOB_GPUS=gpus, GPUTEL_BIN=str(fake_bin)
+    )
+    assert out.returncode == 0 and calls == []
+    (line,) = out.stderr.splitlines()
+    assert f"cannot read SLURM_JOB_GPUS='{gpus}'" in line
+    assert "no allocation opened for job 42" in line
+
+
 def test_epilog_calls_release(tmp_path: Path, fake_bin: Path) -> None:
     out, _, calls = run_script(EPILOG, tmp_path, SLURM_JOB_ID="42", GPUTEL_BIN=str(fake_bin))
     assert out.returncode == 0
-    assert calls[0] == "hook release slurm-42 --quiet"
+    assert calls[0] == "hook release slurm-42 --quiet --slurm-comment"
 
 
 def test_defaults_file_is_read_not_executed(tmp_path: Path, fake_bin: Path) -> None:
@@ -159,8 +171,12 @@ def test_always_exit_0(tmp_path: Path, fake_bin: Path, script: Path) -> None:
         GPUTEL_BIN=str(fake_bin),
         FAKE_SLEEP="30",
         GPUTEL_HOOK_TIMEOUT="1",
+        GPUTEL_RUN_DIR="/tmp/gputel-run",
     )
     assert out.returncode == 0 and took < 5
+    assert "timed out after 1 s talking to the agent at /tmp/gputel-run/control.sock" in (
+        out.stderr
+    ), out.stderr
     # gputel missing, no job id, junk job id
     for env in (
         {"SLURM_JOB_ID": "9", "GPUTEL_BIN": str(tmp_path / "missing")},
@@ -181,13 +197,22 @@ def test_scripts_against_the_real_agent(tmp_path: Path) -> None:
     )
     env = {"GPUTEL_BIN": GPUTEL, "GPUTEL_DEFAULTS_FILE": str(defaults), "SLURM_JOB_ID": "1234"}
     with running_agent(tmp_path) as run:
+        # A GPU the agent does not watch: one line naming the GPUs it knows, nothing opened.
+        out, _, _ = run_script(PROLOG, tmp_path, SLURM_JOB_GPUS="7", **env)
+        assert out.returncode == 0
+        (line,) = out.stderr.splitlines()
+        assert "gputel hook allocate slurm-1234 failed (exit 2: " in line, line
+        assert "GPU 7 not present on this node (GPUs known to the agent: 0,1)" in line, line
+        assert request(run, {"op": "status"})["allocations"] == []
         out, took, _ = run_script(PROLOG, tmp_path, SLURM_JOB_GPUS="1", **env)
         assert out.returncode == 0 and took < 6, out.stderr
         status = request(run, {"op": "status"})
         assert [(a["id"], a["gpus"]) for a in status["allocations"]] == [("slurm-1234", [1])]
         assert status["telemetry_active"] is True
         out, took, _ = run_script(EPILOG, tmp_path, **env)
-        assert out.returncode == 0 and took < 6, out.stderr
+        assert out.returncode == 0 and took < 11, out.stderr
+        # No Slurm accounting here: one line says why nothing went to the job's AdminComment.
+        assert "nothing stored in Slurm for job 1234: " in out.stderr, out.stderr
         assert request(run, {"op": "status"})["allocations"] == []
     with open(tmp_path / "log" / "allocations.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
@@ -196,6 +221,7 @@ def test_scripts_against_the_real_agent(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- real Slurm
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "squeue")
+ACCOUNTING_BINARIES = ("slurmdbd", "sacct", "sacctmgr", "mariadbd", "mariadb-install-db", "mariadb")
 
 
 def _free_port() -> int:
@@ -257,12 +283,99 @@ def _wait(what: str, predicate: object, timeout: float, daemons: Daemons) -> Non
     pytest.fail(f"timed out waiting for {what}\n{daemons.logs()}")
 
 
+def _start_accounting(
+    base: Path, env: dict[str, str], daemons: Daemons, munge: Path
+) -> tuple[int, float]:
+    """MariaDB (own datadir, loopback only) and slurmdbd for one test; their port and start-up
+    seconds. Registers nothing: the cluster is added once slurm.conf exists."""
+    missing = [b for b in ACCOUNTING_BINARIES if not shutil.which(b)]
+    if missing:
+        pytest.skip(f"slurmdbd/MariaDB not installed: {', '.join(missing)} missing")
+    t0 = time.monotonic()
+    data = base / "mysql"
+    out = subprocess.run(
+        [
+            "mariadb-install-db",
+            "--no-defaults",
+            f"--datadir={data}",
+            "--user=root",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if out.returncode != 0:
+        pytest.skip(f"mariadb-install-db failed: {out.stdout[-1000:]}{out.stderr[-1000:]}")
+    db_port = _free_port()
+    sock = base / "mysql.sock"
+    daemons.start(
+        "mariadbd",
+        [
+            "mariadbd",
+            "--no-defaults",
+            f"--datadir={data}",
+            f"--socket={sock}",
+            "--bind-address=127.0.0.1",
+            f"--port={db_port}",
+            "--user=root",
+            f"--pid-file={base}/mysql.pid",
+            "--skip-name-resolve",
+            "--innodb-buffer-pool-size=16M",
+            "--innodb-log-file-size=8M",
+        ],
+        env,
+    )
+    password = os.urandom(8).hex()
+    grant = (
+        f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}';"
+        "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+    )
+
+    def granted() -> bool:
+        done = subprocess.run(
+            ["mariadb", "--no-defaults", "-S", str(sock), "-u", "root", "-e", grant],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        return done.returncode == 0
+
+    _wait("MariaDB to take the grant", granted, 60, daemons)
+    dbd_port = _free_port()
+    conf = base / "slurmdbd.conf"
+    conf.write_text(
+        f"""AuthType=auth/munge
+AuthInfo=socket={munge}/sock
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort={dbd_port}
+SlurmUser=root
+PidFile={base}/slurmdbd.pid
+LogFile={base}/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort={db_port}
+StorageUser=slurm
+StoragePass={password}
+StorageLoc=slurm_acct_db
+"""
+    )
+    conf.chmod(0o600)
+    daemons.start("slurmdbd", ["slurmdbd", "-D"], env)
+    return dbd_port, t0
+
+
 @pytest.fixture
 def slurm(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[tuple[Path, dict[str, str], Daemons]]:
-    """A single-node Slurm; with ``indirect`` parameter False, without gputel's prolog/epilog."""
-    with_prolog = getattr(request, "param", True)
+    """A single-node Slurm. ``indirect`` parameter: False for no gputel prolog/epilog, or a
+    dict with ``prolog``, ``epilog`` and ``accounting`` (slurmdbd on MariaDB) flags."""
+    param = getattr(request, "param", True)
+    flags = param if isinstance(param, dict) else {"prolog": param, "epilog": param}
     missing = [b for b in SLURM_BINARIES if not shutil.which(b)]
     if missing:
         pytest.skip(f"Slurm/munge not installed: {', '.join(missing)} missing")
@@ -292,13 +405,16 @@ def slurm(
             wrapper.write_text(
                 "#!/bin/sh\n"
                 f"GPUTEL_BIN={GPUTEL}\nGPUTEL_DEFAULTS_FILE={defaults}\n"
-                "export GPUTEL_BIN GPUTEL_DEFAULTS_FILE\n"
+                f"SLURM_CONF={base}/slurm.conf\n"
+                "export GPUTEL_BIN GPUTEL_DEFAULTS_FILE SLURM_CONF\n"
                 f'exec {script} "$@" 2>>{base}/{name}.log\n'
             )
             wrapper.chmod(0o755)
 
         cpus = os.cpu_count() or 1
-        prolog = f"Prolog={base}/prolog.sh\nEpilog={base}/epilog.sh\n" if with_prolog else ""
+        prolog = f"Prolog={base}/prolog.sh\n" if flags.get("prolog") else ""
+        prolog += f"Epilog={base}/epilog.sh\n" if flags.get("epilog") else ""
+        accounting = "AccountingStorageType=accounting_storage/none\n"
         conf = f"""
 ClusterName=gputeltest
 SlurmctldHost=localhost(127.0.0.1)
@@ -323,8 +439,7 @@ SchedulerType=sched/builtin
 MailProg=/bin/true
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-MpiDefault=none
+{accounting}MpiDefault=none
 ReturnToService=2
 SlurmdParameters=config_overrides
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
@@ -352,6 +467,30 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             if time.monotonic() > deadline:
                 pytest.skip(f"munged did not create its socket: {daemons.logs()}")
             time.sleep(0.05)
+        if flags.get("accounting"):
+            dbd_port, t0 = _start_accounting(base, env, daemons, munge)
+            conf = conf.replace(
+                accounting,
+                "AccountingStorageType=accounting_storage/slurmdbd\n"
+                f"AccountingStorageHost=localhost\nAccountingStoragePort={dbd_port}\n"
+                # The munge socket for slurmdbd connections (sacct, sacctmgr, slurmctld).
+                f"AccountingStoragePass={munge}/sock\n",
+            )
+            (base / "slurm.conf").write_text(conf)
+
+            def cluster_added() -> bool:
+                done = subprocess.run(
+                    ["sacctmgr", "-i", "add", "cluster", "gputeltest"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    check=False,
+                )
+                return done.returncode == 0 or "already exists" in done.stdout + done.stderr
+
+            _wait("slurmdbd to register the cluster", cluster_added, 60, daemons)
+            print(f"accounting up in {time.monotonic() - t0:.1f}s", file=sys.stderr)
         daemons.start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(base / "slurm.conf")], env)
         daemons.start(
             "slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(base / "slurm.conf")], env
@@ -446,8 +585,140 @@ def test_real_slurm_job_turns_telemetry_on_and_off(
     assert state == "idle", f"node state {state!r}\n{daemons.logs()}"
     prolog_log = (base / "prolog.log").read_text()
     assert f"allocation {ident} opened" in prolog_log
-    assert f"allocation {ident} released" in (base / "epilog.log").read_text()
+    epilog_log = (base / "epilog.log").read_text()
+    assert f"allocation {ident} released" in epilog_log
+    print(epilog_log, file=sys.stderr)
+    assert f"nothing stored in Slurm for job {job}: sacct cannot read" in epilog_log, epilog_log
     print(json.dumps({"job": job, "rows": len(tagged)}), file=sys.stderr)
+
+
+def _submit(env: dict[str, str], base: Path, command: str) -> str:
+    out = subprocess.run(
+        ["sbatch", "--parsable", "-o", str(base / "job.out"), "--wrap", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    return out.stdout.strip().split(";")[0]
+
+
+def _summary_rows(log_dir: Path, ident: str) -> list[dict[str, str]]:
+    path = log_dir / "allocations.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r["id"] == ident]
+
+
+@pytest.mark.xdist_group("slurm")
+@pytest.mark.root
+@pytest.mark.parametrize(
+    "slurm", [{"prolog": True, "epilog": True, "accounting": True}], indirect=True
+)
+def test_real_slurm_epilog_stores_the_summary_in_admin_comment(
+    tmp_path: Path, slurm: tuple[Path, dict[str, str], Daemons], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """slurmdbd on MariaDB: after the job, ``sacct`` shows ``gputel=`` with the job's energy,
+    another tool's text in the comment is kept, and the decoder reads the summary back."""
+    from gputel.control.slurm_comment import encode, read_slurm_summary
+
+    base, env, daemons = slurm
+    with running_agent(tmp_path, SLURM_CONF=env["SLURM_CONF"]):
+        job = _submit(env, base, "sleep 3")
+        ident = f"slurm-{job}"
+        # Another tool's text, set while the job runs: the epilog must keep it.
+        _wait(
+            "the job to run",
+            lambda: (
+                subprocess.run(
+                    ["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True
+                ).stdout.strip()
+                == "RUNNING"
+            ),
+            20,
+            daemons,
+        )
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job}", "AdminComment=Site:Keep-Me"],
+            env=env,
+            check=True,
+            timeout=10,
+        )
+        _wait(
+            f"the epilog to release {ident}",
+            lambda: _summary_rows(tmp_path / "log", ident),
+            30,
+            daemons,
+        )
+
+        def comment() -> str:
+            out = subprocess.run(
+                ["sacct", "-n", "-X", "-j", job, "-o", "AdminComment%500"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            return out.stdout.strip()
+
+        _wait("sacct to show the gputel summary", lambda: "gputel=" in comment(), 30, daemons)
+    (row,) = _summary_rows(tmp_path / "log", ident)
+    shown = comment()
+    print(f"AdminComment: {shown}", file=sys.stderr)
+    assert "site:keep-me" in shown.lower(), shown
+    energy = float(row["energy_j"])
+    assert encode({"energy_j": energy}).removeprefix("gputel=") in shown, (shown, row)
+    monkeypatch.setenv("SLURM_CONF", env["SLURM_CONF"])
+    back = read_slurm_summary(job)
+    assert back is not None, shown
+    assert back["energy_j"] == pytest.approx(energy, abs=0.05)
+    assert back["gpus"] == [int(g) for g in row["gpus"].split(";")]
+    assert back["duration_s"] == pytest.approx(float(row["duration_s"]), abs=0.05)
+    for key in ("util_mean_pct", "memory_max_mib", "sm_active_mean_pct", "throttled_s"):
+        assert back[key] == pytest.approx(float(row[key]), abs=0.05), key
+    epilog_log = (base / "epilog.log").read_text()
+    assert f"summary stored in Slurm job {job}" in epilog_log, epilog_log
+    # gputel job shows Slurm's copy beside the recorded figures.
+    shown_job = subprocess.run(
+        [GPUTEL, "job", ident, str(tmp_path / "log"), "--json"],
+        env=dict(env_for(tmp_path), SLURM_CONF=env["SLURM_CONF"]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown_job.returncode == 0, shown_job.stderr
+    slurm_copy = json.loads(shown_job.stdout)["sources"]["slurm"]
+    assert slurm_copy["energy_j"] == pytest.approx(energy, abs=0.05)
+    assert slurm_copy == back
+
+
+@pytest.mark.xdist_group("slurm")
+@pytest.mark.root
+@pytest.mark.parametrize("slurm", [{"prolog": True, "epilog": False}], indirect=True)
+def test_real_slurm_allocation_ends_job_gone_without_epilog(
+    tmp_path: Path, slurm: tuple[Path, dict[str, str], Daemons]
+) -> None:
+    """No epilog: the agent sees from Slurm that the job ended and closes its allocation."""
+    base, env, daemons = slurm
+    with running_agent(tmp_path, SLURM_CONF=env["SLURM_CONF"]) as run:
+        job = _submit(env, base, "sleep 1")
+        ident = f"slurm-{job}"
+
+        def opened() -> bool:
+            return ident in [a["id"] for a in request(run, {"op": "status"})["allocations"]]
+
+        _wait(f"the prolog to open {ident}", opened, 20, daemons)
+        t0 = time.monotonic()
+        _wait(
+            f"{ident} to end by itself", lambda: _summary_rows(tmp_path / "log", ident), 60, daemons
+        )
+        took = time.monotonic() - t0
+        assert request(run, {"op": "status"})["allocations"] == []
+    (row,) = _summary_rows(tmp_path / "log", ident)
+    assert row["release_reason"] == "job-gone"
+    print(json.dumps({"job_gone_after_s": round(took, 1)}), file=sys.stderr)
 
 
 def test_scripts_find_their_library_through_a_symlink(tmp_path: Path) -> None:

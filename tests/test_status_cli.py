@@ -42,7 +42,7 @@ def test_sim_gpus_follow_the_pattern(run_dir: Path, monkeypatch: pytest.MonkeyPa
     assert [g["index"] for g in status["gpus"]] == [0, 1, 2]
     assert [g["utilization_gpu_pct"] for g in status["gpus"]] == [37, 55, 55]
     # The processes are listed once, at the top level, with their owners.
-    gpu_keys = {f for f in GpuReading.__dataclass_fields__} - {"processes"}
+    gpu_keys = {f for f in GpuReading.__dataclass_fields__} - {"processes"} | {"gpm"}
     assert [(p["gpu"], p["job"]) for p in status["processes"]] == [
         (0, None),
         (0, None),

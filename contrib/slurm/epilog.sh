@@ -4,13 +4,17 @@
 #
 # slurm.conf:   Epilog=/opt/gputel/share/gputel/slurm/epilog.sh
 #
+# It also stores the summary in the job's AdminComment in Slurm's accounting database (behind a
+# "gputel=" marker, keeping the rest of the comment; docs/slurm.md), read back by `sacct` and
+# `gputel job`. Where no slurmdbd runs, one log line says why nothing was stored.
+#
 # A failing epilog drains the node: this script always exits 0, and the gputel call is cut off
-# after GPUTEL_HOOK_TIMEOUT seconds (default 5).
+# after GPUTEL_HOOK_TIMEOUT seconds (default 8: the release, then at most 4 s for Slurm).
 #
 # Environment (tests and unusual installs):
 #   GPUTEL_DEFAULTS_FILE  settings file to read (default /etc/default/gputel)
 #   GPUTEL_BIN            the gputel executable (default: gputel on PATH, then usual places)
-#   GPUTEL_HOOK_TIMEOUT   seconds before the gputel call is killed (default 5)
+#   GPUTEL_HOOK_TIMEOUT   seconds before the gputel call is killed (default 8)
 
 # The shared functions live beside this script; without them there is nothing to do, and a
 # prolog/epilog must never fail a job.
@@ -38,11 +42,12 @@ gputel_epilog() {
         return 0
     fi
     id="slurm-$job"
-    if output="$(gputel_run "$bin" hook release "$id" --quiet 2>&1)"; then
-        gputel_log "epilog: allocation $id released"
+    if output="$(gputel_run --default-timeout=8 "$bin" hook release "$id" --quiet \
+        --slurm-comment 2>&1)"; then
+        gputel_log "epilog: allocation $id released${output:+; $output}"
     else
         rc=$?
-        gputel_log "epilog: gputel hook release $id failed (exit $rc): $output"
+        gputel_log "epilog: gputel hook release $id failed ($(gputel_why "$rc" 8 "$output"))"
     fi
     return 0
 }

@@ -90,8 +90,26 @@ gputel_expand_gpus() {
     printf '%s\n' "$out"
 }
 
+# Why a gputel call failed, in words: "timed out after N s talking to the agent at …" for the
+# time limit (exit 124, or 137 when it had to be killed), else the exit status and its output.
+gputel_why() {
+    case "$1" in
+        124 | 137)
+            printf 'timed out after %s s talking to the agent at %s/control.sock' \
+                "${GPUTEL_HOOK_TIMEOUT:-$2}" "${GPUTEL_RUN_DIR:-/run/gputel}"
+            ;;
+        *) printf 'exit %s: %s' "$1" "$3" ;;
+    esac
+}
+
 gputel_run() {
     limit="${GPUTEL_HOOK_TIMEOUT:-5}"
+    case "$1" in
+        --default-timeout=*)
+            limit="${GPUTEL_HOOK_TIMEOUT:-${1#--default-timeout=}}"
+            shift
+            ;;
+    esac
     if command -v timeout >/dev/null 2>&1; then
         timeout -k 1 "$limit" "$@"
     else

@@ -43,10 +43,10 @@ gputel_prolog() {
         if gpus="$(gputel_expand_gpus "$SLURM_JOB_GPUS")" && [ -n "$gpus" ]; then
             set -- hook allocate "$id" --gpus "$gpus" --quiet
         else
-            # Telemetry for every GPU beats none: the rows still carry the job's id.
-            gputel_log "prolog: cannot read SLURM_JOB_GPUS='$SLURM_JOB_GPUS'; using all GPUs"
-            gpus=""
-            set -- hook allocate "$id" --quiet
+            # Never all GPUs instead: the job's rows would claim GPUs that are not its own.
+            gputel_log "prolog: cannot read SLURM_JOB_GPUS='$SLURM_JOB_GPUS' (expected indices \
+such as 0,2-3); no allocation opened for job $job"
+            return 0
         fi
     else
         set -- hook allocate "$id" --quiet
@@ -55,7 +55,7 @@ gputel_prolog() {
         gputel_log "prolog: allocation $id opened${gpus:+ (GPUs $gpus)}"
     else
         rc=$?
-        gputel_log "prolog: gputel hook allocate $id failed (exit $rc): $output"
+        gputel_log "prolog: gputel hook allocate $id failed ($(gputel_why "$rc" 5 "$output"))"
     fi
     return 0
 }

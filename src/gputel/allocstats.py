@@ -10,13 +10,25 @@ Pure Python, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from gputel.formats import finite
+from gputel.schema import THROTTLE_MASK
 
 #: The statistics fields, in the order of the ``allocations.csv`` columns.
-STAT_FIELDS = ("util_mean_pct", "util_max_pct", "temperature_max_c", "memory_max_mib")
+STAT_FIELDS = (
+    "util_mean_pct",
+    "util_max_pct",
+    "temperature_max_c",
+    "memory_max_mib",
+    "sm_active_mean_pct",
+    "throttled_s",
+)
+"""``sm_active_mean_pct`` is the mean GPM SM activity (empty on GPUs without GPM);
+``throttled_s`` the seconds in which at least one of the allocation's GPUs had a throttle reason
+active (``schema.THROTTLE_MASK``: power cap, thermal or hardware slowdown), counted in ticks of
+the sampling interval, empty when no GPU reported its reasons."""
 
 
 class GpuValues(Protocol):
@@ -30,6 +42,10 @@ class GpuValues(Protocol):
     def temperature_c(self) -> float | None: ...
     @property
     def memory_used_mib(self) -> float | None: ...
+    @property
+    def sm_active_pct(self) -> float | None: ...
+    @property
+    def clock_event_reasons(self) -> int | None: ...
 
 
 def _max(current: float | None, value: float) -> float:
@@ -44,9 +60,13 @@ class AllocationStats:
     """
 
     __slots__ = (
+        "energy_j",
         "memory_max_mib",
         "samples",
+        "sm_n",
+        "sm_sum",
         "temperature_max_c",
+        "throttled_s",
         "util_max_pct",
         "util_n",
         "util_sum",
@@ -59,6 +79,20 @@ class AllocationStats:
         self.util_max_pct: float | None = None
         self.temperature_max_c: float | None = None
         self.memory_max_mib: float | None = None
+        self.sm_sum = 0.0
+        self.sm_n = 0
+        self.throttled_s: float | None = None
+        self.energy_j: float | None = None
+        """Joules of the intervals ending at its ticks, on its GPUs (``gputel.energy``, rule
+        4); None until one is known. An unknown interval is left out, as the report does."""
+
+    def add_energy(
+        self, shares: Mapping[int, float | None], only: tuple[int, ...] | None = None
+    ) -> None:
+        """One tick's energy per GPU (``CsvSink.tick_energy``); ``only`` as for add_tick."""
+        for gpu, joules in shares.items():
+            if joules is not None and (only is None or gpu in only):
+                self.energy_j = (self.energy_j or 0.0) + joules
 
     def add_values(
         self, util_pct: float | None, temperature_c: float | None, memory_mib: float | None
@@ -73,12 +107,33 @@ class AllocationStats:
         if memory_mib is not None:
             self.memory_max_mib = _max(self.memory_max_mib, memory_mib)
 
-    def add_tick(self, gpus: Iterable[GpuValues], only: tuple[int, ...] | None = None) -> None:
-        """One tick's readings; ``only`` limits them to the allocation's GPUs (None: all)."""
+    def add_tick(
+        self,
+        gpus: Iterable[GpuValues],
+        only: tuple[int, ...] | None = None,
+        interval_s: float | None = None,
+    ) -> None:
+        """One tick's readings; ``only`` limits them to the allocation's GPUs (None: all).
+        ``interval_s`` (the sampling interval) counts a throttled tick into ``throttled_s``."""
         self.samples += 1
+        reasons_known = throttled = False
         for g in gpus:
             if only is None or g.index in only:
                 self.add_values(g.utilization_gpu_pct, g.temperature_c, g.memory_used_mib)
+                sm = g.sm_active_pct
+                if sm is not None:
+                    self.sm_sum += sm
+                    self.sm_n += 1
+                reasons = g.clock_event_reasons
+                if reasons is not None:
+                    reasons_known = True
+                    throttled = throttled or bool(reasons & THROTTLE_MASK)
+        if reasons_known and interval_s is not None:
+            self.throttled_s = (self.throttled_s or 0.0) + (interval_s if throttled else 0.0)
+
+    @property
+    def sm_active_mean_pct(self) -> float | None:
+        return self.sm_sum / self.sm_n if self.sm_n else None
 
     @property
     def util_mean_pct(self) -> float | None:
@@ -90,6 +145,8 @@ class AllocationStats:
         return {
             "samples": self.samples,
             "util_readings": self.util_n,
+            "sm_readings": self.sm_n,
+            "energy_j": self.energy_j,
             **{k: getattr(self, k) for k in STAT_FIELDS},
         }
 
@@ -116,6 +173,15 @@ class AllocationStats:
         out.util_max_pct = fields["util_max_pct"]
         out.temperature_max_c = fields["temperature_max_c"]
         out.memory_max_mib = fields["memory_max_mib"]
+        sm_readings = entry.get("sm_readings") if isinstance(entry, dict) else None
+        sm_mean = fields["sm_active_mean_pct"]
+        if _count(sm_readings) and sm_mean is not None:
+            assert isinstance(sm_readings, int)
+            out.sm_n = sm_readings
+            out.sm_sum = float(sm_mean) * sm_readings
+        throttled = fields["throttled_s"]
+        out.throttled_s = None if throttled is None else float(throttled)
+        out.energy_j = finite(entry.get("energy_j")) if isinstance(entry, dict) else None
         return out
 
 

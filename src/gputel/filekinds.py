@@ -50,7 +50,8 @@ COLUMN_TYPES: dict[str, str] = {
     "memory_used_mib": "DOUBLE",
     "sm_util_pct": "DOUBLE",
     **{name: "DOUBLE" for name in STAT_FIELDS},
-    # Ids and names stay text: an allocation id ``0042`` is not the number 42.
+    # Ids and names stay text: an allocation id ``0042`` is not the number 42; lists (``gpus``,
+    # ``xids``: ``0;1``) too.
     **{
         name: "VARCHAR"
         for name in (
@@ -68,6 +69,7 @@ COLUMN_TYPES: dict[str, str] = {
             "reason",
             "id",
             "gpus",
+            "xids",
             "release_reason",
         )
     },

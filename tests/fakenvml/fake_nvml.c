@@ -44,6 +44,11 @@
  *   gpu.i.mig.j.gi=N  gpu.i.mig.j.ci=N  gpu.i.mig.j.uuid=S   MIG device j of GPU i exists when
  *                                                            mig.mode=1 and its gi is set
  *   gpu.i.gpm.supported=0|1   nvmlGpmQueryDeviceSupport
+ *   gpu.i.gpm.admin_only=1    profiling restricted to admin users, as a driver loaded with
+ *                             NVreg_RestrictProfilingToAdminUsers=1 (the default): the support
+ *                             query still answers, but GPM samples answer NO_PERMISSION (4) to
+ *                             a caller that is not an admin (effective uid 0; `caller.admin=0|1`
+ *                             overrides that, for tests that run as root)
  *   gpu.i.gpm.ID=F            GPM metric ID (nvmlGpmMetricId_t) value for the whole GPU
  *   gpu.i.mig.GI.gpm.ID=F     GPM metric ID for GPU instance GI (nvmlGpmMigSampleGet)
  *   gpu.i.mig.j.memory.total_bytes=N  gpu.i.mig.j.memory.used_bytes=N   MIG device j's memory
@@ -89,7 +94,7 @@
 typedef int nvmlReturn_t;
 enum {
     OK = 0, E_UNINITIALIZED = 1, E_INVALID_ARGUMENT = 2, E_NOT_SUPPORTED = 3,
-    E_NOT_FOUND = 6, E_INSUFFICIENT_SIZE = 7, E_TIMEOUT = 10,
+    E_NO_PERMISSION = 4, E_NOT_FOUND = 6, E_INSUFFICIENT_SIZE = 7, E_TIMEOUT = 10,
     E_ARGUMENT_VERSION_MISMATCH = 25,
 };
 
@@ -1036,12 +1041,21 @@ nvmlReturn_t nvmlGpmSampleFree(nvmlGpmSample_t sample) {
     return OK;
 }
 
+/* Whether the caller may read profiling counters: root, unless the scenario says otherwise. */
+static int caller_is_admin(void) {
+    unsigned long long admin = geteuid() == 0;
+    get_num(&admin, "caller.admin");
+    return admin != 0;
+}
+
 static nvmlReturn_t gpm_sample(nvmlDevice_t d, int gpu_instance, nvmlGpmSample_t sample) {
     ENTER(d, "gpm");
     if (sample == NULL) return E_INVALID_ARGUMENT;
-    unsigned long long v = 0;
+    unsigned long long v = 0, admin_only = 0;
     get_num(&v, "gpu.%d.gpm.supported", d->index);
     if (v == 0) return E_NOT_SUPPORTED;
+    get_num(&admin_only, "gpu.%d.gpm.admin_only", d->index);
+    if (admin_only && !caller_is_admin()) return E_NO_PERMISSION;
     sample->device = d;
     sample->gpu_instance = gpu_instance;
     sample->taken_ns = now_ms() * 1000000ull;

@@ -27,7 +27,46 @@ from typing import Any
 from gputel.analysis.filter import CsvReadError, ReportFilter
 from gputel.filekinds import KINDS
 
-INSTALL_HINT = "pip install 'gputel[analysis]'"
+
+def install_hint() -> str:
+    """The command that installs the ``analysis`` extra into the Python running gputel.
+
+    ``pip install 'gputel[analysis]'`` works only where gputel came from a package index; from
+    a checkout (``pip install -e .`` or ``pip install DIR``) pip must be pointed at that
+    directory again, which the installed distribution's ``direct_url.json`` (PEP 610) names.
+    """
+    from importlib import metadata
+
+    try:
+        raw = metadata.distribution("gputel").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        raw = None
+    return hint_from_direct_url(raw)
+
+
+def hint_from_direct_url(raw: str | None) -> str:
+    """:func:`install_hint` for an installed distribution's ``direct_url.json`` text (None: none,
+    as for a package from an index)."""
+    import json
+    import shlex
+    import sys
+    from urllib.parse import unquote, urlparse
+
+    pip = f"{shlex.quote(sys.executable)} -m pip install"
+    if raw:
+        try:
+            origin = json.loads(raw)
+        except ValueError:
+            origin = {}
+        if not isinstance(origin, dict):
+            origin = {}
+        url = urlparse(str(origin.get("url", "")))
+        if url.scheme == "file" and url.path:
+            editable = (origin.get("dir_info") or {}).get("editable") is True
+            target = shlex.quote(f"{unquote(url.path)}[analysis]")
+            return f"{pip} {'-e ' if editable else ''}{target}"
+    return f"{pip} 'gputel[analysis]'"
+
 
 #: Columns without which a file is not a gputel CSV of that kind.
 REQUIRED = {
@@ -80,7 +119,7 @@ def connect(threads: int | None = None) -> Any:
     try:
         import duckdb
     except ImportError:
-        raise AnalysisUnavailable(f"this command needs DuckDB: {INSTALL_HINT}") from None
+        raise AnalysisUnavailable(f"this command needs DuckDB: {install_hint()}") from None
     con = duckdb.connect(":memory:")
     con.execute("SET preserve_insertion_order = false")
     # Errors are one line on stderr; a long scan must not draw a progress bar there.
@@ -290,8 +329,10 @@ def _load_batch(
         f"{_ts_expr()} AS ts",
     ]
     if kind != "host":
+        # An event on no selected GPU (an NVSwitch's SXid) has an empty gpu; a reading never.
+        empty = "WHEN r.gpu IS NULL THEN NULL " if kind == "events" else ""
         select.append(
-            "CASE WHEN regexp_full_match(r.gpu, '[0-9]+') THEN CAST(r.gpu AS INTEGER) "
+            f"CASE {empty}WHEN regexp_full_match(r.gpu, '[0-9]+') THEN CAST(r.gpu AS INTEGER) "
             "ELSE error(filename || ': bad GPU index ' || coalesce(r.gpu, '(empty)')) END AS gpu"
         )
     for c in NUMERIC[kind]:

@@ -58,7 +58,7 @@ def gpu_groups_sql(inner: str, width: float, idle_util: float) -> str:
 SELECT fid, gpu, coalesce(alloc, '') AS alloc, floor(ts / {float(width)!r})::BIGINT AS b,
        count(*) AS n, min(ts) AS t0, max(ts) AS t1, min(ts, 2) AS head,
        sum(util) AS util_sum, count(util) AS util_n, max(util) AS util_max,
-       max(mem) AS mem_max, max(temp) AS temp_max,
+       max(mem) AS mem_max, max(temp) AS temp_max, sum(temp) AS temp_sum, count(temp) AS temp_n,
        sum(power) AS p_sum, count(power) AS p_n, max(power) AS p_max,
        arg_min_null(power, ts) AS p_first, arg_max_null(power, ts) AS p_last,
        arg_min(energy, ts) AS e_first, arg_max(energy, ts) AS e_last, count(energy) AS e_n,

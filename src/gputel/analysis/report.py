@@ -9,8 +9,11 @@ also rolls files over at a UTC day change or a size cap; a file whose first row 
 previous file's last row within a few intervals continues that session, anything later starts a
 new one. Files of different nodes (the part of the name after the timestamp) never mix.
 
-Energy (one rule): ``energy_j`` counts joules since its file began, so within a file a GPU's
-energy is the counter's rise (:func:`groups.file_energy`); between two files of one session,
+Energy (one rule, ``gputel.energy`` rule 4, which the recorder also follows tick by tick for
+the release reply and ``allocations.csv``): ``energy_j`` counts joules since its file began, a
+restarted counter's interval already counted as power × interval by the recorder, so within a
+file a GPU's energy is the counter's rise (:func:`groups.file_energy`); between two files of one
+session,
 where the counter restarts, it is power integrated over the one interval between them
 (trapezoid, only across a gap no longer than the session's continuation gap). A session's energy
 per GPU is therefore the sum over its files of (last − first) plus those joins. Each row stands
@@ -29,6 +32,7 @@ from typing import Any
 
 from gputel.analysis import duck, groups
 from gputel.analysis.filter import ReportFilter
+from gputel.energy import continuation_gap, trapezoid
 from gputel.schema import CLOCK_EVENT_REASONS
 
 JOULES_PER_KWH = groups.JOULES_PER_KWH
@@ -54,8 +58,7 @@ def _missing(spacings: Counter[float], interval: float | None) -> int:
 
 
 def _continuation_gap(spacings: Counter[float]) -> float:
-    interval = _interval_from(spacings) or 1.0
-    return max(2.5 * interval, 2.0)
+    return continuation_gap(_interval_from(spacings) or 1.0)
 
 
 def _percentile(bins: dict[int, int], q: float) -> float | None:
@@ -89,15 +92,9 @@ def _pretrigger_s(
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    from datetime import datetime, timezone
+    from gputel.formats import iso_utc_ms
 
-    return (
-        datetime.fromtimestamp(ts, timezone.utc)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    return None if ts is None else iso_utc_ms(ts)
 
 
 @dataclass
@@ -213,7 +210,8 @@ def _scope_sql(source: str, keys: str) -> tuple[str, str]:
         f"max(util_max), max(mem_max), max(temp_max), sum(p_sum) / nullif(sum(p_n), 0), "
         f"max(p_max), sum(lost_n), sum(sm_sum) / nullif(sum(sm_n), 0), "
         f"sum(tensor_sum) / nullif(sum(tensor_n), 0), sum(stalled_n), "
-        f"list(DISTINCT gpu ORDER BY gpu), sum(busy_n), sum(throttled_n), {bits} "
+        f"list(DISTINCT gpu ORDER BY gpu), sum(busy_n), sum(throttled_n), sum(idle_n), "
+        f"sum(temp_sum) / nullif(sum(temp_n), 0), {bits} "
         f"FROM {source} GROUP BY ALL"
     )
     hist = (
@@ -265,8 +263,10 @@ class ScopeStats:
         n, first, last, util_mean, util_max, mem, temp, power_mean = self.values[:8]
         power_peak, lost, sm, tensor, stalled = self.values[8:13]
         interval = interval or _interval_from(self.spacings)
-        throttle = self.values[16:]
+        throttle = self.values[18:]
+        temp_mean = self.values[17]
         throttled = self.throttled
+        idle = int(self.values[16] or 0)
         energy = self.energy
         return {
             "samples": int(n),
@@ -278,6 +278,7 @@ class ScopeStats:
             "util_max_pct": util_max,
             "memory_peak_mib": mem,
             "temperature_max_c": temp,
+            "temperature_mean_c": _round(temp_mean),
             "energy_j": _round(energy),
             "energy_kwh": _round(None if energy is None else energy / JOULES_PER_KWH, 6),
             "power_mean_w": _round(power_mean),
@@ -293,6 +294,7 @@ class ScopeStats:
             "sm_active_mean_pct": _round(sm),
             "tensor_active_mean_pct": _round(tensor),
             "stalled_s": _round(stalled * interval) if interval and sm is not None else None,
+            "idle_s": _round(idle * interval) if interval else None,
         }
 
 
@@ -366,9 +368,11 @@ def _session_energy(
                 prev = seen.get(gpu)
                 if prev is not None and fe.first[0] >= prev[0]:
                     dt = fe.first[0] - prev[0]
-                    if fe.first[1] is not None and prev[1] is not None and 0 < dt <= span.max_gap:
-                        joins[(span.fid, gpu)] = (fe.first[1] + prev[1]) / 2 * dt
-                        add((sid, gpu), joins[(span.fid, gpu)])
+                    # The join of gputel.energy's rule 4, as the recorder counts it.
+                    joined = trapezoid(prev[1], fe.first[1], dt) if dt <= span.max_gap else None
+                    if joined is not None:
+                        joins[(span.fid, gpu)] = joined
+                        add((sid, gpu), joined)
                 if prev is None or fe.last[0] >= prev[0]:
                     seen[gpu] = fe.last
     return energy, joins
@@ -511,12 +515,8 @@ def _alloc_energy(
         elif before.t1 is not None and (starts_bucket or grp.t0 - before.t1 <= 1.5 * grp.interval):
             if grp.e_first is not None and before.energy is not None:
                 parts.append(max(0.0, grp.e_first - before.energy))
-            elif (
-                grp.p_first is not None
-                and before.power is not None
-                and 0 < grp.t0 - before.t1 <= before.max_gap
-            ):
-                parts.append((grp.p_first + before.power) / 2 * (grp.t0 - before.t1))
+            elif grp.t0 - before.t1 <= before.max_gap:
+                parts.append(trapezoid(before.power, grp.p_first, grp.t0 - before.t1))
         elif grp.p_first is not None:
             # The row before lies inside another group of this bucket: its counter value is
             # not kept, so the interval is the first row's power over one interval.
@@ -693,6 +693,9 @@ def build_report(
     only = "" if flt.allocation is None else f"AND alloc_id = {duck.quote(flt.allocation)}"
     con.execute(_ALLOC_SQL.format(only=only))
     per_alloc = scope_stats(con, "au", "alloc_id")
+    per_alloc_gpu = scope_stats(
+        con, "(SELECT au.*, f.node FROM au JOIN g_files f USING (fid))", "alloc_id, node, gpu"
+    )
     alloc_nodes: dict[str, list[str]] = {}
     idle = fleet.IdleAllocations(idle_limit)
     # The chain comes ordered by allocation: one allocation's sequences in memory at a time.
@@ -702,11 +705,21 @@ def build_report(
         for _, node, gpu, seq in items:
             if not alloc_nodes.get(alloc_id) or alloc_nodes[alloc_id][-1] != node:
                 alloc_nodes.setdefault(alloc_id, []).append(node)
-            st.spacings.update(_alloc_spacings(seq))
-            st.add_energy(_alloc_energy(seq, joins, gpu))
+            spacings = _alloc_spacings(seq)
+            joules = _alloc_energy(seq, joins, gpu)
+            st.spacings.update(spacings)
+            st.add_energy(joules)
+            one = per_alloc_gpu[(alloc_id, node, gpu)]
+            one.spacings.update(spacings)
+            one.add_energy(joules)
+            one.missing = _alloc_missing(seq, _interval_from(one.spacings))
             idle.add(node, alloc_id, gpu, seq)
             seqs.append(seq)
         st.missing = sum(_alloc_missing(seq, _interval_from(st.spacings)) for seq in seqs)
+    gpus_of: dict[str, list[dict[str, Any]]] = {}
+    for (alloc_id, node, gpu), one in sorted(per_alloc_gpu.items()):
+        d = one.to_dict(_interval_from(per_alloc[(alloc_id,)].spacings))
+        gpus_of.setdefault(alloc_id, []).append({"node": node, "gpu": gpu, **d})
     alloc_list = []
     for (alloc_id,), st in sorted(per_alloc.items()):
         d = st.to_dict(_interval_from(st.spacings))
@@ -719,6 +732,7 @@ def build_report(
                 "end": _iso(st.last),
                 "nodes": alloc_nodes.get(alloc_id, []),
                 "events": events.for_allocation(alloc_id),
+                "per_gpu": gpus_of.get(alloc_id, []),
             }
         )
     report: dict[str, Any] = {"sessions": out_sessions, "allocations": alloc_list}

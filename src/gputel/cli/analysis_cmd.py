@@ -17,23 +17,32 @@ from typing import Annotated, Any
 
 import typer
 
-from gputel.analysis.filter import CsvReadError, ReportFilter
-from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
+from gputel.analysis.filter import CsvReadError, ReportFilter, UnknownAllocation
+from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options_only
+from gputel.formats import iso_utc_ms, safe_text
 from gputel.settings import Settings, parse_duration, parse_gpu_list
 
 PathsArg = Annotated[
     list[Path] | None,
-    typer.Argument(help="CSV files or directories (default: GPUTEL_LOG_DIR)", show_default=False),
+    typer.Argument(
+        metavar="PATH",
+        help="CSV files or directories (default: GPUTEL_LOG_DIR)",
+        show_default=False,
+    ),
 ]
 SinceOpt = Annotated[
     str | None,
-    typer.Option("--since", help="start: ISO time (2026-11-22T10:00Z) or a duration ago (2h)"),
+    typer.Option(
+        "--since", metavar="TIME", help="start: ISO time (2026-11-22T10:00Z) or a duration ago (2h)"
+    ),
 ]
 UntilOpt = Annotated[
     str | None,
-    typer.Option("--until", help="end: ISO time or a duration ago"),
+    typer.Option("--until", metavar="TIME", help="end: ISO time or a duration ago"),
 ]
-GpuOpt = Annotated[str | None, typer.Option("--gpu", help="GPU indices, e.g. 0,1")]
+GpuOpt = Annotated[str | None, typer.Option("--gpu", metavar="LIST", help="GPU indices, e.g. 0,1")]
+#: What ``replay`` reads besides the files: the agent's thresholds and activity signal.
+REPLAY_SETTINGS = ("start_util_pct", "start_seconds", "stop_util_pct", "stop_seconds", "activity")
 
 
 def parse_when(text: str, now: float | None = None) -> float:
@@ -82,9 +91,34 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+SESSION_COLUMNS = (
+    "GPU",
+    "samples",
+    "missing",
+    "util mean/p95/max %",
+    "mem peak MiB",
+    "temp max °C",
+    "energy J (kWh)",
+    "power mean/peak W",
+    "throttled s",
+)
+ALLOCATION_COLUMNS = (
+    "id",
+    "GPUs",
+    "start",
+    "duration s",
+    "util mean/max %",
+    "mem peak MiB",
+    "temp max °C",
+    "energy J",
+)
+
+
 def _print_report(report: dict[str, Any]) -> None:
+    """Per session a table (or stacked blocks where it does not fit), then the allocations."""
     from rich.console import Console
-    from rich.table import Table
+
+    from gputel.cli.fit import print_rows
 
     console = Console()
     if not report["sessions"] and not report["allocations"]:
@@ -100,50 +134,29 @@ def _print_report(report: dict[str, Any]) -> None:
             title += f"  host CPU {_fmt(host['cpu_util_mean_pct'])} %"
         if host and host.get("rapl_energy_j") is not None:
             title += f"  RAPL {_fmt(host['rapl_energy_j'], 0)} J"
-        table = Table(title=title, title_justify="left")
-        for col in (
-            "GPU",
-            "samples",
-            "missing",
-            "util mean/p95/max %",
-            "mem peak MiB",
-            "temp max °C",
-            "energy J (kWh)",
-            "power mean/peak W",
-            "throttled s",
-        ):
-            table.add_column(col)
+        rows = []
         for g in s["gpus"]:
             throttle = ", ".join(
                 f"{k} {_fmt(v, 0)}" for k, v in g["throttle_s"].items() if k != "gpu_idle"
             )
-            table.add_row(
-                f"{g['gpu']} {g['name']}",
-                str(g["samples"]),
-                str(g["missing"]),
-                f"{_fmt(g['util_mean_pct'])}/{_fmt(g['util_p95_pct'])}/{_fmt(g['util_max_pct'])}",
-                _fmt(g["memory_peak_mib"], 0),
-                _fmt(g["temperature_max_c"]),
-                f"{_fmt(g['energy_j'], 0)} ({_fmt(g['energy_kwh'], 4)})",
-                f"{_fmt(g['power_mean_w'])}/{_fmt(g['power_peak_w'])}",
-                throttle,
+            rows.append(
+                [
+                    f"{g['gpu']} {g['name']}".strip(),
+                    str(g["samples"]),
+                    str(g["missing"]),
+                    f"{_fmt(g['util_mean_pct'])}/{_fmt(g['util_p95_pct'])}/"
+                    f"{_fmt(g['util_max_pct'])}",
+                    _fmt(g["memory_peak_mib"], 0),
+                    _fmt(g["temperature_max_c"]),
+                    f"{_fmt(g['energy_j'], 0)} ({_fmt(g['energy_kwh'], 4)})",
+                    f"{_fmt(g['power_mean_w'])}/{_fmt(g['power_peak_w'])}",
+                    throttle,
+                ]
             )
-        console.print(table)
+        print_rows(console, title, SESSION_COLUMNS, rows)
     if report["allocations"]:
-        table = Table(title="allocations", title_justify="left")
-        for col in (
-            "id",
-            "GPUs",
-            "start",
-            "duration s",
-            "util mean/max %",
-            "mem peak MiB",
-            "temp max °C",
-            "energy J",
-        ):
-            table.add_column(col)
-        for a in report["allocations"]:
-            table.add_row(
+        rows = [
+            [
                 a["id"],
                 ",".join(str(g) for g in a["gpus"]),
                 str(a["start"]),
@@ -152,69 +165,81 @@ def _print_report(report: dict[str, Any]) -> None:
                 _fmt(a["memory_peak_mib"], 0),
                 _fmt(a["temperature_max_c"]),
                 _fmt(a["energy_j"], 0),
-            )
-        console.print(table)
+            ]
+            for a in report["allocations"]
+        ]
+        print_rows(console, "allocations", ALLOCATION_COLUMNS, rows)
 
 
 def _print_fleet(report: dict[str, Any], idle_util: float, idle_minutes: float) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from gputel.cli.fit import print_rows
 
     console = Console()
     if len(report["nodes"]) > 1:
-        table = Table(title="nodes", title_justify="left")
-        for col in (
-            "node",
-            "GPUs",
-            "GPU-h recorded",
-            "GPU-h busy",
-            "energy kWh",
-            "throttled s",
-            "events",
-            "idle allocations",
-        ):
-            table.add_column(col)
-        for n in report["nodes"]:
-            table.add_row(
-                n["node"],
-                str(n["gpus"]),
-                _fmt(n["gpu_hours_recorded"], 2),
-                _fmt(n["gpu_hours_busy"], 2),
-                _fmt(n["energy_kwh"], 3),
-                _fmt(n["throttled_s"], 0),
-                str(n["events"]),
-                str(n["idle_allocations"]),
-            )
-        console.print(table)
-        table = Table(title="GPU models", title_justify="left")
-        for col in ("model", "GPUs", "GPU-h recorded", "GPU-h busy", "energy kWh", "throttled s"):
-            table.add_column(col)
-        for m in report["models"]:
-            table.add_row(
-                m["model"],
-                str(m["gpus"]),
-                _fmt(m["gpu_hours_recorded"], 2),
-                _fmt(m["gpu_hours_busy"], 2),
-                _fmt(m["energy_kwh"], 3),
-                _fmt(m["throttled_s"], 0),
-            )
-        console.print(table)
+        print_rows(
+            console,
+            "nodes",
+            (
+                "node",
+                "GPUs",
+                "GPU-h recorded",
+                "GPU-h busy",
+                "energy kWh",
+                "throttled s",
+                "events",
+                "idle allocations",
+            ),
+            [
+                [
+                    n["node"],
+                    str(n["gpus"]),
+                    _fmt(n["gpu_hours_recorded"], 2),
+                    _fmt(n["gpu_hours_busy"], 2),
+                    _fmt(n["energy_kwh"], 3),
+                    _fmt(n["throttled_s"], 0),
+                    str(n["events"]),
+                    str(n["idle_allocations"]),
+                ]
+                for n in report["nodes"]
+            ],
+        )
+        print_rows(
+            console,
+            "GPU models",
+            ("model", "GPUs", "GPU-h recorded", "GPU-h busy", "energy kWh", "throttled s"),
+            [
+                [
+                    m["model"],
+                    str(m["gpus"]),
+                    _fmt(m["gpu_hours_recorded"], 2),
+                    _fmt(m["gpu_hours_busy"], 2),
+                    _fmt(m["energy_kwh"], 3),
+                    _fmt(m["throttled_s"], 0),
+                ]
+                for m in report["models"]
+            ],
+        )
     title = f"idle allocated GPUs (under {idle_util:g} % for more than {idle_minutes:g} min)"
     if not report["idle_allocations"]:
         console.print(f"{title}: none")
         return
-    table = Table(title=title, title_justify="left")
-    for col in ("node", "allocation", "idle GPUs", "longest idle min", "idle GPU-h"):
-        table.add_column(col)
-    for i in report["idle_allocations"]:
-        table.add_row(
-            i["node"],
-            i["allocation"],
-            ",".join(str(g) for g in i["gpus"]),
-            _fmt(i["idle_minutes"]),
-            _fmt(i["idle_gpu_hours"], 2),
-        )
-    console.print(table)
+    print_rows(
+        console,
+        title,
+        ("node", "allocation", "idle GPUs", "longest idle min", "idle GPU-h"),
+        [
+            [
+                i["node"],
+                i["allocation"],
+                ",".join(str(g) for g in i["gpus"]),
+                _fmt(i["idle_minutes"]),
+                _fmt(i["idle_gpu_hours"], 2),
+            ]
+            for i in report["idle_allocations"]
+        ],
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -222,24 +247,33 @@ def register(app: typer.Typer) -> None:
     from gputel.analysis.duck import AnalysisUnavailable
 
     @app.command()
-    @settings_options
+    @settings_options_only("log_dir")
     def report(
         paths: PathsArg = None,
         since: SinceOpt = None,
         until: UntilOpt = None,
         gpu: GpuOpt = None,
         allocation: Annotated[
-            str | None, typer.Option("--allocation", help="only rows of this allocation id")
+            str | None,
+            typer.Option("--allocation", metavar="ID", help="only rows of this allocation id"),
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
         as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
         idle_util: Annotated[
             float,
-            typer.Option("--idle-util", help="an allocated GPU under this utilization % is idle"),
+            typer.Option(
+                "--idle-util",
+                metavar="PERCENT",
+                help="an allocated GPU under this utilization % is idle",
+            ),
         ] = 5.0,
         idle_minutes: Annotated[
             float,
-            typer.Option("--idle-minutes", help="list allocations idle for longer than this"),
+            typer.Option(
+                "--idle-minutes",
+                metavar="MINUTES",
+                help="list allocations idle for longer than this",
+            ),
         ] = 30.0,
         *,
         settings: Settings,
@@ -273,14 +307,17 @@ def register(app: typer.Typer) -> None:
             writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, lineterminator="\n")
             writer.writeheader()
             for row in report_rows(result):
-                writer.writerow(row)
+                # The one cell rule for text (ids, node names) in every CSV gputel writes.
+                writer.writerow(
+                    {k: safe_text(v) if isinstance(v, str) else v for k, v in row.items()}
+                )
         else:
             _print_report(result)
             if result["nodes"]:
                 _print_fleet(result, idle_util, idle_minutes)
 
     @app.command()
-    @settings_options
+    @settings_options_only("log_dir", *REPLAY_SETTINGS)
     def replay(
         paths: PathsArg = None,
         since: SinceOpt = None,
@@ -332,9 +369,6 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
 
-        def iso(ts: float) -> str:
-            return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%fZ")
-
         if not sweep:
             r = results[0]
             console.print(
@@ -343,9 +377,8 @@ def register(app: typer.Typer) -> None:
                 f"<{base.stop_util_pct:g}% for {base.stop_seconds:g}s"
             )
             for t in r.transitions:
-                console.print(
-                    f"{iso(t.at)}  {t.from_state.value:>7} → {t.to_state.value:<7} {t.reason}"
-                )
+                when = iso_utc_ms(t.at)
+                console.print(f"{when}  {t.from_state.value:>7} → {t.to_state.value:<7} {t.reason}")
             ratio = r.capture_ratio
             console.print(
                 f"telemetry would run {len(r.telemetry_spans)} time(s), {r.recorded_s:.0f} s in "
@@ -379,17 +412,21 @@ def register(app: typer.Typer) -> None:
         console.print(table)
 
     @app.command()
-    @settings_options
+    @settings_options_only("log_dir")
     def plot(
         paths: PathsArg = None,
         output: Annotated[
-            Path, typer.Option("-o", "--output", help="image file (.png, .svg or .pdf)")
+            Path,
+            typer.Option("-o", "--output", metavar="PATH", help="image file (.png, .svg or .pdf)"),
         ] = Path("gputel.png"),
         since: SinceOpt = None,
         until: UntilOpt = None,
         gpu: GpuOpt = None,
         allocation: Annotated[
-            str | None, typer.Option("--allocation", help="only this allocation's span")
+            str | None,
+            typer.Option(
+                "--allocation", metavar="ID", help="only this allocation's GPUs, around its span"
+            ),
         ] = None,
         *,
         settings: Settings,
@@ -405,7 +442,7 @@ def register(app: typer.Typer) -> None:
             n = draw(_paths(paths, settings), output, flt)
         except (PlotUnavailable, AnalysisUnavailable) as exc:
             fail(str(exc))
-        except CsvReadError as exc:
+        except (CsvReadError, UnknownAllocation) as exc:
             fail(str(exc), EXIT_USAGE)
         except ValueError as exc:
             fail(str(exc))
@@ -414,11 +451,14 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def export(
         paths: Annotated[
-            list[Path], typer.Argument(help="CSV files or directories (trees of many nodes)")
+            list[Path],
+            typer.Argument(metavar="PATH", help="CSV files or directories (trees of many nodes)"),
         ],
         parquet: Annotated[
             Path,
-            typer.Option("--parquet", help="output directory of the Parquet dataset"),
+            typer.Option(
+                "--parquet", metavar="PATH", help="output directory of the Parquet dataset"
+            ),
         ],
         incremental: Annotated[
             bool,

@@ -30,6 +30,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gputel.formats import display_time
+
 #: GPU 0 idles 3 s, works 8 s (4 of them at full power, held by the power cap), idles; GPU 1
 #: works a little later and less.
 DEMO_PATTERN = "0:3,85:4,100:4,0:30;0:4,55:6,0:30"
@@ -40,6 +42,18 @@ DEMO_STOP_S = 3.0
 #: counter, and a short capture window (DEMO_CAPTURE_S) that ends before the cycle does.
 DEMO_EVENTS = "0:94@6"
 DEMO_CAPTURE_S = 2.0
+#: The job the demo opens through the hook API when the GPUs get busy and releases when they are
+#: quiet again, as a scheduler's prolog and epilog would: ``gputel job`` answers for it.
+DEMO_JOB = "demo-job-1"
+#: Utilization (%) under which, on every GPU, the demo's job is done.
+JOB_DONE_PCT = 10.0
+#: What the demo runs to call the hook API in the agent's environment (its run directory).
+_HOOK_SCRIPT = (
+    "import sys; from gputel import hooks; "
+    "r = hooks.allocation_created(sys.argv[2]) if sys.argv[1] == 'open' "
+    "else hooks.allocation_released(sys.argv[2]); "
+    "print(r.detail); sys.exit(0 if r.ok else 1)"
+)
 
 
 @dataclass
@@ -54,6 +68,8 @@ class DemoResult:
     """The session as ``gputel report --json`` gives it (None without the analysis extra)."""
     plot: Path | None = None
     """The timeline picture, when matplotlib is installed."""
+    job: str | None = None
+    """The allocation the demo opened and released through the hook API (None if it could not)."""
 
 
 def _free_port(addr: str = "127.0.0.1") -> int:
@@ -179,13 +195,13 @@ def render(
         )
 
     trans = Table(title="transitions", expand=False)
-    trans.add_column("time (UTC)")
+    trans.add_column("time")
     trans.add_column("from")
     trans.add_column("to")
     trans.add_column("reason")
     for t in (status.get("transitions") or [])[-6:]:
         trans.add_row(
-            str(t.get("timestamp", ""))[11:23],
+            display_time(t.get("timestamp")) or "",
             t.get("from_state"),
             t.get("to_state"),
             t.get("reason"),
@@ -194,11 +210,11 @@ def render(
     events = status.get("events") or []
     if events:
         table = Table(title="GPU events", expand=False)
-        for col in ("time (UTC)", "GPU", "event", "xid", "action"):
+        for col in ("time", "GPU", "event", "xid", "action"):
             table.add_column(col)
         for e in events[-4:]:
             table.add_row(
-                str(e.get("timestamp", ""))[11:23],
+                display_time(e.get("timestamp")) or "",
                 str(e.get("gpu")),
                 str(e.get("event")),
                 "" if e.get("xid") is None else str(e.get("xid")),
@@ -266,6 +282,7 @@ def run_demo(
     t0 = time.monotonic()
     status: dict[str, Any] | None = None
     history: dict[int, deque[float | None]] = {}
+    job = _DemoJob(env)
     # The agent takes SIGHUP as "reopen the CSV files" (logrotate), so closing the terminal
     # would leave it running: turn SIGHUP and SIGTERM into an exit that runs the cleanup below.
     previous = _exit_on_signals((signal.SIGHUP, signal.SIGTERM))
@@ -294,6 +311,7 @@ def run_demo(
                         went_on = True
                     elif went_on:
                         went_off = True
+                    job.follow(status)
                 live.update(render(status, elapsed, history=history))
                 if went_on and went_off and status and status.get("state") == "idle":
                     message = "one full idle → busy → idle cycle"
@@ -304,6 +322,7 @@ def run_demo(
                     break
                 time.sleep(poll_s)
     finally:
+        job.finish()
         _stop(proc)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -311,8 +330,9 @@ def run_demo(
     files = sorted(log_dir.glob("*.csv")) if log_dir.is_dir() else []
     _show_files(console, log_dir, files)
     summary = plot_path = None
+    job_id = DEMO_JOB if job.released else None
     if ok:
-        summary, plot_path = _answer(console, log_dir, directory / "timeline.png")
+        summary, plot_path = _answer(console, log_dir, directory / "timeline.png", job_id)
     if ok:
         console.print(f"[bold green]done[/]: {message}; the agent exited cleanly.")
     else:
@@ -324,18 +344,85 @@ def run_demo(
         console.print(f"files kept in {directory} (remove it when done)")
     else:
         shutil.rmtree(directory, ignore_errors=True)
-    return DemoResult(ok, directory, log_dir, message, seen, files, summary, plot_path)
+    return DemoResult(ok, directory, log_dir, message, seen, files, summary, plot_path, job_id)
+
+
+class _DemoJob:
+    """The demo's job: opened through the hook API once the agent is active, released once the
+    GPUs are quiet, each call a short process in the agent's environment (so it finds the agent's
+    socket).
+
+    ``phase`` goes waiting → opening → open → releasing → released (or failed); the live view
+    never waits for a call.
+    """
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = {**env, "GPU_TELEMETRY_AUTOSTART": "1"}
+        self.call: subprocess.Popen[bytes] | None = None
+        self.phase = "waiting"
+
+    @property
+    def released(self) -> bool:
+        return self.phase == "released"
+
+    def _run(self, op: str, phase: str) -> None:
+        self.phase = phase
+        self.call = subprocess.Popen(
+            [sys.executable, "-c", _HOOK_SCRIPT, op, DEMO_JOB],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def _settle(self, wait: float = 0.0) -> None:
+        """Move on from a finished call: opening → open, releasing → released, or failed."""
+        if self.call is None:
+            return
+        try:
+            code = self.call.wait(timeout=wait) if wait else self.call.poll()
+        except subprocess.TimeoutExpired:
+            self.call.kill()
+            code = self.call.wait()
+        if code is None:
+            return
+        self.call = None
+        if code != 0:
+            self.phase = "failed"
+        else:
+            self.phase = {"opening": "open", "releasing": "released"}.get(self.phase, self.phase)
+
+    def follow(self, status: Mapping[str, Any]) -> None:
+        self._settle()
+        utils = [
+            u
+            for g in status.get("gpus") or []
+            if isinstance(u := g.get("utilization_gpu_pct"), (int, float))
+        ]
+        if not utils:
+            return
+        if self.phase == "waiting" and status.get("state") == "active":
+            self._run("open", "opening")
+        elif self.phase == "open" and max(utils) < JOB_DONE_PCT:
+            self._run("release", "releasing")
+
+    def finish(self) -> None:
+        """Before the agent stops: wait for a call under way and release a job still open."""
+        self._settle(wait=5.0)
+        if self.phase == "open":
+            self._run("release", "releasing")
+            self._settle(wait=5.0)
 
 
 def _answer(
-    console: Console, log_dir: Path, picture: Path
+    console: Console, log_dir: Path, picture: Path, job: str | None = None
 ) -> tuple[dict[str, Any] | None, Path | None]:
     """The recorded session as the report code sums it, the plot, and the commands to go on.
 
     Both come from the analysis code (DuckDB, matplotlib: the ``analysis`` extra); without it the
     demo says how to install it rather than summing the CSVs a second way.
     """
-    from gputel.analysis.duck import INSTALL_HINT, AnalysisUnavailable
+    from gputel.analysis.duck import AnalysisUnavailable, install_hint
     from gputel.analysis.plot import PlotUnavailable, plot
     from gputel.analysis.report import build_report
 
@@ -343,7 +430,7 @@ def _answer(
     try:
         report = build_report([log_dir])
     except AnalysisUnavailable:
-        console.print(f"  the summary needs the analysis extra: {INSTALL_HINT}", markup=False)
+        console.print(f"  the summary needs the analysis extra: {install_hint()}", markup=False)
         return None, None
     sessions = [s for s in report["sessions"] if s["gpus"]]
     session = sessions[-1] if sessions else None
@@ -372,10 +459,13 @@ def _answer(
         made = picture
         console.print(f"plot: {picture}", markup=False)
     except (PlotUnavailable, AnalysisUnavailable):
-        console.print(f"no plot: it needs matplotlib ({INSTALL_HINT})", markup=False)
+        console.print(f"no plot: it needs matplotlib ({install_hint()})", markup=False)
     console.print("go further:")
     console.print(f"  gputel report {log_dir}", markup=False)
     console.print(f"  gputel plot {log_dir} -o timeline.png", markup=False)
+    if job is not None:
+        console.print(f"what did the job {job} do:", markup=False)
+        console.print(f"  gputel job {job} {log_dir}", markup=False)
     return session, made
 
 

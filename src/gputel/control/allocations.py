@@ -27,7 +27,15 @@ from typing import Any
 
 from gputel.allocstats import STAT_FIELDS, stats_from_json
 from gputel.energy import energy_between
-from gputel.formats import RowAppender, finite, iso_utc_ms, parse_iso_utc, process_alive
+from gputel.formats import (
+    FORMULA_START,
+    FailureCounter,
+    RowAppender,
+    finite,
+    iso_utc_ms,
+    parse_iso_utc,
+    process_alive,
+)
 from gputel.runtime import ALLOCATIONS_FILE, RECORDER_STATE_FILE, atomic_write_json, read_json
 from gputel.settings import parse_gpu_list
 
@@ -35,9 +43,6 @@ log = logging.getLogger(__name__)
 
 ID_MAX_LEN = 128
 _ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
-#: First characters a spreadsheet reads as a formula (``=``, ``+``, ``-``, ``@``; tab and CR are
-#: outside the allowed characters already). Ids land in CSV cells that people open in Excel.
-FORMULA_START = frozenset("=+-@\t\r")
 STORE_VERSION = 1
 SUMMARY_FILE = "allocations.csv"
 SUMMARY_COLUMNS = (
@@ -48,6 +53,7 @@ SUMMARY_COLUMNS = (
     "duration_s",
     "energy_j",
     *STAT_FIELDS,
+    "xids",
     "release_reason",
     "shared",
 )
@@ -56,6 +62,10 @@ a detected job (``docs/attribution.md``) it is ``0`` when the job had its GPUs t
 whole span and ``1`` when another job (or a process of unknown owner) was on one of them at some
 tick, in which case ``energy_j`` is empty: the GPU's energy cannot be split between jobs."""
 _PID_MAX = 2**22
+
+
+#: Who knows the Xid codes that hit an allocation (by id): the agent's event recorder.
+XidSource = Callable[[str], "builtins.list[int]"]
 
 
 class AllocationError(ValueError):
@@ -73,6 +83,8 @@ def validate_id(value: object) -> str:
         raise AllocationError(
             f"allocation id is {len(value)} characters long; at most {ID_MAX_LEN} are allowed"
         )
+    # Refused outright rather than neutralised: an id is typed again on command lines, and a
+    # cell would show it with a leading quote.
     if value[0] in FORMULA_START:
         raise AllocationError(
             f"allocation id {value[:40]!r} starts with {value[0]!r}, which a spreadsheet reads "
@@ -227,6 +239,7 @@ def release_summary(
     energy_j: float | None,
     stats: Mapping[str, float | int | None],
     reason: str,
+    xids: Iterable[int] = (),
 ) -> dict[str, Any]:
     """The summary of an ended allocation: the ``release`` reply and, through
     :class:`SummaryLog`, its ``allocations.csv`` row.
@@ -255,6 +268,7 @@ def release_summary(
     for key in STAT_FIELDS:
         summary[key] = stats.get(key)
     summary["samples"] = stats.get("samples")
+    summary["xids"] = list(xids)
     summary["release_reason"] = reason
     return summary
 
@@ -287,6 +301,11 @@ class AllocationStore:
     @property
     def path(self) -> Path:
         return self.run_dir / ALLOCATIONS_FILE
+
+    @property
+    def summary_failures(self) -> FailureCounter:
+        """Rows of ``allocations.csv`` this store could not write."""
+        return self._summaries.failures
 
     # -- persistence
     def _load(self) -> None:
@@ -382,14 +401,20 @@ class AllocationStore:
         id: str,
         energy_j: Mapping[int, float | None] | None,
         reason: str = "released",
+        xids: XidSource | None = None,
     ) -> dict[str, Any]:
-        """Close ``id`` and summarise it; closing an unknown id is harmless."""
+        """Close ``id`` and summarise it; closing an unknown id is harmless. ``xids`` gives the
+        Xid codes that hit the allocation (the agent's event recorder)."""
         ident = validate_id(id)
         with self._lock:
-            return self._release_locked(ident, energy_j, reason)
+            return self._release_locked(ident, energy_j, reason, xids)
 
     def _release_locked(
-        self, ident: str, energy_j: Mapping[int, float | None] | None, reason: str
+        self,
+        ident: str,
+        energy_j: Mapping[int, float | None] | None,
+        reason: str,
+        xids: XidSource | None = None,
     ) -> dict[str, Any]:
         alloc = self._open.get(ident)
         if alloc is None:
@@ -400,7 +425,7 @@ class AllocationStore:
         except OSError as exc:
             self._open[ident] = alloc
             raise AllocationError(f"cannot record the release: {exc}") from None
-        summary = self._summarise(alloc, energy_j, reason)
+        summary = self._summarise(alloc, energy_j, reason, xids(ident) if xids else ())
         self._append_summary(summary)
         log.info(
             "allocation %s closed (%s) after %.1fs, energy %s J",
@@ -420,7 +445,7 @@ class AllocationStore:
             return len(self._open)
 
     def reap_dead_owners(
-        self, energy_j: Mapping[int, float | None] | None
+        self, energy_j: Mapping[int, float | None] | None, xids: XidSource | None = None
     ) -> builtins.list[dict[str, Any]]:
         """Close every allocation whose owner process has exited; return their summaries.
 
@@ -436,7 +461,7 @@ class AllocationStore:
             for alloc in dead:
                 try:
                     result = self._release_locked(
-                        alloc.id, energy_j, f"owner pid {alloc.pid} exited"
+                        alloc.id, energy_j, f"owner pid {alloc.pid} exited", xids
                     )
                 except AllocationError as exc:
                     log.error("cannot release %s after its owner exited: %s", alloc.id, exc)
@@ -447,26 +472,37 @@ class AllocationStore:
 
     # -- summaries
     def _summarise(
-        self, alloc: Allocation, energy_j: Mapping[int, float | None] | None, reason: str
+        self,
+        alloc: Allocation,
+        energy_j: Mapping[int, float | None] | None,
+        reason: str,
+        xids: Iterable[int] = (),
     ) -> dict[str, Any]:
         gpus = alloc.gpus if alloc.gpus is not None else sorted(alloc.start_energy_j)
         if alloc.gpus is None and not gpus:
             gpus = list(self.known_gpus)
-        end_energy = _energy_snapshot(energy_j, gpus)
+        entry = recorder_stats_entry(
+            read_json(self.run_dir / RECORDER_STATE_FILE), alloc.id, alloc.start
+        )
+        if entry is not None:
+            # The one allocation rule (gputel.energy, rule 4), tick by tick in the recorder:
+            # the number gputel report counts from the same rows.
+            energy = finite(entry.get("energy_j"))
+            energy = None if energy is None else round(energy, 6)
+        else:
+            # No recorder ticked during it (telemetry forced off): the agent's own counter
+            # readings at open and release are its only two ticks.
+            energy = energy_between(alloc.start_energy_j, _energy_snapshot(energy_j, gpus), gpus)
         return release_summary(
             alloc.id,
             gpus,
             alloc.start,
             self._now(),
-            energy_between(alloc.start_energy_j, end_energy, gpus),
-            self._recorder_stats(alloc.id, alloc.start),
+            energy,
+            stats_from_json(entry) if entry is not None else {},
             reason,
+            xids,
         )
-
-    def _recorder_stats(self, ident: str, start: str) -> dict[str, float | int | None]:
-        """The recorder's running stats for ``ident``, if they are about this allocation."""
-        entry = recorder_stats_entry(read_json(self.run_dir / RECORDER_STATE_FILE), ident, start)
-        return stats_from_json(entry) if entry is not None else {}
 
     def _append_summary(self, summary: Mapping[str, Any]) -> None:
         self._summaries.append(summary)
@@ -484,10 +520,16 @@ class SummaryLog:
     def rows_failed(self) -> int:
         return self._rows.rows_failed
 
+    @property
+    def failures(self) -> FailureCounter:
+        return self._rows.failures
+
     def append(self, summary: Mapping[str, Any]) -> None:
         """One whole row; an unwritable log directory costs the row, not the call."""
         self._rows.append(
-            ";".join(str(g) for g in summary["gpus"]) if key == "gpus" else _fmt(summary.get(key))
+            ";".join(str(v) for v in summary.get(key) or ())
+            if key in ("gpus", "xids")
+            else _fmt(summary.get(key))
             for key in SUMMARY_COLUMNS
         )
 

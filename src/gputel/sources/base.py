@@ -43,6 +43,12 @@ class GpuIdentity:
     index: int
     uuid: str
     name: str
+    gpm: str | None = None
+    """GPM on this GPU as the source found it at open: ``available``, ``not supported`` or
+    ``refused: <why>; <fix>`` (None: the source cannot tell)."""
+    pci_bus_id: str = ""
+    """NVML's ``busId`` (``00000000:3B:00.0``); empty where the source has none (sim, a GPU
+    lost at start). It ties the kernel log's Xid lines to the GPU (``sources/kernel_xid.py``)."""
 
 
 class GpuSource(Protocol):

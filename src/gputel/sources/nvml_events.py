@@ -5,10 +5,12 @@ good, which is exactly when its events matter most. So the wait runs on a daemon
 nobody joins: the agent loop, its watchdog, ``gputel status`` and shutdown never wait for it. The
 wait has a timeout (``WAIT_MS``) so a healthy thread sees a stop request within a second.
 
-Every call that names a GPU goes through the source's one NVML rule
-(:meth:`~gputel.sources.nvml.NvmlGpuSource.ask`): NOT_SUPPORTED is "no events of that kind
-here", a lost GPU is left out. A driver without the event API, or one whose waits keep failing,
-costs one notice (log and ``gputel status``); telemetry and everything else work as before.
+Every call that names a GPU goes through the one asking rule (``sources/nvml_calls.py``), under
+that GPU's lock, taken with a short timeout: a GPU hung in a read is registered later (retried
+between waits, said in the notice) and never keeps the others from their events. NOT_SUPPORTED
+is "no events of that kind here", a lost GPU is left out. A driver without the event API, or one
+whose waits keep failing, costs one notice (log and ``gputel status``); telemetry and everything
+else work as before.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gputel.formats import one_line
+from gputel.sources import nvml_binding as b
 from gputel.sources.base import EventSink
+from gputel.sources.nvml_calls import NvmlCalls
+from gputel.sources.nvml_gpu import GpuLost, NvmlGpu
 from gputel.supervisor.events import (
     DRAM_RETIREMENT,
     ECC_DBE,
@@ -29,18 +34,15 @@ from gputel.supervisor.events import (
     XID,
 )
 
-if TYPE_CHECKING:
-    from gputel.sources.nvml import NvmlGpuSource
-
 log = logging.getLogger("gputel.nvml.events")
 
 #: Milliseconds one wait may take before the thread looks at its stop flag again.
 WAIT_MS = 1000
 #: Seconds between attempts while the wait itself fails (the driver may get over it).
 RETRY_S = 5.0
-
-_TIMEOUT = 10
-_UNINITIALIZED = 1
+#: Seconds registration waits for a GPU's lock: a normal read holds it for milliseconds; one hung
+#: in the driver holds it for good, and that GPU is registered later instead.
+LOCK_WAIT_S = 0.05
 
 #: (binding constant, its bit where every binding has it, event name). The first three are in
 #: NVML's ABI since the event API began; the others only where the binding defines them.
@@ -65,10 +67,14 @@ def _address(handle: Any) -> int | None:
 class NvmlEventListener:
     """Registers every selected GPU for the fault events it supports and waits for them."""
 
-    def __init__(self, source: NvmlGpuSource, wait_ms: int = WAIT_MS) -> None:
-        self._source = source
-        self._nv = source.binding
-        self._error: type[BaseException] = getattr(self._nv, "NVMLError", Exception)
+    def __init__(self, calls: NvmlCalls, gpus: list[NvmlGpu], wait_ms: int = WAIT_MS) -> None:
+        self._calls = calls
+        self._gpus = gpus
+        api = calls.api
+        self._api = api
+        self._error = api.error
+        self._supported_fn = api.fn("nvmlDeviceGetSupportedEventTypes")
+        self._register_fn = api.fn("nvmlDeviceRegisterEvents")
         self._wait_ms = wait_ms
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -77,9 +83,14 @@ class NvmlEventListener:
         self._types = [
             (int(bit), name)
             for const, default, name in EVENT_TYPES
-            if (bit := getattr(self._nv, const, default)) is not None
+            if (bit := getattr(api.module, const, default)) is not None
         ]
         self._by_address: dict[int, int] = {}
+        self._handles: dict[int, Any] = {}
+        self._waiting: list[int] = []
+        """GPUs not registered yet because a read held their lock (retried between waits)."""
+        self._not_offered: list[int] = []
+        self._standing: str | None = None
         self.registered: dict[int, list[str]] = {}
         """Event names registered per GPU index (filled by the thread; for status and tests)."""
 
@@ -128,74 +139,113 @@ class NvmlEventListener:
         finally:
             if self._stop.is_set():
                 try:
-                    self._nv.nvmlEventSetFree(event_set)
+                    self._api.call("nvmlEventSetFree", event_set)
                 except Exception as exc:  # the process is ending; the driver frees it at exit
                     log.debug("nvmlEventSetFree failed: %s", one_line(exc))
 
     def _register(self) -> Any:
-        """The event set with every GPU registered; None (and the notice) when none could be."""
-        nv = self._nv
-        handles = self._source.gpu_handles()
+        """The event set with every GPU that could be registered now; None (and the notice)
+        when none could be nor ever will. A GPU whose lock stays held (a read hung in the
+        driver) is left for later (:meth:`_register_waiting`), so it never holds up the others."""
+        self._handles = {g.index: g.handle for g in self._gpus if g.handle is not None}
         try:
-            event_set = nv.nvmlEventSetCreate()
-        except (self._error, AttributeError) as exc:
+            event_set = self._api.call("nvmlEventSetCreate")
+        except self._error as exc:
             self._say(
                 "GPU events (Xid, ECC) are not received: this driver or binding has no NVML "
                 f"event API ({one_line(exc)}); telemetry works without them"
             )
             return None
-        without: list[int] = []
-        for index, handle in sorted(handles.items()):
-            supported = self._source.ask(
-                index, "supported_events", "nvmlDeviceGetSupportedEventTypes"
+        self._waiting = sorted(self._handles)
+        self._register_waiting(event_set)
+        if not self.registered and not self._waiting:
+            self._say(
+                "GPU events (Xid, ECC) are not received: the driver offers none on "
+                f"{'any selected GPU' if self._handles else 'GPUs it cannot open'}; telemetry "
+                "works without them"
             )
+            return None
+        return event_set
+
+    def _register_waiting(self, event_set: Any) -> None:
+        """Register the GPUs not registered yet whose lock is free within LOCK_WAIT_S; the
+        others stay waiting for the next round (between two waits)."""
+        by_index = {g.index: g for g in self._gpus}
+        still: list[int] = []
+        added: list[int] = []
+        for index in self._waiting:
+            gpu = by_index[index]
+            if not gpu.lock.acquire(timeout=LOCK_WAIT_S):
+                still.append(index)
+                continue
+            try:
+                wanted = self._register_gpu(gpu, event_set)
+            finally:
+                gpu.lock.release()
+            if not wanted:
+                self._not_offered.append(index)
+                continue
+            self.registered[index] = wanted
+            added.append(index)
+            address = _address(self._handles[index])
+            if address is not None:
+                self._by_address[address] = index
+        self._waiting = still
+        if added:
+            log.info(
+                "listening for GPU events on %s",
+                "; ".join(f"GPU {i}: {', '.join(self.registered[i])}" for i in added),
+            )
+        self._standing = self._registration_notice()
+        if self.registered or self._waiting:  # else the caller says that none is received
+            self._say(self._standing)
+
+    def _registration_notice(self) -> str | None:
+        """What registration has to say: GPUs that offer no events, GPUs still busy."""
+        parts: list[str] = []
+        if self._not_offered:
+            names = ", ".join(str(i) for i in sorted(self._not_offered))
+            parts.append(f"GPU events (Xid, ECC) are not received from GPU {names}: not offered")
+        if self._waiting:
+            names = ", ".join(str(i) for i in self._waiting)
+            parts.append(
+                f"GPU events are not yet received from GPU {names}: busy in a read that does "
+                "not return (registering again every second); the other GPUs' events are"
+            )
+        return "; ".join(parts) or None
+
+    def _register_gpu(self, gpu: NvmlGpu, event_set: Any) -> list[str]:
+        """Register one GPU for the kinds it offers; their names (none: not registered). The
+        caller holds the GPU's lock."""
+        try:
+            supported = self._calls.ask(gpu, "supported_events", self._supported_fn)
             wanted = [(bit, name) for bit, name in self._types if int(supported or 0) & bit]
             mask = 0
             for bit, _name in wanted:
                 mask |= bit
             if not mask:
-                without.append(index)
-                continue
-            # Registering returns nothing: a failure shows as one more error, or as unsupported.
-            errors = self._source.errors(index, "events")
-            self._source.ask(index, "events", "nvmlDeviceRegisterEvents", mask, event_set)
-            if self._source.unsupported(index, "events") or (
-                self._source.errors(index, "events") > errors
-            ):
-                without.append(index)
-                continue
-            self.registered[index] = [name for _bit, name in wanted]
-            address = _address(handle)
-            if address is not None:
-                self._by_address[address] = index
-        missing = sorted(set(handles) - set(self.registered))
-        if not self.registered:
-            self._say(
-                "GPU events (Xid, ECC) are not received: the driver offers none on "
-                f"{'any selected GPU' if handles else 'GPUs it cannot open'}; telemetry works "
-                "without them"
-            )
-            return None
-        if missing:
-            names = ", ".join(str(i) for i in missing)
-            self._say(f"GPU events (Xid, ECC) are not received from GPU {names}: not offered")
-        log.info(
-            "listening for GPU events on %s",
-            "; ".join(f"GPU {i}: {', '.join(n)}" for i, n in sorted(self.registered.items())),
-        )
-        return event_set
+                return []
+            # Registering returns nothing: a failure shows as one more error or unsupported.
+            errors = gpu.field_errors.get("events", 0)
+            self._calls.ask(gpu, "events", self._register_fn, mask, event_set)
+            if "events" in gpu.unsupported or gpu.field_errors.get("events", 0) > errors:
+                return []
+        except GpuLost:
+            return []
+        return [name for _bit, name in wanted]
 
     def _listen(self, event_set: Any, deliver: EventSink) -> None:
-        standing = self.notice  # what registration had to say stays true while waits fail
         failing = False
         while not self._stop.is_set():
+            if self._waiting and not failing:
+                self._register_waiting(event_set)
             try:
-                data = self._nv.nvmlEventSetWait_v2(event_set, self._wait_ms)
+                data = self._api.call("nvmlEventSetWait_v2", event_set, self._wait_ms)
             except self._error as exc:
-                code = getattr(exc, "value", None)
-                if code == _TIMEOUT:
+                code = b.error_code(exc)
+                if code == b.TIMEOUT:
                     continue
-                if self._stop.is_set() or code == _UNINITIALIZED:
+                if self._stop.is_set() or code == b.UNINITIALIZED:
                     return
                 if not failing:
                     failing = True
@@ -207,7 +257,7 @@ class NvmlEventListener:
                 continue
             if failing:
                 failing = False
-                self._say(standing)
+                self._say(self._standing)  # what registration says stays true
                 log.info("waiting for GPU events works again")
             self._deliver(data, deliver)
 

@@ -6,6 +6,12 @@ bandwidth, FP16/32/64 pipes, PCIe and NVLink bytes. How it is read:
 
 - ``nvmlGpmQueryDeviceSupport`` once per GPU decides; a GPU without GPM has these fields empty
   and costs no further call;
+- profiling counters may be restricted to admin users (the driver's default,
+  ``RmProfilingAdminOnly: 1`` in ``/proc/driver/nvidia/params``): a sample answered
+  ``NO_PERMISSION`` means GPM is *refused* on that GPU for the life of the source (asked again
+  when the agent restarts), with one notice naming the fix; the GPU is then read as one without
+  GPM (PCIe from the throughput calls, ``GPUTEL_ACTIVITY=sm`` from utilization). The first
+  sample is taken when the source opens, so the refusal is known before the first reading;
 - two samples per GPU (``nvmlGpmSampleAlloc`` once, freed at close): each read takes ONE new
   sample into the older of the two, then ``nvmlGpmMetricsGet`` computes the metrics over the
   pair (previous sample -> this one), i.e. over the time since the previous read in this process.
@@ -14,8 +20,8 @@ bandwidth, FP16/32/64 pipes, PCIe and NVLink bytes. How it is read:
 - a MIG GPU is sampled per GPU instance (``nvmlGpmMigSampleGet``), one pair per instance; its
   MIG devices (found through their handles, re-listed once a minute) carry SM activity and
   memory;
-- every NVML call goes through the source's one asking rule (``NvmlGpuSource._ask``), and a
-  metric the driver answers ``NOT_SUPPORTED`` for is not requested again.
+- every NVML call goes through the one asking rule (``sources/nvml_calls.py``), and a metric the
+  driver answers ``NOT_SUPPORTED`` for is not requested again.
 
 The metrics request is the binding's ``c_nvmlGpmMetricsGet_t``, whose ``metrics`` array length
 differs between binding versions (98 entries in 12.535, 477 later): only ``numMetrics`` entries
@@ -29,10 +35,14 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
+from gputel.formats import one_line
 from gputel.schema import MIB, GpuReading, MigReading
+from gputel.sources import nvml_binding as b
+from gputel.sources.nvml_calls import NvmlCalls
+from gputel.sources.nvml_gpu import NO_DEVICE, CallRefused, NvmlGpu, text
 
 log = logging.getLogger("gputel.nvml")
 
@@ -56,19 +66,36 @@ _PCIE = ("pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s")
 #: Seconds between re-listings of a MIG GPU's devices (instances are created and destroyed by
 #: the operator, rarely; listing costs a few calls).
 _MIG_RELIST_S = 60.0
-_NOT_FOUND = 6
+#: Codes of a GPM sample that mean "not for this caller": a standing refusal, not a failure.
+_REFUSED = frozenset({b.NO_PERMISSION})
+#: What lifts the refusal (docs/hardware.md explains the trade-off of each).
+REFUSAL_FIX = (
+    "give the service CAP_SYS_ADMIN (install.sh --profiling) or load the nvidia module with "
+    "NVreg_RestrictProfilingToAdminUsers=0 (docs/hardware.md: the side-channel trade-off)"
+)
+#: The driver's module parameters, under GPUTEL_PROC_ROOT.
+PARAMS_FILE = Path("driver/nvidia/params")
 
 
-class Ask(Protocol):
-    """``NvmlGpuSource._ask``: one NVML call for one field, None when it gives no value."""
+def profiling_admin_only(proc_root: Path) -> bool | None:
+    """Whether the driver restricts profiling counters to admin users (``RmProfilingAdminOnly``
+    in its params file); None where the file or the line does not exist."""
+    try:
+        lines = (proc_root / PARAMS_FILE).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "RmProfilingAdminOnly":
+            return value.strip() == "1"
+    return None
 
-    def __call__(
-        self, gpu: Any, key: str, fn_name: str, *args: Any, device: Any = ..., **kwargs: Any
-    ) -> Any: ...
 
-
-#: ``NvmlGpuSource._failed``: what a per-metric return code means (same rule as a call's).
-Failed = Callable[[Any, str, "int | None", str], None]
+def refusal_reason(admin_only: bool | None) -> str:
+    """Why GPM was refused, in the words ``gputel status`` shows after ``refused: ``."""
+    if admin_only:
+        return "profiling counters are restricted to admin users (RmProfilingAdminOnly=1)"
+    return "the driver answers NO_PERMISSION to profiling counters"
 
 
 @dataclass(eq=False)
@@ -91,7 +118,7 @@ class _MigDevice:
 
 @dataclass(eq=False)
 class GpmState:
-    """One GPU's GPM state, kept in the source's per-GPU record (``_Gpu.gpm``)."""
+    """One GPU's GPM state, kept by the reader per GPU index."""
 
     supported: bool | None = None
     """None until asked."""
@@ -99,49 +126,102 @@ class GpmState:
     """-1: the whole GPU; else a GPU instance id."""
     mig_devices: list[_MigDevice] = field(default_factory=list)
     mig_listed_at: float | None = None
+    refused: str | None = None
+    """Why the driver refuses GPM to this process (then ``supported`` is False)."""
 
 
 class GpmReader:
-    """GPM reads for the GPUs of one :class:`~gputel.sources.nvml.NvmlGpuSource`.
-
-    ``nv`` is the loaded binding; ``ask`` and ``failed`` are the source's asking rule. Callers
-    hold the GPU's lock.
-    """
+    """GPM reads for the GPUs of one source, over its asking rule. Callers hold the GPU's
+    lock; each GPU's state is touched only under it."""
 
     def __init__(
-        self,
-        nv: ModuleType,
-        ask: Ask,
-        failed: Failed,
-        no_device: object,
-        clock: Callable[[], float],
+        self, calls: NvmlCalls, clock: Callable[[], float], admin_only: bool | None = None
     ) -> None:
-        self._nv = nv
-        self._ask = ask
-        self._failed = failed
-        self._no_device = no_device
+        """``admin_only``: the driver's profiling restriction (:func:`profiling_admin_only`),
+        to name the cause of a refusal."""
+        self._calls = calls
+        self._admin_only = admin_only
+        self._ask = calls.ask
         self._clock = clock
+        api = calls.api
+        self._error = api.error
         self._metrics = [
-            (attr, int(getattr(nv, const)), factor)
+            (attr, metric, factor)
             for attr, const, factor in GPM_METRICS
-            if hasattr(nv, const)
+            if (metric := api.optional_const(const)) is not None
         ]
-        self._request_type = getattr(nv, "c_nvmlGpmMetricsGet_t", None)
-        self._version = int(getattr(nv, "NVML_GPM_METRICS_GET_VERSION", 1))
+        self._request_type = getattr(api.module, "c_nvmlGpmMetricsGet_t", None)
+        self._version = api.const("NVML_GPM_METRICS_GET_VERSION", 1)
+        self._support_fn = api.fn("nvmlGpmQueryDeviceSupport")
+        self._alloc_fn = api.fn("nvmlGpmSampleAlloc")
+        self._free_fn = api.fn("nvmlGpmSampleFree")
+        self._sample_fn = api.fn("nvmlGpmSampleGet")
+        self._mig_sample_fn = api.fn("nvmlGpmMigSampleGet")
+        self._metrics_fn = api.fn("nvmlGpmMetricsGet")
+        self._mig_count_fn = api.fn("nvmlDeviceGetMaxMigDeviceCount")
+        self._mig_handle_fn = api.fn("nvmlDeviceGetMigDeviceHandleByIndex")
+        self._gi_fn = api.fn("nvmlDeviceGetGpuInstanceId")
+        self._ci_fn = api.fn("nvmlDeviceGetComputeInstanceId")
+        self._uuid_fn = api.fn("nvmlDeviceGetUUID")
+        self._memory_fn = api.fn("nvmlDeviceGetMemoryInfo")
+        self._states: dict[int, GpmState] = {}
+
+    def _state(self, gpu: NvmlGpu) -> GpmState:
+        state = self._states.get(gpu.index)
+        if state is None:
+            state = self._states[gpu.index] = GpmState()
+        return state
 
     # ------------------------------------------------------------------------ support
-    def supported(self, gpu: Any) -> bool:
+    def supported(self, gpu: NvmlGpu) -> bool:
         """Whether the driver offers GPM for ``gpu`` (asked once; no binding support: no)."""
-        state: GpmState = gpu.gpm
+        state = self._state(gpu)
         if state.supported is None:
             if self._request_type is None:
                 state.supported = False
             else:
-                support = self._ask(gpu, "gpm", "nvmlGpmQueryDeviceSupport")
+                support = self._ask(gpu, "gpm", self._support_fn)
                 state.supported = bool(support is not None and support.isSupportedDevice)
         return state.supported
 
-    def gives_pcie(self, gpu: Any) -> bool:
+    def probe(self, gpu: NvmlGpu) -> None:
+        """At open: ask for support and take one sample of a whole GPU, so a refusal is known
+        (and said) before the first reading. The sample is not kept: the first reading still
+        has no pair, as without the probe."""
+        if gpu.mig or not self.supported(gpu):
+            return
+        state = self._state(gpu)
+        pair = self._pair(gpu, -1)
+        if pair is None or pair.newest >= 0:
+            return
+        try:
+            self._ask(gpu, "gpm", self._sample_fn, pair.samples[0], refused=_REFUSED)
+        except CallRefused:
+            self._refuse(gpu, state, announce=False)
+
+    def status(self, gpu: NvmlGpu) -> str | None:
+        """``available``, ``not supported`` or ``refused: <why>; <fix>`` (None: not asked)."""
+        state = self._state(gpu)
+        if state.refused is not None:
+            return f"refused: {state.refused}; {REFUSAL_FIX}"
+        if state.supported is None:
+            return None
+        return "available" if state.supported and "gpm" not in gpu.unsupported else "not supported"
+
+    def refused(self, gpu: NvmlGpu) -> bool:
+        return self._state(gpu).refused is not None
+
+    def _refuse(self, gpu: NvmlGpu, state: GpmState, *, announce: bool) -> None:
+        """GPM refused to this process: stop asking until the source is opened again."""
+        state.refused = refusal_reason(self._admin_only)
+        state.supported = False
+        for pair in state.pairs.values():
+            self._free_pair(pair)
+        state.pairs.clear()
+        if announce:
+            log.warning("GPU %d: %s", gpu.index, refusal_notice([gpu.index], state.refused))
+
+    def gives_pcie(self, gpu: NvmlGpu) -> bool:
         """Whether PCIe throughput comes from GPM (so the ~20 ms throughput calls are skipped)."""
         return (
             not gpu.mig
@@ -151,7 +231,7 @@ class GpmReader:
         )
 
     # ------------------------------------------------------------------------ reads
-    def fill(self, gpu: Any, reading: GpuReading) -> None:
+    def fill(self, gpu: NvmlGpu, reading: GpuReading) -> None:
         """The full read: every metric of the whole GPU, or the MIG devices of a MIG GPU."""
         if not self.supported(gpu):
             return
@@ -163,7 +243,7 @@ class GpmReader:
             setattr(reading, attr, value)
         reading.has_gpm = self._gives_sm(gpu)
 
-    def fill_light(self, gpu: Any, reading: GpuReading) -> None:
+    def fill_light(self, gpu: NvmlGpu, reading: GpuReading) -> None:
         """The agent's light read: SM activity only (MIG: per device, without memory)."""
         if not self.supported(gpu):
             return
@@ -175,14 +255,14 @@ class GpmReader:
         reading.has_gpm = self._gives_sm(gpu)
 
     @staticmethod
-    def _gives_sm(gpu: Any) -> bool:
+    def _gives_sm(gpu: NvmlGpu) -> bool:
         """Whether the GPU's SM activity is measured (if not this tick, then from the next)."""
         return "gpm" not in gpu.unsupported and f"gpm.{_SM}" not in gpu.unsupported
 
-    def mig_readings(self, gpu: Any, *, memory: bool) -> tuple[MigReading, ...]:
+    def mig_readings(self, gpu: NvmlGpu, *, memory: bool) -> tuple[MigReading, ...]:
         """One reading per MIG device: its GPU instance's SM activity, with ``memory`` its
         memory (from the MIG device's own handle)."""
-        state: GpmState = gpu.gpm
+        state = self._state(gpu)
         now = self._clock()
         if state.mig_listed_at is None or now - state.mig_listed_at >= _MIG_RELIST_S:
             self._list_mig(gpu, now)
@@ -197,7 +277,7 @@ class GpmReader:
                 info = self._ask(
                     gpu,
                     f"mig.{dev.gi}.{dev.ci}.memory",
-                    "nvmlDeviceGetMemoryInfo",
+                    self._memory_fn,
                     device=dev.handle,
                 )
                 if info is not None:
@@ -206,53 +286,64 @@ class GpmReader:
             out.append(r)
         return tuple(out)
 
-    def _list_mig(self, gpu: Any, now: float) -> None:
+    def _list_mig(self, gpu: NvmlGpu, now: float) -> None:
         """The GPU's MIG devices. Slots without a device answer NOT_FOUND, which is the answer,
         not a failed read; any other failure keeps the previous list for this minute."""
-        state: GpmState = gpu.gpm
+        state = self._state(gpu)
         state.mig_listed_at = now
-        count = self._ask(gpu, "mig.count", "nvmlDeviceGetMaxMigDeviceCount")
+        count = self._ask(gpu, "mig.count", self._mig_count_fn)
         if count is None:
             return
-        nv = self._nv
-        error: type[BaseException] = getattr(nv, "NVMLError", Exception)
         devices: list[_MigDevice] = []
         for j in range(int(count)):
             try:
-                handle = nv.nvmlDeviceGetMigDeviceHandleByIndex(gpu.handle, j)
-            except error as exc:
-                if getattr(exc, "value", None) == _NOT_FOUND:
+                if self._mig_handle_fn is None:
+                    raise self._calls.api.function_not_found("nvmlDeviceGetMigDeviceHandleByIndex")
+                handle = self._mig_handle_fn(gpu.handle, j)
+            except self._error as exc:
+                code = b.error_code(exc)
+                if code == b.NOT_FOUND:
                     continue
-                self._failed(gpu, "mig.devices", getattr(exc, "value", None), str(exc))
+                self._calls.failed(gpu, "mig.devices", code, one_line(exc))
                 return
-            gi = self._ask(gpu, "mig.gi", "nvmlDeviceGetGpuInstanceId", device=handle)
+            gi = self._ask(gpu, "mig.gi", self._gi_fn, device=handle)
             if gi is None:
                 continue
-            ci = self._ask(gpu, "mig.ci", "nvmlDeviceGetComputeInstanceId", device=handle)
-            uuid = self._ask(gpu, "mig.uuid", "nvmlDeviceGetUUID", device=handle)
-            text = uuid.decode() if isinstance(uuid, bytes) else str(uuid or "")
-            devices.append(_MigDevice(handle, int(gi), None if ci is None else int(ci), text))
+            ci = self._ask(gpu, "mig.ci", self._ci_fn, device=handle)
+            uuid = text(self._ask(gpu, "mig.uuid", self._uuid_fn, device=handle))
+            devices.append(_MigDevice(handle, int(gi), None if ci is None else int(ci), uuid))
         gone = {d.gi for d in state.mig_devices} - {d.gi for d in devices}
         for gi in gone:
             self._free_pair(state.pairs.pop(gi, None))
         state.mig_devices = devices
 
     def _measure(
-        self, gpu: Any, instance: int, wanted: list[tuple[str, int, float]]
+        self, gpu: NvmlGpu, instance: int, wanted: list[tuple[str, int, float]]
     ) -> dict[str, float | None]:
         """Take one sample of the GPU (``instance`` -1) or a GPU instance and compute ``wanted``
         over it and the previous one; empty on the first sample or a failed one."""
-        if not wanted:
+        if not wanted or self._state(gpu).refused is not None:
             return {}
         pair = self._pair(gpu, instance)
         if pair is None:
             return {}
         target = 0 if pair.newest < 0 else 1 - pair.newest
         sample = pair.samples[target]
-        if instance < 0:
-            got = self._ask(gpu, "gpm", "nvmlGpmSampleGet", sample)
-        else:
-            got = self._ask(gpu, f"gpm.mig.{instance}", "nvmlGpmMigSampleGet", instance, sample)
+        try:
+            if instance < 0:
+                got = self._ask(gpu, "gpm", self._sample_fn, sample, refused=_REFUSED)
+            else:
+                got = self._ask(
+                    gpu,
+                    f"gpm.mig.{instance}",
+                    self._mig_sample_fn,
+                    instance,
+                    sample,
+                    refused=_REFUSED,
+                )
+        except CallRefused:
+            self._refuse(gpu, self._state(gpu), announce=True)
+            return {}
         if got is None:
             return {}
         previous = pair.newest
@@ -266,7 +357,7 @@ class GpmReader:
         request.sample2 = sample
         for k, (_attr, metric_id, _factor) in enumerate(wanted):
             request.metrics[k].metricId = metric_id
-        result = self._ask(gpu, "gpm.metrics", "nvmlGpmMetricsGet", request, device=self._no_device)
+        result = self._ask(gpu, "gpm.metrics", self._metrics_fn, request, device=NO_DEVICE)
         if result is None:
             return {}
         gpu.reads += len(wanted) - 1  # each metric is a read of its own for the lost rule
@@ -275,7 +366,7 @@ class GpmReader:
             m = result.metrics[k]
             status = int(m.nvmlReturn)
             if status != 0:
-                self._failed(
+                self._calls.failed(
                     gpu, f"gpm.{attr}", status, f"GPM metric {metric_id} returned {status}"
                 )
                 out[attr] = None
@@ -284,14 +375,14 @@ class GpmReader:
             out[attr] = value * factor if math.isfinite(value) and value >= 0 else None
         return out
 
-    def _pair(self, gpu: Any, instance: int) -> _Pair | None:
-        state: GpmState = gpu.gpm
+    def _pair(self, gpu: NvmlGpu, instance: int) -> _Pair | None:
+        state = self._state(gpu)
         pair = state.pairs.get(instance)
         if pair is not None:
             return pair
         samples: list[Any] = []
         for _ in range(2):
-            sample = self._ask(gpu, "gpm.alloc", "nvmlGpmSampleAlloc", device=self._no_device)
+            sample = self._ask(gpu, "gpm.alloc", self._alloc_fn, device=NO_DEVICE)
             if sample is None:
                 for s in samples:
                     self._free(s)
@@ -303,9 +394,9 @@ class GpmReader:
         return pair
 
     # ------------------------------------------------------------------------ close
-    def close(self, gpu: Any) -> None:
+    def close(self, gpu: NvmlGpu) -> None:
         """Free the GPU's samples (before NVML shuts down; the caller holds the GPU's lock)."""
-        state: GpmState = gpu.gpm
+        state = self._state(gpu)
         for pair in state.pairs.values():
             self._free_pair(pair)
         state.pairs.clear()
@@ -316,8 +407,18 @@ class GpmReader:
                 self._free(s)
 
     def _free(self, sample: Any) -> None:
-        nv = self._nv
         try:
-            nv.nvmlGpmSampleFree(sample)
+            if self._free_fn is not None:
+                self._free_fn(sample)
         except Exception as exc:  # the driver frees it at exit anyway
-            log.debug("nvmlGpmSampleFree failed: %s", exc)
+            log.debug("nvmlGpmSampleFree failed: %s", one_line(exc))
+
+
+def refusal_notice(indices: list[int], reason: str) -> str:
+    """The one line for GPUs whose GPM is refused: the cause, the fix, what stands in."""
+    names = ", ".join(str(i) for i in indices)
+    return (
+        f"GPM (SM, tensor, DRAM activity) is refused on GPU {names}: {reason}; {REFUSAL_FIX}. "
+        "Until then those GPM columns stay empty, PCIe comes from the throughput calls and "
+        "GPUTEL_ACTIVITY=sm uses utilization there; asked again when the agent restarts"
+    )

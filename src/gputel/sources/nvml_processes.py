@@ -4,9 +4,9 @@ Read once per GPU in the recorder's full read (never in the agent's light reads)
 GPU, one to list the processes (``nvmlDeviceGetComputeRunningProcesses``, which the binding
 maps to ``_v3`` or ``_v2``) and, only when some are listed, one for their SM utilization
 (``nvmlDeviceGetProcessesUtilizationInfo``, or ``nvmlDeviceGetProcessUtilization`` where the
-driver or binding lacks it). Every call goes through the source's one field-read helper, so an
-unsupported call is never asked again, a failed one costs this tick's values and a lost GPU is
-lost here as everywhere.
+driver or binding lacks it). Every call goes through the one asking rule
+(``sources/nvml_calls.py``), so an unsupported call is never asked again, a failed one costs this
+tick's values and a lost GPU is lost here as everywhere.
 
 NVML answers per-process utilization with the samples taken since a timestamp the caller
 passes. Each GPU keeps the newest timestamp it was given, so each tick sees the samples of its
@@ -20,13 +20,9 @@ recorder (``gputel.sources.owners``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
 from gputel.schema import MIB, GpuProcess
-
-if TYPE_CHECKING:
-    from gputel.sources.nvml import _Gpu
+from gputel.sources.nvml_calls import NvmlCalls
+from gputel.sources.nvml_gpu import NvmlGpu
 
 #: nvmlReturn_t values that mean "no sample", not a failure: NOT_FOUND is what the driver says
 #: when no process ran since the timestamp; SUCCESS is what the binding raises when the count
@@ -39,24 +35,24 @@ _UTILIZATION_CALLS = (
     ("process_utilization_legacy", "nvmlDeviceGetProcessUtilization"),
 )
 
-Ask = Callable[..., Any]
-
 
 class NvmlProcessReader:
-    """Per-GPU process lists for :class:`~gputel.sources.nvml.NvmlGpuSource`'s full read.
+    """Per-GPU process lists for the full read, over the asking rule.
 
-    ``ask`` is the source's field-read helper (``NvmlGpuSource._ask``). Calls for one GPU run
-    under that GPU's lock; GPUs are read concurrently, each touching only its own timestamp.
+    Calls for one GPU run under that GPU's lock; GPUs are read concurrently, each touching only
+    its own timestamp.
     """
 
-    def __init__(self, ask: Ask) -> None:
-        self._ask = ask
+    def __init__(self, calls: NvmlCalls) -> None:
+        self._ask = calls.ask
+        self._list_fn = calls.api.fn("nvmlDeviceGetComputeRunningProcesses")
+        self._utilization = [(key, calls.api.fn(name)) for key, name in _UTILIZATION_CALLS]
         self._last_seen: dict[int, int] = {}
         """Per GPU index: the newest utilization sample timestamp (µs) seen so far."""
 
-    def read(self, gpu: _Gpu) -> tuple[GpuProcess, ...] | None:
+    def read(self, gpu: NvmlGpu) -> tuple[GpuProcess, ...] | None:
         """The GPU's compute processes (empty: none); None when NVML cannot list them."""
-        infos = self._ask(gpu, "processes", "nvmlDeviceGetComputeRunningProcesses")
+        infos = self._ask(gpu, "processes", self._list_fn)
         if infos is None:
             return None
         memory: dict[int, float | None] = {}
@@ -75,14 +71,14 @@ class NvmlProcessReader:
         sm = self._sm_util(gpu)
         return tuple(GpuProcess(gpu.index, pid, mib, sm.get(pid)) for pid, mib in memory.items())
 
-    def _sm_util(self, gpu: _Gpu) -> dict[int, float]:
+    def _sm_util(self, gpu: NvmlGpu) -> dict[int, float]:
         """PID → SM utilization % from the samples since the GPU's last seen timestamp."""
         since = self._last_seen.get(gpu.index, 0)
         samples = None
-        for key, fn_name in _UTILIZATION_CALLS:
+        for key, fn in self._utilization:
             if key in gpu.unsupported:
                 continue
-            samples = self._ask(gpu, key, fn_name, since, quiet=_NO_SAMPLES)
+            samples = self._ask(gpu, key, fn, since, quiet=_NO_SAMPLES)
             if samples is not None or key not in gpu.unsupported:
                 break
         if not samples:

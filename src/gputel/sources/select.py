@@ -52,7 +52,7 @@ def _open_nvml(settings: Settings) -> tuple[GpuSource, str | None]:
         if getattr(exc, "name", None) in ("pynvml", "gputel.sources.nvml"):
             raise GpuSourceError(NVML_BINDINGS_MISSING) from exc
         raise GpuSourceError(f"cannot load the NVML source: {one_line(exc)}") from exc
-    source = open_nvml(settings.gpus)
+    source = open_nvml(settings.gpus, proc_root=settings.proc_root)
     return source, "; ".join(getattr(source, "notices", ())) or None
 
 

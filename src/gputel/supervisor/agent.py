@@ -28,13 +28,25 @@ from typing import TYPE_CHECKING, Any
 
 from gputel import __version__, runtime
 from gputel.activity import activity_pct
-from gputel.formats import error_line, iso_utc_ms
+from gputel.control.slurm_jobs import JOB_GONE, SlurmJobWatch
+from gputel.formats import FailureCounter, error_line, iso_utc_ms
+from gputel.schema import GpuReading
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
 from gputel.supervisor.child import ChildEvent, ChildSupervisor, ProcessHandle, Spawn, popen_spawn
 from gputel.supervisor.control_api import ControlApi, Degraded, DegradedReason, ModeState
 from gputel.supervisor.deadline import DeadlineRunner, Job, run_with_deadline
-from gputel.supervisor.events import CaptureWindow, EventRecorder, describe, make_event
+from gputel.supervisor.events import (
+    SOURCE_KMSG,
+    SXID,
+    SXID_FATAL,
+    XID,
+    CaptureWindow,
+    EventRecorder,
+    SameFault,
+    describe,
+    make_event,
+)
 from gputel.supervisor.head_handoff import HeadHandoff
 from gputel.supervisor.notify import Notifier
 from gputel.supervisor.pretrigger import PretriggerRing
@@ -44,6 +56,8 @@ from gputel.ticker import Ticker, Waker
 
 if TYPE_CHECKING:
     from gputel.control.allocations import AllocationStore
+    from gputel.sources.kernel_xid import KernelFault
+    from gputel.sources.kmsg import KmsgReader
 
 log = logging.getLogger("gputel.supervisor.agent")
 
@@ -91,6 +105,18 @@ class LazyEnergy(Mapping[int, "float | None"]):
 
 
 # ---------------------------------------------------------------------------------- the agent
+def _pci_map(devices: list[Any]) -> dict[str, int]:
+    """GPU index by PCI address in the kernel log's form, for the GPUs whose address is known."""
+    from gputel.sources.kernel_xid import pci_key
+
+    out: dict[str, int] = {}
+    for d in devices:
+        key = pci_key(getattr(d, "pci_bus_id", "") or "")
+        if key is not None:
+            out[key] = d.index
+    return out
+
+
 def _take_lock(run_dir: Path) -> int:
     try:
         return runtime.take_agent_lock(run_dir)
@@ -147,8 +173,10 @@ class Agent:
         """Per GPU, its utilization at the last poll (a MIG GPU, which has none: its activity)."""
         self.activity: dict[int, float | None] = {}
         """Per GPU, what the state machine judged at the last poll (``gputel.activity``)."""
-        self.power: dict[int, float | None] = {}
-        """Board power per GPU from the light read (empty when the pre-trigger is off)."""
+        self.light: dict[int, GpuReading] = {}
+        """Per GPU, the last light read (empty without a pre-trigger or ``sm`` activity):
+        ``gputel status`` shows its values while no recorder runs (``gputel.gpu_status``)."""
+        self.light_at: str | None = None
         self.util_max: float | None = None
         self.poll_duration_s: float | None = None
         self.degraded: Degraded | None = None
@@ -167,7 +195,13 @@ class Agent:
         self.capture = CaptureWindow(settings.event_capture_s)
         self.listener: Any = None
         """The source's GPU event listener (None: the source has none, or not opened yet)."""
+        self.kmsg: KmsgReader | None = None
+        """The kernel log reader (None: ``GPUTEL_KMSG`` empty, or simulated GPUs)."""
+        self.same_fault = SameFault()
+        """One fault from NVML and the kernel log is one event."""
         self._uuids: dict[int, str] = {}
+        self._by_pci: dict[str, int] = {}
+        """GPU index by PCI address in the kernel's form, from the identities read at start."""
 
         self.handoff: HeadHandoff | None = None
         """The pre-trigger ring and its hand-off to the child (None: pre-trigger off)."""
@@ -178,6 +212,7 @@ class Agent:
         self._source_job: Job | None = None
         self._util_job: Job | None = None
         self.store: AllocationStore | None = None
+        self.slurm_jobs = SlurmJobWatch()
         self.child: ChildSupervisor | None = None
         self.transitions = TransitionsLog(settings.log_dir)
         self.notifier = Notifier(self._env, clock)
@@ -226,6 +261,8 @@ class Agent:
         self._waker = Waker()
         if self._install_signals:
             self._signals()
+        # Before the GPU source: kernel log Xids are read even while NVML hangs in its start.
+        self._start_kmsg()
         self._open_source()
         known = [d.index for d in self.devices]
         from gputel.control.allocations import AllocationStore
@@ -371,6 +408,7 @@ class Agent:
         if status != "ok":
             log.error("listing GPUs failed (%s); GPU names are unknown", status)
         self._uuids = {d.index: d.uuid for d in self.devices}
+        self._by_pci = _pci_map(self.devices)
         self._start_listener(source)
         s = self.settings
         if s.pretrigger_s > 0 and self.devices:
@@ -393,33 +431,81 @@ class Agent:
             return
         self.listener = listener
 
-    def _gpu_event(self, gpu: int, event: str, xid: int | None) -> None:
-        """One GPU event, on the listener's thread: record it, open the capture window, wake
-        the loop so the capture starts now rather than at the next tick."""
+    def _start_kmsg(self) -> None:
+        """Follow the kernel log for Xid lines, for as long as the agent runs. Simulated GPUs
+        have no kernel lines: with them the log is not read."""
+        path = self.settings.kmsg
+        if not path or self.settings.backend == "sim":
+            return
+        from gputel.sources.kmsg import KmsgReader
+
+        reader = KmsgReader(path)
+        reader.start(self._kernel_fault)
+        self.kmsg = reader
+
+    def _kernel_fault(self, fault: KernelFault) -> None:
+        """One Xid or SXid line from the kernel log, on the reader's thread."""
+        if fault.kind == XID:
+            gpu = self._by_pci.get(fault.pci)
+            event, xid = XID, fault.number
+        else:
+            gpu, event, xid = None, SXID_FATAL if fault.fatal else SXID, None
+        self._gpu_event(gpu, event, xid, source=SOURCE_KMSG, note=f"kernel: {fault.line}")
+
+    def _gpu_event(
+        self,
+        gpu: int | None,
+        event: str,
+        xid: int | None,
+        *,
+        source: str | None = None,
+        note: str = "",
+    ) -> None:
+        """One GPU event, on a listener's thread: record it (once, where NVML and the kernel
+        log both report it), open the capture window, wake the loop so the capture starts now
+        rather than at the next tick."""
+        source = source or self.backend
+        if self.same_fault.seen(gpu, event, xid, source, self.clock()):
+            log.debug("%s %s on GPU %s: already recorded from another source", source, event, gpu)
+            return
         try:
             ev = make_event(
-                time.time(), gpu, self._uuids.get(gpu), event, xid, self._allocations_on(gpu)
+                time.time(),
+                gpu,
+                None if gpu is None else self._uuids.get(gpu),
+                event,
+                xid,
+                self._allocations_on(gpu),
+                source,
+                note,
             )
         except ValueError as exc:
-            log.error("GPU event on GPU %d not recorded: %s", gpu, exc)
+            log.error("GPU event on GPU %s not recorded: %s", gpu, exc)
             return
         self.events.record(ev)
         with self.lock:
             opened = self.capture.trigger(ev, self.clock())
         if opened:
-            log.info(
+            self.events.lines.log(
+                f"capture after {describe(ev)}",
+                logging.INFO,
                 "telemetry forced on for %gs: capture after %s",
                 self.capture.seconds,
                 describe(ev),
             )
         self.wake()
 
-    def _allocations_on(self, gpu: int) -> list[str]:
-        """Ids of the allocations open on GPU ``gpu`` (those without a GPU list claim all)."""
+    def _allocations_on(self, gpu: int | None) -> list[str]:
+        """Ids of the allocations open on GPU ``gpu`` (those without a GPU list claim all); on
+        no known GPU (an NVSwitch, an unknown PCI address), every open allocation."""
         store = self.store
         if store is None:
             return []
-        return [str(a["id"]) for a in store.list() if a.get("gpus") is None or gpu in a["gpus"]]
+        return [
+            str(a["id"])
+            for a in store.list()
+            if gpu is None or a.get("gpus") is None or gpu in a["gpus"]
+        ]
 
     def _teardown(self) -> None:
         if self._ready_sent:
@@ -427,6 +513,8 @@ class Agent:
         if self.listener is not None:
             # Never joined: its thread may be blocked inside the driver's wait.
             self.listener.stop()
+        if self.kmsg is not None:
+            self.kmsg.stop()
         if self._control is not None:
             self._control.stop()
             self._control = None
@@ -469,6 +557,7 @@ class Agent:
                     else "not forwarded, no telemetry child up (a new one opens new files)",
                 )
             now = self.clock()
+            self.events.lines.flush()
             if k is None:
                 self._reconcile(now)
             else:
@@ -559,7 +648,7 @@ class Agent:
             self._forget_utilization()
             return None
         self.poll_duration_s = self.clock() - t0
-        power: dict[int, float | None] = {}
+        light_readings: dict[int, GpuReading] = {}
         if job.error is not None:
             if self.degraded is None or self.degraded.reason is not DegradedReason.READ_FAILED:
                 log.error("GPU utilization read failed: %s", job.error)
@@ -578,7 +667,7 @@ class Agent:
                 signal = self.settings.activity
                 values = {r.index: activity_pct(r, signal) for r in readings}
                 utilization = {r.index: None if r.lost else r.utilization_gpu_pct for r in readings}
-                power = {r.index: r.power_w for r in readings}
+                light_readings = {r.index: r for r in readings}
             else:
                 values = dict(job.value or {})
                 utilization = values
@@ -586,7 +675,8 @@ class Agent:
         with self.lock:
             self.utilization = utilization
             self.activity = values
-            self.power = power
+            self.light = light_readings
+            self.light_at = iso_utc_ms(wall) if light_readings else None
             self.util_max = max(known) if known else None
         return self.util_max
 
@@ -595,7 +685,8 @@ class Agent:
         with self.lock:
             self.utilization = dict.fromkeys(self.utilization)
             self.activity = dict.fromkeys(self.activity)
-            self.power = {}
+            self.light = {}
+            self.light_at = None
             self.util_max = None
 
     def energy_now(self) -> dict[int, float | None]:
@@ -611,12 +702,19 @@ class Agent:
         if store is None or store.open_count() == 0:
             return
         try:
-            reaped = store.reap_dead_owners(LazyEnergy(self.energy_now))
+            reaped = store.reap_dead_owners(LazyEnergy(self.energy_now), self.events.take_xids)
         except Exception:
             log.exception("reaping allocations of exited owners failed")
             return
         for summary in reaped:
             log.info("allocation %s released: %s", summary.get("id"), summary.get("release_reason"))
+        # Prolog-opened allocations have no owner process: Slurm says when their job is gone.
+        hooked = [a["id"] for a in store.list() if a.get("pid") is None]
+        for ident in self.slurm_jobs.gone(hooked):
+            try:
+                store.release(ident, LazyEnergy(self.energy_now), JOB_GONE, self.events.take_xids)
+            except Exception:
+                log.exception("releasing %s after its Slurm job ended failed", ident)
 
     def _reconcile(self, now: float) -> None:
         """Mode expiry, telemetry decision, child lifecycle, sd_notify STATUS."""
@@ -700,6 +798,16 @@ class Agent:
             return None
         max_age = 3 * self.settings.interval_s + 1.0
         return read_fresh_metrics(self.settings.run_dir / runtime.METRICS_FILE, max_age)
+
+    def write_counters(self) -> list[tuple[str, FailureCounter]]:
+        """The agent's appended files and their failure counters (status, /metrics)."""
+        counters = [
+            ("transitions.csv", self.transitions.failures),
+            ("events.csv", self.events.log.failures),
+        ]
+        if self.store is not None:
+            counters.append(("allocations.csv", self.store.summary_failures))
+        return counters
 
     def metrics_bytes(self) -> bytes:
         return join_exposition(render_agent(self.api.snapshot()), self.child_metrics())

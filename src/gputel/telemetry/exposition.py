@@ -14,7 +14,7 @@ itself (HELP, labels, values) is written by ``promtext``, the one writer of the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -34,6 +34,7 @@ from gputel.schema import (
     MigReading,
     Sample,
 )
+from gputel.telemetry.allocation_info import AllocationInfo
 from gputel.telemetry.promtext import Family, format_value, label_block
 
 
@@ -78,14 +79,22 @@ CLOCK_REASON = _family(
     "Whether a clock event (throttle) reason is active (1) or not (0), from NVML's bitmask.",
     "gauge",
 )
-JOB_MEMORY = _family(
-    "gputel_gpu_job_memory_used_bytes",
-    "GPU memory used by the processes of one job on the GPU (job empty: owner unknown).",
+ALLOCATION_MEMORY = _family(
+    "gputel_gpu_allocation_memory_used_bytes",
+    "GPU memory used by the processes of one allocation (job) on the GPU "
+    "(allocation empty: owner unknown).",
     "gauge",
 )
-JOB_SM_UTIL = _family(
-    "gputel_gpu_job_sm_util_ratio",
-    "Share of SM time the processes of one job used over the driver's last sample period.",
+ALLOCATION_SM_UTIL = _family(
+    "gputel_gpu_allocation_sm_util_ratio",
+    "Share of SM time the processes of one allocation (job) used over the driver's last "
+    "sample period.",
+    "gauge",
+)
+ALLOCATION_INFO = _family(
+    "gputel_allocation_info",
+    "One series (1) per open allocation, announced or detected: its kind, user, Kubernetes "
+    "namespace and pod, Slurm job (join on allocation).",
     "gauge",
 )
 HWMON = _family(HWMON_METRIC, HWMON_HELP, "gauge")
@@ -117,8 +126,9 @@ ALL_FAMILIES: tuple[_Family, ...] = (
     GPU_FIELD_ERRORS,
     CLOCK_REASON,
     *MIG_FAMILIES,
-    JOB_MEMORY,
-    JOB_SM_UTIL,
+    ALLOCATION_MEMORY,
+    ALLOCATION_SM_UTIL,
+    ALLOCATION_INFO,
     *HOST_FAMILIES,
     HWMON,
     SOURCE_UP,
@@ -171,6 +181,8 @@ class SampleCollector(Collector):
         self._error_labels: dict[tuple[int, str, str], _Labels] = {}
         self._mig_labels: dict[tuple[int, str, int, int | None, str], _Labels] = {}
         self._job_labels: dict[tuple[int, str, str], _Labels] = {}
+        self.allocations: Sequence[AllocationInfo] = ()
+        self._info_labels: dict[AllocationInfo, _Labels] = {}
 
     def _labels_for(self, index: int, uuid: str, name: str) -> tuple[_Labels, list[_Labels]]:
         key = (index, uuid, name)
@@ -195,6 +207,8 @@ class SampleCollector(Collector):
         if sample is not None:
             self._gpu_families(sample, out)
             self._host_families(sample, out)
+        if self.allocations:
+            out.append((ALLOCATION_INFO, [(self._info_label(a), 1) for a in self.allocations]))
         out.append((TICKS_MISSED, [(_NO_LABELS, self.ticks_missed)]))
         out.append((ROWS_FAILED, [(_NO_LABELS, self.rows_failed)]))
         out.append((TICKS_TOTAL, [(_NO_LABELS, self.ticks_total)]))
@@ -278,7 +292,7 @@ class SampleCollector(Collector):
                 memory[key] = memory.get(key, 0.0) + p.memory_used_mib * MIB
             if p.sm_util_pct is not None:
                 sm[key] = sm.get(key, 0.0) + p.sm_util_pct * 0.01
-        for fam, values in ((JOB_MEMORY, memory), (JOB_SM_UTIL, sm)):
+        for fam, values in ((ALLOCATION_MEMORY, memory), (ALLOCATION_SM_UTIL, sm)):
             if values:
                 out.append((fam, [(self._job_label(k, uuids), v) for k, v in values.items()]))
 
@@ -289,8 +303,16 @@ class SampleCollector(Collector):
         if found is None:
             if len(self._job_labels) > 4096:
                 self._job_labels.clear()  # jobs come and go; keep the cache bounded
-            found = _Labels({"gpu": str(gpu), "uuid": uuid, "job": job})
+            found = _Labels({"gpu": str(gpu), "uuid": uuid, "allocation": job})
             self._job_labels[(gpu, uuid, job)] = found
+        return found
+
+    def _info_label(self, info: AllocationInfo) -> _Labels:
+        found = self._info_labels.get(info)
+        if found is None:
+            if len(self._info_labels) > 4096:
+                self._info_labels.clear()  # allocations come and go; keep the cache bounded
+            found = self._info_labels[info] = _Labels(info.labels())
         return found
 
     def _host_families(self, sample: Sample, out: list[tuple[_Family, list[Row]]]) -> None:
@@ -370,9 +392,11 @@ class Exposition:
         ticks_missed: int = 0,
         rows_failed: int = 0,
         ticks_total: int = 0,
+        allocations: Sequence[AllocationInfo] = (),
     ) -> bytes:
         c = self.collector
         c.sample = sample
+        c.allocations = allocations
         c.ticks_missed = ticks_missed
         c.rows_failed = rows_failed
         c.ticks_total = ticks_total

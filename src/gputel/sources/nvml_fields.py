@@ -1,0 +1,221 @@
+"""The device fields of one GPU's reading (utilization, memory, power, clocks, ECC...).
+
+Every call goes through the asking rule (``sources/nvml_calls.py``) with a function resolved once
+at open. The GPM metrics and the process list have modules of their own
+(``sources/nvml_gpm.py``, ``sources/nvml_processes.py``); :mod:`gputel.sources.nvml` puts the
+pieces of a reading together. Callers hold the GPU's lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gputel.schema import MIB, GpuReading
+from gputel.sources import nvml_binding as b
+from gputel.sources.nvml_calls import NvmlCalls, Option
+from gputel.sources.nvml_gpu import NvmlGpu
+
+#: PCIe throughput comes in KB/s, where NVML's KB is 1024 bytes.
+_KIB = 1024
+
+# The values fetched in one nvmlDeviceGetFieldValues call instead of one call each:
+# (field key, binding constant name, its value in NVML's ABI).
+_BATCH_FIELDS: tuple[tuple[str, str, int | None], ...] = (
+    ("ecc_corrected_volatile", "NVML_FI_DEV_ECC_SBE_VOL_TOTAL", 3),
+    ("ecc_uncorrected_volatile", "NVML_FI_DEV_ECC_DBE_VOL_TOTAL", 4),
+    ("energy_j", "NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 83),
+    # Asked only where the binding defines it (no default): older drivers have no such field.
+    ("recovery_action", "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", None),
+)
+# nvmlValue_t members by nvmlValueType_t.
+_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+
+_PCIE_COUNTERS = (
+    ("pcie_rx_bytes_per_s", "NVML_PCIE_UTIL_RX_BYTES", 1),
+    ("pcie_tx_bytes_per_s", "NVML_PCIE_UTIL_TX_BYTES", 0),
+)
+"""(reading field, NVML counter constant, its value where the binding lacks the name)."""
+
+
+def _field_value(value: Any) -> Any:
+    """The number inside an nvmlFieldValue_t, by its declared type."""
+    kind = getattr(value, "valueType", 3)
+    member = _VALUE_MEMBERS[kind] if 0 <= kind < len(_VALUE_MEMBERS) else "ullVal"
+    return getattr(value.value, member)
+
+
+class FieldReader:
+    """The device fields, over the functions and constants of one loaded binding."""
+
+    def __init__(self, calls: NvmlCalls) -> None:
+        self._calls = calls
+        self._ask = calls.ask
+        api = calls.api
+        fn = api.fn
+        self._utilization_fn = fn("nvmlDeviceGetUtilizationRates")
+        memory_fn = fn("nvmlDeviceGetMemoryInfo")
+        # v2 reports "used" without the driver's reserved memory, which is what a job sees.
+        self._memory_options: list[Option] = []
+        v2 = getattr(api.module, "nvmlMemory_v2", None)
+        if v2 is not None:
+            self._memory_options.append(("memory_v2", memory_fn, (), {"version": v2}))
+        self._memory_options.append(("memory", memory_fn, (), {}))
+        sensor = api.const("NVML_TEMPERATURE_GPU", 0)
+        self._temperature_options: list[Option] = [
+            ("temperature_v", fn("nvmlDeviceGetTemperatureV"), (sensor,), {}),
+            ("temperature", fn("nvmlDeviceGetTemperature"), (sensor,), {}),
+        ]
+        self._reasons_options: list[Option] = [
+            ("clock_event_reasons", fn("nvmlDeviceGetCurrentClocksEventReasons"), (), {}),
+            ("clock_throttle_reasons", fn("nvmlDeviceGetCurrentClocksThrottleReasons"), (), {}),
+        ]
+        self._clock_fn = fn("nvmlDeviceGetClockInfo")
+        self._clock_sm = api.const("NVML_CLOCK_SM", 1)
+        self._clock_mem = api.const("NVML_CLOCK_MEM", 2)
+        self._power_fn = fn("nvmlDeviceGetPowerUsage")
+        self._power_limit_fn = fn("nvmlDeviceGetEnforcedPowerLimit")
+        self._energy_fn = fn("nvmlDeviceGetTotalEnergyConsumption")
+        self._field_values_fn = fn("nvmlDeviceGetFieldValues")
+        self._ecc_fn = fn("nvmlDeviceGetTotalEccErrors")
+        self._ecc_types = {
+            "corrected": api.const("NVML_MEMORY_ERROR_TYPE_CORRECTED", 0),
+            "uncorrected": api.const("NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1),
+        }
+        self._volatile_ecc = api.const("NVML_VOLATILE_ECC", 0)
+        self._remapped_fn = fn("nvmlDeviceGetRemappedRows")
+        self._fan_fn = fn("nvmlDeviceGetFanSpeed")
+        self._pstate_fn = fn("nvmlDeviceGetPerformanceState")
+        self._pstate_unknown = api.const("NVML_PSTATE_UNKNOWN", b.PSTATE_UNKNOWN)
+        self._pcie_fn = fn("nvmlDeviceGetPcieThroughput")
+        self._pcie = [(attr, api.const(c, d)) for attr, c, d in _PCIE_COUNTERS]
+        self._batch = [
+            (key, int(fid))
+            for key, const, default in _BATCH_FIELDS
+            if (fid := api.optional_const(const) if default is None else api.const(const, default))
+            is not None
+        ]
+
+    # ------------------------------------------------------------------ single fields
+    def utilization(self, gpu: NvmlGpu) -> tuple[float | None, float | None]:
+        if gpu.mig:
+            return None, None  # NVML answers NOT_SUPPORTED in MIG mode; no need to ask
+        rates = self._ask(gpu, "utilization", self._utilization_fn)
+        if rates is None:
+            return None, None
+        return float(rates.gpu), float(rates.memory)
+
+    def memory(self, gpu: NvmlGpu) -> tuple[float | None, float | None]:
+        info = self._calls.first(gpu, self._memory_options)
+        if info is None:
+            return None, None
+        return info.used / MIB, info.total / MIB
+
+    def temperature(self, gpu: NvmlGpu) -> float | None:
+        value = self._calls.first(gpu, self._temperature_options)
+        return None if value is None else float(value)
+
+    def sm_clock_mhz(self, gpu: NvmlGpu) -> float | None:
+        mhz = self._ask(gpu, "sm_clock_mhz", self._clock_fn, self._clock_sm)
+        return None if mhz is None else float(mhz)
+
+    def memory_clock_mhz(self, gpu: NvmlGpu) -> float | None:
+        mhz = self._ask(gpu, "memory_clock_mhz", self._clock_fn, self._clock_mem)
+        return None if mhz is None else float(mhz)
+
+    def power_w(self, gpu: NvmlGpu) -> float | None:
+        # nvmlDeviceGetPowerUsage, not the FI_DEV_POWER_INSTANT field: on Ampere and later it is
+        # the average over the last second, which suits one sample per second (and the energy
+        # integration) better than a single instant.
+        mw = self._ask(gpu, "power_w", self._power_fn)
+        return None if mw is None else mw / 1000.0
+
+    def power_limit_w(self, gpu: NvmlGpu) -> float | None:
+        limit = self._ask(gpu, "power_limit_w", self._power_limit_fn)
+        return None if limit is None else limit / 1000.0
+
+    def fan_speed_pct(self, gpu: NvmlGpu) -> float | None:
+        fan = self._ask(gpu, "fan_speed_pct", self._fan_fn)
+        return None if fan is None else float(fan)
+
+    def performance_state(self, gpu: NvmlGpu) -> int | None:
+        pstate = self._ask(gpu, "performance_state", self._pstate_fn)
+        return None if pstate is None or pstate == self._pstate_unknown else int(pstate)
+
+    def clock_event_reasons(self, gpu: NvmlGpu) -> int | None:
+        reasons = self._calls.first(gpu, self._reasons_options)
+        return None if reasons is None else int(reasons)
+
+    def pcie_throughput(self, gpu: NvmlGpu, reading: GpuReading) -> None:
+        """Each throughput call samples the bus for ~20 ms inside the driver."""
+        for attr, counter in self._pcie:
+            kib = self._ask(gpu, attr, self._pcie_fn, counter)
+            setattr(reading, attr, None if kib is None else float(kib) * _KIB)
+
+    # ------------------------------------------------------------------ counters
+    def batch_values(self, gpu: NvmlGpu) -> dict[str, Any] | None:
+        """ECC counts and the energy counter in one call; None when the caller must ask one by
+        one (the binding or driver has no nvmlDeviceGetFieldValues)."""
+        if "field_values" in gpu.unsupported:
+            return None
+        wanted = [(key, fid) for key, fid in self._batch if key not in gpu.unsupported]
+        if not wanted:
+            return {}
+        values = self._ask(gpu, "field_values", self._field_values_fn, [f for _, f in wanted])
+        if values is None:
+            return None if "field_values" in gpu.unsupported else {}
+        gpu.reads += len(wanted) - 1  # each value is a read of its own for the lost rule
+        out: dict[str, Any] = {}
+        for (key, fid), value in zip(wanted, values, strict=False):
+            status = getattr(value, "nvmlReturn", 0)
+            if status == 0:
+                out[key] = _field_value(value)
+            else:
+                self._calls.failed(gpu, key, status, f"field value {fid} returned {status}")
+        return out
+
+    def ecc(self, gpu: NvmlGpu, kind: str, batch: dict[str, Any] | None) -> int | None:
+        key = f"ecc_{kind}_volatile"
+        if batch is not None:
+            value = batch.get(key)
+        else:
+            value = self._ask(gpu, key, self._ecc_fn, self._ecc_types[kind], self._volatile_ecc)
+        return None if value is None else int(value)
+
+    def energy_j(
+        self, gpu: NvmlGpu, batch: dict[str, Any] | None, power_w: float | None, now: float
+    ) -> float | None:
+        """Cumulative joules: the driver's counter, else the integral of power since open (the
+        rule of ``gputel.energy``: never across a missing power sample)."""
+        if "energy_j" not in gpu.unsupported:
+            mj = batch.get("energy_j") if batch is not None else self._energy_mj(gpu)
+            if mj is not None:
+                return float(mj) / 1000.0
+            if "energy_j" not in gpu.unsupported:
+                return None
+        return gpu.power_integral.add(now, power_w)
+
+    def energy_counter_j(self, gpu: NvmlGpu) -> float | None:
+        """The driver's counter or None, never the integral: between two calls minutes apart
+        (allocate, release) an integral is a trapezoid from two power samples, an invented
+        number where an empty one is the truth."""
+        mj = self._energy_mj(gpu)
+        return None if mj is None else float(mj) / 1000.0
+
+    def _energy_mj(self, gpu: NvmlGpu) -> Any:
+        return self._ask(gpu, "energy_j", self._energy_fn)
+
+    def memory_health(
+        self, gpu: NvmlGpu, reading: GpuReading, batch: dict[str, Any] | None
+    ) -> None:
+        """Remapped rows and the recovery action the driver asks for (Ampere and newer; older
+        boards retire pages instead and answer NOT_SUPPORTED, which leaves the cells empty)."""
+        rows = self._ask(gpu, "remapped_rows", self._remapped_fn)
+        if rows is not None:
+            (
+                reading.remapped_rows_correctable,
+                reading.remapped_rows_uncorrectable,
+                reading.remapped_rows_pending,
+                reading.remapped_rows_failure,
+            ) = (int(v) for v in rows)
+        action = None if batch is None else batch.get("recovery_action")
+        reading.recovery_action = None if action is None else int(action)

@@ -1,0 +1,148 @@
+"""The NVML modules' one binding: every function gputel calls is declared, resolved once at open,
+and present in the installed nvidia-ml-py (scripts/test.sh runs this under the newest and the
+lowest supported release), so a misspelt name fails here instead of looking like an old driver.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+from pathlib import Path
+
+import pytest
+
+from fakedriver import FakeDriver
+from gputel.sources import nvml, nvml_binding
+
+SOURCES = Path(nvml_binding.__file__).resolve().parent
+NVML_MODULES = sorted(SOURCES.glob("nvml*.py"))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def test_every_declared_function_is_in_the_installed_binding() -> None:
+    import pynvml
+
+    installed = _version(importlib.metadata.version("nvidia-ml-py"))
+    missing = [
+        name
+        for name, since in nvml_binding.FUNCTIONS.items()
+        if (not since or installed >= _version(since)) and not callable(getattr(pynvml, name, None))
+    ]
+    assert missing == []
+
+
+_FUNCTION_NAME = re.compile(
+    r"nvml(Init|Shutdown|Device[A-Z]|Gpm[A-Z]|EventSet[A-Z]|System[A-Z])\w*"
+)
+
+
+def _names_asked_for() -> set[str]:
+    """Every string in the NVML modules that names an NVML function."""
+    names: set[str] = set()
+    for path in NVML_MODULES:
+        if path.name == "nvml_binding.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and _FUNCTION_NAME.fullmatch(node.value)
+            ):
+                names.add(node.value)
+    return names
+
+
+def test_every_function_the_code_asks_for_is_declared() -> None:
+    asked = _names_asked_for()
+    assert len(asked) > 30
+    assert sorted(asked - set(nvml_binding.FUNCTIONS)) == []
+
+
+def test_no_nvml_function_is_looked_up_by_string_outside_the_binding() -> None:
+    """No ``getattr(nv, "nvml…")`` or ``nv.nvml…(`` anywhere but the resolution at open."""
+    for path in NVML_MODULES:
+        if path.name == "nvml_binding.py":
+            continue
+        text = path.read_text()
+        assert not re.search(r"\bnv\.nvml\w+\(", text), path.name
+        assert not re.search(r"getattr\(\w+, \"nvml(Device|Gpm|Event)", text), path.name
+
+
+def test_an_undeclared_name_is_an_error_not_an_unsupported_field(
+    inproc_driver: FakeDriver,
+) -> None:
+    source = nvml.open_nvml(None)
+    try:
+        with pytest.raises(KeyError):
+            source.calls.api.fn("nvmlDeviceGetUtilisationRates")
+    finally:
+        source.close()
+
+
+def test_functions_are_resolved_once_at_open(
+    inproc_driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The binding's module attributes are not consulted per read: replacing one after open
+    changes nothing (the source holds the function object it resolved)."""
+    import pynvml
+
+    source = nvml.open_nvml(None)
+    try:
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetPowerUsage", None)
+        assert source.read()[0].power_w == 69.5
+    finally:
+        source.close()
+
+
+def test_only_the_binding_module_imports_pynvml_and_only_lazily() -> None:
+    for path in sorted(SOURCES.parent.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        imports = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            and (
+                any(a.name.split(".")[0] == "pynvml" for a in node.names)
+                if isinstance(node, ast.Import)
+                else (node.module or "").split(".")[0] == "pynvml"
+            )
+        ]
+        if path.name == "nvml_binding.py":
+            assert imports and all(node not in tree.body for node in imports)
+        else:
+            assert imports == [], path
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    for path in sorted(SOURCES.parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gputel"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert private == [] or private == ["__version__"], (path, private)
+
+
+def test_the_nvml_modules_import_no_circle() -> None:
+    """Each NVML module imports only modules below it (nvml.py on top, the binding at the
+    bottom); TYPE_CHECKING imports count too."""
+    graph: dict[str, set[str]] = {}
+    for path in NVML_MODULES:
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.startswith("gputel.sources.nvml"):
+                    deps.add(node.module.rsplit(".", 1)[1])
+                elif node.module == "gputel.sources":
+                    deps.update(a.name for a in node.names if a.name.startswith("nvml"))
+        graph[path.stem] = deps
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for dep in graph.get(start, ()):
+            if dep == target or (dep not in seen and reaches(dep, target, seen | {dep})):
+                return True
+        return False
+
+    assert [m for m in graph if reaches(m, m, set())] == []
