@@ -310,3 +310,31 @@ def test_a_log_filed_under_another_node_later_is_not_exported_twice(tmp_path: Pa
         "GROUP BY node ORDER BY node"
     ).fetchall()
     assert nodes == [("gputel", 1), ("node7", 1)]
+
+
+def test_a_log_an_upgrade_moved_aside_is_exported_with_its_older_layout(tmp_path: Path) -> None:
+    import logging
+
+    from gputel.control.allocations import SUMMARY_COLUMNS
+    from gputel.formats import RowAppender
+
+    log = tmp_path / "log"
+    log.mkdir()
+    old_header = [c for c in SUMMARY_COLUMNS if c != "xids"]
+    old_row = {"id": "job-1", "gpus": "0", "start": iso(0), "end": iso(5), "energy_j": "10.5"}
+    (log / "allocations.csv").write_text(
+        ",".join(old_header) + "\n" + ",".join(old_row.get(c, "") for c in old_header) + "\n"
+    )
+    # This version's writer moves the older file aside before its first row.
+    new_row = {"id": "job-2", "gpus": "0;1", "start": iso(6), "end": iso(9), "xids": "79"}
+    appender = RowAppender(log / "allocations.csv", SUMMARY_COLUMNS, logging.getLogger("t"))
+    assert appender.append([new_row.get(c) for c in SUMMARY_COLUMNS])
+    assert len(list(log.glob("allocations-pre-*.csv"))) == 1
+    out = tmp_path / "out"
+    assert export_parquet([log], out)["allocations"] == 2
+    assert assert_dataset_equals_csvs(out, [log])["allocations"] == 2
+    con = duckdb.connect()
+    got = con.execute(
+        f"SELECT id, xids, energy_j FROM read_parquet('{out}/allocations/**/*.parquet') ORDER BY id"
+    ).fetchall()
+    assert got == [("job-1", None, 10.5), ("job-2", "79", None)]
