@@ -306,7 +306,8 @@ class SettingSpec:
     default: str
     help: str
     parse: Callable[[str], Any]
-    #: "agent" settings are read by gputel itself; "orchestrator" ones by the caller of the hooks.
+    #: "agent" settings are read by gputel itself; "orchestrator" ones by the caller of the hooks;
+    #: "export" ones by gputel-export.service (the command line of its ``gputel export``).
     scope: str = "agent"
 
     @property
@@ -496,6 +497,15 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "30",
         "seconds of readings kept in memory and written at the head of each session (0 = off)",
         _pretrigger,
+    ),
+    SettingSpec(
+        "GPUTEL_EXPORT_DIR",
+        "export_dir",
+        "",
+        "/var/lib/gputel/parquet",
+        "for gputel-export.timer: the Parquet dataset the recorded CSVs are exported to",
+        _path,
+        scope="export",
     ),
     SettingSpec(
         AUTOSTART_ENV,

@@ -5,10 +5,12 @@ All four run on DuckDB (the ``analysis`` extra); without it they say how to inst
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -458,22 +460,64 @@ def register(app: typer.Typer) -> None:
                 "--parquet", metavar="PATH", help="output directory of the Parquet dataset"
             ),
         ],
+        incremental: Annotated[
+            bool,
+            typer.Option(
+                "--incremental", help="add only the rows not exported yet (safe to rerun)"
+            ),
+        ] = False,
         overwrite: Annotated[
-            bool, typer.Option("--overwrite", help="replace datasets already in the directory")
+            bool, typer.Option("--overwrite", help="replace the dataset in the directory")
         ] = False,
     ) -> None:
-        """Write the CSVs as a Hive-partitioned Parquet dataset (node=…/date=…, zstd)."""
-        from gputel.analysis.export import ExportRefused, export_parquet
+        """Every CSV column of every file, as a Hive-partitioned Parquet dataset
+        (OUT/<kind>/node=…/date=…, zstd)."""
+        from gputel.analysis.export import ExportRefused, Mode, export_parquet
 
+        if incremental and overwrite:
+            fail("--incremental and --overwrite exclude each other", EXIT_USAGE)
+        mode: Mode = "incremental" if incremental else "overwrite" if overwrite else "new"
         try:
-            written = export_parquet(list(paths), parquet, overwrite)
+            with _progress("exporting") as progress:
+                written = export_parquet(list(paths), parquet, mode, progress=progress)
         except AnalysisUnavailable as exc:
             fail(str(exc), EXIT_FAILURE)
         except (CsvReadError, ExportRefused) as exc:
             fail(str(exc), EXIT_USAGE)
         except OSError as exc:
             fail(f"cannot write {parquet}: {exc}")
-        if not written:
-            fail("no telemetry rows in the given files")
+        if not any(written.values()):
+            if not incremental:
+                fail("no telemetry rows in the given files")
+            # A timer's run on a node that recorded nothing new (or nothing yet) is no failure.
+            print(f"{parquet}: nothing new to export")
+            return
         for kind, rows in written.items():
-            print(f"wrote {parquet / kind} ({rows:,} rows)")
+            if rows:
+                noun = "row" if rows == 1 else "rows"
+                print(f"wrote {parquet / kind} ({rows:,} {'new ' if incremental else ''}{noun})")
+
+
+@contextlib.contextmanager
+def _progress(what: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr when it is a terminal (never in a log or a pipe)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        f"[bold]{what}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
