@@ -5,7 +5,8 @@ A worker (or a plain run) puts a marker in its environment at the start; every p
 from it inherits the marker, however it was started and whoever its parent is by now (an orphan
 of a killed agent is adopted by init). At the end, processes carrying this session's marker and
 the worker's own descendants get a grace period to finish exiting; then the rest are listed,
-killed and reported. Each pytest-xdist worker has its own marker, so it checks its own.
+killed and reported. Each pytest-xdist worker (and each pytest a test starts) has its own
+marker, so it checks its own.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def describe(proc: psutil.Process) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_left_running() -> Iterator[None]:
-    mark = os.environ.get(MARK_ENV) or f"{os.getpid()}-{secrets.token_hex(6)}"
+    # Always a mark of our own: a pytest run started by a test (scripts/gpu-check.sh runs
+    # `pytest -m gpu`) must check its own processes, never its parent's, which it would kill.
+    mark = f"{os.getpid()}-{secrets.token_hex(6)}"
     os.environ[MARK_ENV] = mark
     yield
     deadline = time.monotonic() + GRACE_S
