@@ -79,7 +79,8 @@ def _filter(
     return ReportFilter(since=s, until=u, gpus=gpus, allocation=allocation)
 
 
-def _paths(paths: list[Path] | None, settings: Settings) -> list[Path]:
+def input_paths(paths: list[Path] | None, settings: Settings) -> list[Path]:
+    """The directories or files an analysis command reads: those named, else GPUTEL_LOG_DIR."""
     return list(paths) if paths else [settings.log_dir]
 
 
@@ -293,7 +294,7 @@ def register(app: typer.Typer) -> None:
             fail(f"invalid --idle-minutes {idle_minutes:g}: use 0 or more", EXIT_USAGE)
         flt = _filter(since, until, gpu, allocation)
         try:
-            result = build_report(_paths(paths, settings), flt, idle_util, idle_minutes)
+            result = build_report(input_paths(paths, settings), flt, idle_util, idle_minutes)
         except AnalysisUnavailable as exc:
             fail(str(exc), EXIT_FAILURE)
         except CsvReadError as exc:
@@ -343,7 +344,7 @@ def register(app: typer.Typer) -> None:
 
         flt = _filter(since, until, gpu)
         try:
-            series = load_series(_paths(paths, settings), flt, activity=settings.activity)
+            series = load_series(input_paths(paths, settings), flt, activity=settings.activity)
         except AnalysisUnavailable as exc:
             fail(str(exc), EXIT_FAILURE)
         except CsvReadError as exc:
@@ -439,7 +440,7 @@ def register(app: typer.Typer) -> None:
             fail(f"invalid --output {output}: use a .png, .svg or .pdf file", EXIT_USAGE)
         flt = _filter(since, until, gpu, allocation)
         try:
-            n = draw(_paths(paths, settings), output, flt)
+            n = draw(input_paths(paths, settings), output, flt)
         except (PlotUnavailable, AnalysisUnavailable) as exc:
             fail(str(exc))
         except (CsvReadError, UnknownAllocation) as exc:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from gputel.cli.analysis_cmd import PathsArg, _paths
+from gputel.cli.analysis_cmd import PathsArg, input_paths
 from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options_only
 from gputel.settings import Settings
 
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
             fail(f"invalid --idle-util {idle_util:g}: use 0 to 100", EXIT_USAGE)
         if html is not None and html.suffix.lower() not in (".html", ".htm"):
             fail(f"invalid --html {html}: use a .html file", EXIT_USAGE)
-        where = _paths(paths, settings)
+        where = input_paths(paths, settings)
         try:
             result = build_job(where, alloc_id, idle_util)
         except AnalysisUnavailable as exc:

@@ -136,9 +136,9 @@ class DetectedJobs:
         self, summaries: SummarySink | None = None, interval_s: float | None = None
     ) -> None:
         self._summaries = summaries
+        """Where summaries are written (None: they are only returned)."""
         self._interval_s = interval_s
         """The sampling interval: one throttled tick counts this many ``throttled_s``."""
-        """Where summaries are written (None: they are only returned)."""
         self._jobs: dict[str, _Job] = {}
 
     def open(self) -> list[dict[str, Any]]:
