@@ -8,6 +8,7 @@
 #   service    system user and group gputel, the package in its own venv (PREFIX, default
 #              /opt/gputel), /usr/local/bin/gputel, the unit, /etc/default/gputel, the RAPL udev
 #              rule, /var/log/gputel; then daemon-reload and enable --now when systemd runs.
+#              Also gputel-export.service and .timer (Parquet export), installed disabled.
 #   logrotate  /etc/logrotate.d/gputel.
 # Re-running is safe: unchanged files are left alone, an existing /etc/default/gputel is never
 # overwritten (a differing shipped version goes to /etc/default/gputel.new), and the service is
@@ -31,6 +32,7 @@ SRC_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DEFAULT_PREFIX=/opt/gputel
 SERVICE_USER=gputel
 UNIT_NAME=gputel.service
+EXPORT_TIMER=gputel-export.timer
 WRAPPER_MARK="# gputel operator command, written by gputel's install.sh"
 
 say() { printf '%s: %s\n' "$PROG" "$*"; }
@@ -93,12 +95,14 @@ elif [ "$(id -u)" -ne 0 ]; then
     die "must run as root for a real install (sudo $0 ...), or stage files with --destdir DIR"
 fi
 
-for f in systemd/gputel.service systemd/gputel-profiling.conf etc-default/gputel logrotate/gputel udev/90-gputel-rapl.rules; do
+for f in systemd/gputel.service systemd/gputel-profiling.conf systemd/gputel-export.service systemd/gputel-export.timer etc-default/gputel logrotate/gputel udev/90-gputel-rapl.rules; do
     [ -f "$SRC_DIR/$f" ] || die "missing $SRC_DIR/$f: run install.sh from a gputel checkout"
 done
 
 R=$DESTDIR
 UNIT_FILE=$R/etc/systemd/system/$UNIT_NAME
+EXPORT_SERVICE_FILE=$R/etc/systemd/system/gputel-export.service
+EXPORT_TIMER_FILE=$R/etc/systemd/system/$EXPORT_TIMER
 DROPIN_DIR=$R/etc/systemd/system/$UNIT_NAME.d
 PROFILING_FILE=$DROPIN_DIR/profiling.conf
 DEFAULTS_FILE=$R/etc/default/gputel
@@ -351,13 +355,18 @@ service_install() {
     fi
     install_log_dir
     rapl_apply
+    # The export timer is installed disabled (an operator chooses OUT first, docs/fleet.md);
+    # a change to it never restarts the agent.
+    local agent_changed=$CHANGED
+    render "$SRC_DIR/systemd/gputel-export.service" "$EXPORT_SERVICE_FILE" 0644
+    render "$SRC_DIR/systemd/gputel-export.timer" "$EXPORT_TIMER_FILE" 0644
     if systemd_running; then
         local was_active=0
         systemctl is-active --quiet "$UNIT_NAME" && was_active=1
         systemctl daemon-reload
         systemctl enable --now "$UNIT_NAME" ||
             die "$UNIT_NAME did not start: journalctl -u gputel -n 50"
-        if [ "$was_active" = 1 ] && [ "$CHANGED" = 1 ]; then
+        if [ "$was_active" = 1 ] && [ "$agent_changed" = 1 ]; then
             systemctl restart "$UNIT_NAME" || die "$UNIT_NAME did not restart: journalctl -u gputel -n 50"
             say "restarted $UNIT_NAME"
         fi
@@ -368,9 +377,14 @@ service_install() {
 }
 
 service_uninstall() {
+    if systemd_running && [ -f "$EXPORT_TIMER_FILE" ]; then
+        systemctl disable --now "$EXPORT_TIMER" || true
+    fi
     if systemd_running && [ -f "$UNIT_FILE" ]; then
         systemctl disable --now "$UNIT_NAME" || true
     fi
+    remove_file "$EXPORT_TIMER_FILE"
+    remove_file "$EXPORT_SERVICE_FILE"
     remove_file "$UNIT_FILE"
     remove_file "$PROFILING_FILE"
     prune_dirs "$DROPIN_DIR" "$R/etc/systemd/system"

@@ -479,3 +479,10 @@ def build_report(paths: Iterable[Path], flt: ReportFilter | None = None) -> dict
         d["start"], d["end"] = _iso(d["start"]), _iso(d["end"])
         alloc_list.append({"id": alloc_id, **d})
     return {"sessions": out_sessions, "allocations": alloc_list}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    json.dump(build_report([Path(p) for p in sys.argv[1:]]), sys.stdout)

@@ -17,6 +17,7 @@ DEBIAN_PACKAGES=(
   shellcheck                # lint of install.sh and the Slurm scripts
   gcc libc6-dev             # builds the fake libnvidia-ml.so.1 the NVML tests load
   tmux                      # drives gputel demo in a real terminal
+  default-jre-headless      # Java for Apache Spark, which reads the Parquet export in a test
   chromium                  # renders gputel job --html headless (self-contained page test)
 )
 

@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 
 from fakedriver import driver_agents, fake_driver, fake_nvml_lib, gpu_driver, inproc_driver
+from leftovers import _nothing_left_running
 
 # Fixtures for every test module.
-__all__ = ["driver_agents", "fake_driver", "fake_nvml_lib", "gpu_driver", "inproc_driver"]
+__all__ = [
+    "_nothing_left_running",
+    "driver_agents",
+    "fake_driver",
+    "fake_nvml_lib",
+    "gpu_driver",
+    "inproc_driver",
+]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

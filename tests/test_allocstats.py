@@ -22,6 +22,7 @@ def test_accumulates_only_the_allocation_gpus_and_skips_missing_values() -> None
         "samples": 0,
         "util_readings": 0,
         "sm_readings": 0,
+        "energy_j": None,
         **dict.fromkeys(STAT_FIELDS),
     }
     stats.add_tick([gpu(0, 10.0, 40.0, None), gpu(1, 100.0, 90.0, 9000.0)], only=(0,))
@@ -30,6 +31,7 @@ def test_accumulates_only_the_allocation_gpus_and_skips_missing_values() -> None
     assert stats.to_json() == {
         "samples": 3,
         "util_readings": 2,
+        "energy_j": None,
         "util_mean_pct": 20.0,
         "util_max_pct": 30.0,
         "temperature_max_c": 50.0,
@@ -50,6 +52,7 @@ def test_read_back_from_json() -> None:
     shipped = stats.to_json()
     assert shipped.pop("util_readings") == 1
     assert shipped.pop("sm_readings") == 0
+    assert shipped.pop("energy_j") is None
     assert stats_from_json(stats.to_json()) == shipped
     bad = stats_from_json({"samples": -1, "util_mean_pct": "x", "memory_max_mib": True})
     assert bad == {"samples": None, **dict.fromkeys(STAT_FIELDS)}

@@ -25,6 +25,7 @@ INTERVAL = 0.1
 def _env(tmp: Path, name: str, **extra: str) -> dict[str, str]:
     (tmp / name / "log").mkdir(parents=True)
     (tmp / name / "run").mkdir(parents=True)
+    (tmp / "nosys").mkdir(exist_ok=True)  # an empty sysfs: no RAPL, no hwmon
     return {
         **os.environ,
         "GPUTEL_BACKEND": "sim",

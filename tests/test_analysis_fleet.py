@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -211,7 +211,7 @@ def test_parquet_export_reads_back_with_hive_partitions(fleet: Path, tmp_path: P
     ids = {r[0] for r in con.execute(f"SELECT DISTINCT allocations FROM {rel}").fetchall()}
     assert "00421" in ids
     first = con.execute(f"SELECT min(timestamp) FROM {rel} WHERE node = 'node-b'").fetchone()[0]
-    assert first.isoformat() == "2026-11-22T10:00:00"
+    assert first.astimezone(timezone.utc).isoformat() == "2026-11-22T10:00:00+00:00"
     host = f"read_parquet('{out}/host/**/*.parquet', hive_partitioning = true)"
     assert con.execute(f"SELECT count(*) FROM {host}").fetchone()[0] == 30
     # A second export into the same directory is refused, then allowed with --overwrite.
@@ -225,7 +225,7 @@ def test_parquet_export_reads_back_with_hive_partitions(fleet: Path, tmp_path: P
     assert len(again.stderr.strip().splitlines()) == 1
     with pytest.raises(ExportRefused):
         export_parquet([fleet], out)
-    assert export_parquet([fleet], out, overwrite=True)["gpu"] == 3 * 2 * TICKS
+    assert export_parquet([fleet], out, "overwrite")["gpu"] == 3 * 2 * TICKS
     assert con.execute(f"SELECT count(*) FROM {rel}").fetchone()[0] == 3 * 2 * TICKS
 
 

@@ -54,7 +54,7 @@ def loaded(result: subprocess.CompletedProcess[str]) -> str:
 @pytest.mark.parametrize(
     "args",
     [
-        ("status", "--json", "--interval", "2", "--stop-util", "15"),
+        ("status", "--json", "--backend", "none", "--sim-gpus", "3"),
         ("hook", "release", "job-1", "--quiet"),
         ("hook", "list", "--json"),
     ],
@@ -70,5 +70,5 @@ def test_typed_flags_are_still_checked(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--pid" in bad.stderr and "integer" in bad.stderr
     bad = run(tmp_path, "hook", "allocate", "job-1", "--wait", "soon")
     assert bad.returncode == 2
-    bad = run(tmp_path, "status", "--interval", "abc")
-    assert bad.returncode == 2 and "GPUTEL_INTERVAL" in bad.stderr
+    bad = run(tmp_path, "status", "--sim-gpus", "abc")
+    assert bad.returncode == 2 and "GPUTEL_SIM_GPUS" in bad.stderr

@@ -23,6 +23,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from gputel.settings import SETTINGS
 REPO = Path(__file__).resolve().parents[1]
 INSTALL = REPO / "install.sh"
 UNIT = REPO / "systemd" / "gputel.service"
+EXPORT_SERVICE = REPO / "systemd" / "gputel-export.service"
+EXPORT_TIMER = REPO / "systemd" / "gputel-export.timer"
 DEFAULTS = REPO / "etc-default" / "gputel"
 LOGROTATE_POLICY = REPO / "logrotate" / "gputel"
 UDEV_RULE = REPO / "udev" / "90-gputel-rapl.rules"
@@ -46,6 +49,8 @@ MAX_EXPOSURE = 3.5
 #: Every file a full staged install creates, with its mode.
 EXPECTED_FILES = {
     "etc/systemd/system/gputel.service": 0o644,
+    "etc/systemd/system/gputel-export.service": 0o644,
+    "etc/systemd/system/gputel-export.timer": 0o644,
     "etc/default/gputel": 0o644,
     "etc/logrotate.d/gputel": 0o644,
     "etc/udev/rules.d/90-gputel-rapl.rules": 0o644,
@@ -122,6 +127,8 @@ def test_destdir_stages_every_file(tmp_path: Path) -> None:
     assert stat.S_IMODE(log_dir.stat().st_mode) == 0o750
     # The shipped files, byte for byte (the unit and wrapper with the default prefix).
     assert (root / "etc/systemd/system/gputel.service").read_bytes() == UNIT.read_bytes()
+    for unit in (EXPORT_SERVICE, EXPORT_TIMER):
+        assert (root / "etc/systemd/system" / unit.name).read_bytes() == unit.read_bytes()
     assert (root / "etc/default/gputel").read_bytes() == DEFAULTS.read_bytes()
     assert (root / "etc/logrotate.d/gputel").read_bytes() == LOGROTATE_POLICY.read_bytes()
     assert (root / "etc/udev/rules.d/90-gputel-rapl.rules").read_bytes() == UDEV_RULE.read_bytes()
@@ -437,6 +444,96 @@ def test_unit_security_exposure_is_low(tmp_path: Path) -> None:
     assert float(m.group(1)) <= MAX_EXPOSURE, proc.stdout
 
 
+# ---------------------------------------------------------------------------- export timer
+def test_export_units_run_an_incremental_export_and_stay_off_until_enabled() -> None:
+    d = unit_directives(EXPORT_SERVICE.read_text())
+    assert d[("Service", "Type")] == ["oneshot"]
+    assert d[("Service", "ExecStart")] == [
+        "/opt/gputel/bin/gputel export --parquet ${GPUTEL_EXPORT_DIR} --incremental "
+        "${GPUTEL_LOG_DIR}"
+    ]
+    assert d[("Service", "EnvironmentFile")] == ["-/etc/default/gputel"]
+    default = next(s.default for s in SETTINGS if s.env == "GPUTEL_EXPORT_DIR")
+    assert f"GPUTEL_EXPORT_DIR={default}" in d[("Service", "Environment")]
+    # The default OUT is the unit's StateDirectory=, the one place it may write besides /tmp.
+    assert default == "/var/lib/gputel/parquet" and d[("Service", "StateDirectory")] == ["gputel"]
+    assert d[("Service", "User")] == ["gputel"] and d[("Service", "ProtectSystem")] == ["strict"]
+    assert ("Install", "WantedBy") not in d  # started by the timer only
+    t = unit_directives(EXPORT_TIMER.read_text())
+    assert t[("Timer", "OnUnitInactiveSec")] and t[("Install", "WantedBy")] == ["timers.target"]
+    # install.sh enables the agent only: the timer waits for an operator to choose OUT.
+    enabled = re.findall(r"systemctl enable[^\n]*", INSTALL.read_text())
+    assert enabled and all("UNIT_NAME" in line for line in enabled), enabled
+
+
+def test_export_unit_command_line_exports_and_reruns(tmp_path: Path) -> None:
+    """The unit's ExecStart=, with its variables as systemd fills them in, on a log directory."""
+    log = tmp_path / "log"
+    log.mkdir()
+    (log / "transitions.csv").write_text(
+        "timestamp,from_state,to_state,reason\n2026-11-22T10:00:00.000Z,idle,arming,util\n"
+    )
+    env = {"GPUTEL_LOG_DIR": str(log), "GPUTEL_EXPORT_DIR": str(tmp_path / "parquet")}
+    (line,) = unit_directives(EXPORT_SERVICE.read_text())[("Service", "ExecStart")]
+    argv = [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], w) for w in line.split()]
+    assert argv[0] == "/opt/gputel/bin/gputel"
+    for expect in ("wrote", "nothing new"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "gputel", *argv[1:]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0 and expect in proc.stdout, proc.stderr
+    assert list((tmp_path / "parquet" / "transitions").rglob("*.parquet"))
+
+
+def verifiable_export_units(tmp_path: Path) -> Path:
+    """The staged export service and timer, ExecStart= on a stub (see module docstring)."""
+    root = tmp_path / "root"
+    stage(root, "service")
+    stub = tmp_path / "stub" / "gputel"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+    for name in (EXPORT_SERVICE.name, EXPORT_TIMER.name):
+        staged = (root / "etc/systemd/system" / name).read_text()
+        (unit_dir / name).write_text(staged.replace("/opt/gputel/bin/gputel", str(stub)))
+    return unit_dir
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed")
+def test_export_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    unit_dir = verifiable_export_units(tmp_path)
+    proc = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(unit_dir / EXPORT_TIMER.name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=unit_dir,
+        check=False,
+    )
+    relevant = [ln for ln in proc.stderr.splitlines() if "gputel" in ln]
+    assert proc.returncode == 0, proc.stderr
+    assert relevant == []
+    proc = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", EXPORT_SERVICE.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=unit_dir,
+        check=False,
+    )
+    if "--offline" in proc.stderr and "unrecognized" in proc.stderr:
+        return
+    m = re.search(r"Overall exposure level for gputel-export\.service:\s*([0-9.]+)", proc.stdout)
+    assert m, proc.stdout + proc.stderr
+    assert float(m.group(1)) <= MAX_EXPOSURE, proc.stdout
+
+
 # ---------------------------------------------------------------------------- defaults file
 _SETTING_LINE = re.compile(r"^#?([A-Z][A-Z0-9_]*)=(.*)$")
 
@@ -453,8 +550,8 @@ def defaults_entries() -> list[tuple[str, str, str]]:
 
 
 def test_defaults_file_names_match_the_settings_table() -> None:
-    assert {s.scope for s in SETTINGS} <= {"agent", "orchestrator"}
-    expected = [s.env for s in SETTINGS if s.scope in ("agent", "orchestrator")]
+    assert {s.scope for s in SETTINGS} <= {"agent", "orchestrator", "export"}
+    expected = [s.env for s in SETTINGS]
     names = [name for name, _, _ in defaults_entries()]
     assert sorted(names) == sorted(expected)
     assert len(names) == len(set(names))
@@ -705,3 +802,16 @@ def test_install_docs_cover_the_operator_tasks() -> None:
         "--destdir",
     ):
         assert needed in text, needed
+
+
+@needs_logrotate
+def test_forced_run_compresses_files_moved_aside_by_an_upgrade(tmp_path: Path) -> None:
+    rig = LogrotateRig(tmp_path)
+    old = "timestamp,gpu,uuid,event,xid,detail\n2026-11-20T10:00:01.000Z,0,GPU-x,xid,79,bus\n"
+    rig.write("events-pre-20261120T100000Z.csv", old)
+    expired = rig.write_gz("allocations-pre-20250101T000000Z.csv.1.gz", "id\n", age_days=500)
+    rig.run("-f")
+    done = rig.dir / "events-pre-20261120T100000Z.csv.1.gz"
+    assert gzip.decompress(done.read_bytes()).decode() == old
+    assert not (rig.dir / "events-pre-20261120T100000Z.csv").exists(), "nocreate"
+    assert not expired.exists()

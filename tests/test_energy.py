@@ -56,3 +56,17 @@ def test_since_start_with_wrap() -> None:
     s = SinceStart(wrap=1000.0)
     assert s.add(990.0) == 0.0
     assert s.add(10.0) == pytest.approx(20.0)
+
+
+def test_a_restarted_counter_counts_that_tick_power_times_the_interval() -> None:
+    from gputel.energy import SinceStart, tick_energy
+
+    assert tick_energy(100.0, 130.0, 250.0, 0.5) == 30.0
+    assert tick_energy(900.0, 10.0, 250.0, 0.5) == 125.0
+    assert tick_energy(900.0, 10.0, None, 0.5) is None
+    since = SinceStart()
+    values = [
+        since.add(raw, t, p)
+        for raw, t, p in ((1000.0, 0.0, 300.0), (1300.0, 1.0, 300.0), (5.0, 2.0, 310.0))
+    ]
+    assert values == [0.0, 300.0, 610.0]

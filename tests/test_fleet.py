@@ -89,6 +89,8 @@ AGENT_METRICS = frozenset(
         "gputel_agent_poll_duration_seconds",
         "gputel_agent_info",
         "gputel_agent_start_time_seconds",
+        "gputel_file_rows_failed_total",
+        "gputel_file_write_failing",
     }
 )
 LABEL_VALUES = {

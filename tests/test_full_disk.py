@@ -132,3 +132,64 @@ def test_full_disk_mid_row_keeps_whole_rows_and_recovers(
     assert sum("cannot write" in m for m in messages) == 1, messages
     assert "short write" in messages[0], "the disk did not fill mid-row"
     assert sum("rows lost in total" in m for m in messages) == 1, messages
+
+
+@pytest.mark.root
+def test_status_and_metrics_show_a_failing_disk(tmp_path: Path) -> None:
+    """A full log directory under a running agent: ``gputel status`` (JSON and human) names the
+    file, since when and how many rows; ``/metrics`` counts them per file."""
+    import json
+    import re
+    import sys
+
+    from test_agent_e2e import AgentProc, wait_for
+
+    with tiny_tmpfs(tmp_path / "small") as log_dir:
+        agent = AgentProc(tmp_path / "a", {"GPUTEL_LOG_DIR": str(log_dir)})
+        try:
+            filler = fill(log_dir)
+            for mode in ("on", "off", "on", "off"):
+                assert agent.ask({"op": "set_mode", "mode": mode, "for_s": None})["ok"]
+
+            def failing() -> dict | None:
+                for f in agent.status().get("write_failures") or []:
+                    if f["file"] == "transitions.csv" and f["failing"] and f["rows_failed"]:
+                        return f
+                return None
+
+            entry = wait_for(failing, 20, "a failing transitions.csv in status")
+            assert entry["since"] and entry["error"]
+            env = {**agent.env}
+            human = subprocess.run(
+                [sys.executable, "-m", "gputel", "status"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert "transitions.csv" in human.stdout and "failing since" in human.stdout, (
+                human.stdout
+            )
+            js = json.loads(
+                subprocess.run(
+                    [sys.executable, "-m", "gputel", "status", "--json"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                ).stdout
+            )
+            assert any(f["file"] == "transitions.csv" for f in js["write_failures"])
+            metrics = agent.metrics()
+            m = re.search(
+                r'^gputel_file_rows_failed_total\{file="transitions.csv"\} (\S+)$', metrics, re.M
+            )
+            assert m and float(m.group(1)) >= 1, metrics
+            assert re.search(
+                r'^gputel_file_write_failing\{file="transitions.csv"\} 1', metrics, re.M
+            )
+            filler.unlink()
+            assert agent.ask({"op": "set_mode", "mode": "auto", "for_s": None})["ok"]
+            wait_for(lambda: not failing(), 20, "writing to recover")
+        finally:
+            agent.kill()

@@ -137,10 +137,23 @@ def test_allocate_starts_the_agent(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- real agent
 def test_owner_death_releases_through_real_agent(tmp_path: Path, real_agent: Path) -> None:
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    # The owner lives until its stdin closes: not a sleep that a loaded machine may outrun.
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
     out = hook(tmp_path, "allocate", "owned", "--gpus", "0", "--pid", str(owner.pid))
     assert out.returncode == 0, out.stderr
     assert hook(tmp_path, "allocate", "unowned").returncode == 0
+    # At least one recorded tick of the allocation, so its summary has energy.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(
+        "owned" in line
+        for f in (tmp_path / "log").glob("gpu-*.csv")
+        for line in f.read_text().splitlines()[1:]
+    ):
+        time.sleep(0.1)
+    assert owner.stdin is not None
+    owner.stdin.close()
     owner.wait()
     path = tmp_path / "log" / "allocations.csv"
     deadline = time.monotonic() + 10

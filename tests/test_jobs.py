@@ -4,12 +4,14 @@ for a job that had its GPUs to itself."""
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from fakeproc import add_kthreadd, add_process
 from gputel.schema import GpuProcess, GpuReading, HostReading, ProcessRecord, Sample
+from gputel.telemetry.csv_sink import CsvSink
 from gputel.telemetry.jobs import JOB_LEFT, DetectedJobs, ProcessAttribution, merge_ids
 
 T0 = datetime(2026, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -28,11 +30,14 @@ def tick(
     jobs: dict[int, list[str | None]],
     energy: dict[int, float | None] | None = None,
     unlisted: tuple[int, ...] = (),
+    power_w: float | None = None,
 ) -> Sample:
     """Tick ``k`` of two GPUs: ``jobs`` per GPU (None: a process of unknown owner)."""
     energy = energy or {0: 1000.0 + 10 * k, 1: 2000.0 + 20 * k}
     gpus = [
-        GpuReading(i, f"GPU-{i}", "g", utilization_gpu_pct=50.0, energy_j=energy.get(i))
+        GpuReading(
+            i, f"GPU-{i}", "g", utilization_gpu_pct=50.0, energy_j=energy.get(i), power_w=power_w
+        )
         for i in (0, 1)
     ]
     for g in gpus:
@@ -50,11 +55,17 @@ def run(
     ticks: list[Sample],
     announced: dict[int, tuple[str, ...]] | None = None,
 ) -> list[dict[str, Any]]:
+    """Each tick as the recorder takes it: jobs found, the row written, its energy shares."""
     ended: list[dict[str, Any]] = []
     announced = announced or {}
     ids = {i for group in announced.values() for i in group}
-    for sample in ticks:
-        ended += detected.update(sample, announced, ids)[1]
+    with tempfile.TemporaryDirectory() as log_dir:
+        sink = CsvSink(Path(log_dir), host="n")
+        for sample in ticks:
+            ended += detected.update(sample, announced, ids)[1]
+            sink.write(sample)
+            detected.add_energy(sink.tick_energy)
+        sink.close()
     return ended
 
 
@@ -108,9 +119,14 @@ def test_a_gpu_that_could_not_be_listed_ends_nobody_but_loses_the_energy() -> No
     assert s["duration_s"] == 3.0 and s["energy_j"] is None and s["shared"] == 0
 
 
-def test_a_counter_that_went_backwards_makes_energy_unknown() -> None:
-    ticks = [tick(0, {0: ["a"]}, {0: 500.0}), tick(1, {0: ["a"]}, {0: 100.0}), tick(2, {})]
-    assert run(DetectedJobs(), ticks)[0]["energy_j"] is None
+def test_a_counter_that_restarted_counts_that_tick_power_times_the_interval() -> None:
+    ticks = [
+        tick(0, {0: ["a"]}, {0: 500.0}, power_w=200.0),
+        tick(1, {0: ["a"]}, {0: 100.0}, power_w=250.0),
+        tick(2, {0: ["a"]}, {0: 130.0}, power_w=200.0),
+        tick(3, {}),
+    ]
+    assert run(DetectedJobs(), ticks)[0]["energy_j"] == 250.0 + 30.0
 
 
 def test_jobs_still_open_are_summarised_when_recording_stops() -> None:

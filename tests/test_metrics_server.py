@@ -308,6 +308,7 @@ def web_config(tmp_path: Path, users: dict[str, str]) -> Path:
             }
         )
     )
+    path.chmod(0o640)
     return path
 
 

@@ -189,7 +189,7 @@ def test_child_writes_the_head_before_its_own_rows(tmp_path: Path) -> None:
         sys.executable, "-m", "gputel", "record", "--child",
         "--backend", "sim", "--sim-gpus", "2", "--sim-pattern", pattern,
         "--interval", str(interval), "--log-dir", str(log_dir), "--run-dir", str(run_dir),
-        "--sysfs-root", str(tmp_path / "sys"),
+        "--sysfs-root", str(tmp_path),
     ]  # fmt: skip
     env = {**os.environ, runtime.SIM_EPOCH_ENV: repr(epoch)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

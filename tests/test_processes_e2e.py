@@ -236,6 +236,8 @@ def agent(fake_driver: FakeDriver, tmp_path: Path) -> Iterator[AgentProc]:
         GPUTEL_PRETRIGGER_SECONDS="0",
         GPUTEL_PROC_ROOT=str(tmp_path / "proc"),
     )
+    # The procfs root must exist at start; the test fills it in.
+    (tmp_path / "proc").mkdir(exist_ok=True)
     a = AgentProc(tmp_path / "agent", env)
     yield a
     hb = None

@@ -201,6 +201,7 @@ def test_tick_publishes_state_and_tags_allocations(tmp_path: Path) -> None:
     assert state["files"]["gpu"].endswith("gpu-20261122T034512Z-node01.csv")
     assert state["rows_failed"] == 0 and state["ticks_missed"] == 0
     stats = state["allocation_stats"]
+    job1_energy = stats["job-1"].pop("energy_j")
     assert stats["job-1"] == {
         "samples": 2,
         "util_readings": 2,
@@ -225,6 +226,9 @@ def test_tick_publishes_state_and_tags_allocations(tmp_path: Path) -> None:
         "job-all", "job-1;job-all", "job-all",
         "job-all", "job-1;job-all", "job-all",
     ]  # fmt: skip
+    # The one allocation energy rule: the rise of GPU 1's energy_j over its tagged rows, each
+    # from the row before it (gputel report counts the same).
+    assert job1_energy == pytest.approx(float(rows[7]["energy_j"]) - float(rows[1]["energy_j"]))
 
     # A restarted recorder (a crashed child) goes on with the statistics of open allocations.
     rec = Recorder(
@@ -532,7 +536,7 @@ def test_child_stops_when_its_agent_is_gone(tmp_path: Path) -> None:
         "GPUTEL_INTERVAL": "0.05",
         "GPUTEL_LOG_DIR": str(tmp_path / "log"),
         "GPUTEL_RUN_DIR": str(tmp_path / "run"),
-        "GPUTEL_SYSFS_ROOT": str(tmp_path / "nosys"),
+        "GPUTEL_SYSFS_ROOT": str(tmp_path),  # no RAPL, no hwmon
     }
     parent_code = (
         "import subprocess, sys, time\n"

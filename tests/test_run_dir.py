@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,25 @@ def test_state_files_are_not_read_through_symlinks(tmp_path: Path) -> None:
     assert runtime.read_json(tmp_path / runtime.RECORDER_STATE_FILE) is None
     (tmp_path / "plain.json").write_text('{"pid": 1}')
     assert runtime.read_json(tmp_path / "plain.json") == {"pid": 1}
+
+
+def test_only_a_recorder_is_signalled_for_the_recorder_lock(tmp_path: Path) -> None:
+    """A pid read from recorder.lock is signalled only when it runs ``gputel record`` (by any
+    path to the command), never a process that took over the number."""
+    from gputel.runtime import _is_recorder
+
+    script = (
+        f"exec -a /usr/local/bin/gputel {sys.executable} -c 'import time; time.sleep(30)' record"
+    )
+    installed = subprocess.Popen(["bash", "-c", script])
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while not _is_recorder(installed.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _is_recorder(installed.pid)
+        assert not _is_recorder(other.pid)
+    finally:
+        for p in (installed, other):
+            p.kill()
+            p.wait(10)

@@ -54,10 +54,67 @@ def test_environment_and_flags() -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("5", 5.0), ("0.5", 0.5), ("250ms", 0.25), ("90s", 90.0), ("15m", 900.0), ("2h", 7200.0)],
+    [
+        ("5", 5.0),
+        ("0.5", 0.5),
+        (".5", 0.5),
+        (" 7 ", 7.0),
+        ("250ms", 0.25),
+        ("500ms", 0.5),
+        ("1.5s", 1.5),
+        ("90s", 90.0),
+        ("15m", 900.0),
+        ("15min", 900.0),
+        ("2h", 7200.0),
+        ("1d", 86400.0),
+        ("1h30m", 5400.0),
+        ("2m30s", 150.0),
+        ("1m30.5s", 90.5),
+        ("1s500ms", 1.5),
+        ("1d12h", 129600.0),
+        ("1h0m5s", 3605.0),
+    ],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1e2",  # an exponent is a typo more often than a meaning
+        "1E2",
+        "5e-1s",
+        "-5",
+        "+5",
+        "inf",
+        "nan",
+        "",
+        "s",
+        "1.",
+        "1,5s",
+        "0x10",
+        "1h30",  # a bare number after a unit: 30 what?
+        "30m1h",  # largest unit first
+        "1m1m",  # each unit once
+        "1m30min",  # m and min are the same unit
+        "1 h",
+        "1h 30m",
+        "5 parsecs",
+        "1mins",
+        "9" * 400,  # not finite
+    ],
+)
+def test_parse_duration_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_bad_duration_setting_is_named() -> None:
+    with pytest.raises(SettingsError, match="GPUTEL_INTERVAL") as info:
+        load_settings({"GPUTEL_INTERVAL": "1e2"})
+    assert "1h30m" in str(info.value)  # the message shows the grammar by example
+    assert load_settings({"GPUTEL_STOP_SECONDS": "1m30s"}).stop_seconds == 90.0
 
 
 @pytest.mark.parametrize(
@@ -142,7 +199,7 @@ def test_cli_bad_setting_exits_2_with_one_line(tmp_path: Path) -> None:
 
 def test_interval_below_the_floor_is_refused() -> None:
     with pytest.raises(SettingsError, match=r"at least 0\.01"):
-        load_settings({"GPUTEL_INTERVAL": "1e-9"})
+        load_settings({"GPUTEL_INTERVAL": "0.001"})
 
 
 def test_help_shows_environment_names() -> None:
@@ -154,7 +211,7 @@ def test_help_shows_environment_names() -> None:
         env={**os.environ, "COLUMNS": "200"},
     )
     assert proc.returncode == 0
-    assert "env GPUTEL_INTERVAL, default 1" in proc.stdout
+    assert "env GPUTEL_INTERVAL, default 1" in " ".join(proc.stdout.split())
 
 
 @pytest.mark.parametrize("command", ["status", "agent", "record"])

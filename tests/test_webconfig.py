@@ -30,6 +30,7 @@ def certs(tmp_path: Path) -> Path:
 def write(folder: Path, text: str) -> Path:
     path = folder / "web.yml"
     path.write_text(text)
+    path.chmod(0o640)  # it may hold password hashes: never readable by others
     return path
 
 
@@ -158,6 +159,21 @@ def test_the_documented_example_loads_and_its_hash_matches(certs: Path) -> None:
     example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
     (certs / "node.crt").write_bytes((certs / "server.crt").read_bytes())
     (certs / "node.key").write_bytes((certs / "server.key").read_bytes())
+    (certs / "node.key").chmod(0o600)
     config = load(write(certs, example))
     assert config.ssl_context is not None
     assert bcrypt.checkpw(b"example", config.users["prometheus"])
+
+
+def test_password_hashes_or_a_key_readable_by_others_are_refused(certs: Path) -> None:
+    users = "basic_auth_users:\n  prom: $2b$04$" + "a" * 53 + "\n"
+    path = write(certs, users)
+    path.chmod(0o644)
+    with pytest.raises(WebConfigError, match="readable by others"):
+        load(path)
+    path.chmod(0o640)
+    assert load(path).users
+    (certs / "server.key").chmod(0o644)
+    tls = write(certs, "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n")
+    with pytest.raises(WebConfigError, match=r"key_file.*readable by others"):
+        load(tls)

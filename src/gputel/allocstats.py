@@ -10,7 +10,7 @@ Pure Python, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from gputel.formats import finite
@@ -60,6 +60,7 @@ class AllocationStats:
     """
 
     __slots__ = (
+        "energy_j",
         "memory_max_mib",
         "samples",
         "sm_n",
@@ -81,6 +82,17 @@ class AllocationStats:
         self.sm_sum = 0.0
         self.sm_n = 0
         self.throttled_s: float | None = None
+        self.energy_j: float | None = None
+        """Joules of the intervals ending at its ticks, on its GPUs (``gputel.energy``, rule
+        4); None until one is known. An unknown interval is left out, as the report does."""
+
+    def add_energy(
+        self, shares: Mapping[int, float | None], only: tuple[int, ...] | None = None
+    ) -> None:
+        """One tick's energy per GPU (``CsvSink.tick_energy``); ``only`` as for add_tick."""
+        for gpu, joules in shares.items():
+            if joules is not None and (only is None or gpu in only):
+                self.energy_j = (self.energy_j or 0.0) + joules
 
     def add_values(
         self, util_pct: float | None, temperature_c: float | None, memory_mib: float | None
@@ -134,6 +146,7 @@ class AllocationStats:
             "samples": self.samples,
             "util_readings": self.util_n,
             "sm_readings": self.sm_n,
+            "energy_j": self.energy_j,
             **{k: getattr(self, k) for k in STAT_FIELDS},
         }
 
@@ -168,6 +181,7 @@ class AllocationStats:
             out.sm_sum = float(sm_mean) * sm_readings
         throttled = fields["throttled_s"]
         out.throttled_s = None if throttled is None else float(throttled)
+        out.energy_j = finite(entry.get("energy_j")) if isinstance(entry, dict) else None
         return out
 
 

@@ -6,9 +6,15 @@
   decimals from the schema table; ``repr``, which round-trips exactly, where no precision is
   given), integers exact, 1/0 for flags, quotes only where needed, and one physical line per
   row (a line break inside a value becomes a space, so ``grep``/``tail`` never see half a row).
+  Text that a spreadsheet would run as a formula (a leading ``= + - @``, tab or CR) gets a
+  leading ``'`` (OWASP's advice), as does text that already starts with one, so dropping a
+  leading ``'`` always gives the original back (:func:`safe_text`, :func:`original_text`).
 - Whole-row appends: a row goes out in ONE ``write`` on an ``O_APPEND`` descriptor; a short
   write (disk full) is truncated back to the last whole row, so a later write never follows half
-  a row. Failures are counted, logged once when they start and once when they stop.
+  a row. Failures are counted, logged once when they start and once when they stop. A file whose
+  header is not this version's (written by an older one) is moved aside to
+  ``<name>-pre-<UTC stamp>.csv`` before the first row and a new file is started: rows are never
+  appended under another header.
 - Atomic replace: readers of a state file see the old or the new content, never a mix.
 - An exception as one line, for logs and control replies.
 - Whether a process is alive (zombies and reused pids count as dead).
@@ -20,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,6 +65,27 @@ def parse_iso_utc(text: str) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
+def display_time(moment: object) -> str | None:
+    """A timestamp as every command prints it: ISO 8601 UTC with milliseconds.
+
+    ``moment`` is ISO text in any offset (a status or reply field) or epoch seconds; text that is
+    not a time is returned as it is, nothing (None, empty) is None.
+    """
+    if moment is None or moment == "" or isinstance(moment, bool):
+        return None
+    if isinstance(moment, (int, float)):
+        try:
+            return iso_utc_ms(float(moment))
+        except (OverflowError, ValueError, OSError):
+            return str(moment)
+    if not isinstance(moment, str):
+        return None
+    try:
+        return iso_utc_ms(parse_iso_utc(moment))
+    except ValueError:
+        return moment
+
+
 def finite(value: object) -> float | None:
     """``value`` as a float if it is a finite number (read from JSON, say), else None.
 
@@ -71,6 +100,30 @@ def finite(value: object) -> float | None:
 # ---------------------------------------------------------------------------------- CSV cells
 _SPECIAL = re.compile(r'[,"\r\n]')
 
+#: First characters a spreadsheet reads as a formula (or, tab and CR, skips before one).
+FORMULA_START = frozenset("=+-@\t\r")
+_NEUTRALISED = FORMULA_START | {"'"}
+#: A plain signed decimal is a number, not a formula: it stays as it is (a summary's figures
+#: arrive here as text).
+_PLAIN_NUMBER = re.compile(r"[-+]?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+
+
+def safe_text(text: str) -> str:
+    """``text`` as a CSV cell may hold it: a leading ``'`` added where a spreadsheet would read
+    a formula, and where the text already starts with ``'`` (so the rule reverses exactly).
+
+    Every text cell goes through it (:func:`csv_cell`): ids, commands, user and job names,
+    event details, reasons. A plain number (``-3.5``) is no formula and stays as it is.
+    """
+    if text and text[0] in _NEUTRALISED and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
+def original_text(cell: str) -> str:
+    """A text cell read back: the value before :func:`safe_text` (a leading ``'`` dropped)."""
+    return cell[1:] if cell.startswith("'") else cell
+
 
 #: ``format`` specs by number of decimals, built once (a tick formats hundreds of cells).
 _FIXED = tuple(f".{d}f" for d in range(10))
@@ -78,7 +131,7 @@ _FIXED = tuple(f".{d}f" for d in range(10))
 
 def csv_cell(value: object, decimals: int | None = None) -> str:
     """One CSV cell: None → empty, float → ``decimals`` fixed decimals (``repr`` when None),
-    int → exact, bool → 1/0, text quoted only if needed.
+    int → exact, bool → 1/0, text through :func:`safe_text` and quoted only if needed.
 
     Integers are never formatted as floats: a 64-bit byte counter would lose its low digits.
     """
@@ -98,7 +151,7 @@ def csv_cell(value: object, decimals: int | None = None) -> str:
         return "1"
     if value is False:
         return "0"
-    text = str(value)
+    text = safe_text(str(value))
     if _SPECIAL.search(text) is None:
         return text
     one_row = text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
@@ -144,7 +197,8 @@ class FailureCounter:
     """Counts rows that could not be written; logs when failing starts and when it stops.
 
     ``failing`` is a ``%``-style message with one ``%s`` (where it fails and why); ``recovered``
-    one with a ``%s`` (where) and a ``%d`` (rows lost in total).
+    one with a ``%s`` (where) and a ``%d`` (rows lost in total). ``since`` (epoch seconds) and
+    ``error`` describe the current failure for ``gputel status`` (:meth:`status`).
     """
 
     def __init__(self, logger: logging.Logger, failing: str, recovered: str) -> None:
@@ -153,27 +207,79 @@ class FailureCounter:
         self._recovered_msg = recovered
         self.rows_failed = 0
         self.failing = False
+        self.since: float | None = None
+        """When the current failure began (None while writing works)."""
+        self.error: str | None = None
+        """The latest failure's reason (kept after recovery: what went wrong last)."""
 
     def failed(self, rows: int, detail: str) -> None:
         self.rows_failed += rows
+        self.error = detail
         if not self.failing:
             self.failing = True
+            self.since = time.time()
             self._log.error(self._failing_msg, detail)
 
     def succeeded(self, where: object) -> None:
         if self.failing:
             self.failing = False
+            self.since = None
             self._log.warning(self._recovered_msg, where, self.rows_failed)
 
+    def status(self, file: str) -> dict[str, object] | None:
+        """``{"file", "failing", "since", "rows_failed", "error"}`` once a row was lost; None
+        while none was (nothing to say)."""
+        if not self.rows_failed and not self.failing:
+            return None
+        return {
+            "file": file,
+            "failing": self.failing,
+            "since": None if self.since is None else iso_utc_ms(self.since),
+            "rows_failed": self.rows_failed,
+            "error": self.error,
+        }
 
-_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+
+_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+#: The longest header line read back to compare with this version's.
+_HEADER_READ = 64 * 1024
+#: How many older-layout files of one name may be moved aside within one second.
+_ASIDE_SUFFIXES = 1000
+
+
+def moved_aside_name(path: Path, now: float | None = None) -> Path:
+    """A free name for an older-layout ``path`` (``events.csv`` →
+    ``events-pre-20261207T024700Z.csv``, then ``_001``…): the logrotate policy's
+    ``*-pre-*.csv`` globs and the analysis commands' ``events-*.csv`` match it."""
+    stamp = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
+    base = f"{path.stem}-pre-{stamp.strftime('%Y%m%dT%H%M%SZ')}"
+    for n in range(_ASIDE_SUFFIXES):
+        candidate = path.with_name(f"{base}.csv" if n == 0 else f"{base}_{n:03d}.csv")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise OSError(errno.EEXIST, f"no free name to move {path.name} aside")
+
+
+def is_appended_file(filename: str, name: str) -> bool:
+    """Whether ``filename`` holds rows of the appended file ``name`` (``allocations.csv``): the
+    file itself, a copy an upgrade moved aside (:func:`moved_aside_name`), or either as
+    logrotate left it (``.1``, ``.2.gz``)."""
+    stem = re.escape(name.removesuffix(".csv"))
+    return re.fullmatch(rf"{stem}(?:-pre-[^/]*)?\.csv(?:\.\d+)?(?:\.gz)?", filename) is not None
+
+
+def _first_line(fd: int) -> bytes:
+    head = os.pread(fd, _HEADER_READ, 0)
+    end = head.find(b"\n")
+    return head[: end + 1] if end >= 0 else head
 
 
 class RowAppender:
     """Appends whole rows to one CSV file, writing the header first when the file is new.
 
     The file is opened per row, so logrotate may move it at any time: the next row starts a new
-    file with its header. A failure costs that row only; nothing here raises.
+    file with its header. A file with another header (an older version's layout) is moved aside
+    first and never appended to. A failure costs that row only; nothing here raises.
     """
 
     def __init__(
@@ -188,6 +294,9 @@ class RowAppender:
         self.make_dir = make_dir
         """Create the missing directory (else a missing one is a failure like any other)."""
         self.header = csv_row(header).encode()
+        self._log = logger
+        self._checked: tuple[int, int] | None = None
+        """(device, inode) of the last file whose header was found to be this version's."""
         self.failures = FailureCounter(
             logger,
             "cannot write %s; rows are being lost until it works again "
@@ -206,21 +315,63 @@ class RowAppender:
             if self.make_dir:
                 with contextlib.suppress(FileExistsError):
                     self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-            # Never through a symlink: an agent running as root must not append to whatever
-            # file someone pointed transitions.csv at.
-            fd = os.open(self.path, _APPEND_FLAGS, 0o640)
-            try:
-                # Decide on the header from the file actually opened: logrotate may have moved
-                # the old one away an instant ago.
-                size = os.fstat(fd).st_size
-                write_whole(fd, row if size else self.header + row, size)
-            finally:
-                os.close(fd)
+            for _ in range(3):
+                # Never through a symlink: an agent running as root must not append to whatever
+                # file someone pointed transitions.csv at.
+                fd = os.open(self.path, _APPEND_FLAGS, 0o640)
+                try:
+                    # Decide on the header from the file actually opened: logrotate may have
+                    # moved the old one away an instant ago.
+                    st = os.fstat(fd)
+                    known = (st.st_dev, st.st_ino) == self._checked
+                    if st.st_size and not known and not self._header_is_ours(fd, st):
+                        continue  # moved aside (by this or another writer): open anew
+                    write_whole(fd, row if st.st_size else self.header + row, st.st_size)
+                    if not st.st_size:
+                        self._checked = (st.st_dev, st.st_ino)
+                    break
+                finally:
+                    os.close(fd)
+            else:
+                raise OSError(errno.EAGAIN, "the file kept changing under the writer")
         except OSError as exc:
             self.failures.failed(1, f"{self.path} ({exc.strerror or exc})")
             return False
         self.failures.succeeded(self.path)
         return True
+
+    def _header_is_ours(self, fd: int, st: os.stat_result) -> bool:
+        """Whether the open file has this version's header; if not, move it aside.
+
+        Writers of the same file (the agent and the recorder both append to allocations.csv)
+        decide under an exclusive lock on the old file, and rename only while the name still
+        names that file: the loser of a race sees a name that moved on and simply reopens.
+        """
+        if _first_line(fd) == self.header:
+            self._checked = (st.st_dev, st.st_ino)
+            return True
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            try:
+                now = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                return False
+            aside = moved_aside_name(self.path)
+            # link + unlink, not rename: rename would replace a file that appeared at the
+            # aside name in the meantime.
+            os.link(self.path, aside, follow_symlinks=False)
+            os.unlink(self.path)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        self._log.warning(
+            "%s was written by another version (other columns); moved it aside to %s "
+            "and started a new file",
+            self.path,
+            aside.name,
+        )
+        return False
 
 
 # ---------------------------------------------------------------------------------- replace

@@ -5,6 +5,8 @@ rule lives in ``gputel.formats``):
 
 - ``control.sock``      the agent's control socket (0660)
 - ``agent.lock``        flock held by the running agent: one agent per run directory
+- ``recorder.lock``     flock held by the running recorder child: a new child stops an old one
+                        (an orphan of a killed agent) before its first row, never overlaps it
 - ``allocations.json``  open allocations, written by the agent, read by the recorder to tag rows
 - ``recorder.json``     the recorder's heartbeat and state, rewritten every tick
 - ``metrics.prom``      the recorder's latest exposition bytes, rewritten every tick
@@ -20,10 +22,14 @@ is created with ``O_EXCL`` when it is new: a root agent never writes through a p
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import signal
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ from gputel.formats import atomic_write_bytes
 
 CONTROL_SOCKET = "control.sock"
 AGENT_LOCK = "agent.lock"
+RECORDER_LOCK = "recorder.lock"
 ALLOCATIONS_FILE = "allocations.json"
 RECORDER_STATE_FILE = "recorder.json"
 METRICS_FILE = "metrics.prom"
@@ -84,14 +91,10 @@ def ensure_run_dir(path: Path) -> Path:
     return path
 
 
-def take_agent_lock(run_dir: Path) -> int:
-    """Hold ``agent.lock`` (one agent per run directory) and write our pid; the open descriptor.
-
-    Created with ``O_EXCL`` when new; an existing one is opened without following a symlink
-    and must be a plain file with one link, so the pid never lands in a file someone pointed
-    the lock at.
-    """
-    path = run_dir / AGENT_LOCK
+def _open_lock(path: Path) -> int:
+    """A lock file opened for writing our pid into: created with ``O_EXCL`` when new; an
+    existing one opened without following a symlink, and only a plain file of ours with one
+    link, so the pid never lands in a file someone pointed the lock at."""
     try:
         fd = open_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
     except FileExistsError:
@@ -108,6 +111,88 @@ def take_agent_lock(run_dir: Path) -> int:
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
         os.close(fd)
         raise RunDirError(f"{path} is not a plain file of our own; remove it")
+    return fd
+
+
+def _holder(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _is_recorder(pid: int) -> bool:
+    """Whether ``pid`` runs ``gputel record``: a pid read from the lock is signalled only then,
+    never a process that reused the number of a holder that just exited."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return False
+    # ``python -m gputel record`` or an installed ``/usr/bin/gputel record``.
+    names = [os.path.basename(a) for a in argv]
+    return b"gputel" in names and b"record" in argv
+
+
+#: How long an old recorder gets to stop after SIGTERM before it is killed.
+RECORDER_STOP_S = 3.0
+
+
+def take_recorder_lock(
+    run_dir: Path,
+    stop_s: float = RECORDER_STOP_S,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Hold ``recorder.lock``; the open descriptor (the lock goes with the process).
+
+    A live holder is an older child (of an agent that was SIGKILLed, say) still writing: it is
+    asked to stop (SIGTERM), killed after ``stop_s``, and waited for, so two recorders never
+    write the same files at once. RunDirError when it cannot be taken even so.
+    """
+    path = run_dir / RECORDER_LOCK
+    fd = _open_lock(path)
+    start = clock()
+    signalled: set[tuple[int, int]] = set()
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            pass
+        waited = clock() - start
+        holder = _holder(fd)
+        sig = signal.SIGTERM if waited < stop_s else signal.SIGKILL
+        if (
+            holder is not None
+            and holder != os.getpid()
+            and (holder, sig) not in signalled
+            and _is_recorder(holder)
+        ):
+            signalled.add((holder, sig))
+            with contextlib.suppress(OSError):
+                os.kill(holder, sig)
+        if waited > stop_s + 5.0:
+            os.close(fd)
+            who = f"pid {holder}" if holder is not None else "another process"
+            raise RunDirError(f"{path} is held by {who}, which does not stop; stop it first")
+        sleep(0.02)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def take_agent_lock(run_dir: Path) -> int:
+    """Hold ``agent.lock`` (one agent per run directory) and write our pid; the open descriptor.
+
+    Created with ``O_EXCL`` when new; an existing one is opened without following a symlink
+    and must be a plain file with one link, so the pid never lands in a file someone pointed
+    the lock at.
+    """
+    path = run_dir / AGENT_LOCK
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -62,6 +62,17 @@ CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
 #: GPU or clocks held by a setting: what "throttled" counts in the report, the plot and the fleet.
 THROTTLE_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
 
+
+def clock_event_names(mask: int | None) -> tuple[str, ...] | None:
+    """The names of the reasons set in ``mask`` (table order); None when the mask is unknown.
+
+    Bits the table does not name are left out: a newer driver's reason is not guessed at.
+    """
+    if mask is None:
+        return None
+    return tuple(name for bit, name in CLOCK_EVENT_REASONS if mask & bit)
+
+
 MIB = 1024 * 1024
 
 GPU_FIELDS: tuple[Field, ...] = (

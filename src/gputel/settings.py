@@ -44,19 +44,53 @@ class SettingsError(ValueError):
 
 
 # ---------------------------------------------------------------------------------- parsers
-_DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
+_BARE_RE = re.compile(rf"^{_NUMBER}$")
+_TERM_RE = re.compile(rf"({_NUMBER})(ms|min|s|m|h|d)")
+#: Seconds per unit, largest first: a compound duration names its units in this order.
+_UNIT_SECONDS: dict[str, float] = {
+    "d": 86400.0,
+    "h": 3600.0,
+    "m": 60.0,
+    "min": 60.0,
+    "s": 1.0,
+    "ms": 0.001,
+}
+_UNIT_RANK = {"d": 0, "h": 1, "m": 2, "min": 2, "s": 3, "ms": 4}
+DURATION_EXAMPLES = "5, 0.5, 500ms, 90s, 15min, 2h, 1h30m"
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from ``"5"``, ``"0.5"``, ``"250ms"``, ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"``."""
-    m = _DURATION_RE.match(str(text))
-    if not m:
-        raise ValueError("expected a duration such as 5, 0.5, 90s, 15m, 2h")
-    value = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    if not math.isfinite(value):
-        raise ValueError("duration is not finite")
-    return value
+    """Seconds from a duration: a plain number of seconds (``5``, ``0.5``) or one or more
+    ``NUMBER UNIT`` terms, largest unit first, each unit once (``500ms``, ``1.5s``, ``15min``,
+    ``1h30m``, ``2m30s``, ``1d12h``). Units: ``d``, ``h``, ``m``/``min``, ``s``, ``ms``.
+
+    No sign, no exponent (``1e2``), no spaces inside, no bare number after a unit (``1h30``):
+    each of those is more likely a typo than a meaning, and a setting must never guess.
+    """
+    value = str(text).strip()
+    if _BARE_RE.match(value):
+        return _finite(float(value))
+    total = 0.0
+    rank = -1
+    pos = 0
+    for m in _TERM_RE.finditer(value):
+        unit_rank = _UNIT_RANK[m.group(2)]
+        if m.start() != pos or unit_rank <= rank:
+            break
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        rank = unit_rank
+        pos = m.end()
+    else:
+        if pos == len(value) and pos > 0:
+            return _finite(total)
+    raise ValueError(f"expected a duration such as {DURATION_EXAMPLES}")
+
+
+def _finite(seconds: float) -> float:
+    if not math.isfinite(seconds):
+        raise ValueError("duration is too large")
+    return seconds
 
 
 def _interval(text: str) -> float:
@@ -129,11 +163,17 @@ def _gpus(text: str) -> tuple[int, ...] | None:
     return parse_gpu_list(value)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must not be empty")
-    if "\x00" in text:
-        raise ValueError("must not contain NUL")
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        # A newline or escape in a path breaks every log line and CSV cell that names it, and
+        # is a typo or an attack, never a real directory name.
+        raise ValueError(f"must not contain control characters (found {bad.group()!r})")
     return Path(text).expanduser()
 
 
@@ -235,6 +275,27 @@ def default_run_dir(env: Mapping[str, str] | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------------- the table
+#: The kind of value each parser takes, as ``--help`` names it (``--interval SECONDS``).
+_KINDS: dict[Callable[[str], Any], str] = {
+    _backend: "NAME",
+    _activity: "NAME",
+    _interval: "SECONDS",
+    _seconds: "SECONDS",
+    _pretrigger: "SECONDS",
+    _percent: "PERCENT",
+    _gpus: "LIST",
+    _path: "PATH",
+    _web_config: "PATH",
+    _kmsg: "PATH",
+    _address: "ADDRESS",
+    _port: "PORT",
+    _sim_gpus: "N",
+    _sim_pattern: "PATTERN",
+    _sim_events: "EVENTS",
+    parse_bool: "BOOL",
+}
+
+
 @dataclass(frozen=True)
 class SettingSpec:
     """One setting: its environment name, CLI flag, default text and meaning."""
@@ -245,8 +306,14 @@ class SettingSpec:
     default: str
     help: str
     parse: Callable[[str], Any]
-    #: "agent" settings are read by gputel itself; "orchestrator" ones by the caller of the hooks.
+    #: "agent" settings are read by gputel itself; "orchestrator" ones by the caller of the hooks;
+    #: "export" ones by gputel-export.service (the command line of its ``gputel export``).
     scope: str = "agent"
+
+    @property
+    def metavar(self) -> str:
+        """The kind of value the flag takes, for ``--help`` (``SECONDS``, ``PATH``, ``LIST``)."""
+        return _KINDS.get(self.parse, "VALUE")
 
 
 SETTINGS: tuple[SettingSpec, ...] = (
@@ -432,6 +499,15 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _pretrigger,
     ),
     SettingSpec(
+        "GPUTEL_EXPORT_DIR",
+        "export_dir",
+        "",
+        "/var/lib/gputel/parquet",
+        "for gputel-export.timer: the Parquet dataset the recorded CSVs are exported to",
+        _path,
+        scope="export",
+    ),
+    SettingSpec(
         AUTOSTART_ENV,
         "autostart",
         "",
@@ -589,6 +665,65 @@ def load_settings(
     _check_pretrigger(values, raw)
     _check_sim_events(values, raw)
     return Settings(**values)
+
+
+# ---------------------------------------------------------------------------------- at start
+def _missing_dir_problem(path: Path) -> str | None:
+    """Why ``path`` (missing) can never be created, or None when it can be."""
+    parent = path.parent
+    while True:
+        try:
+            st = parent.stat()
+        except FileNotFoundError:
+            if parent == parent.parent:
+                return None
+            parent = parent.parent
+            continue
+        except NotADirectoryError:
+            parent = parent.parent
+            continue
+        except OSError as exc:
+            return f"cannot be created: {parent}: {exc.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"cannot be created: {parent} is not a directory"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"cannot be created: {parent} is not writable by this user"
+        return None
+
+
+def _dir_problem(path: Path, *, may_create: bool) -> str | None:
+    """Why ``path`` can never serve as the directory, or None."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        if not may_create:
+            return "no such directory"
+        return _missing_dir_problem(path)
+    except OSError as exc:
+        return f"cannot be used: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return "exists and is not a directory"
+    return None
+
+
+def check_for_start(settings: Settings) -> None:
+    """Refuse what can never work, before the agent or recorder touches anything (SettingsError,
+    exit 2): a log or run directory that is not a directory and cannot be created, and a
+    sysfs or proc root that is not an existing directory. Creates nothing.
+
+    An existing directory that is not writable now is accepted: permissions and mounts are
+    fixed while the service runs, and rows lost meanwhile are counted (``gputel status``).
+    """
+    checks = (
+        ("log_dir", settings.log_dir, True),
+        ("run_dir", settings.run_dir, True),
+        ("sysfs_root", settings.sysfs_root, False),
+        ("proc_root", settings.proc_root, False),
+    )
+    for attr, path, may_create in checks:
+        problem = _dir_problem(Path(path), may_create=may_create)
+        if problem is not None:
+            raise SettingsError(SETTINGS_BY_ATTR[attr].env, str(path), problem)
 
 
 def autostart_enabled(env: Mapping[str, str] | None = None) -> bool:

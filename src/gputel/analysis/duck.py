@@ -25,8 +25,48 @@ from pathlib import Path
 from typing import Any
 
 from gputel.analysis.filter import CsvReadError, ReportFilter
+from gputel.filekinds import KINDS
 
-INSTALL_HINT = "pip install 'gputel[analysis]'"
+
+def install_hint() -> str:
+    """The command that installs the ``analysis`` extra into the Python running gputel.
+
+    ``pip install 'gputel[analysis]'`` works only where gputel came from a package index; from
+    a checkout (``pip install -e .`` or ``pip install DIR``) pip must be pointed at that
+    directory again, which the installed distribution's ``direct_url.json`` (PEP 610) names.
+    """
+    from importlib import metadata
+
+    try:
+        raw = metadata.distribution("gputel").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        raw = None
+    return hint_from_direct_url(raw)
+
+
+def hint_from_direct_url(raw: str | None) -> str:
+    """:func:`install_hint` for an installed distribution's ``direct_url.json`` text (None: none,
+    as for a package from an index)."""
+    import json
+    import shlex
+    import sys
+    from urllib.parse import unquote, urlparse
+
+    pip = f"{shlex.quote(sys.executable)} -m pip install"
+    if raw:
+        try:
+            origin = json.loads(raw)
+        except ValueError:
+            origin = {}
+        if not isinstance(origin, dict):
+            origin = {}
+        url = urlparse(str(origin.get("url", "")))
+        if url.scheme == "file" and url.path:
+            editable = (origin.get("dir_info") or {}).get("editable") is True
+            target = shlex.quote(f"{unquote(url.path)}[analysis]")
+            return f"{pip} {'-e ' if editable else ''}{target}"
+    return f"{pip} 'gputel[analysis]'"
+
 
 #: Columns without which a file is not a gputel CSV of that kind.
 REQUIRED = {
@@ -58,8 +98,11 @@ TEXT = {
     "events": ("uuid", "event", "xid", "detail", "allocations"),
 }
 
-_NAME_RE = re.compile(r"^(gpu|host|events)(?:-.*)?\.csv(?:\.\d+)?(?:\.gz)?$")
-_NODE_RE = re.compile(r"^(?:gpu|host)-\d{8}T\d{6}(?:\.\d+)?Z?-?(.*?)(?:_\d{3})?\.csv")
+_SESSION_KINDS = tuple(k.name for k in KINDS if k.session)
+_NAME_RE = re.compile(rf"^({'|'.join(k.name for k in KINDS)})(?:-.*)?\.csv(?:\.\d+)?(?:\.gz)?$")
+_NODE_RE = re.compile(
+    rf"^(?:{'|'.join(_SESSION_KINDS)})-\d{{8}}T\d{{6}}(?:\.\d+)?Z?-?(.*?)(?:_\d{{3}})?\.csv"
+)
 
 
 class AnalysisUnavailable(RuntimeError):
@@ -76,7 +119,7 @@ def connect(threads: int | None = None) -> Any:
     try:
         import duckdb
     except ImportError:
-        raise AnalysisUnavailable(f"this command needs DuckDB: {INSTALL_HINT}") from None
+        raise AnalysisUnavailable(f"this command needs DuckDB: {install_hint()}") from None
     con = duckdb.connect(":memory:")
     con.execute("SET preserve_insertion_order = false")
     # Errors are one line on stderr; a long scan must not draw a progress bar there.
@@ -91,7 +134,8 @@ def connect(threads: int | None = None) -> Any:
 
 
 def file_kind(path: Path) -> str | None:
-    """``gpu``, ``host`` or ``events`` from a recorder file name (rotated and .gz included)."""
+    """The file kind (``gpu``, ``events``, … of :data:`gputel.filekinds.KINDS`) from a file's
+    name, rotated and .gz included."""
     m = _NAME_RE.match(path.name)
     return m.group(1) if m else None
 
@@ -99,8 +143,8 @@ def file_kind(path: Path) -> str | None:
 def node_of(path: Path) -> str:
     """The node a file belongs to, from the recorder's name ``gpu-<stamp>-<host>[_NNN].csv``.
 
-    ``events.csv`` carries no host in its name; it belongs to the node whose files share its
-    directory, else to the directory's name.
+    ``events.csv`` (and the other appended logs) carries no host in its name; it belongs to the
+    node whose files share its directory, else to the directory's name.
     """
     m = _NODE_RE.match(path.name)
     return m.group(1) if m else ""
@@ -116,7 +160,7 @@ class FileSet:
 
 def find_files(paths: Iterable[Path]) -> FileSet:
     """Every gputel CSV under ``paths`` (directory trees searched, files taken as given)."""
-    found: dict[str, set[Path]] = {"gpu": set(), "host": set(), "events": set()}
+    found: dict[str, set[Path]] = {k.name: set() for k in KINDS}
     for p in paths:
         if p.is_dir():
             candidates: Iterable[Path] = (f for f in p.rglob("*") if f.is_file())
@@ -130,12 +174,13 @@ def find_files(paths: Iterable[Path]) -> FileSet:
                 found[kind].add(f)
     nodes: dict[Path, str] = {}
     by_dir: dict[Path, str] = {}
-    for kind in ("gpu", "host"):
+    for kind in _SESSION_KINDS:
         for f in sorted(found[kind]):
             nodes[f] = node_of(f)
             by_dir.setdefault(f.parent, nodes[f])
-    for f in found["events"]:
-        nodes[f] = by_dir.get(f.parent, f.parent.name)
+    for kind in (k.name for k in KINDS if not k.session):
+        for f in found[kind]:
+            nodes[f] = by_dir.get(f.parent, f.parent.name)
     return FileSet({k: sorted(v) for k, v in found.items()}, nodes)
 
 

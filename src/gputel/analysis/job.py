@@ -24,7 +24,7 @@ from typing import Any
 from gputel.analysis import duck
 from gputel.analysis.filter import CsvReadError, ReportFilter, UnknownAllocation
 from gputel.analysis.groups import STALLED_SM_PCT, STALLED_UTIL_PCT
-from gputel.formats import iso_utc_ms
+from gputel.formats import is_appended_file, iso_utc_ms, original_text
 from gputel.schema import CLOCK_EVENT_REASONS, THROTTLE_MASK
 
 #: A GPU idle for at least this share of the job is named in the verdict.
@@ -98,6 +98,21 @@ def _files(paths: list[Path], prefix: str) -> list[Path]:
     return sorted(out)
 
 
+def _appended_files(paths: list[Path], name: str) -> list[Path]:
+    """The files of the appended file ``name`` under ``paths``: the file, its rotated copies
+    and the older-layout copies an upgrade moved aside (``formats.is_appended_file``)."""
+    out: set[Path] = set()
+    stem = name.removesuffix(".csv")
+    for p in paths:
+        if p.is_dir():
+            out.update(
+                f for f in p.rglob(f"{stem}*") if f.is_file() and is_appended_file(f.name, name)
+            )
+        elif p.is_file() and p.name.startswith(stem):
+            out.add(p)
+    return sorted(out)
+
+
 def _ts(text: str) -> float | None:
     try:
         return datetime.fromisoformat(text.strip().replace("Z", "+00:00")).timestamp()
@@ -108,7 +123,7 @@ def _ts(text: str) -> float | None:
 def summary_rows(paths: list[Path], alloc_id: str | None = None) -> list[dict[str, str]]:
     """``allocations.csv`` rows (for ``alloc_id``, or all), with the node from the directory."""
     rows: list[dict[str, str]] = []
-    for path in _files(paths, SUMMARY_FILE):
+    for path in _appended_files(paths, SUMMARY_FILE):
         try:
             with _open_text(path) as fh:
                 for row in csv.DictReader(fh):
@@ -152,6 +167,10 @@ def _canonical(text: str) -> str | None:
     return None if ts is None else iso_utc_ms(ts)
 
 
+#: The ``processes-*.csv`` columns a user's process decides (``formats.safe_text`` on write).
+_TEXT_CELLS = frozenset({"user", "command", "job"})
+
+
 def _processes(
     paths: list[Path], nodes: list[str], gpus: list[int], first: float, last: float
 ) -> list[dict[str, Any]]:
@@ -192,7 +211,11 @@ def _processes(
                         )
                     if not lo <= stamp <= hi:
                         continue
-                    row = dict(zip(header, cells, strict=True))
+                    # Text cells back as the process gave them (the CSV cell rule's quote off).
+                    row = {
+                        k: original_text(v) if k in _TEXT_CELLS else v
+                        for k, v in zip(header, cells, strict=True)
+                    }
                     _add_process(seen, node, int(cells[on]), stamp, row)
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise CsvReadError(f"{path}: {exc}") from None

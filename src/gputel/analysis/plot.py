@@ -281,9 +281,9 @@ def _load_matplotlib() -> Any:
         import matplotlib.dates as mdates
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PlotUnavailable(
-            "gputel plot needs matplotlib: pip install 'gputel[analysis]'"
-        ) from None
+        from gputel.analysis.duck import install_hint
+
+        raise PlotUnavailable(f"gputel plot needs matplotlib: {install_hint()}") from None
     return plt, mdates
 
 

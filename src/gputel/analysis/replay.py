@@ -26,6 +26,7 @@ from typing import Any
 from gputel.activity import pick
 from gputel.analysis import duck
 from gputel.analysis.filter import ReportFilter
+from gputel.formats import iso_utc_ms
 from gputel.supervisor.states import ActivityState, Machine, Thresholds, Transition, step
 
 
@@ -102,14 +103,16 @@ class ReplayResult:
             },
             "transitions": [
                 {
-                    "at": t.at,
+                    "at": iso_utc_ms(t.at),
                     "from_state": t.from_state.value,
                     "to_state": t.to_state.value,
                     "reason": t.reason,
                 }
                 for t in self.transitions
             ],
-            "telemetry_spans": [{"start": a, "end": b} for a, b in self.telemetry_spans],
+            "telemetry_spans": [
+                {"start": iso_utc_ms(a), "end": iso_utc_ms(b)} for a, b in self.telemetry_spans
+            ],
             "starts": len(self.telemetry_spans),
             "busy_s": round(self.busy_s, 3),
             "captured_busy_s": round(self.captured_busy_s, 3),

@@ -9,8 +9,11 @@ also rolls files over at a UTC day change or a size cap; a file whose first row 
 previous file's last row within a few intervals continues that session, anything later starts a
 new one. Files of different nodes (the part of the name after the timestamp) never mix.
 
-Energy (one rule): ``energy_j`` counts joules since its file began, so within a file a GPU's
-energy is the counter's rise (:func:`groups.file_energy`); between two files of one session,
+Energy (one rule, ``gputel.energy`` rule 4, which the recorder also follows tick by tick for
+the release reply and ``allocations.csv``): ``energy_j`` counts joules since its file began, a
+restarted counter's interval already counted as power × interval by the recorder, so within a
+file a GPU's energy is the counter's rise (:func:`groups.file_energy`); between two files of one
+session,
 where the counter restarts, it is power integrated over the one interval between them
 (trapezoid, only across a gap no longer than the session's continuation gap). A session's energy
 per GPU is therefore the sum over its files of (last − first) plus those joins. Each row stands
@@ -29,6 +32,7 @@ from typing import Any
 
 from gputel.analysis import duck, groups
 from gputel.analysis.filter import ReportFilter
+from gputel.energy import continuation_gap, trapezoid
 from gputel.schema import CLOCK_EVENT_REASONS
 
 JOULES_PER_KWH = groups.JOULES_PER_KWH
@@ -54,8 +58,7 @@ def _missing(spacings: Counter[float], interval: float | None) -> int:
 
 
 def _continuation_gap(spacings: Counter[float]) -> float:
-    interval = _interval_from(spacings) or 1.0
-    return max(2.5 * interval, 2.0)
+    return continuation_gap(_interval_from(spacings) or 1.0)
 
 
 def _percentile(bins: dict[int, int], q: float) -> float | None:
@@ -89,15 +92,9 @@ def _pretrigger_s(
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    from datetime import datetime, timezone
+    from gputel.formats import iso_utc_ms
 
-    return (
-        datetime.fromtimestamp(ts, timezone.utc)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    return None if ts is None else iso_utc_ms(ts)
 
 
 @dataclass
@@ -371,9 +368,11 @@ def _session_energy(
                 prev = seen.get(gpu)
                 if prev is not None and fe.first[0] >= prev[0]:
                     dt = fe.first[0] - prev[0]
-                    if fe.first[1] is not None and prev[1] is not None and 0 < dt <= span.max_gap:
-                        joins[(span.fid, gpu)] = (fe.first[1] + prev[1]) / 2 * dt
-                        add((sid, gpu), joins[(span.fid, gpu)])
+                    # The join of gputel.energy's rule 4, as the recorder counts it.
+                    joined = trapezoid(prev[1], fe.first[1], dt) if dt <= span.max_gap else None
+                    if joined is not None:
+                        joins[(span.fid, gpu)] = joined
+                        add((sid, gpu), joined)
                 if prev is None or fe.last[0] >= prev[0]:
                     seen[gpu] = fe.last
     return energy, joins
@@ -516,12 +515,8 @@ def _alloc_energy(
         elif before.t1 is not None and (starts_bucket or grp.t0 - before.t1 <= 1.5 * grp.interval):
             if grp.e_first is not None and before.energy is not None:
                 parts.append(max(0.0, grp.e_first - before.energy))
-            elif (
-                grp.p_first is not None
-                and before.power is not None
-                and 0 < grp.t0 - before.t1 <= before.max_gap
-            ):
-                parts.append((grp.p_first + before.power) / 2 * (grp.t0 - before.t1))
+            elif grp.t0 - before.t1 <= before.max_gap:
+                parts.append(trapezoid(before.power, grp.p_first, grp.t0 - before.t1))
         elif grp.p_first is not None:
             # The row before lies inside another group of this bucket: its counter value is
             # not kept, so the interval is the first row's power over one interval.

@@ -5,10 +5,12 @@ All four run on DuckDB (the ``analysis`` extra); without it they say how to inst
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,22 +18,31 @@ from typing import Annotated, Any
 import typer
 
 from gputel.analysis.filter import CsvReadError, ReportFilter, UnknownAllocation
-from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
+from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options_only
+from gputel.formats import iso_utc_ms, safe_text
 from gputel.settings import Settings, parse_duration, parse_gpu_list
 
 PathsArg = Annotated[
     list[Path] | None,
-    typer.Argument(help="CSV files or directories (default: GPUTEL_LOG_DIR)", show_default=False),
+    typer.Argument(
+        metavar="PATH",
+        help="CSV files or directories (default: GPUTEL_LOG_DIR)",
+        show_default=False,
+    ),
 ]
 SinceOpt = Annotated[
     str | None,
-    typer.Option("--since", help="start: ISO time (2026-11-22T10:00Z) or a duration ago (2h)"),
+    typer.Option(
+        "--since", metavar="TIME", help="start: ISO time (2026-11-22T10:00Z) or a duration ago (2h)"
+    ),
 ]
 UntilOpt = Annotated[
     str | None,
-    typer.Option("--until", help="end: ISO time or a duration ago"),
+    typer.Option("--until", metavar="TIME", help="end: ISO time or a duration ago"),
 ]
-GpuOpt = Annotated[str | None, typer.Option("--gpu", help="GPU indices, e.g. 0,1")]
+GpuOpt = Annotated[str | None, typer.Option("--gpu", metavar="LIST", help="GPU indices, e.g. 0,1")]
+#: What ``replay`` reads besides the files: the agent's thresholds and activity signal.
+REPLAY_SETTINGS = ("start_util_pct", "start_seconds", "stop_util_pct", "stop_seconds", "activity")
 
 
 def parse_when(text: str, now: float | None = None) -> float:
@@ -68,7 +79,8 @@ def _filter(
     return ReportFilter(since=s, until=u, gpus=gpus, allocation=allocation)
 
 
-def _paths(paths: list[Path] | None, settings: Settings) -> list[Path]:
+def input_paths(paths: list[Path] | None, settings: Settings) -> list[Path]:
+    """The directories or files an analysis command reads: those named, else GPUTEL_LOG_DIR."""
     return list(paths) if paths else [settings.log_dir]
 
 
@@ -236,24 +248,33 @@ def register(app: typer.Typer) -> None:
     from gputel.analysis.duck import AnalysisUnavailable
 
     @app.command()
-    @settings_options
+    @settings_options_only("log_dir")
     def report(
         paths: PathsArg = None,
         since: SinceOpt = None,
         until: UntilOpt = None,
         gpu: GpuOpt = None,
         allocation: Annotated[
-            str | None, typer.Option("--allocation", help="only rows of this allocation id")
+            str | None,
+            typer.Option("--allocation", metavar="ID", help="only rows of this allocation id"),
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
         as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
         idle_util: Annotated[
             float,
-            typer.Option("--idle-util", help="an allocated GPU under this utilization % is idle"),
+            typer.Option(
+                "--idle-util",
+                metavar="PERCENT",
+                help="an allocated GPU under this utilization % is idle",
+            ),
         ] = 5.0,
         idle_minutes: Annotated[
             float,
-            typer.Option("--idle-minutes", help="list allocations idle for longer than this"),
+            typer.Option(
+                "--idle-minutes",
+                metavar="MINUTES",
+                help="list allocations idle for longer than this",
+            ),
         ] = 30.0,
         *,
         settings: Settings,
@@ -273,7 +294,7 @@ def register(app: typer.Typer) -> None:
             fail(f"invalid --idle-minutes {idle_minutes:g}: use 0 or more", EXIT_USAGE)
         flt = _filter(since, until, gpu, allocation)
         try:
-            result = build_report(_paths(paths, settings), flt, idle_util, idle_minutes)
+            result = build_report(input_paths(paths, settings), flt, idle_util, idle_minutes)
         except AnalysisUnavailable as exc:
             fail(str(exc), EXIT_FAILURE)
         except CsvReadError as exc:
@@ -287,14 +308,17 @@ def register(app: typer.Typer) -> None:
             writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, lineterminator="\n")
             writer.writeheader()
             for row in report_rows(result):
-                writer.writerow(row)
+                # The one cell rule for text (ids, node names) in every CSV gputel writes.
+                writer.writerow(
+                    {k: safe_text(v) if isinstance(v, str) else v for k, v in row.items()}
+                )
         else:
             _print_report(result)
             if result["nodes"]:
                 _print_fleet(result, idle_util, idle_minutes)
 
     @app.command()
-    @settings_options
+    @settings_options_only("log_dir", *REPLAY_SETTINGS)
     def replay(
         paths: PathsArg = None,
         since: SinceOpt = None,
@@ -320,7 +344,7 @@ def register(app: typer.Typer) -> None:
 
         flt = _filter(since, until, gpu)
         try:
-            series = load_series(_paths(paths, settings), flt, activity=settings.activity)
+            series = load_series(input_paths(paths, settings), flt, activity=settings.activity)
         except AnalysisUnavailable as exc:
             fail(str(exc), EXIT_FAILURE)
         except CsvReadError as exc:
@@ -346,9 +370,6 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
 
-        def iso(ts: float) -> str:
-            return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%fZ")
-
         if not sweep:
             r = results[0]
             console.print(
@@ -357,9 +378,8 @@ def register(app: typer.Typer) -> None:
                 f"<{base.stop_util_pct:g}% for {base.stop_seconds:g}s"
             )
             for t in r.transitions:
-                console.print(
-                    f"{iso(t.at)}  {t.from_state.value:>7} → {t.to_state.value:<7} {t.reason}"
-                )
+                when = iso_utc_ms(t.at)
+                console.print(f"{when}  {t.from_state.value:>7} → {t.to_state.value:<7} {t.reason}")
             ratio = r.capture_ratio
             console.print(
                 f"telemetry would run {len(r.telemetry_spans)} time(s), {r.recorded_s:.0f} s in "
@@ -393,18 +413,21 @@ def register(app: typer.Typer) -> None:
         console.print(table)
 
     @app.command()
-    @settings_options
+    @settings_options_only("log_dir")
     def plot(
         paths: PathsArg = None,
         output: Annotated[
-            Path, typer.Option("-o", "--output", help="image file (.png, .svg or .pdf)")
+            Path,
+            typer.Option("-o", "--output", metavar="PATH", help="image file (.png, .svg or .pdf)"),
         ] = Path("gputel.png"),
         since: SinceOpt = None,
         until: UntilOpt = None,
         gpu: GpuOpt = None,
         allocation: Annotated[
             str | None,
-            typer.Option("--allocation", help="only this allocation's GPUs, around its span"),
+            typer.Option(
+                "--allocation", metavar="ID", help="only this allocation's GPUs, around its span"
+            ),
         ] = None,
         *,
         settings: Settings,
@@ -417,7 +440,7 @@ def register(app: typer.Typer) -> None:
             fail(f"invalid --output {output}: use a .png, .svg or .pdf file", EXIT_USAGE)
         flt = _filter(since, until, gpu, allocation)
         try:
-            n = draw(_paths(paths, settings), output, flt)
+            n = draw(input_paths(paths, settings), output, flt)
         except (PlotUnavailable, AnalysisUnavailable) as exc:
             fail(str(exc))
         except (CsvReadError, UnknownAllocation) as exc:
@@ -429,28 +452,73 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def export(
         paths: Annotated[
-            list[Path], typer.Argument(help="CSV files or directories (trees of many nodes)")
+            list[Path],
+            typer.Argument(metavar="PATH", help="CSV files or directories (trees of many nodes)"),
         ],
         parquet: Annotated[
             Path,
-            typer.Option("--parquet", help="output directory of the Parquet dataset"),
+            typer.Option(
+                "--parquet", metavar="PATH", help="output directory of the Parquet dataset"
+            ),
         ],
+        incremental: Annotated[
+            bool,
+            typer.Option(
+                "--incremental", help="add only the rows not exported yet (safe to rerun)"
+            ),
+        ] = False,
         overwrite: Annotated[
-            bool, typer.Option("--overwrite", help="replace datasets already in the directory")
+            bool, typer.Option("--overwrite", help="replace the dataset in the directory")
         ] = False,
     ) -> None:
-        """Write the CSVs as a Hive-partitioned Parquet dataset (node=…/date=…, zstd)."""
-        from gputel.analysis.export import ExportRefused, export_parquet
+        """Every CSV column of every file, as a Hive-partitioned Parquet dataset
+        (OUT/<kind>/node=…/date=…, zstd)."""
+        from gputel.analysis.export import ExportRefused, Mode, export_parquet
 
+        if incremental and overwrite:
+            fail("--incremental and --overwrite exclude each other", EXIT_USAGE)
+        mode: Mode = "incremental" if incremental else "overwrite" if overwrite else "new"
         try:
-            written = export_parquet(list(paths), parquet, overwrite)
+            with _progress("exporting") as progress:
+                written = export_parquet(list(paths), parquet, mode, progress=progress)
         except AnalysisUnavailable as exc:
             fail(str(exc), EXIT_FAILURE)
         except (CsvReadError, ExportRefused) as exc:
             fail(str(exc), EXIT_USAGE)
         except OSError as exc:
             fail(f"cannot write {parquet}: {exc}")
-        if not written:
-            fail("no telemetry rows in the given files")
+        if not any(written.values()):
+            if not incremental:
+                fail("no telemetry rows in the given files")
+            # A timer's run on a node that recorded nothing new (or nothing yet) is no failure.
+            print(f"{parquet}: nothing new to export")
+            return
         for kind, rows in written.items():
-            print(f"wrote {parquet / kind} ({rows:,} rows)")
+            if rows:
+                noun = "row" if rows == 1 else "rows"
+                print(f"wrote {parquet / kind} ({rows:,} {'new ' if incremental else ''}{noun})")
+
+
+@contextlib.contextmanager
+def _progress(what: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr when it is a terminal (never in a log or a pipe)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        f"[bold]{what}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update

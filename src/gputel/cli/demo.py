@@ -30,6 +30,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gputel.formats import display_time
+
 #: GPU 0 idles 3 s, works 8 s (4 of them at full power, held by the power cap), idles; GPU 1
 #: works a little later and less.
 DEMO_PATTERN = "0:3,85:4,100:4,0:30;0:4,55:6,0:30"
@@ -193,13 +195,13 @@ def render(
         )
 
     trans = Table(title="transitions", expand=False)
-    trans.add_column("time (UTC)")
+    trans.add_column("time")
     trans.add_column("from")
     trans.add_column("to")
     trans.add_column("reason")
     for t in (status.get("transitions") or [])[-6:]:
         trans.add_row(
-            str(t.get("timestamp", ""))[11:23],
+            display_time(t.get("timestamp")) or "",
             t.get("from_state"),
             t.get("to_state"),
             t.get("reason"),
@@ -208,11 +210,11 @@ def render(
     events = status.get("events") or []
     if events:
         table = Table(title="GPU events", expand=False)
-        for col in ("time (UTC)", "GPU", "event", "xid", "action"):
+        for col in ("time", "GPU", "event", "xid", "action"):
             table.add_column(col)
         for e in events[-4:]:
             table.add_row(
-                str(e.get("timestamp", ""))[11:23],
+                display_time(e.get("timestamp")) or "",
                 str(e.get("gpu")),
                 str(e.get("event")),
                 "" if e.get("xid") is None else str(e.get("xid")),
@@ -420,7 +422,7 @@ def _answer(
     Both come from the analysis code (DuckDB, matplotlib: the ``analysis`` extra); without it the
     demo says how to install it rather than summing the CSVs a second way.
     """
-    from gputel.analysis.duck import INSTALL_HINT, AnalysisUnavailable
+    from gputel.analysis.duck import AnalysisUnavailable, install_hint
     from gputel.analysis.plot import PlotUnavailable, plot
     from gputel.analysis.report import build_report
 
@@ -428,7 +430,7 @@ def _answer(
     try:
         report = build_report([log_dir])
     except AnalysisUnavailable:
-        console.print(f"  the summary needs the analysis extra: {INSTALL_HINT}", markup=False)
+        console.print(f"  the summary needs the analysis extra: {install_hint()}", markup=False)
         return None, None
     sessions = [s for s in report["sessions"] if s["gpus"]]
     session = sessions[-1] if sessions else None
@@ -457,7 +459,7 @@ def _answer(
         made = picture
         console.print(f"plot: {picture}", markup=False)
     except (PlotUnavailable, AnalysisUnavailable):
-        console.print(f"no plot: it needs matplotlib ({INSTALL_HINT})", markup=False)
+        console.print(f"no plot: it needs matplotlib ({install_hint()})", markup=False)
     console.print("go further:")
     console.print(f"  gputel report {log_dir}", markup=False)
     console.print(f"  gputel plot {log_dir} -o timeline.png", markup=False)

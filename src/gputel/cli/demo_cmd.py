@@ -20,18 +20,28 @@ def demo(
     ] = True,
     seconds: Annotated[
         float,
-        typer.Option("--seconds", min=5.0, max=600.0, help="give up after this many seconds"),
+        typer.Option(
+            "--seconds",
+            metavar="SECONDS",
+            min=5.0,
+            max=600.0,
+            help="give up after this many seconds",
+        ),
     ] = 40.0,
     directory: Annotated[
         Path | None,
         typer.Option(
-            "--dir", help="use this directory instead of a new temporary one", show_default=False
+            "--dir",
+            metavar="PATH",
+            help="use this directory instead of a new temporary one",
+            show_default=False,
         ),
     ] = None,
     pattern: Annotated[
         str | None,
         typer.Option(
             "--pattern",
+            metavar="PATTERN",
             help="simulated utilization timeline, as GPUTEL_SIM_PATTERN",
             show_default=False,
         ),
@@ -39,7 +49,12 @@ def demo(
     interval: Annotated[
         float | None,
         typer.Option(
-            "--interval", min=0.05, max=5.0, help="seconds between ticks", show_default=False
+            "--interval",
+            metavar="SECONDS",
+            min=0.05,
+            max=5.0,
+            help="seconds between ticks",
+            show_default=False,
         ),
     ] = None,
 ) -> None:

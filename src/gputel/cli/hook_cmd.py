@@ -17,9 +17,10 @@ import typer
 from gputel.cli.options import (
     EXIT_FAILURE,
     EXIT_USAGE,
+    RUN_DIR_ONLY,
     fail,
-    settings_options,
     settings_options_except,
+    settings_options_only,
 )
 from gputel.control.allocations import AllocationError, parse_gpus_text, validate_id
 from gputel.settings import Settings
@@ -28,6 +29,7 @@ hook_app = typer.Typer(
     name="hook",
     help="Open and close GPU allocations (orchestrators, Slurm prolog/epilog).",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 #: How long ``release`` and ``list`` keep asking a busy or starting agent.
@@ -61,12 +63,27 @@ def _refused(reply: dict[str, Any], what: str) -> None:
 
 
 def _exchange(
-    settings: Settings, message: dict[str, Any], wait_s: float, quiet: bool, start: bool
+    settings: Settings,
+    message: dict[str, Any],
+    wait_s: float,
+    quiet: bool,
+    start: bool,
+    flags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The agent's reply within ``wait_s`` seconds (see ``control/hook_client.py``), starting
-    an agent first when ``start`` and none answers; no agent or no answer → exit 1."""
+    an agent first when ``start`` and none answers; no agent or no answer → exit 1.
+
+    ``flags``: settings flags given; a running agent must already have their values (else exit
+    2 before the request), an agent started here is started with them.
+    """
+    from gputel.cli.agent_flags import agent_status, describe, refuse_unreachable
     from gputel.control.hook_client import exchange
     from gputel.control.protocol import ControlError
+
+    if flags:
+        status = agent_status(settings.run_dir, timeout=max(0.2, min(wait_s, 2.0)))
+        if status is not None:
+            refuse_unreachable(flags, status)
 
     def start_agent(deadline: float) -> str:
         from gputel.control.launch import AgentStartError, ensure_agent
@@ -75,6 +92,12 @@ def _exchange(
             how = ensure_agent(settings, wait_s=max(0.1, min(deadline - time.monotonic(), 2.0)))
         except AgentStartError as exc:
             fail(f"no gputel agent is running and none could be started: {exc}")
+        if flags:
+            # A unit started through systemctl reads its own environment file, not our flags.
+            status = agent_status(settings.run_dir, timeout=max(0.2, deadline - time.monotonic()))
+            if status is not None:
+                refuse_unreachable(flags, status, started=how)
+            how += f"; with {describe(flags)}"
         if not quiet:
             print(f"gputel: {how}", file=sys.stderr)
         return how
@@ -98,20 +121,26 @@ def _exchange(
 @hook_app.command("allocate")
 @settings_options_except("gpus")
 def allocate(
-    id: str = typer.Argument(..., help="allocation id: 1-128 of A-Z a-z 0-9 . _ : @ -"),
+    id: str = typer.Argument(
+        ..., metavar="ID", help="allocation id: 1-128 of A-Z a-z 0-9 . _ : @ -"
+    ),
     gpus: str | None = typer.Option(
-        None, "--gpus", help="GPU indices of the allocation, e.g. 0,1 (default: all)"
+        None,
+        "--gpus",
+        metavar="LIST",
+        help="GPU indices of the allocation, e.g. 0,1 (default: all)",
     ),
     pid: int | None = typer.Option(
-        None, "--pid", help="owner process: the allocation closes when it exits"
+        None, "--pid", metavar="PID", help="owner process: the allocation closes when it exits"
     ),
     wait: float = typer.Option(
-        3.0, "--wait", help="seconds to wait for a starting agent", hidden=True
+        3.0, "--wait", metavar="SECONDS", help="seconds to wait for a starting agent", hidden=True
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing on success"),
     as_json: bool = typer.Option(False, "--json", help="print the agent's reply"),
     *,
     settings: Settings,
+    settings_flags: dict[str, str],
 ) -> None:
     """Open an allocation: telemetry runs while any allocation is open (starts the agent)."""
     ident = _checked_id(id)
@@ -122,7 +151,7 @@ def allocate(
     if pid is not None and pid <= 0:
         fail(f"--pid {pid} is not a process id", EXIT_USAGE)
     message = {"op": "allocate", "id": ident, "gpus": wanted, "pid": pid}
-    reply = _exchange(settings, message, max(0.0, wait), quiet, start=True)
+    reply = _exchange(settings, message, max(0.0, wait), quiet, start=True, flags=settings_flags)
     _refused(reply, "the agent refused the allocation")
     if as_json:
         print(json.dumps(reply, sort_keys=True))
@@ -135,9 +164,9 @@ def allocate(
 
 
 @hook_app.command("release")
-@settings_options
+@settings_options_only(*RUN_DIR_ONLY)
 def release(
-    id: str = typer.Argument(..., help="allocation id"),
+    id: str = typer.Argument(..., metavar="ID", help="allocation id"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing on success"),
     as_json: bool = typer.Option(False, "--json", help="print the agent's reply"),
     slurm_comment: bool = typer.Option(
@@ -216,7 +245,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 @hook_app.command("list")
-@settings_options
+@settings_options_only(*RUN_DIR_ONLY)
 def list_(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
     *,

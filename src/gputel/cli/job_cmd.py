@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from gputel.cli.analysis_cmd import PathsArg, _paths
-from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
+from gputel.cli.analysis_cmd import PathsArg, input_paths
+from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options_only
 from gputel.settings import Settings
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
     """Add ``gputel job``."""
 
     @app.command()
-    @settings_options
+    @settings_options_only("log_dir")
     def job(
         alloc_id: Annotated[
             str, typer.Argument(metavar="ID", help="allocation id, e.g. slurm-123 or k8s-<uid>")
@@ -30,11 +30,15 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
         html: Annotated[
             Path | None,
-            typer.Option("--html", help="also write a self-contained page to this file"),
+            typer.Option(
+                "--html", metavar="PATH", help="also write a self-contained page to this file"
+            ),
         ] = None,
         idle_util: Annotated[
             float,
-            typer.Option("--idle-util", help="a GPU under this utilization % is idle"),
+            typer.Option(
+                "--idle-util", metavar="PERCENT", help="a GPU under this utilization % is idle"
+            ),
         ] = 5.0,
         *,
         settings: Settings,
@@ -52,7 +56,7 @@ def register(app: typer.Typer) -> None:
             fail(f"invalid --idle-util {idle_util:g}: use 0 to 100", EXIT_USAGE)
         if html is not None and html.suffix.lower() not in (".html", ".htm"):
             fail(f"invalid --html {html}: use a .html file", EXIT_USAGE)
-        where = _paths(paths, settings)
+        where = input_paths(paths, settings)
         try:
             result = build_job(where, alloc_id, idle_util)
         except AnalysisUnavailable as exc:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from gputel import __version__
 
@@ -40,17 +42,73 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+class OneLineErrors(TyperGroup):
+    """The root command: a usage error is one line on stderr and exit 2, as every other error.
+
+    click's own form (usage, a hint and the message, boxed by rich) is five lines for one
+    mistake; scripts and people read the one line that names it.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        from typer import Abort
+        from typer._click import exceptions
+
+        def run() -> Any:
+            return super(OneLineErrors, self).main(
+                args, prog_name, complete_var, False, windows_expand_args, **extra
+            )
+
+        if not standalone_mode:
+            return run()
+        try:
+            code = run()
+        except exceptions.NoArgsIsHelpError as exc:
+            # A group called bare: its help is the answer (click's exit code for it).
+            print(exc.ctx.get_help() if exc.ctx is not None else "", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except exceptions.ClickException as exc:
+            print(f"gputel: {usage_line(exc)}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except Abort:
+            print("gputel: aborted", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_line(exc: Exception) -> str:
+    """A click error as one line, with the command's help to look at."""
+    from gputel.formats import one_line
+
+    format_message = getattr(exc, "format_message", None)
+    text = one_line(format_message() if callable(format_message) else str(exc))
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None and ctx.command_path:
+        text += f" (see {ctx.command_path} --help)"
+    return text
+
+
 def build_app(modules: Sequence[str] = ALL_MODULES) -> typer.Typer:
     """A typer app with the commands of ``modules`` registered."""
-    from gputel.cli import lazy_coercion
+    from gputel.cli import lazy_coercion, value_kinds
 
     lazy_coercion.install()
+    value_kinds.install()
     app = typer.Typer(
         name="gputel",
         help="GPU node telemetry: per-second GPU and host records while the GPUs are busy.",
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+        cls=OneLineErrors,
     )
 
     # A callback keeps the app a command group even when a single command is registered.
@@ -89,7 +147,8 @@ def __getattr__(name: str) -> typer.Typer:
 
 
 def main() -> None:
-    build_app(modules_for(sys.argv[1:]))()
+    # One program name in usage and errors, however it was started (``python -m gputel``).
+    build_app(modules_for(sys.argv[1:]))(prog_name="gputel")
 
 
 if __name__ == "__main__":

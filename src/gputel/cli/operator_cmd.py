@@ -7,18 +7,26 @@ when none runs, since "turn telemetry on" should work on a node where nothing is
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any
 
 import typer
 
-from gputel.cli.options import EXIT_USAGE, fail, settings_options
+from gputel.cli.options import (
+    EXIT_USAGE,
+    RUN_DIR_ONLY,
+    fail,
+    settings_options,
+    settings_options_only,
+)
+from gputel.formats import display_time
 from gputel.settings import Settings, parse_duration
 
 START_WAIT_S = 5.0
 """How long ``gputel start`` waits for an agent it started (NVML init can take seconds)."""
 
-FOR_HELP = "Revert to automatic after this long (e.g. 90s, 15m, 2h); default: until `gputel auto`."
+FOR_HELP = (
+    "revert to automatic after this long (e.g. 90s, 15min, 1h30m); default: until `gputel auto`"
+)
 
 
 def parse_for(text: str | None) -> float | None:
@@ -36,27 +44,10 @@ def parse_for(text: str | None) -> float | None:
     return value
 
 
-def human_time(until: Any) -> str | None:
-    """An ISO timestamp as ``HH:MM:SS UTC`` (with the date when it is not today)."""
-    if not isinstance(until, str) or not until:
-        return None
-    try:
-        moment = datetime.fromisoformat(until.replace("Z", "+00:00"))
-    except ValueError:
-        return until
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    moment = moment.astimezone(timezone.utc)
-    today = datetime.now(timezone.utc).date()
-    if moment.date() == today:
-        return moment.strftime("%H:%M:%S UTC")
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
 def describe_mode(reply: dict[str, Any]) -> str:
     """One human line for a ``set_mode`` reply."""
     mode = reply.get("mode")
-    until = human_time(reply.get("until"))
+    until = display_time(reply.get("until"))
     if mode == "auto":
         line = "automatic: telemetry follows GPU activity and allocations"
     else:
@@ -69,14 +60,29 @@ def describe_mode(reply: dict[str, Any]) -> str:
     return line
 
 
-def set_mode(settings: Settings, mode: str, for_s: float | None, start_agent: bool) -> str:
-    """Ask the agent to change mode; return the lines to print. Exits 1 on any failure."""
+def set_mode(
+    settings: Settings,
+    mode: str,
+    for_s: float | None,
+    start_agent: bool,
+    flags: dict[str, str] | None = None,
+) -> str:
+    """Ask the agent to change mode; return the lines to print. Exits 1 on any failure.
+
+    ``flags``: the settings flags given (``start``). A running agent must already have their
+    values (else exit 2, nothing changed); an agent started here is started with them.
+    """
+    from gputel.cli.agent_flags import agent_status, describe, refuse_unreachable
     from gputel.control.client import request
     from gputel.control.launch import AgentStartError, ensure_agent
     from gputel.control.protocol import AgentTimeout, AgentUnavailable, ControlError
 
     message: dict[str, Any] = {"op": "set_mode", "mode": mode, "for_s": for_s}
     lines: list[str] = []
+    if flags:
+        status = agent_status(settings.run_dir)
+        if status is not None:
+            refuse_unreachable(flags, status)
     try:
         reply = request(settings.run_dir, message)
     except AgentUnavailable as exc:
@@ -91,6 +97,11 @@ def set_mode(settings: Settings, mode: str, for_s: float | None, start_agent: bo
             how = ensure_agent(settings, wait_s=START_WAIT_S)
         except AgentStartError as err:
             fail(str(err))
+        if flags:
+            status = agent_status(settings.run_dir)
+            if status is not None:
+                refuse_unreachable(flags, status, started=how)
+            how += f"; with {describe(flags)}"
         lines.append(how)
         try:
             reply = request(settings.run_dir, message)
@@ -113,14 +124,19 @@ def register(app: typer.Typer) -> None:
     @settings_options
     def start(
         settings: Settings,
+        settings_flags: dict[str, str],
         for_: str | None = typer.Option(None, "--for", metavar="DURATION", help=FOR_HELP),
     ) -> None:
-        """Telemetry on now, even when the GPUs are idle (starts the agent if none runs)."""
+        """Telemetry on now, even when the GPUs are idle (starts the agent if none runs).
+
+        Settings flags configure an agent started here; a running agent keeps its own, and a
+        flag that differs from them is refused (exit 2).
+        """
         for_s = parse_for(for_)
-        print(set_mode(settings, "on", for_s, start_agent=True))
+        print(set_mode(settings, "on", for_s, start_agent=True, flags=settings_flags))
 
     @app.command("stop")
-    @settings_options
+    @settings_options_only(*RUN_DIR_ONLY)
     def stop(
         settings: Settings,
         for_: str | None = typer.Option(None, "--for", metavar="DURATION", help=FOR_HELP),
@@ -130,7 +146,7 @@ def register(app: typer.Typer) -> None:
         print(set_mode(settings, "off", for_s, start_agent=False))
 
     @app.command("auto")
-    @settings_options
+    @settings_options_only(*RUN_DIR_ONLY)
     def auto(settings: Settings) -> None:
         """Back to automatic: telemetry follows GPU activity and open allocations."""
         print(set_mode(settings, "auto", None, start_agent=False))

@@ -36,16 +36,62 @@ def settings_or_exit(overrides: dict[str, str | None]) -> Settings:
         fail(str(exc), EXIT_USAGE)
 
 
+#: The settings a command reads only to reach the agent.
+RUN_DIR_ONLY: tuple[str, ...] = ("run_dir",)
+#: What ``gputel status`` reads for its own snapshot when no agent runs.
+LOCAL_SNAPSHOT: tuple[str, ...] = (
+    "run_dir",
+    "backend",
+    "gpus",
+    "sysfs_root",
+    "proc_root",
+    "sim_gpus",
+    "sim_pattern",
+    "sim_events",
+)
+#: The agent's own decisions and sources (activity, events, pre-trigger, the kernel log): no use
+#: to a recorder.
+AGENT_DECISIONS: tuple[str, ...] = (
+    "start_util_pct",
+    "start_seconds",
+    "stop_util_pct",
+    "stop_seconds",
+    "activity",
+    "event_capture_s",
+    "pretrigger_s",
+    "kmsg",
+)
+
+
 def settings_options(func: F) -> F:
-    """Add one ``--flag`` per agent setting; the command receives ``settings: Settings``."""
-    return _with_settings_options(func, ())
+    """Add one ``--flag`` per agent setting; the command receives ``settings: Settings``.
+
+    For the commands that run or start an agent, which read every setting. A command that takes
+    a ``settings_flags`` parameter also receives ``{attr: text}`` of the flags given on its
+    command line (to refuse those a running agent would not take).
+    """
+    return _with_settings_options(func, _agent_attrs(()))
 
 
 def settings_options_except(*attrs: str) -> Callable[[F], F]:
     """Like :func:`settings_options`, without the flags of ``attrs``.
 
     For a command whose own option has a setting's flag name (``hook allocate --gpus`` names the
-    allocation's GPUs, not ``GPUTEL_GPUS``); the setting is then read from the environment only.
+    allocation's GPUs, not ``GPUTEL_GPUS``), or that does not read ``attrs``; the setting is then
+    read from the environment only.
+    """
+
+    def decorate(func: F) -> F:
+        return _with_settings_options(func, _agent_attrs(attrs))
+
+    return decorate
+
+
+def settings_options_only(*attrs: str) -> Callable[[F], F]:
+    """Like :func:`settings_options`, with only the flags of ``attrs``: ``--help`` lists what the
+    command reads, and a flag it would ignore is an unknown option (exit 2), never silence.
+
+    The other settings still come from the environment (validated the same way).
     """
 
     def decorate(func: F) -> F:
@@ -54,12 +100,21 @@ def settings_options_except(*attrs: str) -> Callable[[F], F]:
     return decorate
 
 
-def _with_settings_options(func: F, exclude: tuple[str, ...]) -> F:
-    specs = [s for s in SETTINGS if s.scope == "agent" and s.attr not in exclude]
+def _agent_attrs(exclude: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(s.attr for s in SETTINGS if s.scope == "agent" and s.attr not in exclude)
+
+
+def _with_settings_options(func: F, attrs: tuple[str, ...]) -> F:
+    wanted = set(attrs)
+    specs = [s for s in SETTINGS if s.scope == "agent" and s.attr in wanted]
+    unknown = wanted - {s.attr for s in specs}
+    if unknown:
+        raise ValueError(f"no such setting: {', '.join(sorted(unknown))}")
     # Resolve postponed (string) annotations against the command's own module, so typer sees
     # the real Annotated[...] metadata on the wrapper.
     sig = inspect.signature(func, eval_str=True)
-    params = [p for p in sig.parameters.values() if p.name != "settings"]
+    wants_flags = "settings_flags" in sig.parameters
+    params = [p for p in sig.parameters.values() if p.name not in ("settings", "settings_flags")]
     annotations = {p.name: p.annotation for p in params}
     for spec in specs:
         name = f"opt_{spec.attr}"
@@ -67,9 +122,9 @@ def _with_settings_options(func: F, exclude: tuple[str, ...]) -> F:
             str | None,
             typer.Option(
                 spec.flag,
-                help=f"{spec.help} \\[env {spec.env}, default {spec.default or 'see docs'}]",
+                metavar=spec.metavar,
+                help=f"{spec.help} [env {spec.env}, default {spec.default or 'see docs'}]",
                 show_default=False,
-                rich_help_panel="Settings",
             ),
         ]
         params.append(
@@ -83,6 +138,8 @@ def _with_settings_options(func: F, exclude: tuple[str, ...]) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         overrides = {spec.attr: kwargs.pop(f"opt_{spec.attr}", None) for spec in specs}
         kwargs["settings"] = settings_or_exit(overrides)
+        if wants_flags:
+            kwargs["settings_flags"] = {k: v for k, v in overrides.items() if v is not None}
         return func(*args, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]

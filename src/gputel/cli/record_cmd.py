@@ -6,8 +6,14 @@ from typing import Annotated
 
 import typer
 
-from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options
-from gputel.settings import Settings
+from gputel.cli.options import (
+    AGENT_DECISIONS,
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    fail,
+    settings_options_except,
+)
+from gputel.settings import Settings, SettingsError, check_for_start
 
 
 def _setup_logging() -> None:
@@ -18,7 +24,7 @@ def _setup_logging() -> None:
     )
 
 
-@settings_options
+@settings_options_except(*AGENT_DECISIONS)
 def record(
     standalone: Annotated[
         bool,
@@ -37,6 +43,10 @@ def record(
     from gputel.telemetry.recorder import run_record
 
     _setup_logging()
+    try:
+        check_for_start(settings)
+    except SettingsError as exc:
+        fail(str(exc), EXIT_USAGE)
     try:
         code = run_record(settings, child=not standalone)
     except GpuSelectionError as exc:

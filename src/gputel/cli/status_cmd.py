@@ -17,10 +17,16 @@ from typing import Any
 
 import typer
 
-from gputel.cli.operator_cmd import human_time
-from gputel.cli.options import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail, settings_options
-from gputel.formats import one_line
-from gputel.settings import Settings
+from gputel.cli.options import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    LOCAL_SNAPSHOT,
+    fail,
+    settings_options_only,
+)
+from gputel.formats import display_time, one_line
+from gputel.settings import Settings, parse_duration
 from gputel.supervisor.deadline import start_job
 
 GPU_READ_DEADLINE_S = 2.0
@@ -48,7 +54,7 @@ def _read_gpus(
         source.close()
     attribution = ProcessAttribution(settings.proc_root)
     processes = {
-        "processes": [p.to_json() for p in attribution.records(readings)],
+        "processes": [asdict(p) for p in attribution.records(readings)],
         "processes_notice": attribution.notice,
     }
     gpus = [_reading_dict(r, gpm.get(r.index)) for r in readings]
@@ -139,6 +145,7 @@ def local_status(settings: Settings) -> tuple[dict[str, Any], bool]:
 
 # ---------------------------------------------------------------------------------- rendering
 def _fmt(value: Any, digits: int = 0, unit: str = "") -> str:
+    """A value for a cell: unknown (None) is ``–``, never 0."""
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -160,47 +167,154 @@ def _duration(seconds: Any) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-_GPU_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("util", ("utilization_gpu_pct",)),
-    ("memory (MiB)", ("memory_used_mib", "memory_total_mib")),
-    ("temp", ("temperature_c",)),
-    ("power", ("power_w",)),
-    ("clock", ("sm_clock_mhz",)),
-)
+def _pair(used: Any, total: Any, unit: str = "") -> str:
+    """``used/total unit``; ``–`` for a side not known, ``–`` alone when neither is."""
+    if used is None and total is None:
+        return "–"
+    return f"{_fmt(used)}/{_fmt(total)}{unit}"
 
 
-def _gpu_cell(title: str, g: dict[str, Any]) -> str:
-    if title == "util":
-        return _fmt(g.get("utilization_gpu_pct"), 0, " %")
-    if title == "memory (MiB)":
-        return f"{_fmt(g.get('memory_used_mib'))} / {_fmt(g.get('memory_total_mib'))}"
-    if title == "temp":
-        return _fmt(g.get("temperature_c"), 0, " °C")
-    if title == "power":
-        return _fmt(g.get("power_w"), 0, " W")
-    return _fmt(g.get("sm_clock_mhz"), 0, " MHz")
+def _rounded(value: Any) -> int | None:
+    return round(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _gpu_table(table_cls: Any, gpus: list[dict[str, Any]]) -> Any:
-    """Index and name, then only the value columns some GPU has (the agent sends utilization)."""
-    shown = [
-        title
-        for title, keys in _GPU_COLUMNS
-        if any(g.get(k) is not None for g in gpus for k in keys)
-    ]
-    table = table_cls(title="GPUs", title_justify="left")
+def throttle_cell(g: dict[str, Any]) -> str:
+    """The active clock event reasons by name (the schema's table), ``none``, or ``–``."""
+    from gputel.schema import clock_event_names
+
+    mask = g.get("clock_event_reasons")
+    names = clock_event_names(int(mask)) if isinstance(mask, (int, float)) else None
+    if names is None:
+        return "–"
+    return ", ".join(names) or "none"
+
+
+def gpu_state(g: dict[str, Any]) -> str:
+    """``stuck`` (its read hangs), ``lost`` (off the bus, refused) or empty."""
+    if g.get("stuck"):
+        return "stuck"
+    if g.get("lost"):
+        return "lost"
+    return ""
+
+
+def _known_gpu_keys() -> frozenset[str]:
+    from dataclasses import fields
+
+    from gputel.schema import GpuReading
+
+    return frozenset(f.name for f in fields(GpuReading)) | {
+        "activity_pct",
+        "throttle_reasons",
+        "values_from",
+        "values_at",
+        "gpm",
+    }
+
+
+#: What ``gpm`` says when there is nothing to explain (the ``sm`` column shows the rest).
+_GPM_PLAIN = (None, "available", "not supported")
+
+
+def _note_value(value: Any) -> str:
+    if isinstance(value, str):
+        return one_line(value)
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def notes(entry: dict[str, Any], known: frozenset[str]) -> list[str]:
+    """The fields of ``entry`` this view has no column or line for, that say something: shown
+    as ``key`` (a true flag) or ``key: value``, so a field the agent learns to report shows up
+    here before anyone writes a column for it."""
+    out: list[str] = []
+    gpm = entry.get("gpm")
+    if gpm not in _GPM_PLAIN:
+        out.append(f"gpm {_note_value(gpm)}")  # "gpm refused: <why>; <fix>"
+    for key, value in entry.items():
+        if key in known or value is None or value is False or value == "" or value == []:
+            continue
+        if value == {}:
+            continue
+        out.append(key if value is True else f"{key}: {_note_value(value)}")
+    return out
+
+
+def gpu_allocations(status: dict[str, Any]) -> dict[int, list[str]]:
+    """GPU index → the ids of the open allocations on it (``gpus`` null: every GPU)."""
+    indices = [g.get("index") for g in status.get("gpus") or [] if isinstance(g, dict)]
+    out: dict[int, list[str]] = {i: [] for i in indices if isinstance(i, int)}
+    for a in status.get("allocations") or []:
+        if not isinstance(a, dict):
+            continue
+        gl = a.get("gpus")
+        for i in out:
+            if gl is None or (isinstance(gl, list) and i in gl):
+                out[i].append(str(a.get("id")))
+    return out
+
+
+def _gpu_table(table_cls: Any, status: dict[str, Any], gpus: list[dict[str, Any]]) -> Any:
+    """One row per GPU with what ``nvidia-smi`` users look for first."""
+    known = _known_gpu_keys()
+    allocs = gpu_allocations(status)
+    states = [gpu_state(g) for g in gpus]
+    extra = [notes(g, known) for g in gpus]
+    from rich import box
+
+    # No vertical rules: at 80 columns every character goes to the values.
+    table = table_cls(
+        title="GPUs",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        padding=(0, 1, 0, 0),
+    )
     table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("name", no_wrap=True, overflow="ellipsis", max_width=28)
-    for title in shown:
+    table.add_column("name", no_wrap=True, overflow="ellipsis", max_width=17)
+    if any(states):
+        table.add_column("state", no_wrap=True)
+    for title in ("util", "sm", "memory MiB", "°C", "power W"):
         table.add_column(title, justify="right", no_wrap=True)
-    for g in gpus:
-        name = str(g.get("name") or "")
-        if g.get("lost"):
-            name += " [red](lost)[/red]"
-        if g.get("stuck"):
-            name = f"[red](stuck)[/red] {name}"  # first: a long name is cut at the right
-        table.add_row(_fmt(g.get("index")), name, *(_gpu_cell(t, g) for t in shown))
+    table.add_column("throttle", min_width=8, overflow="fold")
+    table.add_column("allocation", min_width=10)
+    if any(extra):
+        table.add_column("notes")
+    for g, state, more in zip(gpus, states, extra, strict=True):
+        index = g.get("index")
+        row = [_fmt(index), str(g.get("name") or "")]
+        if any(states):
+            row.append(f"[red]{state}[/red]" if state else "")
+        row += [
+            _fmt(g.get("utilization_gpu_pct"), 0, "%"),
+            _fmt(g.get("sm_active_pct"), 0, "%"),
+            _pair(g.get("memory_used_mib"), g.get("memory_total_mib")),
+            _fmt(g.get("temperature_c"), 0),
+            _pair(_rounded(g.get("power_w")), _rounded(g.get("power_limit_w"))),
+            throttle_cell(g),
+            ",".join(allocs.get(index, [])) if isinstance(index, int) else "",
+        ]
+        if any(extra):
+            row.append("; ".join(more))
+        table.add_row(*row)
     return table
+
+
+def values_caption(gpus: list[dict[str, Any]]) -> str | None:
+    """Where an agent's GPU values come from (``gputel.gpu_status``), or None (local read)."""
+    sources = {(g.get("values_from"), g.get("values_at")) for g in gpus if "values_from" in g}
+    if not sources:
+        return None
+    parts = ["utilization from the agent's poll"]
+    for source, at in sorted(sources, key=lambda x: (str(x[0]), str(x[1]))):
+        when = f" at {display_time(at)}" if at else ""
+        if source == "recorder":
+            parts.append(f"the rest from the recorder's tick{when}")
+        elif source == "agent":
+            parts.append(f"the rest from the agent's light read{when} (no limits or throttle)")
+        else:
+            parts.append("no other values while telemetry is off and no light read is made")
+    return "values: " + "; ".join(dict.fromkeys(parts))
 
 
 def _process_table(table_cls: Any, processes: list[dict[str, Any]]) -> Any:
@@ -211,7 +325,7 @@ def _process_table(table_cls: Any, processes: list[dict[str, Any]]) -> Any:
         ("pid", "right"),
         ("user", "left"),
         ("job", "left"),
-        ("memory (MiB)", "right"),
+        ("memory MiB", "right"),
         ("sm", "right"),
         ("command", "left"),
     ):
@@ -229,12 +343,57 @@ def _process_table(table_cls: Any, processes: list[dict[str, Any]]) -> Any:
     return table
 
 
-def render_human(status: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+#: Top-level status keys this view shows (or leaves to --json on purpose); any other key with
+#: something to say is printed as ``key: value``.
+_SHOWN_KEYS = frozenset(
+    {
+        "ok",
+        "agent",
+        "pid",
+        "version",
+        "uptime_s",
+        "state",
+        "mode",
+        "mode_until",
+        "telemetry_active",
+        "telemetry_reason",
+        "reason",
+        "utilization_pct",
+        "activity",
+        "allocations",
+        "gpus",
+        "processes",
+        "processes_notice",
+        "child",
+        "transitions",
+        "recent_transitions",
+        "events",
+        "degraded",
+        "backend",
+        "source",
+        "notice",
+        "log_dir",
+        "run_dir",
+        "exporter",
+        "exporter_error",
+        "interval_s",
+        "settings",
+        "write_failures",
+        "host",
+    }
+)
 
-    console = Console(highlight=False)
-    out = console.print
+
+def renderables(status: dict[str, Any]) -> list[Any]:
+    """The human view of a status object, as rich renderables (printed, or live in --watch)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list[Any] = []
+
+    def out(markup: str) -> None:
+        parts.append(Text.from_markup(markup))
+
     agent = status.get("agent", "not running")
     if agent != "running":
         out(f"agent: {agent}")
@@ -246,7 +405,7 @@ def render_human(status: dict[str, Any]) -> None:
             bits.append(f"up {_duration(status.get('uptime_s'))}")
         out(", ".join(bits))
         mode = status.get("mode")
-        until = human_time(status.get("mode_until"))
+        until = display_time(status.get("mode_until"))
         out(
             f"state: {status.get('state') or '–'}   mode: {mode or '–'}"
             + (f" until {until}" if until else "")
@@ -269,11 +428,18 @@ def render_human(status: dict[str, Any]) -> None:
             items = degraded if isinstance(degraded, list) else [degraded]
             for item in items:
                 out(f"[yellow]degraded:[/yellow] {item}")
-    gpus = status.get("gpus") or []
+    for key, value in status.items():
+        if key in _SHOWN_KEYS or value is None or value is False or value in ("", [], {}):
+            continue
+        out(f"[yellow]{key}:[/yellow] {_note_value(value)}")
+    gpus = [g for g in status.get("gpus") or [] if isinstance(g, dict)]
     if status.get("notice") and (gpus or agent == "running"):
         out(f"[yellow]notice:[/yellow] {status['notice']}")
     if gpus:
-        console.print(_gpu_table(Table, [g for g in gpus if isinstance(g, dict)]))
+        parts.append(_gpu_table(Table, status, gpus))
+        caption = values_caption(gpus)
+        if caption:
+            out(f"[dim]{caption}[/dim]")
     elif agent == "running":
         out("GPUs: none")
     else:
@@ -284,7 +450,7 @@ def render_human(status: dict[str, Any]) -> None:
     if status.get("processes_notice"):
         out(f"[yellow]processes:[/yellow] {status['processes_notice']}")
     if processes:
-        console.print(_process_table(Table, processes))
+        parts.append(_process_table(Table, processes))
 
     allocations = status.get("allocations") or []
     if allocations:
@@ -298,10 +464,10 @@ def render_human(status: dict[str, Any]) -> None:
                     str(a.get("id")),
                     "all" if gl is None else ",".join(str(x) for x in gl),
                     _fmt(a.get("pid")),
-                    _fmt(a.get("start")),
+                    _fmt(display_time(a.get("start"))),
                     "detected" if a.get("detected") else "announced",
                 )
-        console.print(table)
+        parts.append(table)
     elif agent == "running":
         out("allocations: none")
 
@@ -313,12 +479,12 @@ def render_human(status: dict[str, Any]) -> None:
         for t in transitions[-10:]:
             if isinstance(t, dict):
                 table.add_row(
-                    _fmt(human_time(t.get("timestamp") or t.get("at"))),
+                    _fmt(display_time(t.get("timestamp") or t.get("at"))),
                     _fmt(t.get("from_state") or t.get("from")),
                     _fmt(t.get("to_state") or t.get("to")),
                     _fmt(t.get("reason")),
                 )
-        console.print(table)
+        parts.append(table)
 
     events = status.get("events") or []
     if events:
@@ -328,14 +494,17 @@ def render_human(status: dict[str, Any]) -> None:
         for e in events[-10:]:
             if isinstance(e, dict):
                 table.add_row(
-                    _fmt(human_time(e.get("timestamp"))),
+                    _fmt(display_time(e.get("timestamp"))),
                     _fmt(e.get("gpu")),
                     _fmt(e.get("event")),
                     _fmt(e.get("xid")),
                     _fmt(e.get("action")),
                     ",".join(str(a) for a in e.get("allocations") or []) or "–",
                 )
-        console.print(table)
+        parts.append(table)
+
+    for line in write_failure_lines(status):
+        out(line)
 
     host = status.get("host")
     if isinstance(host, dict) and host:
@@ -346,50 +515,166 @@ def render_human(status: dict[str, Any]) -> None:
             f"memory used {_fmt(host.get('memory_used_mib'), 0, ' MiB')}, "
             f"cpu package {_fmt(host.get('cpu_package_power_w'), 0, ' W')}"
         )
+    return parts
+
+
+def render_human(status: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    for part in renderables(status):
+        console.print(part)
+
+
+def write_failure_lines(status: dict[str, Any]) -> list[str]:
+    """One line per file whose rows are failing (or failed) to be written: which file, since
+    when, how many rows, why."""
+    lines = []
+    for f in status.get("write_failures") or []:
+        if not isinstance(f, dict):
+            continue
+        who = f" ({f['writer']})" if f.get("writer") else ""
+        rows = f"{_fmt(f.get('rows_failed'))} rows lost"
+        why = f": {f['error']}" if f.get("error") else ""
+        if f.get("failing"):
+            since = display_time(f.get("since")) or "–"
+            lines.append(
+                f"[red]writes failing:[/red] {f.get('file')}{who} failing since {since}, "
+                f"{rows}{why}"
+            )
+        else:
+            lines.append(f"[yellow]writes:[/yellow] {f.get('file')}{who} recovered, {rows}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------- command
-def status_command(settings: Settings, as_json: bool) -> int:
-    from gputel.control.client import request
-    from gputel.control.protocol import AgentTimeout, AgentUnavailable, ControlError
+WATCH_DEFAULT_S = 2.0
+WATCH_MIN_S = 0.1
 
-    try:
-        reply = request(settings.run_dir, {"op": "status"}, timeout=2.0)
-    except AgentUnavailable as exc:
-        if not exc.no_agent:
-            fail(str(exc))
+
+def fetch_status(settings: Settings, flags: dict[str, str]) -> tuple[dict[str, Any], int]:
+    """(the status object, exit code): the agent's when one answers, else a local snapshot.
+
+    ``flags``: the settings flags given; they shape a local snapshot only, so with an agent
+    running a flag that differs from the agent's own setting is refused (exit 2).
+    """
+    from gputel.cli.agent_flags import agent_status, refuse_unreachable
+
+    reply = agent_status(settings.run_dir)
+    if reply is None:
         status, failed = local_status(settings)
-        code = EXIT_FAILURE if failed else EXIT_OK
-    except AgentTimeout as exc:
-        fail(f"{exc}: the agent is running but stuck (see journalctl -u gputel or agent.log)")
-    except ControlError as exc:
-        fail(str(exc))
-    else:
-        if not reply.get("ok", False):
-            fail(f"the agent refused status: {reply.get('error', 'no reason given')}")
-        status = {k: v for k, v in reply.items() if k != "ok"}
-        status.setdefault("agent", "running")
-        code = EXIT_OK
+        return status, EXIT_FAILURE if failed else EXIT_OK
+    refuse_unreachable(flags, reply)
+    status = {k: v for k, v in reply.items() if k != "ok"}
+    status.setdefault("agent", "running")
+    return status, EXIT_OK
+
+
+def _emit(status: dict[str, Any], as_json: bool, indent: int | None = 2) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(status, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps(status, indent=indent, default=str) + "\n")
     else:
         render_human(status)
+
+
+def status_command(settings: Settings, as_json: bool, flags: dict[str, str] | None = None) -> int:
+    status, code = fetch_status(settings, flags or {})
+    _emit(status, as_json)
     if code != EXIT_OK and status.get("notice"):
         print(f"gputel: {status['notice']}", file=sys.stderr)
     return code
+
+
+def watch_command(
+    settings: Settings,
+    as_json: bool,
+    interval_s: float,
+    flags: dict[str, str] | None = None,
+    *,
+    live: bool | None = None,
+    sleep: Any = time.sleep,
+) -> int:
+    """Refresh the status every ``interval_s`` until Ctrl-C (exit 0).
+
+    On a terminal the view is redrawn in place (rich ``Live``); otherwise (a pipe, a file, or
+    ``--json``: one JSON object per line) each refresh is printed after the last, with the time
+    it was taken, so a log of it reads in order.
+    """
+    from gputel.formats import iso_utc_ms
+
+    live = sys.stdout.isatty() and not as_json if live is None else live
+    try:
+        if live:
+            from rich.console import Group
+            from rich.live import Live
+            from rich.text import Text
+
+            def view() -> Any:
+                status, _ = fetch_status(settings, flags or {})
+                head = Text(
+                    f"gputel status every {interval_s:g}s, {iso_utc_ms()} (Ctrl-C to stop)",
+                    style="dim",
+                )
+                return Group(head, *renderables(status))
+
+            with Live(view(), auto_refresh=False, screen=False) as screen:
+                while True:
+                    sleep(interval_s)
+                    screen.update(view(), refresh=True)
+        while True:
+            status, _ = fetch_status(settings, flags or {})
+            if as_json:
+                _emit(status, True, indent=None)
+            else:
+                print(f"--- {iso_utc_ms()}")
+                render_human(status)
+            sys.stdout.flush()
+            sleep(interval_s)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def parse_watch_interval(text: str | None) -> float:
+    """Seconds between refreshes of ``--watch``, or exit 2 naming ``--interval``."""
+    if text is None:
+        return WATCH_DEFAULT_S
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        fail(f"invalid --interval {text!r}: {exc}", EXIT_USAGE)
+    if not WATCH_MIN_S <= value <= 3600:
+        fail(f"invalid --interval {text!r}: use {WATCH_MIN_S:g} to 3600 seconds", EXIT_USAGE)
+    return value
 
 
 def register(app: typer.Typer) -> None:
     """Add ``gputel status`` to ``app``."""
 
     @app.command("status")
-    @settings_options
+    @settings_options_only(*LOCAL_SNAPSHOT)
     def status(
         settings: Settings,
+        settings_flags: dict[str, str],
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+        watch: bool = typer.Option(
+            False, "--watch", "-w", help="Refresh until Ctrl-C (in place on a terminal)."
+        ),
+        interval: str | None = typer.Option(
+            None,
+            "--interval",
+            metavar="SECONDS",
+            help=f"Seconds between refreshes of --watch (default {WATCH_DEFAULT_S:g}).",
+            show_default=False,
+        ),
     ) -> None:
-        """Agent, state, mode, GPUs, recorder child and allocations (a local snapshot when no
+        """Agent, state, mode, GPUs (utilization, SM activity, memory, temperature, power,
+        throttle reasons, allocation), recorder child and allocations (a local snapshot when no
         agent runs)."""
-        code = status_command(settings, as_json)
+        if interval is not None and not watch:
+            fail("--interval is the refresh of --watch; add --watch", EXIT_USAGE)
+        if watch:
+            code = watch_command(settings, as_json, parse_watch_interval(interval), settings_flags)
+        else:
+            code = status_command(settings, as_json, settings_flags)
         if code:
             raise typer.Exit(code)

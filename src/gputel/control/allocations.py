@@ -27,7 +27,15 @@ from typing import Any
 
 from gputel.allocstats import STAT_FIELDS, stats_from_json
 from gputel.energy import energy_between
-from gputel.formats import RowAppender, finite, iso_utc_ms, parse_iso_utc, process_alive
+from gputel.formats import (
+    FORMULA_START,
+    FailureCounter,
+    RowAppender,
+    finite,
+    iso_utc_ms,
+    parse_iso_utc,
+    process_alive,
+)
 from gputel.runtime import ALLOCATIONS_FILE, RECORDER_STATE_FILE, atomic_write_json, read_json
 from gputel.settings import parse_gpu_list
 
@@ -35,9 +43,6 @@ log = logging.getLogger(__name__)
 
 ID_MAX_LEN = 128
 _ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
-#: First characters a spreadsheet reads as a formula (``=``, ``+``, ``-``, ``@``; tab and CR are
-#: outside the allowed characters already). Ids land in CSV cells that people open in Excel.
-FORMULA_START = frozenset("=+-@\t\r")
 STORE_VERSION = 1
 SUMMARY_FILE = "allocations.csv"
 SUMMARY_COLUMNS = (
@@ -78,6 +83,8 @@ def validate_id(value: object) -> str:
         raise AllocationError(
             f"allocation id is {len(value)} characters long; at most {ID_MAX_LEN} are allowed"
         )
+    # Refused outright rather than neutralised: an id is typed again on command lines, and a
+    # cell would show it with a leading quote.
     if value[0] in FORMULA_START:
         raise AllocationError(
             f"allocation id {value[:40]!r} starts with {value[0]!r}, which a spreadsheet reads "
@@ -295,6 +302,11 @@ class AllocationStore:
     def path(self) -> Path:
         return self.run_dir / ALLOCATIONS_FILE
 
+    @property
+    def summary_failures(self) -> FailureCounter:
+        """Rows of ``allocations.csv`` this store could not write."""
+        return self._summaries.failures
+
     # -- persistence
     def _load(self) -> None:
         path = self.path
@@ -469,22 +481,28 @@ class AllocationStore:
         gpus = alloc.gpus if alloc.gpus is not None else sorted(alloc.start_energy_j)
         if alloc.gpus is None and not gpus:
             gpus = list(self.known_gpus)
-        end_energy = _energy_snapshot(energy_j, gpus)
+        entry = recorder_stats_entry(
+            read_json(self.run_dir / RECORDER_STATE_FILE), alloc.id, alloc.start
+        )
+        if entry is not None:
+            # The one allocation rule (gputel.energy, rule 4), tick by tick in the recorder:
+            # the number gputel report counts from the same rows.
+            energy = finite(entry.get("energy_j"))
+            energy = None if energy is None else round(energy, 6)
+        else:
+            # No recorder ticked during it (telemetry forced off): the agent's own counter
+            # readings at open and release are its only two ticks.
+            energy = energy_between(alloc.start_energy_j, _energy_snapshot(energy_j, gpus), gpus)
         return release_summary(
             alloc.id,
             gpus,
             alloc.start,
             self._now(),
-            energy_between(alloc.start_energy_j, end_energy, gpus),
-            self._recorder_stats(alloc.id, alloc.start),
+            energy,
+            stats_from_json(entry) if entry is not None else {},
             reason,
             xids,
         )
-
-    def _recorder_stats(self, ident: str, start: str) -> dict[str, float | int | None]:
-        """The recorder's running stats for ``ident``, if they are about this allocation."""
-        entry = recorder_stats_entry(read_json(self.run_dir / RECORDER_STATE_FILE), ident, start)
-        return stats_from_json(entry) if entry is not None else {}
 
     def _append_summary(self, summary: Mapping[str, Any]) -> None:
         self._summaries.append(summary)
@@ -501,6 +519,10 @@ class SummaryLog:
     @property
     def rows_failed(self) -> int:
         return self._rows.rows_failed
+
+    @property
+    def failures(self) -> FailureCounter:
+        return self._rows.failures
 
     def append(self, summary: Mapping[str, Any]) -> None:
         """One whole row; an unwritable log directory costs the row, not the call."""

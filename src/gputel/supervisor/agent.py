@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 from gputel import __version__, runtime
 from gputel.activity import activity_pct
 from gputel.control.slurm_jobs import JOB_GONE, SlurmJobWatch
-from gputel.formats import error_line, iso_utc_ms
+from gputel.formats import FailureCounter, error_line, iso_utc_ms
 from gputel.gpu_readers import GpuReaders, Outcome
+from gputel.schema import GpuReading
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
 from gputel.supervisor.child import ChildEvent, ChildSupervisor, ProcessHandle, Spawn, popen_spawn
@@ -185,8 +186,10 @@ class Agent:
         """Per GPU, its utilization at the last poll (a MIG GPU, which has none: its activity)."""
         self.activity: dict[int, float | None] = {}
         """Per GPU, what the state machine judged at the last poll (``gputel.activity``)."""
-        self.power: dict[int, float | None] = {}
-        """Board power per GPU from the light read (empty when the pre-trigger is off)."""
+        self.light: dict[int, GpuReading] = {}
+        """Per GPU, the last light read (empty without a pre-trigger or ``sm`` activity):
+        ``gputel status`` shows its values while no recorder runs (``gputel.gpu_status``)."""
+        self.light_at: str | None = None
         self.util_max: float | None = None
         self.poll_duration_s: float | None = None
         self.degraded: Degraded | None = None
@@ -499,7 +502,9 @@ class Agent:
         with self.lock:
             opened = self.capture.trigger(ev, self.clock())
         if opened:
-            log.info(
+            self.events.lines.log(
+                f"capture after {describe(ev)}",
+                logging.INFO,
                 "telemetry forced on for %gs: capture after %s",
                 self.capture.seconds,
                 describe(ev),
@@ -568,6 +573,7 @@ class Agent:
                     else "not forwarded, no telemetry child up (a new one opens new files)",
                 )
             now = self.clock()
+            self.events.lines.flush()
             if k is None:
                 self._reconcile(now)
             else:
@@ -631,10 +637,9 @@ class Agent:
         wall = time.time()
         outcomes = self._read_gpus("light" if light else "utilization", self.read_deadline_s)
         self.poll_duration_s = self.clock() - t0
-        readings: list[Any] = []
+        readings: list[GpuReading] = []
         values: dict[int, float | None] = {}
         utilization: dict[int, float | None] = {}
-        power: dict[int, float | None] = {}
         for key, (status, value) in outcomes.items():
             if status != "ok":
                 continue
@@ -645,7 +650,6 @@ class Agent:
                 readings.append(r)
                 values[r.index] = activity_pct(r, self.settings.activity)
                 utilization[r.index] = None if r.lost else r.utilization_gpu_pct
-                power[r.index] = r.power_w
         if not light:
             utilization = values
         self._read_health(outcomes)
@@ -656,11 +660,13 @@ class Agent:
         for d in self.devices:
             values.setdefault(d.index, None)
             utilization.setdefault(d.index, None)
+        light_readings = {r.index: r for r in readings}
         known = [v for v in values.values() if v is not None]
         with self.lock:
             self.utilization = utilization
             self.activity = values
-            self.power = power
+            self.light = light_readings
+            self.light_at = iso_utc_ms(wall) if light_readings else None
             self.util_max = max(known) if known else None
         return self.util_max
 
@@ -720,14 +726,6 @@ class Agent:
                 continue
             parts.append(f"for {seconds:.0f}s" if key == WHOLE else f"GPU {key} for {seconds:.0f}s")
         return ", ".join(parts)
-
-    def _forget_utilization(self) -> None:
-        """No reading this tick: status and /metrics must not keep showing the last one."""
-        with self.lock:
-            self.utilization = dict.fromkeys(self.utilization)
-            self.activity = dict.fromkeys(self.activity)
-            self.power = {}
-            self.util_max = None
 
     def energy_now(self) -> dict[int, float | None]:
         """The energy counter per GPU; None for a GPU that is stuck, failed or has none."""
@@ -844,6 +842,16 @@ class Agent:
             return None
         max_age = 3 * self.settings.interval_s + 1.0
         return read_fresh_metrics(self.settings.run_dir / runtime.METRICS_FILE, max_age)
+
+    def write_counters(self) -> list[tuple[str, FailureCounter]]:
+        """The agent's appended files and their failure counters (status, /metrics)."""
+        counters = [
+            ("transitions.csv", self.transitions.failures),
+            ("events.csv", self.events.log.failures),
+        ]
+        if self.store is not None:
+            counters.append(("allocations.csv", self.store.summary_failures))
+        return counters
 
     def metrics_bytes(self) -> bytes:
         return join_exposition(render_agent(self.api.snapshot()), self.child_metrics())

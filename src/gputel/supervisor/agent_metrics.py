@@ -23,6 +23,8 @@ from gputel import runtime
 from gputel.supervisor.events import EVENTS, XID_ERRORS
 from gputel.supervisor.events import Sample as EventSample
 from gputel.supervisor.states import ActivityState, Mode
+from gputel.supervisor.write_failures import FAILING as FILE_WRITE_FAILING
+from gputel.supervisor.write_failures import ROWS_FAILED as FILE_ROWS_FAILED
 from gputel.telemetry import promtext
 from gputel.telemetry.promtext import Family
 
@@ -58,6 +60,8 @@ class AgentSnapshot:
     events: list[tuple[Family, list[EventSample]]] = field(default_factory=list)
     """The GPU event counters (``EventCounters.families()``): served whether telemetry is on or
     off, because the agent, not the recorder, receives the events."""
+    files: list[tuple[str, int, bool]] = field(default_factory=list)
+    """Per appended file of the agent: (name, rows failed, failing now)."""
 
 
 TELEMETRY_ACTIVE = promtext.TELEMETRY_ACTIVE
@@ -122,6 +126,8 @@ AGENT_FAMILIES: tuple[Family, ...] = (
     START_TIME,
     XID_ERRORS,
     EVENTS,
+    FILE_ROWS_FAILED,
+    FILE_WRITE_FAILING,
 )
 """Every family the agent renders; none of them is ever in the recorder's exposition."""
 
@@ -159,6 +165,11 @@ def render_agent(s: AgentSnapshot) -> bytes:
     parts.append(INFO.render([({"version": s.version, "backend": s.backend}, 1.0)]))
     parts.append(START_TIME.render([(_NO_LABELS, s.start_time_s)]))
     parts.extend(family.render(samples) for family, samples in s.events)
+    if s.files:
+        parts.append(FILE_ROWS_FAILED.render([({"file": f}, float(n)) for f, n, _ in s.files]))
+        parts.append(
+            FILE_WRITE_FAILING.render([({"file": f}, 1.0 if on else 0.0) for f, _, on in s.files])
+        )
     return "".join(parts).encode()
 
 

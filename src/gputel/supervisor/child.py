@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from gputel import runtime
+from gputel import lineage, runtime
 from gputel.settings import Settings
 from gputel.supervisor.notify import NOTIFY_ENV_VARS
 
@@ -61,6 +61,8 @@ def child_env(
         env.pop(name, None)
     env.update(settings.to_env())
     env["GPUTEL_RUN_DIR"] = str(settings.run_dir)
+    # The child's agent, by name: the child stops when it is gone (gputel.lineage).
+    env[lineage.AGENT_ENV] = lineage.own_identity().as_env()
     if sim_epoch is not None:
         env[runtime.SIM_EPOCH_ENV] = repr(sim_epoch)
     else:

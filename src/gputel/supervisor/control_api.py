@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from gputel import __version__
 from gputel.control.protocol import ErrorCode, RequestError
 from gputel.formats import iso_utc_ms
+from gputel.gpu_status import gpu_entries
+from gputel.supervisor import write_failures
 from gputel.supervisor.agent_metrics import AgentSnapshot
 from gputel.supervisor.states import Mode
 
@@ -168,20 +170,15 @@ class ControlApi:
             hb = (child.fresh_heartbeat() if child is not None else None) or {}
             allocations += detected_allocations(hb, {str(a["id"]) for a in allocations})
             processes = hb.get("processes")
-            stuck = set(agent.stuck) | set(child_info["gpus_stuck"] if child_info else [])
-            gpus = [
-                {
-                    "index": d.index,
-                    "uuid": d.uuid,
-                    "name": d.name,
-                    "utilization_gpu_pct": agent.utilization.get(d.index),
-                    "activity_pct": agent.activity.get(d.index),
-                    "power_w": agent.power.get(d.index),
-                    "gpm": d.gpm,
-                    "stuck": d.index in stuck,
-                }
-                for d in agent.devices
-            ]
+            gpus = gpu_entries(
+                agent.devices,
+                agent.utilization,
+                agent.activity,
+                agent.light,
+                agent.light_at,
+                hb,
+                stuck=set(agent.stuck) | set(child_info["gpus_stuck"] if child_info else ()),
+            )
             return {
                 "ok": True,
                 "agent": "running",
@@ -209,6 +206,9 @@ class ControlApi:
                 "exporter": agent.exporter,
                 "exporter_error": agent.exporter_error,
                 "interval_s": s.interval_s,
+                "settings": s.to_env(),
+                "write_failures": write_failures.entries(agent.write_counters(), "agent")
+                + write_failures.from_heartbeat(hb),
             }
 
     def notice(self) -> str | None:
@@ -265,4 +265,5 @@ class ControlApi:
                 restarts=dict(child.restarts) if child is not None else {},
                 restart_seconds=child.restart_seconds() if child is not None else 0.0,
                 events=agent.events.counters.families(),
+                files=[(f, c.rows_failed, c.failing) for f, c in agent.write_counters()],
             )

@@ -10,7 +10,10 @@ and matters more than any per-second reading, so it is recorded whether telemetr
   repeats included, so ``increase()`` over them alerts on each new fault;
 - a short ring of recent events for ``gputel status``;
 - a capture window: telemetry stays forced on for ``GPUTEL_EVENT_CAPTURE_SECONDS`` after an
-  event, so the minutes after a fault are recorded even on an idle node.
+  event, so the minutes after a fault are recorded even on an idle node;
+- a log line, at most a few per kind of event and interval (:class:`LineLimiter`): an Xid storm
+  gets one summary line per interval with the counts of the lines left out, while its rows and
+  counters stay exact.
 
 Events come from two sources that see the same faults: NVML's event API and the kernel log
 (``sources/kmsg.py``). The ``detail`` cell names the source of each row (``source=nvml``,
@@ -24,13 +27,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gputel.formats import RowAppender, iso_utc_ms
+from gputel.formats import FailureCounter, RowAppender, iso_utc_ms
 from gputel.formats import csv_row as _csv_row
 from gputel.supervisor.xid import DRAIN, RESET, WATCH, xid_info
 from gputel.telemetry.promtext import Family
@@ -217,6 +221,10 @@ class EventsLog:
     def rows_failed(self) -> int:
         return self._rows.rows_failed
 
+    @property
+    def failures(self) -> FailureCounter:
+        return self._rows.failures
+
     def append(self, event: GpuEvent) -> bool:
         return self._rows.append(event.csv_values())
 
@@ -377,15 +385,84 @@ def describe(event: GpuEvent) -> str:
     )
 
 
+# ---------------------------------------------------------------------------------- log lines
+class LineLimiter:
+    """At most :attr:`BURST` log lines per key in each interval; the rest are counted and
+    summarised in one line when the interval is over (at the next line or :meth:`flush`).
+
+    The journal is for people: a storm of thousands of identical Xids in it hides everything
+    else and costs disk, while events.csv and the counters already hold every one.
+    Thread-safe: the event listener logs, the agent loop flushes.
+    """
+
+    BURST = 5
+    INTERVAL_S = 60.0
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self.interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._start: float | None = None
+        self._shown: dict[str, int] = {}
+        self._left_out: dict[str, int] = {}
+
+    def log(self, key: str, level: int, msg: str, *args: object) -> bool:
+        """Log the line unless ``key`` had its share this interval; True when it was logged."""
+        with self._lock:
+            self._roll(self._clock())
+            shown = self._shown.get(key, 0)
+            if shown >= self.BURST:
+                self._left_out[key] = self._left_out.get(key, 0) + 1
+                return False
+            self._shown[key] = shown + 1
+        self._log.log(level, msg, *args)
+        return True
+
+    def flush(self) -> None:
+        """Write the summary of an interval that is over (the agent calls this every tick)."""
+        with self._lock:
+            self._roll(self._clock())
+
+    def _roll(self, now: float) -> None:
+        if self._start is not None and now - self._start < self.interval_s:
+            return
+        if self._left_out:
+            total = sum(self._left_out.values())
+            per_key = ", ".join(f"{k}: {n}" for k, n in sorted(self._left_out.items()))
+            self._log.warning(
+                "%d more GPU event log lines suppressed in the last %.0f s (%s); every event "
+                "is in events.csv and gputel_gpu_events_total",
+                total,
+                now - (self._start or now),
+                per_key,
+            )
+        self._start = now
+        self._shown.clear()
+        self._left_out.clear()
+
+
 # ---------------------------------------------------------------------------------- recorder
 #: Allocations whose Xids are remembered for their summaries at once, at most.
 XIDS_TRACKED_MAX = 4096
 
 
 class EventRecorder:
-    """Records each event everywhere it belongs: the file, the counters, the recent ring."""
+    """Records each event everywhere it belongs: the file, the counters, the recent ring, and
+    (rate-limited) the log."""
 
-    def __init__(self, log_dir: Path, recent: int = RECENT_EVENTS) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        recent: int = RECENT_EVENTS,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.log = EventsLog(log_dir)
         self.counters = EventCounters()
         self.recent = RecentEvents(recent)
@@ -393,6 +470,7 @@ class EventRecorder:
         self._xids: dict[str, dict[int, None]] = {}
         """Per allocation id, the Xid codes that hit it, in order: its release summary's
         ``xids`` (kept in memory only: an agent restart forgets them)."""
+        self.lines = LineLimiter(log, clock=clock)
 
     def record(self, event: GpuEvent) -> None:
         self.counters.add(event)
@@ -405,7 +483,7 @@ class EventRecorder:
                     self._xids.setdefault(ident, {})[event.xid] = None
         self.log.append(event)
         level = logging.WARNING if event.action in (RESET, DRAIN) else logging.INFO
-        log.log(level, "GPU event: %s: %s", describe(event), event.detail)
+        self.lines.log(describe(event), level, "GPU event: %s: %s", describe(event), event.detail)
 
     def take_xids(self, ident: str) -> list[int]:
         """The distinct Xid codes that hit allocation ``ident``, first seen first; forgotten

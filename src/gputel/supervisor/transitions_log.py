@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from gputel.formats import RowAppender
+from gputel.formats import FailureCounter, RowAppender
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class TransitionsLog:
     def __init__(self, log_dir: Path) -> None:
         self.path = log_dir / TRANSITIONS_FILE
         self._rows = RowAppender(self.path, COLUMNS, log)
+
+    @property
+    def failures(self) -> FailureCounter:
+        return self._rows.failures
 
     def append(self, record: TransitionRecord) -> bool:
         return self._rows.append(record.values())

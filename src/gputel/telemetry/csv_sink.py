@@ -23,8 +23,10 @@ Every value cell is written at its field's precision from the schema table (``Fi
 through ``formats.csv_cell``.
 
 ``energy_j`` is joules since the file began (``gputel.energy.SinceStart`` over the source's
-cumulative counter), so each file stands alone. A counter that goes backwards (driver reload)
-adds nothing for that interval and the accumulation continues from the new value.
+cumulative counter), so each file stands alone. A counter that goes backwards (it restarted: a
+GPU reset, a driver reload) adds that tick's power times the interval, and the accumulation
+continues from the new value. ``tick_energy`` keeps each GPU's share of the latest tick by the
+one allocation rule (``gputel.energy``, rule 4), for the allocation summaries.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from datetime import date, datetime
 from functools import partial
 from pathlib import Path
 
-from gputel.energy import SinceStart
+from gputel.energy import SinceStart, continuation_gap, trapezoid
 from gputel.formats import FailureCounter, TornWrite, csv_cell, csv_row, iso_utc_ms, write_whole
 from gputel.schema import (
     GPU_CSV_COLUMNS,
@@ -172,8 +174,10 @@ class CsvSink:
         *,
         host: str | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        interval_s: float = 1.0,
     ) -> None:
         self.log_dir = Path(log_dir)
+        self.continuation_gap_s = continuation_gap(interval_s)
         self.max_bytes = max_bytes
         hostname = safe_host(host) if host is not None else short_hostname()
         self._gpu = _CsvFile(self.log_dir, "gpu", hostname, GPU_CSV_COLUMNS)
@@ -189,6 +193,11 @@ class CsvSink:
         )
         self._energy: dict[int, SinceStart] = {}
         """Per GPU of the current gpu file: joules since the file began."""
+        self.last_power: dict[int, tuple[float, float | None]] = {}
+        """Per GPU: (epoch seconds, power) of its latest row written, in any file: where the
+        next file's first row joins (a restarted recorder seeds it from its predecessor)."""
+        self.tick_energy: dict[int, float | None] = {}
+        """Per GPU: the energy of the interval ending at the latest tick (None: unknown)."""
 
     @property
     def rows_failed(self) -> int:
@@ -198,6 +207,10 @@ class CsvSink:
     @property
     def failing(self) -> bool:
         return self._failures.failing
+
+    @property
+    def failures(self) -> FailureCounter:
+        return self._failures
 
     @property
     def gpu_path(self) -> Path | None:
@@ -243,9 +256,11 @@ class CsvSink:
         stamp = iso_utc_ms(sample.timestamp)
         errors: list[str] = []
         failed = 0
+        self.tick_energy = {}
         if sample.gpus:
             n = len(sample.gpus)
             err = self._emit(self._gpu, sample.timestamp, lambda: self._gpu_rows(sample, stamp))
+            self._note_power(sample)
             if err:
                 errors.append(err)
                 failed += n
@@ -283,10 +298,16 @@ class CsvSink:
             err = self._emit(
                 self._gpu, tick.timestamp, partial(self._gpu_rows, sample, stamp, True)
             )
+            self._note_power(sample)
             if err:
                 self._failures.failed(len(tick.gpus), f"{self.log_dir}: {err}")
             else:
                 self._failures.succeeded(self.log_dir)
+
+    def _note_power(self, sample: Sample) -> None:
+        t = sample.timestamp.timestamp()
+        for g in sample.gpus:
+            self.last_power[g.index] = (t, g.power_w)
 
     def _emit(self, f: _CsvFile, ts: datetime, build: Callable[[], bytes]) -> str | None:
         if f.fd is not None and (f.day != ts.date() or f.size >= self.max_bytes):
@@ -319,12 +340,24 @@ class CsvSink:
         energy = self._energy
         default_alloc = ";".join(sample.allocations)
         per_gpu = sample.gpu_allocations
+        t = sample.timestamp.timestamp()
         for g in sample.gpus:
             values = [getattr(g, a) for a in _GPU_VALUE_ATTRS]
             since = energy.get(g.index)
+            same_file = since is not None
             if since is None:
                 since = energy[g.index] = SinceStart()
-            values[_ENERGY_POS] = since.add(values[_ENERGY_POS])
+            raw, started, before = values[_ENERGY_POS], since.started, since.joules
+            values[_ENERGY_POS] = since.add(raw, t, g.power_w)
+            if not head:
+                self.tick_energy[g.index] = self._tick_share(
+                    g.index,
+                    t,
+                    g.power_w,
+                    raw is not None and started,
+                    since.joules - before,
+                    same_file,
+                )
             alloc = ";".join(per_gpu[g.index]) if g.index in per_gpu else default_alloc
             cells = [
                 stamp,
@@ -339,6 +372,28 @@ class CsvSink:
             lines.append(",".join(cells))
         lines.append("")
         return "\n".join(lines).encode()
+
+    def _tick_share(
+        self,
+        gpu: int,
+        t: float,
+        power_w: float | None,
+        counted: bool,
+        rise: float,
+        same_file: bool,
+    ) -> float | None:
+        """The energy of the interval ending at this row (``gputel.energy``, rule 4): the
+        counter's rise within a file, else power integrated from the GPU's previous row (in
+        this file, or the previous file's last row within the continuation gap)."""
+        if counted:
+            return rise
+        last = self.last_power.get(gpu)
+        if last is None:
+            return None
+        dt = t - last[0]
+        if not same_file and dt > self.continuation_gap_s:
+            return None
+        return trapezoid(last[1], power_w, dt)
 
     def _mig_rows(self, sample: Sample, gpus: list[GpuReading], stamp: str) -> bytes:
         lines: list[str] = []

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 from gputel.allocstats import AllocationStats
 from gputel.control.allocations import release_summary
-from gputel.energy import counter_delta
 from gputel.formats import iso_utc_ms
 from gputel.schema import GpuReading, ProcessRecord, Sample
 from gputel.sources.owners import OwnerResolver, ProcessOwner, host_pids_hidden
@@ -125,8 +124,9 @@ class SummarySink(Protocol):
 class DetectedJobs:
     """The jobs found on the GPUs, opened when first seen and summarised when gone.
 
-    Energy is counted only over ticks on which the job had each of its GPUs to itself, from the
-    GPU's energy counter between consecutive ticks the job was on it; any sharing (another job,
+    Energy is the one allocation rule (``gputel.energy``, rule 4: the energy of the interval
+    ending at each tick the job is on a GPU, :meth:`add_energy`), the same ``gputel report``
+    counts from its rows; any sharing (another job,
     an announced allocation of another id, a process whose owner is unknown) empties it and sets
     ``shared``. A tick in which a GPU's processes could not be listed (the GPU lost, stuck, or
     the call failed) ends nobody on it and makes the job's energy unknown.
@@ -136,9 +136,9 @@ class DetectedJobs:
         self, summaries: SummarySink | None = None, interval_s: float | None = None
     ) -> None:
         self._summaries = summaries
+        """Where summaries are written (None: they are only returned)."""
         self._interval_s = interval_s
         """The sampling interval: one throttled tick counts this many ``throttled_s``."""
-        """Where summaries are written (None: they are only returned)."""
         self._jobs: dict[str, _Job] = {}
 
     def open(self) -> list[dict[str, Any]]:
@@ -206,19 +206,22 @@ class DetectedJobs:
             others = set(on_gpu.get(gpu, ())) | set(announced.get(gpu, ()))
             if others - {job.id} or gpu in unknown_owner:
                 job.shared = True
-        now_energy = {gpu: energy.get(gpu) for gpu in gpus}
-        if job.energy_j is not None:
-            for gpu in gpus:
-                if gpu in job.last_energy:
-                    delta = counter_delta(job.last_energy[gpu], now_energy[gpu])
-                    if delta is None:
-                        job.energy_j = None
-                        break
-                    job.energy_j += delta
-        job.last_energy = now_energy
+        job.last_energy = {gpu: energy.get(gpu) for gpu in gpus}
         job.on = gpus
         job.gpus |= gpus
         job.stats.add_tick(sample.gpus, tuple(sorted(gpus)), self._interval_s)
+
+    def add_energy(self, shares: Mapping[int, float | None]) -> None:
+        """This tick's energy per GPU (``CsvSink.tick_energy``, the one allocation rule of
+        ``gputel.energy``) for each job on the GPUs it is on now; an unknown share is left out,
+        as ``gputel report`` leaves it out."""
+        for job in self._jobs.values():
+            if job.energy_j is None:
+                continue
+            for gpu in job.on:
+                share = shares.get(gpu)
+                if share is not None:
+                    job.energy_j += share
 
     def _close(self, job: _Job, end: datetime, reason: str) -> dict[str, Any]:
         del self._jobs[job.id]

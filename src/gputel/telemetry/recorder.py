@@ -30,14 +30,16 @@ from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
-from gputel import runtime
+from gputel import lineage, runtime
 from gputel.allocstats import AllocationStats
 from gputel.control.allocations import SummaryLog, parse_store, recorder_stats_entry
-from gputel.formats import atomic_write_fixed_tmp, iso_utc_ms
+from gputel.formats import atomic_write_fixed_tmp, finite, iso_utc_ms
+from gputel.gpu_status import reading_values
 from gputel.schema import ProcessRecord, Sample
 from gputel.settings import Settings
 from gputel.sources.base import GpuSource, HostSource
 from gputel.sources.pods import PodNames
+from gputel.supervisor.write_failures import RECORDER_CSV, entries
 from gputel.telemetry.allocation_info import AllocationNames
 from gputel.telemetry.csv_sink import DEFAULT_MAX_BYTES, CsvSink
 from gputel.telemetry.exposition import Exposition
@@ -122,7 +124,12 @@ class Recorder:
         self.gpu_source = gpu_source
         self._clock = clock
         self.sampler = Sampler(gpu_source, host_sources, clock=clock, wallclock=wallclock)
-        self.sink = CsvSink(settings.log_dir, host=hostname, max_bytes=max_file_bytes)
+        self.sink = CsvSink(
+            settings.log_dir,
+            host=hostname,
+            max_bytes=max_file_bytes,
+            interval_s=settings.interval_s,
+        )
         self.exposition = Exposition()
         self.waker = Waker()
         self.ticker = Ticker(settings.interval_s, clock=clock, wait=self.waker.wait)
@@ -135,14 +142,17 @@ class Recorder:
         self.attribution = ProcessAttribution(settings.proc_root)
         if self.attribution.notice:
             log.warning("%s", self.attribution.notice)
-        self.detected = DetectedJobs(SummaryLog(settings.log_dir), settings.interval_s)
+        self._summary_log = SummaryLog(settings.log_dir)
+        self.detected = DetectedJobs(self._summary_log, settings.interval_s)
         self.names = AllocationNames(PodNames(settings.pod_logs_dir))
         self._wallclock = wallclock
         self._previous_state: object = (
             runtime.read_json(self.run_dir / runtime.RECORDER_STATE_FILE) if write_runtime else None
         )
         """The last ``recorder.json`` of the recorder before us (a crashed or stopped child):
-        the statistics of allocations still open go on from it."""
+        the statistics of allocations still open go on from it, and our first rows' energy
+        joins its last ones."""
+        self.sink.last_power.update(last_power_from(self._previous_state))
         self.ticks = 0
         self.last_tick_monotonic: float | None = None
         self._stop = False
@@ -214,12 +224,17 @@ class Recorder:
         if self._head is not None:
             self._write_head(sample)
         self.sink.write(sample)
+        shares = self.sink.tick_energy
         for alloc in self.allocations.allocations:
-            self._alloc_stats[alloc.id].add_tick(sample.gpus, alloc.gpus, self.settings.interval_s)
+            stats = self._alloc_stats[alloc.id]
+            stats.add_tick(sample.gpus, alloc.gpus, self.settings.interval_s)
+            stats.add_energy(shares, alloc.gpus)
+        self.detected.add_energy(shares)
         data = self.exposition.update(
             sample,
             ticks_missed=self.ticker.missed,
-            rows_failed=self.sink.rows_failed,
+            # Its per-second files and the detected jobs' allocations.csv rows.
+            rows_failed=self.sink.rows_failed + self._summary_log.rows_failed,
             ticks_total=self.ticks,
             allocations=self.names.infos(
                 [*self._alloc_ids, *(j["id"] for j in self.detected.open())], sample.processes
@@ -299,9 +314,18 @@ class Recorder:
             "interval_s": self.settings.interval_s,
             "files": self.sink.paths(),
             "rows_failed": self.sink.rows_failed,
+            "write_failures": entries(
+                [
+                    (RECORDER_CSV, self.sink.failures),
+                    ("allocations.csv", self._summary_log.failures),
+                ],
+                "recorder",
+            ),
             "ticks_missed": self.ticker.missed,
             "allocation_stats": {k: v.to_json() for k, v in self._alloc_stats.items()},
+            "last_power": {str(g): list(tp) for g, tp in self.sink.last_power.items()},
             "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
+            "gpus": [reading_values(g) for g in sample.gpus],
             "pretrigger": {"ticks": self.head_ticks, "seconds": round(self.head_s, 3)},
             "detected": self.detected.open(),
             "processes": [self._process_json(p) for p in sample.processes],
@@ -337,6 +361,24 @@ class Recorder:
         return True, f"ok: tick {self.ticks}, {self.sink.rows_failed} rows failed"
 
 
+def last_power_from(state: object) -> dict[int, tuple[float, float | None]]:
+    """``last_power`` of a predecessor's ``recorder.json``: per GPU, its last row's time and
+    power (where a new recorder's first rows join, as ``gputel report`` joins their files)."""
+    items = state.get("last_power") if isinstance(state, dict) else None
+    out: dict[int, tuple[float, float | None]] = {}
+    if not isinstance(items, dict):
+        return out
+    for key, value in items.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(value, list)):
+            continue
+        if len(value) != 2:
+            continue
+        t, p = finite(value[0]), finite(value[1])
+        if t is not None:
+            out[int(key)] = (t, p)
+    return out
+
+
 def run_record(settings: Settings, *, child: bool) -> int:
     """Open the sources, run the loop until SIGTERM/SIGINT, and return the exit code.
 
@@ -344,6 +386,15 @@ def run_record(settings: Settings, *, child: bool) -> int:
     """
     from gputel.sources.select import open_gpu_source, open_host_sources
 
+    agent: lineage.Identity | None = None
+    if child:
+        agent = lineage.agent_of_child()
+        # Ask first, then look: an agent that died before the request is caught by the look,
+        # one that dies after it by the kernel (SIGTERM: the loop stops after its tick).
+        lineage.die_with_parent(signal.SIGTERM)
+        if not lineage.parent_is(agent):
+            log.warning("agent (pid %d) is gone before the recorder started; exiting", agent.pid)
+            return 1
     gpu_source, notice = open_gpu_source(settings)
     if notice:
         # Under an agent the same notice is already in the journal (and in gputel status) from
@@ -358,6 +409,8 @@ def run_record(settings: Settings, *, child: bool) -> int:
     head: list[HeadTick] = []
     if child:
         runtime.ensure_run_dir(settings.run_dir)
+        # Held until this process exits: an older child still writing is stopped first.
+        runtime.take_recorder_lock(settings.run_dir)
         # Taken once, before the first tick: the agent wrote it just before starting us.
         head = take_head(settings.run_dir / runtime.PRETRIGGER_FILE)
     recorder = Recorder(
@@ -365,7 +418,7 @@ def run_record(settings: Settings, *, child: bool) -> int:
         gpu_source,
         host_sources,
         write_runtime=write_runtime,
-        parent_pid=os.getppid() if child else None,
+        parent_pid=agent.pid if agent is not None else None,
         head=head,
     )
     recorder.install_signal_handlers()

@@ -21,7 +21,9 @@ would be a weaker server than the operator asked for.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +90,7 @@ def load(path: str | Path) -> WebConfig:
 
     try:
         text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
     except (OSError, UnicodeDecodeError) as exc:
         raise fail("", getattr(exc, "strerror", None) or str(exc)) from None
     import yaml
@@ -109,6 +112,12 @@ def load(path: str | Path) -> WebConfig:
             path.parent, _mapping(top["tls_server_config"], "tls_server_config", fail), fail
         )
     users = _users(top.get("basic_auth_users"), fail)
+    if users and mode & stat.S_IROTH:
+        raise fail(
+            "basic_auth_users",
+            f"the file holds password hashes and is readable by others (mode "
+            f"{stat.S_IMODE(mode):04o}): chmod o-r {path}",
+        )
     return WebConfig(path, context, users)
 
 
@@ -159,6 +168,15 @@ def _tls_context(base: Path, tls: Mapping[str, Any], fail: FailFn) -> ssl.SSLCon
         raise fail(
             f"{prefix}.cert_file", f"cannot load {cert_path} with {key_path}: {exc}"
         ) from None
+    # Checked once it loads as a key: a file that is no key at all is reported as such.
+    with contextlib.suppress(OSError):
+        key_mode = key_path.stat().st_mode
+        if key_mode & stat.S_IROTH:
+            raise fail(
+                f"{prefix}.key_file",
+                f"{key_path}: the private key is readable by others (mode "
+                f"{stat.S_IMODE(key_mode):04o}): chmod o-r {key_path}",
+            )
 
     versions = {}
     for name, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
