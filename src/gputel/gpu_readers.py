@@ -8,10 +8,9 @@ isolates a hung GPU, but eight threads woken at once every tick fight for the GI
 a round of reads runs on ONE worker thread, GPU after GPU, while the caller sleeps until the
 round is done:
 
-- a read that takes longer than ``PATIENCE_S`` (a driver sleeping in a call: PCIe throughput
-  sampling, a slow process list) lets another worker go on with the GPUs after it, so slow
-  GPUs overlap instead of adding up, and a wedged driver costs one budget per round, not one per
-  GPU;
+- a read that takes longer than ``PATIENCE_S`` (a driver sleeping in a call) lets another
+  worker go on with the GPUs after it, so slow GPUs overlap instead of adding up, and a wedged
+  driver costs one budget per round (plus ``PATIENCE_S`` per GPU), not one budget per GPU;
 - a read that takes longer than ``budget_s`` is *stuck*: the round ends without it, its call
   stays parked on its worker, and that GPU is not asked again until the call returns (its late
   value belongs to a past round and is dropped);
@@ -36,8 +35,7 @@ Outcome = tuple[ReadStatus, Any]
 #: A read still running after this long lets another worker carry on with the next GPUs. A
 #: healthy read of one GPU takes well under a millisecond of CPU (docs/performance.md), yet on a
 #: busy machine a worker may wait several milliseconds for a core: shorter would start second
-#: workers for nothing. A GPU without GPM spends ~40 ms in its PCIe throughput calls, so such GPUs
-#: start 20 ms apart: 8 of them take about 200 ms of wall time per tick, not 320 ms.
+#: workers for nothing. GPUs whose reads all sleep in the driver start 20 ms apart.
 PATIENCE_S = 0.02
 #: Idle workers kept for later rounds; more exit once their read returns.
 MAX_IDLE = 4
