@@ -24,6 +24,7 @@ from gputel.supervisor.agent import Agent
 from gputel.supervisor.control_api import DegradedReason
 from gputel.supervisor.states import ActivityState
 from gputel.telemetry.head import decode_head, take_head
+from test_agent_e2e import wait_for
 
 
 class Node:
@@ -289,7 +290,7 @@ def test_a_stuck_read_is_not_queued_behind(node: Callable[..., Node]) -> None:
     n.ask(op="set_mode", mode="on", for_s=None)  # decisions that need no reading still apply
     assert n.tick()["telemetry_active"] is True
     n.source.block.set()
-    assert n.agent._util_job is not None and n.agent._util_job.done.wait(5)
+    wait_for(lambda: n.agent.readers.stuck == [], 5, "the stuck read to return")
     st = n.tick(util=50.0)
     assert st["degraded"] is None and st["utilization_pct"] == 50.0
 

@@ -294,3 +294,51 @@ def test_a_hung_gpu_does_not_stall_the_recorder(
         lambda: _gpu_rows(agent.log_dir, 0)[-1]["temperature_c"] == "31.00", 15, "GPU 0 values"
     )
     assert agent.terminate() == 0
+
+
+def test_a_hung_gpu_does_not_freeze_the_agents_decisions(
+    driver_agents: Callable[..., AgentProc], fake_driver: FakeDriver, tmp_path: Path
+) -> None:
+    """Every call on GPU 1 blocks; GPU 0 turning busy still starts telemetry within
+    START_SECONDS plus a few seconds, and status and /metrics name GPU 1 stuck."""
+    notify_path = tmp_path / "n.sock"
+    with NotifyListener(notify_path) as notify:
+        messages = notify.messages
+        agent = driver_agents(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="600000")
+        wait_for(lambda: "READY=1" in " ".join(messages), 10, "READY=1")
+        fake_driver.set(gpu__1__all__sleep_ms=120_000)
+        status = wait_for(
+            lambda: (s := agent.status()) and s["gpus"][1]["stuck"] and s, 15, "GPU 1 stuck"
+        )
+        assert status["gpus"][0]["stuck"] is False and status["telemetry_active"] is False
+        assert status["degraded"].startswith("GPU read stuck")
+        fake_driver.set(gpu__0__utilization__gpu_pct=90)
+        status = wait_for(
+            lambda: (s := agent.status())["telemetry_active"] and s,
+            0.3 + 5,  # GPUTEL_START_SECONDS (driver_agents) plus a few seconds
+            "telemetry on while GPU 1 is hung",
+        )
+        assert status["state"] == "active"
+        g0, g1 = status["gpus"]
+        assert g0["utilization_gpu_pct"] == 90.0 and not g0["stuck"]
+        assert g1["utilization_gpu_pct"] is None and g1["stuck"]
+        assert "GPU 1" in status["degraded"]
+        # GPU 0's energy is still read for an allocation on it; GPU 1's is unknown, not waited for.
+        reply = agent.ask({"op": "allocate", "id": "job-0", "gpus": [0], "pid": None})
+        assert reply["ok"] and reply["allocation"]["start_energy_j"]["0"] == 1_000_000.0
+        text = agent.metrics()
+        stuck = [x for x in text.splitlines() if x.startswith("gputel_agent_gpu_read_stuck{")]
+        assert any('gpu="1"' in x and x.endswith(" 1.0") for x in stuck), stuck
+        assert any('gpu="0"' in x and x.endswith(" 0.0") for x in stuck), stuck
+        promtool_ok(text)
+        human = fake_driver.run_gputel(
+            "status", env={"GPUTEL_RUN_DIR": str(agent.run_dir), "COLUMNS": "200"}
+        )
+        rows = [x.split() for x in human.stdout.splitlines() if "NVIDIA" in x]
+        gpus = {r[0]: "stuck" in r for r in rows if r and r[0].isdigit()}
+        assert gpus == {"0": False, "1": True}, human.stdout
+        pings = messages.count("WATCHDOG=1")
+        wait_for(lambda: messages.count("WATCHDOG=1") >= pings + 3, 10, "watchdog pings")
+        t0 = time.monotonic()
+        assert agent.terminate() == 0  # SIGTERM is honoured with GPU 1's calls hung
+        assert time.monotonic() - t0 < 8

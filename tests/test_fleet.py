@@ -85,6 +85,7 @@ AGENT_METRICS = frozenset(
         "gputel_agent_child_up",
         "gputel_agent_allocations_open",
         "gputel_agent_gpu_read_degraded",
+        "gputel_agent_gpu_read_stuck",
         "gputel_agent_poll_duration_seconds",
         "gputel_agent_info",
         "gputel_agent_start_time_seconds",

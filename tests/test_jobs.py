@@ -3,6 +3,7 @@ for a job that had its GPUs to itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -169,3 +170,8 @@ def test_a_pid_back_after_ticks_without_processes_is_checked_again(tmp_path: Pat
         root, 10, cgroup="0::/system.slice/slurmstepd.scope/job_6/step_0", start_ticks=9_000_000
     )
     assert attribution.records([gpu])[0].job == "slurm-6"
+
+
+def test_a_process_record_as_json_is_every_field() -> None:
+    record = ProcessRecord(1, 4242, "alice", "python train.py", "slurm-7", 1024.0, None)
+    assert record.to_json() == dataclasses.asdict(record)

@@ -194,6 +194,24 @@ _Static_assert(sizeof(nvmlGpmMetricsGet_t) == 24, "c_nvmlGpmMetricsGet_t header"
 struct entry { char key[KEY_LEN]; char val[VAL_LEN]; };
 static struct entry entries[MAX_ENTRIES];
 static int n_entries;
+/* Open-addressing index over `entries` (entry number + 1; 0 = empty), rebuilt on reload: a
+ * lookup costs the same with 64 GPUs as with one, as a real driver's answers do. */
+#define INDEX_SLOTS (4 * MAX_ENTRIES)
+static int key_index[INDEX_SLOTS];
+
+static unsigned int key_hash(const char *key) {
+    unsigned int h = 2166136261u; /* FNV-1a */
+    for (const unsigned char *p = (const unsigned char *)key; *p; p++) h = (h ^ *p) * 16777619u;
+    return h;
+}
+
+/* The slot of `key`: where it is, or the empty slot where it would go. */
+static unsigned int key_slot(const char *key) {
+    unsigned int i = key_hash(key) & (INDEX_SLOTS - 1);
+    while (key_index[i] != 0 && strcmp(entries[key_index[i] - 1].key, key) != 0)
+        i = (i + 1) & (INDEX_SLOTS - 1);
+    return i;
+}
 static struct timespec loaded_mtime;
 static off_t loaded_size = -1;
 static ino_t loaded_ino;
@@ -240,22 +258,32 @@ static void reload(void) {
     }
     fclose(f);
     n_entries = n;
+    memset(key_index, 0, sizeof key_index);
+    for (int i = 0; i < n; i++) key_index[key_slot(entries[i].key)] = i + 1; /* the last line wins */
     loaded_size = st.st_size;
     loaded_ino = st.st_ino;
     loaded_mtime = st.st_mtim;
+}
+
+/* Set while a device call, past its hang, reads its values: the world was checked at the start
+ * of the call, so its further lookups skip the stat (one per call, not one per key). Cleared
+ * when the call returns (ENTER's cleanup). */
+static __thread int pinned;
+
+static void unpin(int *unused) {
+    (void)unused;
+    pinned = 0;
 }
 
 /* Copies the value of `key` into out (VAL_LEN); 1 when set. */
 static int lookup(const char *key, char *out) {
     int found = 0;
     pthread_mutex_lock(&lock);
-    reload();
-    for (int i = n_entries - 1; i >= 0; i--) { /* the last line wins */
-        if (strcmp(entries[i].key, key) == 0) {
-            memcpy(out, entries[i].val, VAL_LEN);
-            found = 1;
-            break;
-        }
+    if (!pinned) reload();
+    int i = n_entries > 0 ? key_index[key_slot(key)] : 0;
+    if (i != 0) {
+        memcpy(out, entries[i - 1].val, VAL_LEN);
+        found = 1;
     }
     pthread_mutex_unlock(&lock);
     return found;
@@ -369,11 +397,16 @@ void fakeNvmlReset(void) {
     pthread_mutex_unlock(&lock);
 }
 
-/* Every device call starts here: the hang, then the scripted error, if any. */
+/* Every device call starts here: the hang, then the scripted error, if any. The caller unpins
+ * when it returns (ENTER, or its own cleanup variable). */
 static nvmlReturn_t enter_gpu(int index, const char *call) {
     if (init_count <= 0) return E_UNINITIALIZED;
     count_call(index, call);
     hang(index, call);
+    pthread_mutex_lock(&lock);
+    reload();
+    pthread_mutex_unlock(&lock);
+    pinned = 1;
     unsigned long long code;
     if (get_num(&code, "gpu.%d.all.error", index)) return (nvmlReturn_t)code;
     if (get_num(&code, "gpu.%d.%s.error", index, call)) return (nvmlReturn_t)code;
@@ -396,6 +429,8 @@ static int valid(nvmlDevice_t d) {
 
 /* The GPU call prologue: a valid handle, then enter_gpu. */
 #define ENTER(dev, call)                                   \
+    int pin_ __attribute__((cleanup(unpin))) = 0;          \
+    (void)pin_;                                            \
     do {                                                   \
         if (init_count <= 0) return E_UNINITIALIZED;       \
         if (!valid(dev)) return E_INVALID_ARGUMENT;        \
@@ -492,6 +527,8 @@ nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) {
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device) {
     if (init_count <= 0) return E_UNINITIALIZED;
     if (device == NULL || index >= (unsigned int)device_count()) return E_INVALID_ARGUMENT;
+    int pin_ __attribute__((cleanup(unpin))) = 0;
+    (void)pin_;
     nvmlReturn_t rc = enter_gpu((int)index, "handle");
     if (rc != OK) return rc;
     gpus[index].index = (int)index;

@@ -84,6 +84,20 @@ class GpuSource(Protocol):
     def close(self) -> None: ...
 
 
+class PerGpuSource(GpuSource, Protocol):
+    """A GPU source whose GPUs can be read one at a time, each while another is hung (NVML), so
+    that ``gputel.gpu_readers`` gives each GPU its own budget. The whole-source reads above are
+    these per GPU, in index order."""
+
+    def read_gpu(self, index: int) -> GpuReading: ...
+
+    def read_gpu_utilization(self, index: int) -> float | None: ...
+
+    def read_gpu_light(self, index: int) -> GpuReading: ...
+
+    def read_gpu_energy_j(self, index: int) -> float | None: ...
+
+
 #: Where a listener hands each GPU event: (GPU index, event name, Xid or None). The names are
 #: those of ``gputel.supervisor.events`` (``xid``, ``ecc_sbe``...). Called on the listener's own
 #: thread.

@@ -20,10 +20,11 @@ activity is its busiest GPU instance's SM activity, elsewhere a notice says that
 be measured there.
 
 No thread, timeout or retry of a failed call lives here: NVML calls can block in the kernel and
-only the caller (the agent's deadline-guarded read, the recorder's per-GPU readers) can decide
-what waiting too long means. Reads of one GPU are serialised by that GPU's lock, so a caller that
-gave up on a hung read and asks again waits for it instead of piling more calls onto a wedged
-GPU, while the other GPUs stay readable (:meth:`NvmlGpuSource.read_gpu`).
+only the caller (``gputel.gpu_readers``, for the recorder and the agent alike) can decide what
+waiting too long means. Every read has a per-GPU form (``read_gpu``, ``read_gpu_light``...) so
+the caller can give each GPU its own budget. Reads of one GPU are serialised by that GPU's lock,
+so a caller that gave up on a hung read and asks again waits for it instead of piling more calls
+onto a wedged GPU, while the other GPUs stay readable (:meth:`NvmlGpuSource.read_gpu`).
 """
 
 from __future__ import annotations
@@ -126,53 +127,53 @@ class NvmlGpuSource:
         ]
 
     def read_utilization(self) -> dict[int, float | None]:
-        """One call per GPU: the agent polls this every tick, busy or idle. A MIG GPU, which
-        has no utilization, gives its busiest GPU instance's SM activity where GPM works
+        return {g.index: self.read_gpu_utilization(g.index) for g in self._gpus}
+
+    def read_gpu_utilization(self, index: int) -> float | None:
+        """One call: the agent polls this every tick, busy or idle. A MIG GPU, which has no
+        utilization, gives its busiest GPU instance's SM activity where GPM works
         (``gputel.activity``).
 
         A failed call is this tick's ``None``; only GPU_IS_LOST loses the GPU here (one call is
         too little to apply the every-read-failed rule to).
         """
-        out: dict[int, float | None] = {}
-        for gpu in self._gpus:
-            with gpu.lock:
-                try:
-                    if not self.calls.answers(gpu):
-                        out[gpu.index] = None
-                    elif gpu.mig and self.gpm.supported(gpu):
-                        instances = self.gpm.mig_readings(gpu, memory=False)
-                        out[gpu.index] = busiest_instance_pct(instances)
-                    else:
-                        out[gpu.index] = self.fields.utilization(gpu)[0]
-                except GpuLost:
-                    out[gpu.index] = None
-        return out
+        gpu = self._by_index[index]
+        with gpu.lock:
+            try:
+                if not self.calls.answers(gpu):
+                    return None
+                if gpu.mig and self.gpm.supported(gpu):
+                    return busiest_instance_pct(self.gpm.mig_readings(gpu, memory=False))
+                return self.fields.utilization(gpu)[0]
+            except GpuLost:
+                return None
 
     def read_light(self) -> list[GpuReading]:
+        return [self.read_gpu_light(g.index) for g in self._gpus]
+
+    def read_gpu_light(self, index: int) -> GpuReading:
         """Utilization plus the cheap fields (``LIGHT_FIELDS``) for the agent's pre-trigger.
 
-        Six calls per GPU that the driver answers from values it keeps; none of the ~20 ms PCIe
+        Six calls that the driver answers from values it keeps; none of the ~20 ms PCIe
         samples, the per-process walk or the field-value batch of :meth:`read`. Energy is the
         driver's counter only (no power integral between two ticks of another process).
         """
-        readings: list[GpuReading] = []
-        for gpu in self._gpus:
-            with gpu.lock:
-                reading = GpuReading(gpu.index, gpu.uuid, gpu.name)
-                try:
-                    if not self.calls.answers(gpu):
-                        raise GpuLost
-                    reading.utilization_gpu_pct = self.fields.utilization(gpu)[0]
-                    self.gpm.fill_light(gpu, reading)
-                    reading.memory_used_mib = self.fields.memory(gpu)[0]
-                    reading.temperature_c = self.fields.temperature(gpu)
-                    reading.power_w = self.fields.power_w(gpu)
-                    reading.energy_j = self.fields.energy_counter_j(gpu)
-                    reading.sm_clock_mhz = self.fields.sm_clock_mhz(gpu)
-                except GpuLost:
-                    reading = GpuReading(gpu.index, gpu.uuid, gpu.name, lost=True)
-                readings.append(reading)
-        return readings
+        gpu = self._by_index[index]
+        with gpu.lock:
+            reading = GpuReading(gpu.index, gpu.uuid, gpu.name)
+            try:
+                if not self.calls.answers(gpu):
+                    raise GpuLost
+                reading.utilization_gpu_pct = self.fields.utilization(gpu)[0]
+                self.gpm.fill_light(gpu, reading)
+                reading.memory_used_mib = self.fields.memory(gpu)[0]
+                reading.temperature_c = self.fields.temperature(gpu)
+                reading.power_w = self.fields.power_w(gpu)
+                reading.energy_j = self.fields.energy_counter_j(gpu)
+                reading.sm_clock_mhz = self.fields.sm_clock_mhz(gpu)
+            except GpuLost:
+                reading = GpuReading(gpu.index, gpu.uuid, gpu.name, lost=True)
+        return reading
 
     def read(self) -> list[GpuReading]:
         return [self.read_gpu(gpu.index) for gpu in self._gpus]
@@ -198,21 +199,21 @@ class NvmlGpuSource:
         return reading
 
     def read_energy_j(self) -> dict[int, float | None]:
-        """The driver's energy counter per GPU; None where it has none or the GPU is lost.
+        return {g.index: self.read_gpu_energy_j(g.index) for g in self._gpus}
+
+    def read_gpu_energy_j(self, index: int) -> float | None:
+        """The driver's energy counter; None where it has none or the GPU is lost.
 
         Unlike :meth:`read`, no power integration stands in for a missing counter: this is read
         only at a few moments (open, allocate, release), and an integral over two samples would
         put an invented number in allocations.csv where an empty cell is promised.
         """
-        out: dict[int, float | None] = {}
-        for gpu in self._gpus:
-            with gpu.lock:
-                try:
-                    answers = self.calls.answers(gpu)
-                    out[gpu.index] = self.fields.energy_counter_j(gpu) if answers else None
-                except GpuLost:
-                    out[gpu.index] = None
-        return out
+        gpu = self._by_index[index]
+        with gpu.lock:
+            try:
+                return self.fields.energy_counter_j(gpu) if self.calls.answers(gpu) else None
+            except GpuLost:
+                return None
 
     def event_listener(self) -> EventListener:
         """The NVML event listener over these GPUs (``gputel.sources.nvml_events``)."""

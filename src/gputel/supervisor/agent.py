@@ -6,11 +6,14 @@ the operator mode and the open allocations, and starts or stops the telemetry ch
 threads only ask: the control socket (``control_api.py``: status, mode, allocations) and the
 HTTP exporter read a snapshot under a lock and wake the loop when something changed.
 
-Every GPU call goes through a :class:`~gputel.supervisor.deadline.DeadlineRunner` (one
-dedicated thread, a deadline per call), because an NVML call can block forever (a GPU off the
-bus, a wedged driver) and cannot be cancelled. A read that misses its deadline marks the agent
-degraded; the loop keeps turning, keeps pinging the systemd watchdog and keeps answering
-``gputel status``, and no second read is queued behind the stuck one.
+An NVML call can block forever (a GPU off the bus, a wedged driver) and cannot be cancelled, so
+the loop never makes one itself. Each poll reads the GPUs through :class:`~gputel.gpu_readers.
+GpuReaders` (one worker thread, GPU after GPU, a deadline per GPU; the recorder reads the same
+way): a GPU whose read misses its deadline is *stuck*, its call parked and not asked again until
+it returns, and the agent decides from the GPUs that answered while ``gputel status`` and
+``/metrics`` name the stuck one. The loop keeps turning, keeps pinging the systemd watchdog and
+keeps answering ``gputel status``. Opening the source and listing its GPUs go through a
+:class:`~gputel.supervisor.deadline.DeadlineRunner`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -30,6 +34,7 @@ from gputel import __version__, runtime
 from gputel.activity import activity_pct
 from gputel.control.slurm_jobs import JOB_GONE, SlurmJobWatch
 from gputel.formats import FailureCounter, error_line, iso_utc_ms
+from gputel.gpu_readers import GpuReaders, Outcome
 from gputel.schema import GpuReading
 from gputel.settings import Settings
 from gputel.supervisor.agent_metrics import join_exposition, read_fresh_metrics, render_agent
@@ -63,6 +68,14 @@ log = logging.getLogger("gputel.supervisor.agent")
 
 RECENT_TRANSITIONS = 10
 ENERGY_DEADLINE_S = 0.5
+#: The key of a read of the whole source, for sources that cannot read one GPU alone (sim, smi).
+WHOLE = -1
+#: Per read kind: the whole-source method and the suffix of its per-GPU form (``read_gpu_…``).
+WHOLE_READS = {
+    "utilization": ("read_utilization", "utilization"),
+    "light": ("read_light", "light"),
+    "energy": ("read_energy_j", "energy_j"),
+}
 #: How often the agent tries again to bind ``/metrics`` while its port is held by another process.
 EXPORTER_RETRY_S = 5.0
 #: The exporter thread wakes this often when nobody scrapes; each wake-up costs CPU on an idle node.
@@ -210,7 +223,10 @@ class Agent:
         self.source: Any = None
         self._given_source = source
         self._source_job: Job | None = None
-        self._util_job: Job | None = None
+        self.readers = GpuReaders(self.read_deadline_s, clock=clock, name="agent-gpu")
+        """Each poll's per-GPU reads, in turn on one worker; a hung GPU's call is parked there."""
+        self.stuck: list[int] = []
+        """GPUs whose read of the last poll is parked (not returned within its deadline)."""
         self.store: AllocationStore | None = None
         self.slurm_jobs = SlurmJobWatch()
         self.child: ChildSupervisor | None = None
@@ -611,15 +627,6 @@ class Agent:
                     log.error("%s", self.degraded)
             if self.source is None:
                 return None
-        if self._util_job is not None:
-            if not self._util_job.done.is_set():
-                stuck = self.gpu.stuck_for or 0.0
-                self.degraded = Degraded(DegradedReason.READ_STUCK, f"for {stuck:.0f}s")
-                self._forget_utilization()
-                return None
-            self._util_job = None
-            log.warning("the stuck GPU read returned; GPU reads resume")
-            self.degraded = None
         t0 = self.clock()
         handoff = self.handoff
         keep = handoff is not None and handoff.wants_readings(self.wanted)
@@ -628,49 +635,32 @@ class Agent:
         # activity comes with the light read only (GPM needs its sample every tick).
         light = handoff is not None or self.settings.activity == "sm"
         wall = time.time()
-        if light:
-            job = self.gpu.submit(self.source.read_light)
-        else:
-            job = self.gpu.submit(self.source.read_utilization)
-        if job is None:
-            # Another GPU call (an allocation's energy read) is stuck on the reader thread.
-            self.degraded = Degraded(DegradedReason.READ_STUCK)
-            self._forget_utilization()
-            return None
-        if not self.gpu.wait(job, self.read_deadline_s):
-            self._util_job = job
-            self.degraded = Degraded(DegradedReason.READ_STUCK)
-            log.error(
-                "GPU utilization read did not return within %gs; running degraded (no activity "
-                "decisions) until it does",
-                self.read_deadline_s,
-            )
-            self._forget_utilization()
-            return None
+        outcomes = self._read_gpus("light" if light else "utilization", self.read_deadline_s)
         self.poll_duration_s = self.clock() - t0
-        light_readings: dict[int, GpuReading] = {}
-        if job.error is not None:
-            if self.degraded is None or self.degraded.reason is not DegradedReason.READ_FAILED:
-                log.error("GPU utilization read failed: %s", job.error)
-            self.degraded = Degraded(DegradedReason.READ_FAILED, type(job.error).__name__)
-            values: dict[int, float | None] = {}
+        readings: list[GpuReading] = []
+        values: dict[int, float | None] = {}
+        utilization: dict[int, float | None] = {}
+        for key, (status, value) in outcomes.items():
+            if status != "ok":
+                continue
+            if not light:
+                values.update(value if key == WHOLE else {key: value})
+                continue
+            for r in value if key == WHOLE else [value]:
+                readings.append(r)
+                values[r.index] = activity_pct(r, self.settings.activity)
+                utilization[r.index] = None if r.lost else r.utilization_gpu_pct
+        if not light:
             utilization = values
-        else:
-            if self.degraded is not None and self.degraded.reason.is_read:
-                log.info("GPU utilization reads work again")
-                self.degraded = None
-            if light:
-                readings = job.value or []
-                if keep:
-                    assert handoff is not None
-                    handoff.ring.add(t0, wall, readings)
-                signal = self.settings.activity
-                values = {r.index: activity_pct(r, signal) for r in readings}
-                utilization = {r.index: None if r.lost else r.utilization_gpu_pct for r in readings}
-                light_readings = {r.index: r for r in readings}
-            else:
-                values = dict(job.value or {})
-                utilization = values
+        self._read_health(outcomes)
+        if keep and readings:
+            # A GPU missing here (stuck, failed) has empty values in this tick's ring row.
+            assert handoff is not None
+            handoff.ring.add(t0, wall, readings)
+        for d in self.devices:
+            values.setdefault(d.index, None)
+            utilization.setdefault(d.index, None)
+        light_readings = {r.index: r for r in readings}
         known = [v for v in values.values() if v is not None]
         with self.lock:
             self.utilization = utilization
@@ -680,22 +670,76 @@ class Agent:
             self.util_max = max(known) if known else None
         return self.util_max
 
-    def _forget_utilization(self) -> None:
-        """No reading this tick: status and /metrics must not keep showing the last one."""
+    def _read_gpus(self, kind: str, budget_s: float) -> dict[int, Outcome]:
+        """One round of ``kind`` reads (``utilization``, ``light``, ``energy``): each GPU on its
+        own budget where the source reads one GPU alone, else the whole source as one read
+        (key ``WHOLE``)."""
+        source = self.source
+        per_gpu = getattr(source, f"read_gpu_{WHOLE_READS[kind][1]}", None)
+        if per_gpu is not None:
+            calls = [(d.index, partial(per_gpu, d.index)) for d in self.devices]
+        else:
+            calls = [(WHOLE, getattr(source, WHOLE_READS[kind][0]))]
+        return self.readers.read(calls, budget_s)
+
+    def _read_health(self, outcomes: dict[int, Outcome]) -> None:
+        """Stuck and failed GPUs of this poll: ``stuck``, ``degraded`` and their log lines."""
+        stuck = sorted(k for k, (status, _) in outcomes.items() if status == "stuck")
+        failed = {k: v for k, (status, v) in outcomes.items() if status == "error"}
+        was = set(self.stuck)
+        for key in stuck:
+            if key not in was:
+                log.error(
+                    "%s did not return within %gs; %s",
+                    "the GPU read" if key == WHOLE else f"GPU {key}'s read",
+                    self.read_deadline_s,
+                    "running degraded (no activity decisions) until it does"
+                    if key == WHOLE
+                    else "deciding from the other GPUs until it returns",
+                )
+        if was - set(stuck):
+            log.warning("the stuck GPU read returned; GPU reads resume")
+        degraded: Degraded | None = None
+        if stuck:
+            degraded = Degraded(DegradedReason.READ_STUCK, self._stuck_detail(stuck))
+        elif failed:
+            detail = ", ".join(
+                type(exc).__name__ if key == WHOLE else f"GPU {key}: {type(exc).__name__}"
+                for key, exc in sorted(failed.items())
+            )
+            degraded = Degraded(DegradedReason.READ_FAILED, detail)
+            if self.degraded is None or self.degraded.reason is not DegradedReason.READ_FAILED:
+                log.error("GPU utilization read failed: %s", "; ".join(map(str, failed.values())))
+        elif self.degraded is not None and self.degraded.reason.is_read:
+            log.info("GPU utilization reads work again")
+        if degraded is not None or (self.degraded is not None and self.degraded.reason.is_read):
+            self.degraded = degraded
         with self.lock:
-            self.utilization = dict.fromkeys(self.utilization)
-            self.activity = dict.fromkeys(self.activity)
-            self.light = {}
-            self.light_at = None
-            self.util_max = None
+            self.stuck = [d.index for d in self.devices] if WHOLE in stuck else stuck
+
+    def _stuck_detail(self, stuck: list[int]) -> str:
+        """``for 7s`` (the whole source), ``GPU 1 for 7s, GPU 3 for 2s``; empty while new."""
+        parts = []
+        for key in stuck:
+            seconds = self.readers.stuck_for(key)
+            if seconds is None or seconds < self.read_deadline_s:
+                continue
+            parts.append(f"for {seconds:.0f}s" if key == WHOLE else f"GPU {key} for {seconds:.0f}s")
+        return ", ".join(parts)
 
     def energy_now(self) -> dict[int, float | None]:
+        """The energy counter per GPU; None for a GPU that is stuck, failed or has none."""
         if self.source is None:
             return {}
-        status, value = self.gpu.call(self.source.read_energy_j, ENERGY_DEADLINE_S)
-        if status != "ok" or not isinstance(value, dict):
-            return {d.index: None for d in self.devices}
-        return value
+        out: dict[int, float | None] = {d.index: None for d in self.devices}
+        for key, (status, value) in self._read_gpus("energy", ENERGY_DEADLINE_S).items():
+            if status != "ok":
+                continue
+            if key == WHOLE:
+                out.update(value if isinstance(value, dict) else {})
+            else:
+                out[key] = value
+        return out
 
     def _reap(self) -> None:
         store = self.store

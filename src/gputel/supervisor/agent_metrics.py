@@ -51,6 +51,8 @@ class AgentSnapshot:
     child_up: bool = False
     allocations_open: int = 0
     gpu_read_degraded: bool = False
+    gpus_stuck: list[tuple[str, str, bool]] = field(default_factory=list)
+    """(gpu index, uuid, whether the agent's read of it is stuck) per GPU."""
     poll_duration_s: float | None = None
     transitions: Mapping[str, int] = field(default_factory=dict)
     restarts: Mapping[str, int] = field(default_factory=dict)
@@ -92,6 +94,12 @@ GPU_READ_DEGRADED = Family(
     "gauge",
     "1 while the agent's GPU utilization read is stuck or failing.",
 )
+GPU_READ_STUCK = Family(
+    "gputel_agent_gpu_read_stuck",
+    "gauge",
+    "1 while the agent's read of this GPU has not returned within its deadline (a hung driver "
+    "call); the agent decides from the other GPUs.",
+)
 POLL_DURATION = Family(
     "gputel_agent_poll_duration_seconds",
     "gauge",
@@ -112,6 +120,7 @@ AGENT_FAMILIES: tuple[Family, ...] = (
     CHILD_UP,
     ALLOCATIONS_OPEN,
     GPU_READ_DEGRADED,
+    GPU_READ_STUCK,
     POLL_DURATION,
     INFO,
     START_TIME,
@@ -145,6 +154,12 @@ def render_agent(s: AgentSnapshot) -> bytes:
         ALLOCATIONS_OPEN.render([(_NO_LABELS, float(s.allocations_open))]),
         GPU_READ_DEGRADED.render(_flag(s.gpu_read_degraded)),
     ]
+    if s.gpus_stuck:
+        parts.append(
+            GPU_READ_STUCK.render(
+                [({"gpu": i, "uuid": u}, 1.0 if on else 0.0) for i, u, on in s.gpus_stuck]
+            )
+        )
     if s.poll_duration_s is not None:
         parts.append(POLL_DURATION.render([(_NO_LABELS, s.poll_duration_s)]))
     parts.append(INFO.render([({"version": s.version, "backend": s.backend}, 1.0)]))

@@ -177,7 +177,7 @@ class ControlApi:
                 agent.light,
                 agent.light_at,
                 hb,
-                stuck=child_info["gpus_stuck"] if child_info else (),
+                stuck=set(agent.stuck) | set(child_info["gpus_stuck"] if child_info else ()),
             )
             return {
                 "ok": True,
@@ -259,6 +259,7 @@ class ControlApi:
                 child_up=child is not None and child.running,
                 allocations_open=agent.open_allocations(),
                 gpu_read_degraded=agent.degraded is not None,
+                gpus_stuck=[(str(d.index), d.uuid, d.index in agent.stuck) for d in agent.devices],
                 poll_duration_s=agent.poll_duration_s,
                 transitions=dict(agent.transition_counts),
                 restarts=dict(child.restarts) if child is not None else {},

@@ -25,7 +25,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -248,7 +248,7 @@ class Recorder:
     def _process_json(self, process: ProcessRecord) -> dict[str, object]:
         """A process for ``recorder.json`` (``gputel status``): a pod's namespace and name
         beside its ``k8s-<uid>`` job, when the kubelet's pod log directory names it."""
-        out: dict[str, object] = asdict(process)
+        out: dict[str, object] = process.to_json()
         names = self.names.pod_of(process.job)
         if names is not None:
             out["namespace"], out["pod"] = names
