@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import math
 import os
@@ -46,10 +47,23 @@ def iso_utc_ms(moment: datetime | float | None = None) -> str:
         dt = datetime.now(timezone.utc)
     elif isinstance(moment, datetime):
         utc = moment.tzinfo is None or moment.tzinfo is timezone.utc  # every tick: skip the call
-        dt = moment if utc else moment.astimezone(timezone.utc)
+        if utc:
+            # A tick formats the same moments many times (its rows, its open jobs' starts).
+            return _iso_utc_ms_of(moment)
+        dt = moment.astimezone(timezone.utc)
     else:
         dt = datetime.fromtimestamp(moment, timezone.utc)
+    return _iso_text(dt)
+
+
+def _iso_text(dt: datetime) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def _iso_utc_ms_of(dt: datetime) -> str:
+    """``_iso_text`` of a UTC (or naive) datetime, remembered: equal datetimes give equal text."""
+    return _iso_text(dt)
 
 
 def parse_iso_utc(text: str) -> datetime:
