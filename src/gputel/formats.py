@@ -172,6 +172,47 @@ def csv_cell(value: object, decimals: int | None = None) -> str:
     return '"' + one_row.replace('"', '""') + '"'
 
 
+_UNSET = object()
+_REUSABLE = frozenset({float, int, str, bool})
+
+
+class RepeatCells:
+    """The cells of one row that is written every tick (a GPU's), each column's text reused
+    while its value repeats: most of a GPU's values (totals, limits, clocks, counters, flags)
+    change seldom, and formatting is most of what a row costs.
+
+    A value is the same only when it is an equal, non-zero number, text or flag of the same
+    type (``0.0`` and ``-0.0`` are equal yet written differently, ``1`` and ``1.0`` too); anything
+    else goes through :func:`csv_cell` again, so the text is always what ``csv_cell`` gives.
+    """
+
+    __slots__ = ("_decimals", "_texts", "_values")
+
+    def __init__(self, decimals: Iterable[int | None]) -> None:
+        self._decimals = tuple(decimals)
+        self._values: list[object] = [_UNSET] * len(self._decimals)
+        self._texts = [""] * len(self._decimals)
+
+    def cells(self, values: Iterable[object]) -> list[str]:
+        """The cells of ``values`` (one per column, in the order of ``decimals``)."""
+        out: list[str] = []
+        append = out.append
+        last_values, texts, decimals = self._values, self._texts, self._decimals
+        reusable = _REUSABLE
+        for i, value in enumerate(values):
+            last = last_values[i]
+            cls = value.__class__
+            if cls is last.__class__ and (
+                value is None or (cls in reusable and value and value == last)
+            ):
+                append(texts[i])
+                continue
+            text = texts[i] = csv_cell(value, decimals[i])
+            last_values[i] = value
+            append(text)
+        return out
+
+
 def csv_row(values: Iterable[object]) -> str:
     """A whole CSV row, ending in ``\\n``."""
     return ",".join(csv_cell(v) for v in values) + "\n"

@@ -43,7 +43,15 @@ from functools import partial
 from pathlib import Path
 
 from gputel.energy import SinceStart, continuation_gap, trapezoid
-from gputel.formats import FailureCounter, TornWrite, csv_cell, csv_row, iso_utc_ms, write_whole
+from gputel.formats import (
+    FailureCounter,
+    RepeatCells,
+    TornWrite,
+    csv_cell,
+    csv_row,
+    iso_utc_ms,
+    write_whole,
+)
 from gputel.schema import (
     GPU_CSV_COLUMNS,
     GPU_FIELDS,
@@ -192,6 +200,7 @@ class CsvSink:
             "CSV writing in %s recovered (%d rows failed in total)",
         )
         self._energy: dict[int, SinceStart] = {}
+        self._gpu_cells: dict[int, RepeatCells] = {}
         """Per GPU of the current gpu file: joules since the file began."""
         self.last_power: dict[int, tuple[float, float | None]] = {}
         """Per GPU: (epoch seconds, power) of its latest row written, in any file: where the
@@ -366,7 +375,10 @@ class CsvSink:
                 csv_cell(g.name),
                 "1" if g.lost else "0",
             ]
-            cells.extend(map(csv_cell, values, _GPU_DECIMALS))
+            repeat = self._gpu_cells.get(g.index)
+            if repeat is None:
+                repeat = self._gpu_cells[g.index] = RepeatCells(_GPU_DECIMALS)
+            cells.extend(repeat.cells(values))
             cells.append(csv_cell(alloc) if alloc else "")
             cells.append(pretrigger)
             lines.append(",".join(cells))
