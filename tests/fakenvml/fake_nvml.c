@@ -1141,6 +1141,9 @@ nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *get) {
         s2->gpu_instance != s1->gpu_instance)
         return E_INVALID_ARGUMENT;
     int index = s2->device->index;
+    int pin_ __attribute__((cleanup(unpin))) = 0;
+    (void)pin_;
+    pin_world(); /* one check of the scenario for all the metrics, as for a device call */
     for (unsigned int i = 0; i < get->numMetrics; i++) {
         nvmlGpmMetric_t *m = &get->metrics[i];
         double value = 0;
