@@ -75,6 +75,8 @@ _MAX_SUFFIX = 999
 _GPU_VALUE_ATTRS = tuple(f.attr for f in GPU_FIELDS)
 _ENERGY_POS = _GPU_VALUE_ATTRS.index("energy_j")
 _GPU_DECIMALS = tuple(f.decimals for f in GPU_FIELDS)
+#: Owners (user, command, job) whose process-row cells are kept.
+_OWNER_CELLS_MAX = 4096
 _HOST_VALUE_ATTRS = tuple(f.attr for f in HOST_FIELDS)
 _HOST_DECIMALS = tuple(f.decimals for f in HOST_FIELDS)
 _MIG_VALUE_ATTRS = tuple(f.attr for f in MIG_FIELDS)
@@ -201,6 +203,7 @@ class CsvSink:
         )
         self._energy: dict[int, SinceStart] = {}
         self._gpu_cells: dict[int, RepeatCells] = {}
+        self._owner_cells: dict[tuple[str | None, str | None, str | None], str] = {}
         """Per GPU of the current gpu file: joules since the file began."""
         self.last_power: dict[int, tuple[float, float | None]] = {}
         """Per GPU: (epoch seconds, power) of its latest row written, in any file: where the
@@ -425,21 +428,28 @@ class CsvSink:
         return "\n".join(lines).encode()
 
     def _process_rows(self, sample: Sample, stamp: str) -> bytes:
-        lines = [
-            ",".join(
-                (
-                    stamp,
-                    str(p.gpu),
-                    str(p.pid),
-                    csv_cell(p.user),
-                    csv_cell(p.command),
-                    csv_cell(p.job),
-                    csv_cell(p.memory_used_mib, _MEMORY_DECIMALS),
-                    csv_cell(p.sm_util_pct, _SM_DECIMALS),
+        owners = self._owner_cells
+        if len(owners) > _OWNER_CELLS_MAX:
+            owners.clear()  # owners come and go; keep the cache bounded
+        lines: list[str] = []
+        for p in sample.processes:
+            key = (p.user, p.command, p.job)
+            owner = owners.get(key)
+            if owner is None:
+                # A process's owner is the same tick after tick: its three cells, once.
+                owner = owners[key] = ",".join(map(csv_cell, key))
+            lines.append(
+                ",".join(
+                    (
+                        stamp,
+                        str(p.gpu),
+                        str(p.pid),
+                        owner,
+                        csv_cell(p.memory_used_mib, _MEMORY_DECIMALS),
+                        csv_cell(p.sm_util_pct, _SM_DECIMALS),
+                    )
                 )
             )
-            for p in sample.processes
-        ]
         lines.append("")
         return "\n".join(lines).encode()
 
