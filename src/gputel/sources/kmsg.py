@@ -185,7 +185,12 @@ class KmsgReader:
                 os.lseek(fd, 0, os.SEEK_SET)
                 pending = b""
                 continue
-            # Replaced under its name: the old file is read to its end, now the new one.
+            # Replaced under its name. The writer may have added to the old file between the
+            # empty read above and this look (a daemon's last line before it reopens): read the
+            # old one to its end once more, and move on only when that finds nothing.
+            if self._drain(fd, pending, deliver):
+                pending = b""
+                continue
             try:
                 new = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
@@ -194,6 +199,19 @@ class KmsgReader:
             os.dup2(new, fd)
             os.close(new)
             pending = b""
+
+    def _drain(self, fd: int, pending: bytes, deliver: FaultSink) -> bool:
+        """Read the rest of a replaced file, its unfinished last line included; True when
+        there was any."""
+        rest = b""
+        while chunk := os.read(fd, 65536):
+            rest += chunk
+        if not rest:
+            return False
+        for raw in (pending + rest).split(b"\n"):
+            if raw:
+                self._line(raw.decode("utf-8", errors="replace"), deliver)
+        return True
 
     def _moved(self, fd: int) -> str | None:
         """``truncated``, ``replaced`` or None (the same file, just not grown)."""
