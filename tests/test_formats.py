@@ -241,3 +241,24 @@ def test_process_alive() -> None:
     finally:
         zombie.wait()
     assert process_alive(1)  # not ours to signal, still alive
+
+
+def test_repeat_cells_write_what_csv_cell_writes_tick_after_tick() -> None:
+    """Reused cells never differ from a fresh ``csv_cell``: zero's sign, int against float
+    against bool, NaN, None and text all change the cell when they change."""
+    decimals = (None, 2, None, 1)
+    ticks = [
+        (0.0, 1.5, 1, "a"),
+        (-0.0, 1.5, 1.0, "a"),
+        (-0.0, -0.001, True, "=x"),
+        (0.0, float("nan"), True, "=x"),
+        (None, float("nan"), 1, None),
+        (2.5, 1.5, 0, "a,b"),
+        (2.5, 1.5, False, "a,b"),
+        (2.5, 1.5, 0, "a,b"),
+    ]
+    repeat = formats.RepeatCells(decimals)
+    for values in ticks:
+        assert repeat.cells(values) == [
+            formats.csv_cell(v, d) for v, d in zip(values, decimals, strict=True)
+        ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import math
 import os
@@ -46,10 +47,23 @@ def iso_utc_ms(moment: datetime | float | None = None) -> str:
         dt = datetime.now(timezone.utc)
     elif isinstance(moment, datetime):
         utc = moment.tzinfo is None or moment.tzinfo is timezone.utc  # every tick: skip the call
-        dt = moment if utc else moment.astimezone(timezone.utc)
+        if utc:
+            # A tick formats the same moments many times (its rows, its open jobs' starts).
+            return _iso_utc_ms_of(moment)
+        dt = moment.astimezone(timezone.utc)
     else:
         dt = datetime.fromtimestamp(moment, timezone.utc)
+    return _iso_text(dt)
+
+
+def _iso_text(dt: datetime) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def _iso_utc_ms_of(dt: datetime) -> str:
+    """``_iso_text`` of a UTC (or naive) datetime, remembered: equal datetimes give equal text."""
+    return _iso_text(dt)
 
 
 def parse_iso_utc(text: str) -> datetime:
@@ -156,6 +170,47 @@ def csv_cell(value: object, decimals: int | None = None) -> str:
         return text
     one_row = text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
     return '"' + one_row.replace('"', '""') + '"'
+
+
+_UNSET = object()
+_REUSABLE = frozenset({float, int, str, bool})
+
+
+class RepeatCells:
+    """The cells of one row that is written every tick (a GPU's), each column's text reused
+    while its value repeats: most of a GPU's values (totals, limits, clocks, counters, flags)
+    change seldom, and formatting is most of what a row costs.
+
+    A value is the same only when it is an equal, non-zero number, text or flag of the same
+    type (``0.0`` and ``-0.0`` are equal yet written differently, ``1`` and ``1.0`` too); anything
+    else goes through :func:`csv_cell` again, so the text is always what ``csv_cell`` gives.
+    """
+
+    __slots__ = ("_decimals", "_texts", "_values")
+
+    def __init__(self, decimals: Iterable[int | None]) -> None:
+        self._decimals = tuple(decimals)
+        self._values: list[object] = [_UNSET] * len(self._decimals)
+        self._texts = [""] * len(self._decimals)
+
+    def cells(self, values: Iterable[object]) -> list[str]:
+        """The cells of ``values`` (one per column, in the order of ``decimals``)."""
+        out: list[str] = []
+        append = out.append
+        last_values, texts, decimals = self._values, self._texts, self._decimals
+        reusable = _REUSABLE
+        for i, value in enumerate(values):
+            last = last_values[i]
+            cls = value.__class__
+            if cls is last.__class__ and (
+                value is None or (cls in reusable and value and value == last)
+            ):
+                append(texts[i])
+                continue
+            text = texts[i] = csv_cell(value, decimals[i])
+            last_values[i] = value
+            append(text)
+        return out
 
 
 def csv_row(values: Iterable[object]) -> str:

@@ -265,14 +265,23 @@ static void reload(void) {
     loaded_mtime = st.st_mtim;
 }
 
-/* Set while a device call, past its hang, reads its values: the world was checked at the start
- * of the call, so its further lookups skip the stat (one per call, not one per key). Cleared
- * when the call returns (ENTER's cleanup). */
+/* Set for the whole of a device call: the world is checked once as the call starts (and again
+ * after each nap of a hang), so the call's lookups skip the stat: one `stat` per call, not one
+ * per key, as a real driver answers from memory. Cleared when the call returns (ENTER's
+ * cleanup). */
 static __thread int pinned;
 
 static void unpin(int *unused) {
     (void)unused;
     pinned = 0;
+}
+
+/* Re-reads the scenario if it changed and pins it for the rest of the call. */
+static void pin_world(void) {
+    pthread_mutex_lock(&lock);
+    reload();
+    pthread_mutex_unlock(&lock);
+    pinned = 1;
 }
 
 /* Copies the value of `key` into out (VAL_LEN); 1 when set. */
@@ -282,7 +291,7 @@ static int lookup(const char *key, char *out) {
     if (!pinned) reload();
     int i = n_entries > 0 ? key_index[key_slot(key)] : 0;
     if (i != 0) {
-        memcpy(out, entries[i - 1].val, VAL_LEN);
+        memcpy(out, entries[i - 1].val, strlen(entries[i - 1].val) + 1);
         found = 1;
     }
     pthread_mutex_unlock(&lock);
@@ -355,6 +364,7 @@ static void hang(int index, const char *call) {
         unsigned long long waited = now_ms() - start;
         if (waited >= want) return;
         nap_ms(want - waited < 20 ? want - waited : 20);
+        pin_world(); /* the key may have gone while we slept */
     }
 }
 
@@ -368,7 +378,7 @@ static void count_call(int index, const char *call) {
     pthread_mutex_lock(&lock);
     for (int k = 0; k < MAX_CALL_KEYS; k++) {
         if (call_keys[k] == NULL) call_keys[k] = call;
-        if (strcmp(call_keys[k], call) == 0) {
+        if (call_keys[k] == call || strcmp(call_keys[k], call) == 0) {
             call_counts[k][index]++;
             break;
         }
@@ -401,12 +411,9 @@ void fakeNvmlReset(void) {
  * when it returns (ENTER, or its own cleanup variable). */
 static nvmlReturn_t enter_gpu(int index, const char *call) {
     if (init_count <= 0) return E_UNINITIALIZED;
+    if (!pinned) pin_world();
     count_call(index, call);
     hang(index, call);
-    pthread_mutex_lock(&lock);
-    reload();
-    pthread_mutex_unlock(&lock);
-    pinned = 1;
     unsigned long long code;
     if (get_num(&code, "gpu.%d.all.error", index)) return (nvmlReturn_t)code;
     if (get_num(&code, "gpu.%d.%s.error", index, call)) return (nvmlReturn_t)code;
@@ -433,6 +440,7 @@ static int valid(nvmlDevice_t d) {
     (void)pin_;                                            \
     do {                                                   \
         if (init_count <= 0) return E_UNINITIALIZED;       \
+        pin_world();                                       \
         if (!valid(dev)) return E_INVALID_ARGUMENT;        \
         nvmlReturn_t rc_ = enter_gpu((dev)->index, call);  \
         if (rc_ != OK) return rc_;                         \
@@ -1133,6 +1141,9 @@ nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *get) {
         s2->gpu_instance != s1->gpu_instance)
         return E_INVALID_ARGUMENT;
     int index = s2->device->index;
+    int pin_ __attribute__((cleanup(unpin))) = 0;
+    (void)pin_;
+    pin_world(); /* one check of the scenario for all the metrics, as for a device call */
     for (unsigned int i = 0; i < get->numMetrics; i++) {
         nvmlGpmMetric_t *m = &get->metrics[i];
         double value = 0;

@@ -9,6 +9,7 @@ value is an empty label (which Prometheus treats as absent), never a guess.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class AllocationInfo:
         }
 
 
+@functools.lru_cache(maxsize=4096)
 def kind_of(ident: str) -> str:
     """``slurm``, ``k8s``, ``container``, ``unit`` or ``user`` for those id forms, else
     ``hooked`` (a name an orchestrator chose)."""

@@ -43,7 +43,15 @@ from functools import partial
 from pathlib import Path
 
 from gputel.energy import SinceStart, continuation_gap, trapezoid
-from gputel.formats import FailureCounter, TornWrite, csv_cell, csv_row, iso_utc_ms, write_whole
+from gputel.formats import (
+    FailureCounter,
+    RepeatCells,
+    TornWrite,
+    csv_cell,
+    csv_row,
+    iso_utc_ms,
+    write_whole,
+)
 from gputel.schema import (
     GPU_CSV_COLUMNS,
     GPU_FIELDS,
@@ -67,6 +75,8 @@ _MAX_SUFFIX = 999
 _GPU_VALUE_ATTRS = tuple(f.attr for f in GPU_FIELDS)
 _ENERGY_POS = _GPU_VALUE_ATTRS.index("energy_j")
 _GPU_DECIMALS = tuple(f.decimals for f in GPU_FIELDS)
+#: Owners (user, command, job) whose process-row cells are kept.
+_OWNER_CELLS_MAX = 4096
 _HOST_VALUE_ATTRS = tuple(f.attr for f in HOST_FIELDS)
 _HOST_DECIMALS = tuple(f.decimals for f in HOST_FIELDS)
 _MIG_VALUE_ATTRS = tuple(f.attr for f in MIG_FIELDS)
@@ -192,6 +202,8 @@ class CsvSink:
             "CSV writing in %s recovered (%d rows failed in total)",
         )
         self._energy: dict[int, SinceStart] = {}
+        self._gpu_cells: dict[int, RepeatCells] = {}
+        self._owner_cells: dict[tuple[str | None, str | None, str | None], str] = {}
         """Per GPU of the current gpu file: joules since the file began."""
         self.last_power: dict[int, tuple[float, float | None]] = {}
         """Per GPU: (epoch seconds, power) of its latest row written, in any file: where the
@@ -366,7 +378,10 @@ class CsvSink:
                 csv_cell(g.name),
                 "1" if g.lost else "0",
             ]
-            cells.extend(map(csv_cell, values, _GPU_DECIMALS))
+            repeat = self._gpu_cells.get(g.index)
+            if repeat is None:
+                repeat = self._gpu_cells[g.index] = RepeatCells(_GPU_DECIMALS)
+            cells.extend(repeat.cells(values))
             cells.append(csv_cell(alloc) if alloc else "")
             cells.append(pretrigger)
             lines.append(",".join(cells))
@@ -413,21 +428,28 @@ class CsvSink:
         return "\n".join(lines).encode()
 
     def _process_rows(self, sample: Sample, stamp: str) -> bytes:
-        lines = [
-            ",".join(
-                (
-                    stamp,
-                    str(p.gpu),
-                    str(p.pid),
-                    csv_cell(p.user),
-                    csv_cell(p.command),
-                    csv_cell(p.job),
-                    csv_cell(p.memory_used_mib, _MEMORY_DECIMALS),
-                    csv_cell(p.sm_util_pct, _SM_DECIMALS),
+        owners = self._owner_cells
+        if len(owners) > _OWNER_CELLS_MAX:
+            owners.clear()  # owners come and go; keep the cache bounded
+        lines: list[str] = []
+        for p in sample.processes:
+            key = (p.user, p.command, p.job)
+            owner = owners.get(key)
+            if owner is None:
+                # A process's owner is the same tick after tick: its three cells, once.
+                owner = owners[key] = ",".join(map(csv_cell, key))
+            lines.append(
+                ",".join(
+                    (
+                        stamp,
+                        str(p.gpu),
+                        str(p.pid),
+                        owner,
+                        csv_cell(p.memory_used_mib, _MEMORY_DECIMALS),
+                        csv_cell(p.sm_util_pct, _SM_DECIMALS),
+                    )
                 )
             )
-            for p in sample.processes
-        ]
         lines.append("")
         return "\n".join(lines).encode()
 
