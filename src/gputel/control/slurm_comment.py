@@ -125,10 +125,12 @@ class Stored:
     line: str
 
 
-def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str] | str:
-    """The finished call, or the one-line reason it could not run or finish."""
+def run_slurm_command(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str] | str:
+    """One Slurm command (``sacct``, ``sacctmgr``, ``scontrol``) bounded in time: the finished
+    call, or the one-line reason it could not run or finish. Never raises: Slurm being slow or
+    absent must never fail a job's prolog, epilog or the agent."""
     if shutil.which(argv[0]) is None:
-        return f"{argv[0]} not found"
+        return f"{argv[0]} not found on PATH"
     try:
         return subprocess.run(
             argv,
@@ -139,7 +141,7 @@ def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str] | 
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return f"{argv[0]} did not answer within {timeout:.0f}s"
+        return f"{argv[0]} did not answer within {timeout:.1f}s"
     except OSError as exc:
         return f"{argv[0]} could not run: {exc}"
 
@@ -155,7 +157,7 @@ def read_comment(job_id: str, timeout: float = CALL_TIMEOUT_S) -> str | Stored |
     """The job's AdminComment from the accounting database ('' when empty), or a failed
     :class:`Stored` saying why it could not be read."""
     argv = ["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "AdminComment"]
-    done = _run(argv, timeout)
+    done = run_slurm_command(argv, timeout)
     if isinstance(done, str):
         return Stored(False, done)
     if done.returncode != 0:
@@ -201,7 +203,7 @@ def store_summary(job_id: str, summary: Mapping[str, Any], timeout: float = 4.0)
             "set",
             f"AdminComment={merge(existing, token)}",
         ]
-        done = _run(argv, deadline - time.monotonic())
+        done = run_slurm_command(argv, deadline - time.monotonic())
         if isinstance(done, str):
             return Stored(False, f"nothing stored in Slurm for job {job_id}: {done}")
         said = f"{done.stdout}\n{done.stderr}"

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
 
-from gputel.control.slurm_comment import slurm_job_id
+from gputel.control.slurm_comment import run_slurm_command, slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +62,6 @@ def job_verdict(returncode: int, stdout: str, stderr: str) -> bool | None:
     return found.group(1) in FINISHED_STATES
 
 
-def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str] | str:
-    if shutil.which(argv[0]) is None:
-        return f"{argv[0]} not found on PATH"
-    try:
-        return subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return f"{argv[0]} did not answer within {timeout:g}s"
-    except OSError as exc:
-        return f"{argv[0]} could not run: {exc}"
-
-
 class SlurmJobWatch:
     """The ``slurm-N`` allocations whose jobs Slurm says are gone; see the module docstring."""
 
@@ -90,7 +71,7 @@ class SlurmJobWatch:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         *,
         clock: Callable[[], float] = time.monotonic,
-        runner: Runner = _run,
+        runner: Runner = run_slurm_command,
     ) -> None:
         self.interval_s = interval_s
         self.timeout_s = timeout_s

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from gputel.formats import one_line
 from gputel.sources.kernel_xid import KernelFault, parse_line, record_message
+from gputel.sources.notice import StandingNotice
 
 log = logging.getLogger("gputel.kmsg")
 
@@ -63,22 +64,13 @@ class KmsgReader:
         self._poll_s = poll_s
         self._stop = threading.Event()
         self._positioned = threading.Event()
-        self._lock = threading.Lock()
-        self._notice: str | None = None
+        self._notice = StandingNotice(log)
         self._thread: threading.Thread | None = None
         self._overwritten_said = False
 
     @property
     def notice(self) -> str | None:
-        with self._lock:
-            return self._notice
-
-    def _say(self, text: str | None) -> None:
-        with self._lock:
-            new = text is not None and text != self._notice
-            self._notice = text
-        if new:
-            log.warning("%s", text)
+        return self._notice.text
 
     def start(self, deliver: FaultSink) -> None:
         """Start the thread and wait (briefly) until it stands at the log's end, so a line
@@ -104,7 +96,9 @@ class KmsgReader:
         try:
             self._read(deliver)
         except Exception as exc:  # a reader that breaks must never take the agent with it
-            self._say(f"Xids are no longer read from the kernel log {self.path}: {one_line(exc)}")
+            self._notice.say(
+                f"Xids are no longer read from the kernel log {self.path}: {one_line(exc)}"
+            )
         finally:
             self._positioned.set()
 
@@ -114,7 +108,7 @@ class KmsgReader:
             try:
                 fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except FileNotFoundError:
-                self._say(
+                self._notice.say(
                     f"Xids are not read from the kernel log: {self.path} does not exist; "
                     "it is read from its start once it appears (GPUTEL_KMSG= stops trying)"
                 )
@@ -123,9 +117,9 @@ class KmsgReader:
                 self._stop.wait(MISSING_RETRY_S)
                 continue
             except OSError as exc:
-                self._say(refused_notice(self.path, exc))
+                self._notice.say(refused_notice(self.path, exc))
                 return
-            self._say(None)  # it exists now
+            self._notice.say(None)  # it exists now
             try:
                 if stat.S_ISCHR(os.fstat(fd).st_mode):
                     self._device(fd, deliver)

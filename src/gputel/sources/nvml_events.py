@@ -23,6 +23,7 @@ from typing import Any
 from gputel.formats import one_line
 from gputel.sources import nvml_binding as b
 from gputel.sources.base import EventSink
+from gputel.sources.notice import StandingNotice
 from gputel.sources.nvml_calls import NvmlCalls
 from gputel.sources.nvml_gpu import GpuLost, NvmlGpu
 from gputel.supervisor.events import (
@@ -77,8 +78,7 @@ class NvmlEventListener:
         self._register_fn = api.fn("nvmlDeviceRegisterEvents")
         self._wait_ms = wait_ms
         self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._notice: str | None = None
+        self._notice = StandingNotice(log)
         self._thread: threading.Thread | None = None
         self._types = [
             (int(bit), name)
@@ -96,16 +96,7 @@ class NvmlEventListener:
 
     @property
     def notice(self) -> str | None:
-        with self._lock:
-            return self._notice
-
-    def _say(self, text: str | None) -> None:
-        """Set the notice (None: clear it), logging each new one once."""
-        with self._lock:
-            new = text is not None and text != self._notice
-            self._notice = text
-        if new:
-            log.warning("%s", text)
+        return self._notice.text
 
     def start(self, deliver: EventSink) -> None:
         self._thread = threading.Thread(
@@ -128,14 +119,16 @@ class NvmlEventListener:
         try:
             event_set = self._register()
         except Exception as exc:  # a binding or driver answering garbage must not kill the agent
-            self._say(f"GPU events are not received: registering for them failed ({one_line(exc)})")
+            self._notice.say(
+                f"GPU events are not received: registering for them failed ({one_line(exc)})"
+            )
             return
         if event_set is None:
             return
         try:
             self._listen(event_set, deliver)
         except Exception as exc:  # an answer the binding cannot decode: stop, and say so
-            self._say(f"GPU events are no longer received: the wait broke ({one_line(exc)})")
+            self._notice.say(f"GPU events are no longer received: the wait broke ({one_line(exc)})")
         finally:
             if self._stop.is_set():
                 try:
@@ -151,7 +144,7 @@ class NvmlEventListener:
         try:
             event_set = self._api.call("nvmlEventSetCreate")
         except self._error as exc:
-            self._say(
+            self._notice.say(
                 "GPU events (Xid, ECC) are not received: this driver or binding has no NVML "
                 f"event API ({one_line(exc)}); telemetry works without them"
             )
@@ -159,7 +152,7 @@ class NvmlEventListener:
         self._waiting = sorted(self._handles)
         self._register_waiting(event_set)
         if not self.registered and not self._waiting:
-            self._say(
+            self._notice.say(
                 "GPU events (Xid, ECC) are not received: the driver offers none on "
                 f"{'any selected GPU' if self._handles else 'GPUs it cannot open'}; telemetry "
                 "works without them"
@@ -198,7 +191,7 @@ class NvmlEventListener:
             )
         self._standing = self._registration_notice()
         if self.registered or self._waiting:  # else the caller says that none is received
-            self._say(self._standing)
+            self._notice.say(self._standing)
 
     def _registration_notice(self) -> str | None:
         """What registration has to say: GPUs that offer no events, GPUs still busy."""
@@ -249,7 +242,7 @@ class NvmlEventListener:
                     return
                 if not failing:
                     failing = True
-                    self._say(
+                    self._notice.say(
                         f"waiting for GPU events fails ({one_line(exc)}); trying again every "
                         f"{RETRY_S:g}s, telemetry works without them"
                     )
@@ -257,7 +250,7 @@ class NvmlEventListener:
                 continue
             if failing:
                 failing = False
-                self._say(self._standing)  # what registration says stays true
+                self._notice.say(self._standing)  # what registration says stays true
                 log.info("waiting for GPU events works again")
             self._deliver(data, deliver)
 
