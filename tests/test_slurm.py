@@ -308,7 +308,7 @@ def _start_accounting(
         check=False,
     )
     if out.returncode != 0:
-        pytest.skip(f"mariadb-install-db failed: {out.stdout[-1000:]}{out.stderr[-1000:]}")
+        pytest.fail(f"mariadb-install-db failed: {out.stdout[-1000:]}{out.stderr[-1000:]}")
     db_port = _free_port()
     sock = base / "mysql.sock"
     daemons.start(
