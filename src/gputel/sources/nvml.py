@@ -75,7 +75,6 @@ class NvmlGpuSource:
         api: NvmlApi,
         gpus: list[NvmlGpu],
         clock: Callable[[], float],
-        notices: list[str] | None = None,
         admin_only: bool | None = None,
     ) -> None:
         self._api = api
@@ -84,7 +83,7 @@ class NvmlGpuSource:
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
-        self.notices: list[str] = list(notices or [])
+        self.notices: list[str] = []
         """One line per GPU left out or not fully measurable, for the log and ``gputel status``."""
         self.calls = NvmlCalls(api, clock)
         self.fields = FieldReader(self.calls)
