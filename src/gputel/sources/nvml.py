@@ -4,11 +4,15 @@ The work is shared between small modules, each with one job:
 
 - ``nvml_binding``: the only module that imports ``pynvml``; starts NVML once per process, names
   the fix when it cannot start, and resolves every NVML function gputel calls once at open;
+- ``nvml_direct``: the thin layer over the binding for the calls of every tick (C functions
+  looked up once, plain structures);
 - ``nvml_gpu``: one GPU's record (handle, what it answered, its lock);
 - ``nvml_calls``: the one rule for every call on a GPU: unsupported (never asked again),
   transient (this tick's cell), lost (left alone, re-probed once a minute);
 - ``nvml_fields``, ``nvml_gpm``, ``nvml_processes``: the device fields, the GPM metrics and MIG
   devices, the compute processes;
+- ``nvml_pcie``: PCIe throughput samples on a thread of their own, for GPUs without GPM or
+  PCIe byte counters;
 - ``nvml_events``: the event listener on its own thread;
 - this module: :class:`NvmlGpuSource` (the ``GpuSource`` contract of ``sources/base.py``) and
   :func:`open_nvml`.
@@ -71,7 +75,6 @@ class NvmlGpuSource:
         api: NvmlApi,
         gpus: list[NvmlGpu],
         clock: Callable[[], float],
-        notices: list[str] | None = None,
         admin_only: bool | None = None,
     ) -> None:
         self._api = api
@@ -80,7 +83,7 @@ class NvmlGpuSource:
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
-        self.notices: list[str] = list(notices or [])
+        self.notices: list[str] = []
         """One line per GPU left out or not fully measurable, for the log and ``gputel status``."""
         self.calls = NvmlCalls(api, clock)
         self.fields = FieldReader(self.calls)

@@ -90,7 +90,6 @@ class NvmlEventListener:
         self._waiting: list[int] = []
         """GPUs not registered yet because a read held their lock (retried between waits)."""
         self._not_offered: list[int] = []
-        self._standing: str | None = None
         self.registered: dict[int, list[str]] = {}
         """Event names registered per GPU index (filled by the thread; for status and tests)."""
 
@@ -189,9 +188,8 @@ class NvmlEventListener:
                 "listening for GPU events on %s",
                 "; ".join(f"GPU {i}: {', '.join(self.registered[i])}" for i in added),
             )
-        self._standing = self._registration_notice()
         if self.registered or self._waiting:  # else the caller says that none is received
-            self._notice.say(self._standing)
+            self._notice.say(self._registration_notice())
 
     def _registration_notice(self) -> str | None:
         """What registration has to say: GPUs that offer no events, GPUs still busy."""
@@ -250,7 +248,7 @@ class NvmlEventListener:
                 continue
             if failing:
                 failing = False
-                self._notice.say(self._standing)  # what registration says stays true
+                self._notice.say(self._registration_notice())  # what registration says stays true
                 log.info("waiting for GPU events works again")
             self._deliver(data, deliver)
 

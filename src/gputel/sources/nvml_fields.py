@@ -11,9 +11,10 @@ at open. Two cost rules live here:
   as the energy counter: a rate over the time between two reads, empty on the first. Only where
   the driver has no such counters do the ~20 ms ``nvmlDeviceGetPcieThroughput`` samples remain,
   taken off the read's path (``sources/nvml_pcie.py``).
- The GPM metrics and the process list have modules of their own
-(``sources/nvml_gpm.py``, ``sources/nvml_processes.py``); :mod:`gputel.sources.nvml` puts the
-pieces of a reading together. Callers hold the GPU's lock.
+
+The GPM metrics and the process list have modules of their own (``sources/nvml_gpm.py``,
+``sources/nvml_processes.py``); :mod:`gputel.sources.nvml` puts the pieces of a reading
+together. Callers hold the GPU's lock.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from gputel.sources.nvml_calls import NvmlCalls, Option
 from gputel.sources.nvml_gpu import NvmlGpu
 
 # The values fetched in one nvmlDeviceGetFieldValues call instead of one call each:
-# (field key, binding constant name, its value in NVML's ABI).
 # (field key, binding constant name, its value in NVML's ABI, read only on slow reads).
 _BATCH_FIELDS: tuple[tuple[str, str, int | None, bool], ...] = (
     ("energy_j", "NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 83, False),

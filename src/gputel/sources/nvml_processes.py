@@ -44,7 +44,7 @@ class NvmlProcessReader:
     """
 
     def __init__(self, calls: NvmlCalls) -> None:
-        self._ask = calls.ask
+        self._calls = calls
         self._list_fn = calls.api.fn("nvmlDeviceGetComputeRunningProcesses")
         self._utilization = [(key, calls.api.fn(name)) for key, name in _UTILIZATION_CALLS]
         self._last_seen: dict[int, int] = {}
@@ -52,7 +52,7 @@ class NvmlProcessReader:
 
     def read(self, gpu: NvmlGpu) -> tuple[GpuProcess, ...] | None:
         """The GPU's compute processes (empty: none); None when NVML cannot list them."""
-        infos = self._ask(gpu, "processes", self._list_fn)
+        infos = self._calls.ask(gpu, "processes", self._list_fn)
         if infos is None:
             return None
         memory: dict[int, float | None] = {}
@@ -74,13 +74,10 @@ class NvmlProcessReader:
     def _sm_util(self, gpu: NvmlGpu) -> dict[int, float]:
         """PID → SM utilization % from the samples since the GPU's last seen timestamp."""
         since = self._last_seen.get(gpu.index, 0)
-        samples = None
-        for key, fn in self._utilization:
-            if key in gpu.unsupported:
-                continue
-            samples = self._ask(gpu, key, fn, since, quiet=_NO_SAMPLES)
-            if samples is not None or key not in gpu.unsupported:
-                break
+        quiet = {"quiet": _NO_SAMPLES}
+        samples = self._calls.first(
+            gpu, [(key, fn, (since,), quiet) for key, fn in self._utilization]
+        )
         if not samples:
             return {}
         newest: dict[int, tuple[int, float]] = {}

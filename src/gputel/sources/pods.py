@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-DEFAULT_POD_LOGS_DIR = Path("/var/log/pods")
 #: Seconds between two listings of the directory for a UID it did not have.
 DEFAULT_RESCAN_S = 30.0
 
@@ -32,11 +31,12 @@ def parse_entry(name: str) -> tuple[str, str, str] | None:
 
 
 class PodNames:
-    """UID → (namespace, pod) from a pod log directory; see the module docstring."""
+    """UID → (namespace, pod) from a pod log directory (``GPUTEL_POD_LOGS_DIR``, whose default
+    lives with the other settings); see the module docstring."""
 
     def __init__(
         self,
-        root: Path = DEFAULT_POD_LOGS_DIR,
+        root: Path,
         *,
         rescan_s: float = DEFAULT_RESCAN_S,
         clock: Callable[[], float] = time.monotonic,
