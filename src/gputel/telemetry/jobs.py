@@ -139,6 +139,10 @@ class DetectedJobs:
         """The sampling interval: one throttled tick counts this many ``throttled_s``."""
         self._jobs: dict[str, _Job] = {}
 
+    def ids(self) -> list[str]:
+        """The ids of the detected jobs now (each tick's ``gputel_allocation_info``)."""
+        return list(self._jobs)
+
     def open(self) -> list[dict[str, Any]]:
         """The detected jobs now: ``{"id", "gpus", "start"}`` each (for ``recorder.json``)."""
         return [
