@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gputel import runtime
-from gputel.lineage import AGENT_ENV, Identity, start_time_of
+from gputel.formats import process_start_time
+from gputel.lineage import AGENT_ENV, Identity
 from test_agent_e2e import AgentProc, pid_alive, spawn_agent, wait_for
 
 __all__ = ["spawn_agent"]  # the fixture, used by name
@@ -65,7 +66,7 @@ def test_sigkill_of_the_agent_leaves_no_child_after_1_5_s(
 
 def test_a_child_started_under_a_dead_agent_exits_on_its_own(tmp_path: Path) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
-    identity = Identity(gone.pid, start_time_of(gone.pid))
+    identity = Identity(gone.pid, process_start_time(gone.pid))
     gone.wait(10)
     child = start_child(child_env(tmp_path, **{AGENT_ENV: identity.as_env()}))
     try:

@@ -492,6 +492,17 @@ def error_line(exc: BaseException) -> str:
 START_TIME_TOLERANCE_S = 1.0
 
 
+def process_start_time(pid: int) -> float | None:
+    """The process's creation time (epoch seconds), or None when unknown or gone: what
+    :func:`process_alive` compares against a reused pid."""
+    import psutil  # imported late: most of what loads this module never needs it
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
+        return None
+
+
 def process_alive(pid: int, start_time: float | None = None) -> bool:
     """Whether ``pid`` runs, is not a zombie and (when ``start_time`` is given) is that process.
 

@@ -22,7 +22,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from gputel.formats import process_alive
+from gputel.formats import process_alive, process_start_time
 
 #: Internal environment variable: ``<pid>:<start time>`` of the agent that started the child.
 AGENT_ENV = "_GPUTEL_AGENT"
@@ -52,18 +52,9 @@ class Identity:
         return cls(int(pid_text), start)
 
 
-def start_time_of(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.Error, OSError):
-        return None
-
-
 def own_identity() -> Identity:
     """This process, for a child it starts (:data:`AGENT_ENV`)."""
-    return Identity(os.getpid(), start_time_of(os.getpid()))
+    return Identity(os.getpid(), process_start_time(os.getpid()))
 
 
 def agent_of_child(environ: dict[str, str] | os._Environ[str] = os.environ) -> Identity:
@@ -74,7 +65,7 @@ def agent_of_child(environ: dict[str, str] | os._Environ[str] = os.environ) -> I
     text = environ.get(AGENT_ENV)
     if text is None:
         parent = os.getppid()
-        return Identity(parent, start_time_of(parent))
+        return Identity(parent, process_start_time(parent))
     return Identity.parse(text) or Identity(0, None)
 
 
