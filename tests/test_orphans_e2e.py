@@ -106,3 +106,18 @@ def test_a_new_child_stops_a_live_old_one_before_its_first_row(tmp_path: Path) -
             if p is not None and p.poll() is None:
                 p.terminate()
                 p.wait(10)
+
+
+def test_die_with_parent_sets_the_kernels_parent_death_signal() -> None:
+    # In a process of its own: the request outlives the call and would bind pytest itself.
+    code = (
+        "import ctypes, signal\n"
+        "from gputel.lineage import die_with_parent\n"
+        "assert die_with_parent(signal.SIGTERM)\n"
+        "got = ctypes.c_int(0)\n"
+        "assert ctypes.CDLL(None).prctl(2, ctypes.byref(got), 0, 0, 0) == 0  # PR_GET_PDEATHSIG\n"
+        "print(got.value)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(int(signal.SIGTERM))

@@ -17,7 +17,6 @@ Import-light: the agent and the recorder both load it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 from dataclasses import dataclass
@@ -71,9 +70,10 @@ def agent_of_child(environ: dict[str, str] | os._Environ[str] = os.environ) -> I
 
 def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     """Ask the kernel to send ``sig`` when the parent exits; False where it cannot (not Linux)."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
+        # The running interpreter's own symbols, libc's among them: ``find_library`` would
+        # spawn ``ldconfig -p`` at every recorder start to find the same library.
+        libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
