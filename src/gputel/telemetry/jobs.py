@@ -105,9 +105,10 @@ class _Job:
     on: frozenset[int]
     """The GPUs it is on at the latest tick."""
     stats: AllocationStats = field(default_factory=AllocationStats)
-    energy_j: float | None = 0.0
-    """Joules of the intervals ending at the ticks it was on its GPUs
-    (:meth:`DetectedJobs.add_energy`); None once a tick's GPUs could not be listed."""
+    """Its statistics and energy (``stats.energy_j``: the intervals ending at the ticks it was
+    on its GPUs, :meth:`DetectedJobs.add_energy`; None until one is known)."""
+    energy_lost: bool = False
+    """A tick's GPUs could not be listed while it was on them: its energy is unknown."""
     shared: bool = False
     """Another job, an announced allocation or a process of unknown owner was on one of its
     GPUs at some tick: its energy cannot be told apart."""
@@ -189,7 +190,7 @@ class DetectedJobs:
         for job in self._jobs.values():
             if job.id not in present:
                 # Its GPUs could not be listed this tick: kept, but the interval is unknown.
-                job.energy_j = None
+                job.energy_lost = True
         return on_gpu, ended
 
     def _step(
@@ -214,21 +215,18 @@ class DetectedJobs:
         ``gputel.energy``) for each job on the GPUs it is on now; an unknown share is left out,
         as ``gputel report`` leaves it out."""
         for job in self._jobs.values():
-            if job.energy_j is None:
-                continue
-            for gpu in job.on:
-                share = shares.get(gpu)
-                if share is not None:
-                    job.energy_j += share
+            if not job.energy_lost:
+                job.stats.add_energy(shares, job.on)
 
     def _close(self, job: _Job, end: datetime, reason: str) -> dict[str, Any]:
         del self._jobs[job.id]
+        energy = job.stats.energy_j
         summary = release_summary(
             job.id,
             sorted(job.gpus),
             job.start,
             end,
-            None if job.shared or job.energy_j is None else round(job.energy_j, 6),
+            None if job.shared or job.energy_lost or energy is None else round(energy, 6),
             job.stats.to_json(),
             reason,
         )
