@@ -49,5 +49,5 @@ PYTHON=${PYTHON:-python3}
 MIN_NVML=$(sed -n 's/.*"nvidia-ml-py>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 [ -x .venv-minnvml/bin/python ] || "$PYTHON" -m venv .venv-minnvml
 .venv-minnvml/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv-minnvml/bin/python -m pip install -q -e . "nvidia-ml-py==${MIN_NVML}" pytest pytest-timeout
+.venv-minnvml/bin/python -m pip install -q -e . "nvidia-ml-py==${MIN_NVML}" pytest pytest-timeout psutil
 echo "setup: ready (.venv/bin/gputel; .venv-minnvml with nvidia-ml-py ${MIN_NVML})"

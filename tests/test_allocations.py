@@ -18,12 +18,11 @@ from gputel.control.allocations import (
     AllocationError,
     AllocationStore,
     parse_gpus_text,
-    process_start_time,
     read_open_ids,
     validate_gpus,
     validate_id,
 )
-from gputel.formats import process_alive
+from gputel.formats import process_alive, process_start_time
 from gputel.runtime import atomic_write_json
 
 

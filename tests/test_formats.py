@@ -262,3 +262,28 @@ def test_repeat_cells_write_what_csv_cell_writes_tick_after_tick() -> None:
         assert repeat.cells(values) == [
             formats.csv_cell(v, d) for v, d in zip(values, decimals, strict=True)
         ]
+
+
+def test_process_start_time_agrees_with_psutil_for_owners_recorded_before() -> None:
+    # allocations.json of earlier versions holds psutil's create_time: the same process must
+    # still compare equal, and so count as alive.
+    import psutil
+
+    for pid in (1, os.getpid(), os.getppid()):
+        ours = formats.process_start_time(pid)
+        assert ours is not None
+        assert abs(ours - psutil.Process(pid).create_time()) < 0.05
+        assert formats.process_alive(pid, psutil.Process(pid).create_time())
+    assert not formats.process_alive(os.getpid(), psutil.Process(os.getpid()).create_time() - 60)
+
+
+def test_checking_a_parent_by_start_time_does_not_load_psutil() -> None:
+    # The recorder child checks its agent this way at every start.
+    code = (
+        "import os, sys\n"
+        "from gputel.lineage import agent_of_child, parent_is\n"
+        "assert parent_is(agent_of_child({}))\n"
+        "assert 'psutil' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

@@ -129,6 +129,16 @@ def test_a_counter_that_restarted_counts_that_tick_power_times_the_interval() ->
     assert run(DetectedJobs(), ticks)[0]["energy_j"] == 250.0 + 30.0
 
 
+def test_a_job_on_gpus_without_energy_or_power_has_empty_energy_not_zero() -> None:
+    no_energy: dict[int, float | None] = {0: None, 1: None}
+    ended = run(
+        DetectedJobs(), [tick(k, {0: ["slurm-1"]}, no_energy) for k in range(3)] + [tick(3, {})]
+    )
+    (s,) = ended
+    assert s["samples"] == 3 and s["shared"] == 0
+    assert s["energy_j"] is None  # the hardware gave nothing to count: unknown, never 0 J
+
+
 def test_jobs_still_open_are_summarised_when_recording_stops() -> None:
     detected = DetectedJobs()
     run(detected, [tick(0, {0: ["a"], 1: ["b"]})])

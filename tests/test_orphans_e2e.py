@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gputel import runtime
-from gputel.lineage import AGENT_ENV, Identity, start_time_of
+from gputel.formats import process_start_time
+from gputel.lineage import AGENT_ENV, Identity
 from test_agent_e2e import AgentProc, pid_alive, spawn_agent, wait_for
 
 __all__ = ["spawn_agent"]  # the fixture, used by name
@@ -65,7 +66,7 @@ def test_sigkill_of_the_agent_leaves_no_child_after_1_5_s(
 
 def test_a_child_started_under_a_dead_agent_exits_on_its_own(tmp_path: Path) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
-    identity = Identity(gone.pid, start_time_of(gone.pid))
+    identity = Identity(gone.pid, process_start_time(gone.pid))
     gone.wait(10)
     child = start_child(child_env(tmp_path, **{AGENT_ENV: identity.as_env()}))
     try:
@@ -105,3 +106,18 @@ def test_a_new_child_stops_a_live_old_one_before_its_first_row(tmp_path: Path) -
             if p is not None and p.poll() is None:
                 p.terminate()
                 p.wait(10)
+
+
+def test_die_with_parent_sets_the_kernels_parent_death_signal() -> None:
+    # In a process of its own: the request outlives the call and would bind pytest itself.
+    code = (
+        "import ctypes, signal\n"
+        "from gputel.lineage import die_with_parent\n"
+        "assert die_with_parent(signal.SIGTERM)\n"
+        "got = ctypes.c_int(0)\n"
+        "assert ctypes.CDLL(None).prctl(2, ctypes.byref(got), 0, 0, 0) == 0  # PR_GET_PDEATHSIG\n"
+        "print(got.value)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(int(signal.SIGTERM))

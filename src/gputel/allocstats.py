@@ -10,7 +10,7 @@ Pure Python, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Protocol
 
 from gputel.formats import finite
@@ -87,7 +87,7 @@ class AllocationStats:
         4); None until one is known. An unknown interval is left out, as the report does."""
 
     def add_energy(
-        self, shares: Mapping[int, float | None], only: tuple[int, ...] | None = None
+        self, shares: Mapping[int, float | None], only: Collection[int] | None = None
     ) -> None:
         """One tick's energy per GPU (``CsvSink.tick_energy``); ``only`` as for add_tick."""
         for gpu, joules in shares.items():

@@ -17,12 +17,11 @@ Import-light: the agent and the recorder both load it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 from dataclasses import dataclass
 
-from gputel.formats import process_alive
+from gputel.formats import process_alive, process_start_time
 
 #: Internal environment variable: ``<pid>:<start time>`` of the agent that started the child.
 AGENT_ENV = "_GPUTEL_AGENT"
@@ -52,18 +51,9 @@ class Identity:
         return cls(int(pid_text), start)
 
 
-def start_time_of(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.Error, OSError):
-        return None
-
-
 def own_identity() -> Identity:
     """This process, for a child it starts (:data:`AGENT_ENV`)."""
-    return Identity(os.getpid(), start_time_of(os.getpid()))
+    return Identity(os.getpid(), process_start_time(os.getpid()))
 
 
 def agent_of_child(environ: dict[str, str] | os._Environ[str] = os.environ) -> Identity:
@@ -74,15 +64,16 @@ def agent_of_child(environ: dict[str, str] | os._Environ[str] = os.environ) -> I
     text = environ.get(AGENT_ENV)
     if text is None:
         parent = os.getppid()
-        return Identity(parent, start_time_of(parent))
+        return Identity(parent, process_start_time(parent))
     return Identity.parse(text) or Identity(0, None)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     """Ask the kernel to send ``sig`` when the parent exits; False where it cannot (not Linux)."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
+        # The running interpreter's own symbols, libc's among them: ``find_library`` would
+        # spawn ``ldconfig -p`` at every recorder start to find the same library.
+        libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False

@@ -35,6 +35,7 @@ from gputel.formats import (
     iso_utc_ms,
     parse_iso_utc,
     process_alive,
+    process_start_time,
 )
 from gputel.runtime import ALLOCATIONS_FILE, RECORDER_STATE_FILE, atomic_write_json, read_json
 from gputel.settings import parse_gpu_list
@@ -154,17 +155,6 @@ def validate_pid(pid: object) -> int | None:
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-# ---------------------------------------------------------------------------------- owners
-def process_start_time(pid: int) -> float | None:
-    """The process's creation time (epoch seconds), or None when unknown or gone."""
-    import psutil  # only the agent needs it; the recorder and hooks read this module too
-
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.Error, OSError):
-        return None
 
 
 # ---------------------------------------------------------------------------------- records

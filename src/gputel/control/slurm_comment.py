@@ -153,6 +153,12 @@ def _first_line(text: str) -> str:
     return ""
 
 
+def failure_line(done: subprocess.CompletedProcess[str]) -> str:
+    """Why a Slurm command failed, in one line: the first line it wrote (error output first),
+    else its exit status."""
+    return _first_line(done.stderr) or _first_line(done.stdout) or f"exit {done.returncode}"
+
+
 def read_comment(job_id: str, timeout: float = CALL_TIMEOUT_S) -> str | Stored | None:
     """The job's AdminComment from the accounting database ('' when empty), or a failed
     :class:`Stored` saying why it could not be read."""
@@ -161,8 +167,7 @@ def read_comment(job_id: str, timeout: float = CALL_TIMEOUT_S) -> str | Stored |
     if isinstance(done, str):
         return Stored(False, done)
     if done.returncode != 0:
-        why = _first_line(done.stderr) or f"exit {done.returncode}"
-        return Stored(False, f"sacct cannot read the accounting database ({why})")
+        return Stored(False, f"sacct cannot read the accounting database ({failure_line(done)})")
     lines = done.stdout.splitlines()
     return lines[0].strip() if lines else None
 
@@ -209,7 +214,7 @@ def store_summary(job_id: str, summary: Mapping[str, Any], timeout: float = 4.0)
         said = f"{done.stdout}\n{done.stderr}"
         if done.returncode == 0 and "nothing modified" not in said.lower():
             return Stored(True, f"summary stored in Slurm job {job_id}'s AdminComment: {token}")
-        why = _first_line(done.stderr) or _first_line(done.stdout) or f"exit {done.returncode}"
         if time.monotonic() + 1.0 >= deadline:
+            why = failure_line(done)
             return Stored(False, f"nothing stored in Slurm for job {job_id}: sacctmgr: {why}")
         time.sleep(0.5)

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from gputel.control.slurm_comment import run_slurm_command, slurm_job_id
+from gputel.control.slurm_comment import failure_line, run_slurm_command, slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,9 @@ class SlurmJobWatch:
                 continue
             verdict = job_verdict(done.returncode, done.stdout, done.stderr)
             if verdict is None:
-                why = (done.stderr or done.stdout).strip().splitlines()
                 self._complain(
                     "unreadable",
-                    f"cannot tell from scontrol whether job {job} is gone: "
-                    f"{why[0] if why else f'exit {done.returncode}'}",
+                    f"cannot tell from scontrol whether job {job} is gone: {failure_line(done)}",
                 )
             elif verdict:
                 with self._lock:

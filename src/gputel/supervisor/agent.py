@@ -189,7 +189,8 @@ class Agent:
         self.light: dict[int, GpuReading] = {}
         """Per GPU, the last light read (empty without a pre-trigger or ``sm`` activity):
         ``gputel status`` shows its values while no recorder runs (``gputel.gpu_status``)."""
-        self.light_at: str | None = None
+        self.light_at: float | None = None
+        """Epoch seconds of that read; formatted only when ``gputel status`` asks."""
         self.util_max: float | None = None
         self.poll_duration_s: float | None = None
         self.degraded: Degraded | None = None
@@ -666,7 +667,7 @@ class Agent:
             self.utilization = utilization
             self.activity = values
             self.light = light_readings
-            self.light_at = iso_utc_ms(wall) if light_readings else None
+            self.light_at = wall if light_readings else None
             self.util_max = max(known) if known else None
         return self.util_max
 

@@ -175,7 +175,7 @@ class ControlApi:
                 agent.utilization,
                 agent.activity,
                 agent.light,
-                agent.light_at,
+                None if agent.light_at is None else iso_utc_ms(agent.light_at),
                 hb,
                 stuck=set(agent.stuck) | set(child_info["gpus_stuck"] if child_info else ()),
             )

@@ -14,8 +14,6 @@ from typing import Any
 from gputel.formats import FailureCounter
 from gputel.telemetry.promtext import Family
 
-#: The files the agent appends to, in the order status lists them.
-APPENDED_FILES = ("transitions.csv", "events.csv", "allocations.csv")
 #: How the recorder names its per-second files in its entries.
 RECORDER_CSV = "gpu/host/processes CSV"
 

@@ -202,9 +202,11 @@ class CsvSink:
             "CSV writing in %s recovered (%d rows failed in total)",
         )
         self._energy: dict[int, SinceStart] = {}
-        self._gpu_cells: dict[int, RepeatCells] = {}
-        self._owner_cells: dict[tuple[str | None, str | None, str | None], str] = {}
         """Per GPU of the current gpu file: joules since the file began."""
+        self._gpu_cells: dict[int, RepeatCells] = {}
+        """Per GPU: its last row's cells, reused where a value repeats."""
+        self._owner_cells: dict[tuple[str | None, str | None, str | None], str] = {}
+        """Per (user, command, job): the three cells of a process row."""
         self.last_power: dict[int, tuple[float, float | None]] = {}
         """Per GPU: (epoch seconds, power) of its latest row written, in any file: where the
         next file's first row joins (a restarted recorder seeds it from its predecessor)."""

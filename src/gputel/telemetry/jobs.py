@@ -104,12 +104,11 @@ class _Job:
     """Every GPU it has been seen on."""
     on: frozenset[int]
     """The GPUs it is on at the latest tick."""
-    last_energy: dict[int, float | None]
-    """Each GPU's energy counter at the latest tick the job was on it."""
     stats: AllocationStats = field(default_factory=AllocationStats)
-    energy_j: float | None = 0.0
-    """Joules of its GPUs over the intervals between two ticks it was on them; None once an
-    interval is unknown."""
+    """Its statistics and energy (``stats.energy_j``: the intervals ending at the ticks it was
+    on its GPUs, :meth:`DetectedJobs.add_energy`; None until one is known)."""
+    energy_lost: bool = False
+    """A tick's GPUs could not be listed while it was on them: its energy is unknown."""
     shared: bool = False
     """Another job, an announced allocation or a process of unknown owner was on one of its
     GPUs at some tick: its energy cannot be told apart."""
@@ -141,6 +140,10 @@ class DetectedJobs:
         """The sampling interval: one throttled tick counts this many ``throttled_s``."""
         self._jobs: dict[str, _Job] = {}
 
+    def ids(self) -> list[str]:
+        """The ids of the detected jobs now (each tick's ``gputel_allocation_info``)."""
+        return list(self._jobs)
+
     def open(self) -> list[dict[str, Any]]:
         """The detected jobs now: ``{"id", "gpus", "start"}`` each (for ``recorder.json``)."""
         return [
@@ -162,7 +165,6 @@ class DetectedJobs:
         on_gpu = jobs_by_gpu(sample.processes)
         unknown_owner = {r.gpu for r in sample.processes if r.job is None}
         listed = {g.index for g in sample.gpus if g.processes is not None}
-        energy = {g.index: g.energy_j for g in sample.gpus}
         hooked = set(announced_ids)
         present: dict[str, set[int]] = {}
         for gpu, ids in on_gpu.items():
@@ -182,14 +184,13 @@ class DetectedJobs:
             found = self._jobs.get(ident)
             if found is None:
                 found = self._jobs[ident] = _Job(
-                    ident, sample.timestamp, set(gpus), frozenset(gpus), {}
+                    ident, sample.timestamp, set(gpus), frozenset(gpus)
                 )
-            self._step(found, frozenset(gpus), sample, energy, on_gpu, announced, unknown_owner)
+            self._step(found, frozenset(gpus), sample, on_gpu, announced, unknown_owner)
         for job in self._jobs.values():
             if job.id not in present:
                 # Its GPUs could not be listed this tick: kept, but the interval is unknown.
-                job.energy_j = None
-                job.last_energy = {}
+                job.energy_lost = True
         return on_gpu, ended
 
     def _step(
@@ -197,7 +198,6 @@ class DetectedJobs:
         job: _Job,
         gpus: frozenset[int],
         sample: Sample,
-        energy: Mapping[int, float | None],
         on_gpu: Mapping[int, tuple[str, ...]],
         announced: Mapping[int, tuple[str, ...]],
         unknown_owner: set[int],
@@ -206,7 +206,6 @@ class DetectedJobs:
             others = set(on_gpu.get(gpu, ())) | set(announced.get(gpu, ()))
             if others - {job.id} or gpu in unknown_owner:
                 job.shared = True
-        job.last_energy = {gpu: energy.get(gpu) for gpu in gpus}
         job.on = gpus
         job.gpus |= gpus
         job.stats.add_tick(sample.gpus, tuple(sorted(gpus)), self._interval_s)
@@ -216,21 +215,18 @@ class DetectedJobs:
         ``gputel.energy``) for each job on the GPUs it is on now; an unknown share is left out,
         as ``gputel report`` leaves it out."""
         for job in self._jobs.values():
-            if job.energy_j is None:
-                continue
-            for gpu in job.on:
-                share = shares.get(gpu)
-                if share is not None:
-                    job.energy_j += share
+            if not job.energy_lost:
+                job.stats.add_energy(shares, job.on)
 
     def _close(self, job: _Job, end: datetime, reason: str) -> dict[str, Any]:
         del self._jobs[job.id]
+        energy = job.stats.energy_j
         summary = release_summary(
             job.id,
             sorted(job.gpus),
             job.start,
             end,
-            None if job.shared or job.energy_j is None else round(job.energy_j, 6),
+            None if job.shared or job.energy_lost or energy is None else round(energy, 6),
             job.stats.to_json(),
             reason,
         )

@@ -237,7 +237,7 @@ class Recorder:
             rows_failed=self.sink.rows_failed + self._summary_log.rows_failed,
             ticks_total=self.ticks,
             allocations=self.names.infos(
-                [*self._alloc_ids, *(j["id"] for j in self.detected.open())], sample.processes
+                [*self._alloc_ids, *self.detected.ids()], sample.processes
             ),
         )
         self.last_tick_monotonic = self._clock()
