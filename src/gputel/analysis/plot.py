@@ -393,47 +393,22 @@ def _panel(ax: Any, idx: int, g: _Gpu, timeline: Timeline, full: float) -> None:
     # would otherwise hide it.
     ax.set_zorder(temp.get_zorder() + 1)
     ax.patch.set_visible(False)
-    for a, b, share in _runs(g.throttle):
-        ax.axvspan(
-            _dt(a),
-            _dt(b),
-            color="tab:red",
-            alpha=0.1 + 0.15 * share,
-            lw=0,
-            gid=GID_THROTTLED,
-            label="throttled",
-        )
-    for a, b in _off_spans(g.rows):
-        ax.axvspan(
-            _dt(a),
-            _dt(b),
-            color="0.6",
-            alpha=0.25,
-            lw=0,
-            gid=GID_OFF,
-            label="no rows (telemetry off)",
-        )
-    for a, b in timeline.pretrigger:
-        ax.axvspan(
-            _dt(a),
-            _dt(b),
-            color="tab:purple",
-            alpha=0.12,
-            lw=0,
-            gid=GID_PRETRIGGER,
-            label="pre-trigger",
-        )
+    # One list of shaded intervals (start, end, color, alpha, gid, legend label), drawn alike.
+    spans: list[tuple[float, float, str, float, str, str]] = [
+        (a, b, "tab:red", 0.1 + 0.15 * share, GID_THROTTLED, "throttled")
+        for a, b, share in _runs(g.throttle)
+    ]
+    spans += [
+        (a, b, "0.6", 0.25, GID_OFF, "no rows (telemetry off)") for a, b in _off_spans(g.rows)
+    ]
+    spans += [
+        (a, b, "tab:purple", 0.12, GID_PRETRIGGER, "pre-trigger") for a, b in timeline.pretrigger
+    ]
     if timeline.focus is not None:
         alloc_id, a, b = timeline.focus
-        ax.axvspan(
-            _dt(a),
-            _dt(b),
-            color="tab:olive",
-            alpha=0.08,
-            lw=0,
-            gid=GID_FOCUS,
-            label=f"allocation {alloc_id}",
-        )
+        spans.append((a, b, "tab:olive", 0.08, GID_FOCUS, f"allocation {alloc_id}"))
+    for a, b, color, alpha, gid, label in spans:
+        ax.axvspan(_dt(a), _dt(b), color=color, alpha=alpha, lw=0, gid=gid, label=label)
     for alloc_id, (a, b) in sorted(timeline.spans.get(idx, {}).items(), key=lambda x: x[1]):
         ax.axvspan(
             _dt(a),
