@@ -17,14 +17,13 @@ import csv
 import gzip
 import io
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from gputel.analysis import duck
 from gputel.analysis.filter import CsvReadError, ReportFilter, UnknownAllocation
 from gputel.analysis.groups import STALLED_SM_PCT, STALLED_UTIL_PCT
-from gputel.formats import is_appended_file, iso_utc_ms, original_text
+from gputel.formats import is_appended_file, iso_utc_ms, original_text, parse_iso_utc
 from gputel.schema import CLOCK_EVENT_REASONS, THROTTLE_MASK
 
 #: A GPU idle for at least this share of the job is named in the verdict.
@@ -115,7 +114,7 @@ def _appended_files(paths: list[Path], name: str) -> list[Path]:
 
 def _ts(text: str) -> float | None:
     try:
-        return datetime.fromisoformat(text.strip().replace("Z", "+00:00")).timestamp()
+        return parse_iso_utc(text.strip()).timestamp()
     except ValueError:
         return None
 

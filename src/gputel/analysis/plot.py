@@ -26,6 +26,7 @@ from typing import Any
 
 from gputel.analysis import duck
 from gputel.analysis.filter import ReportFilter, UnknownAllocation
+from gputel.formats import parse_iso_utc
 from gputel.schema import THROTTLE_MASK
 
 MAX_BUCKETS = 4000
@@ -245,7 +246,6 @@ def _switches(dirs: list[Path], first: float, last: float) -> list[tuple[float, 
     ``transitions.csv`` in ``dirs`` (rotated copies included); unreadable rows are skipped, as
     the marks only annotate the rows."""
     import csv
-    from datetime import datetime
 
     from gputel.supervisor.transitions_log import TRANSITIONS_FILE
 
@@ -261,9 +261,7 @@ def _switches(dirs: list[Path], first: float, last: float) -> list[tuple[float, 
                         if to_state not in ("telemetry_on", "telemetry_off"):
                             continue
                         try:
-                            ts = datetime.fromisoformat(
-                                (row.get("timestamp") or "").replace("Z", "+00:00")
-                            ).timestamp()
+                            ts = parse_iso_utc(row.get("timestamp") or "").timestamp()
                         except ValueError:
                             continue
                         if first - 60 <= ts <= last + 60:
