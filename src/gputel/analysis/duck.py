@@ -184,7 +184,8 @@ def find_files(paths: Iterable[Path]) -> FileSet:
     return FileSet({k: sorted(v) for k, v in found.items()}, nodes)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path) -> io.TextIOBase:
+    """A CSV file for reading as text, gzip-compressed or not (by its content, not its name)."""
     with open(path, "rb") as fh:
         magic = fh.read(2)
     if magic == b"\x1f\x8b":
@@ -195,7 +196,7 @@ def _open_text(path: Path) -> io.TextIOBase:
 def _header(path: Path, kind: str) -> list[str] | None:
     """The header of a file with at least one data row, None for an empty file."""
     try:
-        with _open_text(path) as fh:
+        with open_text(path) as fh:
             header = fh.readline().strip("\r\n").split(",")
             if not fh.readline().strip():
                 return None
