@@ -237,37 +237,33 @@ def collect(
     switches: list[tuple[float, bool]] = []
     if len(nodes) == 1 and lo is not None:
         dirs = {p.parent for p in fs.files["gpu"] if fs.nodes.get(p) == nodes[0]}
-        switches = _switches(sorted(dirs), float(lo), float(hi))
+        logs = [p for p in fs.files["transitions"] if p.parent in dirs]
+        switches = _switches(logs, float(lo), float(hi))
     return Timeline(gpu_rows, spans, events, pretrigger, focus, switches)
 
 
-def _switches(dirs: list[Path], first: float, last: float) -> list[tuple[float, bool]]:
+def _switches(logs: list[Path], first: float, last: float) -> list[tuple[float, bool]]:
     """Telemetry on/off switches between ``first`` and ``last`` from the agent's
-    ``transitions.csv`` in ``dirs`` (rotated copies included); unreadable rows are skipped, as
-    the marks only annotate the rows."""
+    ``transitions.csv`` files ``logs`` (rotated copies included); unreadable rows and files are
+    skipped, as the marks only annotate the rows."""
     import csv
 
-    from gputel.supervisor.transitions_log import TRANSITIONS_FILE
-
     out: set[tuple[float, bool]] = set()
-    for d in dirs:
-        for path in sorted(d.glob(TRANSITIONS_FILE + "*")):
-            if path.suffix == ".gz" or not path.is_file():
-                continue
-            try:
-                with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-                    for row in csv.DictReader(fh):
-                        to_state = row.get("to_state")
-                        if to_state not in ("telemetry_on", "telemetry_off"):
-                            continue
-                        try:
-                            ts = parse_iso_utc(row.get("timestamp") or "").timestamp()
-                        except ValueError:
-                            continue
-                        if first - 60 <= ts <= last + 60:
-                            out.add((ts, to_state == "telemetry_on"))
-            except (OSError, csv.Error):
-                continue
+    for path in logs:
+        try:
+            with duck.open_text(path) as fh:
+                for row in csv.DictReader(fh):
+                    to_state = row.get("to_state")
+                    if to_state not in ("telemetry_on", "telemetry_off"):
+                        continue
+                    try:
+                        ts = parse_iso_utc(row.get("timestamp") or "").timestamp()
+                    except ValueError:
+                        continue
+                    if first - 60 <= ts <= last + 60:
+                        out.add((ts, to_state == "telemetry_on"))
+        except (OSError, EOFError, UnicodeDecodeError, csv.Error):
+            continue
     return sorted(out)[:MAX_MARKERS]
 
 
