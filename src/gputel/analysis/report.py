@@ -266,7 +266,7 @@ class ScopeStats:
         throttle = self.values[18:]
         temp_mean = self.values[17]
         throttled = self.throttled
-        idle = int(self.values[16] or 0)
+        idle = self.values[16]  # NULL where no row has a utilization (a MIG-mode GPU)
         energy = self.energy
         return {
             "samples": int(n),
@@ -294,7 +294,7 @@ class ScopeStats:
             "sm_active_mean_pct": _round(sm),
             "tensor_active_mean_pct": _round(tensor),
             "stalled_s": _round(stalled * interval) if interval and sm is not None else None,
-            "idle_s": _round(idle * interval) if interval else None,
+            "idle_s": _round(idle * interval) if interval and idle is not None else None,
         }
 
 
