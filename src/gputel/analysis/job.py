@@ -104,14 +104,14 @@ def _summary_rows(fs: duck.FileSet, alloc_id: str | None) -> list[dict[str, str]
     return rows
 
 
-def known_ids(paths: list[Path], flt: ReportFilter | None = None) -> list[str]:
-    """Every allocation id in the GPU rows and ``allocations.csv`` files under ``paths``."""
+def known_ids(fs: duck.FileSet) -> list[str]:
+    """Every allocation id in the GPU rows and ``allocations.csv`` files of ``fs``."""
     con = duck.connect()
     duck.load(
         con,
-        duck.find_files(paths),
+        fs,
         "gpu",
-        flt or ReportFilter(),
+        ReportFilter(),
         table="tags",
         wrap=lambda inner: f"SELECT DISTINCT allocations FROM ({inner}) WHERE allocations <> ''",
     )
@@ -121,7 +121,7 @@ def known_ids(paths: list[Path], flt: ReportFilter | None = None) -> list[str]:
         for tag in tags.split(";")
         if tag
     }
-    ids.update(r["id"] for r in summary_rows(paths) if r.get("id"))
+    ids.update(r["id"] for r in _summary_rows(fs, None) if r.get("id"))
     return sorted(ids)
 
 
@@ -343,7 +343,7 @@ def build_job(
     files = duck.find_files(paths)
     summary = _summary_rows(files, alloc_id)
     if recorded is None and not summary:
-        raise UnknownAllocation(alloc_id, known_ids(paths))
+        raise UnknownAllocation(alloc_id, known_ids(files))
     names = {
         (node, gpu): (uuid or "", name or "")
         for node, gpu, uuid, name in con.execute(
