@@ -13,8 +13,7 @@ Energy (one rule, ``gputel.energy`` rule 4, which the recorder also follows tick
 the release reply and ``allocations.csv``): ``energy_j`` counts joules since its file began, a
 restarted counter's interval already counted as power × interval by the recorder, so within a
 file a GPU's energy is the counter's rise (:func:`groups.file_energy`); between two files of one
-session,
-where the counter restarts, it is power integrated over the one interval between them
+session, where the counter restarts, it is power integrated over the one interval between them
 (trapezoid, only across a gap no longer than the session's continuation gap). A session's energy
 per GPU is therefore the sum over its files of (last − first) plus those joins. Each row stands
 for the interval that ends at it, so an allocation's energy is the counter's rise over the rows it
