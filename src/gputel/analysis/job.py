@@ -337,10 +337,9 @@ def build_job(
 
     paths = list(paths)
     con = con or duck.connect()
-    report = build_report(paths, ReportFilter(allocation=alloc_id), idle_util, con=con)
+    files = duck.find_files(paths)  # one walk of the trees, for the report and the job
+    report = build_report(paths, ReportFilter(allocation=alloc_id), idle_util, con=con, found=files)
     recorded = next((a for a in report["allocations"] if a["id"] == alloc_id), None)
-    # One walk of the trees for the job's own files (the report made its own).
-    files = duck.find_files(paths)
     summary = _summary_rows(files, alloc_id)
     if recorded is None and not summary:
         raise UnknownAllocation(alloc_id, known_ids(files))

@@ -552,9 +552,8 @@ def _alloc_missing(seq: list[groups.AllocGroup], interval: float | None) -> int:
 
 
 def _load_all(
-    con: Any, paths: list[Path], flt: ReportFilter, width: float, idle_util: float
-) -> duck.FileSet:
-    fs = duck.find_files(paths)
+    con: Any, fs: duck.FileSet, flt: ReportFilter, width: float, idle_util: float
+) -> None:
     duck.load(
         con,
         fs,
@@ -573,7 +572,6 @@ def _load_all(
         wrap=lambda inner: groups.host_groups_sql(inner, width),
     )
     duck.load(con, fs, "events", flt)
-    return fs
 
 
 def build_report(
@@ -582,14 +580,17 @@ def build_report(
     idle_util: float = 5.0,
     idle_minutes: float = 30.0,
     con: Any = None,
+    found: duck.FileSet | None = None,
 ) -> dict[str, Any]:
-    """The whole report as plain data (what ``--json`` prints)."""
+    """The whole report as plain data (what ``--json`` prints); ``found``: the files of
+    ``paths`` when the caller has found them already."""
     from gputel.analysis import fleet
 
     flt = flt or ReportFilter()
     con = con or duck.connect()
     idle_limit = float(idle_minutes) * 60
-    _load_all(con, list(paths), flt, groups.bucket_width(idle_limit), idle_util)
+    fs = found if found is not None else duck.find_files(list(paths))
+    _load_all(con, fs, flt, groups.bucket_width(idle_limit), idle_util)
     con.execute(
         "CREATE OR REPLACE TEMP TABLE gpu_b AS SELECT fid, gpu, b, sum(n) AS n, min(t0) AS t0, "
         "max(t1) AS t1, list_sort(flatten(list(head)))[1:2] AS head FROM g GROUP BY fid, gpu, b"
