@@ -181,6 +181,23 @@ def test_unsupported_power_gives_empty_energy_not_zero(tmp_path: Path) -> None:
     assert g["power_mean_w"] is None
 
 
+def test_no_utilization_gives_empty_idle_not_zero(tmp_path: Path) -> None:
+    # A GPU in MIG mode has no utilization: its idle time is unknown, not 0 s.
+    path = tmp_path / "gpu-20261122T100000Z-n.csv"
+    write_gpu_csv(path, T0, 10, pattern, gpus=1)
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    col = rows[0].index("utilization_gpu_pct")
+    for row in rows[1:]:
+        row[col] = ""
+    with path.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    g = build_report([tmp_path])["sessions"][0]["gpus"][0]
+    assert g["samples"] == 10
+    assert g["util_mean_pct"] is None
+    assert g["idle_s"] is None
+
+
 def test_allocation_view_and_filters(tmp_path: Path) -> None:
     write_gpu_csv(
         tmp_path / "gpu-20261122T100000Z-n.csv",

@@ -114,7 +114,7 @@ def test_report_reads_old_and_new_event_layouts(tmp_path: Path) -> None:
 
 
 def test_appended_file_names() -> None:
-    from gputel.formats import is_appended_file
+    from gputel.analysis.duck import file_kind
 
     for good in (
         "allocations.csv",
@@ -123,9 +123,9 @@ def test_appended_file_names() -> None:
         "allocations-pre-20261207T024700Z.csv",
         "allocations-pre-20261207T024700Z_001.csv.1.gz",
     ):
-        assert is_appended_file(good, "allocations.csv"), good
+        assert file_kind(Path(good)) == "allocations", good
     for bad in ("allocations.json", "allocationsX.csv", "events.csv", "gpu-x.csv"):
-        assert not is_appended_file(bad, "allocations.csv"), bad
+        assert file_kind(Path(bad)) != "allocations", bad
 
 
 def test_gputel_job_reads_an_old_layout_summary_moved_aside(tmp_path: Path) -> None:

@@ -315,14 +315,6 @@ def moved_aside_name(path: Path, now: float | None = None) -> Path:
     raise OSError(errno.EEXIST, f"no free name to move {path.name} aside")
 
 
-def is_appended_file(filename: str, name: str) -> bool:
-    """Whether ``filename`` holds rows of the appended file ``name`` (``allocations.csv``): the
-    file itself, a copy an upgrade moved aside (:func:`moved_aside_name`), or either as
-    logrotate left it (``.1``, ``.2.gz``)."""
-    stem = re.escape(name.removesuffix(".csv"))
-    return re.fullmatch(rf"{stem}(?:-pre-[^/]*)?\.csv(?:\.\d+)?(?:\.gz)?", filename) is not None
-
-
 def _first_line(fd: int) -> bytes:
     head = os.pread(fd, _HEADER_READ, 0)
     end = head.find(b"\n")

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from gputel.analysis.filter import CsvReadError, ReportFilter
 from gputel.filekinds import KINDS
@@ -184,18 +184,22 @@ def find_files(paths: Iterable[Path]) -> FileSet:
     return FileSet({k: sorted(v) for k, v in found.items()}, nodes)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def open_bytes(path: Path) -> BinaryIO:
+    """A CSV file for reading, gzip-compressed or not (by its content, not its name)."""
     with open(path, "rb") as fh:
         magic = fh.read(2)
-    if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # type: ignore[return-value]
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    """:func:`open_bytes` as UTF-8 text, line ends kept for the csv module."""
+    return io.TextIOWrapper(open_bytes(path), encoding="utf-8", newline="")
 
 
 def _header(path: Path, kind: str) -> list[str] | None:
     """The header of a file with at least one data row, None for an empty file."""
     try:
-        with _open_text(path) as fh:
+        with open_text(path) as fh:
             header = fh.readline().strip("\r\n").split(",")
             if not fh.readline().strip():
                 return None

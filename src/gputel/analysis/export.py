@@ -30,7 +30,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 from gputel.analysis import duck
 from gputel.analysis.filter import CsvReadError
@@ -177,17 +177,11 @@ def _load_manifest(out: Path) -> dict[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- sources
-def _open_bytes(path: Path) -> BinaryIO:
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # type: ignore[return-value]
-
-
 def _source(kind: FileKind, path: Path, node: str) -> Source | None:
     """The file as a source, or None while it has no whole row."""
     try:
         size = path.stat().st_size
-        with _open_bytes(path) as fh:
+        with duck.open_bytes(path) as fh:
             header = fh.readline()
             first = fh.readline()
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
@@ -245,7 +239,7 @@ def _export_slice(
     staging.mkdir(parents=True, exist_ok=True)
     tmp = staging / "slice.csv"
     rows = 0
-    with _open_bytes(s.path) as src, open(tmp, "wb") as dst:
+    with duck.open_bytes(s.path) as src, open(tmp, "wb") as dst:
         dst.write(s.header_line)
         if offset is not None and not s.gz and offset <= s.size:
             src.seek(offset)

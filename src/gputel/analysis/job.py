@@ -14,17 +14,15 @@ recorded ones.
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from gputel.analysis import duck
 from gputel.analysis.filter import CsvReadError, ReportFilter, UnknownAllocation
 from gputel.analysis.groups import STALLED_SM_PCT, STALLED_UTIL_PCT
-from gputel.formats import is_appended_file, iso_utc_ms, original_text
+from gputel.control.allocations import SUMMARY_FILE
+from gputel.formats import iso_utc_ms, original_text, parse_iso_utc
 from gputel.schema import CLOCK_EVENT_REASONS, THROTTLE_MASK
 
 #: A GPU idle for at least this share of the job is named in the verdict.
@@ -42,7 +40,6 @@ REASON_WORDS = {
     "hw_power_brake_slowdown": "power brake",
 }
 THROTTLE_NAMES = frozenset(name for bit, name in CLOCK_EVENT_REASONS if bit & THROTTLE_MASK)
-SUMMARY_FILE = "allocations.csv"
 #: ``energy_source`` of a detected job that shared a GPU with another job.
 SHARED = "none: a GPU was shared with another job"
 
@@ -82,50 +79,23 @@ class Job:
         return asdict(self)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
-def _files(paths: list[Path], prefix: str) -> list[Path]:
-    out: set[Path] = set()
-    for p in paths:
-        if p.is_dir():
-            out.update(f for f in p.rglob(f"{prefix}*") if f.is_file() and ".csv" in f.name)
-        elif p.is_file() and p.name.startswith(prefix):
-            out.add(p)
-    return sorted(out)
-
-
-def _appended_files(paths: list[Path], name: str) -> list[Path]:
-    """The files of the appended file ``name`` under ``paths``: the file, its rotated copies
-    and the older-layout copies an upgrade moved aside (``formats.is_appended_file``)."""
-    out: set[Path] = set()
-    stem = name.removesuffix(".csv")
-    for p in paths:
-        if p.is_dir():
-            out.update(
-                f for f in p.rglob(f"{stem}*") if f.is_file() and is_appended_file(f.name, name)
-            )
-        elif p.is_file() and p.name.startswith(stem):
-            out.add(p)
-    return sorted(out)
-
-
 def _ts(text: str) -> float | None:
     try:
-        return datetime.fromisoformat(text.strip().replace("Z", "+00:00")).timestamp()
+        return parse_iso_utc(text.strip()).timestamp()
     except ValueError:
         return None
 
 
 def summary_rows(paths: list[Path], alloc_id: str | None = None) -> list[dict[str, str]]:
     """``allocations.csv`` rows (for ``alloc_id``, or all), with the node from the directory."""
+    return _summary_rows(duck.find_files(paths), alloc_id)
+
+
+def _summary_rows(fs: duck.FileSet, alloc_id: str | None) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
-    for path in _appended_files(paths, SUMMARY_FILE):
+    for path in fs.files["allocations"]:
         try:
-            with _open_text(path) as fh:
+            with duck.open_text(path) as fh:
                 for row in csv.DictReader(fh):
                     if alloc_id is None or row.get("id") == alloc_id:
                         rows.append({k: v or "" for k, v in row.items() if k is not None})
@@ -134,14 +104,14 @@ def summary_rows(paths: list[Path], alloc_id: str | None = None) -> list[dict[st
     return rows
 
 
-def known_ids(paths: list[Path], flt: ReportFilter | None = None) -> list[str]:
-    """Every allocation id in the GPU rows and ``allocations.csv`` files under ``paths``."""
+def known_ids(fs: duck.FileSet) -> list[str]:
+    """Every allocation id in the GPU rows and ``allocations.csv`` files of ``fs``."""
     con = duck.connect()
     duck.load(
         con,
-        duck.find_files(paths),
+        fs,
         "gpu",
-        flt or ReportFilter(),
+        ReportFilter(),
         table="tags",
         wrap=lambda inner: f"SELECT DISTINCT allocations FROM ({inner}) WHERE allocations <> ''",
     )
@@ -151,7 +121,7 @@ def known_ids(paths: list[Path], flt: ReportFilter | None = None) -> list[str]:
         for tag in tags.split(";")
         if tag
     }
-    ids.update(r["id"] for r in summary_rows(paths) if r.get("id"))
+    ids.update(r["id"] for r in _summary_rows(fs, None) if r.get("id"))
     return sorted(ids)
 
 
@@ -172,7 +142,7 @@ _TEXT_CELLS = frozenset({"user", "command", "job"})
 
 
 def _processes(
-    paths: list[Path], nodes: list[str], gpus: list[int], first: float, last: float
+    fs: duck.FileSet, nodes: list[str], gpus: list[int], first: float, last: float
 ) -> list[dict[str, Any]]:
     """The processes seen on the job's GPUs between ``first`` and ``last``, one entry per
     (node, GPU, pid, command) with its user, job tag, peak memory and mean SM share.
@@ -183,12 +153,12 @@ def _processes(
     lo, hi = iso_utc_ms(first), iso_utc_ms(last)
     seen: dict[tuple[str, int, str, str], dict[str, Any]] = {}
     wanted = {str(g) for g in gpus}
-    for path in _files(paths, "processes-"):
-        node = duck.node_of(path.with_name("gpu-" + path.name.removeprefix("processes-")))
+    for path in fs.files["processes"]:
+        node = fs.nodes[path]
         if nodes and node not in nodes:
             continue
         try:
-            with _open_text(path) as fh:
+            with duck.open_text(path) as fh:
                 reader = csv.reader(fh)
                 header = next(reader, [])
                 col = {name: i for i, name in enumerate(header)}
@@ -367,11 +337,12 @@ def build_job(
 
     paths = list(paths)
     con = con or duck.connect()
-    report = build_report(paths, ReportFilter(allocation=alloc_id), idle_util, con=con)
+    files = duck.find_files(paths)  # one walk of the trees, for the report and the job
+    report = build_report(paths, ReportFilter(allocation=alloc_id), idle_util, con=con, found=files)
     recorded = next((a for a in report["allocations"] if a["id"] == alloc_id), None)
-    summary = summary_rows(paths, alloc_id)
+    summary = _summary_rows(files, alloc_id)
     if recorded is None and not summary:
-        raise UnknownAllocation(alloc_id, known_ids(paths))
+        raise UnknownAllocation(alloc_id, known_ids(files))
     names = {
         (node, gpu): (uuid or "", name or "")
         for node, gpu, uuid, name in con.execute(
@@ -411,7 +382,7 @@ def build_job(
     if first is not None and last_ts is not None:
         # The row at ``end`` stands for the interval that ends at it; a process sampled in the
         # same tick as the last row is the job's.
-        processes = _processes(paths, nodes, gpus, first, last_ts)
+        processes = _processes(files, nodes, gpus, first, last_ts)
         events = _events(con, alloc_id, nodes, gpus, first, last_ts)
     users = sorted({p["user"] for p in processes if p["user"]})
     return Job(

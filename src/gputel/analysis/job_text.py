@@ -9,6 +9,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+from gputel.analysis.groups import JOULES_PER_KWH
 from gputel.analysis.job import REASON_WORDS, THROTTLE_NAMES, Job
 
 
@@ -26,7 +27,8 @@ def headline(job: Job) -> list[tuple[str, str]]:
     gpus = ", ".join(str(g) for g in job.gpus) or "n/a"
     energy = f"n/a ({job.energy_source})" if job.energy_source else "n/a"
     if job.energy_j is not None:
-        energy = f"{job.energy_j:.0f} J ({job.energy_j / 3.6e6:.4f} kWh, {job.energy_source})"
+        kwh = job.energy_j / JOULES_PER_KWH
+        energy = f"{job.energy_j:.0f} J ({kwh:.4f} kWh, {job.energy_source})"
         rows = (job.recorded or {}).get("energy_j")
         if job.energy_source != "recorded rows" and isinstance(rows, (int, float)):
             energy += f"; recorded rows {rows:.0f} J"

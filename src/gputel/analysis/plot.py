@@ -26,6 +26,7 @@ from typing import Any
 
 from gputel.analysis import duck
 from gputel.analysis.filter import ReportFilter, UnknownAllocation
+from gputel.formats import parse_iso_utc
 from gputel.schema import THROTTLE_MASK
 
 MAX_BUCKETS = 4000
@@ -236,40 +237,33 @@ def collect(
     switches: list[tuple[float, bool]] = []
     if len(nodes) == 1 and lo is not None:
         dirs = {p.parent for p in fs.files["gpu"] if fs.nodes.get(p) == nodes[0]}
-        switches = _switches(sorted(dirs), float(lo), float(hi))
+        logs = [p for p in fs.files["transitions"] if p.parent in dirs]
+        switches = _switches(logs, float(lo), float(hi))
     return Timeline(gpu_rows, spans, events, pretrigger, focus, switches)
 
 
-def _switches(dirs: list[Path], first: float, last: float) -> list[tuple[float, bool]]:
+def _switches(logs: list[Path], first: float, last: float) -> list[tuple[float, bool]]:
     """Telemetry on/off switches between ``first`` and ``last`` from the agent's
-    ``transitions.csv`` in ``dirs`` (rotated copies included); unreadable rows are skipped, as
-    the marks only annotate the rows."""
+    ``transitions.csv`` files ``logs`` (rotated copies included); unreadable rows and files are
+    skipped, as the marks only annotate the rows."""
     import csv
-    from datetime import datetime
-
-    from gputel.supervisor.transitions_log import TRANSITIONS_FILE
 
     out: set[tuple[float, bool]] = set()
-    for d in dirs:
-        for path in sorted(d.glob(TRANSITIONS_FILE + "*")):
-            if path.suffix == ".gz" or not path.is_file():
-                continue
-            try:
-                with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-                    for row in csv.DictReader(fh):
-                        to_state = row.get("to_state")
-                        if to_state not in ("telemetry_on", "telemetry_off"):
-                            continue
-                        try:
-                            ts = datetime.fromisoformat(
-                                (row.get("timestamp") or "").replace("Z", "+00:00")
-                            ).timestamp()
-                        except ValueError:
-                            continue
-                        if first - 60 <= ts <= last + 60:
-                            out.add((ts, to_state == "telemetry_on"))
-            except (OSError, csv.Error):
-                continue
+    for path in logs:
+        try:
+            with duck.open_text(path) as fh:
+                for row in csv.DictReader(fh):
+                    to_state = row.get("to_state")
+                    if to_state not in ("telemetry_on", "telemetry_off"):
+                        continue
+                    try:
+                        ts = parse_iso_utc(row.get("timestamp") or "").timestamp()
+                    except ValueError:
+                        continue
+                    if first - 60 <= ts <= last + 60:
+                        out.add((ts, to_state == "telemetry_on"))
+        except (OSError, EOFError, UnicodeDecodeError, csv.Error):
+            continue
     return sorted(out)[:MAX_MARKERS]
 
 
@@ -393,47 +387,22 @@ def _panel(ax: Any, idx: int, g: _Gpu, timeline: Timeline, full: float) -> None:
     # would otherwise hide it.
     ax.set_zorder(temp.get_zorder() + 1)
     ax.patch.set_visible(False)
-    for a, b, share in _runs(g.throttle):
-        ax.axvspan(
-            _dt(a),
-            _dt(b),
-            color="tab:red",
-            alpha=0.1 + 0.15 * share,
-            lw=0,
-            gid=GID_THROTTLED,
-            label="throttled",
-        )
-    for a, b in _off_spans(g.rows):
-        ax.axvspan(
-            _dt(a),
-            _dt(b),
-            color="0.6",
-            alpha=0.25,
-            lw=0,
-            gid=GID_OFF,
-            label="no rows (telemetry off)",
-        )
-    for a, b in timeline.pretrigger:
-        ax.axvspan(
-            _dt(a),
-            _dt(b),
-            color="tab:purple",
-            alpha=0.12,
-            lw=0,
-            gid=GID_PRETRIGGER,
-            label="pre-trigger",
-        )
+    # One list of shaded intervals (start, end, color, alpha, gid, legend label), drawn alike.
+    spans: list[tuple[float, float, str, float, str, str]] = [
+        (a, b, "tab:red", 0.1 + 0.15 * share, GID_THROTTLED, "throttled")
+        for a, b, share in _runs(g.throttle)
+    ]
+    spans += [
+        (a, b, "0.6", 0.25, GID_OFF, "no rows (telemetry off)") for a, b in _off_spans(g.rows)
+    ]
+    spans += [
+        (a, b, "tab:purple", 0.12, GID_PRETRIGGER, "pre-trigger") for a, b in timeline.pretrigger
+    ]
     if timeline.focus is not None:
         alloc_id, a, b = timeline.focus
-        ax.axvspan(
-            _dt(a),
-            _dt(b),
-            color="tab:olive",
-            alpha=0.08,
-            lw=0,
-            gid=GID_FOCUS,
-            label=f"allocation {alloc_id}",
-        )
+        spans.append((a, b, "tab:olive", 0.08, GID_FOCUS, f"allocation {alloc_id}"))
+    for a, b, color, alpha, gid, label in spans:
+        ax.axvspan(_dt(a), _dt(b), color=color, alpha=alpha, lw=0, gid=gid, label=label)
     for alloc_id, (a, b) in sorted(timeline.spans.get(idx, {}).items(), key=lambda x: x[1]):
         ax.axvspan(
             _dt(a),

@@ -13,8 +13,7 @@ Energy (one rule, ``gputel.energy`` rule 4, which the recorder also follows tick
 the release reply and ``allocations.csv``): ``energy_j`` counts joules since its file began, a
 restarted counter's interval already counted as power × interval by the recorder, so within a
 file a GPU's energy is the counter's rise (:func:`groups.file_energy`); between two files of one
-session,
-where the counter restarts, it is power integrated over the one interval between them
+session, where the counter restarts, it is power integrated over the one interval between them
 (trapezoid, only across a gap no longer than the session's continuation gap). A session's energy
 per GPU is therefore the sum over its files of (last − first) plus those joins. Each row stands
 for the interval that ends at it, so an allocation's energy is the counter's rise over the rows it
@@ -266,7 +265,7 @@ class ScopeStats:
         throttle = self.values[18:]
         temp_mean = self.values[17]
         throttled = self.throttled
-        idle = int(self.values[16] or 0)
+        idle = self.values[16]  # NULL where no row has a utilization (a MIG-mode GPU)
         energy = self.energy
         return {
             "samples": int(n),
@@ -294,7 +293,7 @@ class ScopeStats:
             "sm_active_mean_pct": _round(sm),
             "tensor_active_mean_pct": _round(tensor),
             "stalled_s": _round(stalled * interval) if interval and sm is not None else None,
-            "idle_s": _round(idle * interval) if interval else None,
+            "idle_s": _round(idle * interval) if interval and idle is not None else None,
         }
 
 
@@ -553,9 +552,8 @@ def _alloc_missing(seq: list[groups.AllocGroup], interval: float | None) -> int:
 
 
 def _load_all(
-    con: Any, paths: list[Path], flt: ReportFilter, width: float, idle_util: float
-) -> duck.FileSet:
-    fs = duck.find_files(paths)
+    con: Any, fs: duck.FileSet, flt: ReportFilter, width: float, idle_util: float
+) -> None:
     duck.load(
         con,
         fs,
@@ -574,7 +572,6 @@ def _load_all(
         wrap=lambda inner: groups.host_groups_sql(inner, width),
     )
     duck.load(con, fs, "events", flt)
-    return fs
 
 
 def build_report(
@@ -583,14 +580,17 @@ def build_report(
     idle_util: float = 5.0,
     idle_minutes: float = 30.0,
     con: Any = None,
+    found: duck.FileSet | None = None,
 ) -> dict[str, Any]:
-    """The whole report as plain data (what ``--json`` prints)."""
+    """The whole report as plain data (what ``--json`` prints); ``found``: the files of
+    ``paths`` when the caller has found them already."""
     from gputel.analysis import fleet
 
     flt = flt or ReportFilter()
     con = con or duck.connect()
     idle_limit = float(idle_minutes) * 60
-    _load_all(con, list(paths), flt, groups.bucket_width(idle_limit), idle_util)
+    fs = found if found is not None else duck.find_files(list(paths))
+    _load_all(con, fs, flt, groups.bucket_width(idle_limit), idle_util)
     con.execute(
         "CREATE OR REPLACE TEMP TABLE gpu_b AS SELECT fid, gpu, b, sum(n) AS n, min(t0) AS t0, "
         "max(t1) AS t1, list_sort(flatten(list(head)))[1:2] AS head FROM g GROUP BY fid, gpu, b"

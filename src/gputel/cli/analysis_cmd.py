@@ -11,7 +11,6 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +18,7 @@ import typer
 
 from gputel.analysis.filter import CsvReadError, ReportFilter, UnknownAllocation
 from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options_only
-from gputel.formats import iso_utc_ms, safe_text
+from gputel.formats import iso_utc_ms, parse_iso_utc, safe_text
 from gputel.settings import Settings, parse_duration, parse_gpu_list
 
 PathsArg = Annotated[
@@ -53,12 +52,9 @@ def parse_when(text: str, now: float | None = None) -> float:
     except ValueError:
         pass
     try:
-        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        return parse_iso_utc(text.strip()).timestamp()
     except ValueError:
         raise ValueError(f"{text!r} is neither an ISO time nor a duration such as 2h") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
 
 
 def _filter(
