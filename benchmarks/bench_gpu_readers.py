@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fakedriver  # noqa: E402
 from bench_owners import cpu_model  # noqa: E402
-from bench_record import run_ms, ticks, wait_until  # noqa: E402
+from bench_record import at_publication, ticks, wait_until  # noqa: E402
 from bench_report import write_section  # noqa: E402
 from fakeproc import add_kthreadd, add_process  # noqa: E402
 from gputel.schema import GpuReading  # noqa: E402
@@ -231,9 +231,9 @@ def recorder_ms(
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: ticks(run_dir) >= 20, 60)
-        t0, c0 = ticks(run_dir), run_ms(proc.pid)
+        t0, c0 = at_publication(run_dir, proc.pid)
         time.sleep(seconds)
-        t1, c1 = ticks(run_dir), run_ms(proc.pid)
+        t1, c1 = at_publication(run_dir, proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):

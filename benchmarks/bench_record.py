@@ -72,6 +72,19 @@ def ticks(run_dir: Path) -> int:
     return int(m.group(1)) if m else 0
 
 
+def at_publication(run_dir: Path, pid: int, timeout: float = 20.0) -> tuple[int, float]:
+    """(tick, CPU ms) read just after the recorder publishes ``recorder.json``: at sub-second
+    intervals it publishes about once a second, so its ``tick`` only matches the CPU spent
+    when both are read right after a publication (then the next tick is an interval away)."""
+    before = ticks(run_dir)
+    end = time.monotonic() + timeout
+    while (now := ticks(run_dir)) == before:
+        if time.monotonic() > end:
+            raise RuntimeError("timed out")
+        time.sleep(0.002)
+    return now, run_ms(pid)
+
+
 def wait_until(cond, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
     end = time.monotonic() + timeout
     while not cond():
@@ -111,9 +124,9 @@ def bench_ticks(gpus: int, interval: float, seconds: float) -> TickResult:
         proc, run_dir = start_record(work, gpus, interval, "--child")
         try:
             wait_until(lambda: ticks(run_dir) >= 20)
-            t0, c0 = ticks(run_dir), run_ms(proc.pid)
+            t0, c0 = at_publication(run_dir, proc.pid)
             time.sleep(seconds)
-            t1, c1 = ticks(run_dir), run_ms(proc.pid)
+            t1, c1 = at_publication(run_dir, proc.pid)
             rss, hwm = rss_mib(proc.pid), rss_mib(proc.pid, "VmHWM")
             state = (run_dir / "recorder.json").read_text()
             missed = int(re.search(r'"ticks_missed": ?(\d+)', state).group(1))  # type: ignore[union-attr]

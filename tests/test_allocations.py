@@ -306,6 +306,64 @@ def test_stale_recorder_stats_ignored(dirs: tuple[Path, Path]) -> None:
     assert store.release("j", {0: 1.0})["summary"]["util_mean_pct"] is None
 
 
+def _stats(samples: int, util: float) -> dict[str, object]:
+    return {"samples": samples, "util_mean_pct": util, "util_readings": samples}
+
+
+def test_release_takes_the_recorders_final_stats(dirs: tuple[Path, Path]) -> None:
+    """The recorder's entry for an allocation it saw end wins over the open one, and one with
+    another start (an earlier allocation of the same id) is not taken for it."""
+    store = make_store(dirs)
+    start = store.allocate("j", [0], None, {0: 0.0})["allocation"]["start"]
+    state = {
+        "allocation_stats": {"j": _stats(3, 10.0)},
+        "ended_allocations": {"j": {"start": "2020-01-01T00:00:00.000Z", **_stats(9, 99.0)}},
+    }
+    atomic_write_json(dirs[0] / "recorder.json", state)
+    assert store.release("j", {0: 1.0})["summary"]["util_mean_pct"] == 10.0
+    store.allocate("k", [0], None, {0: 0.0})
+    start = store.list()[0]["start"]
+    state["ended_allocations"] = {"k": {"start": start, **_stats(4, 42.0)}}
+    state["allocation_stats"] = {"k": _stats(3, 10.0)}
+    atomic_write_json(dirs[0] / "recorder.json", state)
+    assert store.release("k", {0: 1.0})["summary"]["util_mean_pct"] == 42.0
+
+
+def test_release_asks_the_recorder_and_waits_for_the_end(dirs: tuple[Path, Path]) -> None:
+    """Where the recorder publishes less often than it ticks, a release asks it to publish and
+    waits (as long as the agent says) for the ended allocation's entry: every tick it was open,
+    no more; a recorder that does not answer leaves the open entry as last published."""
+    run, logs = dirs
+    t = [0.0]
+    asked: list[float] = []
+    path = run / "recorder.json"
+    answers = [True]
+
+    def sleep(seconds: float) -> None:
+        t[0] += seconds
+        if answers[0] and t[0] >= 0.03:  # the recorder handles the request
+            ended = {"j": {"start": start, **_stats(7, 55.0)}}
+            atomic_write_json(path, {"ended_allocations": ended})
+
+    def ask() -> float:
+        asked.append(t[0])
+        return 0.8
+
+    store = AllocationStore(
+        run, logs, [0], now=Clock(), ask_recorder=ask, monotonic=lambda: t[0], sleep=sleep
+    )
+    start = store.allocate("j", [0], None, {0: 0.0})["allocation"]["start"]
+    atomic_write_json(path, {"allocation_stats": {"j": _stats(5, 50.0)}})
+    assert store.release("j", {0: 1.0})["summary"]["util_mean_pct"] == 55.0
+    assert asked == [0.0] and 0.03 <= t[0] < 0.05
+    answers[0] = False
+    start = store.allocate("k", [0], None, {0: 0.0})["allocation"]["start"]
+    atomic_write_json(path, {"allocation_stats": {"k": _stats(5, 50.0)}})
+    t[0] = 0.0
+    assert store.release("k", {0: 1.0})["summary"]["util_mean_pct"] == 50.0
+    assert 0.8 <= t[0] < 0.82
+
+
 def test_csv_header_once_and_unwritable_log_dir(dirs: tuple[Path, Path], tmp_path: Path) -> None:
     store = make_store(dirs)
     for name in ("a", "b", "c"):

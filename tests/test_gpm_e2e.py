@@ -115,8 +115,10 @@ def test_a_busy_mig_instance_starts_telemetry(
     assert last["1"]["memory_used_mib"] == "1024" and last["2"]["memory_total_mib"] == "40960"
     assert last["1"]["uuid"].startswith("GPU-fake-0000")
     assert _gpu_rows(agent.log_dir, 0)[-1]["utilization_gpu_pct"] == ""
+    series = 'gputel_mig_sm_active_ratio{ci="0",gi="2",gpu="0",mig_uuid="MIG-fake-1"'
+    # The recorder publishes its exposition about once a second at this interval.
+    wait_for(lambda: series in agent.metrics(), 5, "MIG series")
     text = agent.metrics()
-    assert 'gputel_mig_sm_active_ratio{ci="0",gi="2",gpu="0",mig_uuid="MIG-fake-1"' in text
     promtool_ok(text)
     fake_driver.set({"gpu.0.mig.2.gpm.2": 3.0})
     wait_for(lambda: not agent.status()["telemetry_active"], 15, "telemetry off")

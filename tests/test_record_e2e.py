@@ -432,8 +432,14 @@ def test_forced_rotations_within_one_second_lose_no_file(
             timeout=30,
         )
         assert res.returncode == 0, res.stderr
-        before = r.ticks()
-        r.wait_ticks(before + 1)
+        # A row in the new file (recorder.json, published about once a second at this
+        # interval, would space the rotations too far apart).
+        wait_for(
+            lambda: any(
+                p.name.endswith(".csv") and p.read_bytes().count(b"\n") >= 2
+                for p in csv_files(r.log_dir, "gpu")
+            )
+        )
     assert r.stop() == 0
     files = csv_files(r.log_dir, "gpu")
     plain: list[Path] = []

@@ -8,8 +8,9 @@ rule lives in ``gputel.formats``):
 - ``recorder.lock``     flock held by the running recorder child: a new child stops an old one
                         (an orphan of a killed agent) before its first row, never overlaps it
 - ``allocations.json``  open allocations, written by the agent, read by the recorder to tag rows
-- ``recorder.json``     the recorder's heartbeat and state, rewritten every tick
-- ``metrics.prom``      the recorder's latest exposition bytes, rewritten every tick
+- ``recorder.json``     the recorder's heartbeat and state, rewritten every tick, at most once
+                        per ``PUBLISH_EVERY_S`` (:func:`publish_period`)
+- ``metrics.prom``      the recorder's latest exposition bytes, rewritten with ``recorder.json``
 - ``pretrigger.json``   the agent's pre-trigger readings at a session's start, taken (read and
                         removed) by the recorder child before its first tick
 
@@ -42,6 +43,20 @@ ALLOCATIONS_FILE = "allocations.json"
 RECORDER_STATE_FILE = "recorder.json"
 METRICS_FILE = "metrics.prom"
 PRETRIGGER_FILE = "pretrigger.json"
+
+#: The shortest time between two rewrites of ``recorder.json`` and ``metrics.prom``. Their
+#: readers (``gputel status``, a Prometheus scrape, the agent's heartbeat check) look at most
+#: every second or so; at sub-second intervals rewriting them every tick cost a quarter of the
+#: recorder's CPU for nobody (docs/performance.md). An allocation's end, a change of the open
+#: allocations and the recorder's own stop still publish at once.
+PUBLISH_EVERY_S = 1.0
+
+
+def publish_period(interval_s: float) -> float:
+    """Seconds between two publications of the recorder's state: every tick at intervals of
+    ``PUBLISH_EVERY_S`` or more, else about every ``PUBLISH_EVERY_S``."""
+    return max(interval_s, PUBLISH_EVERY_S)
+
 
 #: Internal environment variable: the agent's sim timeline epoch (a CLOCK_MONOTONIC value, which
 #: is system-wide on Linux) so a child recorder sees the same moment of the pattern as the agent.

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -46,6 +47,8 @@ ID_MAX_LEN = 128
 _ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 STORE_VERSION = 1
 SUMMARY_FILE = "allocations.csv"
+#: How often a release looks for the recorder's final statistics while it waits for them.
+RECORDER_POLL_S = 0.01
 SUMMARY_COLUMNS = (
     "id",
     "gpus",
@@ -278,8 +281,16 @@ class AllocationStore:
         known_gpus: list[int],
         *,
         now: Callable[[], datetime] = _utc_now,
+        ask_recorder: Callable[[], float] = lambda: 0.0,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self._ask_recorder = ask_recorder
+        """Asks the recorder to publish its state now; how long a release may wait for the
+        allocation's end there (0: take ``recorder.json`` as it is)."""
+        self._monotonic = monotonic
+        self._sleep = sleep
         self.log_dir = Path(log_dir)
         self.known_gpus = sorted(set(known_gpus))
         self._now = now
@@ -397,34 +408,45 @@ class AllocationStore:
         Xid codes that hit the allocation (the agent's event recorder)."""
         ident = validate_id(id)
         with self._lock:
-            return self._release_locked(ident, energy_j, reason, xids)
+            closed = self._close_locked(ident)
+        if closed is None:
+            return {"released": False, "summary": None}
+        return {"released": True, "summary": self._finish(closed, energy_j, reason, xids)}
 
-    def _release_locked(
-        self,
-        ident: str,
-        energy_j: Mapping[int, float | None] | None,
-        reason: str,
-        xids: XidSource | None = None,
-    ) -> dict[str, Any]:
+    def _close_locked(self, ident: str) -> tuple[Allocation, datetime] | None:
+        """Remove ``ident`` from the store and its file; the allocation and when it ended."""
         alloc = self._open.get(ident)
         if alloc is None:
-            return {"released": False, "summary": None}
+            return None
         del self._open[ident]
         try:
             self._save()
         except OSError as exc:
             self._open[ident] = alloc
             raise AllocationError(f"cannot record the release: {exc}") from None
-        summary = self._summarise(alloc, energy_j, reason, xids(ident) if xids else ())
-        self._append_summary(summary)
+        return alloc, self._now()
+
+    def _finish(
+        self,
+        closed: tuple[Allocation, datetime],
+        energy_j: Mapping[int, float | None] | None,
+        reason: str,
+        xids: XidSource | None,
+    ) -> dict[str, Any]:
+        """The summary of a closed allocation, appended to ``allocations.csv``. Outside the
+        store's lock: it may wait for the recorder, and other requests need not."""
+        alloc, end = closed
+        summary = self._summarise(alloc, end, energy_j, reason, xids(alloc.id) if xids else ())
+        with self._lock:
+            self._append_summary(summary)
         log.info(
             "allocation %s closed (%s) after %.1fs, energy %s J",
-            ident,
+            alloc.id,
             reason,
             summary["duration_s"],
             "unknown" if summary["energy_j"] is None else f"{summary['energy_j']:.1f}",
         )
-        return {"released": True, "summary": summary}
+        return summary
 
     def list(self) -> builtins.list[dict[str, Any]]:
         with self._lock:
@@ -441,7 +463,7 @@ class AllocationStore:
 
         An orchestrator that crashes never calls release, and telemetry must not stay on for it.
         """
-        out: list[dict[str, Any]] = []
+        closed: list[tuple[tuple[Allocation, datetime], str]] = []
         with self._lock:
             dead = [
                 a
@@ -450,20 +472,19 @@ class AllocationStore:
             ]
             for alloc in dead:
                 try:
-                    result = self._release_locked(
-                        alloc.id, energy_j, f"owner pid {alloc.pid} exited", xids
-                    )
+                    done = self._close_locked(alloc.id)
                 except AllocationError as exc:
                     log.error("cannot release %s after its owner exited: %s", alloc.id, exc)
                     continue
-                if result["summary"] is not None:
-                    out.append(result["summary"])
-        return out
+                if done is not None:
+                    closed.append((done, f"owner pid {alloc.pid} exited"))
+        return [self._finish(done, energy_j, reason, xids) for done, reason in closed]
 
     # -- summaries
     def _summarise(
         self,
         alloc: Allocation,
+        end: datetime,
         energy_j: Mapping[int, float | None] | None,
         reason: str,
         xids: Iterable[int] = (),
@@ -471,9 +492,7 @@ class AllocationStore:
         gpus = alloc.gpus if alloc.gpus is not None else sorted(alloc.start_energy_j)
         if alloc.gpus is None and not gpus:
             gpus = list(self.known_gpus)
-        entry = recorder_stats_entry(
-            read_json(self.run_dir / RECORDER_STATE_FILE), alloc.id, alloc.start
-        )
+        entry = self._recorder_entry(alloc)
         if entry is not None:
             # The one allocation rule (gputel.energy, rule 4), tick by tick in the recorder:
             # the number gputel report counts from the same rows.
@@ -487,12 +506,32 @@ class AllocationStore:
             alloc.id,
             gpus,
             alloc.start,
-            self._now(),
+            end,
             energy,
             stats_from_json(entry) if entry is not None else {},
             reason,
             xids,
         )
+
+    def _recorder_entry(self, alloc: Allocation) -> dict[str, Any] | None:
+        """The recorder's statistics of ``alloc``, which was just removed from the store.
+
+        Best: its final entry, once the recorder has seen it end (every tick it was open,
+        none after), which it publishes when asked (``ask_recorder``; at intervals of a second
+        or more it publishes every tick, and ``recorder.json`` as it is holds the last tick).
+        Without it, the entry of the open allocation as last published.
+        """
+        path = self.run_dir / RECORDER_STATE_FILE
+        wait_s = self._ask_recorder()
+        deadline = self._monotonic() + wait_s
+        while True:
+            state = read_json(path)
+            ended = ended_stats_entry(state, alloc.id, alloc.start)
+            if ended is not None:
+                return ended
+            if wait_s <= 0 or self._monotonic() >= deadline:
+                return recorder_stats_entry(state, alloc.id, alloc.start)
+            self._sleep(RECORDER_POLL_S)
 
     def _append_summary(self, summary: Mapping[str, Any]) -> None:
         self._summaries.append(summary)
@@ -547,6 +586,14 @@ def recorder_stats_entry(state: object, ident: str, start: str) -> dict[str, Any
         return None
     entry = all_stats.get(ident)
     return entry if isinstance(entry, dict) else None
+
+
+def ended_stats_entry(state: object, ident: str, start: str) -> dict[str, Any] | None:
+    """The final statistics of the allocation ``ident`` that began at ``start``, from a parsed
+    ``recorder.json``'s ``ended_allocations``: the recorder saw it end; None when not (yet)."""
+    ended = state.get("ended_allocations") if isinstance(state, dict) else None
+    entry = ended.get(ident) if isinstance(ended, dict) else None
+    return entry if isinstance(entry, dict) and entry.get("start") == start else None
 
 
 def parse_store(

@@ -284,7 +284,9 @@ class Agent:
         known = [d.index for d in self.devices]
         from gputel.control.allocations import AllocationStore
 
-        self.store = AllocationStore(s.run_dir, s.log_dir, known)
+        self.store = AllocationStore(
+            s.run_dir, s.log_dir, known, ask_recorder=self._ask_recorder_to_publish
+        )
         self.child = ChildSupervisor(
             s, sim_epoch=self.sim_epoch, spawn=self._spawn_child, clock=self.clock
         )
@@ -834,6 +836,16 @@ class Agent:
     def open_allocations(self) -> int:
         return self.store.open_count() if self.store is not None else 0
 
+    def _ask_recorder_to_publish(self) -> float:
+        """Ask a recorder that publishes less often than it ticks to publish now (SIGUSR1), for
+        a release summary; how long to wait for it (0: it publishes every tick, or none runs)."""
+        child = self.child
+        if child is None or self.settings.interval_s >= runtime.PUBLISH_EVERY_S:
+            return 0.0
+        if not child.forward_signal(signal.SIGUSR1):
+            return 0.0
+        return 3 * self.settings.interval_s + 0.5
+
     def child_metrics(self) -> bytes | None:
         """The recorder's exposition, only from a live child and only if fresh."""
         with self.lock:
@@ -841,7 +853,7 @@ class Agent:
             alive = child is not None and child.running
         if not alive:
             return None
-        max_age = 3 * self.settings.interval_s + 1.0
+        max_age = 3 * runtime.publish_period(self.settings.interval_s) + 1.0
         return read_fresh_metrics(self.settings.run_dir / runtime.METRICS_FILE, max_age)
 
     def write_counters(self) -> list[tuple[str, FailureCounter]]:

@@ -5,13 +5,19 @@ A child's first tick is preceded by the pre-trigger head the agent left in the r
 ``gpu-*.csv``.
 
 Per tick: read allocations (only when ``allocations.json`` changed), sample every source, write
-the CSV rows, render the exposition, then publish ``metrics.prom`` and ``recorder.json`` in the
-run directory (atomic replace). ``recorder.json``'s ``monotonic``/``tick`` are the heartbeat the
-agent watches: a hung child stops moving them, a slow one does not.
+the CSV rows and count the open allocations' statistics. Then, when a publication is due, render
+the exposition and publish ``metrics.prom`` and ``recorder.json`` in the run directory (atomic
+replace): every tick at intervals of a second or more, else about once a second
+(``runtime.publish_period``), and at once when the open allocations changed and when the
+recorder stops. ``recorder.json``'s ``monotonic``/``tick`` are the heartbeat the agent watches: a
+hung child stops moving them, a slow one does not. An allocation that ended stays in
+``recorder.json`` (``ended_allocations``) for ``ENDED_KEPT_S``: the agent's release summary
+takes its statistics from there, over exactly the ticks it was open.
 
 Signals only set flags and wake the wait, so a signal never lands in the middle of a row:
 SIGTERM/SIGINT finish the current tick, close the files and exit 0; SIGHUP starts new files
-(logrotate's postrotate).
+(logrotate's postrotate); SIGUSR1 publishes at once, between ticks (the agent, before it
+summarises a released allocation).
 
 This module is on the daemon path: no ``rich``, logging to stderr only.
 """
@@ -52,6 +58,11 @@ from gputel.telemetry.sampler import Sampler, utc_now
 from gputel.ticker import Ticker, Waker
 
 log = logging.getLogger("gputel.record")
+
+#: Seconds an ended allocation's statistics stay in ``recorder.json`` for the agent's summary.
+ENDED_KEPT_S = 60.0
+#: At most this many ended allocations are kept (the newest).
+ENDED_KEPT_MAX = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +150,17 @@ class Recorder:
         self._alloc_ids: tuple[str, ...] = ()
         self._gpu_alloc: dict[int, tuple[str, ...]] = {}
         self._alloc_stats: dict[str, AllocationStats] = {}
+        self._alloc_start: dict[str, str] = {}
+        self._ended: dict[str, tuple[float, dict[str, object]]] = {}
+        """Allocations that ended: id -> (when, on our clock; their final statistics)."""
+        self._publish_s = runtime.publish_period(settings.interval_s) - 0.5 * settings.interval_s
+        """A publication is due this long after the last one (half a tick early, so jitter
+        does not push it a whole tick later)."""
+        self._published_at: float | None = None
+        self._latest: Sample | None = None
+        self._unpublished = False
+        """Whether ticks were taken since the last publication (published at stop)."""
+        self._publish_asked = False
         self.attribution = ProcessAttribution(settings.proc_root)
         if self.attribution.notice:
             log.warning("%s", self.attribution.notice)
@@ -153,6 +175,9 @@ class Recorder:
         the statistics of allocations still open go on from it, and our first rows' energy
         joins its last ones."""
         self.sink.last_power.update(last_power_from(self._previous_state))
+        now = clock()
+        for ident, entry in ended_from(self._previous_state).items():
+            self._ended[ident] = (now, entry)
         self.ticks = 0
         self.last_tick_monotonic: float | None = None
         self._stop = False
@@ -176,6 +201,10 @@ class Recorder:
         self._reopen = True
         self.waker.wake()
 
+    def request_publish(self) -> None:
+        self._publish_asked = True
+        self.waker.wake()
+
     def install_signal_handlers(self) -> None:
         def on_stop(signum: int, frame: FrameType | None) -> None:
             self.request_stop()
@@ -183,9 +212,13 @@ class Recorder:
         def on_hup(signum: int, frame: FrameType | None) -> None:
             self.request_reopen()
 
+        def on_usr1(signum: int, frame: FrameType | None) -> None:
+            self.request_publish()
+
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGUSR1, on_usr1)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
@@ -199,6 +232,9 @@ class Recorder:
                     log.info("SIGHUP: new CSV files from the next row")
                 if self._stop:
                     break
+                if self._publish_asked:
+                    self._publish_asked = False
+                    self.publish_now()
                 if self._parent_pid is not None and os.getppid() != self._parent_pid:
                     log.warning("agent (pid %d) is gone; stopping", self._parent_pid)
                     break
@@ -212,11 +248,15 @@ class Recorder:
     def close(self) -> None:
         if self.ticks:
             self.detected.close_all(self._wallclock())
+        if self._unpublished and self._latest is not None:
+            # The statistics since the last publication: a successor goes on from them.
+            self._render_and_publish(self._latest)
         self.sink.close()
         self.waker.close()
 
     def tick(self) -> Sample:
-        if self.allocations.poll():
+        changed = self.allocations.poll()
+        if changed:
             self._update_allocations()
         sample = self.sampler.sample(self._alloc_ids, self._gpu_alloc)
         self._attribute(sample)
@@ -230,6 +270,27 @@ class Recorder:
             stats.add_tick(sample.gpus, alloc.gpus, self.settings.interval_s)
             stats.add_energy(shares, alloc.gpus)
         self.detected.add_energy(shares)
+        self.last_tick_monotonic = self._clock()
+        self._latest = sample
+        last = self._published_at
+        if changed or last is None or sample.monotonic - last >= self._publish_s:
+            self._render_and_publish(sample)
+        else:
+            self._unpublished = True
+        return sample
+
+    def publish_now(self) -> None:
+        """Between ticks: take the open allocations as they are now (one that ended moves to
+        ``ended_allocations``) and publish the latest tick with them."""
+        if self.allocations.poll():
+            self._update_allocations()
+        if self._latest is not None:
+            self._render_and_publish(self._latest)
+
+    def _render_and_publish(self, sample: Sample) -> None:
+        """The exposition of ``sample`` and, under an agent, the run directory's files."""
+        self._published_at = sample.monotonic
+        self._unpublished = False
         data = self.exposition.update(
             sample,
             ticks_missed=self.ticker.missed,
@@ -240,10 +301,8 @@ class Recorder:
                 [*self._alloc_ids, *self.detected.ids()], sample.processes
             ),
         )
-        self.last_tick_monotonic = self._clock()
         if self.write_runtime:
             self._publish(sample, data)
-        return sample
 
     def _process_json(self, process: ProcessRecord) -> dict[str, object]:
         """A process for ``recorder.json`` (``gputel status``): a pod's namespace and name
@@ -295,9 +354,22 @@ class Recorder:
         for d in self.sampler.devices:
             gpu_alloc[d.index] = tuple(a.id for a in allocs if a.gpus is None or d.index in a.gpus)
         self._gpu_alloc = gpu_alloc if allocs else {}
-        current = {a.id for a in allocs}
-        for gone in set(self._alloc_stats) - current:
-            del self._alloc_stats[gone]
+        current = {a.id: a for a in allocs}
+        now = self._clock()
+        # An id released and opened again between two polls is a new allocation (new start).
+        ended = [
+            i
+            for i in self._alloc_stats
+            if i not in current or current[i].start != self._alloc_start[i]
+        ]
+        for gone in ended:
+            stats = self._alloc_stats.pop(gone)
+            self._ended.pop(gone, None)
+            self._ended[gone] = (now, {"start": self._alloc_start[gone], **stats.to_json()})
+        self._alloc_start = {a.id: a.start for a in allocs}
+        for ident, (when, _) in list(self._ended.items()):
+            if now - when > ENDED_KEPT_S or len(self._ended) > ENDED_KEPT_MAX:
+                del self._ended[ident]
         previous, self._previous_state = self._previous_state, None
         for a in allocs:
             if a.id not in self._alloc_stats:
@@ -323,6 +395,7 @@ class Recorder:
             ),
             "ticks_missed": self.ticker.missed,
             "allocation_stats": {k: v.to_json() for k, v in self._alloc_stats.items()},
+            "ended_allocations": {k: entry for k, (_, entry) in self._ended.items()},
             "last_power": {str(g): list(tp) for g, tp in self.sink.last_power.items()},
             "gpus_stuck": [g.index for g in sample.gpus if g.stuck],
             "gpus": [reading_values(g) for g in sample.gpus],
@@ -377,6 +450,19 @@ def last_power_from(state: object) -> dict[int, tuple[float, float | None]]:
         if t is not None:
             out[int(key)] = (t, p)
     return out
+
+
+def ended_from(state: object) -> dict[str, dict[str, object]]:
+    """``ended_allocations`` of a predecessor's ``recorder.json``: kept, so that a release
+    that waits for its allocation's final statistics finds them across a recorder restart."""
+    items = state.get("ended_allocations") if isinstance(state, dict) else None
+    if not isinstance(items, dict):
+        return {}
+    return {
+        k: v
+        for k, v in list(items.items())[-ENDED_KEPT_MAX:]
+        if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("start"), str)
+    }
 
 
 def run_record(settings: Settings, *, child: bool) -> int:
