@@ -335,3 +335,40 @@ def test_mig_devices_get_their_own_file_only_where_there_are_some(tmp_path: Path
         f"{stamp},1,GPU-1,2,,MIG-b,,,20480,job-1",
     ]
     sink.close()
+
+
+def test_process_rows_follow_their_values_tick_after_tick(tmp_path: Path) -> None:
+    """A process's row is reused while nothing in it changes; any change of owner, value or
+    the value's type (1 and 1.0 are written differently) is written as it is."""
+    from gputel.schema import ProcessRecord
+
+    ticks = [
+        [ProcessRecord(0, 7, "ann", "python", "slurm-1", 1024.0, 50.0)],
+        [ProcessRecord(0, 7, "ann", "python", "slurm-1", 1024.0, 50.0)],
+        [ProcessRecord(0, 7, "ann", "python", "slurm-1", 1024.0, 51.0)],
+        [ProcessRecord(0, 7, "bob", "python", "slurm-2", 1024.0, 51.0)],
+        [ProcessRecord(0, 7, "bob", "python", "slurm-2", 1024, None)],  # type: ignore[arg-type]
+        [
+            ProcessRecord(1, 7, "bob", "python", "slurm-2", 1024, None),  # type: ignore[arg-type]
+            ProcessRecord(0, 7, "bob", "python", "slurm-2", 1024.0, None),
+        ],
+    ]
+    sink = CsvSink(tmp_path, host="node01")
+    for k, procs in enumerate(ticks):
+        s = sample(T0 + timedelta(seconds=k), [1.0])
+        s.processes = procs
+        sink.write(s)
+    sink.close()
+    (path,) = tmp_path.glob("processes-*.csv")
+    got = [
+        (r["gpu"], r["user"], r["job"], r["memory_used_mib"], r["sm_util_pct"]) for r in read(path)
+    ]
+    assert got == [
+        ("0", "ann", "slurm-1", "1024", "50"),
+        ("0", "ann", "slurm-1", "1024", "50"),
+        ("0", "ann", "slurm-1", "1024", "51"),
+        ("0", "bob", "slurm-2", "1024", "51"),
+        ("0", "bob", "slurm-2", "1024", ""),
+        ("1", "bob", "slurm-2", "1024", ""),
+        ("0", "bob", "slurm-2", "1024", ""),
+    ]

@@ -256,6 +256,12 @@ def test_repeat_cells_write_what_csv_cell_writes_tick_after_tick() -> None:
         (2.5, 1.5, 0, "a,b"),
         (2.5, 1.5, False, "a,b"),
         (2.5, 1.5, 0, "a,b"),
+        # Zeros are reused: an int zero, a fixed-decimals float zero of either sign, "".
+        (0.0, 0.0, 0, ""),
+        (-0.0, -0.0, 0, ""),
+        (-0.0, 0.0, 0, ""),
+        (0.0, -0.0, False, ""),
+        (0.0, 0.0, False, ""),
     ]
     repeat = formats.RepeatCells(decimals)
     for values in ticks:

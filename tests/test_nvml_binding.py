@@ -166,6 +166,20 @@ def test_each_fast_function_calls_the_c_symbols_of_the_pynvml_function_it_replac
         assert set(symbols) == _c_symbols(pynvml, name), name
 
 
+def test_each_bound_call_calls_the_c_symbol_of_its_pynvml_function() -> None:
+    import pynvml
+
+    for name, (symbol, _out, _field, _inputs) in nvml_direct.BOUND.items():
+        assert name in nvml_binding.FUNCTIONS, name
+        if getattr(pynvml, name, None) is None:
+            continue
+        assert symbol in _c_symbols(pynvml, name), name
+    # The two whose inputs sit in their result (nvml_direct.bind).
+    assert "nvmlDeviceGetMemoryInfo_v2" in _c_symbols(pynvml, "nvmlDeviceGetMemoryInfo")
+    if getattr(pynvml, "nvmlDeviceGetTemperatureV", None) is not None:
+        assert _c_symbols(pynvml, "nvmlDeviceGetTemperatureV") == {"nvmlDeviceGetTemperatureV"}
+
+
 def _both(source: nvml.NvmlGpuSource, name: str, *args: object, **kwargs: object) -> tuple:
     import pynvml
 

@@ -181,15 +181,19 @@ class RepeatCells:
     while its value repeats: most of a GPU's values (totals, limits, clocks, counters, flags)
     change seldom, and formatting is most of what a row costs.
 
-    A value is the same only when it is an equal, non-zero number, text or flag of the same
-    type (``0.0`` and ``-0.0`` are equal yet written differently, ``1`` and ``1.0`` too); anything
+    A value is the same only when it is an equal number, text or flag of the same type (``1``
+    and ``1.0`` are equal yet written differently); a float zero only in a column with fixed
+    decimals, where ``0.0`` and ``-0.0`` are written alike (``repr`` keeps the sign). Anything
     else goes through :func:`csv_cell` again, so the text is always what ``csv_cell`` gives.
+    Zeros are common (error counters, throttle reasons, idle engines), so they are reused too.
     """
 
-    __slots__ = ("_decimals", "_texts", "_values")
+    __slots__ = ("_decimals", "_signed_zero", "_texts", "_values")
 
     def __init__(self, decimals: Iterable[int | None]) -> None:
         self._decimals = tuple(decimals)
+        self._signed_zero = tuple(d is None for d in self._decimals)
+        """Per column: whether a float zero's sign shows (``repr``), so zero is not reused."""
         self._values: list[object] = [_UNSET] * len(self._decimals)
         self._texts = [""] * len(self._decimals)
 
@@ -198,12 +202,18 @@ class RepeatCells:
         out: list[str] = []
         append = out.append
         last_values, texts, decimals = self._values, self._texts, self._decimals
+        signed_zero = self._signed_zero
         reusable = _REUSABLE
         for i, value in enumerate(values):
             last = last_values[i]
             cls = value.__class__
             if cls is last.__class__ and (
-                value is None or (cls in reusable and value and value == last)
+                value is None
+                or (
+                    cls in reusable
+                    and value == last
+                    and (value or cls is not float or not signed_zero[i])
+                )
             ):
                 append(texts[i])
                 continue

@@ -175,7 +175,8 @@ class NvmlCalls:
         except Exception as exc:  # a garbled answer is no answer
             log.debug("GPU %d still lost: %s", gpu.index, one_line(exc))
             return False
-        gpu.handle, gpu.uuid, gpu.lost = handle, uuid, False
+        gpu.new_handle(handle)
+        gpu.uuid, gpu.lost = uuid, False
         if not gpu.name:
             try:
                 gpu.name = text(self.ask(gpu, "name", self.api.fn("nvmlDeviceGetName")))

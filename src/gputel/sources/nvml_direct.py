@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import struct
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -162,36 +163,67 @@ def _gpm_metrics(b: _Binder) -> Callable[..., Any]:
     return metrics_get
 
 
+class ProcessSample(NamedTuple):
+    """One per-process utilization sample (the fields gputel reads of pynvml's structure)."""
+
+    timeStamp: int
+    pid: int
+    smUtil: int
+
+
+#: The v3 process entry's pid and used memory (24 bytes; the instance ids are not read).
+_PROCESS_ENTRY = struct.Struct("<I4xQ8x")
+#: A v1 process utilization sample's time stamp, pid and SM utilization (40 bytes).
+_UTILIZATION_SAMPLE = struct.Struct("<QII24x")
+
+
+class _Buffers:
+    """Per GPU handle: the arrays a call fills, allocated once and grown when too small.
+
+    Calls for one GPU never run at the same time (the GPU's lock), so each GPU's buffers are
+    its own; the handle object itself is kept to tell a reused ``id`` from the GPU's."""
+
+    def __init__(self, make: Callable[[int], Any]) -> None:
+        self._make = make
+        self._by_handle: dict[int, tuple[Any, int, Any]] = {}
+        self.room = 8
+        """Entries the next allocation offers: the largest list seen so far, plus a margin."""
+
+    def get(self, handle: Any) -> Any:
+        found = self._by_handle.get(id(handle))
+        if found is None or found[0] is not handle or found[1] < self.room:
+            found = (handle, self.room, self._make(self.room))
+            self._by_handle[id(handle)] = found
+        return found[2]
+
+
 def _processes(b: _Binder) -> Callable[..., Any] | None:
     nv = b.nv
-    struct = getattr(nv, "c_nvmlProcessInfo_v3_t", None) or nv.c_nvmlProcessInfo_t
-    if ctypes.sizeof(struct) != _PROCESS_INFO_SIZE:
+    struct_type = getattr(nv, "c_nvmlProcessInfo_v3_t", None) or nv.c_nvmlProcessInfo_t
+    if ctypes.sizeof(struct_type) != _PROCESS_ENTRY.size:
         return None  # not the driver's v3 entry: leave it to pynvml
-    entry = plain(struct)
+    entry = plain(struct_type)
     c, error = b.c("nvmlDeviceGetComputeRunningProcesses_v3"), b.error
     not_available = int(
         getattr(nv, "NVML_VALUE_NOT_AVAILABLE_ulonglong", ctypes.c_ulonglong(-1)).value
     )
-    room = [8]  # entries the next call offers: the largest list seen so far, plus a margin
+    buffers = _Buffers(lambda n: (ctypes.c_uint(), (entry * n)()))
+    string_at, byref, unpack = ctypes.string_at, ctypes.byref, _PROCESS_ENTRY.iter_unpack
 
     def processes(handle: Any) -> list[Process]:
         while True:
-            size = room[0]
-            count = ctypes.c_uint(size)
-            array = (entry * size)()
-            ret = c(handle, ctypes.byref(count), array)
+            count, array = buffers.get(handle)
+            size = count.value = len(array)
+            ret = c(handle, byref(count), array)
             if ret == _INSUFFICIENT_SIZE:
-                room[0] = max(size * 2, int(count.value) + 8)
+                buffers.room = max(size * 2, int(count.value) + 8)
                 continue
             if ret:
                 raise error(ret)
-            n = int(count.value)
-            out = []
-            for i in range(n):
-                e = array[i]
-                used = int(e.usedGpuMemory)
-                out.append(Process(int(e.pid), None if used == not_available else used))
-            return out
+            raw = string_at(array, int(count.value) * _PROCESS_ENTRY.size)
+            return [
+                Process(pid, None if used == not_available else used) for pid, used in unpack(raw)
+            ]
 
     return processes
 
@@ -213,31 +245,40 @@ def _temperature_v(b: _Binder) -> Callable[..., Any]:
     return temperature
 
 
-def _process_utilization(b: _Binder) -> Callable[..., Any]:
+def _process_utilization(b: _Binder) -> Callable[..., Any] | None:
     nv = b.nv
     c, error = b.c("nvmlDeviceGetProcessesUtilizationInfo"), b.error
     info_type = plain(nv.c_nvmlProcessesUtilizationInfo_v1_t)
     sample = plain(nv.c_nvmlProcessUtilizationInfo_v1_t)
+    if ctypes.sizeof(sample) != _UTILIZATION_SAMPLE.size:
+        return None  # another layout: leave it to pynvml
     version = nv.ProcessesUtilizationInfo_v1
     pointer = dict(info_type._fields_)["procUtilArray"]
-    room = [8]
 
-    def utilization(handle: Any, since: int) -> list[Any]:
+    def make(n: int) -> tuple[Any, Any]:
+        array = (sample * n)()
+        info = info_type()
+        info.procUtilArray = ctypes.cast(array, pointer)
+        return info, array
+
+    buffers = _Buffers(make)
+    string_at, byref, unpack = ctypes.string_at, ctypes.byref, _UTILIZATION_SAMPLE.iter_unpack
+
+    def utilization(handle: Any, since: int) -> list[ProcessSample]:
         while True:
-            size = room[0]
-            array = (sample * size)()
-            info = info_type()
+            info, array = buffers.get(handle)
+            size = len(array)
             info.version = version
             info.processSamplesCount = size
             info.lastSeenTimeStamp = since
-            info.procUtilArray = ctypes.cast(array, pointer)
-            ret = c(handle, ctypes.byref(info))
+            ret = c(handle, byref(info))
             if ret == _INSUFFICIENT_SIZE:
-                room[0] = max(size * 2, int(info.processSamplesCount) + 8)
+                buffers.room = max(size * 2, int(info.processSamplesCount) + 8)
                 continue
             if ret:
                 raise error(ret)
-            return array[: int(info.processSamplesCount)]
+            raw = string_at(array, int(info.processSamplesCount) * _UTILIZATION_SAMPLE.size)
+            return [ProcessSample(*fields) for fields in unpack(raw)]
 
     return utilization
 
@@ -299,6 +340,138 @@ FAST: dict[str, tuple[tuple[str, ...], Callable[[_Binder], Callable[..., Any] | 
         _processes,
     ),
 }
+
+
+class Bound(NamedTuple):
+    """One call of one GPU with its arguments and result buffer bound once: ``c(*args)``
+    returns the NVML return code and leaves the result in ``out``; the value pynvml's function
+    returns is ``out``'s ``field`` (``value`` of a scalar), the whole ``out`` where None.
+    ``inputs``, where given, sets the result structure's input fields first."""
+
+    c: Callable[..., int]
+    args: tuple[Any, ...]
+    out: Any
+    field: str | None
+    inputs: Callable[[Any], None] | None
+
+
+def _versioned(version: str, **fields: Any) -> Callable[[ModuleType], Callable[[Any], None]]:
+    """Inputs of a versioned result structure: its ``version`` from the binding, and more."""
+
+    def make(nv: ModuleType) -> Callable[[Any], None]:
+        value = getattr(nv, version)
+
+        def inputs(out: Any) -> None:
+            out.version = value
+            for name, v in fields.items():
+                setattr(out, name, v)
+
+        return inputs
+
+    return make
+
+
+#: The single-result calls of a full read that can be bound per GPU: pynvml function ->
+#: (C symbol, result type from the binding, the result's field pynvml returns (None: the whole
+#: structure), inputs set in the result).
+BOUND: dict[
+    str,
+    tuple[
+        str,
+        Callable[[ModuleType], Any],
+        str | None,
+        Callable[[ModuleType], Callable[[Any], None]] | None,
+    ],
+] = {
+    "nvmlDeviceGetUtilizationRates": (
+        "nvmlDeviceGetUtilizationRates",
+        lambda nv: plain(nv.c_nvmlUtilization_t),
+        None,
+        None,
+    ),
+    "nvmlDeviceGetMemoryInfo": (
+        "nvmlDeviceGetMemoryInfo",
+        lambda nv: plain(nv.c_nvmlMemory_t),
+        None,
+        None,
+    ),
+    "nvmlDeviceGetTemperature": (
+        "nvmlDeviceGetTemperature",
+        lambda nv: ctypes.c_uint,
+        "value",
+        None,
+    ),
+    "nvmlDeviceGetPowerUsage": ("nvmlDeviceGetPowerUsage", lambda nv: ctypes.c_uint, "value", None),
+    "nvmlDeviceGetEnforcedPowerLimit": (
+        "nvmlDeviceGetEnforcedPowerLimit",
+        lambda nv: ctypes.c_uint,
+        "value",
+        None,
+    ),
+    "nvmlDeviceGetClockInfo": ("nvmlDeviceGetClockInfo", lambda nv: ctypes.c_uint, "value", None),
+    "nvmlDeviceGetPerformanceState": (
+        "nvmlDeviceGetPerformanceState",
+        lambda nv: ctypes.c_uint,
+        "value",
+        None,
+    ),
+    "nvmlDeviceGetCurrentClocksEventReasons": (
+        "nvmlDeviceGetCurrentClocksEventReasons",
+        lambda nv: ctypes.c_ulonglong,
+        "value",
+        None,
+    ),
+    "nvmlDeviceGetCurrentClocksThrottleReasons": (
+        "nvmlDeviceGetCurrentClocksThrottleReasons",
+        lambda nv: ctypes.c_ulonglong,
+        "value",
+        None,
+    ),
+    "nvmlDeviceGetFanSpeed": ("nvmlDeviceGetFanSpeed", lambda nv: ctypes.c_uint, "value", None),
+}
+
+
+def bind(nv: ModuleType, name: str, handle: Any, *args: Any, **kwargs: Any) -> Bound | None:
+    """``name(handle, *args, **kwargs)`` bound for one GPU (see :data:`BOUND`); None where this
+    binding cannot be bypassed (no function lookup, or a result structure it lacks): then the
+    caller goes through pynvml's own function. Two take inputs inside their result, as pynvml's
+    functions do: ``nvmlDeviceGetTemperatureV`` its sensor (its one argument) and
+    ``nvmlDeviceGetMemoryInfo`` with ``version`` (``_v2``)."""
+    if not callable(getattr(nv, "_nvmlGetFunctionPointer", None)):
+        return None
+    spec: tuple[
+        str,
+        Callable[[ModuleType], Any],
+        str | None,
+        Callable[[ModuleType], Callable[[Any], None]] | None,
+    ]
+    if name == "nvmlDeviceGetTemperatureV":
+        (sensor,) = args
+        spec = (
+            "nvmlDeviceGetTemperatureV",
+            lambda m: plain(m.c_nvmlTemperature_v1_t),
+            "temperature",
+            _versioned("nvmlTemperature_v1", sensorType=sensor),
+        )
+        args = ()
+    elif name == "nvmlDeviceGetMemoryInfo" and kwargs.get("version"):
+        spec = (
+            "nvmlDeviceGetMemoryInfo_v2",
+            lambda m: plain(m.c_nvmlMemory_v2_t),
+            None,
+            _versioned("nvmlMemory_v2"),
+        )
+    else:
+        spec = BOUND[name]
+    symbol, out_type, field, inputs = spec
+    try:
+        out = out_type(nv)()
+        prepare = inputs(nv) if inputs is not None else None
+    except (AttributeError, TypeError) as exc:  # a structure or version this binding lacks
+        log.debug("no bound %s: %s", name, exc)
+        return None
+    c = _Binder(nv).c(symbol)
+    return Bound(c, (handle, *args, ctypes.byref(out)), out, field, prepare)
 
 
 def fast_functions(nv: ModuleType, available: set[str]) -> dict[str, Callable[..., Any]]:

@@ -1,7 +1,7 @@
 """The device fields of one GPU's reading (utilization, memory, power, clocks, ECC...).
 
 Every call goes through the asking rule (``sources/nvml_calls.py``) with a function resolved once
-at open. Two cost rules live here:
+at open, or bound to the GPU once (``FieldReader._value``). Two cost rules live here:
 
 - slow-changing fields (:data:`SLOW_FIELDS`: power limit, ECC counts, remapped rows, recovery
   action) are read every :data:`SLOW_EVERY` full reads of a GPU, not every read; between their
@@ -19,12 +19,16 @@ together. Callers hold the GPU's lock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from gputel.formats import one_line
 from gputel.schema import MIB, GpuReading
 from gputel.sources import nvml_binding as b
-from gputel.sources.nvml_calls import NvmlCalls, Option
-from gputel.sources.nvml_gpu import NvmlGpu
+from gputel.sources.nvml_calls import NvmlCalls
+from gputel.sources.nvml_direct import Bound, bind
+from gputel.sources.nvml_gpu import GpuLost, NvmlGpu
 
 # The values fetched in one nvmlDeviceGetFieldValues call instead of one call each:
 # (field key, binding constant name, its value in NVML's ABI, read only on slow reads).
@@ -59,6 +63,23 @@ SLOW_FIELDS: tuple[str, ...] = (
 _VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
 
 
+def _float(value: Any) -> float:
+    return float(value)
+
+
+def _milli(value: Any) -> float:
+    """Milliwatts (NVML's unit) as watts."""
+    return value / 1000.0
+
+
+def _rates(rates: Any) -> tuple[float, float]:
+    return float(rates.gpu), float(rates.memory)
+
+
+def _memory(info: Any) -> tuple[float, float]:
+    return info.used / MIB, info.total / MIB
+
+
 def _field_value(value: Any) -> Any:
     """The number inside an nvmlFieldValue_t, by its declared type."""
     kind = getattr(value, "valueType", 3)
@@ -66,36 +87,89 @@ def _field_value(value: Any) -> Any:
     return getattr(value.value, member)
 
 
+@dataclass(frozen=True, slots=True)
+class _Way:
+    """One way to read a value: the asking rule's key, the pynvml function, its arguments after
+    the handle, and what the value is made of its result (what the pynvml function returns)."""
+
+    key: str
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    convert: Callable[[Any], Any]
+
+
 class FieldReader:
-    """The device fields, over the functions and constants of one loaded binding."""
+    """The device fields, over the functions and constants of one loaded binding.
+
+    Each single-value field has its ways to be read (:class:`_Way`, the first the GPU supports
+    is used, the next only once one is unsupported). Where the thin layer can, each way is bound
+    to the GPU once (``nvml_direct.bind``: C function, arguments and result buffer) and called
+    without pynvml's per-call work; failures go to the same asking rule either way.
+    """
 
     def __init__(self, calls: NvmlCalls) -> None:
         self._calls = calls
         self._ask = calls.ask
         api = calls.api
         fn = api.fn
-        self._utilization_fn = fn("nvmlDeviceGetUtilizationRates")
-        memory_fn = fn("nvmlDeviceGetMemoryInfo")
+        self._api = api
+        sensor = api.const("NVML_TEMPERATURE_GPU", 0)
+        clock_sm = api.const("NVML_CLOCK_SM", 1)
+        clock_mem = api.const("NVML_CLOCK_MEM", 2)
+        pstate_unknown = api.const("NVML_PSTATE_UNKNOWN", b.PSTATE_UNKNOWN)
+
+        def way(
+            key: str,
+            name: str,
+            convert: Callable[[Any], Any],
+            *args: Any,
+            **kwargs: Any,
+        ) -> _Way:
+            return _Way(key, name, args, kwargs, convert)
+
+        memory: list[_Way] = []
         # v2 reports "used" without the driver's reserved memory, which is what a job sees.
-        self._memory_options: list[Option] = []
         v2 = getattr(api.module, "nvmlMemory_v2", None)
         if v2 is not None:
-            self._memory_options.append(("memory_v2", memory_fn, (), {"version": v2}))
-        self._memory_options.append(("memory", memory_fn, (), {}))
-        sensor = api.const("NVML_TEMPERATURE_GPU", 0)
-        self._temperature_options: list[Option] = [
-            ("temperature_v", fn("nvmlDeviceGetTemperatureV"), (sensor,), {}),
-            ("temperature", fn("nvmlDeviceGetTemperature"), (sensor,), {}),
-        ]
-        self._reasons_options: list[Option] = [
-            ("clock_event_reasons", fn("nvmlDeviceGetCurrentClocksEventReasons"), (), {}),
-            ("clock_throttle_reasons", fn("nvmlDeviceGetCurrentClocksThrottleReasons"), (), {}),
-        ]
-        self._clock_fn = fn("nvmlDeviceGetClockInfo")
-        self._clock_sm = api.const("NVML_CLOCK_SM", 1)
-        self._clock_mem = api.const("NVML_CLOCK_MEM", 2)
-        self._power_fn = fn("nvmlDeviceGetPowerUsage")
-        self._power_limit_fn = fn("nvmlDeviceGetEnforcedPowerLimit")
+            memory.append(
+                way(
+                    "memory_v2",
+                    "nvmlDeviceGetMemoryInfo",
+                    _memory,
+                    version=v2,
+                )
+            )
+        memory.append(way("memory", "nvmlDeviceGetMemoryInfo", _memory))
+        self._ways: dict[str, list[_Way]] = {
+            "utilization": [way("utilization", "nvmlDeviceGetUtilizationRates", _rates)],
+            "memory": memory,
+            "temperature": [
+                way("temperature_v", "nvmlDeviceGetTemperatureV", _float, sensor),
+                way("temperature", "nvmlDeviceGetTemperature", _float, sensor),
+            ],
+            "sm_clock_mhz": [way("sm_clock_mhz", "nvmlDeviceGetClockInfo", _float, clock_sm)],
+            "memory_clock_mhz": [
+                way("memory_clock_mhz", "nvmlDeviceGetClockInfo", _float, clock_mem)
+            ],
+            # nvmlDeviceGetPowerUsage, not the FI_DEV_POWER_INSTANT field: on Ampere and later
+            # it is the average over the last second, which suits one sample per second (and
+            # the energy integration) better than a single instant.
+            "power_w": [way("power_w", "nvmlDeviceGetPowerUsage", _milli)],
+            "power_limit_w": [way("power_limit_w", "nvmlDeviceGetEnforcedPowerLimit", _milli)],
+            "fan_speed_pct": [way("fan_speed_pct", "nvmlDeviceGetFanSpeed", _float)],
+            "performance_state": [
+                way(
+                    "performance_state",
+                    "nvmlDeviceGetPerformanceState",
+                    lambda v: None if v == pstate_unknown else int(v),
+                )
+            ],
+            "clock_event_reasons": [
+                way("clock_event_reasons", "nvmlDeviceGetCurrentClocksEventReasons", int),
+                way("clock_throttle_reasons", "nvmlDeviceGetCurrentClocksThrottleReasons", int),
+            ],
+        }
         self._energy_fn = fn("nvmlDeviceGetTotalEnergyConsumption")
         self._field_values_fn = fn("nvmlDeviceGetFieldValues")
         self._ecc_fn = fn("nvmlDeviceGetTotalEccErrors")
@@ -105,9 +179,6 @@ class FieldReader:
         }
         self._volatile_ecc = api.const("NVML_VOLATILE_ECC", 0)
         self._remapped_fn = fn("nvmlDeviceGetRemappedRows")
-        self._fan_fn = fn("nvmlDeviceGetFanSpeed")
-        self._pstate_fn = fn("nvmlDeviceGetPerformanceState")
-        self._pstate_unknown = api.const("NVML_PSTATE_UNKNOWN", b.PSTATE_UNKNOWN)
         self._batch = [
             (key, int(fid), slow)
             for key, const, default, slow in _BATCH_FIELDS
@@ -116,54 +187,78 @@ class FieldReader:
         ]
 
     # ------------------------------------------------------------------ single fields
+    def _bind(self, gpu: NvmlGpu, field: str) -> list[tuple[_Way, Bound | None]]:
+        ways = []
+        for w in self._ways[field]:
+            bound = None
+            if self._api.fn(w.name) is not None:  # a function this binding has
+                bound = bind(self._api.module, w.name, gpu.handle, *w.args, **w.kwargs)
+            ways.append((w, bound))
+        return ways
+
+    def _value(self, gpu: NvmlGpu, field: str) -> Any:
+        """``field`` by the first way the GPU supports, through the asking rule; None when
+        no way gives a value now."""
+        ways = gpu.bound.get(field)
+        if ways is None:
+            ways = gpu.bound[field] = self._bind(gpu, field)
+        unsupported = gpu.unsupported
+        for w, bound in ways:
+            key = w.key
+            if key in unsupported:
+                continue
+            if bound is None:
+                raw = self._ask(gpu, key, self._api.fn(w.name), *w.args, **w.kwargs)
+            else:
+                if gpu.lost:
+                    raise GpuLost
+                gpu.reads += 1
+                if bound.inputs is not None:
+                    bound.inputs(bound.out)
+                ret = bound.c(*bound.args)
+                if ret:
+                    self._calls.failed(gpu, key, ret, one_line(self._api.error(ret)))
+                    raw = None
+                else:
+                    out = bound.out
+                    raw = out if bound.field is None else getattr(out, bound.field)
+            if raw is not None:
+                return w.convert(raw)
+            if key not in unsupported:
+                return None  # a failure, not unsupported: the next way is not tried
+        return None
+
     def utilization(self, gpu: NvmlGpu) -> tuple[float | None, float | None]:
         if gpu.mig:
             return None, None  # NVML answers NOT_SUPPORTED in MIG mode; no need to ask
-        rates = self._ask(gpu, "utilization", self._utilization_fn)
-        if rates is None:
-            return None, None
-        return float(rates.gpu), float(rates.memory)
+        return self._value(gpu, "utilization") or (None, None)
 
     def memory(self, gpu: NvmlGpu) -> tuple[float | None, float | None]:
-        info = self._calls.first(gpu, self._memory_options)
-        if info is None:
-            return None, None
-        return info.used / MIB, info.total / MIB
+        return self._value(gpu, "memory") or (None, None)
 
     def temperature(self, gpu: NvmlGpu) -> float | None:
-        value = self._calls.first(gpu, self._temperature_options)
-        return None if value is None else float(value)
+        return self._value(gpu, "temperature")
 
     def sm_clock_mhz(self, gpu: NvmlGpu) -> float | None:
-        mhz = self._ask(gpu, "sm_clock_mhz", self._clock_fn, self._clock_sm)
-        return None if mhz is None else float(mhz)
+        return self._value(gpu, "sm_clock_mhz")
 
     def memory_clock_mhz(self, gpu: NvmlGpu) -> float | None:
-        mhz = self._ask(gpu, "memory_clock_mhz", self._clock_fn, self._clock_mem)
-        return None if mhz is None else float(mhz)
+        return self._value(gpu, "memory_clock_mhz")
 
     def power_w(self, gpu: NvmlGpu) -> float | None:
-        # nvmlDeviceGetPowerUsage, not the FI_DEV_POWER_INSTANT field: on Ampere and later it is
-        # the average over the last second, which suits one sample per second (and the energy
-        # integration) better than a single instant.
-        mw = self._ask(gpu, "power_w", self._power_fn)
-        return None if mw is None else mw / 1000.0
+        return self._value(gpu, "power_w")
 
     def power_limit_w(self, gpu: NvmlGpu) -> float | None:
-        limit = self._ask(gpu, "power_limit_w", self._power_limit_fn)
-        return None if limit is None else limit / 1000.0
+        return self._value(gpu, "power_limit_w")
 
     def fan_speed_pct(self, gpu: NvmlGpu) -> float | None:
-        fan = self._ask(gpu, "fan_speed_pct", self._fan_fn)
-        return None if fan is None else float(fan)
+        return self._value(gpu, "fan_speed_pct")
 
     def performance_state(self, gpu: NvmlGpu) -> int | None:
-        pstate = self._ask(gpu, "performance_state", self._pstate_fn)
-        return None if pstate is None or pstate == self._pstate_unknown else int(pstate)
+        return self._value(gpu, "performance_state")
 
     def clock_event_reasons(self, gpu: NvmlGpu) -> int | None:
-        reasons = self._calls.first(gpu, self._reasons_options)
-        return None if reasons is None else int(reasons)
+        return self._value(gpu, "clock_event_reasons")
 
     # ------------------------------------------------------------------ counters
     def batch_values(self, gpu: NvmlGpu, *, slow: bool, pcie: bool) -> dict[str, Any] | None:

@@ -207,6 +207,8 @@ class CsvSink:
         """Per GPU: its last row's cells, reused where a value repeats."""
         self._owner_cells: dict[tuple[str | None, str | None, str | None], str] = {}
         """Per (user, command, job): the three cells of a process row."""
+        self._process_tails: dict[tuple[int, int], tuple[tuple[object, ...], str]] = {}
+        """Per (GPU, PID): its last row's values and the row after its time cell."""
         self.last_power: dict[int, tuple[float, float | None]] = {}
         """Per GPU: (epoch seconds, power) of its latest row written, in any file: where the
         next file's first row joins (a restarted recorder seeds it from its predecessor)."""
@@ -430,28 +432,38 @@ class CsvSink:
         return "\n".join(lines).encode()
 
     def _process_rows(self, sample: Sample, stamp: str) -> bytes:
-        owners = self._owner_cells
+        """One row per process per GPU. All but a row's time are reused while the process,
+        its owner and its values stay the same (a long job's processes, tick after tick)."""
+        owners, tails = self._owner_cells, self._process_tails
         if len(owners) > _OWNER_CELLS_MAX:
-            owners.clear()  # owners come and go; keep the cache bounded
+            owners.clear()  # owners come and go; keep the caches bounded
+        if len(tails) > _OWNER_CELLS_MAX:
+            tails.clear()
         lines: list[str] = []
         for p in sample.processes:
-            key = (p.user, p.command, p.job)
-            owner = owners.get(key)
-            if owner is None:
-                # A process's owner is the same tick after tick: its three cells, once.
-                owner = owners[key] = ",".join(map(csv_cell, key))
-            lines.append(
-                ",".join(
+            mem, sm = p.memory_used_mib, p.sm_util_pct
+            # With the numbers' types: 1 == 1.0, yet they are written differently.
+            values = (p.user, p.command, p.job, mem, sm, mem.__class__, sm.__class__)
+            where = (p.gpu, p.pid)
+            cached = tails.get(where)
+            if cached is None or cached[0] != values:
+                key = values[:3]
+                owner = owners.get(key)
+                if owner is None:
+                    owner = owners[key] = ",".join(map(csv_cell, key))
+                tail = ",".join(
                     (
-                        stamp,
                         str(p.gpu),
                         str(p.pid),
                         owner,
-                        csv_cell(p.memory_used_mib, _MEMORY_DECIMALS),
-                        csv_cell(p.sm_util_pct, _SM_DECIMALS),
+                        csv_cell(mem, _MEMORY_DECIMALS),
+                        csv_cell(sm, _SM_DECIMALS),
                     )
                 )
-            )
+                tails[where] = (values, tail)
+            else:
+                tail = cached[1]
+            lines.append(f"{stamp},{tail}")
         lines.append("")
         return "\n".join(lines).encode()
 
