@@ -573,9 +573,12 @@ HWMON_METRIC = "gputel_host_hwmon_temperature_celsius"
 HWMON_HELP = "Temperature of each hwmon sensor."
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GpuProcess:
     """One compute process on one GPU at one tick, as the driver names it: by host PID.
+
+    Not frozen, like :class:`ProcessRecord`: every tick makes one per process, and a frozen
+    dataclass's ``__init__`` (``object.__setattr__`` per field) costs four times as much.
 
     ``sm_util_pct`` is the process's share of SM time over the driver's last sample period;
     None when the driver gives no per-process utilization (or did not sample the process).
@@ -587,7 +590,7 @@ class GpuProcess:
     sm_util_pct: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProcessRecord:
     """A :class:`GpuProcess` with its owner from procfs: one row of ``processes-*.csv``.
 

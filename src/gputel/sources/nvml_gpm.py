@@ -31,8 +31,10 @@ allocated once and reused (under the GPU's lock), so a read allocates no ctypes 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,9 @@ GPM_METRICS: tuple[tuple[str, str, float], ...] = (
 )
 _SM = "sm_active_pct"
 _PCIE = ("pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s")
+_PCIE_KEYS = tuple(f"gpm.{attr}" for attr in _PCIE)
+#: One nvmlGpmMetric_t: metric id, return code, value (then three name pointers, not read).
+_METRIC = struct.Struct("<IId24x")
 #: Seconds between re-listings of a MIG GPU's devices (instances are created and destroyed by
 #: the operator, rarely; listing costs a few calls).
 _MIG_RELIST_S = 60.0
@@ -143,6 +148,10 @@ class GpmState:
     mig_listed_at: float | None = None
     refused: str | None = None
     """Why the driver refuses GPM to this process (then ``supported`` is False)."""
+    wanted: list[tuple[str, int, float]] = field(default_factory=list)
+    wanted_for: int = -1
+    """The metrics a full read asks for, and the size of the GPU's unsupported set they were
+    picked at (it only grows: a new size means a metric may have dropped out)."""
 
 
 class GpmReader:
@@ -166,6 +175,9 @@ class GpmReader:
             if (metric := api.optional_const(const)) is not None
         ]
         self._request_type = _request_type(api.module)
+        metric = getattr(api.module, "c_nvmlGpmMetric_t", None)
+        self._metric_layout = metric is not None and ctypes.sizeof(metric) == _METRIC.size
+        """Whether a metric result is the driver's 40 bytes (read with :data:`_METRIC`)."""
         self._version = api.const("NVML_GPM_METRICS_GET_VERSION", 1)
         self._support_fn = api.fn("nvmlGpmQueryDeviceSupport")
         self._alloc_fn = api.fn("nvmlGpmSampleAlloc")
@@ -253,7 +265,7 @@ class GpmReader:
             not gpu.mig
             and self.supported(gpu)
             and "gpm" not in gpu.unsupported
-            and not any(f"gpm.{attr}" in gpu.unsupported for attr in _PCIE)
+            and not any(key in gpu.unsupported for key in _PCIE_KEYS)
         )
 
     # ------------------------------------------------------------------------ reads
@@ -264,8 +276,11 @@ class GpmReader:
         if gpu.mig:
             reading.mig = self.mig_readings(gpu, memory=True)
             return
-        wanted = [m for m in self._metrics if f"gpm.{m[0]}" not in gpu.unsupported]
-        for attr, value in self._measure(gpu, -1, wanted).items():
+        state = self._state(gpu)
+        if state.wanted_for != len(gpu.unsupported):  # a metric dropped out: only then
+            state.wanted = [m for m in self._metrics if f"gpm.{m[0]}" not in gpu.unsupported]
+            state.wanted_for = len(gpu.unsupported)
+        for attr, value in self._measure(gpu, -1, state.wanted).items():
             setattr(reading, attr, value)
         reading.has_gpm = self._gives_sm(gpu)
 
@@ -391,18 +406,25 @@ class GpmReader:
             return {}
         gpu.reads += len(wanted) - 1  # each metric is a read of its own for the lost rule
         out: dict[str, float | None] = {}
-        for k, (attr, metric_id, factor) in enumerate(wanted):
-            m = result.metrics[k]
-            status = int(m.nvmlReturn)
+        answers = self._answers(result, len(wanted))
+        for (attr, metric_id, factor), (status, value) in zip(wanted, answers, strict=True):
             if status != 0:
                 self._calls.failed(
                     gpu, f"gpm.{attr}", status, f"GPM metric {metric_id} returned {status}"
                 )
                 out[attr] = None
                 continue
-            value = float(m.value)
             out[attr] = value * factor if math.isfinite(value) and value >= 0 else None
         return out
+
+    def _answers(self, result: Any, n: int) -> list[tuple[int, float]]:
+        """(return code, value) of the first ``n`` metrics of a metrics request: unpacked from
+        its memory in one go where the layout is the driver's, else field by field."""
+        if self._metric_layout:
+            offset = type(result).metrics.offset
+            raw = ctypes.string_at(ctypes.addressof(result) + offset, n * _METRIC.size)
+            return [(ret, value) for _id, ret, value in _METRIC.iter_unpack(raw)]
+        return [(int(m.nvmlReturn), float(m.value)) for m in (result.metrics[k] for k in range(n))]
 
     def _pair(self, gpu: NvmlGpu, instance: int) -> _Pair | None:
         state = self._state(gpu)

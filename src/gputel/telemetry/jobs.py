@@ -166,6 +166,7 @@ class DetectedJobs:
         unknown_owner = {r.gpu for r in sample.processes if r.job is None}
         listed = {g.index for g in sample.gpus if g.processes is not None}
         hooked = set(announced_ids)
+        by_index = {g.index: g for g in sample.gpus}
         present: dict[str, set[int]] = {}
         for gpu, ids in on_gpu.items():
             for ident in ids:
@@ -186,7 +187,7 @@ class DetectedJobs:
                 found = self._jobs[ident] = _Job(
                     ident, sample.timestamp, set(gpus), frozenset(gpus)
                 )
-            self._step(found, frozenset(gpus), sample, on_gpu, announced, unknown_owner)
+            self._step(found, frozenset(gpus), by_index, on_gpu, announced, unknown_owner)
         for job in self._jobs.values():
             if job.id not in present:
                 # Its GPUs could not be listed this tick: kept, but the interval is unknown.
@@ -197,7 +198,7 @@ class DetectedJobs:
         self,
         job: _Job,
         gpus: frozenset[int],
-        sample: Sample,
+        readings: Mapping[int, GpuReading],
         on_gpu: Mapping[int, tuple[str, ...]],
         announced: Mapping[int, tuple[str, ...]],
         unknown_owner: set[int],
@@ -208,7 +209,8 @@ class DetectedJobs:
                 job.shared = True
         job.on = gpus
         job.gpus |= gpus
-        job.stats.add_tick(sample.gpus, tuple(sorted(gpus)), self._interval_s)
+        mine = [readings[i] for i in sorted(gpus) if i in readings]
+        job.stats.add_tick(mine, None, self._interval_s)
 
     def add_energy(self, shares: Mapping[int, float | None]) -> None:
         """This tick's energy per GPU (``CsvSink.tick_energy``, the one allocation rule of
