@@ -314,10 +314,14 @@ class FakeHost:
         (self.sys / "block").mkdir(parents=True)
         self.set_cpu(user=100, system=50, idle=800, iowait=50, guest=10)
         (self.proc / "meminfo").write_text(MEMINFO)
+        self.set_load("1.50 1.00 0.50")
         self.set_nics({"lo": (10**9, 10**9), "eth0": (100, 200), "ib0": (1000, 2000)})
 
     def set_cpu(self, *, user: int, system: int, idle: int, iowait: int, guest: int) -> None:
         (self.proc / "stat").write_text(STAT.format(user, system, idle, iowait, guest))
+
+    def set_load(self, averages: str) -> None:
+        (self.proc / "loadavg").write_text(f"{averages} 2/345 6789\n")
 
     def set_disks(self, lines: list[str], whole: list[str]) -> None:
         (self.proc / "diskstats").write_text("".join(lines))
@@ -333,8 +337,7 @@ class FakeHost:
 
 
 @pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHost:
-    monkeypatch.setattr(host_mod.os, "getloadavg", lambda: (1.5, 1.0, 0.5))
+def fake(tmp_path: Path) -> FakeHost:
     host = FakeHost(tmp_path)
     host.set_disks([diskstats_line(8, 0, "sda", 8, 16)], whole=["sda"])
     return host
@@ -362,6 +365,10 @@ def test_procfs_source_fields(fake: FakeHost) -> None:
     assert source.read()["cpu_util_pct"] == 40.0
     # no CPU time elapsed between two reads: None, not 0.0 or a division by zero
     assert source.read()["cpu_util_pct"] is None
+    # The load averages as the kernel has them now (the file is kept open, read afresh).
+    fake.set_load("12.25 3.00 0.75")
+    reading = source.read()
+    assert (reading["load_1m"], reading["load_5m"], reading["load_15m"]) == (12.25, 3.0, 0.75)
 
 
 def test_cpu_line_of_an_old_kernel_without_guest_fields(fake: FakeHost) -> None:
@@ -541,6 +548,7 @@ def test_procfs_source_reads_the_real_host() -> None:
 def test_agrees_with_psutil_on_the_real_host() -> None:
     """Same figures as psutil gave, except the disks psutil double-counted (see host.py)."""
     reading = ProcfsHostSource().read()
+    assert reading["load_1m"] == pytest.approx(os.getloadavg()[0], abs=0.5)
     vm = psutil.virtual_memory()
     # memory moves between the two reads; a few MiB is plenty on a quiet test host
     assert reading["memory_available_mib"] == pytest.approx(vm.available / MIB, abs=64)

@@ -151,6 +151,10 @@ class _NoWrap:
         return a_sum, b_sum
 
 
+#: Enough of /proc/loadavg for its three averages ("12345.12 12345.12 12345.12 ...").
+_LOADAVG_HEAD = 64
+
+
 class ProcfsHostSource:
     """CPU %, load, memory, swap, and cumulative disk and network byte counters."""
 
@@ -163,6 +167,8 @@ class ProcfsHostSource:
         self._meminfo = _ProcFile(root / "meminfo")
         self._diskstats: _ProcFile | None = _ProcFile(root / "diskstats")
         self._netdev = _ProcFile(root / "net" / "dev")
+        # Kept open like the others: os.getloadavg() opens and closes /proc/loadavg each call.
+        self._loadavg = _ProcFile(root / "loadavg")
         self._last_cpu: tuple[int, int] | None = None
         # Whether a device name is a partition, virtual or a whole disk cannot change while the
         # name exists, so sysfs is asked once per name rather than once per tick.
@@ -171,7 +177,7 @@ class ProcfsHostSource:
         self._net_wrap = _NoWrap()
 
     def close(self) -> None:
-        for f in (self._stat, self._meminfo, self._diskstats, self._netdev):
+        for f in (self._stat, self._meminfo, self._diskstats, self._netdev, self._loadavg):
             if f is not None:
                 f.close()
 
@@ -248,8 +254,13 @@ class ProcfsHostSource:
         totals = self._net_wrap.total(per_nic)
         return (None, None) if totals is None else totals
 
+    def _load(self) -> tuple[float, float, float]:
+        """The 1, 5 and 15 minute load averages, as ``os.getloadavg()`` gives them."""
+        first = self._loadavg.read(_LOADAVG_HEAD).split(None, 3)
+        return float(first[0]), float(first[1]), float(first[2])
+
     def read(self) -> dict[str, Any]:
-        load1, load5, load15 = os.getloadavg()
+        load1, load5, load15 = self._load()
         used, available, swap = self._memory()
         disk_read, disk_write = self._disk()
         net_rx, net_tx = self._net()

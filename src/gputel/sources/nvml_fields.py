@@ -267,16 +267,25 @@ class FieldReader:
         the caller must ask one by one (the binding or driver has no nvmlDeviceGetFieldValues)."""
         if "field_values" in gpu.unsupported:
             return None
-        wanted = [
-            (key, fid)
-            for key, fid, slow_field in self._batch
-            if key not in gpu.unsupported
-            and (slow or not slow_field)
-            and (pcie or key not in _PCIE_COUNT_KEYS)
-        ]
+        # Which values to ask for changes only when one turns out unsupported (the set grows).
+        picked = gpu.bound.get(("batch", slow, pcie))
+        if picked is None or picked[0] != len(gpu.unsupported):
+            wanted = [
+                (key, fid)
+                for key, fid, slow_field in self._batch
+                if key not in gpu.unsupported
+                and (slow or not slow_field)
+                and (pcie or key not in _PCIE_COUNT_KEYS)
+            ]
+            picked = gpu.bound[("batch", slow, pcie)] = (
+                len(gpu.unsupported),
+                wanted,
+                [f for _, f in wanted],
+            )
+        _, wanted, ids = picked
         if not wanted:
             return {}
-        values = self._ask(gpu, "field_values", self._field_values_fn, [f for _, f in wanted])
+        values = self._ask(gpu, "field_values", self._field_values_fn, ids)
         if values is None:
             return None if "field_values" in gpu.unsupported else {}
         gpu.reads += len(wanted) - 1  # each value is a read of its own for the lost rule

@@ -63,8 +63,9 @@ class NvmlGpu:
     """The slow-changing fields' last values, put in every reading between their reads."""
     pcie_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
     """PCIe byte counter -> (bytes, driver timestamp µs) of the previous read."""
-    bound: dict[str, Any] = field(default_factory=dict)
-    """The field reader's calls bound to ``handle`` (``nvml_fields``); cleared with a new one."""
+    bound: dict[Any, Any] = field(default_factory=dict)
+    """The field reader's calls bound to ``handle`` and what it asks for in batches
+    (``nvml_fields``); cleared with a new handle."""
 
     def new_handle(self, handle: Any) -> None:
         """A fresh handle (a GPU back after a reset): calls bound to the old one are dropped."""
