@@ -285,7 +285,8 @@ def report(
         "### The recorder: ms CPU per tick, whole process",
         "",
         f"`gputel record --child`, 8 GPUs, host sources on, {args.seconds:g} s measured after "
-        f"20 warm-up ticks, before and after alternating; before = the sources at "
+        "20 warm-up ticks (from one publication of `recorder.json` to another, so ticks and "
+        "CPU match), before and after alternating; before = the sources at "
         f"`{args.before}`, after = this tree.",
         "",
         "| sources | ms CPU per tick |",

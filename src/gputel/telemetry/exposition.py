@@ -1,9 +1,10 @@
-"""The Prometheus exposition of the latest sample, rendered once per tick.
+"""The Prometheus exposition of the latest sample, rendered when the recorder publishes.
 
 A custom collector on a private ``CollectorRegistry`` (the pattern of prometheus_client's own
 process collector) turns the latest ``Sample`` into metric families straight from the schema
-table: name, HELP, type and scale to base units. The bytes are rendered once per tick; a scrape
-only copies them, so serving ``/metrics`` never touches NVML. The per-tick rendering is the
+table: name, HELP, type and scale to base units. The bytes are rendered when the recorder
+publishes (every tick, or about once a second at sub-second intervals); a scrape only copies
+them, so serving ``/metrics`` never touches NVML. The rendering is the
 collector's own ``render()``, byte-for-byte what ``generate_latest`` gives over the registry (see
 ``Exposition.render_reference``) at a fraction of its cost.
 
