@@ -23,6 +23,7 @@ from typing import Any
 from gputel.formats import one_line
 from gputel.sources import nvml_binding as b
 from gputel.sources.nvml_binding import NvmlApi
+from gputel.sources.nvml_direct import Bound
 from gputel.sources.nvml_gpu import NO_DEVICE, CallRefused, GpuLost, NvmlGpu, text
 
 log = logging.getLogger("gputel.nvml")
@@ -37,8 +38,9 @@ LOST_CODES = frozenset({b.GPU_IS_LOST})
 #: nothing (a call on it can be slow), often enough that a reset GPU is back within a minute.
 REPROBE_S = 60.0
 
-#: One way to read a value: (key, function, positional args, keyword args).
-Option = tuple[str, "Callable[..., Any] | None", tuple[Any, ...], dict[str, Any]]
+#: One way to read a value: (key, function, positional args, keyword args); the function may be
+#: a call bound to the GPU (:class:`Bound`, its arguments inside).
+Option = tuple[str, "Callable[..., Any] | Bound | None", tuple[Any, ...], dict[str, Any]]
 
 
 class NvmlCalls:
@@ -92,13 +94,34 @@ class NvmlCalls:
             self.failed(gpu, key, code, one_line(exc))
             return None
 
+    def ask_bound(self, gpu: NvmlGpu, key: str, bound: Bound) -> Any:
+        """:meth:`ask` for a call bound to the GPU (``nvml_direct.bind``): the same rule, read
+        from the return code, with no pynvml call and no exception on the common path."""
+        if gpu.lost:
+            raise GpuLost
+        if key in gpu.unsupported:
+            return None
+        gpu.reads += 1
+        if bound.inputs is not None:
+            bound.inputs(bound.out)
+        ret = bound.c(*bound.args)
+        if ret:
+            self.failed(gpu, key, ret, one_line(self._error(ret)))
+            return None
+        out = bound.out
+        return out if bound.field is None else getattr(out, bound.field)
+
     def first(self, gpu: NvmlGpu, options: list[Option]) -> Any:
         """The first of several ways to read one value; the next is tried only when one is
-        unsupported, so a transient failure does not double the calls."""
+        unsupported, so a transient failure does not double the calls. A way's function may be
+        a :class:`Bound` call (then its arguments are bound too)."""
         for key, fn, args, kwargs in options:
             if key in gpu.unsupported:
                 continue
-            value = self.ask(gpu, key, fn, *args, **kwargs)
+            if isinstance(fn, Bound):
+                value = self.ask_bound(gpu, key, fn)
+            else:
+                value = self.ask(gpu, key, fn, *args, **kwargs)
             if value is not None or key not in gpu.unsupported:
                 return value
         return None

@@ -20,15 +20,14 @@ together. Callers hold the GPU's lock.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from gputel.formats import one_line
 from gputel.schema import MIB, GpuReading
 from gputel.sources import nvml_binding as b
-from gputel.sources.nvml_calls import NvmlCalls
-from gputel.sources.nvml_direct import Bound, bind
-from gputel.sources.nvml_gpu import GpuLost, NvmlGpu
+from gputel.sources.nvml_calls import NvmlCalls, Option
+from gputel.sources.nvml_direct import bind
+from gputel.sources.nvml_gpu import NvmlGpu
 
 # The values fetched in one nvmlDeviceGetFieldValues call instead of one call each:
 # (field key, binding constant name, its value in NVML's ABI, read only on slow reads).
@@ -63,10 +62,6 @@ SLOW_FIELDS: tuple[str, ...] = (
 _VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
 
 
-def _float(value: Any) -> float:
-    return float(value)
-
-
 def _milli(value: Any) -> float:
     """Milliwatts (NVML's unit) as watts."""
     return value / 1000.0
@@ -89,23 +84,23 @@ def _field_value(value: Any) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class _Way:
-    """One way to read a value: the asking rule's key, the pynvml function, its arguments after
-    the handle, and what the value is made of its result (what the pynvml function returns)."""
+    """One way to read a value: the asking rule's key, the pynvml function and its arguments
+    after the handle."""
 
     key: str
     name: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    convert: Callable[[Any], Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class FieldReader:
     """The device fields, over the functions and constants of one loaded binding.
 
-    Each single-value field has its ways to be read (:class:`_Way`, the first the GPU supports
-    is used, the next only once one is unsupported). Where the thin layer can, each way is bound
-    to the GPU once (``nvml_direct.bind``: C function, arguments and result buffer) and called
-    without pynvml's per-call work; failures go to the same asking rule either way.
+    Each single-value field has its ways to be read (:class:`_Way`; ``NvmlCalls.first`` uses
+    the first the GPU supports) and one conversion of what they return (what the pynvml
+    function returns). Where the thin layer can, each way is bound to the GPU once
+    (``nvml_direct.bind``: C function, arguments and result buffer) and called without
+    pynvml's per-call work; failures go to the same asking rule either way.
     """
 
     def __init__(self, calls: NvmlCalls) -> None:
@@ -115,60 +110,48 @@ class FieldReader:
         fn = api.fn
         self._api = api
         sensor = api.const("NVML_TEMPERATURE_GPU", 0)
-        clock_sm = api.const("NVML_CLOCK_SM", 1)
-        clock_mem = api.const("NVML_CLOCK_MEM", 2)
         pstate_unknown = api.const("NVML_PSTATE_UNKNOWN", b.PSTATE_UNKNOWN)
-
-        def way(
-            key: str,
-            name: str,
-            convert: Callable[[Any], Any],
-            *args: Any,
-            **kwargs: Any,
-        ) -> _Way:
-            return _Way(key, name, args, kwargs, convert)
-
         memory: list[_Way] = []
         # v2 reports "used" without the driver's reserved memory, which is what a job sees.
         v2 = getattr(api.module, "nvmlMemory_v2", None)
         if v2 is not None:
-            memory.append(
-                way(
-                    "memory_v2",
-                    "nvmlDeviceGetMemoryInfo",
-                    _memory,
-                    version=v2,
-                )
-            )
-        memory.append(way("memory", "nvmlDeviceGetMemoryInfo", _memory))
+            memory.append(_Way("memory_v2", "nvmlDeviceGetMemoryInfo", kwargs={"version": v2}))
+        memory.append(_Way("memory", "nvmlDeviceGetMemoryInfo"))
+        clock = "nvmlDeviceGetClockInfo"
         self._ways: dict[str, list[_Way]] = {
-            "utilization": [way("utilization", "nvmlDeviceGetUtilizationRates", _rates)],
+            "utilization": [_Way("utilization", "nvmlDeviceGetUtilizationRates")],
             "memory": memory,
             "temperature": [
-                way("temperature_v", "nvmlDeviceGetTemperatureV", _float, sensor),
-                way("temperature", "nvmlDeviceGetTemperature", _float, sensor),
+                _Way("temperature_v", "nvmlDeviceGetTemperatureV", (sensor,)),
+                _Way("temperature", "nvmlDeviceGetTemperature", (sensor,)),
             ],
-            "sm_clock_mhz": [way("sm_clock_mhz", "nvmlDeviceGetClockInfo", _float, clock_sm)],
+            "sm_clock_mhz": [_Way("sm_clock_mhz", clock, (api.const("NVML_CLOCK_SM", 1),))],
             "memory_clock_mhz": [
-                way("memory_clock_mhz", "nvmlDeviceGetClockInfo", _float, clock_mem)
+                _Way("memory_clock_mhz", clock, (api.const("NVML_CLOCK_MEM", 2),))
             ],
             # nvmlDeviceGetPowerUsage, not the FI_DEV_POWER_INSTANT field: on Ampere and later
             # it is the average over the last second, which suits one sample per second (and
             # the energy integration) better than a single instant.
-            "power_w": [way("power_w", "nvmlDeviceGetPowerUsage", _milli)],
-            "power_limit_w": [way("power_limit_w", "nvmlDeviceGetEnforcedPowerLimit", _milli)],
-            "fan_speed_pct": [way("fan_speed_pct", "nvmlDeviceGetFanSpeed", _float)],
-            "performance_state": [
-                way(
-                    "performance_state",
-                    "nvmlDeviceGetPerformanceState",
-                    lambda v: None if v == pstate_unknown else int(v),
-                )
-            ],
+            "power_w": [_Way("power_w", "nvmlDeviceGetPowerUsage")],
+            "power_limit_w": [_Way("power_limit_w", "nvmlDeviceGetEnforcedPowerLimit")],
+            "fan_speed_pct": [_Way("fan_speed_pct", "nvmlDeviceGetFanSpeed")],
+            "performance_state": [_Way("performance_state", "nvmlDeviceGetPerformanceState")],
             "clock_event_reasons": [
-                way("clock_event_reasons", "nvmlDeviceGetCurrentClocksEventReasons", int),
-                way("clock_throttle_reasons", "nvmlDeviceGetCurrentClocksThrottleReasons", int),
+                _Way("clock_event_reasons", "nvmlDeviceGetCurrentClocksEventReasons"),
+                _Way("clock_throttle_reasons", "nvmlDeviceGetCurrentClocksThrottleReasons"),
             ],
+        }
+        self._convert: dict[str, Callable[[Any], Any]] = {
+            "utilization": _rates,
+            "memory": _memory,
+            "temperature": float,
+            "sm_clock_mhz": float,
+            "memory_clock_mhz": float,
+            "power_w": _milli,
+            "power_limit_w": _milli,
+            "fan_speed_pct": float,
+            "performance_state": lambda v: None if v == pstate_unknown else int(v),
+            "clock_event_reasons": int,
         }
         self._energy_fn = fn("nvmlDeviceGetTotalEnergyConsumption")
         self._field_values_fn = fn("nvmlDeviceGetFieldValues")
@@ -187,46 +170,26 @@ class FieldReader:
         ]
 
     # ------------------------------------------------------------------ single fields
-    def _bind(self, gpu: NvmlGpu, field: str) -> list[tuple[_Way, Bound | None]]:
-        ways = []
+    def _bind(self, gpu: NvmlGpu, field: str) -> list[Option]:
+        """The ways to read ``field`` as the asking rule's options, each bound to the GPU
+        where the thin layer can, else through the binding's function."""
+        options: list[Option] = []
         for w in self._ways[field]:
+            fn = self._api.fn(w.name)
             bound = None
-            if self._api.fn(w.name) is not None:  # a function this binding has
+            if fn is not None:  # a function this binding has
                 bound = bind(self._api.module, w.name, gpu.handle, *w.args, **w.kwargs)
-            ways.append((w, bound))
-        return ways
+            options.append((w.key, bound or fn, w.args, w.kwargs))
+        return options
 
     def _value(self, gpu: NvmlGpu, field: str) -> Any:
-        """``field`` by the first way the GPU supports, through the asking rule; None when
-        no way gives a value now."""
-        ways = gpu.bound.get(field)
-        if ways is None:
-            ways = gpu.bound[field] = self._bind(gpu, field)
-        unsupported = gpu.unsupported
-        for w, bound in ways:
-            key = w.key
-            if key in unsupported:
-                continue
-            if bound is None:
-                raw = self._ask(gpu, key, self._api.fn(w.name), *w.args, **w.kwargs)
-            else:
-                if gpu.lost:
-                    raise GpuLost
-                gpu.reads += 1
-                if bound.inputs is not None:
-                    bound.inputs(bound.out)
-                ret = bound.c(*bound.args)
-                if ret:
-                    self._calls.failed(gpu, key, ret, one_line(self._api.error(ret)))
-                    raw = None
-                else:
-                    out = bound.out
-                    raw = out if bound.field is None else getattr(out, bound.field)
-            if raw is not None:
-                return w.convert(raw)
-            if key not in unsupported:
-                return None  # a failure, not unsupported: the next way is not tried
-        return None
+        """``field`` by the first way the GPU supports (``NvmlCalls.first``); None when no way
+        gives a value now."""
+        options = gpu.bound.get(field)
+        if options is None:
+            options = gpu.bound[field] = self._bind(gpu, field)
+        raw = self._calls.first(gpu, options)
+        return None if raw is None else self._convert[field](raw)
 
     def utilization(self, gpu: NvmlGpu) -> tuple[float | None, float | None]:
         if gpu.mig:

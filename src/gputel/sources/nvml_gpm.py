@@ -126,6 +126,8 @@ class _Pair:
     """Which of ``samples`` holds the latest reading; -1 before the first."""
     metric_ids: tuple[int, ...] = ()
     """The metrics the request asks for now: written into it only when they change."""
+    wanted: list[tuple[str, int, float]] | None = None
+    """The list ``metric_ids`` was taken from (the full read's, kept per GPU)."""
 
 
 @dataclass(eq=False)
@@ -392,7 +394,11 @@ class GpmReader:
         if previous < 0:
             return {}
         request = pair.request
-        ids = tuple(metric_id for _attr, metric_id, _factor in wanted)
+        if wanted is pair.wanted:  # the full read's list, kept per GPU: the same ids
+            ids = pair.metric_ids
+        else:
+            ids = tuple(metric_id for _attr, metric_id, _factor in wanted)
+            pair.wanted = wanted
         if ids != pair.metric_ids:  # built once, rebuilt only when a metric drops out
             request.version = self._version
             request.numMetrics = len(ids)

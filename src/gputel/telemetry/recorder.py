@@ -149,6 +149,7 @@ class Recorder:
         self.allocations = AllocationWatcher(self.run_dir / runtime.ALLOCATIONS_FILE)
         self._alloc_ids: tuple[str, ...] = ()
         self._gpu_alloc: dict[int, tuple[str, ...]] = {}
+        self._announced = self._announced_by_gpu()
         self._alloc_stats: dict[str, AllocationStats] = {}
         self._alloc_start: dict[str, str] = {}
         self._ended: dict[str, tuple[float, dict[str, object]]] = {}
@@ -317,14 +318,19 @@ class Recorder:
         """Owners of this tick's GPU processes, and the jobs they belong to as allocations of
         their GPUs (``telemetry/jobs.py``): merged into each GPU row's allocations."""
         sample.processes = self.attribution.records(sample.gpus)
-        announced = {
-            d.index: self._gpu_alloc.get(d.index, self._alloc_ids) for d in self.sampler.devices
-        }
+        announced = self._announced
         detected, _ = self.detected.update(sample, announced, self._alloc_ids)
         if detected:
             sample.gpu_allocations = {
-                gpu: merge_ids(ids, detected.get(gpu, ())) for gpu, ids in announced.items()
+                gpu: merge_ids(ids, detected.get(gpu, ())) if ids else detected.get(gpu, ())
+                for gpu, ids in announced.items()
             }
+
+    def _announced_by_gpu(self) -> dict[int, tuple[str, ...]]:
+        """Per GPU, the announced allocations that claim it (changes only with them)."""
+        return {
+            d.index: self._gpu_alloc.get(d.index, self._alloc_ids) for d in self.sampler.devices
+        }
 
     def _write_head(self, first: Sample) -> None:
         ticks = head_rows(
@@ -354,6 +360,7 @@ class Recorder:
         for d in self.sampler.devices:
             gpu_alloc[d.index] = tuple(a.id for a in allocs if a.gpus is None or d.index in a.gpus)
         self._gpu_alloc = gpu_alloc if allocs else {}
+        self._announced = self._announced_by_gpu()
         current = {a.id: a for a in allocs}
         now = self._clock()
         # An id released and opened again between two polls is a new allocation (new start).
