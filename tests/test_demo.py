@@ -208,7 +208,7 @@ def test_a_person_running_the_demo_sees_the_live_view_and_the_answer(tmp_path: P
         assert all(w in header for w in ("GPU", "mean power", "peak power", "throttled"))
         gpu0 = next(line.split() for line in lines if line.split()[:1] == ["0"])
         # GPU 0 ran at full power for 2.5 s: held by the power cap, so throttled seconds show.
-        assert gpu0[1] != "n/a" and gpu0[2] == "J" and float(gpu0[-2]) > 0, gpu0
+        assert gpu0[1] != "–" and gpu0[2] == "J" and float(gpu0[-2]) > 0, gpu0
         # Long paths may wrap at the terminal's width: compare without whitespace.
         flat = "".join(summary.split())
         assert f"plot:{tmp_path / 'demo' / 'timeline.png'}" in flat

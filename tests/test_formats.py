@@ -293,3 +293,20 @@ def test_checking_a_parent_by_start_time_does_not_load_psutil() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_human_numbers_mark_what_is_not_known_one_way() -> None:
+    assert formats.human_number(1.234, 1, " s") == "1.2 s"
+    assert formats.human_number(3, 0, " J") == "3 J"
+    assert formats.human_number(0.0, 2) == "0.00"  # a reading of zero stays a zero
+    for unknown in (None, True, "12"):
+        assert formats.human_number(unknown) == formats.UNKNOWN == "–"
+    # No view for people spells it another way (it was "n/a" in some, blank in others).
+    src = Path(formats.__file__).parent
+    spelled = [
+        f"{p.relative_to(src)}:{n}"
+        for p in sorted(src.rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if "n/a" in line
+    ]
+    assert spelled == []

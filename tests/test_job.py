@@ -290,7 +290,7 @@ def test_a_job_known_only_from_its_summary_row(tmp_path: Path) -> None:
     page = tmp_path / "job.html"
     res = _gputel("job", "k8s-abc", str(tmp_path), "--html", str(page))
     assert res.returncode == 0, res.stderr
-    assert "energy: n/a" in res.stdout and "no recorded rows for this allocation" in res.stdout
+    assert "energy: –" in res.stdout and "no recorded rows for this allocation" in res.stdout
     assert "no plot" in page.read_text()
 
 
@@ -344,4 +344,4 @@ def test_a_detected_job_that_shared_its_gpu_has_no_energy(tmp_path: Path) -> Non
     assert job.energy_j is None and job.energy_source is not None
     assert "shared" in job.energy_source
     res = _gputel("job", JOB, str(tmp_path))
-    assert "energy: n/a (none: a GPU was shared with another job)" in res.stdout
+    assert "energy: – (none: a GPU was shared with another job)" in res.stdout

@@ -79,6 +79,19 @@ def parse_iso_utc(text: str) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
+#: What a view for people shows for a value it does not have (never 0, which would be a reading;
+#: never a blank, which reads as a missing column). CSV cells stay empty (:func:`csv_cell`).
+UNKNOWN = "–"
+
+
+def human_number(value: object, digits: int = 1, unit: str = "") -> str:
+    """``value`` with ``digits`` decimals and ``unit`` for people; :data:`UNKNOWN` when it is
+    not a number (None, a flag, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return UNKNOWN
+    return f"{value:.{digits}f}{unit}"
+
+
 def display_time(moment: object) -> str | None:
     """A timestamp as every command prints it: ISO 8601 UTC with milliseconds.
 

@@ -14,7 +14,7 @@ from typing import Any
 from gputel import __version__
 from gputel.analysis import job_text
 from gputel.analysis.job import Job
-from gputel.formats import iso_utc_ms
+from gputel.formats import UNKNOWN, iso_utc_ms
 
 _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fff; }
@@ -61,7 +61,7 @@ def page(job: Job, figure_svg: str | None) -> str:
         head = ["GPU", *labels]
         rows = []
         for g in job.per_gpu:
-            name = f"{g['gpu']} {g.get('name') or ''} ({g.get('node') or 'n/a'})".strip()
+            name = f"{g['gpu']} {g.get('name') or ''} ({g.get('node') or UNKNOWN})".strip()
             rows.append([name, *(v for _, v in job_text.gpu_lines(g))])
         parts += ["<h2>Per GPU</h2>", _table(head, rows)]
     parts.append(f"<h2>Processes ({len(job.processes)})</h2>")

@@ -11,21 +11,24 @@ from typing import Any
 
 from gputel.analysis.groups import JOULES_PER_KWH
 from gputel.analysis.job import REASON_WORDS, THROTTLE_NAMES, Job
+from gputel.formats import UNKNOWN, human_number
 
 
 def num(value: Any, digits: int = 1) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+    return human_number(value, digits)
 
 
 def minutes(seconds: Any) -> str:
-    return f"{seconds / 60:.1f} min" if isinstance(seconds, (int, float)) else "n/a"
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        return UNKNOWN
+    return human_number(seconds / 60, 1, " min")
 
 
 def headline(job: Job) -> list[tuple[str, str]]:
     """(label, value) pairs: when, where, how long, energy."""
     where = ", ".join(job.nodes) or "unknown node"
-    gpus = ", ".join(str(g) for g in job.gpus) or "n/a"
-    energy = f"n/a ({job.energy_source})" if job.energy_source else "n/a"
+    gpus = ", ".join(str(g) for g in job.gpus) or UNKNOWN
+    energy = f"{UNKNOWN} ({job.energy_source})" if job.energy_source else UNKNOWN
     if job.energy_j is not None:
         kwh = job.energy_j / JOULES_PER_KWH
         energy = f"{job.energy_j:.0f} J ({kwh:.4f} kWh, {job.energy_source})"
@@ -34,7 +37,7 @@ def headline(job: Job) -> list[tuple[str, str]]:
             energy += f"; recorded rows {rows:.0f} J"
     users = ", ".join(job.users) or "none seen"
     return [
-        ("when", f"{job.start or 'n/a'} → {job.end or 'n/a'}"),
+        ("when", f"{job.start or UNKNOWN} → {job.end or UNKNOWN}"),
         ("how long", f"{num(job.duration_s)} s ({minutes(job.duration_s)})"),
         ("where", f"{where}, GPU {gpus}"),
         ("energy", energy),
@@ -76,8 +79,8 @@ def gpu_lines(g: dict[str, Any]) -> list[tuple[str, str]]:
 def process_line(p: dict[str, Any]) -> str:
     job = f" job {p['job']}" if p.get("job") else ""
     return (
-        f"GPU {p['gpu']} pid {p['pid']} user {p['user'] or 'n/a'}{job}: "
-        f"{p['command'] or 'command n/a'} "
+        f"GPU {p['gpu']} pid {p['pid']} user {p['user'] or UNKNOWN}{job}: "
+        f"{p['command'] or f'command {UNKNOWN}'} "
         f"(peak {num(p.get('memory_peak_mib'), 0)} MiB, {p['first']} → {p['last']})"
     )
 
@@ -96,7 +99,7 @@ def lines(job: Job) -> list[str]:
     out += [f"  - {v}" for v in job.verdict] or ["  - no recorded rows for this allocation"]
     for g in job.per_gpu:
         name = f" {g['name']}" if g.get("name") else ""
-        out.append(f"GPU {g['gpu']}{name} ({g['node'] or 'node n/a'})")
+        out.append(f"GPU {g['gpu']}{name} ({g['node'] or f'node {UNKNOWN}'})")
         out += [f"  {label}: {value}" for label, value in gpu_lines(g)]
     out.append(f"processes ({len(job.processes)}):")
     out += [f"  {process_line(p)}" for p in job.processes]

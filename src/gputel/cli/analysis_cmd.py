@@ -18,7 +18,7 @@ import typer
 
 from gputel.analysis.filter import CsvReadError, ReportFilter, UnknownAllocation
 from gputel.cli.options import EXIT_FAILURE, EXIT_USAGE, fail, settings_options_only
-from gputel.formats import iso_utc_ms, parse_iso_utc, safe_text
+from gputel.formats import UNKNOWN, human_number, iso_utc_ms, parse_iso_utc, safe_text
 from gputel.settings import Settings, parse_duration, parse_gpu_list
 
 PathsArg = Annotated[
@@ -81,11 +81,10 @@ def input_paths(paths: list[Path] | None, settings: Settings) -> list[Path]:
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return ""
+    """A report figure: a float at ``digits`` decimals, an int as it is, unknown as ``–``."""
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+        return human_number(value, digits)
+    return UNKNOWN if value is None else str(value)
 
 
 SESSION_COLUMNS = (

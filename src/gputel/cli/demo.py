@@ -30,7 +30,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gputel.formats import display_time
+from gputel.formats import UNKNOWN, display_time, human_number
 
 #: GPU 0 idles 3 s, works 8 s (4 of them at full power, held by the power cap), idles; GPU 1
 #: works a little later and less.
@@ -133,13 +133,13 @@ def sparkline(values: Iterable[float | None]) -> Text:
 
 def _power(watts: object) -> Text:
     if not isinstance(watts, (int, float)):
-        return Text("n/a", style="dim")
+        return Text(UNKNOWN, style="dim")
     return Text(f"{watts:6.1f} W")
 
 
 def _bar(pct: float | None, width: int = 20) -> Text:
     if pct is None:
-        return Text("n/a", style="dim")
+        return Text(UNKNOWN, style="dim")
     filled = round(width * max(0.0, min(100.0, pct)) / 100)
     style = "green" if pct >= 20 else "dim"
     return Text("█" * filled + "░" * (width - filled) + f" {pct:5.1f}%", style=style)
@@ -438,8 +438,8 @@ def _answer(
         console.print("  no GPU rows were recorded")
         return None, None
     console.print(
-        f"  duration {_num(session['duration_s'], 1)} s, of which pre-trigger "
-        f"{_num(session.get('pretrigger_s'), 1)} s (recorded before telemetry started)"
+        f"  duration {human_number(session['duration_s'], 1)} s, of which pre-trigger "
+        f"{human_number(session.get('pretrigger_s'), 1)} s (recorded before telemetry started)"
     )
     table = Table(box=None, padding=(0, 2), show_edge=False)
     for col in ("GPU", "energy", "mean power", "peak power", "throttled"):
@@ -447,10 +447,10 @@ def _answer(
     for g in session["gpus"]:
         table.add_row(
             str(g["gpu"]),
-            f"{_num(g['energy_j'], 1)} J",
-            f"{_num(g['power_mean_w'], 1)} W",
-            f"{_num(g['power_peak_w'], 1)} W",
-            f"{_num(g.get('throttled_s'), 1)} s",
+            f"{human_number(g['energy_j'], 1)} J",
+            f"{human_number(g['power_mean_w'], 1)} W",
+            f"{human_number(g['power_peak_w'], 1)} W",
+            f"{human_number(g.get('throttled_s'), 1)} s",
         )
     console.print(table)
     made: Path | None = None
@@ -467,10 +467,6 @@ def _answer(
         console.print(f"what did the job {job} do:", markup=False)
         console.print(f"  gputel job {job} {log_dir}", markup=False)
     return session, made
-
-
-def _num(value: object, digits: int) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
 
 
 def _exit_on_signals(signums: tuple[int, ...]) -> dict[int, Any]:

@@ -23,6 +23,7 @@ from gputel.cli.options import (
     settings_options_only,
 )
 from gputel.control.allocations import AllocationError, parse_gpus_text, validate_id
+from gputel.formats import human_number
 from gputel.settings import Settings
 
 hook_app = typer.Typer(
@@ -215,12 +216,6 @@ def _store_in_slurm(job_id: str, reply: dict[str, Any]) -> None:
     print(f"gputel: {store_summary(job_id, summary).line}", file=sys.stderr)
 
 
-def _num(value: object, unit: str, fmt: str = "{:.1f}") -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return fmt.format(value) + unit
-    return "n/a"
-
-
 def format_summary(summary: dict[str, Any]) -> str:
     gpus = summary.get("gpus") or []
     lines = [
@@ -228,14 +223,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  gpus         {','.join(str(g) for g in gpus) or 'none'}",
         f"  start        {summary.get('start')}",
         f"  end          {summary.get('end')}",
-        f"  duration     {_num(summary.get('duration_s'), ' s')}",
-        f"  energy       {_num(summary.get('energy_j'), ' J')}",
-        f"  utilization  mean {_num(summary.get('util_mean_pct'), ' %')}, "
-        f"max {_num(summary.get('util_max_pct'), ' %')}",
-        f"  temperature  max {_num(summary.get('temperature_max_c'), ' °C')}",
-        f"  memory       max {_num(summary.get('memory_max_mib'), ' MiB', '{:.0f}')}",
-        f"  SM activity  mean {_num(summary.get('sm_active_mean_pct'), ' %')}",
-        f"  throttled    {_num(summary.get('throttled_s'), ' s')}",
+        f"  duration     {human_number(summary.get('duration_s'), 1, ' s')}",
+        f"  energy       {human_number(summary.get('energy_j'), 1, ' J')}",
+        f"  utilization  mean {human_number(summary.get('util_mean_pct'), 1, ' %')}, "
+        f"max {human_number(summary.get('util_max_pct'), 1, ' %')}",
+        f"  temperature  max {human_number(summary.get('temperature_max_c'), 1, ' °C')}",
+        f"  memory       max {human_number(summary.get('memory_max_mib'), 0, ' MiB')}",
+        f"  SM activity  mean {human_number(summary.get('sm_active_mean_pct'), 1, ' %')}",
+        f"  throttled    {human_number(summary.get('throttled_s'), 1, ' s')}",
         f"  Xids         {','.join(str(x) for x in summary.get('xids') or []) or 'none'}",
     ]
     reason = summary.get("release_reason")

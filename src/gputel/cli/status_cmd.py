@@ -25,7 +25,7 @@ from gputel.cli.options import (
     fail,
     settings_options_only,
 )
-from gputel.formats import display_time, one_line
+from gputel.formats import UNKNOWN, display_time, one_line
 from gputel.settings import Settings, parse_duration
 from gputel.supervisor.deadline import start_job
 
@@ -147,7 +147,7 @@ def local_status(settings: Settings) -> tuple[dict[str, Any], bool]:
 def _fmt(value: Any, digits: int = 0, unit: str = "") -> str:
     """A value for a cell: unknown (None) is ``–``, never 0."""
     if value is None:
-        return "–"
+        return UNKNOWN
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (int, float)):
@@ -158,7 +158,7 @@ def _fmt(value: Any, digits: int = 0, unit: str = "") -> str:
 
 def _duration(seconds: Any) -> str:
     if not isinstance(seconds, (int, float)):
-        return "–"
+        return UNKNOWN
     s = int(seconds)
     if s < 120:
         return f"{s}s"
@@ -170,7 +170,7 @@ def _duration(seconds: Any) -> str:
 def _pair(used: Any, total: Any, unit: str = "") -> str:
     """``used/total unit``; ``–`` for a side not known, ``–`` alone when neither is."""
     if used is None and total is None:
-        return "–"
+        return UNKNOWN
     return f"{_fmt(used)}/{_fmt(total)}{unit}"
 
 
@@ -185,7 +185,7 @@ def throttle_cell(g: dict[str, Any]) -> str:
     mask = g.get("clock_event_reasons")
     names = clock_event_names(int(mask)) if isinstance(mask, (int, float)) else None
     if names is None:
-        return "–"
+        return UNKNOWN
     return ", ".join(names) or "none"
 
 
@@ -407,7 +407,7 @@ def renderables(status: dict[str, Any]) -> list[Any]:
         mode = status.get("mode")
         until = display_time(status.get("mode_until"))
         out(
-            f"state: {status.get('state') or '–'}   mode: {mode or '–'}"
+            f"state: {status.get('state') or UNKNOWN}   mode: {mode or UNKNOWN}"
             + (f" until {until}" if until else "")
         )
         active = status.get("telemetry_active")
@@ -499,7 +499,7 @@ def renderables(status: dict[str, Any]) -> list[Any]:
                     _fmt(e.get("event")),
                     _fmt(e.get("xid")),
                     _fmt(e.get("action")),
-                    ",".join(str(a) for a in e.get("allocations") or []) or "–",
+                    ",".join(str(a) for a in e.get("allocations") or []) or UNKNOWN,
                 )
         parts.append(table)
 
@@ -537,7 +537,7 @@ def write_failure_lines(status: dict[str, Any]) -> list[str]:
         rows = f"{_fmt(f.get('rows_failed'))} rows lost"
         why = f": {f['error']}" if f.get("error") else ""
         if f.get("failing"):
-            since = display_time(f.get("since")) or "–"
+            since = display_time(f.get("since")) or UNKNOWN
             lines.append(
                 f"[red]writes failing:[/red] {f.get('file')}{who} failing since {since}, "
                 f"{rows}{why}"
