@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from gputel.analysis.groups import JOULES_PER_KWH, AllocGroup
+from gputel.analysis.groups import JOULES_PER_KWH, AllocGroup, is_gap
 
 
 class EventCounts:
@@ -89,7 +89,7 @@ class IdleAllocations:
             start = None
 
         for grp in seq:
-            adjacent = prev is not None and grp.t0 - prev.t1 <= 1.5 * grp.interval
+            adjacent = prev is not None and not is_gap(grp.t0 - prev.t1, grp.interval)
             prev = grp
             if not adjacent:
                 close()

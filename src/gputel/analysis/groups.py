@@ -27,6 +27,16 @@ from dataclasses import dataclass
 
 from gputel.schema import CLOCK_EVENT_REASONS, THROTTLE_MASK
 
+#: Two rows further apart than this many intervals have ticks missing between them: one interval
+#: is the recorder's pace, the half more its jitter (report, fleet and replay count gaps by it).
+GAP_INTERVALS = 1.5
+
+
+def is_gap(spacing: float, interval: float) -> bool:
+    """Whether rows ``spacing`` seconds apart, at ``interval``, have a tick missing between."""
+    return spacing > GAP_INTERVALS * interval
+
+
 JOULES_PER_KWH = 3.6e6
 #: Width of a time bucket in seconds, and the shortest allowed (a finer idle threshold).
 BUCKET_S = 60.0

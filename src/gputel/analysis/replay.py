@@ -26,6 +26,7 @@ from typing import Any
 from gputel.activity import pick
 from gputel.analysis import duck
 from gputel.analysis.filter import ReportFilter
+from gputel.analysis.groups import GAP_INTERVALS
 from gputel.formats import iso_utc_ms
 from gputel.supervisor.states import ActivityState, Machine, Thresholds, Transition, step
 
@@ -127,7 +128,7 @@ _ON = (ActivityState.ACTIVE, ActivityState.COOLING)
 def replay(series: UtilSeries, th: Thresholds) -> ReplayResult:
     """Run the state machine over ``series``; busy means utilization ≥ the start threshold."""
     interval = series.interval
-    gap = 1.5 * interval
+    gap = GAP_INTERVALS * interval
     machine: Machine | None = None
     transitions: list[Transition] = []
     spans: list[tuple[float, float]] = []

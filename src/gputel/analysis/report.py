@@ -31,6 +31,7 @@ from typing import Any
 
 from gputel.analysis import duck, groups
 from gputel.analysis.filter import ReportFilter
+from gputel.analysis.groups import is_gap
 from gputel.energy import continuation_gap, trapezoid
 from gputel.schema import CLOCK_EVENT_REASONS
 
@@ -53,7 +54,7 @@ def _interval_from(spacings: Counter[float]) -> float | None:
 def _missing(spacings: Counter[float], interval: float | None) -> int:
     if not interval:
         return 0
-    return sum((round(d / interval) - 1) * n for d, n in spacings.items() if d > 1.5 * interval)
+    return sum((round(d / interval) - 1) * n for d, n in spacings.items() if is_gap(d, interval))
 
 
 def _continuation_gap(spacings: Counter[float]) -> float:
@@ -196,7 +197,8 @@ def _session_missing(
         (sid, gpu): int(missing)
         for sid, gpu, missing in con.execute(
             f"SELECT sid, gpu, sum(greatest(0, round_even((t1 - t0) / i, 0) + 1 - n)) + "
-            f"sum(CASE WHEN d > 1.5 * i THEN round_even(d / i, 0) - 1 ELSE 0 END) "
+            f"sum(CASE WHEN d > {groups.GAP_INTERVALS} * i "
+            f"THEN round_even(d / i, 0) - 1 ELSE 0 END) "
             f"FROM {kind}_chain JOIN {kind}_iv USING (sid) GROUP BY ALL"
         ).fetchall()
     }
@@ -511,7 +513,9 @@ def _alloc_energy(
         starts_bucket = grp.t0 <= before.bucket_t0
         if before.t1 is None and starts_bucket:
             parts.append(joins.get((grp.fid, gpu)))
-        elif before.t1 is not None and (starts_bucket or grp.t0 - before.t1 <= 1.5 * grp.interval):
+        elif before.t1 is not None and (
+            starts_bucket or not is_gap(grp.t0 - before.t1, grp.interval)
+        ):
             if grp.e_first is not None and before.energy is not None:
                 parts.append(max(0.0, grp.e_first - before.energy))
             elif grp.t0 - before.t1 <= before.max_gap:
@@ -545,7 +549,7 @@ def _alloc_missing(seq: list[groups.AllocGroup], interval: float | None) -> int:
     prev: groups.AllocGroup | None = None
     for grp in seq:
         missing += max(0, round((grp.t1 - grp.t0) / interval) + 1 - grp.n)
-        if prev is not None and grp.t0 - prev.t1 > 1.5 * interval:
+        if prev is not None and is_gap(grp.t0 - prev.t1, interval):
             missing += round((grp.t0 - prev.t1) / interval) - 1
         prev = grp
     return missing
