@@ -42,6 +42,15 @@ class Counter:
         self.t0, self.offset_mj = time.time(), 0
 
 
+def tagged_rows(log_dir: Path, ident: str) -> int:
+    """GPU rows (one GPU here: ticks) tagged ``ident``."""
+    count = 0
+    for path in sorted(log_dir.glob("gpu-*.csv")):
+        with open(path, newline="") as fh:
+            count += sum(ident in row["allocations"].split(";") for row in csv.DictReader(fh))
+    return count
+
+
 def tagged_seconds(log_dir: Path, ident: str | None) -> float:
     """Σ over the rows tagged ``ident`` (every row when None) of the interval ending at each,
     from the row before it in its file: the time the rule counts power for."""
@@ -81,7 +90,9 @@ def test_a_job_across_counter_restarts_has_one_energy_everywhere(
         for _ in range(3):
             time.sleep(1.5)
             counter.restart()
-        time.sleep(1.5)
+        # Not a whole number of seconds: the release falls between two of the recorder's
+        # publications (about once a second at this interval), not just after one.
+        time.sleep(1.95)
         released = agent.ask({"op": "release", "id": "job-e"})
         assert released["released"] is True, released
         wait_for(lambda: agent.status().get("child") is None, 30, "telemetry to stop")
@@ -119,6 +130,10 @@ def test_a_job_across_counter_restarts_has_one_energy_everywhere(
     fleet_j = node["energy_kwh"] * 3.6e6
     assert near(fleet_j, session_expected, 0.01), (fleet_j, session_expected)
     assert near(fleet_j, alloc["energy_j"], 0.02), (fleet_j, places)
+    # The recorder publishes about once a second at this interval, yet the release asked it for
+    # the allocation's end: its statistics cover every tagged row, not those of the last
+    # publication.
+    assert summary["samples"] == tagged_rows(agent.log_dir, "job-e"), summary
 
 
 def test_the_running_total_survives_an_agent_restart(tmp_path: Path) -> None:

@@ -842,9 +842,12 @@ class Agent:
         child = self.child
         if child is None or self.settings.interval_s >= runtime.PUBLISH_EVERY_S:
             return 0.0
-        if not child.forward_signal(signal.SIGUSR1):
+        try:
+            asked = child.forward_signal(signal.SIGUSR1)
+        except Exception:  # a release must never fail for the sake of fresher statistics
+            log.exception("asking the recorder to publish failed")
             return 0.0
-        return 3 * self.settings.interval_s + 0.5
+        return 3 * self.settings.interval_s + 0.5 if asked else 0.0
 
     def child_metrics(self) -> bytes | None:
         """The recorder's exposition, only from a live child and only if fresh."""

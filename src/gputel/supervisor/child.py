@@ -275,15 +275,19 @@ class ChildSupervisor:
         A child without a heartbeat yet may not have installed its handlers, and SIGHUP's default
         action would kill it; it is opening fresh files anyway, so the signal is not needed.
         """
-        if self.proc is None or self._stopping_since is not None:
+        # One look at the child: the agent's loop may replace it meanwhile (a release asks from
+        # the control thread).
+        proc = self.proc
+        if proc is None or self._stopping_since is not None:
             return False
-        if self.fresh_heartbeat() is None:
+        hb = self.last_heartbeat
+        if hb is None or hb.get("pid") != proc.pid:
             hb = self._heartbeat()
-            if hb is None or hb.get("pid") != self.proc.pid:
+            if hb is None or hb.get("pid") != proc.pid:
                 return False
             self.last_heartbeat = hb
         try:
-            self.proc.send_signal(sig)
+            proc.send_signal(sig)
             return True
         except (ProcessLookupError, OSError):
             return False
