@@ -189,7 +189,23 @@ def _both(source: nvml.NvmlGpuSource, name: str, *args: object, **kwargs: object
     return fast(handle, *args, **kwargs), getattr(pynvml, name)(handle, *args, **kwargs)
 
 
-def test_fast_functions_answer_what_pynvml_answers(inproc_driver: FakeDriver) -> None:
+def _bound_and_pynvml(
+    source: nvml.NvmlGpuSource, name: str, *args: object, **kwargs: object
+) -> tuple:
+    """What the call bound to GPU 0 (``nvml_direct.bind``) gives, and what pynvml gives."""
+    import pynvml
+
+    handle = source._gpus[0].handle
+    bound = nvml_direct.bind(source.calls.api.module, name, handle, *args, **kwargs)
+    assert bound is not None, f"{name} is not bound"
+    if bound.inputs is not None:
+        bound.inputs(bound.out)
+    assert bound.c(*bound.args) == 0, name
+    value = bound.out if bound.field is None else getattr(bound.out, bound.field)
+    return value, getattr(pynvml, name)(handle, *args, **kwargs)
+
+
+def test_fast_and_bound_calls_answer_what_pynvml_answers(inproc_driver: FakeDriver) -> None:
     import pynvml
 
     inproc_driver.set(
@@ -208,21 +224,23 @@ def test_fast_functions_answer_what_pynvml_answers(inproc_driver: FakeDriver) ->
             ("nvmlDeviceGetCurrentClocksEventReasons", ()),
             ("nvmlDeviceGetFanSpeed", ()),
         ]:
-            fast, slow = _both(source, name, *args)
-            assert fast == slow, name
-        fast, slow = _both(source, "nvmlDeviceGetUtilizationRates")
-        assert (fast.gpu, fast.memory) == (slow.gpu, slow.memory) == (77, 0)
+            bound, slow = _bound_and_pynvml(source, name, *args)
+            assert bound == slow, name
+        bound, slow = _bound_and_pynvml(source, "nvmlDeviceGetUtilizationRates")
+        assert (bound.gpu, bound.memory) == (slow.gpu, slow.memory) == (77, 0)
         for kwargs in ({}, {"version": pynvml.nvmlMemory_v2}):
             fast, slow = _both(source, "nvmlDeviceGetMemoryInfo", **kwargs)
             assert (fast.used, fast.total) == (slow.used, slow.total)
+            bound, slow = _bound_and_pynvml(source, "nvmlDeviceGetMemoryInfo", **kwargs)
+            assert (bound.used, bound.total) == (slow.used, slow.total)
         fast, slow = _both(source, "nvmlDeviceGetFieldValues", [83, 3, 4])
         assert [(v.fieldId, v.nvmlReturn, v.value.ullVal) for v in fast] == [
             (v.fieldId, v.nvmlReturn, v.value.ullVal) for v in slow
         ]
         for name in ("nvmlDeviceGetTemperatureV", "nvmlDeviceGetTemperature"):
             if getattr(pynvml, name, None) is not None:  # V: newer bindings only
-                fast, slow = _both(source, name, pynvml.NVML_TEMPERATURE_GPU)
-                assert fast == slow == 31, name
+                bound, slow = _bound_and_pynvml(source, name, pynvml.NVML_TEMPERATURE_GPU)
+                assert bound == slow == 31, name
         if getattr(pynvml, "nvmlDeviceGetProcessesUtilizationInfo", None) is not None:
             fast, slow = _both(source, "nvmlDeviceGetProcessesUtilizationInfo", 0)
             # The fake stamps each sample with the time of the call: the two calls differ there.
@@ -260,16 +278,14 @@ def test_errors_from_the_fast_functions_are_the_bindings_classes(
 ) -> None:
     import pynvml
 
-    inproc_driver.set(gpu__0__power__error=999)
+    inproc_driver.set(gpu__0__memory__error=999)
     source = nvml.open_nvml(None)
     try:
-        fn = source.calls.api.fn("nvmlDeviceGetPowerUsage")
-        assert fn is not None
+        fn = source.calls.api.fn("nvmlDeviceGetMemoryInfo")
+        assert fn is not None and fn is not pynvml.nvmlDeviceGetMemoryInfo
         with pytest.raises(pynvml.NVMLError_Unknown):
             fn(source._gpus[0].handle)
-        inproc_driver.set(gpu__0__power__error=None)
-        del inproc_driver.values["gpu.0.power_mw"]
-        inproc_driver.set()
+        inproc_driver.set(gpu__0__memory__error=pynvml.NVML_ERROR_NOT_SUPPORTED)
         with pytest.raises(pynvml.NVMLError_NotSupported):
             fn(source._gpus[0].handle)
     finally:

@@ -92,8 +92,8 @@ class _Binder:
 
             return missing
 
-    def out(self, symbol: str, out_type: Any, *, scalar: bool) -> Callable[..., Any]:
-        """``fn(handle, *args) -> value``: calls ``symbol(handle, *args, &out)``."""
+    def out(self, symbol: str, out_type: Any) -> Callable[..., Any]:
+        """``fn(handle, *args) -> out``: calls ``symbol(handle, *args, &out)``."""
         c, error = self.c(symbol), self.error
         byref = ctypes.byref
 
@@ -102,13 +102,13 @@ class _Binder:
             ret = c(handle, *args, byref(out))
             if ret:
                 raise error(ret)
-            return out.value if scalar else out
+            return out
 
         return call
 
 
 def _memory(b: _Binder) -> Callable[..., Any]:
-    v1 = b.out("nvmlDeviceGetMemoryInfo", plain(b.nv.c_nvmlMemory_t), scalar=False)
+    v1 = b.out("nvmlDeviceGetMemoryInfo", plain(b.nv.c_nvmlMemory_t))
     c2, error, v2_type = b.c("nvmlDeviceGetMemoryInfo_v2"), b.error, plain(b.nv.c_nvmlMemory_v2_t)
 
     def memory(handle: Any, version: Any = None) -> Any:
@@ -228,23 +228,6 @@ def _processes(b: _Binder) -> Callable[..., Any] | None:
     return processes
 
 
-def _temperature_v(b: _Binder) -> Callable[..., Any]:
-    nv = b.nv
-    c, error, struct = b.c("nvmlDeviceGetTemperatureV"), b.error, plain(nv.c_nvmlTemperature_v1_t)
-    version = nv.nvmlTemperature_v1
-
-    def temperature(handle: Any, sensor: int) -> int:
-        out = struct()
-        out.version = version
-        out.sensorType = sensor
-        ret = c(handle, ctypes.byref(out))
-        if ret:
-            raise error(ret)
-        return int(out.temperature)
-
-    return temperature
-
-
 def _process_utilization(b: _Binder) -> Callable[..., Any] | None:
     nv = b.nv
     c, error = b.c("nvmlDeviceGetProcessesUtilizationInfo"), b.error
@@ -283,52 +266,15 @@ def _process_utilization(b: _Binder) -> Callable[..., Any] | None:
     return utilization
 
 
-def _scalar(symbol: str, ctype: Any) -> Callable[[_Binder], Callable[..., Any]]:
-    return lambda b: b.out(symbol, ctype, scalar=True)
-
-
-#: pynvml function -> (its C symbol(s), the factory of the fast function).
+#: pynvml function -> (its C symbol(s), the factory of the fast function). The single-value
+#: calls of a full read are bound per GPU instead (:func:`bind`); the memory query stays here for
+#: the re-probe of a lost GPU and MIG devices' memory.
 FAST: dict[str, tuple[tuple[str, ...], Callable[[_Binder], Callable[..., Any] | None]]] = {
-    "nvmlDeviceGetUtilizationRates": (
-        ("nvmlDeviceGetUtilizationRates",),
-        lambda b: b.out(
-            "nvmlDeviceGetUtilizationRates", plain(b.nv.c_nvmlUtilization_t), scalar=False
-        ),
-    ),
     "nvmlDeviceGetMemoryInfo": (
         ("nvmlDeviceGetMemoryInfo", "nvmlDeviceGetMemoryInfo_v2"),
         _memory,
     ),
-    "nvmlDeviceGetPowerUsage": (
-        ("nvmlDeviceGetPowerUsage",),
-        _scalar("nvmlDeviceGetPowerUsage", ctypes.c_uint),
-    ),
-    "nvmlDeviceGetEnforcedPowerLimit": (
-        ("nvmlDeviceGetEnforcedPowerLimit",),
-        _scalar("nvmlDeviceGetEnforcedPowerLimit", ctypes.c_uint),
-    ),
-    "nvmlDeviceGetClockInfo": (
-        ("nvmlDeviceGetClockInfo",),
-        _scalar("nvmlDeviceGetClockInfo", ctypes.c_uint),
-    ),
-    "nvmlDeviceGetPerformanceState": (
-        ("nvmlDeviceGetPerformanceState",),
-        _scalar("nvmlDeviceGetPerformanceState", ctypes.c_uint),
-    ),
-    "nvmlDeviceGetCurrentClocksEventReasons": (
-        ("nvmlDeviceGetCurrentClocksEventReasons",),
-        _scalar("nvmlDeviceGetCurrentClocksEventReasons", ctypes.c_ulonglong),
-    ),
-    "nvmlDeviceGetFanSpeed": (
-        ("nvmlDeviceGetFanSpeed",),
-        _scalar("nvmlDeviceGetFanSpeed", ctypes.c_uint),
-    ),
     "nvmlDeviceGetFieldValues": (("nvmlDeviceGetFieldValues",), _field_values),
-    "nvmlDeviceGetTemperatureV": (("nvmlDeviceGetTemperatureV",), _temperature_v),
-    "nvmlDeviceGetTemperature": (
-        ("nvmlDeviceGetTemperature",),
-        _scalar("nvmlDeviceGetTemperature", ctypes.c_uint),
-    ),
     "nvmlDeviceGetProcessesUtilizationInfo": (
         ("nvmlDeviceGetProcessesUtilizationInfo",),
         _process_utilization,

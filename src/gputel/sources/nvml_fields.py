@@ -118,40 +118,42 @@ class FieldReader:
             memory.append(_Way("memory_v2", "nvmlDeviceGetMemoryInfo", kwargs={"version": v2}))
         memory.append(_Way("memory", "nvmlDeviceGetMemoryInfo"))
         clock = "nvmlDeviceGetClockInfo"
-        self._ways: dict[str, list[_Way]] = {
-            "utilization": [_Way("utilization", "nvmlDeviceGetUtilizationRates")],
-            "memory": memory,
-            "temperature": [
-                _Way("temperature_v", "nvmlDeviceGetTemperatureV", (sensor,)),
-                _Way("temperature", "nvmlDeviceGetTemperature", (sensor,)),
-            ],
-            "sm_clock_mhz": [_Way("sm_clock_mhz", clock, (api.const("NVML_CLOCK_SM", 1),))],
-            "memory_clock_mhz": [
-                _Way("memory_clock_mhz", clock, (api.const("NVML_CLOCK_MEM", 2),))
-            ],
+        # Per field: how what the pynvml function returns becomes the value, and its ways.
+        self._fields: dict[str, tuple[Callable[[Any], Any], list[_Way]]] = {
+            "utilization": (_rates, [_Way("utilization", "nvmlDeviceGetUtilizationRates")]),
+            "memory": (_memory, memory),
+            "temperature": (
+                float,
+                [
+                    _Way("temperature_v", "nvmlDeviceGetTemperatureV", (sensor,)),
+                    _Way("temperature", "nvmlDeviceGetTemperature", (sensor,)),
+                ],
+            ),
+            "sm_clock_mhz": (
+                float,
+                [_Way("sm_clock_mhz", clock, (api.const("NVML_CLOCK_SM", 1),))],
+            ),
+            "memory_clock_mhz": (
+                float,
+                [_Way("memory_clock_mhz", clock, (api.const("NVML_CLOCK_MEM", 2),))],
+            ),
             # nvmlDeviceGetPowerUsage, not the FI_DEV_POWER_INSTANT field: on Ampere and later
             # it is the average over the last second, which suits one sample per second (and
             # the energy integration) better than a single instant.
-            "power_w": [_Way("power_w", "nvmlDeviceGetPowerUsage")],
-            "power_limit_w": [_Way("power_limit_w", "nvmlDeviceGetEnforcedPowerLimit")],
-            "fan_speed_pct": [_Way("fan_speed_pct", "nvmlDeviceGetFanSpeed")],
-            "performance_state": [_Way("performance_state", "nvmlDeviceGetPerformanceState")],
-            "clock_event_reasons": [
-                _Way("clock_event_reasons", "nvmlDeviceGetCurrentClocksEventReasons"),
-                _Way("clock_throttle_reasons", "nvmlDeviceGetCurrentClocksThrottleReasons"),
-            ],
-        }
-        self._convert: dict[str, Callable[[Any], Any]] = {
-            "utilization": _rates,
-            "memory": _memory,
-            "temperature": float,
-            "sm_clock_mhz": float,
-            "memory_clock_mhz": float,
-            "power_w": _milli,
-            "power_limit_w": _milli,
-            "fan_speed_pct": float,
-            "performance_state": lambda v: None if v == pstate_unknown else int(v),
-            "clock_event_reasons": int,
+            "power_w": (_milli, [_Way("power_w", "nvmlDeviceGetPowerUsage")]),
+            "power_limit_w": (_milli, [_Way("power_limit_w", "nvmlDeviceGetEnforcedPowerLimit")]),
+            "fan_speed_pct": (float, [_Way("fan_speed_pct", "nvmlDeviceGetFanSpeed")]),
+            "performance_state": (
+                lambda v: None if v == pstate_unknown else int(v),
+                [_Way("performance_state", "nvmlDeviceGetPerformanceState")],
+            ),
+            "clock_event_reasons": (
+                int,
+                [
+                    _Way("clock_event_reasons", "nvmlDeviceGetCurrentClocksEventReasons"),
+                    _Way("clock_throttle_reasons", "nvmlDeviceGetCurrentClocksThrottleReasons"),
+                ],
+            ),
         }
         self._energy_fn = fn("nvmlDeviceGetTotalEnergyConsumption")
         self._field_values_fn = fn("nvmlDeviceGetFieldValues")
@@ -174,7 +176,7 @@ class FieldReader:
         """The ways to read ``field`` as the asking rule's options, each bound to the GPU
         where the thin layer can, else through the binding's function."""
         options: list[Option] = []
-        for w in self._ways[field]:
+        for w in self._fields[field][1]:
             fn = self._api.fn(w.name)
             bound = None
             if fn is not None:  # a function this binding has
@@ -189,7 +191,7 @@ class FieldReader:
         if options is None:
             options = gpu.bound[field] = self._bind(gpu, field)
         raw = self._calls.first(gpu, options)
-        return None if raw is None else self._convert[field](raw)
+        return None if raw is None else self._fields[field][0](raw)
 
     def utilization(self, gpu: NvmlGpu) -> tuple[float | None, float | None]:
         if gpu.mig:

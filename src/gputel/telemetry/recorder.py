@@ -158,9 +158,8 @@ class Recorder:
         """A publication is due this long after the last one (half a tick early, so jitter
         does not push it a whole tick later)."""
         self._published_at: float | None = None
+        """``monotonic`` of the sample published last."""
         self._latest: Sample | None = None
-        self._unpublished = False
-        """Whether ticks were taken since the last publication (published at stop)."""
         self._publish_asked = False
         self.attribution = ProcessAttribution(settings.proc_root)
         if self.attribution.notice:
@@ -249,9 +248,10 @@ class Recorder:
     def close(self) -> None:
         if self.ticks:
             self.detected.close_all(self._wallclock())
-        if self._unpublished and self._latest is not None:
+        latest = self._latest
+        if latest is not None and latest.monotonic != self._published_at:
             # The statistics since the last publication: a successor goes on from them.
-            self._render_and_publish(self._latest)
+            self._render_and_publish(latest)
         self.sink.close()
         self.waker.close()
 
@@ -276,8 +276,6 @@ class Recorder:
         last = self._published_at
         if changed or last is None or sample.monotonic - last >= self._publish_s:
             self._render_and_publish(sample)
-        else:
-            self._unpublished = True
         return sample
 
     def publish_now(self) -> None:
@@ -291,7 +289,6 @@ class Recorder:
     def _render_and_publish(self, sample: Sample) -> None:
         """The exposition of ``sample`` and, under an agent, the run directory's files."""
         self._published_at = sample.monotonic
-        self._unpublished = False
         data = self.exposition.update(
             sample,
             ticks_missed=self.ticker.missed,
