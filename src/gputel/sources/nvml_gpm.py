@@ -65,8 +65,9 @@ GPM_METRICS: tuple[tuple[str, str, float], ...] = (
     ("nvlink_tx_bytes_per_s", "NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC", float(MIB)),
 )
 _SM = "sm_active_pct"
+_SM_KEY = f"gpm.{_SM}"
 _PCIE = ("pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s")
-_PCIE_KEYS = tuple(f"gpm.{attr}" for attr in _PCIE)
+_PCIE_KEYS = frozenset(f"gpm.{attr}" for attr in _PCIE)
 #: One nvmlGpmMetric_t: metric id, return code, value (then three name pointers, not read).
 _METRIC = struct.Struct("<IId24x")
 #: Seconds between re-listings of a MIG GPU's devices (instances are created and destroyed by
@@ -128,6 +129,9 @@ class _Pair:
     """The metrics the request asks for now: written into it only when they change."""
     wanted: list[tuple[str, int, float]] | None = None
     """The list ``metric_ids`` was taken from (the full read's, kept per GPU)."""
+    results_at: int = 0
+    """Where the request's metric results start in memory (``_answers`` reads them in one go;
+    the request lives as long as the pair)."""
 
 
 @dataclass(eq=False)
@@ -202,9 +206,10 @@ class GpmReader:
         return state
 
     # ------------------------------------------------------------------------ support
-    def supported(self, gpu: NvmlGpu) -> bool:
+    def supported(self, gpu: NvmlGpu, state: GpmState | None = None) -> bool:
         """Whether the driver offers GPM for ``gpu`` (asked once; no binding support: no)."""
-        state = self._state(gpu)
+        if state is None:
+            state = self._state(gpu)
         if state.supported is None:
             if self._request_type is None:
                 state.supported = False
@@ -226,7 +231,7 @@ class GpmReader:
             if not state.mig_devices:
                 return
             instance = state.mig_devices[0].gi
-        pair = self._pair(gpu, instance)
+        pair = self._pair(gpu, state, instance)
         if pair is None or pair.newest >= 0:
             return
         try:
@@ -267,40 +272,41 @@ class GpmReader:
             not gpu.mig
             and self.supported(gpu)
             and "gpm" not in gpu.unsupported
-            and not any(key in gpu.unsupported for key in _PCIE_KEYS)
+            and gpu.unsupported.isdisjoint(_PCIE_KEYS)
         )
 
     # ------------------------------------------------------------------------ reads
     def fill(self, gpu: NvmlGpu, reading: GpuReading) -> None:
         """The full read: every metric of the whole GPU, or the MIG devices of a MIG GPU."""
-        if not self.supported(gpu):
+        state = self._state(gpu)
+        if not self.supported(gpu, state):
             return
         if gpu.mig:
             reading.mig = self.mig_readings(gpu, memory=True)
             return
-        state = self._state(gpu)
         if state.wanted_for != len(gpu.unsupported):  # a metric dropped out: only then
             state.wanted = [m for m in self._metrics if f"gpm.{m[0]}" not in gpu.unsupported]
             state.wanted_for = len(gpu.unsupported)
-        for attr, value in self._measure(gpu, -1, state.wanted).items():
+        for attr, value in self._measure(gpu, state, -1, state.wanted).items():
             setattr(reading, attr, value)
         reading.has_gpm = self._gives_sm(gpu)
 
     def fill_light(self, gpu: NvmlGpu, reading: GpuReading) -> None:
         """The agent's light read: SM activity only (MIG: per device, without memory)."""
-        if not self.supported(gpu):
+        state = self._state(gpu)
+        if not self.supported(gpu, state):
             return
         if gpu.mig:
             reading.mig = self.mig_readings(gpu, memory=False)
             return
-        wanted = [m for m in self._metrics if m[0] == _SM and f"gpm.{_SM}" not in gpu.unsupported]
-        reading.sm_active_pct = self._measure(gpu, -1, wanted).get(_SM)
+        wanted = [m for m in self._metrics if m[0] == _SM and _SM_KEY not in gpu.unsupported]
+        reading.sm_active_pct = self._measure(gpu, state, -1, wanted).get(_SM)
         reading.has_gpm = self._gives_sm(gpu)
 
     @staticmethod
     def _gives_sm(gpu: NvmlGpu) -> bool:
         """Whether the GPU's SM activity is measured (if not this tick, then from the next)."""
-        return "gpm" not in gpu.unsupported and f"gpm.{_SM}" not in gpu.unsupported
+        return "gpm" not in gpu.unsupported and _SM_KEY not in gpu.unsupported
 
     def mig_readings(self, gpu: NvmlGpu, *, memory: bool) -> tuple[MigReading, ...]:
         """One reading per MIG device: its GPU instance's SM activity, with ``memory`` its
@@ -314,7 +320,7 @@ class GpmReader:
         out: list[MigReading] = []
         for dev in state.mig_devices:
             if dev.gi not in by_gi:
-                by_gi[dev.gi] = self._measure(gpu, dev.gi, sm_metric).get(_SM)
+                by_gi[dev.gi] = self._measure(gpu, state, dev.gi, sm_metric).get(_SM)
             r = MigReading(dev.gi, dev.ci, dev.uuid, sm_active_pct=by_gi[dev.gi])
             if memory:
                 info = self._ask(
@@ -361,13 +367,14 @@ class GpmReader:
         state.mig_devices = devices
 
     def _measure(
-        self, gpu: NvmlGpu, instance: int, wanted: list[tuple[str, int, float]]
+        self, gpu: NvmlGpu, state: GpmState, instance: int, wanted: list[tuple[str, int, float]]
     ) -> dict[str, float | None]:
         """Take one sample of the GPU (``instance`` -1) or a GPU instance and compute ``wanted``
-        over it and the previous one; empty on the first sample or a failed one."""
-        if not wanted or self._state(gpu).refused is not None:
+        over it and the previous one; empty on the first sample or a failed one. ``state``:
+        the GPU's (``_state``)."""
+        if not wanted or state.refused is not None:
             return {}
-        pair = self._pair(gpu, instance)
+        pair = self._pair(gpu, state, instance)
         if pair is None:
             return {}
         target = 0 if pair.newest < 0 else 1 - pair.newest
@@ -385,7 +392,7 @@ class GpmReader:
                     refused=_REFUSED,
                 )
         except CallRefused:
-            self._refuse(gpu, self._state(gpu), announce=True)
+            self._refuse(gpu, state, announce=True)
             return {}
         if got is None:
             return {}
@@ -412,7 +419,7 @@ class GpmReader:
             return {}
         gpu.reads += len(wanted) - 1  # each metric is a read of its own for the lost rule
         out: dict[str, float | None] = {}
-        answers = self._answers(result, len(wanted))
+        answers = self._answers(pair, result, len(wanted))
         for (attr, metric_id, factor), (status, value) in zip(wanted, answers, strict=True):
             if status != 0:
                 self._calls.failed(
@@ -423,17 +430,18 @@ class GpmReader:
             out[attr] = value * factor if math.isfinite(value) and value >= 0 else None
         return out
 
-    def _answers(self, result: Any, n: int) -> list[tuple[int, float]]:
+    def _answers(self, pair: _Pair, result: Any, n: int) -> list[tuple[int, float]]:
         """(return code, value) of the first ``n`` metrics of a metrics request: unpacked from
         its memory in one go where the layout is the driver's, else field by field."""
         if self._metric_layout:
-            offset = type(result).metrics.offset
-            raw = ctypes.string_at(ctypes.addressof(result) + offset, n * _METRIC.size)
+            at = pair.results_at
+            if result is not pair.request:  # pynvml's own function may answer another copy
+                at = ctypes.addressof(result) + type(result).metrics.offset
+            raw = ctypes.string_at(at, n * _METRIC.size)
             return [(ret, value) for _id, ret, value in _METRIC.iter_unpack(raw)]
         return [(int(m.nvmlReturn), float(m.value)) for m in (result.metrics[k] for k in range(n))]
 
-    def _pair(self, gpu: NvmlGpu, instance: int) -> _Pair | None:
-        state = self._state(gpu)
+    def _pair(self, gpu: NvmlGpu, state: GpmState, instance: int) -> _Pair | None:
         pair = state.pairs.get(instance)
         if pair is not None:
             return pair
@@ -446,7 +454,10 @@ class GpmReader:
                 return None
             samples.append(sample)
         assert self._request_type is not None
-        pair = _Pair(samples, self._request_type())
+        request = self._request_type()
+        pair = _Pair(samples, request)
+        if self._metric_layout:
+            pair.results_at = ctypes.addressof(request) + type(request).metrics.offset
         state.pairs[instance] = pair
         return pair
 

@@ -55,6 +55,8 @@ class NvmlProcessReader:
         infos = self._calls.ask(gpu, "processes", self._list_fn)
         if infos is None:
             return None
+        if not infos:
+            return ()
         memory: dict[int, float | None] = {}
         for info in infos:
             pid = int(info.pid)
@@ -66,27 +68,36 @@ class NvmlProcessReader:
                 memory[pid] = None if before is None or mib is None else before + mib
             else:
                 memory[pid] = mib
-        if not memory:
-            return ()
         sm = self._sm_util(gpu)
-        return tuple(GpuProcess(gpu.index, pid, mib, sm.get(pid)) for pid, mib in memory.items())
+        index = gpu.index
+        if not sm:
+            return tuple([GpuProcess(index, pid, mib, None) for pid, mib in memory.items()])
+        get = sm.get
+        return tuple([GpuProcess(index, pid, mib, get(pid)) for pid, mib in memory.items()])
 
     def _sm_util(self, gpu: NvmlGpu) -> dict[int, float]:
         """PID → SM utilization % from the samples since the GPU's last seen timestamp."""
         since = self._last_seen.get(gpu.index, 0)
-        quiet = {"quiet": _NO_SAMPLES}
-        samples = self._calls.first(
-            gpu, [(key, fn, (since,), quiet) for key, fn in self._utilization]
-        )
+        unsupported = gpu.unsupported
+        samples = None
+        # The first way the GPU supports (``NvmlCalls.first``, without its per-call options).
+        for key, fn in self._utilization:
+            if key in unsupported:
+                continue
+            samples = self._calls.ask(gpu, key, fn, since, quiet=_NO_SAMPLES)
+            if samples is not None or key not in unsupported:
+                break
         if not samples:
             return {}
         newest: dict[int, tuple[int, float]] = {}
         latest = since
         for s in samples:
             stamp = int(s.timeStamp)
-            latest = max(latest, stamp)
+            if stamp > latest:
+                latest = stamp
             pid = int(s.pid)
-            if pid not in newest or stamp >= newest[pid][0]:
+            seen = newest.get(pid)
+            if seen is None or stamp >= seen[0]:
                 newest[pid] = (stamp, float(s.smUtil))
         self._last_seen[gpu.index] = latest
         return {pid: util for pid, (_, util) in newest.items()}
