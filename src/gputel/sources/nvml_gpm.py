@@ -434,10 +434,8 @@ class GpmReader:
         """(return code, value) of the first ``n`` metrics of a metrics request: unpacked from
         its memory in one go where the layout is the driver's, else field by field."""
         if self._metric_layout:
-            at = pair.results_at
-            if result is not pair.request:  # pynvml's own function may answer another copy
-                at = ctypes.addressof(result) + type(result).metrics.offset
-            raw = ctypes.string_at(at, n * _METRIC.size)
+            # The driver wrote them into the pair's request, whichever function passed it on.
+            raw = ctypes.string_at(pair.results_at, n * _METRIC.size)
             return [(ret, value) for _id, ret, value in _METRIC.iter_unpack(raw)]
         return [(int(m.nvmlReturn), float(m.value)) for m in (result.metrics[k] for k in range(n))]
 
