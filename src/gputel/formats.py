@@ -565,11 +565,3 @@ def process_alive(pid: int, start_time: float | None = None) -> bool:
         return True
     started = _start_time(fields)
     return started is None or abs(started - start_time) <= START_TIME_TOLERANCE_S
-    import psutil
-
-    try:
-        return abs(psutil.Process(pid).create_time() - start_time) <= START_TIME_TOLERANCE_S
-    except psutil.NoSuchProcess:
-        return False
-    except (psutil.Error, OSError):
-        return True

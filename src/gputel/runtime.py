@@ -8,8 +8,9 @@ rule lives in ``gputel.formats``):
 - ``recorder.lock``     flock held by the running recorder child: a new child stops an old one
                         (an orphan of a killed agent) before its first row, never overlaps it
 - ``allocations.json``  open allocations, written by the agent, read by the recorder to tag rows
-- ``recorder.json``     the recorder's heartbeat and state, rewritten every tick, at most once
-                        per ``PUBLISH_EVERY_S`` (:func:`publish_period`)
+- ``recorder.json``     the recorder's heartbeat and state, rewritten when it publishes: every
+                        tick, or about once per ``PUBLISH_EVERY_S`` at shorter intervals
+                        (:func:`publish_period`)
 - ``metrics.prom``      the recorder's latest exposition bytes, rewritten with ``recorder.json``
 - ``pretrigger.json``   the agent's pre-trigger readings at a session's start, taken (read and
                         removed) by the recorder child before its first tick
