@@ -12,7 +12,7 @@ import pytest
 from gputel import runtime
 from gputel.settings import load_settings
 from gputel.sources.select import open_gpu_source
-from gputel.telemetry.recorder import Recorder
+from gputel.telemetry.recorder import ENDED_KEPT_S, Recorder
 
 T0 = datetime(2026, 12, 7, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -122,6 +122,21 @@ def test_allocation_changes_publish_at_once_and_ended_stats_stay(tmp_path: Path)
     state = runtime.read_json(rec.run_dir / runtime.RECORDER_STATE_FILE)
     assert state["ended_allocations"]["job-1"]["samples"] == 6
     successor.close()
+
+
+def test_an_ended_allocation_leaves_the_state_after_its_time(tmp_path: Path) -> None:
+    """Dropped ``ENDED_KEPT_S`` after it ended even when no allocation changes after it."""
+    rec, clocks = make(tmp_path, "1")
+    open_allocations(rec, ("job-1", "2026-12-07T12:00:00.000Z"))
+    ticks(rec, clocks, 2, 1.0)
+    open_allocations(rec)
+    ticks(rec, clocks, int(ENDED_KEPT_S), 1.0)
+    state = runtime.read_json(rec.run_dir / runtime.RECORDER_STATE_FILE)
+    assert "job-1" in state["ended_allocations"]
+    ticks(rec, clocks, 2, 1.0)
+    state = runtime.read_json(rec.run_dir / runtime.RECORDER_STATE_FILE)
+    assert state["ended_allocations"] == {}
+    rec.close()
 
 
 def test_an_id_opened_again_is_a_new_allocation(tmp_path: Path) -> None:

@@ -371,9 +371,6 @@ class Recorder:
             self._ended.pop(gone, None)
             self._ended[gone] = (now, {"start": self._alloc_start[gone], **stats.to_json()})
         self._alloc_start = {a.id: a.start for a in allocs}
-        for ident, (when, _) in list(self._ended.items()):
-            if now - when > ENDED_KEPT_S or len(self._ended) > ENDED_KEPT_MAX:
-                del self._ended[ident]
         previous, self._previous_state = self._previous_state, None
         for a in allocs:
             if a.id not in self._alloc_stats:
@@ -381,7 +378,17 @@ class Recorder:
                 carried = AllocationStats.from_json(entry) if entry is not None else None
                 self._alloc_stats[a.id] = carried or AllocationStats()
 
+    def _drop_old_ended(self) -> None:
+        """Forget ended allocations older than ``ENDED_KEPT_S``, and all but the newest
+        ``ENDED_KEPT_MAX`` (oldest first: they are kept in the order they ended)."""
+        now = self._clock()
+        for ident, (when, _) in list(self._ended.items()):
+            if now - when > ENDED_KEPT_S or len(self._ended) > ENDED_KEPT_MAX:
+                del self._ended[ident]
+
     def _publish(self, sample: Sample, data: bytes) -> None:
+        if self._ended:
+            self._drop_old_ended()
         state = {
             "pid": self._pid,
             "tick": self.ticks,
